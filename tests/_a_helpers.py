@@ -1,0 +1,60 @@
+"""Helpers shared by test_cancel, test_crash_restart, test_parent_death and test_shutdown."""
+import os, threading, time
+import psutil
+from cjm_workers.testing import RecordingBroadcaster, wait_until
+
+
+def is_resource_tracker(p: psutil.Process) -> bool:
+    "multiprocessing's resource tracker (started once per test process by the first 'spawn'); not a leak."
+    try: return any('resource_tracker' in part for part in p.cmdline())
+    except psutil.Error: return False
+
+
+def live_descendants():
+    "Live (non-zombie) descendants of this process, without multiprocessing's resource tracker."
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and not is_resource_tracker(p): out.append(p)
+        except psutil.NoSuchProcess: pass
+    return out
+
+
+def gone(proc: psutil.Process) -> bool:
+    "True once `proc` has exited (a zombie waiting for a reaper counts as gone)."
+    try: return (not proc.is_running()) or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return True
+
+
+def cjm_threads():
+    "Names of this process's threads started by cjm_workers."
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith('cjm-'))
+
+
+def fd_count() -> int: return len(os.listdir('/proc/self/fd'))
+
+
+def worker_pid(mgr, i: int = 0): return mgr.get_worker_stats()[i]['pid']
+
+
+def worker_status(mgr, i: int = 0): return mgr.get_worker_stats()[i]['status']
+
+
+class TimedBroadcaster(RecordingBroadcaster):
+    "RecordingBroadcaster that also records the monotonic time each event was broadcast."
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.times = []
+    async def broadcast(self, event_type, data):
+        self.times.append(time.monotonic())
+        await super().broadcast(event_type, data)
+
+    def named(self, name):
+        "Data of every event `<worker_type>:<name>`, in order."
+        return [d for t, d in self.events if t.split(':', 1)[1] == name]
+
+
+async def child_pid_of(job, timeout=30):
+    "The pid the `slow` plugin reports (spawn_child=True) as progress message 'child:<pid>'."
+    await wait_until(lambda: (job.progress_message or '').startswith('child:'), timeout)
+    return int(job.progress_message.split(':', 1)[1])

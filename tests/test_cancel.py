@@ -1,0 +1,208 @@
+"""Cancellation: pending jobs (in the manager's queue and prefetched into a busy worker), cooperative and hard cancels
+of running jobs, cancel/complete races, streaming jobs cancelled mid-stream, and cancels that do nothing."""
+import asyncio, random, time
+import psutil
+from cjm_workers.core.config import RestartPolicy
+from cjm_workers.testing import RecordingBroadcaster, wait_until
+from _a_helpers import child_pid_of, gone, worker_pid, worker_status
+
+TERMINAL_EVENTS = ('completed', 'failed', 'cancelled')
+
+
+async def test_cancel_pending_jobs_in_manager_queue_and_in_worker(make_manager):
+    cfg = dict(prefetch=4, cancel_grace_seconds=0.5)
+    assert cfg['prefetch'] == 4  # the default; spelled out because the test relies on it
+    mgr = make_manager(cfg)
+    await mgr.start(wait=True)
+    pid0 = worker_pid(mgr)
+    running = await mgr.start_job('slow', seconds=1.5)
+    await wait_until(lambda: running.status == 'running', 30)
+    # running + 3 prefetched into the worker (still 'pending'), then 3 in the manager's queue
+    in_worker = [await mgr.start_job('echo', text=f"w{i}") for i in range(3)]
+    in_queue = [await mgr.start_job('echo', text=f"q{i}") for i in range(3)]
+    await wait_until(lambda: mgr.get_worker_stats()[0]['queued_in_worker'] == 4, 10)
+    for j in in_worker:
+        assert j.status == 'pending' and mgr.get_queue_position(j.id) is None, "expected this job to sit inside the worker"
+    for j in in_queue:
+        assert j.status == 'pending' and mgr.get_queue_position(j.id) is not None, "expected this job in the manager queue"
+
+    victim_w, victim_q = in_worker[1], in_queue[1]
+    t0 = time.monotonic()
+    assert await mgr.cancel_job(victim_w.id) is True
+    t_w = time.monotonic() - t0
+    t0 = time.monotonic()
+    assert await mgr.cancel_job(victim_q.id) is True
+    t_q = time.monotonic() - t0
+    print(f"cancel of a pending job: in worker {t_w * 1000:.1f} ms, in manager queue {t_q * 1000:.1f} ms")
+    assert t_w <= 1.5 and t_q <= 1.5  # "at once" (generous bound; no hard cancel grace involved)
+    for v in (victim_w, victim_q):
+        assert v.status == 'cancelled'
+        assert v.started_at is None and v.worker_pid is None, "a cancelled pending job must never start"
+    # nothing else was touched
+    assert running.status == 'running'
+    assert worker_pid(mgr) == pid0
+    others = [j for j in in_worker + in_queue if j not in (victim_w, victim_q)]
+    assert all(j.status in ('pending', 'running', 'completed') for j in others)
+
+    done = await mgr.wait_for_job(running.id, timeout=30)
+    assert done.status == 'completed', (done.status, done.reason)
+    for j in others:
+        j = await mgr.wait_for_job(j.id, timeout=30)
+        assert j.status == 'completed', (j.status, j.reason)
+        assert j.result['metadata']['pid'] == pid0
+    assert victim_w.status == victim_q.status == 'cancelled'
+    assert victim_w.result is None and victim_q.result is None
+    stats = mgr.get_worker_stats()[0]
+    assert stats['pid'] == pid0 and stats['restarts'] == 0
+    # the cancelled job that was inside the worker never ran there: the worker ran exactly the others
+    assert stats['jobs_done'] == 1 + len(others)
+
+
+async def test_cooperative_cancel_of_running_job_keeps_worker(make_manager):
+    mgr = make_manager(dict(cancel_grace_seconds=20.0))  # a hard kill would show as a changed pid (and take 20 s)
+    await mgr.start(wait=True)
+    pid0 = worker_pid(mgr)
+    job = await mgr.start_job('slow', seconds=60)
+    await wait_until(lambda: job.status == 'running', 30)
+    t0 = time.monotonic()
+    assert await mgr.cancel_job(job.id) is True
+    print(f"cooperative cancel took {(time.monotonic() - t0) * 1000:.1f} ms")
+    assert job.status == 'cancelled'
+    assert 'cancel' in (job.reason or '')
+    stats = mgr.get_worker_stats()[0]
+    assert stats['pid'] == pid0 and stats['restarts'] == 0
+    assert psutil.pid_exists(pid0)
+    nxt = await mgr.start_job('echo', text='after')
+    nxt = await mgr.wait_for_job(nxt.id, timeout=30)
+    assert nxt.status == 'completed'
+    assert nxt.result['text'] == 'after' and nxt.result['metadata']['pid'] == pid0
+
+
+async def test_hard_cancel_kills_worker_and_grandchild_and_keeps_pending(make_manager):
+    grace = 0.5
+    rec = RecordingBroadcaster()
+    mgr = make_manager(dict(cancel_grace_seconds=grace), event_broadcaster=rec)
+    assert mgr.worker_config.restart_policy is RestartPolicy.ON_CANCELLATION  # the default under test
+    await mgr.start(wait=True)
+    pid0 = worker_pid(mgr)
+    worker0 = psutil.Process(pid0)
+    job = await mgr.start_job('slow', seconds=120, ignore_cancel=True, spawn_child=True)
+    behind = [await mgr.start_job('echo', text=f"b{i}") for i in range(2)]
+    grandchild = psutil.Process(await child_pid_of(job))
+    assert grandchild.ppid() == pid0
+    t0 = time.monotonic()
+    assert await mgr.cancel_job(job.id) is True
+    took = time.monotonic() - t0
+    print(f"hard cancel returned after {took:.3f} s (grace {grace} s)")
+    assert took >= grace * 0.95, "the worker was killed before the grace period was over"
+    assert job.status == 'cancelled'
+    assert 'cooperative cancel' in job.reason and 'kill' in job.reason, job.reason
+    await wait_until(lambda: gone(grandchild), 10)
+    assert gone(worker0)
+    for b in behind:
+        b = await mgr.wait_for_job(b.id, timeout=30)
+        assert b.status == 'completed', (b.status, b.reason)
+    pid1 = worker_pid(mgr)
+    assert pid1 is not None and pid1 != pid0, "the worker should have been restarted"
+    assert all(b.result['metadata']['pid'] == pid1 for b in behind)
+    assert mgr.get_worker_stats()[0]['restarts'] == 1
+    await mgr.flush_events()
+    restarting = [d for t, d in rec.events if t.endswith(':worker_restarting')]
+    assert restarting and restarting[0]['reason'] == 'hard cancel'
+
+
+async def test_hard_cancel_under_never_fails_worker_and_pending_jobs(make_manager):
+    mgr = make_manager(dict(cancel_grace_seconds=0.3, restart_policy=RestartPolicy.NEVER))
+    await mgr.start(wait=True)
+    worker0 = psutil.Process(worker_pid(mgr))
+    job = await mgr.start_job('slow', seconds=120, ignore_cancel=True)
+    await wait_until(lambda: job.status == 'running', 30)
+    behind = [await mgr.start_job('echo', text=f"b{i}") for i in range(6)]  # some in the worker, some queued
+    assert await mgr.cancel_job(job.id) is True
+    assert job.status == 'cancelled'
+    await wait_until(lambda: worker_status(mgr) == 'failed', 10)
+    for b in behind:
+        b = await mgr.wait_for_job(b.id, timeout=10)  # not left hanging
+        assert b.status == 'failed'
+        assert b.reason and 'never' in b.reason, b.reason
+    assert gone(worker0)
+    late = await mgr.start_job('echo', text='late')
+    assert late.status == 'failed' and late.reason, (late.status, late.reason)
+
+
+async def test_cancel_racing_completion_has_one_outcome(make_manager):
+    rec = RecordingBroadcaster()
+    mgr = make_manager(dict(cancel_grace_seconds=5.0), event_broadcaster=rec)
+    await mgr.start(wait=True)
+    pid0 = worker_pid(mgr)
+    rng = random.Random(1234)
+    outcomes = {}
+    for i in range(80):
+        job = await mgr.start_job('echo', text=str(i), sleep=0)
+        d = rng.choice([0, 0, 0.0002, 0.0005, 0.001, 0.002, 0.004])
+        if d: await asyncio.sleep(d)
+        ok = await mgr.cancel_job(job.id)
+        assert job.is_terminal
+        assert ok == (job.status == 'cancelled'), (ok, job.status, job.reason)
+        assert job.status in ('completed', 'cancelled'), (job.status, job.reason)
+        outcomes[job.id] = (ok, job.status)
+    # a burst: several jobs queued, cancel them while they complete
+    burst = [await mgr.start_job('echo', text=f"b{i}", sleep=0) for i in range(20)]
+    await asyncio.sleep(0.001)
+    oks = await asyncio.gather(*(mgr.cancel_job(j.id) for j in burst))
+    for j, ok in zip(burst, oks):
+        assert j.is_terminal and ok == (j.status == 'cancelled'), (ok, j.status)
+        outcomes[j.id] = (ok, j.status)
+    await mgr.flush_events()
+    for jid, (ok, status) in outcomes.items():
+        ends = [e for e in rec.of(jid) if e in TERMINAL_EVENTS]
+        assert ends == [status], f"job {jid}: terminal events {ends}, final status {status}"
+    n_cancelled = sum(1 for ok, _ in outcomes.values() if ok)
+    print(f"race: {n_cancelled} cancelled, {len(outcomes) - n_cancelled} completed")
+    # none of these cancels needed a kill: the worker is the same
+    assert worker_pid(mgr) == pid0 and mgr.get_worker_stats()[0]['restarts'] == 0
+    last = await mgr.start_job('echo', text='still fine')
+    assert (await mgr.wait_for_job(last.id, timeout=30)).status == 'completed'
+
+
+async def test_streaming_job_cancelled_mid_stream_keeps_partial_text(make_manager):
+    rec = RecordingBroadcaster()
+    mgr = make_manager(dict(cancel_grace_seconds=5.0), event_broadcaster=rec)
+    await mgr.start(wait=True)
+    pid0 = worker_pid(mgr)
+    full = 'the quick brown fox jumps over the lazy dog ' * 4
+    full = full.strip()
+    job = await mgr.start_job('tokens', text=full, delay=0.05)
+    await wait_until(lambda: len(job.output.split(' ')) >= 3, 30)
+    assert await mgr.cancel_job(job.id) is True
+    assert job.status == 'cancelled'
+    partial = (job.result or {}).get('text', '')
+    print(f"partial text: {partial!r}")
+    assert partial, "a stream cancelled mid-way keeps the text streamed so far"
+    assert full.startswith(partial) and len(partial) < len(full)
+    await mgr.flush_events()
+    chunks = [d['chunk'] for t, d in rec.events if t.endswith(':chunk') and d['job_id'] == job.id]
+    assert chunks and ''.join(chunks) == partial, (chunks, partial)
+    assert job.output == partial
+    names = rec.of(job.id)
+    assert names[-1] == 'cancelled' and names.index('started') < names.index('chunk')
+    assert worker_pid(mgr) == pid0
+
+
+async def test_cancel_unknown_or_finished_job_returns_false(make_manager):
+    mgr = make_manager()
+    await mgr.start(wait=True)
+    assert await mgr.cancel_job('no-such-job') is False
+    job = await mgr.start_job('echo', text='hi')
+    job = await mgr.wait_for_job(job.id, timeout=30)
+    assert job.status == 'completed'
+    assert await mgr.cancel_job(job.id) is False
+    assert job.status == 'completed' and job.result['text'] == 'hi'
+    failed = await mgr.start_job('echo', fail='boom')
+    failed = await mgr.wait_for_job(failed.id, timeout=30)
+    assert failed.status == 'failed'
+    assert await mgr.cancel_job(failed.id) is False
+    assert failed.status == 'failed'
+    pending = await mgr.start_job('slow', seconds=30)
+    assert await mgr.cancel_job(pending.id) is True
+    assert await mgr.cancel_job(pending.id) is False  # already cancelled

@@ -1,0 +1,188 @@
+"""Shutdown and lifetime: what shutdown does to running and pending jobs, that it leaves no process, thread or fd
+behind, the context-manager and Starlette-lifespan forms, the finalizer of a dropped manager, and that importing the
+library has no global side effects."""
+import asyncio, gc, json, subprocess, sys, textwrap, time, weakref
+from multiprocessing import resource_tracker
+import psutil, pytest
+from cjm_workers.core.config import RestartPolicy, WorkerConfig
+from cjm_workers.testing import ReferenceJobManager, wait_until
+from conftest import descendants, resource_counts
+from _a_helpers import child_pid_of, cjm_threads, gone, is_resource_tracker, worker_pid
+
+FD_SLACK = 0  # measured: a shut-down manager leaves exactly the fds it found (raise only with a reason)
+
+
+def take_baseline():
+    """Processes, threads and fds before a manager exists. Taken inside the test (so the test's event loop, with its
+    epoll fd and self-pipe, already exists), after starting multiprocessing's resource tracker (started once by the
+    first 'spawn' of this test process and kept for its life, so not a leak)."""
+    resource_tracker.ensure_running()
+    gc.collect()
+    threads, fds = resource_counts()
+    return dict(threads=threads, fds=fds, cjm=cjm_threads(), procs={p.pid for p in descendants()})
+
+
+def assert_clean(baseline, what):
+    gc.collect()
+    extra = [p for p in descendants() if p.pid not in baseline['procs'] and not is_resource_tracker(p)]
+    assert not extra, f"{what}: processes left: {extra}"
+    assert cjm_threads() == baseline['cjm'], f"{what}: threads left: {cjm_threads()}"
+    _, fds = resource_counts()
+    assert fds <= baseline['fds'] + FD_SLACK, f"{what}: {fds - baseline['fds']} fds leaked"
+
+
+async def test_shutdown_cancels_jobs_and_leaves_nothing():
+    baseline = take_baseline()
+    mgr = ReferenceJobManager(WorkerConfig(cancel_grace_seconds=0.5, shutdown_timeout_seconds=5.0))
+    await mgr.start(wait=True)
+    running = await mgr.start_job('slow', seconds=120, spawn_child=True)
+    pending = [await mgr.start_job('echo', text=f"p{i}") for i in range(6)]  # 3 inside the worker, 3 in the queue
+    grandchild = psutil.Process(await child_pid_of(running))
+    worker = psutil.Process(worker_pid(mgr))
+    assert cjm_threads() == sorted(baseline['cjm'] + ['cjm-manager-reference'])
+    waiters = [asyncio.create_task(mgr.wait_for_job(j.id, timeout=30)) for j in [running] + pending]
+    t0 = time.monotonic()
+    await mgr.ashutdown()
+    print(f"shutdown took {time.monotonic() - t0:.3f} s")
+    assert running.status == 'cancelled'
+    for j in pending:
+        assert j.status == 'cancelled' and 'shut down' in j.reason, (j.status, j.reason)
+    assert gone(worker) and gone(grandchild)
+    assert [w.status for w in await asyncio.gather(*waiters)] == ['cancelled'] * 7  # waiters are not left hanging
+    assert_clean(baseline, "after shutdown")
+    # idempotent, both forms
+    mgr.shutdown()
+    await mgr.ashutdown()
+    assert_clean(baseline, "after a second shutdown")
+    with pytest.raises(RuntimeError):
+        await mgr.start_job('echo', text='too late')
+    assert 'shut down' in (running.reason or ''), f"running job's reason: {running.reason!r}"
+
+
+async def test_shutdown_of_job_ignoring_cancel_still_finishes():
+    baseline = take_baseline()
+    mgr = ReferenceJobManager(WorkerConfig(shutdown_timeout_seconds=0.5, cancel_grace_seconds=30.0))
+    await mgr.start(wait=True)
+    job = await mgr.start_job('slow', seconds=120, ignore_cancel=True, spawn_child=True)
+    grandchild = psutil.Process(await child_pid_of(job))
+    worker = psutil.Process(worker_pid(mgr))
+    t0 = time.monotonic()
+    await asyncio.wait_for(mgr.ashutdown(), 60)  # bounded: shutdown must not wait for the plugin
+    print(f"shutdown with a plugin ignoring the cancel took {time.monotonic() - t0:.3f} s (timeout 0.5 s)")
+    assert job.status == 'cancelled' and 'shut down' in job.reason, (job.status, job.reason)
+    assert gone(worker) and gone(grandchild)
+    assert_clean(baseline, "after shutdown")
+
+
+async def test_shutdown_during_backoff_wait_restarts_nothing():
+    baseline = take_baseline()
+    mgr = ReferenceJobManager(WorkerConfig(restart_policy=RestartPolicy.BACKOFF, restart_backoff_base_seconds=0.5))
+    await mgr.start(wait=True)
+    crash = await mgr.wait_for_job((await mgr.start_job('crash', mode='sigkill')).id, timeout=30)
+    assert crash.status == 'failed'
+    queued = await mgr.start_job('echo', text='never runs')
+    assert mgr.get_worker_stats()[0]['status'] == 'restarting'
+    await mgr.ashutdown()
+    assert queued.status == 'cancelled' and 'shut down' in queued.reason
+    await asyncio.sleep(0.8)  # past the moment the restart was due
+    assert mgr.get_worker_stats()[0]['status'] != 'starting' and mgr.get_worker_stats()[0]['restarts'] == 0
+    assert_clean(baseline, "after shutdown during a backoff wait")
+
+
+async def test_async_with_form():
+    baseline = take_baseline()
+    async with ReferenceJobManager(WorkerConfig()) as m:
+        job = await m.wait_for_job((await m.start_job('echo', text='hi')).id, timeout=30)
+        assert job.status == 'completed'
+        worker = psutil.Process(worker_pid(m))
+        assert not gone(worker)
+    assert gone(worker)
+    assert_clean(baseline, "after async with")
+
+
+async def test_with_form():
+    baseline = take_baseline()
+    with ReferenceJobManager(WorkerConfig()) as m:
+        await m.start(wait=True)
+        worker = psutil.Process(worker_pid(m))
+        job = await m.wait_for_job((await m.start_job('echo', text='hi')).id, timeout=30)
+        assert job.status == 'completed' and job.result['metadata']['pid'] == worker.pid
+        pend = await m.start_job('slow', seconds=60)
+    assert gone(worker)
+    assert pend.status == 'cancelled'
+    assert_clean(baseline, "after with")
+
+
+def test_starlette_lifespan():
+    baseline = take_baseline()
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+    mgr = ReferenceJobManager(WorkerConfig())
+
+    async def run(request):
+        job = await mgr.start_job('echo', text=request.query_params.get('text', ''))
+        job = await mgr.wait_for_job(job.id, timeout=30)
+        return JSONResponse({'status': job.status, 'text': (job.result or {}).get('text'), 'pid': job.worker_pid})
+
+    app = Starlette(routes=[Route('/run', run)], lifespan=mgr.lifespan)
+    assert worker_pid(mgr) is None  # nothing runs before the app starts
+    with TestClient(app) as client:
+        pid = worker_pid(mgr)
+        assert pid is not None
+        worker = psutil.Process(pid)
+        assert not gone(worker)
+        r = client.get('/run', params={'text': 'via the app'}).json()
+        assert r == {'status': 'completed', 'text': 'via the app', 'pid': pid}
+    assert gone(worker)
+    assert not [p for p in descendants() if p.pid not in baseline['procs'] and not is_resource_tracker(p)]
+    assert cjm_threads() == baseline['cjm']
+
+
+@pytest.mark.parametrize('busy', [False, True], ids=['idle', 'busy-ignoring-cancel'])
+async def test_dropped_manager_stops_its_workers(busy):
+    """A manager dropped without shutdown stops its workers. The busy case (a job that ignores the stop and has a
+    grandchild) shows it is the finalizer that does it: closing the pipes alone would not stop that worker."""
+    baseline = take_baseline()
+    mgr = ReferenceJobManager(WorkerConfig())
+    await mgr.start(wait=True)
+    job = await mgr.wait_for_job((await mgr.start_job('echo', text='x')).id, timeout=30)
+    assert job.status == 'completed'
+    procs = [psutil.Process(worker_pid(mgr))]
+    if busy:
+        job = await mgr.start_job('slow', seconds=120, ignore_cancel=True, spawn_child=True)
+        procs.append(psutil.Process(await child_pid_of(job)))
+    ref = weakref.ref(mgr)
+    del mgr, job
+    gc.collect()
+    assert ref() is None, f"something keeps the manager alive: {[type(r) for r in gc.get_referrers(ref())]}"
+    t0 = time.monotonic()
+    await wait_until(lambda: all(gone(p) for p in procs), 15)
+    print(f"dropped manager's processes gone {time.monotonic() - t0:.3f} s after gc.collect() returned")
+    await wait_until(lambda: cjm_threads() == baseline['cjm'], 15)
+    assert not [p for p in descendants() if p.pid not in baseline['procs'] and not is_resource_tracker(p)]
+
+
+def test_import_has_no_global_side_effects():
+    script = textwrap.dedent("""
+        import json, threading, multiprocessing, psutil
+        threads0 = threading.active_count()
+        import cjm_workers.managers.base
+        import cjm_workers, cjm_workers.testing
+        from cjm_workers.core.config import RestartPolicy, WorkerConfig
+        from cjm_workers.testing import ReferenceJobManager
+        mgr = ReferenceJobManager(WorkerConfig())  # creating a manager starts nothing either
+        out = dict(start_method=multiprocessing.get_start_method(allow_none=True), threads0=threads0,
+                   threads=threading.active_count(), thread_names=[t.name for t in threading.enumerate()],
+                   children=[p.pid for p in psutil.Process().children(recursive=True)],
+                   mp_children=len(multiprocessing.active_children()))
+        print(json.dumps(out))
+    """)
+    r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    print(out)
+    assert out['start_method'] is None
+    assert out['threads'] == out['threads0'], out['thread_names']
+    assert out['children'] == [] and out['mp_children'] == 0
