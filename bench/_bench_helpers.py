@@ -3,7 +3,7 @@
 They live here, not in dispatch.py, so that a 'spawn' child imports them from a plain module instead of
 re-running the benchmark's ``__main__``.
 """
-import asyncio, os, sys
+import asyncio, sys
 
 
 def queue_echo(inbox, outbox):

@@ -4,7 +4,7 @@ import asyncio, logging
 
 import pytest
 
-from cjm_workers.testing import RecordingBroadcaster, wait_until
+from cjm_workers.testing import RecordingBroadcaster
 
 T = 30
 JOB_EVENTS = {'pending', 'started', 'progress', 'chunk', 'completed', 'failed', 'cancelled'}
