@@ -17,6 +17,17 @@ async def make_manager():
     for m in made: await m.ashutdown()
 
 
+@pytest.fixture
+async def track():
+    "Register extra managers (subclasses) so they are always shut down."
+    made = []
+    def add(m):
+        made.append(m)
+        return m
+    yield add
+    for m in made: await m.ashutdown()
+
+
 def descendants():
     "Live (non-zombie) descendant processes of this test process."
     out = []

@@ -13,16 +13,6 @@ from cjm_workers.testing import RecordingBroadcaster, ReferenceJobManager, Refer
 T = 30  # bound for waits that only guard against hangs
 
 
-@pytest.fixture
-async def track():
-    "Register extra managers (subclasses) so they are always shut down."
-    made = []
-    def add(m):
-        made.append(m)
-        return m
-    yield add
-    for m in made: await m.ashutdown()
-
 
 def ts(s): return datetime.fromisoformat(s)
 

@@ -5,7 +5,6 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-import pytest
 
 import _b_entry
 from cjm_workers.extensions.adapters import (ResourceManagerAdapter, SSEBroadcasterAdapter,
@@ -16,15 +15,6 @@ from cjm_workers.testing import (RecordingBroadcaster, RecordingResourceManager,
 
 T = 30
 
-
-@pytest.fixture
-async def track():
-    made = []
-    def add(m):
-        made.append(m)
-        return m
-    yield add
-    for m in made: await m.ashutdown()
 
 
 async def run(mgr, plugin_id, **kw):
