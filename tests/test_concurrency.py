@@ -31,6 +31,7 @@ async def test_hammer_start_and_cancel_from_many_coroutines(make_manager):
 
     jobs, spec = [], {}
     cancel_results = []  # (job_id, returned)
+    stubborn_ids = set()
     submitting = SUBMITTERS
 
     async def submitter(s):
@@ -47,8 +48,10 @@ async def test_hammer_start_and_cancel_from_many_coroutines(make_manager):
         while submitting or k < 60 * (c + 1):
             await asyncio.sleep(0.002)
             if not jobs: continue
-            running = [j for j in jobs if j.status == 'running'] if k % 2 == 0 else []
-            pool = running or jobs  # every other time, a job that is running now (cooperative cancel)
+            mine = [j for j in jobs if j.id not in stubborn_ids]  # the stubborn coroutine cancels its own jobs
+            running = [j for j in mine if j.status == 'running'] if k % 2 == 0 else []
+            pool = running or mine  # every other time, a job that is running now (cooperative cancel)
+            if not pool: continue
             j = pool[int(picks[k % len(picks)] * len(pool))]
             k += 5
             ok = await asyncio.wait_for(mgr.cancel_job(j.id), T)
@@ -60,6 +63,7 @@ async def test_hammer_start_and_cancel_from_many_coroutines(make_manager):
         out = []
         for _ in range(3):
             j = await mgr.start_job('slow', seconds=5.0, ignore_cancel=True)
+            stubborn_ids.add(j.id)
             jobs.append(j)
             spec[j.id] = ('slow', dict(seconds=5.0, ignore_cancel=True))
             await wait_until(lambda: j.status != 'pending', timeout=T)
