@@ -1,0 +1,337 @@
+"""The Universal Worker (`python -m cjm_workers.remote.worker`) as a real process, over real HTTP on 127.0.0.1.
+
+Cancellation, as defined by the worker: a cancelled `/execute` answers 409 `{"error", "cancelled": true, "result"}`
+(`result` is null when the plugin stopped by raising, as the reference plugins do through `check_cancelled()`); a
+cancelled `/execute_stream` ends with the line `{"error": "cancelled", "cancelled": true}`.
+"""
+import json, os, queue, signal, socket, subprocess, sys, tempfile, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+import httpx, psutil, pytest
+from cjm_workers.core.process import kill_process_group
+
+TESTS = Path(__file__).resolve().parent
+READY = 'CJM_WORKER_READY '
+TOKEN = 'tok-' + os.urandom(8).hex()
+AUTH = {'Authorization': f'Bearer {TOKEN}'}
+
+
+def worker_env(**extra):
+    "This environment with tests/ importable (for _r_plugins) and no inherited worker token."
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (str(TESTS), env.get('PYTHONPATH')) if p)
+    env.pop('CJM_WORKER_TOKEN', None)
+    env.update(extra)
+    return env
+
+
+def gone(pid):
+    "True once process `pid` has exited (a zombie waiting to be reaped counts as gone)."
+    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return True
+
+
+def wait_for(predicate, timeout, interval=0.005):
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end: return False
+        time.sleep(interval)
+    return True
+
+
+class Worker:
+    "A worker subprocess; `ready()` waits for its ready line (no fixed sleeps), `stop()` kills its process group."
+    def __init__(self, cls, module='cjm_workers.testing', args=(), env=None):
+        self.stderr = tempfile.TemporaryFile(mode='w+')
+        self.proc = subprocess.Popen(
+            [sys.executable, '-m', 'cjm_workers.remote.worker', '--module', module, '--class', cls, '--port', '0', *args],
+            stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=worker_env(**(env or {})), cwd=str(TESTS))
+        self.lines, self.info = queue.Queue(), None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout: self.lines.put(line)
+        self.lines.put(None)
+
+    def ready(self, timeout=30):
+        if self.info is None:
+            try: line = self.lines.get(timeout=timeout)
+            except queue.Empty: line = None
+            if not line or not line.startswith(READY):
+                self.stderr.seek(0)
+                pytest.fail(f"worker printed {line!r} instead of the ready line; stderr:\n{self.stderr.read()}")
+            self.info = json.loads(line[len(READY):])
+            self.url = f"http://127.0.0.1:{self.info['port']}"
+        return self
+
+    def client(self, auth=False):
+        return httpx.Client(base_url=self.url, timeout=10, headers=AUTH if auth else None)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try: is_leader = os.getpgid(self.proc.pid) == self.proc.pid
+            except ProcessLookupError: is_leader = False
+            if is_leader: kill_process_group(self.proc.pid)  # the worker and whatever its plugin started
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdout.close(); self.stderr.close()
+
+
+@pytest.fixture(scope='module')
+def workers():
+    "One worker per plugin, started together; all killed (with their process groups) at the end."
+    specs = {
+        'slow': ('SlowPlugin', 'cjm_workers.testing', ['--ppid', str(os.getpid())], None),
+        'echo': ('EchoPlugin', 'cjm_workers.testing', ['--max-body-bytes', '4096', '--token-env', 'R_TEST_TOKEN'],
+                 {'R_TEST_TOKEN': TOKEN}),
+        'transcribe': ('TranscribePlugin', 'cjm_workers.testing', [], None),
+        'tokens': ('TokenStreamPlugin', 'cjm_workers.testing', [], None),
+        'flaky': ('FlakyPlugin', '_r_plugins', [], None),
+    }
+    ws = {}
+    try:
+        for k, (cls, mod, args, env) in specs.items(): ws[k] = Worker(cls, mod, args, env)
+        for w in ws.values(): w.ready()
+        yield ws
+    finally:
+        for w in ws.values(): w.stop()
+
+
+def test_ready_line_health_and_process_group(workers):
+    names = {'slow': 'slow', 'echo': 'echo', 'transcribe': 'transcribe', 'tokens': 'tokens', 'flaky': 'flaky'}
+    for key, w in workers.items():
+        assert w.info['pid'] == w.proc.pid and w.info['port'] > 0 and w.info['host'] == '127.0.0.1'
+        with w.client() as c: h = c.get('/health').json()
+        assert h == {'status': 'ok', 'pid': w.proc.pid, 'name': names[key],
+                     'version': '0.1' if key == 'flaky' else '1.0.0'}
+        assert os.getpgid(w.proc.pid) == w.proc.pid  # a group leader: a proxy can kill its whole tree
+    assert len({w.info['port'] for w in workers.values()}) == len(workers)
+
+
+def test_every_endpoint(workers):
+    w = workers['echo']
+    with w.client(auth=True) as c:
+        assert c.post('/initialize', json={'prefix': '>> '}).json() == {'status': 'initialized'}
+        assert c.get('/config').json() == {'prefix': '>> '}
+        assert c.get('/config_schema').json() == {'type': 'object', 'properties': {'prefix': {'type': 'str'}}}
+        r = c.post('/execute', json={'args': [], 'kwargs': {'text': 'hi'}})
+        assert r.status_code == 200 and r.headers['content-type'] == 'application/json'
+        assert r.json() == {'text': '>> hi', 'metadata': {'pid': w.proc.pid, 'config': {'prefix': '>> '}}}
+        assert c.post('/execute', json={'args': ['positional']}).json()['text'] == '>> positional'
+        r = c.post('/execute', json={'kwargs': {'fail': 'nope'}})
+        assert r.status_code == 500 and r.json()['error'] == 'ValueError: nope'
+        assert 'raise ValueError(fail)' in r.json()['traceback']
+        assert c.get('/progress').json() == {'progress': None, 'message': '', 'running': False}
+        assert c.post('/cancel').json() == {'status': 'cancelled', 'running': False}  # nothing running: no-op
+        lines = c.post('/execute_stream', json={'kwargs': {'text': 'once'}}).text.splitlines()
+        assert lines == ['">> once"']
+        s = c.get('/stats').json()
+        assert s['pid'] == w.proc.pid and s['num_threads'] >= 1 and s['uptime_seconds'] > 0
+        assert s['memory_rss_mb'] >= s['memory_rss_mb_self'] > 5 and s['cpu_percent'] >= 0
+        assert s['executions'] >= 4 and s['running'] is False
+        assert c.post('/cleanup').json() == {'status': 'cleaned_up'}
+        assert c.get('/config').json() == {}
+
+
+def test_optional_methods_and_initialize_errors(workers):
+    with workers['flaky'].client() as c:
+        r = c.post('/initialize', json={'fail': 'model not found'})
+        assert r.status_code == 422 and r.json()['error'] == 'ValueError: bad config: model not found'
+        assert c.post('/initialize', json={'a': 1}).json() == {'status': 'initialized'}
+        assert c.get('/config').json() == {'a': 1}
+        assert c.post('/initialize').json() == {'status': 'initialized'}  # empty body: config None
+        assert c.get('/config').json() == {}
+        assert c.get('/config_schema').json() == {}  # the plugin has no get_config_schema
+        assert c.post('/cancel').json() == {'status': 'not_supported', 'running': False}
+        assert c.post('/cleanup').json() == {'status': 'not_supported'}
+        assert c.post('/execute', json={'kwargs': {'x': [1, 2]}}).json() == {'ok': True, 'kwargs': {'x': [1, 2]}}
+
+
+def test_progress_and_cancel_while_execute_runs(workers):
+    "TranscribePlugin: 100 steps of 20 ms (2 s). Progress advances while the request is in flight; a cancel ends it early."
+    w = workers['transcribe']
+    with w.client() as c, w.client() as c2, ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        fut = pool.submit(c2.post, '/execute', json={'kwargs': {'audio': 'talk.wav', 'steps': 100, 'delay': 0.02}})
+        seen = []
+        while time.monotonic() - t0 < 5:
+            p = c.get('/progress').json()
+            if p['progress'] is not None and (not seen or p['progress'] != seen[-1]): seen.append(p['progress'])
+            if len(seen) >= 3 and seen[-1] >= 0.1: break
+            time.sleep(0.01)
+        assert p['running'] is True and p['message'].startswith('segment ') and p['message'].endswith('/100')
+        assert len(seen) >= 3 and seen == sorted(seen) and 0 < seen[0] < seen[-1] < 1, seen
+        for path in ('/health', '/stats'):  # answered during the run, not after it
+            t = time.monotonic(); assert c.get(path).status_code == 200; assert time.monotonic() - t < 0.5
+        assert not fut.done()
+        t_cancel = time.monotonic()
+        assert c.post('/cancel').json() == {'status': 'cancelled', 'running': True}
+        r = fut.result(5)
+        took, total = time.monotonic() - t_cancel, time.monotonic() - t0
+        assert r.status_code == 409, r.text
+        body = r.json()
+        assert body['cancelled'] is True and body['result'] is None and body['error'].startswith('JobCancelledError'), body
+        assert took < 0.5 and total < 1.8, (took, total)
+        last = c.get('/progress').json()
+        assert last['running'] is False and seen[-1] <= last['progress'] < 1
+        r = c.post('/execute', json={'kwargs': {'steps': 3, 'delay': 0}})  # the next run is not cancelled
+        assert r.status_code == 200 and r.json()['text'] == 'clip.wav: segment1 segment2 segment3'
+        assert c.get('/progress').json() == {'progress': 1.0, 'message': 'segment 3/3', 'running': False}
+
+
+def test_stream_lines_arrive_in_order_as_produced(workers):
+    with workers['tokens'].client() as c:
+        t0, got = time.monotonic(), []
+        with c.stream('POST', '/execute_stream', json={'kwargs': {'text': 'one two three four five', 'delay': 0.1}}) as r:
+            assert r.status_code == 200 and r.headers['content-type'] == 'application/x-ndjson'
+            for line in r.iter_lines():
+                if line: got.append((json.loads(line), time.monotonic() - t0))
+        assert [v for v, _ in got] == ['one ', 'two ', 'three ', 'four ', 'five']
+        assert got[0][1] < got[-1][1] - 0.3, got  # streamed as produced, not buffered to the end
+
+
+def test_error_mid_stream_is_the_final_line(workers):
+    with workers['flaky'].client() as c:
+        r = c.post('/execute_stream', json={})
+        assert r.status_code == 200
+        lines = [json.loads(l) for l in r.text.splitlines()]
+        assert lines[:2] == ['first', {'second': 2}] and len(lines) == 3
+        assert lines[2]['error'] == 'RuntimeError: broke after two items' and 'broke after two items' in lines[2]['traceback']
+
+
+def test_cancel_and_disconnect_end_a_stream(workers):
+    w = workers['tokens']
+    text = ' '.join(f'w{i}' for i in range(100))  # 100 × 20 ms = 2 s if it ran to the end
+    with w.client() as c, w.client() as c2, ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c2.post, '/execute_stream', json={'kwargs': {'text': text, 'delay': 0.02}})
+        assert wait_for(lambda: c.get('/progress').json()['running'], 5)
+        time.sleep(0.1)
+        assert c.post('/cancel').json() == {'status': 'cancelled', 'running': True}
+        lines = [json.loads(l) for l in fut.result(5).text.splitlines()]
+        assert lines[-1] == {'error': 'cancelled', 'cancelled': True} and 1 <= len(lines) - 1 < 60, lines
+        assert lines[:-1] == [f'w{i} ' for i in range(len(lines) - 1)]
+        # a client that goes away mid-stream releases the plugin: the next call is served at once
+        with c2.stream('POST', '/execute_stream', json={'kwargs': {'text': text, 'delay': 0.02}}) as r:
+            assert json.loads(next(r.iter_lines())) == 'w0 '
+        t = time.monotonic()
+        assert wait_for(lambda: not c.get('/progress').json()['running'], 2), "the abandoned stream kept running"
+        r = c.post('/execute', json={'kwargs': {'text': 'a b', 'delay': 0}})
+        assert r.json() == {'text': 'a b', 'metadata': {}} and time.monotonic() - t < 1
+
+
+def test_token_is_required_except_for_health(workers):
+    w = workers['echo']
+    assert TOKEN not in ' '.join(psutil.Process(w.proc.pid).cmdline())  # read from the environment, not argv
+    with w.client() as c:
+        assert c.get('/health').status_code == 200
+        for method, path in [('GET', '/stats'), ('GET', '/config'), ('GET', '/config_schema'), ('GET', '/progress'),
+                             ('POST', '/initialize'), ('POST', '/execute'), ('POST', '/execute_stream'),
+                             ('POST', '/cancel'), ('POST', '/cleanup')]:
+            for headers in ({}, {'Authorization': 'Bearer wrong'}, {'Authorization': TOKEN}):
+                r = c.request(method, path, headers=headers, json={})
+                assert r.status_code == 401 and r.headers['www-authenticate'] == 'Bearer', (method, path, headers)
+        r = c.post('/execute', headers=AUTH, json={'kwargs': {'text': 'let in'}})
+        assert r.status_code == 200 and r.json()['text'].endswith('let in')
+
+
+def test_oversized_and_malformed_bodies(workers):
+    with workers['echo'].client(auth=True) as c:  # --max-body-bytes 4096
+        r = c.post('/execute', json={'kwargs': {'text': 'x' * 8000}})
+        assert r.status_code == 413 and 'exceeds the limit of 4096 bytes' in r.json()['error']
+        r = c.post('/execute', content=(b'x' * 1024 for _ in range(8)))  # chunked: no Content-Length
+        assert r.status_code == 413
+        r = c.post('/execute', content=b'{"kwargs": {"text": "x"}', headers={'content-type': 'application/json'})
+        assert r.status_code == 400 and 'not valid JSON' in r.json()['error']
+        r = c.post('/execute', content=b'\xff\xfe\xfd')
+        assert r.status_code == 400 and 'not valid JSON' in r.json()['error']
+        r = c.post('/execute', json={'text': 'hi'})
+        assert r.status_code == 400 and "unknown field(s) ['text']" in r.json()['error']
+        assert c.post('/execute', json={'kwargs': ['a']}).status_code == 400
+        assert c.post('/initialize', json=[1]).status_code == 400
+        assert c.post('/execute', json={'kwargs': {'text': 'still fine'}}).status_code == 200
+    # default limit (16 MiB): a declared 64 MiB body is refused from its headers, before any of it is sent
+    w = workers['transcribe']
+    with socket.create_connection(('127.0.0.1', w.info['port']), timeout=5) as s:
+        s.sendall(b'POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                  b'Content-Length: 67108864\r\n\r\n')
+        t, data = time.monotonic(), b''
+        while b'\r\n\r\n' not in data:
+            chunk = s.recv(4096)
+            if not chunk: break
+            data += chunk
+        assert data.startswith(b'HTTP/1.1 413'), data[:200]
+        assert time.monotonic() - t < 2
+
+
+def test_plugin_children_count_in_stats_and_cancel_leaves_worker_usable(workers):
+    w = workers['slow']
+    with w.client() as c, w.client() as c2, ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(c2.post, '/execute', json={'kwargs': {'seconds': 30, 'spawn_child': True}})
+        assert wait_for(lambda: c.get('/progress').json()['message'].startswith('child:'), 10)
+        child = int(c.get('/progress').json()['message'].split(':')[1])
+        assert os.getpgid(child) == w.proc.pid  # in the worker's group: killed with it
+        s = c.get('/stats').json()
+        assert s['running'] is True and s['num_children'] >= 1 and s['memory_rss_mb'] > s['memory_rss_mb_self']
+        assert c.post('/cancel').json()['status'] == 'cancelled'
+        assert fut.result(5).status_code == 409
+        assert c.post('/execute', json={'kwargs': {'seconds': 0.01}}).json() == {'text': 'slept 0.01s', 'metadata': {}}
+
+
+def test_startup_failures_exit_2_with_the_reason():
+    busy = socket.socket(); busy.bind(('127.0.0.1', 0)); busy.listen()
+    cases = [('no_such_module_r', 'X', [], "cannot import plugin module 'no_such_module_r'"),
+             ('cjm_workers.testing', 'NoSuchClass', [], "has no class 'NoSuchClass'"),
+             ('_r_plugins', 'NoExecute', [], "class _r_plugins.NoExecute cannot be hosted: it has no execute() method"),
+             ('_r_plugins', 'Incomplete', [], "is abstract: it does not implement cleanup, get_config_schema"),
+             ('cjm_workers.testing', 'EchoPlugin', ['--port', str(busy.getsockname()[1])], "in use")]
+    procs = []
+    try:
+        for mod, cls, extra, _ in cases:
+            port = [] if extra else ['--port', '0']
+            procs.append(subprocess.Popen([sys.executable, '-m', 'cjm_workers.remote.worker', '--module', mod,
+                                           '--class', cls, *port, *extra], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=worker_env(), cwd=str(TESTS)))
+        for p, (mod, cls, _, expected) in zip(procs, cases):
+            out, err = p.communicate(timeout=30)
+            assert p.returncode == 2, (mod, cls, p.returncode, err)
+            assert expected in err and READY not in out, (expected, err)
+    finally:
+        busy.close()
+        for p in procs:
+            if p.poll() is None: p.kill(); p.wait(10)
+
+
+def test_worker_dies_with_its_parent():
+    parent = subprocess.Popen([sys.executable, str(TESTS / '_r_parent.py')], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=worker_env(), cwd=str(TESTS), start_new_session=True)
+    wpid = child = None
+    try:
+        lines = queue.Queue()
+        threading.Thread(target=lambda: lines.put(parent.stdout.readline()), daemon=True).start()
+        line = lines.get(timeout=30)
+        assert line.strip(), f"the parent printed nothing; stderr: {parent.stderr.read() if parent.poll() is not None else ''}"
+        wpid, port = map(int, line.split())
+        assert psutil.Process(wpid).ppid() == parent.pid
+        c = httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=10)
+        pool = ThreadPoolExecutor(1)
+        pool.submit(lambda: c.post('/execute', json={'kwargs': {'seconds': 60, 'spawn_child': True}}))
+        with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=10) as c2:
+            assert wait_for(lambda: c2.get('/progress').json()['message'].startswith('child:'), 10)
+            child = int(c2.get('/progress').json()['message'].split(':')[1])
+        assert not gone(wpid) and not gone(child)
+        t0 = time.monotonic()
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        ok = wait_for(lambda: gone(wpid) and gone(child), 2.0, interval=0.001)
+        took = time.monotonic() - t0
+        print(f"\nworker and its child gone {took * 1000:.1f} ms after the parent was SIGKILLed")
+        assert ok, f"worker gone: {gone(wpid)}, its child gone: {gone(child)} after {took:.2f} s"
+        pool.shutdown(wait=True)
+        c.close()
+    finally:
+        if parent.poll() is None: parent.kill(); parent.wait(10)
+        for pid in (wpid, child):
+            if pid is not None and not gone(pid):
+                try: os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError: pass
+        parent.stdout.close(); parent.stderr.close()
