@@ -177,14 +177,14 @@ def _begin(self:PluginHost)->JobContext:
     with self._state:
         if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
         self.ctx, self.run_started, self._progress = ctx, time.monotonic(), (0.0, None, '')
-        _core._current = ctx  # what cjm_workers' worker process does: report_progress / check_cancelled see this run
+        _core.set_current_job(ctx)  # as in cjm_workers' worker process: report_progress / check_cancelled see this run
     return ctx
 
 @patch
 def _end(self:PluginHost, ctx:JobContext)->None:
     with self._state:
         if self.ctx is ctx: self.ctx = None
-        if _core._current is ctx: _core._current = None
+        if _core.current_job() is ctx: _core.set_current_job(None)
         self.executions += 1
 
 @patch
