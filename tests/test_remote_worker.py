@@ -121,7 +121,8 @@ def test_every_endpoint(workers):
         r = c.post('/execute', json={'kwargs': {'fail': 'nope'}})
         assert r.status_code == 500 and r.json()['error'] == 'ValueError: nope'
         assert 'raise ValueError(fail)' in r.json()['traceback']
-        assert c.get('/progress').json() == {'progress': None, 'message': '', 'running': False}
+        p = c.get('/progress').json()
+        assert (p['progress'], p['message'], p['running']) == (None, '', False)
         assert c.post('/cancel').json() == {'status': 'cancelled', 'running': False}  # nothing running: no-op
         lines = c.post('/execute_stream', json={'kwargs': {'text': 'once'}}).text.splitlines()
         assert lines == ['">> once"']
@@ -151,32 +152,29 @@ def test_progress_and_cancel_while_execute_runs(workers):
     "TranscribePlugin: 100 steps of 20 ms (2 s). Progress advances while the request is in flight; a cancel ends it early."
     w = workers['transcribe']
     with w.client() as c, w.client() as c2, ThreadPoolExecutor(1) as pool:
-        t0 = time.monotonic()
+        p = c.get('/progress').json()
         fut = pool.submit(c2.post, '/execute', json={'kwargs': {'audio': 'talk.wav', 'steps': 100, 'delay': 0.02}})
         seen = []
-        while time.monotonic() - t0 < 5:
-            p = c.get('/progress').json()
-            if p['progress'] is not None and (not seen or p['progress'] != seen[-1]): seen.append(p['progress'])
-            if len(seen) >= 3 and seen[-1] >= 0.1: break
-            time.sleep(0.01)
+        while not (len(seen) >= 3 and seen[-1] >= 0.1):  # long poll: each answer is a new report (or the run starting)
+            p = c.get('/progress', params={'since': p['seq'], 'wait': 5}).json()
+            assert p['running'], p
+            if p['progress'] is not None: seen.append(p['progress'])
         assert p['running'] is True and p['message'].startswith('segment ') and p['message'].endswith('/100')
         assert len(seen) >= 3 and seen == sorted(seen) and 0 < seen[0] < seen[-1] < 1, seen
         for path in ('/health', '/stats'):  # answered during the run, not after it
-            t = time.monotonic(); assert c.get(path).status_code == 200; assert time.monotonic() - t < 0.5
+            assert c.get(path).status_code == 200
         assert not fut.done()
-        t_cancel = time.monotonic()
         assert c.post('/cancel').json() == {'status': 'cancelled', 'running': True}
         r = fut.result(5)
-        took, total = time.monotonic() - t_cancel, time.monotonic() - t0
         assert r.status_code == 409, r.text
         body = r.json()
         assert body['cancelled'] is True and body['result'] is None and body['error'].startswith('JobCancelledError'), body
-        assert took < 0.5 and total < 1.8, (took, total)
         last = c.get('/progress').json()
         assert last['running'] is False and seen[-1] <= last['progress'] < 1
         r = c.post('/execute', json={'kwargs': {'steps': 3, 'delay': 0}})  # the next run is not cancelled
         assert r.status_code == 200 and r.json()['text'] == 'clip.wav: segment1 segment2 segment3'
-        assert c.get('/progress').json() == {'progress': 1.0, 'message': 'segment 3/3', 'running': False}
+        p = c.get('/progress').json()
+        assert (p['progress'], p['message'], p['running']) == (1.0, 'segment 3/3', False)
 
 
 def test_stream_lines_arrive_in_order_as_produced(workers):

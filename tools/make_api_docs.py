@@ -17,7 +17,8 @@ DEFAULT_OUT = ROOT/'docs'/'api.md'
 MODULES = ['cjm_workers.core.config', 'cjm_workers.core.protocol', 'cjm_workers.core.channel',
            'cjm_workers.core.process', 'cjm_workers.core.worker', 'cjm_workers.core.adapters',
            'cjm_workers.extensions.protocols', 'cjm_workers.extensions.adapters', 'cjm_workers.managers.base',
-           'cjm_workers.remote.plugin', 'cjm_workers.remote.worker', 'cjm_workers.testing', 'cjm_workers.demo', 'cjm_workers.cli']
+           'cjm_workers.remote.plugin', 'cjm_workers.remote.worker', 'cjm_workers.remote.proxy',
+           'cjm_workers.remote.adapter', 'cjm_workers.testing', 'cjm_workers.demo', 'cjm_workers.cli']
 MAX_LINE = 88  # longer signatures get one parameter per line
 EMPTY = inspect.Parameter.empty
 

@@ -371,4 +371,9 @@ def base_worker_process(
     control = getattr(request_queue, 'control', None)
     if control is not None:
         threading.Thread(target=w._read_control, args=(control,), name='cjm-worker-control', daemon=True).start()
-    w.run()
+    try: w.run()
+    finally:
+        close = getattr(w.pm, 'close', None)  # optional: lets a plugin manager release what it holds (e.g. HTTP workers)
+        if callable(close):
+            try: close()
+            except Exception: log.exception("worker %d: the plugin manager's close() raised", os.getpid())

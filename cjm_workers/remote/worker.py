@@ -23,9 +23,9 @@ from .plugin import PluginInterface
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'REQUIRED_METHODS', 'DEFAULT_MAX_BODY_BYTES', 'READY_PREFIX', 'EnhancedJSONEncoder', 'dumps_json',
-           'parent_monitor', 'WorkerStartupError', 'load_plugin_class', 'instantiate_plugin', 'PluginHost',
-           'create_app', 'run_worker']
+__all__ = ['log', 'REQUIRED_METHODS', 'DEFAULT_MAX_BODY_BYTES', 'MAX_PROGRESS_WAIT', 'READY_PREFIX', 'EnhancedJSONEncoder',
+           'dumps_json', 'parent_monitor', 'WorkerStartupError', 'load_plugin_class', 'instantiate_plugin',
+           'PluginHost', 'create_app', 'run_worker']
 
 # %% ../../nbs/remote/worker.ipynb #105345a2
 class EnhancedJSONEncoder(json.JSONEncoder):
@@ -143,7 +143,9 @@ class PluginHost:
                 ):
         self.plugin = plugin
         self.lock = threading.Lock()  # one initialize / execute / execute_stream / cleanup at a time
-        self._state = threading.Lock()  # guards the fields below
+        self._state = threading.RLock()  # guards the fields below
+        self._changed = threading.Condition(self._state)  # notified on each progress report and run start/end
+        self.seq = 0  # counts those changes: a `/progress?since=seq` long poll waits for the next one
         self.ctx: Optional[JobContext] = None  # the run in progress
         self.run_started = 0.0
         self.executions = 0
@@ -177,6 +179,7 @@ def _begin(self:PluginHost)->JobContext:
     with self._state:
         if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
         self.ctx, self.run_started, self._progress = ctx, time.monotonic(), (0.0, None, '')
+        self._bump()
         _core.set_current_job(ctx)  # as in cjm_workers' worker process: report_progress / check_cancelled see this run
     return ctx
 
@@ -186,6 +189,13 @@ def _end(self:PluginHost, ctx:JobContext)->None:
         if self.ctx is ctx: self.ctx = None
         if _core.current_job() is ctx: _core.set_current_job(None)
         self.executions += 1
+        self._bump()
+
+@patch
+def _bump(self:PluginHost)->None:
+    "Record a change of progress or run state (the caller holds `self._state`) and wake long polls."
+    self.seq += 1
+    self._changed.notify_all()
 
 @patch
 def _on_message(self:PluginHost, msg:dict)->None:
@@ -194,10 +204,11 @@ def _on_message(self:PluginHost, msg:dict)->None:
     with self._state:
         if self.ctx is not None and msg.get('job_id') == self.ctx.job_id:
             self._progress = (time.monotonic(), msg.get('progress'), msg.get('message', ''))
+            self._bump()
 
 @patch
 def progress(self:PluginHost)->dict:
-    "`{progress, message, running}`: the newest report of the current (or last) run; progress None if none."
+    "`{progress, message, running, seq}`: the newest report of the current (or last) run; progress None if none."
     with self._state:
         cands = [self._progress]
         at = getattr(self.plugin, 'progress_at', None)
@@ -205,7 +216,17 @@ def progress(self:PluginHost)->dict:
             cands.append((at, getattr(self.plugin, 'progress', None), getattr(self.plugin, 'progress_message', '')))
         at, p, msg = max(cands, key=lambda c: c[0])
         if at < self.run_started or p is None: p, msg = None, ''
-        return {'progress': p, 'message': str(msg or ''), 'running': self.ctx is not None}
+        return {'progress': p, 'message': str(msg or ''), 'running': self.ctx is not None, 'seq': self.seq}
+
+@patch
+def wait_progress(self:PluginHost,
+                  since:int, # the `seq` the caller has seen
+                  timeout:float # longest wait, in seconds
+                 )->dict:
+    "`progress()` as soon as `seq` passes `since` (a report, or a run starting or ending), or after `timeout`."
+    with self._changed:
+        self._changed.wait_for(lambda: self.seq > since, timeout)
+        return self.progress()
 
 @patch
 def cancel(self:PluginHost)->dict:
@@ -324,6 +345,7 @@ def stats(self:PluginHost)->dict:
 
 # %% ../../nbs/remote/worker.ipynb #4e693d64
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+MAX_PROGRESS_WAIT = 30.0  # longest `/progress?wait=` long poll, in seconds
 
 class _HTTPError(Exception):
     def __init__(self, status:int, message:str): super().__init__(message); self.status = status
@@ -428,7 +450,13 @@ def create_app(module_name:str, # module to import the plugin class from
     async def cancel(request):
         await _read_json(request, max_body_bytes)  # any body is ignored, but still bounded
         return _json_response(await anyio.to_thread.run_sync(host.cancel))
-    async def progress(request): return _json_response(host.progress())
+    async def progress(request):
+        q = request.query_params
+        if 'since' not in q and 'wait' not in q: return _json_response(host.progress())
+        try: since, wait = int(q.get('since', -1)), float(q.get('wait', MAX_PROGRESS_WAIT))
+        except ValueError: raise _HTTPError(400, "'since' must be an integer and 'wait' a number of seconds")
+        if not 0 <= wait <= MAX_PROGRESS_WAIT: raise _HTTPError(400, f"'wait' must be between 0 and {MAX_PROGRESS_WAIT} seconds")
+        return _json_response(await anyio.to_thread.run_sync(host.wait_progress, since, wait))
     async def cleanup(request):
         await _read_json(request, max_body_bytes)
         return await threaded(host.cleanup)()

@@ -1,0 +1,341 @@
+"""RemotePluginProxy and RemotePluginManager with real Universal Worker processes over real HTTP on 127.0.0.1.
+
+The isolation test builds a tiny wheel, installs it into a second virtualenv the app's environment does not see, and
+runs the plugin it contains through the proxy and through a job manager.
+"""
+import asyncio, os, signal, subprocess, sys, textwrap, threading, venv
+from concurrent.futures import ThreadPoolExecutor
+from importlib.util import find_spec
+from pathlib import Path
+
+import psutil, pytest
+from cjm_workers.core.config import WorkerConfig
+from cjm_workers.remote.adapter import RemotePluginSpec, remote_worker_entry
+from cjm_workers.remote.proxy import (RemoteCancelledError, RemotePluginError, RemotePluginProxy,
+                                      RemoteWorkerError)
+from cjm_workers.testing import RecordingBroadcaster, ReferenceJobManager, wait_until
+from conftest import descendants
+
+PROBE = 'cjm_iso_probe'
+
+
+def gone(pid):
+    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return True
+
+
+def wait_gone(pids, timeout=10.0):
+    try: psutil.wait_procs([psutil.Process(p) for p in pids if not gone(p)], timeout=timeout)
+    except psutil.NoSuchProcess: pass
+    return [p for p in pids if not gone(p)]
+
+
+# ---------------------------------------------------------------- isolation: a second virtualenv with its own package
+
+PLUGIN_SRC = '''
+import os, sys, time
+from importlib.metadata import version
+from cjm_workers.remote.plugin import PluginInterface
+from . import helper
+
+class ProbePlugin(PluginInterface):
+    "Lives only in the isolated environment: reports where it runs."
+    name, version = 'probe', version('cjm-iso-probe')
+    def initialize(self, config=None): self.config = dict(config or {})
+    def get_config_schema(self): return {'type': 'object', 'properties': {'greeting': {'type': 'string'}}}
+    def get_current_config(self): return getattr(self, 'config', {})
+    def cleanup(self): pass
+    def execute(self, text='', steps=3):
+        for i in range(steps):
+            self.report_progress((i + 1) / steps, f"step {i + 1}")
+        return {'text': helper.shout(self.get_current_config().get('greeting', 'hi') + ' ' + text),
+                'metadata': {'prefix': sys.prefix, 'executable': sys.executable, 'pid': os.getpid(),
+                             'package_version': version('cjm-iso-probe')}}
+    def execute_stream(self, text='', **kw):
+        for w in text.split(): yield helper.shout(w)
+'''
+
+
+@pytest.fixture(scope='module')
+def isolated_python(tmp_path_factory):
+    "Python of a fresh virtualenv holding the `cjm-iso-probe` wheel, built here; the app's environment lacks it."
+    root = tmp_path_factory.mktemp('iso')
+    src = root / 'src'
+    (src / PROBE).mkdir(parents=True)
+    (src / 'pyproject.toml').write_text(textwrap.dedent('''
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "cjm-iso-probe"
+        version = "1.2.3"
+        [tool.setuptools]
+        packages = ["cjm_iso_probe"]
+    '''))
+    (src / PROBE / '__init__.py').write_text('')
+    (src / PROBE / 'helper.py').write_text('def shout(s): return s.upper()\n')
+    (src / PROBE / 'plugin.py').write_text(PLUGIN_SRC)
+    dist = root / 'dist'
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(dist),
+                    f'./{src.name}'], cwd=root, check=True, capture_output=True)
+    wheel, = dist.glob('cjm_iso_probe-1.2.3-*.whl')
+    env_dir = root / 'venv'
+    # system site packages: the environment sees cjm_workers and its dependencies; what it installs stays its own
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    py = env_dir / 'bin' / 'python'
+    subprocess.run([str(py), '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', str(wheel)],
+                   check=True, capture_output=True)
+    assert find_spec(PROBE) is None, "the app's environment must not have the probe package"
+    return str(py), str(env_dir)
+
+
+def test_isolated_plugin_runs_in_its_own_environment(isolated_python):
+    py, env_dir = isolated_python
+    with RemotePluginProxy(f'{PROBE}.plugin', 'ProbePlugin', python=py, env={'PROBE_FLAG': '1'}) as p:
+        assert p.health()['name'] == 'probe' and p.health()['version'] == '1.2.3'
+        p.initialize({'greeting': 'hello'})
+        r = p.execute(text='world')
+        assert r['text'] == 'HELLO WORLD'
+        assert r['metadata']['prefix'] == env_dir and r['metadata']['package_version'] == '1.2.3'
+        assert Path(r['metadata']['executable']).parent == Path(py).parent
+        assert list(p.execute_stream(text='a b')) == ['A', 'B']
+        assert p.get_config_schema()['properties']['greeting'] == {'type': 'string'}
+        p.initialize({'greeting': 'hey'})
+        assert p.get_current_config() == {'greeting': 'hey'}
+    # the same plugin under the app's own Python cannot even be imported, and the error says why
+    with pytest.raises(RemoteWorkerError, match=f"No module named '{PROBE}'"):
+        RemotePluginProxy(f'{PROBE}.plugin', 'ProbePlugin').start()
+
+
+async def test_job_manager_runs_isolated_plugin(isolated_python, track):
+    py, env_dir = isolated_python
+    events = RecordingBroadcaster()
+    specs = [RemotePluginSpec('probe', f'{PROBE}.plugin', 'ProbePlugin', python=py, streams=True),
+             RemotePluginSpec('probe_once', f'{PROBE}.plugin', 'ProbePlugin', python=py)]
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(), event_broadcaster=events,
+                                    entry_point=remote_worker_entry(specs)))
+    await mgr.start()
+    job = await mgr.wait_for_job((await mgr.start_job('probe', text='isolated world')).id, timeout=60)
+    assert job.status == 'completed', (job.error, job.reason)
+    assert job.output == 'ISOLATEDWORLD'  # a streamed job: the chunks, in order
+    await mgr.flush_events()
+    assert [d['chunk'] for t, d in events.events if t == 'reference:chunk'] == ['ISOLATED', 'WORLD']
+    once = await mgr.wait_for_job((await mgr.start_job('probe_once', text='there', steps=4)).id, timeout=60)
+    assert once.status == 'completed' and once.result['text'] == 'HI THERE'
+    assert once.result['metadata']['prefix'] == env_dir  # it ran under the isolated environment's Python
+    await mgr.ashutdown()
+
+
+# ---------------------------------------------------------------- the proxy with the reference plugins
+
+
+def test_start_failure_carries_worker_stderr(tmp_path):
+    bad = tmp_path / 'broken_plugin.py'
+    bad.write_text('import sys\nsys.stderr.write("loading weights...\\n")\nraise RuntimeError("CUDA not available")\n')
+    p = RemotePluginProxy('broken_plugin', 'Plugin', cwd=str(tmp_path), env={'PYTHONPATH': str(tmp_path)})
+    with pytest.raises(RemoteWorkerError) as e:
+        p.start()
+    msg = str(e.value)
+    assert 'exited with code 2 before it was ready' in msg and 'CUDA not available' in msg and 'loading weights' in msg, msg
+    assert not p.alive
+    with pytest.raises(RemoteWorkerError, match='cannot launch the worker'):
+        RemotePluginProxy('x', 'Y', python=str(tmp_path / 'no-such-python')).start()
+
+
+def test_initialize_refusal_and_plugin_error_are_plugin_errors():
+    tests = str(Path(__file__).parent)
+    with RemotePluginProxy('_r_plugins', 'FlakyPlugin', cwd=tests, env={'PYTHONPATH': tests}) as p:
+        with pytest.raises(RemotePluginError) as e:
+            p.initialize({'fail': 'no such model'})
+        assert e.value.status == 422 and 'ValueError: bad config: no such model' in str(e.value)
+        assert p.execute(a=1) == {'ok': True, 'kwargs': {'a': 1}}  # still usable
+        items, err = [], None
+        try:
+            for item in p.execute_stream(): items.append(item)
+        except RemotePluginError as e2: err = e2
+        assert items == ['first', {'second': 2}]  # every item before the failure arrives first
+        assert 'RuntimeError: broke after two items' in str(err) and 'broke after two items' in err.traceback
+
+
+def test_sync_stream_is_live_and_cancellable():
+    with RemotePluginProxy('cjm_workers.testing', 'TokenStreamPlugin') as p:
+        gen = p.execute_stream(text=' '.join(f'w{i}' for i in range(200)), delay=0.01)
+        assert next(gen) == 'w0 '
+        assert p.get_progress()['running'] is True  # the first item arrived while the plugin is still producing
+        assert p.cancel()['status'] == 'cancelled'
+        rest = []
+        with pytest.raises(RemoteCancelledError):
+            for item in gen: rest.append(item)
+        assert len(rest) < 199 and all(w.startswith('w') for w in rest)
+        assert list(p.execute_stream(text='a b', delay=0)) == ['a ', 'b']  # usable after the cancel
+        gen = p.execute_stream(text=' '.join(['x'] * 500), delay=0.01)
+        assert next(gen) == 'x '
+        gen.close()  # closing early ends the run on the worker too
+        p2 = p.get_progress()
+        while p2['running']: p2 = p.get_progress(since=p2['seq'], wait=5)
+
+
+async def test_async_calls_stream_and_cancel():
+    async with RemotePluginProxy('cjm_workers.testing', 'TranscribePlugin') as p:
+        assert (await p.ainitialize({'model': 'base'})) == {'status': 'initialized'}
+        r = await p.aexecute(steps=2, delay=0)
+        assert r['metadata']['model'] == 'base'
+        prog = await p.aget_progress()
+        task = asyncio.create_task(p.aexecute(steps=300, delay=0.01))
+        seen = []
+        while len(seen) < 3:
+            prog = await p.aget_progress(since=prog['seq'], wait=5)
+            if prog['progress'] is not None: seen.append(prog['progress'])
+        assert seen == sorted(seen) and seen[-1] < 1
+        assert (await p.acancel())['status'] == 'cancelled'
+        with pytest.raises(RemoteCancelledError):
+            await task
+        assert (await p.aget_stats())['pid'] == p.pid
+    async with RemotePluginProxy('cjm_workers.testing', 'TokenStreamPlugin') as p:
+        agen = p.aexecute_stream(text=' '.join(f't{i}' for i in range(100)), delay=0.01)
+        first = await agen.__anext__()
+        assert first == 't0 ' and (await p.aget_progress())['running'] is True
+        rest = [x async for x in agen]
+        assert [first, *rest] == [f't{i} ' for i in range(99)] + ['t99']
+
+
+def test_worker_death_mid_call_names_the_signal():
+    with RemotePluginProxy('cjm_workers.testing', 'SlowPlugin') as p, ThreadPoolExecutor(1) as pool:
+        prog = p.get_progress()
+        fut = pool.submit(p.execute, seconds=30)
+        while not prog['running']: prog = p.get_progress(since=prog['seq'], wait=5)
+        os.kill(p.pid, signal.SIGKILL)
+        with pytest.raises(RemoteWorkerError, match='killed by SIGKILL'):
+            fut.result(30)
+        assert not p.alive
+        p.start()  # a dead worker can be started again
+        assert p.execute(seconds=0)['text'] == 'slept 0s'
+
+
+def test_stop_kills_the_whole_tree_even_mid_call():
+    p = RemotePluginProxy('cjm_workers.testing', 'SlowPlugin', stop_timeout=1.0).start()
+    with ThreadPoolExecutor(1) as pool:
+        prog = p.get_progress()
+        fut = pool.submit(p.execute, seconds=60, ignore_cancel=True, spawn_child=True)
+        while not prog['message'].startswith('child:'): prog = p.get_progress(since=prog['seq'], wait=5)
+        child, worker = int(prog['message'].split(':')[1]), p.pid
+        p.stop()
+        assert wait_gone([worker, child]) == []
+        with pytest.raises(RemoteWorkerError):
+            fut.result(10)
+    p.stop()  # idempotent
+
+
+def test_token_is_required_by_the_proxys_worker():
+    import httpx
+    with RemotePluginProxy('cjm_workers.testing', 'EchoPlugin') as p:
+        assert httpx.get(p.base_url + '/health', trust_env=False).status_code == 200
+        assert httpx.post(p.base_url + '/execute', json={}, trust_env=False).status_code == 401
+        p.token = 'wrong'
+        p._client.headers['Authorization'] = 'Bearer wrong'
+        with pytest.raises(RemoteWorkerError, match='refused the token'):
+            p.execute(text='x')
+
+
+def test_parent_death_ends_the_proxys_worker(tmp_path):
+    script = tmp_path / 'app.py'
+    script.write_text(textwrap.dedent('''
+        import sys, time
+        from cjm_workers.remote.proxy import RemotePluginProxy
+        p = RemotePluginProxy('cjm_workers.testing', 'SlowPlugin').start()
+        sys.stdout.write(f"{p.pid}\\n"); sys.stdout.flush()
+        p.execute(seconds=600)
+    '''))
+    app = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(app.stdout.readline())
+        assert not gone(worker)
+        app.kill(); app.wait()
+        assert wait_gone([worker]) == []
+    finally:
+        if app.poll() is None: app.kill()
+
+
+# ---------------------------------------------------------------- a job manager on remote plugins
+
+
+def remote_manager(track, config=None, **spec_kw):
+    events = RecordingBroadcaster()
+    specs = [RemotePluginSpec('transcribe', 'cjm_workers.testing', 'TranscribePlugin'),
+             RemotePluginSpec('tokens', 'cjm_workers.testing', 'TokenStreamPlugin', streams=True),
+             RemotePluginSpec('slow', 'cjm_workers.testing', 'SlowPlugin'),
+             RemotePluginSpec('crash', 'cjm_workers.testing', 'CrashPlugin')]
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(**(config or {})), event_broadcaster=events,
+                                    entry_point=remote_worker_entry(specs)))
+    return mgr, events
+
+
+def worker_tree(mgr):
+    "Pids of the manager's worker processes and all their descendants (the Universal Workers among them)."
+    out = []
+    for s in mgr.get_worker_stats():
+        pid = s.get('pid')
+        if pid is None: continue
+        try: out += [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess: pass
+    return out
+
+
+async def test_progress_and_chunk_events_from_remote_plugins(track):
+    mgr, events = remote_manager(track)
+    await mgr.start()
+    t = await mgr.wait_for_job((await mgr.start_job('transcribe', steps=4, delay=0.02)).id, timeout=60)
+    s = await mgr.wait_for_job((await mgr.start_job('tokens', text='one two three', delay=0.01)).id, timeout=60)
+    await mgr.flush_events()
+    assert t.status == 'completed' and t.result['text'] == 'clip.wav: segment1 segment2 segment3 segment4'
+    assert events.of(t.id) == ['pending', 'started', 'progress', 'progress', 'progress', 'progress', 'completed'], events.of(t.id)
+    prog = [d['progress'] for k, d in events.events if k == 'reference:progress' and d['job_id'] == t.id]
+    assert prog == [0.25, 0.5, 0.75, 1.0]
+    assert s.status == 'completed' and s.result['text'] == 'one two three'
+    assert [d['chunk'] for k, d in events.events if k == 'reference:chunk' and d['job_id'] == s.id] == ['one ', 'two ', 'three']
+
+
+async def test_cancel_reaches_the_remote_plugin(track):
+    mgr, events = remote_manager(track, config=dict(cancel_grace_seconds=30))
+    await mgr.start()
+    job = await mgr.start_job('transcribe', steps=500, delay=0.01)
+    await wait_until(lambda: (mgr.get_job(job.id).progress or 0) > 0.01, timeout=60)
+    tree = worker_tree(mgr)
+    await mgr.cancel_job(job.id)
+    job = await mgr.wait_for_job(job.id, timeout=20)  # well inside the grace period: the plugin stopped itself
+    assert job.status == 'cancelled'
+    assert worker_tree(mgr) == tree  # cooperative: nothing was killed, the Universal Worker keeps its model loaded
+    again = await mgr.wait_for_job((await mgr.start_job('transcribe', steps=2, delay=0)).id, timeout=60)
+    assert again.status == 'completed'
+
+
+async def test_plugin_ignoring_cancel_is_killed_with_its_universal_worker(track):
+    mgr, events = remote_manager(track, config=dict(cancel_grace_seconds=0.5))
+    await mgr.start()
+    job = await mgr.start_job('slow', seconds=120, ignore_cancel=True, spawn_child=True)
+    await wait_until(lambda: (mgr.get_job(job.id).progress_message or '').startswith('child:'), timeout=60)
+    tree = worker_tree(mgr)
+    child = int(mgr.get_job(job.id).progress_message.split(':')[1])
+    assert child in tree and len(tree) >= 3  # worker process → Universal Worker → the plugin's child
+    await mgr.cancel_job(job.id)
+    job = await mgr.wait_for_job(job.id, timeout=30)
+    assert job.status == 'cancelled'
+    assert wait_gone(tree) == []  # the whole tree, Universal Worker and the plugin's child included
+    again = await mgr.wait_for_job((await mgr.start_job('slow', seconds=0)).id, timeout=60)
+    assert again.status == 'completed'
+
+
+async def test_universal_worker_crash_fails_the_job_then_recovers(track):
+    mgr, events = remote_manager(track)
+    await mgr.start()
+    job = await mgr.wait_for_job((await mgr.start_job('crash', mode='sigkill')).id, timeout=60)
+    assert job.status == 'failed'
+    assert 'RemoteWorkerError' in job.error and 'killed by SIGKILL' in job.error, job.error
+    assert not [p for p in descendants() if 'cjm_workers.remote.worker' in ' '.join(p.cmdline()) and
+                'CrashPlugin' in p.cmdline()]  # the dead one is not left behind
+    ok = await mgr.wait_for_job((await mgr.start_job('crash', mode='unknown')).id, timeout=60)
+    assert ok.status == 'failed' and "unknown crash mode 'unknown'" in ok.error  # a fresh Universal Worker ran it
+    tree = worker_tree(mgr)
+    assert len(tree) >= 2  # the worker process and its Universal Worker
+    await mgr.ashutdown()
+    assert wait_gone(tree) == []  # shutdown leaves no Universal Worker behind
