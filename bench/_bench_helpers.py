@@ -39,3 +39,66 @@ def app_main():
 
 if __name__ == '__main__':
     if sys.argv[1:] == ['app']: app_main()
+
+
+# ------------------------------------------------------------------------------------ bench/durability.py helpers
+import json, os, time
+
+
+def _burn_plugins():
+    from cjm_workers.testing import REFERENCE_PLUGINS, ReferencePlugin, ReferencePluginManager
+
+    class BurnPlugin(ReferencePlugin):
+        "Burns CPU (a busy loop) for `ms` milliseconds."
+        name = 'burn'
+        def execute(self, ms: float = 10.0, **kwargs):
+            end = time.thread_time() + ms / 1000
+            n = 0
+            while time.thread_time() < end: n += 1
+            return {'text': str(n), 'metadata': {'pid': os.getpid()}}
+
+    return ReferencePluginManager({**REFERENCE_PLUGINS, 'burn': BurnPlugin})
+
+
+def burn_worker(request_queue, result_queue, response_queue):
+    "Worker entry point: the reference plugins plus `burn` (CPU for `ms` milliseconds)."
+    from cjm_workers.core.worker import base_worker_process
+    base_worker_process(request_queue, result_queue, response_queue, plugin_manager_factory=_burn_plugins)
+
+
+def bench_manager(store=None, entry=None, **config):
+    "A ReferenceJobManager with a job store (the reference manager's constructor predates `job_store`)."
+    from cjm_workers.core.config import WorkerConfig
+    from cjm_workers.testing import ReferenceJobManager, reference_worker
+    m = ReferenceJobManager(WorkerConfig(**config), entry_point=entry or reference_worker)
+    if store is not None: m.job_store = store
+    return m
+
+
+async def _memory_main(kind: str, n: int, path: str):
+    import gc, psutil
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    me = psutil.Process()
+    mgr = bench_manager(SQLiteJobStore(path) if kind == 'sqlite' else None)
+    await mgr.start(wait=True)
+    for _ in range(300): await mgr.wait_for_job((await mgr.start_job('echo', text='x')).id)  # warm up
+    gc.collect()
+    before = me.memory_info().rss
+    t0 = time.perf_counter()
+    for start in range(0, n, 10_000):
+        jobs = [await mgr.start_job('echo', text='x') for _ in range(min(10_000, n - start))]
+        await mgr.wait_for_job(jobs[-1].id, timeout=300)
+        del jobs
+    took = time.perf_counter() - t0
+    gc.collect()
+    after = me.memory_info().rss
+    done = mgr.count_jobs('completed')
+    await mgr.ashutdown()
+    print(json.dumps({'before': before, 'after': after, 'completed': done, 'seconds': took, 'cached': len(mgr.jobs)}),
+          flush=True)
+
+
+def memory_main(kind: str, n: int, path: str):
+    "Child of bench/durability.py: run `n` jobs through a manager with the `kind` store, print RSS before/after."
+    import asyncio
+    asyncio.run(_memory_main(kind, n, path))

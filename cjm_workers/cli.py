@@ -10,7 +10,9 @@ def main(argv=None)->int:
     "`cjm-workers demo [...]`: run the demo."
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
-        print("usage: cjm-workers demo [options]\n\n  demo   run real jobs through a real worker and show their events")
+        print("usage: cjm-workers demo [--port N] [--host H] [--workers N]\n\n"
+              "  demo   serve a FastHTML app running real jobs in real worker processes, with live job pages\n"
+              "         (cjm-workers demo --help for its options)")
         return 0
     if argv[0] == 'demo':
         from cjm_workers.demo import main as demo_main

@@ -226,10 +226,11 @@ class ReferenceJob(BaseJob):
 class ReferenceJobManager(BaseJobManager):
     "A complete `BaseJobManager` subclass running the reference plugins."
     def __init__(self, worker_config:Optional[WorkerConfig]=None, event_broadcaster=None, resource_manager=None,
-                 plugin_registry=None, entry_point=reference_worker, worker_type:str='reference', supports_streaming:bool=True):
+                 plugin_registry=None, entry_point=reference_worker, worker_type:str='reference', supports_streaming:bool=True,
+                 job_store=None):
         super().__init__(worker_type, 'reference', supports_streaming=supports_streaming, worker_config=worker_config,
                          plugin_registry=plugin_registry, resource_manager=resource_manager,
-                         event_broadcaster=event_broadcaster)
+                         event_broadcaster=event_broadcaster, job_store=job_store)
         self._entry = entry_point
     def create_job(self, plugin_id:str, **kwargs)->ReferenceJob:
         return ReferenceJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kwargs)

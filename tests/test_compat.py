@@ -238,14 +238,17 @@ def test_manager_names_methods_fields_and_signatures():
 
     def params(f): return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
     E, KW, PK = inspect.Parameter.empty, inspect.Parameter.VAR_KEYWORD, inspect.Parameter.POSITIONAL_OR_KEYWORD
-    assert params(BaseJobManager.start_job) == [('self', PK, E), ('plugin_id', PK, E), ('kwargs', KW, E)]
+    # the seed's (self, plugin_id, **kwargs), plus keyword-only scheduling options (issue 5) that cannot shift positions
+    sj = params(BaseJobManager.start_job)
+    assert sj[:2] == [('self', PK, E), ('plugin_id', PK, E)] and sj[-1] == ('kwargs', KW, E)
+    assert all(kind == inspect.Parameter.KEYWORD_ONLY and d is not E for _, kind, d in sj[2:-1])
     assert params(BaseJobManager.cancel_job) == [('self', PK, E), ('job_id', PK, E)]
     assert params(BaseJobManager.reload_plugin) == [('self', PK, E), ('plugin_name', PK, E), ('config', PK, E)]
     assert params(BaseJobManager.unload_plugin) == [('self', PK, E), ('plugin_name', PK, E)]
     assert params(BaseJobManager.__init__) == [
         ('self', PK, E), ('worker_type', PK, E), ('category', PK, E), ('supports_streaming', PK, False),
         ('worker_config', PK, None), ('plugin_registry', PK, None), ('resource_manager', PK, None),
-        ('event_broadcaster', PK, None)]
+        ('event_broadcaster', PK, None), ('job_store', PK, None)]  # job_store: added after the seed's (issue 5)
     for m in ('get_job', 'get_job_result'): assert list(inspect.signature(getattr(BaseJobManager, m)).parameters) == ['self', 'job_id']
     assert list(inspect.signature(BaseJobManager.broadcast_event).parameters) == ['self', 'event_type', 'data']
 

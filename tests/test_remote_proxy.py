@@ -219,7 +219,7 @@ def test_stop_kills_the_whole_tree_even_mid_call():
         fut = pool.submit(p.execute, seconds=60, ignore_cancel=True, spawn_child=True)
         while not prog['message'].startswith('child:'): prog = p.get_progress(since=prog['seq'], wait=5)
         child, worker = int(prog['message'].split(':')[1]), p.pid
-        p.stop()
+        p.cleanup()  # /cleanup (it waits behind the running call), SIGTERM, then SIGKILL of the whole tree
         assert wait_gone([worker, child]) == []
         with pytest.raises(RemoteWorkerError):
             fut.result(10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from dataclasses import dataclass, fields
 from enum import Enum
+from typing import Any, Callable, Dict, List, Optional, Union
 
 # %% auto #0
 __all__ = ['RestartPolicy', 'WorkerConfig']
@@ -50,6 +51,13 @@ class WorkerConfig:
     start_method: str = "spawn"  # multiprocessing start method, used through a per-manager context
     prefetch: int = 16  # jobs a worker may hold: the running one and those sent ahead (still `pending`)
     event_timeout_seconds: float = 5.0  # one broadcast taking longer is abandoned (and logged)
+    job_timeout_seconds: Optional[float] = None  # default limit on a job's running time (None: none); per job: `start_job(timeout_seconds=)`
+    retry_backoff_max_seconds: float = 300.0  # longest delay before a retry of a job that opted into retries
+    max_jobs_per_worker: int = 0  # recycle (restart) a worker between jobs after this many jobs (0: never)
+    max_worker_rss_mb: float = 0.0  # recycle a worker between jobs once its process tree uses more (0: never)
+    worker_env: Any = None  # extra environment per worker: a list of dicts (one per worker) or a callable index → dict
+    job_cache_size: int = 1000  # finished jobs the manager keeps in memory (the rest are read from the job store)
+    backend: Any = None  # where workers run: None/'local' = local processes; 'ray' or `cjm_workers.backends.ray.RayBackend(...)`
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str):
@@ -71,6 +79,42 @@ class WorkerConfig:
         if self.start_method not in mp.get_all_start_methods():
             raise ValueError(f"WorkerConfig.start_method: {self.start_method!r} is not available here; "
                              f"choose one of {mp.get_all_start_methods()}")
+        t = self.job_timeout_seconds
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+            raise ValueError(f"WorkerConfig.job_timeout_seconds must be None or a number of seconds > 0, got {t!r}")
+        if self.backend == 'local': self.backend = None
+        elif self.backend == 'ray':  # the defaults: one CPU per worker actor, a local Ray unless `ray.init` was called
+            from cjm_workers.backends.ray import RayBackend
+            self.backend = RayBackend()
+        b = self.backend
+        if b is not None and not callable(getattr(b, 'process', None)):
+            raise TypeError(f"WorkerConfig.backend must be None (local processes) or a backend with a `process` method "
+                            f"such as cjm_workers.backends.ray.RayBackend(), got {b!r}")
+        env = self.worker_env
+        if env is not None and not callable(env):
+            if not isinstance(env, (list, tuple)):
+                raise TypeError(f"WorkerConfig.worker_env must be None, a list of dicts or a callable, got {env!r}")
+            if len(env) < self.max_workers:
+                raise ValueError(f"WorkerConfig.worker_env has {len(env)} entries for max_workers={self.max_workers}")
+            for i in range(self.max_workers): self.env_for(i)  # checks each entry
+
+    def env_for(self,
+                index:int # the worker's slot index, 0 .. max_workers-1
+               )->Dict[str, str]: # environment variables to set in that worker
+        "The extra environment of worker `index` (from `worker_env`)."
+        env = self.worker_env
+        if env is None: return {}
+        e = env(index) if callable(env) else env[index]
+        if e is None: return {}
+        if not isinstance(e, dict) or not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in e.items()):
+            raise TypeError(f"WorkerConfig.worker_env for worker {index} must be a dict of str → str, got {e!r}")
+        return {k: str(v) for k, v in e.items()}
+
+    @staticmethod
+    def gpu_env(gpu_ids:list # one GPU id (or a comma-separated list of ids) per worker
+               )->List[Dict[str, str]]: # a `worker_env` list
+        "A `worker_env` that gives worker i `CUDA_VISIBLE_DEVICES=gpu_ids[i]`."
+        return [{'CUDA_VISIBLE_DEVICES': str(g)} for g in gpu_ids]
 
     def backoff_delay(self,
                       attempt:int # 0 for the first restart after a crash, 1 for the second, ...

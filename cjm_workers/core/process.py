@@ -10,7 +10,8 @@ import psutil
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'describe_exit', 'become_group_leader', 'kill_process_group', 'kill_process_tree', 'kill_own_children']
+__all__ = ['log', 'describe_exit', 'become_group_leader', 'kill_process_group', 'kill_process_tree', 'kill_worker_tree',
+           'kill_own_children']
 
 # %% ../../nbs/core/process.ipynb #8684e9a3
 def describe_exit(exitcode:int|None # `multiprocessing.Process.exitcode`
@@ -55,6 +56,15 @@ def kill_process_tree(process, # a started `multiprocessing.Process`
     for c in children:  # SIGKILL cannot be refused; waiting for them would only wait for their parent to reap them
         try: c.kill()
         except psutil.Error: pass
+
+def kill_worker_tree(process, # a started worker: a `multiprocessing.Process`, or a process-like handle with `kill_tree`
+                     timeout:float=1.0, # seconds to wait for each step
+                     terminate_first:bool=False # local processes: SIGTERM and wait `timeout` before SIGKILL
+                    )->None:
+    "Kill a worker and everything it started, whatever runs it: its own `kill_tree` (e.g. a Ray actor) or `kill_process_tree`."
+    fn = getattr(process, 'kill_tree', None)
+    if callable(fn): fn(timeout)
+    else: kill_process_tree(process, timeout, terminate_first)
 
 def kill_own_children()->None:
     "Kill this process's descendants (SIGKILL)."

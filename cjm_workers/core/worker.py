@@ -356,9 +356,9 @@ def base_worker_process(
 )->None:
     "Generic long-lived worker process that handles job execution."
     _close_unused_ends(request_queue, result_queue, response_queue)
-    become_group_leader()
-    try: signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the app's to handle; it stops us cleanly
-    except ValueError: pass  # not the main thread (e.g. called from a test thread)
+    if threading.current_thread() is threading.main_thread():  # a process of its own (not hosted in a thread of
+        become_group_leader()                                  # another runtime, e.g. a Ray actor, whose process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)           # group and signals are not ours to change)
     _watch_parent()
     w = _Worker(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
     try: w.pm = plugin_manager_factory()

@@ -5,6 +5,7 @@
 # %% ../../nbs/extensions/adapters.ipynb #6f95f065
 from __future__ import annotations
 import logging
+from collections.abc import MutableMapping
 from typing import Any, Dict
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,10 @@ class ResourceManagerAdapter:
         given = {k: v for k, v in given.items() if v is not _UNSET}
         self._resource_manager.update_worker_state(pid, **{k: v for k, v in given.items() if v is not None})
         cleared = [k for k, v in given.items() if v is None]
-        if cleared:
-            state = self._resource_manager.get_worker_by_pid(pid)
-            for k in cleared:
-                if state is not None and hasattr(state, k): setattr(state, k, None)
+        state = self._resource_manager.get_worker_by_pid(pid) if cleared else None
+        for k in cleared if state is not None else ():
+            if isinstance(state, MutableMapping): state[k] = None
+            elif hasattr(state, k): setattr(state, k, None)
     def check_gpu_availability(self):
         "Check GPU availability and identify conflicts."
         return self._resource_manager.check_gpu_availability()
@@ -66,9 +67,9 @@ class SSEBroadcasterAdapter:
         self._sse_manager = sse_manager
     async def broadcast(self, event_type:str, # Event type identifier (e.g., 'transcription:started')
                         data:Dict[str, Any] # Event data payload
-                       )->None:
-        "Broadcast an event to all connected SSE clients."
-        await self._sse_manager.broadcast(event_type, data)
+                       )->int: # Connections the message reached (as the manager reports it)
+        "Broadcast an event to all connected SSE clients (as `{type, timestamp, data}` messages)."
+        return await self._sse_manager.broadcast(event_type, data)
 
 def create_standard_adapters(plugin_registry=None, # UnifiedPluginRegistry instance (optional)
                              resource_manager=None, # ResourceManager instance (optional)

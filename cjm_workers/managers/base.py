@@ -4,21 +4,22 @@
 
 # %% ../../nbs/managers/base.ipynb #23fd3273
 from __future__ import annotations
-import asyncio, concurrent.futures, logging, os, select, threading, time, traceback, uuid, weakref
+import asyncio, bisect, concurrent.futures, heapq, logging, os, pickle, select, threading, time, traceback, uuid, weakref
 import multiprocessing as mp
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, TypeVar, Union
 
 import psutil
 from fastcore.basics import patch
 
 from ..core.channel import PipeChannel, dumps
 from ..core.config import RestartPolicy, WorkerConfig
-from ..core.process import describe_exit, kill_process_group, kill_process_tree
+from ..core.process import describe_exit, kill_process_group, kill_worker_tree
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
+from ..stores.base import JobStore, MemoryJobStore
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ class BaseJob:
     progress: Optional[float] = None  # last reported progress, 0..1 (-1: indeterminate)
     progress_message: str = ''  # last progress message
     output: str = ''  # streamed text so far
+    priority: int = 0  # higher runs first; FIFO within one priority
+    timeout_seconds: Optional[float] = None  # limit on the running time (None: WorkerConfig.job_timeout_seconds; 0: none)
+    max_retries: int = 0  # retries after a failed run (opt-in)
+    retry_backoff_seconds: float = 1.0  # delay before the first retry, doubling for each further one
+    attempts: int = 0  # how many times a worker started the job
+    attempt_log: List[Dict[str, Any]] = field(default_factory=list)  # the failed runs of a job that opted into retries
 
     @property
     def is_terminal(self)->bool:
@@ -70,12 +77,17 @@ class _Slot:
         self.commands: Dict[str, concurrent.futures.Future] = {}  # request id → reply
         self.loaded: Dict[str, dict] = {}  # plugin name → config, as far as the manager knows
         self.spawned_at = self.ready_at = self.start_deadline = self.restart_at = None
-        self.kill_reason: Optional[str] = None  # 'cancel' | 'start_timeout' while the manager kills it
+        self.kill_reason: Optional[str] = None  # 'cancel' | 'start_timeout' | 'recycle' while the manager stops it
         self.startup_error: Optional[str] = None
         self.failure: Optional[str] = None
-        self.jobs_done, self.crashes, self.restarts = 0, 0, 0
+        self.jobs_done, self.crashes, self.restarts, self.recycles = 0, 0, 0, 0
         self.eof = False
         self.fds = ()  # (results fd, responses fd, process sentinel) while alive
+        self.timeouts: Dict[str, float] = {}  # running job id → when it times out
+        self.plugins: set = set()  # plugins sent to this process (for affinity)
+        self.jobs_since_spawn = 0
+        self.recycle: Optional[str] = None  # why the worker is to be recycled once its jobs are done
+        self.stop_deadline: Optional[float] = None  # a recycled worker that has not exited by then is killed
 
     @property
     def alive(self)->bool: return self.process is not None
@@ -83,6 +95,66 @@ class _Slot:
     def status(self)->str:
         if self.state == 'ready': return 'busy' if self.inflight else 'idle'
         return self.state
+    @property
+    def open(self)->bool:
+        "Can take jobs now (ready, not being recycled)."
+        return self.state == 'ready' and self.recycle is None
+
+# %% ../../nbs/managers/base.ipynb #73a6f8d9
+class _PendingQueue:
+    "Job ids by priority (higher first), FIFO by sequence number within a priority."
+    def __init__(self, seq_of:Callable[[str], int]): # job id → its sequence number
+        self._q: Dict[int, deque] = {}
+        self._prios: List[int] = []  # negated priorities, ascending (so highest priority first)
+        self._where: Dict[str, int] = {}  # job id → priority
+        self._seq_of = seq_of
+    def __len__(self)->int: return len(self._where)
+    def __bool__(self)->bool: return bool(self._where)
+    def __contains__(self, jid)->bool: return jid in self._where
+    def __iter__(self):
+        for p in self._prios: yield from self._q[-p]
+
+    def push(self, jid:str, priority:int=0):
+        "Queue `jid` at its place: after jobs of higher or equal priority created before it."
+        d = self._q.get(priority)
+        if d is None:
+            d = self._q[priority] = deque()
+            bisect.insort(self._prios, -priority)
+        if d and self._seq_of(d[-1]) > (seq := self._seq_of(jid)):
+            i = len(d)
+            while i and self._seq_of(d[i - 1]) > seq: i -= 1
+            d.insert(i, jid)
+        else: d.append(jid)
+        self._where[jid] = priority
+
+    def _drop_if_empty(self, p:int):
+        if not self._q[p]:
+            del self._q[p]
+            self._prios.remove(-p)
+
+    def popleft(self)->str:
+        "The next job id (highest priority, oldest)."
+        p = -self._prios[0]
+        jid = self._q[p].popleft()
+        del self._where[jid]
+        self._drop_if_empty(p)
+        return jid
+
+    def remove(self, jid:str):
+        "Take `jid` out of the queue."
+        p = self._where.pop(jid)
+        self._q[p].remove(jid)
+        self._drop_if_empty(p)
+
+    def position(self, jid:str)->Optional[int]:
+        "1 + the number of queued jobs ahead of `jid`, or None if it is not queued."
+        p = self._where.get(jid)
+        if p is None: return None
+        return sum(len(self._q[-q]) for q in self._prios if -q > p) + self._q[p].index(jid) + 1
+
+    def count_from(self, priority:int)->int:
+        "How many queued jobs have at least this priority."
+        return sum(len(self._q[-q]) for q in self._prios if -q >= priority)
 
 # %% ../../nbs/managers/base.ipynb #539051ea
 class BaseJobManager(ABC, Generic[JobType]):
@@ -95,18 +167,28 @@ class BaseJobManager(ABC, Generic[JobType]):
                  plugin_registry:Optional[PluginRegistryProtocol]=None, # Optional plugin registry integration
                  resource_manager:Optional[ResourceManagerProtocol]=None, # Optional resource manager integration
                  event_broadcaster:Optional[EventBroadcasterProtocol]=None, # Optional SSE event broadcaster
+                 job_store:Optional[JobStore]=None, # where jobs are kept (default: a `MemoryJobStore`)
                 ):
         "Initialize the job manager."
         self.worker_type, self.category, self.supports_streaming = worker_type, category, supports_streaming
         self.worker_config = worker_config or WorkerConfig()
         self.plugin_registry, self.resource_manager, self.event_broadcaster = plugin_registry, resource_manager, event_broadcaster
-        self.jobs: Dict[str, JobType] = {}
-        self.job_results: Dict[str, Dict[str, Any]] = {}
+        self.jobs: Dict[str, JobType] = {}  # active jobs and a cache of recently finished ones (the store has all)
+        self.job_results: Dict[str, Dict[str, Any]] = {}  # results of the completed jobs in `jobs`
+        self._store: JobStore = None
+        self.job_store = job_store if job_store is not None else MemoryJobStore()
         self.restart_count, self.last_restart_time = 0, None
         self._ctx = mp.get_context(self.worker_config.start_method)
         self._lock = threading.RLock()
         self._slots = [_Slot(i) for i in range(self.worker_config.max_workers)]
-        self._pending: deque = deque()  # job ids waiting for a worker, in order
+        self._pending = _PendingQueue(self._seq_of)  # job ids waiting for a worker, by priority then age
+        self._next_seq = None  # sequence number of the next job (continues the store's)
+        self._finished: deque = deque()  # ids of finished jobs still cached in `jobs`, oldest first
+        self._retries: list = []  # heap of (when, seq, job id): failed jobs waiting for their retry
+        self._timed_out: set = set()  # running jobs whose time ran out (cancel under way)
+        self._kept: set = set()  # jobs left pending in a durable store at shutdown
+        self._outbox: list = []  # [(slot, [messages], control)] decided under the lock, sent after it
+        self._owner = uuid.uuid4().hex  # this manager's id in the store's lease
         self._config_overrides: Dict[str, dict] = {}  # plugin name → config from the last successful reload
         self._requests: Dict[str, tuple] = {}  # job id → (pickled execute request, plugin config), until it ends
         self._waiters: Dict[str, list] = {}  # job id → futures of wait_for_job
@@ -148,6 +230,18 @@ class BaseJobManager(ABC, Generic[JobType]):
         return self._slots[0].process
     @property
     def _closed(self)->bool: return self._flags['closed']
+    @property
+    def job_store(self)->JobStore:
+        "Where this manager keeps its jobs (settable until the manager starts)."
+        return self._store
+    @job_store.setter
+    def job_store(self, store:JobStore):
+        if self._store is not None and getattr(self, '_started', False):
+            raise RuntimeError("the job store cannot be changed after the manager started")
+        if not isinstance(store, JobStore): raise TypeError(f"job_store must be a JobStore, got {store!r}")
+        store.bind(self.worker_type)
+        self._store = store
+    def _seq_of(self, jid:str)->int: return getattr(self.jobs.get(jid), '_seq', 0)
 
 # %% ../../nbs/managers/base.ipynb #da94b39f
 @patch
@@ -232,11 +326,18 @@ async def flush_events(self:BaseJobManager,
 def _kick(self:BaseJobManager):
     "On the event loop: resolve waiters of finished jobs and state changes, and make sure the pump runs."
     with self._lock:
-        done, self._done = self._done, []
-        futs = [(f, self.jobs.get(jid)) for jid in done for f in self._waiters.pop(jid, ())]
+        done = self._done
+        if done:  # jobs whose final state is written (a durable store writes behind; tickets say how far)
+            c = self._store.committed
+            if done[-1][2] <= c: self._done = []
+            else: done, self._done = [d for d in done if d[2] <= c], [d for d in done if d[2] > c]
+        futs = [(f, job) for jid, job, _ in done for f in self._waiters.pop(jid, ())]
         states, self._state_waiters = self._state_waiters, []
     for f, job in futs:
-        if not f.done(): f.set_result(job)
+        if f.done(): continue
+        if job is _KEPT: f.set_exception(RuntimeError("the manager shut down; the job stays pending in the job store "
+                                                      "and runs when a manager starts on that store again"))
+        else: f.set_result(job)
     for f in states:
         if not f.done(): f.set_result(None)
     if self._events and (self._pump_task is None or self._pump_task.done()):
@@ -256,6 +357,15 @@ def _running_loop():
     try: return asyncio.get_running_loop()
     except RuntimeError: return None
 
+_KEPT = object()  # marks waiters of jobs left pending in a durable store at shutdown
+
+def _commit_callback(ref):
+    "What a durable store calls after each commit: wake the event loop of the manager (if it still exists)."
+    def cb():
+        m = ref()
+        if m is not None: m._flush()
+    return cb
+
 # %% ../../nbs/managers/base.ipynb #9c3e937b
 @patch
 def _terminal(self:BaseJobManager, job, status:str, reason:Optional[str]=None, error:Optional[str]=None,
@@ -263,14 +373,41 @@ def _terminal(self:BaseJobManager, job, status:str, reason:Optional[str]=None, e
     if job.is_terminal: return False
     job.status, job.completed_at, job.reason, job.error, job.traceback = status, _now(), reason, error, tb
     self._requests.pop(job.id, None)
+    job._ticket = t = self._store.save(job)
     if self.event_broadcaster is not None:
         data = {'job_id': job.id, 'plugin_id': job.plugin_id}
         if status == 'completed': data['result'] = job.result
         elif status == 'failed': data.update(error=error, reason=reason)
         else: data['reason'] = reason
         self._emit(status, data)
-    if job.id in self._waiters: self._done.append(job.id)
+    if job.id in self._waiters: self._done.append((job.id, job, t))
+    f = self._finished
+    f.append(job.id)
+    if len(f) > self.worker_config.job_cache_size:  # the store keeps it; memory keeps only the newest finished jobs
+        old = f.popleft()
+        self.jobs.pop(old, None); self.job_results.pop(old, None)
     return True
+
+@patch
+def _fail_run(self:BaseJobManager, job, reason:str, error:str, tb:Optional[str]=None):
+    "A run of `job` failed: retry it if it opted in and has retries left, else fail it."
+    if job.max_retries:
+        job.attempt_log.append({'attempt': job.attempts, 'started_at': job.started_at, 'ended_at': _now(),
+                                'worker_pid': job.worker_pid, 'reason': reason, 'error': error})
+        if job.attempts <= job.max_retries and not self._closed and job.id in self._requests:
+            delay = min(job.retry_backoff_seconds * 2 ** max(job.attempts - 1, 0), self.worker_config.retry_backoff_max_seconds)
+            job.status, job.worker_pid, job.progress, job.progress_message, job.output, job.result = 'pending', None, None, '', '', None
+            heapq.heappush(self._retries, (time.monotonic() + delay, job._seq, job.id))
+            self._store.save(job)
+            if self.event_broadcaster is not None:
+                self._emit('retrying', {'job_id': job.id, 'plugin_id': job.plugin_id, 'attempt': job.attempts,
+                                        'delay': delay, 'reason': reason, 'error': error})
+            return
+    self._terminal(job, 'failed', reason=reason, error=error, tb=tb)
+
+def _timeout_error(job, default)->str:
+    t = job.timeout_seconds if job.timeout_seconds is not None else default
+    return f"Timeout: the job ran longer than its limit of {t}s"
 
 @patch
 def _safe_resource_call(self:BaseJobManager, method:str, *args, **kwargs):
@@ -285,8 +422,11 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
     jid = msg.get('job_id')
     slot.inflight.pop(jid, None)
     slot.cancel_deadlines.pop(jid, None)
+    slot.timeouts.pop(jid, None)
+    timed_out = jid in self._timed_out
+    if timed_out: self._timed_out.discard(jid)
     if slot.running == jid: slot.running = None
-    if msg.get('started', True): slot.jobs_done += 1
+    if msg.get('started', True): slot.jobs_done += 1; slot.jobs_since_spawn += 1
     job = self.jobs.get(jid)
     if job is not None and not job.is_terminal:
         status = msg.get('status')
@@ -300,6 +440,8 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
                 self._terminal(job, 'completed')
                 try: self._on_job_completed(jid)
                 except Exception: log.exception("_on_job_completed(%r) raised; the job stays completed", jid)
+        elif timed_out and not self._closed:  # stopped (or failed) after its time ran out
+            self._fail_run(job, 'timeout', _timeout_error(job, self.worker_config.job_timeout_seconds), msg.get('traceback'))
         elif status == 'cancelled':
             job.result = msg.get('data')
             reason = ('the manager shut down' if self._closed else
@@ -307,9 +449,34 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
             self._terminal(job, 'cancelled', reason=reason)
         else:
             err = msg.get('error') or 'the worker reported an error without a message'
-            self._terminal(job, 'failed', reason=err, error=err, tb=msg.get('traceback'))
+            self._fail_run(job, err, err, msg.get('traceback'))
     if self.resource_manager is not None and not slot.inflight and not self._pending and slot.pid:
         self._safe_resource_call('update_worker_state', slot.pid, status='idle', job_id=None)
+    if slot.recycle is not None or self._recycling: self._check_recycle(slot)
+
+@patch(as_prop=True)
+def _recycling(self:BaseJobManager)->bool:
+    cfg = self.worker_config
+    return bool(cfg.max_jobs_per_worker or cfg.max_worker_rss_mb)
+
+def _tree_rss(ps)->Optional[int]:
+    "Bytes of resident memory of a process and its descendants (None if it is gone)."
+    if ps is None: return None
+    try: return ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+    except psutil.Error: return None
+
+@patch
+def _check_recycle(self:BaseJobManager, slot:_Slot):
+    "Recycle a worker that ran `max_jobs_per_worker` jobs or grew past `max_worker_rss_mb`, once it holds no job."
+    cfg = self.worker_config
+    if slot.recycle is None and slot.state == 'ready':
+        if cfg.max_jobs_per_worker and slot.jobs_since_spawn >= cfg.max_jobs_per_worker:
+            slot.recycle = f"recycle: it ran {slot.jobs_since_spawn} jobs (max_jobs_per_worker={cfg.max_jobs_per_worker})"
+        elif cfg.max_worker_rss_mb and (rss := _tree_rss(slot.ps)) is not None and rss > cfg.max_worker_rss_mb * 2**20:
+            slot.recycle = f"recycle: its processes use {rss / 2**20:.0f} MB (max_worker_rss_mb={cfg.max_worker_rss_mb})"
+    if slot.recycle is not None and not slot.inflight and slot.alive and slot.kill_reason is None:
+        slot.kill_reason, slot.stop_deadline = 'recycle', time.monotonic() + cfg.shutdown_timeout_seconds
+        self._outbox.append((slot, [{'type': 'stop'}], False))  # after the commands it still has, then it exits
 
 @patch
 def _handle_stream_chunk(self:BaseJobManager, slot:_Slot, msg:dict):
@@ -318,6 +485,7 @@ def _handle_stream_chunk(self:BaseJobManager, slot:_Slot, msg:dict):
     if job is None or job.is_terminal: return
     chunk = msg.get('chunk', '')
     job.output += chunk
+    self._store.save(job)
     self._emit('chunk', {'job_id': job.id, 'chunk': chunk})
 
 @patch
@@ -329,6 +497,10 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
         slot.cancel_deadlines.setdefault(jid, time.monotonic() + self.worker_config.cancel_grace_seconds)
         return
     job.status, job.started_at, job.worker_pid = 'running', _now(), slot.pid
+    job.attempts += 1
+    limit = job.timeout_seconds if job.timeout_seconds is not None else self.worker_config.job_timeout_seconds
+    if limit: slot.timeouts[jid] = time.monotonic() + limit
+    self._store.save(job)
     if self.event_broadcaster is not None:
         self._emit('started', {'job_id': jid, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name, 'worker_pid': slot.pid})
     cfg = (self._requests.get(jid) or (None, {}))[1]
@@ -348,9 +520,11 @@ def _handle_message(self:BaseJobManager, slot:_Slot, msg):
         job = self.jobs.get(msg.get('job_id'))
         if job is not None and not job.is_terminal:
             job.progress, job.progress_message = msg.get('progress'), msg.get('message', '')
+            self._store.save(job)
             self._emit('progress', {'job_id': job.id, 'progress': job.progress, 'message': job.progress_message})
     elif t == 'ready':
         slot.state, slot.ready_at, slot.start_deadline = 'ready', time.monotonic(), None
+        if slot.pid is None: self._learn_pid(slot, msg.get('pid'))
         self._emit('worker_started', {'worker': slot.index, 'pid': slot.pid})
         self._safe_resource_call('update_worker_state', slot.pid, status='idle', job_id=None)
     elif t == 'error': slot.startup_error = msg.get('error')
@@ -362,13 +536,27 @@ def _handle_message(self:BaseJobManager, slot:_Slot, msg):
 
 # %% ../../nbs/managers/base.ipynb #d679ba89
 @patch
+def _learn_pid(self:BaseJobManager, slot:_Slot, pid:Optional[int]):
+    "A worker whose pid was not known at start (a Ray actor) reports it when ready."
+    slot.pid = pid
+    if pid is None: return
+    if getattr(slot.process, 'local', False):  # a pid on this machine: its process tree can be measured
+        try: slot.ps = psutil.Process(pid)
+        except psutil.Error: slot.ps = None
+    self._safe_resource_call('register_worker', pid, self.worker_type)
+
+@patch
 def _start_worker(self:BaseJobManager, slot:_Slot):
     "Start the worker process of `slot` (under the lock)."
     cfg = self.worker_config
     slot.requests = PipeChannel(self._ctx, control=True)  # cancels and stops overtake queued work on `control`
     slot.results, slot.responses = PipeChannel(self._ctx), PipeChannel(self._ctx)
-    p = self._ctx.Process(target=self.get_worker_entry_point(), args=(slot.requests, slot.results, slot.responses),
-                          name=f"cjm-worker-{self.worker_type}-{slot.index}")
+    target, args = self.get_worker_entry_point(), (slot.requests, slot.results, slot.responses)
+    env = cfg.env_for(slot.index)
+    if env: target, args = _worker_with_env, (target, env) + args
+    name, backend = f"cjm-worker-{self.worker_type}-{slot.index}", cfg.backend
+    p = (backend.process(target, args, name) if backend is not None   # e.g. a Ray actor (cjm_workers.backends.ray)
+         else self._ctx.Process(target=target, args=args, name=name))
     p.start()
     slot.requests.close_reader(); slot.results.close_writer(); slot.responses.close_writer()
     slot.results.set_nonblocking(); slot.responses.set_nonblocking()
@@ -377,10 +565,18 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     slot.process, slot.pid, slot.state, slot.eof = p, p.pid, 'starting', False
     slot.spawned_at, slot.ready_at, slot.restart_at = now, None, None
     slot.start_deadline = now + cfg.worker_start_timeout_seconds
-    slot.kill_reason = slot.startup_error = slot.failure = None
-    try: slot.ps = psutil.Process(p.pid)
-    except psutil.Error: slot.ps = None
-    self._safe_resource_call('register_worker', p.pid, self.worker_type)
+    slot.kill_reason = slot.startup_error = slot.failure = slot.recycle = slot.stop_deadline = None
+    slot.jobs_since_spawn, slot.plugins, slot.timeouts = 0, set(), {}
+    slot.ps = None
+    if p.pid is not None:  # a Ray actor's pid is known once it is ready
+        try: slot.ps = psutil.Process(p.pid)
+        except psutil.Error: pass
+        self._safe_resource_call('register_worker', p.pid, self.worker_type)
+
+def _worker_with_env(entry, env:dict, *channels):
+    "Worker process body for a worker with its own environment: set it, then run the entry point."
+    os.environ.update(env)
+    entry(*channels)
 
 @patch
 def _restart_worker(self:BaseJobManager, slot:_Slot):
@@ -404,8 +600,8 @@ def _fail_slot(self:BaseJobManager, slot:_Slot, reason:str):
 @patch
 def _queue_position(self:BaseJobManager, job_id:str)->Optional[int]:
     "1 + the number of unfinished jobs ahead of `job_id` (those sent to workers count as ahead); None if not queued."
-    if job_id not in self._pending: return None
-    return sum(len(s.inflight) for s in self._slots) + list(self._pending).index(job_id) + 1
+    pos = self._pending.position(job_id)
+    return None if pos is None else sum(len(s.inflight) for s in self._slots) + pos
 
 @patch
 def get_queue_position(self:BaseJobManager,
@@ -429,35 +625,49 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     "Handle the end of a worker process (crash, kill or stop) according to the restart policy."
     cfg, p = self.worker_config, slot.process
     p.join(1)
-    if p.is_alive(): kill_process_tree(p, timeout=1.0)  # it closed its pipes but did not exit: finish it
+    if p.is_alive(): kill_worker_tree(p, timeout=1.0)  # it closed its pipes but did not exit: finish it
     self._drain(slot)
-    kill_process_group(slot.pid)
+    if not hasattr(p, 'kill_tree'): kill_process_group(slot.pid)  # a local process's group (never a remote pid)
     for ch in (slot.requests, slot.results, slot.responses): ch.close()
-    how = describe_exit(p.exitcode)
+    how = getattr(p, 'death_reason', None) or describe_exit(p.exitcode)  # a Ray actor that died: Ray's reason
     if slot.startup_error: how += f" after {slot.startup_error}"
     elif slot.kill_reason == 'start_timeout': how = f"did not become ready within {cfg.worker_start_timeout_seconds}s ({how})"
-    hard_cancel = slot.kill_reason == 'cancel'
+    hard_cancel, recycle = slot.kill_reason == 'cancel', slot.kill_reason == 'recycle'
     requeue = []
+    head = next((j for j in slot.inflight.values() if j is not None and not j.is_terminal), None)
+    if (head is not None and head.status != 'running' and getattr(p, 'start_may_be_lost', False)
+            and slot.kill_reason is None and not self._closed):
+        # A Ray actor can die before its 'started' message reaches us: the oldest job it held may have been
+        # running (and may have killed it); failing it is safer than re-running a job that crashes its worker.
+        head.status, head.started_at, head.worker_pid = 'running', head.started_at or _now(), slot.pid
     for jid in slot.inflight:
         job = self.jobs.get(jid)
         if job is None or job.is_terminal: continue
-        if job.status != 'running': requeue.append(jid)
+        if job.status != 'running': requeue.append(job)
         elif self._closed: self._terminal(job, 'cancelled', reason='the manager shut down')
+        elif jid in self._timed_out:
+            self._timed_out.discard(jid)
+            self._fail_run(job, 'timeout', _timeout_error(job, cfg.job_timeout_seconds))
         elif hard_cancel and jid in slot.cancel_deadlines:
             self._terminal(job, 'cancelled', reason=f"cancelled: the job ignored the cooperative cancel for "
                                                     f"{cfg.cancel_grace_seconds}s, so its worker was killed")
         else:
             err = f"WorkerDied: the worker process {how} while running the job"
-            self._terminal(job, 'failed', reason=err, error=err)
-    self._pending.extendleft(reversed(requeue))
+            self._fail_run(job, err, err)
+    for job in requeue: self._pending.push(job.id, job.priority)  # back at their places: ahead of younger jobs
     for fut in slot.commands.values():
         if not fut.done(): fut.set_result({'success': False, 'error': f"the worker process {how}"})
     slot.commands.clear(); slot.inflight.clear(); slot.cancel_deadlines.clear(); slot.loaded.clear()
+    slot.timeouts.clear(); slot.plugins.clear()
     pid, slot.running, slot.process, slot.ps, slot.state = slot.pid, None, None, None, 'stopped'
     self._safe_resource_call('unregister_worker', pid)
     self._emit('worker_stopped', {'worker': slot.index, 'pid': pid, 'exitcode': p.exitcode, 'reason': how})
     if self._closed: return
     policy = cfg.restart_policy
+    if recycle:
+        slot.recycles += 1
+        self._emit('worker_restarting', {'worker': slot.index, 'attempt': 0, 'delay': 0.0, 'reason': slot.recycle or 'recycle'})
+        return self._restart_worker(slot)
     if hard_cancel:
         if policy.restarts_after_cancel:
             self._emit('worker_restarting', {'worker': slot.index, 'attempt': 0, 'delay': 0.0, 'reason': 'hard cancel'})
@@ -479,16 +689,24 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
 @patch
 def _dispatch(self:BaseJobManager)->list:
     "Assign pending jobs to workers (under the lock); returns [(slot, [requests])] to send."
-    out, cap = {}, self.worker_config.prefetch
-    if any(s.state in ('starting', 'restarting') for s in self._slots): cap = 1  # keep jobs for the worker on its way
-    while self._pending:
-        free = [s for s in self._slots if s.state == 'ready' and len(s.inflight) < cap]
+    out, cap, slots = {}, self.worker_config.prefetch, self._slots
+    if any(s.state in ('starting', 'restarting') for s in slots): cap = 1  # keep jobs for the worker on its way
+    avail = [s for s in slots if s.open]
+    pending, jobs = self._pending, self.jobs
+    maxj = self.worker_config.max_jobs_per_worker  # a worker gets no more jobs than it may run before it is recycled
+    while pending and avail:
+        if maxj: free = [s for s in avail if len(s.inflight) < cap and s.jobs_since_spawn + len(s.inflight) < maxj]
+        else: free = [s for s in avail if len(s.inflight) < cap]
         if not free: break
-        s = min(free, key=lambda s: len(s.inflight))
-        jid = self._pending.popleft()
-        job = self.jobs.get(jid)
+        jid = pending.popleft()
+        job = jobs.get(jid)
         if job is None or job.is_terminal: continue
+        if len(free) == 1: s = free[0]
+        else:  # the least busy worker; among equals, one that already has the plugin
+            name = job.plugin_name
+            s = min(free, key=lambda s: (len(s.inflight), name not in s.plugins))
         s.inflight[jid] = job
+        s.plugins.add(job.plugin_name)
         out.setdefault(s.index, (s, []))[1].append(self._requests[jid][0])
     return list(out.values())
 
@@ -529,8 +747,11 @@ def _wait_spec(self:BaseJobManager):
             if s.alive:
                 fds += s.fds
                 deadlines += list(s.cancel_deadlines.values())
+                deadlines += list(s.timeouts.values())
                 if s.start_deadline is not None: deadlines.append(s.start_deadline)
+                if s.stop_deadline is not None: deadlines.append(s.stop_deadline)
             elif s.restart_at is not None: deadlines.append(s.restart_at)
+        if self._retries: deadlines.append(self._retries[0][0])
     return fds, (max(0.0, min(deadlines) - time.monotonic()) if deadlines else None)
 
 @patch
@@ -558,23 +779,42 @@ def _on_wake(self:BaseJobManager, ready:list):
             if s.alive and (s.fds[2] in ready or s.eof): self._handle_worker_error(s)
         self._run_timers()
         sends = self._dispatch()
+        out, self._outbox = self._outbox, []
+    for slot, msgs, control in out: _send([(slot, msgs)], control=control)
     _send(sends)
     self._flush()
 
 @patch
 def _run_timers(self:BaseJobManager):
-    now = time.monotonic()
+    now, cfg = time.monotonic(), self.worker_config
     for s in self._slots:
+        if s.alive and s.timeouts:  # a job ran out of time: cooperative cancel now, kill after the grace period
+            for jid, d in list(s.timeouts.items()):
+                if d > now: continue
+                del s.timeouts[jid]
+                self._timed_out.add(jid)
+                if jid not in s.cancel_deadlines:
+                    s.cancel_deadlines[jid] = now + cfg.cancel_grace_seconds
+                    self._outbox.append((s, [{'type': 'cancel', 'job_id': jid}], True))
         if s.alive and any(d <= now for d in s.cancel_deadlines.values()):
             s.kill_reason = 'cancel'
-            kill_process_tree(s.process, timeout=1.0)
+            kill_worker_tree(s.process, timeout=1.0)
             self._handle_worker_error(s)
         elif s.alive and s.start_deadline is not None and s.start_deadline <= now and s.state == 'starting':
             s.kill_reason = 'start_timeout'
-            kill_process_tree(s.process, timeout=1.0)
+            kill_worker_tree(s.process, timeout=1.0)
+            self._handle_worker_error(s)
+        elif s.alive and s.stop_deadline is not None and s.stop_deadline <= now:  # a recycled worker that did not exit
+            kill_worker_tree(s.process, timeout=1.0)
             self._handle_worker_error(s)
         elif not s.alive and s.restart_at is not None and s.restart_at <= now:
             self._restart_worker(s)
+    while self._retries and self._retries[0][0] <= now:  # retries that are due go back to the queue
+        _, _, jid = heapq.heappop(self._retries)
+        job = self.jobs.get(jid)
+        if job is None or job.is_terminal or jid in self._pending: continue
+        if (failed := self._failed_reason()): self._terminal(job, 'failed', reason=_no_worker(failed), error=_no_worker(failed))
+        else: self._pending.push(jid, job.priority)
 
 @patch
 def _wake(self:BaseJobManager):
@@ -583,8 +823,8 @@ def _wake(self:BaseJobManager):
         except (BlockingIOError, OSError): pass
 
 # %% ../../nbs/managers/base.ipynb #246b670b
-def _reap(slots:list, wake_fds:list, flags:dict):
-    "Finalizer of a manager that was dropped or left running at exit: stop its workers."
+def _reap(slots:list, wake_fds:list, flags:dict, store=None):
+    "Finalizer of a manager that was dropped or left running at exit: stop its workers, write out its store."
     flags['closed'] = True
     if len(wake_fds) == 2:
         try: os.write(wake_fds[1], b'x')
@@ -596,11 +836,14 @@ def _reap(slots:list, wake_fds:list, flags:dict):
             try: ch.put({'type': 'stop'})
             except Exception: pass
         p.join(1)
-        kill_process_tree(p, timeout=1.0, terminate_first=True)
+        kill_worker_tree(p, timeout=1.0, terminate_first=True)
     for fd in wake_fds:
         try: os.close(fd)
         except OSError: pass
     wake_fds.clear()
+    if store is not None:
+        try: store.release(); store.close()
+        except Exception: log.exception("closing the job store at exit failed")
 
 @patch
 def _bind_loop(self:BaseJobManager):
@@ -612,15 +855,43 @@ def _ensure_started(self:BaseJobManager):
     with self._lock:
         if self._closed: raise RuntimeError(f"the {self.worker_type} job manager has been shut down")
         if self._started: return
+        store = self._store
+        store.acquire(self._owner)  # JobStoreLocked if another live manager owns these jobs: nothing started yet
+        if hasattr(store, 'on_commit'): store.on_commit = _commit_callback(weakref.ref(self))
+        self._next_seq = store.max_seq() + 1
         self._started = True
+        self._recover()
         r, w = os.pipe()
         os.set_blocking(w, False)
         self._wake_fds[:] = [r, w]
         for s in self._slots: self._start_worker(s)
-        self._finalizer = weakref.finalize(self, _reap, self._slots, self._wake_fds, self._flags)
+        self._finalizer = weakref.finalize(self, _reap, self._slots, self._wake_fds, self._flags, store)
         self._thread = threading.Thread(target=_monitor_results, args=(weakref.ref(self), r), daemon=True,
                                         name=f"cjm-manager-{self.worker_type}")
         self._thread.start()
+
+_INTERRUPTED = "Interrupted: the process that ran the job ended while it was running"
+
+@patch
+def _recover(self:BaseJobManager):
+    "Take over the jobs an earlier process left unfinished in the store (under the lock, at start)."
+    for job, request in self._store.unfinished():
+        if job.id in self.jobs: continue
+        self.jobs[job.id] = job
+        if request is not None:
+            try: config = pickle.loads(request).get('plugin_config') or {}
+            except Exception: config = {}
+            self._requests[job.id] = (request, config)
+        if job.status == 'running':  # its process died mid-run: failed, or retried if it opted in
+            self._fail_run(job, 'interrupted', _INTERRUPTED)
+            continue
+        if request is None:
+            self._terminal(job, 'failed', reason='interrupted', error=_INTERRUPTED + " (its execute request was not stored)")
+            continue
+        self._pending.push(job.id, job.priority)
+        if self.event_broadcaster is not None:
+            self._emit('pending', {'job_id': job.id, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name,
+                                   'priority': job.priority, 'position': self._queue_position(job.id), 'recovered': True})
 
 @patch
 async def start(self:BaseJobManager,
@@ -629,6 +900,8 @@ async def start(self:BaseJobManager,
                )->None:
     "Start the workers and the management thread (idempotent). Jobs started earlier start it too."
     self._bind_loop()
+    prepare = getattr(self.worker_config.backend, 'prepare', None)
+    if callable(prepare): await asyncio.to_thread(prepare)  # e.g. connect to Ray: seconds, so off the event loop
     self._ensure_started()
     if wait: await self.wait_until_ready(timeout)
 
@@ -654,11 +927,18 @@ async def wait_until_ready(self:BaseJobManager,
 @patch
 async def start_job(self:BaseJobManager,
                     plugin_id:str, # Plugin unique identifier
+                    *,
+                    priority:int=0, # higher runs first (FIFO within one priority)
+                    timeout_seconds:Optional[float]=None, # running-time limit (None: WorkerConfig.job_timeout_seconds; 0: none)
+                    max_retries:int=0, # retry a failed run up to this many times
+                    retry_backoff_seconds:float=1.0, # delay before the first retry (doubling, up to retry_backoff_max_seconds)
                     **kwargs # Domain-specific job parameters
                    )->JobType: # Created and started job
     "Start a new job."
     self._bind_loop()
+    _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds)
     job = self.create_job(plugin_id, **kwargs)
+    job.priority, job.timeout_seconds, job.max_retries, job.retry_backoff_seconds = priority, timeout_seconds, max_retries, retry_backoff_seconds
     config, err, tb, request, plugin_name = {}, None, None, {}, None
     try:
         if self.plugin_registry is not None:
@@ -675,6 +955,7 @@ async def start_job(self:BaseJobManager,
     self._ensure_started()
     with self._lock:
         if self._closed: raise RuntimeError(f"the {self.worker_type} job manager has been shut down")
+        job._seq, self._next_seq = self._next_seq, self._next_seq + 1
         self.jobs[job.id] = job
         job.plugin_name = plugin_name
         if not err and (failed := self._failed_reason()): err = _no_worker(failed)
@@ -687,14 +968,48 @@ async def start_job(self:BaseJobManager,
         if err: self._terminal(job, 'failed', reason=err, error=err, tb=tb)
         else:
             self._requests[job.id] = (data, config)
-            self._pending.append(job.id)
+            self._store.save(job, data)
+            self._pending.push(job.id, priority)
             if self.event_broadcaster is not None:
-                self._emit('pending', {'job_id': job.id, 'plugin_id': plugin_id, 'plugin_name': plugin_name,
-                                       'position': sum(len(s.inflight) for s in self._slots) + len(self._pending)})
+                self._emit('pending', {'job_id': job.id, 'plugin_id': plugin_id, 'plugin_name': plugin_name, 'priority': priority,
+                                       'position': sum(len(s.inflight) for s in self._slots) + self._pending.count_from(priority)})
             sends = self._dispatch()
     _send(sends)
     self._flush()
     return job
+
+def _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds):
+    "Raise a clear error for a bad scheduling option of `start_job`."
+    if isinstance(priority, bool) or not isinstance(priority, int): raise TypeError(f"priority must be an int, got {priority!r}")
+    if timeout_seconds is not None and (isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float))
+                                        or timeout_seconds < 0):
+        raise ValueError(f"timeout_seconds must be None or a number of seconds >= 0, got {timeout_seconds!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    if isinstance(retry_backoff_seconds, bool) or not isinstance(retry_backoff_seconds, (int, float)) or retry_backoff_seconds < 0:
+        raise ValueError(f"retry_backoff_seconds must be a number >= 0, got {retry_backoff_seconds!r}")
+
+@patch
+def set_job_priority(self:BaseJobManager,
+                     job_id:str, # a job waiting in the manager's queue (or for its retry)
+                     priority:int # its new priority
+                    )->bool: # False if the job is not waiting in the manager (unknown, running, sent ahead or finished)
+    "Change a waiting job's priority: it moves to its new place in the queue."
+    _check_job_options(priority, None, 0, 0)
+    with self._lock:
+        job = self.jobs.get(job_id)
+        if job is None or job.status != 'pending' or any(job_id in s.inflight for s in self._slots): return False
+        job.priority = priority
+        if job_id in self._pending:
+            self._pending.remove(job_id)
+            self._pending.push(job_id, priority)
+        self._store.save(job)
+        if self.event_broadcaster is not None:
+            self._emit('priority_changed', {'job_id': job_id, 'priority': priority, 'position': self._queue_position(job_id)})
+        sends = self._dispatch()
+    _send(sends)
+    self._flush()
+    return True
 
 # %% ../../nbs/managers/base.ipynb #241bddc0
 @patch
@@ -704,12 +1019,21 @@ async def wait_for_job(self:BaseJobManager,
                       )->JobType: # the job, in a terminal state
     "Wait until a job is completed, failed or cancelled (raises `KeyError` for an unknown id, `TimeoutError`)."
     self._bind_loop()
+    with self._lock: job = self.jobs.get(job_id)
+    if job is None: job = self._store.get(job_id)  # finished a while ago (or queued by another process)
+    if job is None: raise KeyError(f"unknown job {job_id!r}")
     with self._lock:
-        job = self.jobs.get(job_id)
-        if job is None: raise KeyError(f"unknown job {job_id!r}")
-        if job.is_terminal: return job
+        if job_id in self._kept: raise RuntimeError(f"the manager shut down; job {job_id} stays pending in the job store")
         fut = self._loop.create_future()
         self._waiters.setdefault(job_id, []).append(fut)
+        if job.is_terminal:  # returned once its final state is written
+            t = getattr(job, '_ticket', 0)
+            if t <= self._store.committed:
+                self._waiters[job_id].remove(fut)
+                if not self._waiters[job_id]: del self._waiters[job_id]
+                return job
+            self._done.append((job_id, job, t))
+    self._flush()
     try: return await asyncio.wait_for(fut, timeout)
     except asyncio.TimeoutError:
         with self._lock:
@@ -819,30 +1143,55 @@ async def restart_workers(self:BaseJobManager)->None:
 def get_job(self:BaseJobManager,
             job_id:str # Unique job identifier
            )->Optional[JobType]: # Job object or None
-    "Get a job by ID."
-    return self.jobs.get(job_id)
+    "Get a job by ID (an active or recently finished job is the live object; older ones are read from the store)."
+    job = self.jobs.get(job_id)
+    return job if job is not None else self._store.get(job_id)
 
 @patch
-def get_all_jobs(self:BaseJobManager)->List[JobType]: # List of all jobs
-    "Get all jobs."
-    with self._lock: return list(self.jobs.values())
+def get_all_jobs(self:BaseJobManager,
+                 status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these statuses)
+                 limit:Optional[int]=None, # at most this many
+                 offset:int=0, # skip this many first
+                 newest_first:bool=False # newest first (default: in creation order)
+                )->List[JobType]: # the jobs
+    "Get all jobs (or a page of them, filtered by status), from the job store."
+    live = self.jobs
+    return [live.get(j.id, j) for j in self._store.list(status, limit, offset, newest_first)]
+
+@patch
+def count_jobs(self:BaseJobManager,
+               status:Union[str, Iterable[str], None]=None # only jobs in this status (or these statuses)
+              )->int:
+    "How many jobs the store holds (in this status)."
+    return self._store.count(status)
 
 @patch
 def get_job_result(self:BaseJobManager,
                    job_id:str # Unique job identifier
                   )->Optional[Dict[str, Any]]: # Job result or None
     "Get job result."
-    return self.job_results.get(job_id)
+    r = self.job_results.get(job_id)
+    if r is not None: return r
+    job = self.get_job(job_id)
+    return job.result if job is not None and job.status == 'completed' else None
+
+@patch
+def purge_jobs(self:BaseJobManager,
+               older_than:Optional[float]=None, # only jobs that finished more than this many seconds ago (None: all)
+               status:Union[str, Iterable[str]]=TERMINAL_STATES # which finished jobs
+              )->int: # Number of jobs removed
+    "Remove finished jobs from the store and from memory."
+    ids = self._store.purge(older_than, tuple(status) if not isinstance(status, str) else status)
+    with self._lock:
+        for jid in ids:
+            self.jobs.pop(jid, None)
+            self.job_results.pop(jid, None)
+    return len(ids)
 
 @patch
 def clear_completed_jobs(self:BaseJobManager)->int: # Number of jobs cleared
     "Clear completed, failed, and cancelled jobs."
-    with self._lock:
-        done = [jid for jid, j in self.jobs.items() if j.is_terminal]
-        for jid in done:
-            del self.jobs[jid]
-            self.job_results.pop(jid, None)
-        return len(done)
+    return self.purge_jobs()
 
 @patch
 def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
@@ -859,7 +1208,7 @@ def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
             out.append({'worker': s.index, 'pid': s.pid, 'status': s.status, 'cpu_percent': cpu, 'rss_bytes': rss,
                         'rss_mb': None if rss is None else rss / 2**20,
                         'uptime_seconds': now - s.spawned_at if s.alive and s.spawned_at else 0.0,
-                        'jobs_done': s.jobs_done, 'restarts': s.restarts, 'consecutive_crashes': s.crashes,
+                        'jobs_done': s.jobs_done, 'restarts': s.restarts, 'recycles': s.recycles, 'consecutive_crashes': s.crashes,
                         'current_job_id': s.running, 'queued_in_worker': len(s.inflight), 'failure': s.failure})
     return out
 
@@ -872,7 +1221,7 @@ def shutdown(self:BaseJobManager)->None:
         self._flags['closed'] = True
         while self._pending:
             job = self.jobs.get(self._pending.popleft())
-            if job is not None: self._terminal(job, 'cancelled', reason='the manager shut down')
+            if job is not None: self._shelve(job)
         procs = [(s, s.process) for s in self._slots if s.alive]
         sends = [(s, [{'type': 'stop'}]) for s, _ in procs]
     _send(sends, control=True)  # stop now: cancels the running job, skips what is queued
@@ -880,7 +1229,7 @@ def shutdown(self:BaseJobManager)->None:
     deadline = time.monotonic() + self.worker_config.shutdown_timeout_seconds
     for _, p in procs: p.join(max(0.0, deadline - time.monotonic()))
     for _, p in procs:
-        if p.is_alive(): kill_process_tree(p, timeout=1.0, terminate_first=True)
+        if p.is_alive(): kill_worker_tree(p, timeout=1.0, terminate_first=True)
     self._thread_stop = True
     self._wake()
     if self._thread is not None and self._thread is not threading.current_thread(): self._thread.join(10)
@@ -888,12 +1237,25 @@ def shutdown(self:BaseJobManager)->None:
         for s in self._slots:
             if s.alive: self._handle_worker_error(s)
             s.restart_at = None
-        for job in self.jobs.values():
-            if not job.is_terminal: self._terminal(job, 'cancelled', reason='the manager shut down')
+        for job in list(self.jobs.values()):
+            if not job.is_terminal: self._shelve(job)
         for fd in self._wake_fds: os.close(fd)
         self._wake_fds.clear()
     if self._finalizer is not None: self._finalizer.detach()
+    if self._started:
+        try: self._store.release()
+        except Exception: log.exception("releasing the job store failed")
+    self._store.close()  # writes what is left
     self._flush()
+
+@patch
+def _shelve(self:BaseJobManager, job):
+    "At shutdown: a job that has not started stays pending in a durable store (it runs after the next start); else it is cancelled."
+    if self._store.durable and job.status == 'pending':
+        if job.id not in self._kept:
+            self._kept.add(job.id)
+            if job.id in self._waiters: self._done.append((job.id, _KEPT, 0))
+    else: self._terminal(job, 'cancelled', reason='the manager shut down')
 
 @patch
 async def ashutdown(self:BaseJobManager)->None:

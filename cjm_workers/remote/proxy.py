@@ -339,9 +339,9 @@ def get_config_schema(self:RemotePluginProxy)->dict: return self._request('GET',
 def get_current_config(self:RemotePluginProxy)->dict: return self._request('GET', '/config')
 
 @patch
-def cleanup(self:RemotePluginProxy)->dict:
-    "Ask the plugin to release what it holds (the worker keeps running)."
-    return self._request('POST', '/cleanup', b'{}')
+def cleanup(self:RemotePluginProxy)->None:
+    "Release the plugin and end its worker: `/cleanup`, then SIGTERM, then SIGKILL of the whole tree (= `stop()`)."
+    self.stop(cleanup=True)
 
 # %% ../../nbs/remote/proxy.ipynb #dc721716
 _ERROR_KEYS = {'error', 'cancelled', 'traceback'}
@@ -407,9 +407,9 @@ async def aget_stats(self:RemotePluginProxy)->dict:
     "Async `get_stats`."
     return await self._arequest('GET', '/stats', timeout=self._timeout(10.0))
 @patch
-async def acleanup(self:RemotePluginProxy)->dict:
-    "Async `cleanup`."
-    return await self._arequest('POST', '/cleanup', b'{}')
+async def acleanup(self:RemotePluginProxy)->None:
+    "Async `cleanup` (= `astop()`)."
+    await self.astop(cleanup=True)
 
 @patch
 async def aexecute_stream(self:RemotePluginProxy, *args, **kwargs)->AsyncIterator[Any]:

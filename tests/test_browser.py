@@ -1,0 +1,189 @@
+"""The demo in a real browser: uvicorn on 127.0.0.1 serving `create_demo_app()`, Debian's chromium driven by
+playwright. Progress bars advance and streamed text grows without a reload; a slow job is cancelled; a killed worker
+fails its job; a reload mid-job shows the current state and goes on live. Screenshots go to tests/_artifacts/."""
+import os, signal, socket, threading, time
+from pathlib import Path
+
+import psutil, pytest
+
+CHROMIUM = '/usr/bin/chromium'
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is not installed (.ci/run installs it with apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip('playwright.sync_api', reason="playwright is not installed (pip install -e '.[dev]')")
+
+import uvicorn
+from cjm_workers.demo import DEMO_JOBS, create_demo_app
+
+pytestmark = pytest.mark.timeout(180)
+ARTIFACTS = Path(__file__).parent / '_artifacts'
+TOKENS_TEXT = next(params['text'] for label, pid, params, _ in DEMO_JOBS if pid == 'tokens')
+WAIT_MS = 60_000  # upper bound for any one condition to come true
+
+
+@pytest.fixture(scope='module')
+def server():
+    "The demo app under uvicorn in a thread; stopped (streams closed, workers shut down) at the end."
+    app = create_demo_app(max_workers=2)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:
+        assert t.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    yield f'http://127.0.0.1:{port}', app
+    srv.should_exit = True
+    app.state.broadcaster.close()  # a server in a thread gets no signal: end the streams ourselves
+    t.join(30)
+    assert not t.is_alive(), "the demo server did not stop"
+
+
+@pytest.fixture(scope='module')
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=['--headless', '--no-sandbox', '--disable-gpu',
+                              '--disable-background-networking', '--disable-component-update'])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    ctx = browser.new_context(viewport={'width': 1100, 'height': 800})
+    pg = ctx.new_page()
+    pg.set_default_timeout(WAIT_MS)
+    errors = []
+    pg.on('pageerror', lambda e: errors.append(str(e)))
+    yield pg
+    ctx.close()
+    assert not errors, errors
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f'browser-{name}.png'), full_page=True)
+
+
+def mark(page):
+    "Mark the document; `still_same(page)` is then true only if it was not reloaded or replaced."
+    page.evaluate('window.__cjm_mark = 1')
+
+def still_same(page)->bool: return page.evaluate('window.__cjm_mark') == 1
+
+
+def row_ids(page)->list: return page.eval_on_selector_all('tr.job-row', 'rs => rs.map(r => r.dataset.jobId)')
+
+
+def start_job(page, label)->str:
+    "Click a start button on the job list; the id of the row that appears (live, without a reload)."
+    before = row_ids(page)
+    page.click(f'button:has-text("{label}")')
+    page.wait_for_function('ids => [...document.querySelectorAll("tr.job-row")].some(r => !ids.includes(r.dataset.jobId))', arg=before)
+    return next(i for i in row_ids(page) if i not in before)
+
+
+def status(page, jid)->str: return page.get_attribute(f'#job-{jid}-status', 'data-status')
+
+def wait_status(page, jid, st):
+    page.wait_for_function('([id, st]) => document.getElementById(`job-${id}-status`)?.dataset.status === st', arg=[jid, st])
+
+def progress(page, jid):
+    v = page.get_attribute(f'#job-{jid}-progress progress', 'value')
+    return None if v is None else float(v)
+
+def wait_progress_above(page, jid, v):
+    page.wait_for_function('([id, v]) => parseFloat(document.querySelector(`#job-${id}-progress progress`)?.getAttribute("value") ?? "-1") > v', arg=[jid, v])
+
+def output(page, jid)->str: return page.text_content(f'#job-{jid}-output')
+
+def wait_output_longer(page, jid, n):
+    page.wait_for_function('([id, n]) => document.getElementById(`job-${id}-output`).textContent.length > n', arg=[jid, n])
+
+
+def test_progress_advances_and_text_streams_without_reload(page, server):
+    base, app = server
+    page.goto(f'{base}/jobs')
+    mark(page)
+    jid = start_job(page, 'Transcribe a meeting')
+    wait_progress_above(page, jid, 0.0)
+    first = progress(page, jid)
+    wait_progress_above(page, jid, first + 0.2)
+    assert status(page, jid) == 'running' and still_same(page)
+    shot(page, '1-progress')
+    wait_status(page, jid, 'completed')
+    assert progress(page, jid) == 1.0 and still_same(page)
+    assert page.inner_html(f'#job-{jid}-actions').strip() == ''  # no cancel button on an ended job
+
+    tid = start_job(page, 'Generate text')
+    page.click(f'#job-{tid}-row a.job-link')
+    page.wait_for_url(f'**/jobs/{tid}')
+    mark(page)
+    wait_output_longer(page, tid, 0)
+    n = len(output(page, tid))
+    wait_output_longer(page, tid, n + 20)
+    assert still_same(page) and status(page, tid) == 'running'
+    shot(page, '2-streaming')
+    wait_status(page, tid, 'completed')
+    assert output(page, tid) == TOKENS_TEXT and still_same(page)  # every word once, in order
+    shot(page, '3-streamed')
+
+
+def test_cancel_a_slow_job(page, server):
+    base, app = server
+    page.goto(f'{base}/jobs')
+    mark(page)
+    jid = start_job(page, 'Slow job')
+    wait_status(page, jid, 'running')
+    page.click(f'#job-{jid}-actions button')
+    wait_status(page, jid, 'cancelled')
+    assert page.inner_html(f'#job-{jid}-actions').strip() == '' and still_same(page)
+    assert app.state.manager.get_job(jid).status == 'cancelled'
+    shot(page, '4-cancelled')
+
+
+def test_killed_worker_fails_the_job(page, server):
+    base, app = server
+    page.goto(f'{base}/jobs')
+    jid = start_job(page, 'Slow job')
+    page.click(f'#job-{jid}-row a.job-link')
+    page.wait_for_url(f'**/jobs/{jid}')
+    mark(page)
+    page.wait_for_function('id => document.getElementById(`job-${id}-worker`).dataset.pid', arg=jid)
+    pid = int(page.get_attribute(f'#job-{jid}-worker', 'data-pid'))
+    assert pid in [p.pid for p in psutil.Process().children(recursive=True)]  # one of the demo's workers
+    os.kill(pid, signal.SIGKILL)
+    wait_status(page, jid, 'failed')
+    assert 'SIGKILL' in page.text_content(f'#job-{jid}-outcome') and still_same(page)
+    assert page.inner_html(f'#job-{jid}-actions').strip() == ''
+    shot(page, '5-killed')
+    page.goto(f'{base}/jobs')
+    assert status(page, jid) == 'failed'
+
+
+def test_reload_mid_job_resumes(page, server):
+    base, app = server
+    page.goto(f'{base}/jobs')
+    jid = start_job(page, 'Transcribe a meeting')
+    wait_progress_above(page, jid, 0.2)
+    page.reload()
+    after_reload = progress(page, jid)
+    assert after_reload is not None and after_reload > 0.2  # rendered from the job: no going back to zero
+    mark(page)
+    wait_progress_above(page, jid, after_reload + 0.1)  # and live again
+    wait_status(page, jid, 'completed')
+    assert still_same(page)
+
+    tid = start_job(page, 'Generate text')
+    page.goto(f'{base}/jobs/{tid}')
+    wait_output_longer(page, tid, 40)
+    before = output(page, tid)
+    page.reload()
+    resumed = output(page, tid)
+    assert resumed.startswith(before) and TOKENS_TEXT.startswith(resumed)  # the state so far, at once
+    mark(page)
+    shot(page, '6-reloaded')
+    wait_output_longer(page, tid, len(resumed) + 10)
+    wait_status(page, tid, 'completed')
+    assert output(page, tid) == TOKENS_TEXT and still_same(page)  # nothing missed, nothing repeated

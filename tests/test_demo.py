@@ -1,0 +1,102 @@
+"""`cjm-workers demo` as a real process: it serves the page, runs jobs on real workers, and on Ctrl-C (SIGINT) with
+an SSE stream open exits promptly with code 0, leaving no worker process behind."""
+import json, os, re, shutil, signal, subprocess, sys, threading, time
+
+import httpx, psutil, pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Demo:
+    "The demo server in a subprocess; `port` once it listens."
+    def __init__(self, *args, module=False):
+        exe = None if module else shutil.which('cjm-workers')
+        cmd = [exe, 'demo'] if exe else [sys.executable, '-m', 'cjm_workers.demo']
+        self.proc = subprocess.Popen([*cmd, '--port', '0', *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines, self.port, self._ready = [], None, threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(60): raise AssertionError("the demo did not start:\n" + ''.join(self.lines))
+        if self.port is None: raise AssertionError("the demo exited:\n" + ''.join(self.lines))
+        self.url = f'http://127.0.0.1:{self.port}'
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := re.search(r'Uvicorn running on http://127\.0\.0\.1:(\d+)', line):
+                self.port = int(m.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    def workers(self):
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def demo_cmd():
+    made = []
+    def make(*args, **kw):
+        d = Demo(*args, **kw)
+        made.append(d)
+        return d
+    yield make
+    for d in made: d.stop()
+
+
+def test_demo_serves_and_exits_cleanly_on_ctrl_c_with_a_stream_open(demo_cmd):
+    demo = demo_cmd()
+    with httpx.Client(base_url=demo.url, timeout=30) as c:
+        page = c.get('/', follow_redirects=True)
+        assert page.status_code == 200 and 'Transcribe a meeting' in page.text and 'sse-connect="/jobs/stream?after=' in page.text
+        assert c.get('/_cjm_workers/htmx-2.0.7.min.js').status_code == 200
+        workers = demo.workers()
+        assert len(workers) >= 2, workers  # the lifespan started them
+        # an open page: its stream, read in a thread
+        after = re.search(r'after=(\d+)', page.text).group(1)
+        lines, ended = [], threading.Event()
+        def follow():
+            try:
+                with httpx.stream('GET', f'{demo.url}/jobs/stream?after={after}', timeout=None) as resp:
+                    for line in resp.iter_lines(): lines.append(line)
+            except httpx.HTTPError as e: lines.append(f'error: {e!r}')
+            ended.set()
+        threading.Thread(target=follow, daemon=True).start()
+        # a job running on a worker when Ctrl-C comes
+        r = c.post('/jobs/start', data={'plugin_id': 'slow', 'params': json.dumps({'seconds': 60})})
+        assert r.status_code == 303
+        jid = r.headers['location'].rsplit('/', 1)[1]
+        while not any('data-status="running"' in l and jid in l for l in lines):
+            assert not ended.is_set() and demo.proc.poll() is None, lines
+            time.sleep(0.01)
+    workers = demo.workers()
+    t0 = time.monotonic()
+    demo.proc.send_signal(signal.SIGINT)
+    code = demo.proc.wait(30)
+    took = time.monotonic() - t0
+    print(f"\ndemo exit after SIGINT with a stream open and a job running: {took:.2f} s")
+    assert code == 0, ''.join(demo.lines)
+    assert ended.wait(10), "the SSE stream was not ended"
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"worker processes left behind: {alive}"
+    out = ''.join(demo.lines)
+    assert 'Application shutdown complete' in out and 'Traceback' not in out, out
+
+
+def test_python_m_demo_and_sigterm(demo_cmd):
+    "`python -m cjm_workers.demo` works too, and SIGTERM stops it with code 0."
+    demo = demo_cmd('--workers', '1', module=True)
+    assert httpx.get(f'{demo.url}/jobs', timeout=30).status_code == 200
+    workers = demo.workers()
+    assert len(workers) >= 1
+    demo.proc.send_signal(signal.SIGTERM)
+    assert demo.proc.wait(30) == 0, ''.join(demo.lines)
+    assert not psutil.wait_procs(workers, timeout=10)[1]
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, '-m', 'cjm_workers.demo', '--help'], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '--port' in out.stdout and '--host' in out.stdout

@@ -1,0 +1,179 @@
+"""Workers as Ray actors (`cjm_workers.backends.ray`) against a real local Ray cluster.
+
+These drive `RayActorProcess` through the same channels and messages the job manager uses; the worker inside the
+actor is the reference worker of `cjm_workers.testing`, unchanged.
+"""
+import os, select, time
+import psutil, pytest
+
+ray = pytest.importorskip('ray', reason='the Ray extra is not installed (pip install -e ".[ray]")')
+
+from cjm_workers.backends.ray import RayActorProcess  # noqa: E402
+from cjm_workers.core.channel import PipeChannel  # noqa: E402
+from cjm_workers.testing import failing_factory_worker, reference_worker  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def cluster(tmp_path_factory):
+    os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
+    tmp = tmp_path_factory.mktemp('ray')
+    ray.init(num_cpus=2, resources={'cjm_test_slot': 2}, include_dashboard=False, _temp_dir=str(tmp),
+             logging_level='warning', log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class Worker:
+    "A RayActorProcess with the manager's side of its channels."
+    def __init__(self, target=reference_worker, **kw):
+        self.req, self.res, self.resp = PipeChannel(control=True), PipeChannel(), PipeChannel()
+        self.p = RayActorProcess(target, (self.req, self.res, self.resp), name='test', **kw)
+        self.p.start()
+        self.req.close_reader(); self.res.close_writer(); self.resp.close_writer()
+
+    def get(self, timeout=60): return self.res.get(timeout=timeout)
+
+    def until(self, kind, timeout=60):
+        "Messages up to and including the first of type `kind`."
+        out = []
+        while not out or out[-1].get('type') != kind: out.append(self.get(timeout))
+        return out
+
+    def ended(self, timeout=30): return bool(select.select([self.p.sentinel], [], [], timeout)[0])
+
+
+def test_jobs_progress_and_streams_run_in_the_actor(cluster):
+    w = Worker()
+    ready = w.get()
+    assert ready['type'] == 'ready' and ready['pid'] != os.getpid() and w.p.is_alive()
+    w.req.put({'type': 'execute', 'job_id': 'a', 'plugin_name': 'echo', 'text': 'hi'})
+    msgs = w.until('result')
+    assert [m['type'] for m in msgs] == ['started', 'result'] and msgs[-1]['data']['text'] == 'hi'
+    assert msgs[-1]['data']['metadata']['pid'] == ready['pid'] == w.p.pid  # it ran in the actor's process
+    w.req.put({'type': 'execute', 'job_id': 'b', 'plugin_name': 'transcribe', 'steps': 3, 'delay': 0.01})
+    msgs = w.until('result')
+    assert [m['progress'] for m in msgs if m['type'] == 'progress'] == [1 / 3, 2 / 3, 1.0]
+    w.req.put({'type': 'execute', 'job_id': 'c', 'plugin_name': 'tokens', 'text': 'x y z', 'delay': 0})
+    msgs = w.until('result')
+    assert [m['chunk'] for m in msgs if m['type'] == 'stream_chunk'] == ['x ', 'y ', 'z']
+    assert msgs[-1]['data']['text'] == 'x y z'
+    w.p.kill_tree()
+
+
+def test_cooperative_cancel_then_kill_of_the_whole_tree(cluster):
+    w = Worker()
+    w.get()
+    w.req.put({'type': 'execute', 'job_id': 'a', 'plugin_name': 'slow', 'seconds': 60})
+    assert w.get()['type'] == 'started'
+    w.req.control.put({'type': 'cancel', 'job_id': 'a'})  # overtakes the queue, reaches the running job
+    assert w.until('result')[-1]['status'] == 'cancelled'
+    w.req.put({'type': 'execute', 'job_id': 'b', 'plugin_name': 'slow', 'seconds': 60, 'ignore_cancel': True,
+               'spawn_child': True})
+    child = int([m for m in w.until('progress') if m['type'] == 'progress'][-1]['message'].split(':')[1])
+    assert psutil.pid_exists(child)
+    w.p.kill_tree()  # hard cancel: the plugin ignores cancels
+    assert w.ended(5) and w.p.exitcode == -9 and w.p.death_reason is None and not w.p.is_alive()
+    psutil.wait_procs([psutil.Process(child)], timeout=5) if psutil.pid_exists(child) else None
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(EOFError):  # the manager sees end-of-file on the results channel
+        while True: w.get(5)
+
+
+def test_actor_crash_ends_the_worker_with_a_reason(cluster):
+    w = Worker()
+    w.get()
+    w.req.put({'type': 'execute', 'job_id': 'a', 'plugin_name': 'crash', 'mode': 'segfault'})
+    assert w.ended(30)
+    with pytest.raises(EOFError):  # no result: the results channel just ends
+        while True: assert w.get(5)['type'] == 'started'
+    assert w.p.exitcode == -9 and 'Ray actor died' in w.p.death_reason, (w.p.exitcode, w.p.death_reason)
+
+
+def test_stop_and_factory_failure_end_with_exit_codes(cluster):
+    w = Worker()
+    w.get()
+    w.req.close_writer()  # the manager goes away: the worker reads end-of-file and stops
+    assert w.ended(30) and w.p.exitcode == 0 and w.p.death_reason is None
+    f = Worker(target=failing_factory_worker)
+    err = f.get()
+    assert err['type'] == 'error' and 'model weights not found' in err['error']
+    assert f.ended(30) and f.p.exitcode == 3 and f.p.death_reason is None
+
+
+# ---------------------------------------------------------------- the job manager with workers as Ray actors
+# The same behaviour tests run on both backends: local processes and Ray actors.
+
+from cjm_workers.backends.ray import RayBackend  # noqa: E402
+from cjm_workers.core.config import RestartPolicy, WorkerConfig  # noqa: E402
+from cjm_workers.testing import RecordingBroadcaster, ReferenceJobManager, wait_until  # noqa: E402
+
+
+@pytest.fixture(params=['local', 'ray'])
+def backend(request):
+    if request.param == 'ray': request.getfixturevalue('cluster')
+    return request.param
+
+
+def manager(track, backend, **config):
+    events = RecordingBroadcaster()
+    m = track(ReferenceJobManager(worker_config=WorkerConfig(backend=backend, **config), event_broadcaster=events))
+    return m, events
+
+
+async def test_jobs_events_progress_and_streams(track, backend):
+    m, events = manager(track, backend)
+    await m.start(wait=True)
+    e = await m.wait_for_job((await m.start_job('echo', text='hi')).id, timeout=60)
+    t = await m.wait_for_job((await m.start_job('transcribe', steps=3, delay=0.01)).id, timeout=60)
+    s = await m.wait_for_job((await m.start_job('tokens', text='a b c', delay=0)).id, timeout=60)
+    f = await m.wait_for_job((await m.start_job('echo', fail='bad input')).id, timeout=60)
+    await m.flush_events()
+    assert (e.status, e.result['text']) == ('completed', 'hi') and e.worker_pid != os.getpid()
+    assert events.of(t.id) == ['pending', 'started', 'progress', 'progress', 'progress', 'completed']
+    assert s.output == 'a b c' and [d['chunk'] for k, d in events.events if k.endswith(':chunk')] == ['a ', 'b ', 'c']
+    assert f.status == 'failed' and f.error == 'ValueError: bad input' and 'raise ValueError(fail)' in f.traceback
+    stats = m.get_worker_stats()
+    assert stats[0]['pid'] == e.worker_pid
+
+
+async def test_cooperative_then_hard_cancel_and_restart(track, backend):
+    m, events = manager(track, backend, cancel_grace_seconds=0.5)
+    await m.start(wait=True)
+    job = await m.start_job('transcribe', steps=500, delay=0.01)
+    await wait_until(lambda: (m.get_job(job.id).progress or 0) > 0, timeout=60)
+    pid = m.get_job(job.id).worker_pid
+    await m.cancel_job(job.id)
+    assert (await m.wait_for_job(job.id, timeout=30)).status == 'cancelled'
+    job = await m.start_job('slow', seconds=120, ignore_cancel=True, spawn_child=True)
+    await wait_until(lambda: (m.get_job(job.id).progress_message or '').startswith('child:'), timeout=60)
+    assert m.get_job(job.id).worker_pid == pid  # the cooperative cancel left the worker (and its model) alone
+    child = int(m.get_job(job.id).progress_message.split(':')[1])
+    await m.cancel_job(job.id)
+    job = await m.wait_for_job(job.id, timeout=30)
+    assert job.status == 'cancelled' and 'ignored the cooperative cancel' in job.reason
+    if psutil.pid_exists(child): psutil.wait_procs([psutil.Process(child)], timeout=5)
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    again = await m.wait_for_job((await m.start_job('echo', text='back')).id, timeout=60)
+    assert again.status == 'completed' and again.worker_pid != pid  # ON_CANCELLATION: a fresh worker
+
+
+async def test_crash_fails_the_job_and_always_restarts(track, backend):
+    m, events = manager(track, backend, restart_policy=RestartPolicy.ALWAYS)
+    await m.start(wait=True)
+    job = await m.wait_for_job((await m.start_job('crash', mode='segfault')).id, timeout=60)
+    assert job.status == 'failed' and job.error.startswith('WorkerDied'), job.error
+    assert ('SIGSEGV' in job.error) if backend == 'local' else ('Ray actor died' in job.error), job.error
+    again = await m.wait_for_job((await m.start_job('echo', text='x')).id, timeout=60)
+    assert again.status == 'completed' and again.worker_pid != job.worker_pid
+    await m.flush_events()
+    assert [k.split(':')[1] for k, d in events.events if k.split(':')[1].startswith('worker_')][:3] == \
+        ['worker_started', 'worker_stopped', 'worker_restarting']
+
+
+async def test_ray_resource_requests_and_an_unschedulable_worker(track, cluster):
+    ok, _ = manager(track, RayBackend(num_cpus=0.5, resources={'cjm_test_slot': 1}))
+    done = await ok.wait_for_job((await ok.start_job('echo', text='placed')).id, timeout=60)
+    assert done.status == 'completed'
+    bad, _ = manager(track, RayBackend(resources={'no_such_resource': 1}), worker_start_timeout_seconds=2)
+    job = await bad.wait_for_job((await bad.start_job('echo', text='never')).id, timeout=60)
+    assert job.status == 'failed' and 'did not become ready within 2' in job.error, job.error

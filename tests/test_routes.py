@@ -1,0 +1,272 @@
+"""`mount_job_routes` against real managers and real workers: list, detail, start, cancel and stream routes through
+Starlette's TestClient and through a real uvicorn server; authorize → 403 on every route, GET on state changes → 405,
+unknown ids → 404, two managers in one app."""
+import asyncio, json, re, socket, threading
+
+import httpx, pytest, uvicorn
+from fasthtml.common import FastHTML
+from starlette.testclient import TestClient
+
+from cjm_workers.core.config import WorkerConfig
+from cjm_workers.fasthtml.components import dom_id
+from cjm_workers.fasthtml.routes import mount_job_routes
+from cjm_workers.fasthtml.sse import SSEBroadcaster
+from cjm_workers.testing import ReferenceJobManager, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def build(authorize=None, shared_broadcaster=True):
+    "An app with two reference managers at /alpha and /beta (one worker each); both stop with the app."
+    bc_a = SSEBroadcaster(heartbeat_seconds=0)
+    bc_b = bc_a if shared_broadcaster else SSEBroadcaster(heartbeat_seconds=0)
+    cfg = lambda: WorkerConfig(cancel_grace_seconds=1.0)
+    alpha = ReferenceJobManager(worker_config=cfg(), event_broadcaster=bc_a, worker_type='alpha')
+    beta = ReferenceJobManager(worker_config=cfg(), event_broadcaster=bc_b, worker_type='beta')
+    async def lifespan(app):
+        await alpha.start(); await beta.start()
+        try: yield
+        finally:
+            bc_a.close(); bc_b.close()
+            await beta.ashutdown(); await alpha.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    ra = mount_job_routes(app, alpha, bc_a, prefix='/alpha', authorize=authorize)
+    rb = mount_job_routes(app, beta, bc_b, prefix='/beta', authorize=authorize)
+    return app, alpha, beta, ra, rb
+
+
+def start(cli, prefix, plugin_id, **params):
+    "Start a job with a plain form post; its id (from the 303 to its page)."
+    r = cli.post(f'{prefix}/start', data={'plugin_id': plugin_id, 'params': json.dumps(params)}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return r.headers['location'].rsplit('/', 1)[1]
+
+
+def sse_messages(lines, until):
+    "Data of the SSE messages read from `lines` up to (and including) the first for which `until(data)` holds."
+    out, buf = [], []
+    for line in lines:
+        if line.startswith('data: '): buf.append(line[6:])
+        elif line == '' and buf:
+            out.append('\n'.join(buf)); buf = []
+            if until(out[-1]): return out
+    return out
+
+
+def page_stream_url(html):
+    m = re.search(r'sse-connect="([^"]+)"', html)
+    return m and m.group(1).replace('&amp;', '&')
+
+
+def appended(messages, job_id):
+    "The text the messages append to a job's output pane."
+    pat = rf'<span hx-swap-oob="beforeend:#{dom_id(job_id, "output")}">([^<]*)</span>'
+    return ''.join(t for m in messages for t in re.findall(pat, m))
+
+
+def test_start_list_detail_and_json():
+    app, alpha, beta, ra, rb = build()
+    with TestClient(app) as cli:
+        jid = start(cli, '/alpha', 'transcribe', audio='a.wav', steps=3, delay=0.01)
+        job = cli.portal.call(alpha.wait_for_job, jid, 30)
+        assert job.status == 'completed' and job.progress == 1.0
+        listing = cli.get('/alpha').text
+        assert f'id="{dom_id(jid, "row")}"' in listing and 'data-status="completed"' in listing
+        assert page_stream_url(listing).startswith('/alpha/stream?after=')
+        detail = cli.get(f'/alpha/{jid}').text
+        assert 'a.wav: segment1 segment2 segment3' in detail
+        assert page_stream_url(detail) is None  # an ended job's page has no stream
+        js = cli.get(f'/alpha/{jid}', headers={'accept': 'application/json'}).json()
+        assert (js['id'], js['status'], js['result']['metadata']['segments']) == (jid, 'completed', 3)
+        assert [j['id'] for j in cli.get('/alpha', headers={'accept': 'application/json'}).json()] == [jid]
+        # a JSON body works too, and a JSON client gets 201 with the job
+        r = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'hi'}}, headers={'accept': 'application/json'})
+        assert r.status_code == 201 and r.headers['location'] == f"/alpha/{r.json()['id']}"
+        assert cli.portal.call(alpha.wait_for_job, r.json()['id'], 30).result['text'] == 'hi'
+        # plain form fields are keyword arguments (strings); htmx posts get 204 and the id in a header
+        r = cli.post('/alpha/start', data={'plugin_id': 'echo', 'text': 'from a text input'}, headers={'HX-Request': 'true'})
+        assert r.status_code == 204
+        assert cli.portal.call(alpha.wait_for_job, r.headers['x-job-id'], 30).result['text'] == 'from a text input'
+
+
+def test_start_rejects_bad_input():
+    app, *_ = build()
+    with TestClient(app) as cli:
+        for data, msg in (({'params': '{}'}, 'plugin_id is required'), ({'plugin_id': 'echo', 'params': '{bad'}, 'JSON object'),
+                          ({'plugin_id': 'echo', 'params': '[1, 2]'}, 'JSON object')):
+            r = cli.post('/alpha/start', data=data)
+            assert (r.status_code, msg in r.text) == (400, True), r.text
+        assert cli.post('/alpha/start', json=[1]).status_code == 400
+    app = FastHTML(default_hdrs=False, secret_key='tests')
+    mgr = ReferenceJobManager(worker_type='only')
+    mount_job_routes(app, mgr, SSEBroadcaster(), prefix='/only', plugins=['echo'])
+    with TestClient(app) as cli:
+        r = cli.post('/only/start', data={'plugin_id': 'crash'})
+        assert r.status_code == 400 and "'crash' cannot be started here" in r.text
+    assert not mgr.get_all_jobs()
+    with pytest.raises(ValueError, match="prefix must start with '/'"): mount_job_routes(app, mgr, SSEBroadcaster(), prefix='jobs/')
+
+
+def test_cancel_running_job():
+    app, alpha, *_ = build()
+    with TestClient(app) as cli:
+        jid = start(cli, '/alpha', 'slow', seconds=60)
+        cli.portal.call(wait_until, lambda: alpha.get_job(jid).status == 'running', 30)
+        r = cli.post(f'/alpha/{jid}/cancel', headers={'HX-Request': 'true'})
+        assert r.status_code == 200 and alpha.get_job(jid).status == 'cancelled'
+        # htmx gets the new state as out-of-band swaps: the badge says cancelled and the cancel button is gone
+        assert f'id="{dom_id(jid, "status")}"' in r.text and 'data-status="cancelled"' in r.text
+        assert f'<span id="{dom_id(jid, "actions")}" class="job-actions" hx-swap-oob="true"></span>' in r.text
+        assert cli.post(f'/alpha/{jid}/cancel').status_code == 409  # it has ended
+        jid2 = start(cli, '/alpha', 'slow', seconds=60)
+        r = cli.post(f'/alpha/{jid2}/cancel', follow_redirects=False)  # a plain form post
+        assert (r.status_code, r.headers['location']) == (303, f'/alpha/{jid2}')
+        assert alpha.get_job(jid2).status == 'cancelled'
+
+
+def test_get_on_state_changes_is_405():
+    app, alpha, *_ = build()
+    with TestClient(app) as cli:
+        jid = start(cli, '/alpha', 'echo', text='x')
+        for method, url in (('GET', '/alpha/start'), ('PUT', '/alpha/start'), ('DELETE', '/alpha/start'),
+                            ('GET', f'/alpha/{jid}/cancel'), ('GET', '/alpha/nope/cancel'), ('POST', '/alpha/stream'),
+                            ('POST', f'/alpha/{jid}')):
+            r = cli.request(method, url)
+            assert r.status_code == 405, (method, url, r.status_code)
+        assert 'POST' in cli.get('/alpha/start').headers['allow']
+        assert [j.id for j in alpha.get_all_jobs()] == [jid]  # nothing was started by those
+
+
+def test_unknown_ids_are_404():
+    app, *_ = build()
+    with TestClient(app) as cli:
+        for method, url in (('GET', '/alpha/nope'), ('POST', '/alpha/nope/cancel'), ('GET', '/alpha/nope/stream'),
+                            ('GET', '/beta/nope')):
+            assert cli.request(method, url).status_code == 404, url
+
+
+def test_authorize_guards_every_route():
+    calls = []
+    def deny(request, job):
+        calls.append((request.url.path, request.method, job and job.id))
+        return False
+    app, alpha, *_ = build(authorize=deny)
+    with TestClient(app) as cli:
+        job = cli.portal.call(lambda: alpha.start_job('slow', seconds=60))  # started behind the routes' back
+        for method, url in (('GET', '/alpha'), ('POST', '/alpha/start'), ('GET', '/alpha/stream'),
+                            ('GET', f'/alpha/{job.id}'), ('POST', f'/alpha/{job.id}/cancel'), ('GET', f'/alpha/{job.id}/stream'),
+                            ('GET', '/alpha/unknown'), ('POST', '/alpha/unknown/cancel'), ('GET', '/beta')):
+            r = cli.request(method, url, data={'plugin_id': 'echo'} if method == 'POST' else None)
+            assert r.status_code == 403, (method, url, r.status_code)  # unknown ids too: no probing without rights
+        assert alpha.get_job(job.id).status != 'cancelled' and len(alpha.get_all_jobs()) == 1
+    by_path = {(p, m): j for p, m, j in calls}
+    assert by_path[('/alpha', 'GET')] is None and by_path[('/alpha/start', 'POST')] is None
+    assert by_path[(f'/alpha/{job.id}/cancel', 'POST')] == job.id and by_path[('/alpha/unknown', 'GET')] is None
+
+
+def test_authorize_per_job_and_async():
+    async def only_echo(request, job):  # an async authorize, deciding per job
+        await asyncio.sleep(0)
+        return job is None or job.plugin_id == 'echo'
+    app, alpha, *_ = build(authorize=only_echo)
+    with TestClient(app) as cli:
+        echo = start(cli, '/alpha', 'echo', text='ok')
+        slow = start(cli, '/alpha', 'slow', seconds=60)
+        assert cli.get(f'/alpha/{echo}').status_code == 200
+        assert cli.get(f'/alpha/{slow}').status_code == 403
+        assert cli.post(f'/alpha/{slow}/cancel').status_code == 403
+        assert cli.get(f'/alpha/{slow}/stream').status_code == 403
+        assert cli.get('/alpha/unknown').status_code == 404  # admitted for "no job": a plain 404
+
+
+def test_two_managers_one_app():
+    for shared in (True, False):
+        app, alpha, beta, ra, rb = build(shared_broadcaster=shared)
+        with TestClient(app) as cli:
+            after = cli.portal.call(ra.snapshot)
+            b = start(cli, '/beta', 'echo', text='beta job')
+            a = start(cli, '/alpha', 'echo', text='alpha job')
+            assert [j.id for j in alpha.get_all_jobs()] == [a] and [j.id for j in beta.get_all_jobs()] == [b]
+            assert cli.get(f'/beta/{a}').status_code == 404 and cli.get(f'/alpha/{b}').status_code == 404
+            assert cli.portal.call(beta.wait_for_job, b, 30).result['text'] == 'beta job'
+            cli.portal.call(alpha.wait_for_job, a, 30)
+            # alpha's table stream carries alpha's jobs only, even when beta's events go through the same broadcaster
+            with cli.stream('GET', f'/alpha/stream?after={after}') as resp:
+                msgs = sse_messages(resp.iter_lines(), until=lambda d: f'id="{dom_id(a, "status")}"' in d and 'completed' in d)
+            assert any(f'afterbegin:#jobs-alpha-body' in m for m in msgs)
+            assert not any(b in m for m in msgs)
+
+
+def test_page_and_stream_join_without_gaps_or_repeats():
+    "A page rendered mid-job, then its stream from the page's id: the output adds up exactly."
+    app, alpha, *_ = build()
+    text = ' '.join(f'w{i}' for i in range(30))
+    with TestClient(app) as cli:
+        jid = start(cli, '/alpha', 'tokens', text=text, delay=0.02)
+        cli.portal.call(wait_until, lambda: len(alpha.get_job(jid).output) > 10, 30)
+        page = cli.get(f'/alpha/{jid}').text
+        shown = re.search(rf'<pre id="{dom_id(jid, "output")}" class="job-output">([^<]*)</pre>', page).group(1)
+        url = page_stream_url(page)
+        assert url is not None and 0 < len(shown) < len(text)
+        cli.portal.call(alpha.wait_for_job, jid, 30)
+        with cli.stream('GET', url) as resp:
+            msgs = sse_messages(resp.iter_lines(), until=lambda d: 'job-result' in d)
+        assert shown + appended(msgs, jid) == text
+        assert f'<div hidden id="{dom_id(jid, "live")}" hx-swap-oob="true"></div>' in msgs[-1]  # the sink goes
+        # a reconnecting browser's Last-Event-ID wins over the page's id: nothing is sent twice
+        ids = []
+        with cli.stream('GET', url) as resp:
+            for line in resp.iter_lines():
+                if line.startswith('id: '): ids.append(int(line[4:]))
+                if 'job-result' in line: break
+        with cli.stream('GET', url, headers={'Last-Event-ID': str(ids[-2])}) as resp:
+            msgs = sse_messages(resp.iter_lines(), until=lambda d: 'job-result' in d)
+        assert len(msgs) == 1 and 'job-result' in msgs[0]
+        assert cli.get(f'/alpha/{jid}/stream?after=x').status_code == 400
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_over_real_http_and_close_ends_streams():
+    """Real uvicorn on 127.0.0.1, real httpx: a live stream follows a job, and `broadcaster.close()` ends it.
+    (uvicorn waits for open connections before running the lifespan's shutdown; under a signal sse-starlette ends the
+    streams by itself (tests/test_demo.py), but a server run in a thread has no signal handlers, so whoever stops it
+    closes the broadcaster first.)"""
+    app, alpha, beta, ra, rb = build()
+    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=free_port(), log_level='warning'))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        while not server.started:
+            assert t.is_alive(), "uvicorn did not start"
+            threading.Event().wait(0.01)
+        base = f'http://127.0.0.1:{server.config.port}'
+        with httpx.Client(base_url=base, timeout=30, follow_redirects=True) as c:
+            r = c.post('/alpha/start', data={'plugin_id': 'transcribe', 'params': json.dumps({'steps': 4, 'delay': 0.05})})
+            assert r.status_code == 200 and 'transcribe job' in r.text  # followed the 303 to the job's page
+            jid = str(r.url).rsplit('/', 1)[1]
+            url = page_stream_url(r.text) or f'/alpha/{jid}/stream?after=0'
+            seen, ended = [], threading.Event()
+            def follow():
+                with c.stream('GET', url) as resp:
+                    assert resp.headers['content-type'].startswith('text/event-stream')
+                    for line in resp.iter_lines(): seen.append(line)
+                ended.set()
+            reader = threading.Thread(target=follow, daemon=True)
+            reader.start()
+            while not any('job-result' in l for l in seen):
+                assert reader.is_alive(), "the stream ended early"
+                threading.Event().wait(0.01)
+            assert any('data-status="completed"' in l for l in seen)
+            assert not ended.is_set()  # the stream stays open...
+            server.should_exit = True
+            ra.broadcaster.close()      # ...until the broadcaster closes (from another thread here)
+            assert ended.wait(30), "the SSE stream did not end when the broadcaster closed"
+    finally:
+        server.should_exit = True
+        t.join(30)
+    assert not t.is_alive() and all(s['pid'] is None or s['status'] == 'stopped' for s in alpha.get_worker_stats())

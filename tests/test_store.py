@@ -1,0 +1,180 @@
+"""Job stores (issue 5): jobs written to SQLite and read back, paging, bounded memory, purging, recovery after the
+app process was SIGKILLed, clean shutdown keeping queued jobs, and two managers on one database file."""
+import json, os, signal, subprocess, sys
+from pathlib import Path
+
+import pytest
+from cjm_workers.stores.base import JobStoreLocked, MemoryJobStore
+from cjm_workers.stores.sqlite import SQLiteJobStore
+from cjm_workers.testing import ReferenceJob, RecordingBroadcaster, wait_until
+from _a_helpers import gone
+from _d_helpers import StoreJobManager
+
+T = 30
+APP = Path(__file__).with_name('_d_app.py')
+
+
+@pytest.fixture
+async def mk(track):
+    def make(store=None, **kw): return track(StoreJobManager(store, **kw))
+    return make
+
+
+async def _run(mgr, plugin, **kw):
+    return await mgr.wait_for_job((await mgr.start_job(plugin, **kw)).id, timeout=T)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. what is written comes back, in a new manager
+
+async def test_every_outcome_round_trips_through_the_file(mk, tmp_path):
+    db = tmp_path / 'jobs.db'
+    m1 = mk(SQLiteJobStore(db))
+    ok = await _run(m1, 'echo', text='hello')
+    bad = await _run(m1, 'echo', fail='nope')
+    streamed = await _run(m1, 'tokens', text='a b c', delay=0)
+    slow = await m1.start_job('slow', seconds=30)
+    await wait_until(lambda: slow.status == 'running', T)
+    assert await m1.cancel_job(slow.id)
+    await m1.ashutdown()
+
+    m2 = mk(SQLiteJobStore(db))  # not started: reading needs no lease
+    back = {j.id: j for j in m2.get_all_jobs()}
+    assert list(back) == [ok.id, bad.id, streamed.id, slow.id]  # creation order
+    for orig in (ok, bad, streamed, slow):
+        j = back[orig.id]
+        assert type(j) is ReferenceJob and j is not orig
+        for f in ('status', 'result', 'error', 'reason', 'traceback', 'params', 'created_at', 'started_at',
+                  'completed_at', 'worker_pid', 'plugin_name', 'output', 'attempts', 'metadata', 'priority'):
+            assert getattr(j, f) == getattr(orig, f), (orig.status, f)
+    assert back[ok.id].result == {'text': 'hello', 'metadata': ok.result['metadata']}
+    assert back[bad.id].error == 'ValueError: nope' and 'Traceback' in back[bad.id].traceback
+    assert back[slow.id].reason == 'cancelled on request' and back[streamed.id].output == 'a b c'
+    assert m2.get_job_result(ok.id) == ok.result and m2.get_job_result(bad.id) is None
+
+
+@pytest.mark.parametrize('kind', ['memory', 'sqlite'])
+async def test_filter_page_and_count(mk, tmp_path, kind):
+    mgr = mk(SQLiteJobStore(tmp_path / 'j.db') if kind == 'sqlite' else MemoryJobStore(), config=dict(prefetch=1))
+    good = [await _run(mgr, 'echo', text=str(i)) for i in range(6)]
+    bad = [await _run(mgr, 'echo', fail=str(i)) for i in range(3)]
+    ids = [j.id for j in good + bad]
+    assert [j.id for j in mgr.get_all_jobs()] == ids
+    assert [j.id for j in mgr.get_all_jobs(status='completed', limit=2, offset=1)] == ids[1:3]
+    assert [j.id for j in mgr.get_all_jobs(status=['failed'], newest_first=True)] == ids[:5:-1]
+    assert [j.id for j in mgr.get_all_jobs(limit=3, newest_first=True)] == ids[:-4:-1]
+    assert (mgr.count_jobs(), mgr.count_jobs('completed'), mgr.count_jobs(['failed', 'cancelled'])) == (9, 6, 3)
+    with pytest.raises(ValueError, match="unknown job status 'done'"): mgr.get_all_jobs(status='done')
+
+
+async def test_memory_holds_only_active_jobs_and_a_bounded_cache(mk, tmp_path):
+    mgr = mk(SQLiteJobStore(tmp_path / 'j.db'), config=dict(job_cache_size=5))
+    jobs = [await mgr.start_job('echo', text=str(i)) for i in range(60)]
+    await mgr.wait_for_job(jobs[-1].id, timeout=T)
+    assert len(mgr.jobs) <= 5 and len(mgr.job_results) <= 5
+    first = mgr.get_job(jobs[0].id)  # read from the file
+    assert first is not jobs[0] and first.status == 'completed' and first.result['text'] == '0'
+    assert (await mgr.wait_for_job(jobs[0].id, timeout=T)).result['text'] == '0'
+    assert mgr.get_job_result(jobs[1].id)['text'] == '1'
+    assert mgr.count_jobs('completed') == 60
+
+
+async def test_clear_and_purge_by_age_work_on_the_store(mk, tmp_path):
+    db = tmp_path / 'j.db'
+    mgr = mk(SQLiteJobStore(db), config=dict(prefetch=1, job_cache_size=2))
+    old = [await _run(mgr, 'echo', text=str(i)) for i in range(4)]
+    assert mgr.purge_jobs(older_than=3600) == 0  # none finished an hour ago
+    blocker = await mgr.start_job('slow', seconds=30)
+    await wait_until(lambda: blocker.status == 'running', T)
+    assert mgr.purge_jobs(older_than=0) == 4
+    assert mgr.get_job(old[0].id) is None and mgr.get_job(old[3].id) is None and mgr.count_jobs() == 1
+    assert await mgr.cancel_job(blocker.id)
+    assert mgr.clear_completed_jobs() == 1 and mgr.get_all_jobs() == []
+    await mgr.ashutdown()
+    assert StoreJobManager(SQLiteJobStore(db)).count_jobs() == 0  # gone from the file too
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. a SIGKILLed app: nothing finished is lost, nothing stays running
+
+async def test_sigkilled_app_then_a_new_manager_on_the_same_file(mk, tmp_path):
+    db = tmp_path / 'jobs.db'
+    app = subprocess.Popen([sys.executable, str(APP), str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, cwd=str(APP.parent.parent))
+    try:
+        line = app.stdout.readline()
+        assert line.strip(), f"the app printed nothing; stderr:\n{app.stderr.read() if app.poll() is not None else ''}"
+        info = json.loads(line)
+        os.kill(app.pid, signal.SIGKILL)
+        app.wait(10)
+    finally:
+        if app.poll() is None: app.kill(); app.wait(10)
+        app.stdout.close(); app.stderr.close()
+    import psutil
+    workers = []
+    for pid in info['pids']:
+        try: workers.append(psutil.Process(pid))
+        except psutil.NoSuchProcess: pass
+    await wait_until(lambda: all(gone(w) for w in workers), 15)  # the workers followed their app
+
+    events = RecordingBroadcaster()
+    mgr = mk(SQLiteJobStore(db), config=dict(prefetch=1), event_broadcaster=events)
+    # before it starts, the manager reads the file as the dead app left it
+    assert mgr.get_job(info['stuck']).status == 'running' and mgr.count_jobs('running') == 2
+    await mgr.start(wait=True)
+    stuck = mgr.get_job(info['stuck'])
+    assert (stuck.status, stuck.reason) == ('failed', 'interrupted') and stuck.error.startswith('Interrupted')
+    for jid in info['done']:  # nothing finished is lost
+        j = mgr.get_job(jid)
+        assert j.status == 'completed' and j.result['text'].startswith('done')
+    for jid in info['queued'] + [info['retried']]:
+        assert (await mgr.wait_for_job(jid, timeout=T)).status == 'completed'
+    retried = mgr.get_job(info['retried'])
+    assert retried.attempts == 2 and [a['reason'] for a in retried.attempt_log] == ['interrupted']
+    q = [mgr.get_job(j) for j in info['queued']]
+    assert [j.result['text'] for j in sorted(q, key=lambda j: j.started_at)] == ['queued 1', 'queued 0', 'queued 2']
+    assert mgr.count_jobs('running') == 0 and mgr.count_jobs('pending') == 0
+    await mgr.flush_events()
+    assert 'retrying' in events.of(info['retried']) and events.of(info['stuck']) == ['failed']
+
+
+async def test_clean_shutdown_keeps_queued_jobs_for_the_next_start(mk, tmp_path):
+    db = tmp_path / 'jobs.db'
+    m1 = mk(SQLiteJobStore(db), config=dict(prefetch=1))
+    blocker = await m1.start_job('slow', seconds=30)
+    await wait_until(lambda: blocker.status == 'running', T)
+    queued = [await m1.start_job('echo', text=str(i)) for i in range(3)]
+    waiter = __import__('asyncio').ensure_future(m1.wait_for_job(queued[0].id))
+    await m1.ashutdown()
+    with pytest.raises(RuntimeError, match='stays pending'): await waiter
+    assert blocker.status == 'cancelled' and all(j.status == 'pending' for j in queued)
+
+    m2 = mk(SQLiteJobStore(db))
+    await m2.start()
+    assert [(await m2.wait_for_job(j.id, timeout=T)).result['text'] for j in queued] == ['0', '1', '2']
+    assert m2.get_job(blocker.id).reason == 'the manager shut down'
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. two managers, one file
+
+async def test_a_second_live_manager_on_the_same_jobs_is_refused(mk, tmp_path):
+    db = tmp_path / 'jobs.db'
+    m1 = mk(SQLiteJobStore(db))
+    job = await _run(m1, 'echo', text='one')
+    m2 = mk(SQLiteJobStore(db))
+    with pytest.raises(JobStoreLocked, match='another running manager'): await m2.start()
+    assert m2.get_job(job.id).result['text'] == 'one'  # it may read
+    with pytest.raises(JobStoreLocked): await m2.start_job('echo', text='two')
+    other = mk(SQLiteJobStore(db), worker_type='other')  # another worker type: its own table and lease
+    assert (await _run(other, 'echo', text='x')).status == 'completed' and other.count_jobs() == 1
+    assert m1.count_jobs() == 1
+    await m1.ashutdown()
+    await m2.start()  # the lease was released
+    assert (await _run(m2, 'echo', text='two')).status == 'completed' and m2.count_jobs() == 2
+
+
+def test_one_store_serves_one_manager(tmp_path):
+    store = SQLiteJobStore(tmp_path / 'j.db')
+    StoreJobManager(store)
+    with pytest.raises(ValueError, match='one store per manager'): StoreJobManager(store, worker_type='other')
