@@ -13,6 +13,7 @@ from .core.config import RestartPolicy, WorkerConfig
 from .fasthtml.components import StartButton, job_hdrs
 from .fasthtml.routes import mount_job_routes
 from .fasthtml.sse import SSEBroadcaster
+from .stores.sqlite import SQLiteJobStore
 from .testing import ReferenceJobManager
 
 # %% auto #0
@@ -37,12 +38,14 @@ DEMO_CSS = "body{font-family:system-ui,sans-serif;max-width:64em;margin:2em auto
 def create_demo_app(max_workers:int=2, # worker processes
                     jobs:Sequence[tuple]=DEMO_JOBS, # (label, plugin_id, params, description) for each button
                     worker_config:Optional[WorkerConfig]=None, # overrides the demo's worker configuration
+                    db:Optional[str]=None, # SQLite file for the job history (None: jobs live in memory only)
                    )->FastHTML:
     "The demo app: a reference manager started in the lifespan, live job pages at /jobs, start buttons."
     bc = SSEBroadcaster()
     cfg = worker_config or WorkerConfig(max_workers=max_workers, prefetch=1, restart_policy=RestartPolicy.ALWAYS,
                                         cancel_grace_seconds=2.0, restart_backoff_base_seconds=0.5)
-    mgr = ReferenceJobManager(worker_config=cfg, event_broadcaster=bc, worker_type='demo')
+    mgr = ReferenceJobManager(worker_config=cfg, event_broadcaster=bc, worker_type='demo',
+                              job_store=SQLiteJobStore(db) if db else None)
     async def lifespan(app):
         await mgr.start()
         try: yield
@@ -70,12 +73,14 @@ def main(argv=None)->int:
     ap.add_argument('--port', type=int, default=5001, help='port to listen on (0: any free port; default 5001)')
     ap.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
     ap.add_argument('--workers', type=int, default=2, help='worker processes (default 2)')
+    ap.add_argument('--db', default='cjm_workers_demo.db', help="SQLite file keeping the job history "
+                    "(default cjm_workers_demo.db in the current folder; '' keeps jobs in memory only)")
     args = ap.parse_args(argv)
     if args.workers < 1: ap.error("--workers must be at least 1")
     import uvicorn
     if threading.current_thread() is threading.main_thread():  # uvicorn re-raises the signal it shut down for:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM then ends the process with code 0 too
-    try: uvicorn.run(create_demo_app(max_workers=args.workers), host=args.host, port=args.port,
+    try: uvicorn.run(create_demo_app(max_workers=args.workers, db=args.db or None), host=args.host, port=args.port,
                      timeout_graceful_shutdown=10)
     except KeyboardInterrupt: pass  # uvicorn re-raises the Ctrl-C it handled, after shutting down cleanly
     return 0

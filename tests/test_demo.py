@@ -1,6 +1,6 @@
 """`cjm-workers demo` as a real process: it serves the page, runs jobs on real workers, and on Ctrl-C (SIGINT) with
 an SSE stream open exits promptly with code 0, leaving no worker process behind."""
-import json, os, re, shutil, signal, subprocess, sys, threading, time
+import json, os, re, shutil, signal, subprocess, sys, tempfile, threading, time
 
 import httpx, psutil, pytest
 
@@ -12,7 +12,9 @@ class Demo:
     def __init__(self, *args, module=False):
         exe = None if module else shutil.which('cjm-workers')
         cmd = [exe, 'demo'] if exe else [sys.executable, '-m', 'cjm_workers.demo']
-        self.proc = subprocess.Popen([*cmd, '--port', '0', *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.db = os.path.join(tempfile.mkdtemp(prefix='cjm-demo-'), 'demo.db')  # each run its own job history
+        self.proc = subprocess.Popen([*cmd, '--port', '0', '--db', self.db, *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
         self.lines, self.port, self._ready = [], None, threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         if not self._ready.wait(60): raise AssertionError("the demo did not start:\n" + ''.join(self.lines))

@@ -177,3 +177,45 @@ async def test_ray_resource_requests_and_an_unschedulable_worker(track, cluster)
     bad, _ = manager(track, RayBackend(resources={'no_such_resource': 1}), worker_start_timeout_seconds=2)
     job = await bad.wait_for_job((await bad.start_job('echo', text='never')).id, timeout=60)
     assert job.status == 'failed' and 'did not become ready within 2' in job.error, job.error
+
+
+async def test_commands_timeouts_and_the_sqlite_store(track, backend, tmp_path):
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    db = str(tmp_path / 'jobs.db')
+    events = RecordingBroadcaster()
+    m = track(ReferenceJobManager(worker_config=WorkerConfig(backend=backend, cancel_grace_seconds=0.5),
+                                  event_broadcaster=events, job_store=SQLiteJobStore(db)))
+    await m.start(wait=True)
+    first = await m.wait_for_job((await m.start_job('echo', text='a')).id, timeout=60)
+    assert first.result['metadata']['config'] == {'prefix': ''}
+    assert await m.reload_plugin('echo', {'prefix': '> '})  # a command and its reply travel through the actor too
+    second = await m.wait_for_job((await m.start_job('echo', text='b')).id, timeout=60)
+    assert second.result['text'] == '> b'
+    slow = await m.wait_for_job((await m.start_job('slow', seconds=60, timeout_seconds=0.3)).id, timeout=60)
+    assert slow.status == 'failed' and slow.reason == 'timeout'
+    await m.ashutdown()
+    again = track(ReferenceJobManager(worker_config=WorkerConfig(backend=backend), job_store=SQLiteJobStore(db)))
+    assert {j.id: j.status for j in again.get_all_jobs()} == {first.id: 'completed', second.id: 'completed',
+                                                               slow.id: 'failed'}
+
+
+def test_live_job_pages_on_ray_actors(cluster):
+    "The demo app (SSE broadcaster, job routes) with its workers as Ray actors: a streamed job's page and events."
+    import json
+    from starlette.testclient import TestClient
+    from cjm_workers.demo import create_demo_app
+    app = create_demo_app(worker_config=WorkerConfig(backend='ray', prefetch=1))
+    mgr, bc = app.state.manager, app.state.broadcaster
+    with TestClient(app) as cli:
+        sub = bc.subscribe(last_event_id=bc.last_id)
+        r = cli.post('/jobs/start', data={'plugin_id': 'tokens', 'params': json.dumps({'text': 'on ray', 'delay': 0})},
+                     follow_redirects=False)
+        jid = r.headers['location'].rsplit('/', 1)[1]
+        job = cli.portal.call(mgr.wait_for_job, jid, 60)
+        cli.portal.call(mgr.flush_events)
+        assert job.status == 'completed' and job.worker_pid != os.getpid()
+        page = cli.get(f'/jobs/{jid}').text
+        assert 'on ray' in page and 'completed' in page
+        kinds = [e.type.split(':')[1] for e in sub.take() if e.data.get('job_id') == jid]
+        assert kinds == ['pending', 'started', 'chunk', 'chunk', 'completed'], kinds
+        bc.close()

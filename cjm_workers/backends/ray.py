@@ -63,9 +63,11 @@ class WorkerActor:
         import ray
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
-    def put(self, msg): self.requests.put(msg)
+    def put(self, msgs:list):
+        for m in msgs: self.requests.put(m)
 
-    def control(self, msg): self.requests.control.put(msg)
+    def control(self, msgs:list):
+        for m in msgs: self.requests.control.put(m)
 
     def close(self):
         "The manager closed its request channel: the worker reads end-of-file and stops."
@@ -189,9 +191,12 @@ def _forward(self:RayActorProcess, ch:PipeChannel, method:str)->None:
     "Move messages the manager writes to `ch` to the actor's `method`, until the manager closes `ch`."
     call = getattr(self.actor, method)
     while not self._ended.is_set():
-        try: msg = ch.get()
+        try: batch = [ch.get()]
         except (EOFError, OSError): break
-        call.remote(msg)
+        while len(batch) < 512:  # whatever else is already waiting goes in the same actor call
+            try: batch.append(ch.get(False))
+            except (queue.Empty, EOFError, OSError): break
+        call.remote(batch)
     if method == 'put' and not self._ended.is_set():
         try: self.actor.close.remote()
         except Exception: pass

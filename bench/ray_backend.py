@@ -1,6 +1,6 @@
 """Local workers against Ray actors, on one machine, in one run: job round trip and throughput.
 
-Run from the repository root:  python bench/ray.py      (needs the extra: pip install -e ".[ray]")
+Run from the repository root:  python bench/ray_backend.py      (needs the extra: pip install -e ".[ray]")
 Prints one table (progress on stderr). About 30 s on 2 cores, most of it Ray's start.
 """
 from __future__ import annotations
