@@ -1,16 +1,54 @@
-"""Shared fixtures: managers that are always shut down, and process/thread/fd accounting for leak checks."""
-import os, threading
+"""Shared fixtures: managers that are always shut down, worker backends, and process/thread/fd accounting.
+
+Worker backends: a test (or module, with `pytestmark`) marked `@pytest.mark.backends('local', 'ray')` runs once per
+backend; its `make_manager` managers then run their workers as local processes or as Ray actors in one local Ray
+cluster shared by the session (`ray_cluster`). Unmarked tests run on local processes only.
+"""
+import importlib.util, os, threading
 import psutil, pytest
 from cjm_workers.core.config import WorkerConfig
 from cjm_workers.testing import ReferenceJobManager
 
+HAVE_RAY = importlib.util.find_spec('ray') is not None
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', "backends(*names): run the test once per worker backend ('local', 'ray')")
+
+
+def pytest_generate_tests(metafunc):
+    m = metafunc.definition.get_closest_marker('backends')
+    if m is not None and 'backend' in metafunc.fixturenames:
+        metafunc.parametrize('backend', list(m.args), indirect=True)
+
+
+@pytest.fixture(scope='session')
+def ray_cluster(tmp_path_factory):
+    "One local Ray cluster for the whole session (started on first use)."
+    ray = pytest.importorskip('ray', reason='the Ray extra is not installed (pip install -e ".[ray]")')
+    os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
+    tests = os.path.dirname(os.path.abspath(__file__))  # entry points of some tests live here (e.g. _b_entry)
+    ray.init(num_cpus=2, resources={'cjm_test_slot': 2}, include_dashboard=False,
+             _temp_dir=str(tmp_path_factory.mktemp('ray')), logging_level='warning', log_to_driver=False,
+             runtime_env={'env_vars': {'PYTHONPATH': os.pathsep.join(filter(None, [tests, os.environ.get('PYTHONPATH')]))}})
+    yield ray
+    ray.shutdown()
+
 
 @pytest.fixture
-async def make_manager():
+def backend(request):
+    "The worker backend of this run: 'local' unless the test is marked with `backends(...)`."
+    name = getattr(request, 'param', 'local')
+    if name == 'ray': request.getfixturevalue('ray_cluster')
+    return name
+
+
+@pytest.fixture
+async def make_manager(backend):
     "Build `ReferenceJobManager`s (keyword `config=dict(...)` → WorkerConfig); all are shut down after the test."
     made = []
     def make(config=None, **kw):
-        m = ReferenceJobManager(worker_config=WorkerConfig(**(config or {})), **kw)
+        m = ReferenceJobManager(worker_config=WorkerConfig(**{'backend': backend, **(config or {})}), **kw)
         made.append(m)
         return m
     yield make

@@ -6,6 +6,9 @@ from cjm_workers.core.config import RestartPolicy
 from cjm_workers.testing import RecordingBroadcaster, wait_until
 from _a_helpers import child_pid_of, gone, worker_pid, worker_status
 
+import pytest
+pytestmark = pytest.mark.backends('local', 'ray')  # each test using make_manager runs on both backends
+
 TERMINAL_EVENTS = ('completed', 'failed', 'cancelled')
 
 

@@ -6,6 +6,9 @@ from collections import Counter
 from cjm_workers.managers.base import TERMINAL_STATES
 from cjm_workers.testing import RecordingBroadcaster, wait_until
 
+import pytest
+pytestmark = pytest.mark.backends('local', 'ray')  # each test using make_manager runs on both backends
+
 T = 60
 TERMINAL_EVENTS = {'completed', 'failed', 'cancelled'}
 

@@ -6,6 +6,8 @@ import pytest
 
 from cjm_workers.testing import RecordingBroadcaster
 
+pytestmark = pytest.mark.backends('local', 'ray')  # each test using make_manager runs on both backends
+
 T = 30
 JOB_EVENTS = {'pending', 'started', 'progress', 'chunk', 'completed', 'failed', 'cancelled'}
 

@@ -10,6 +10,8 @@ from cjm_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_workers.managers.base import BaseJobManager, TERMINAL_STATES
 from cjm_workers.testing import RecordingBroadcaster, ReferenceJobManager, ReferenceRegistry, wait_until
 
+pytestmark = pytest.mark.backends('local', 'ray')  # each test using make_manager runs on both backends
+
 T = 30  # bound for waits that only guard against hangs
 
 

@@ -13,6 +13,9 @@ from cjm_workers.extensions.protocols import ResourceManagerProtocol
 from cjm_workers.testing import (RecordingBroadcaster, RecordingResourceManager, ReferenceJobManager,
                                  ReferenceRegistry, wait_until)
 
+import pytest
+pytestmark = pytest.mark.backends('local', 'ray')  # each test using make_manager runs on both backends
+
 T = 30
 
 

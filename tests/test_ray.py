@@ -13,14 +13,10 @@ from cjm_workers.core.channel import PipeChannel  # noqa: E402
 from cjm_workers.testing import failing_factory_worker, reference_worker  # noqa: E402
 
 
-@pytest.fixture(scope='module')
-def cluster(tmp_path_factory):
-    os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
-    tmp = tmp_path_factory.mktemp('ray')
-    ray.init(num_cpus=2, resources={'cjm_test_slot': 2}, include_dashboard=False, _temp_dir=str(tmp),
-             logging_level='warning', log_to_driver=False)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def cluster(ray_cluster):
+    "The session's local Ray cluster (tests/conftest.py)."
+    return ray_cluster
 
 
 class Worker:
@@ -49,7 +45,8 @@ def test_jobs_progress_and_streams_run_in_the_actor(cluster):
     w.req.put({'type': 'execute', 'job_id': 'a', 'plugin_name': 'echo', 'text': 'hi'})
     msgs = w.until('result')
     assert [m['type'] for m in msgs] == ['started', 'result'] and msgs[-1]['data']['text'] == 'hi'
-    assert msgs[-1]['data']['metadata']['pid'] == ready['pid'] == w.p.pid  # it ran in the actor's process
+    assert msgs[-1]['data']['metadata']['pid'] == ready['pid']  # it ran in the worker process …
+    assert w.p.local and psutil.Process(ready['pid']).ppid() == w.p.actor_pid  # … which the actor started
     w.req.put({'type': 'execute', 'job_id': 'b', 'plugin_name': 'transcribe', 'steps': 3, 'delay': 0.01})
     msgs = w.until('result')
     assert [m['progress'] for m in msgs if m['type'] == 'progress'] == [1 / 3, 2 / 3, 1.0]
@@ -84,9 +81,23 @@ def test_actor_crash_ends_the_worker_with_a_reason(cluster):
     w.get()
     w.req.put({'type': 'execute', 'job_id': 'a', 'plugin_name': 'crash', 'mode': 'segfault'})
     assert w.ended(30)
+    assert w.get()['type'] == 'started'  # relayed before the crash: it was in the pipe
     with pytest.raises(EOFError):  # no result: the results channel just ends
-        while True: assert w.get(5)['type'] == 'started'
-    assert w.p.exitcode == -9 and 'Ray actor died' in w.p.death_reason, (w.p.exitcode, w.p.death_reason)
+        w.get(5)
+    assert w.p.exitcode == -11 and w.p.death_reason is None, (w.p.exitcode, w.p.death_reason)  # the real SIGSEGV
+
+
+def test_actor_death_ends_the_worker_too(cluster):
+    "The actor itself dies (here `ray.kill` from outside, as when a node is lost): the worker goes with it."
+    w = Worker()
+    pid = w.get()['pid']
+    w.req.put({'type': 'execute', 'job_id': 'a', 'plugin_name': 'slow', 'seconds': 60})
+    assert w.get()['type'] == 'started'
+    ray.kill(w.p.actor)
+    assert w.ended(30)
+    assert w.p.exitcode == -9 and 'Ray actor died' in w.p.death_reason and w.p.start_may_be_lost, w.p.death_reason
+    if psutil.pid_exists(pid): psutil.wait_procs([psutil.Process(pid)], timeout=10)  # its parent watchdog ends it
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_stop_and_factory_failure_end_with_exit_codes(cluster):
@@ -108,18 +119,13 @@ from cjm_workers.core.config import RestartPolicy, WorkerConfig  # noqa: E402
 from cjm_workers.testing import RecordingBroadcaster, ReferenceJobManager, wait_until  # noqa: E402
 
 
-@pytest.fixture(params=['local', 'ray'])
-def backend(request):
-    if request.param == 'ray': request.getfixturevalue('cluster')
-    return request.param
-
-
 def manager(track, backend, **config):
     events = RecordingBroadcaster()
     m = track(ReferenceJobManager(worker_config=WorkerConfig(backend=backend, **config), event_broadcaster=events))
     return m, events
 
 
+@pytest.mark.backends('local', 'ray')
 async def test_jobs_events_progress_and_streams(track, backend):
     m, events = manager(track, backend)
     await m.start(wait=True)
@@ -136,6 +142,7 @@ async def test_jobs_events_progress_and_streams(track, backend):
     assert stats[0]['pid'] == e.worker_pid
 
 
+@pytest.mark.backends('local', 'ray')
 async def test_cooperative_then_hard_cancel_and_restart(track, backend):
     m, events = manager(track, backend, cancel_grace_seconds=0.5)
     await m.start(wait=True)
@@ -157,12 +164,12 @@ async def test_cooperative_then_hard_cancel_and_restart(track, backend):
     assert again.status == 'completed' and again.worker_pid != pid  # ON_CANCELLATION: a fresh worker
 
 
+@pytest.mark.backends('local', 'ray')
 async def test_crash_fails_the_job_and_always_restarts(track, backend):
     m, events = manager(track, backend, restart_policy=RestartPolicy.ALWAYS)
     await m.start(wait=True)
     job = await m.wait_for_job((await m.start_job('crash', mode='segfault')).id, timeout=60)
-    assert job.status == 'failed' and job.error.startswith('WorkerDied'), job.error
-    assert ('SIGSEGV' in job.error) if backend == 'local' else ('Ray actor died' in job.error), job.error
+    assert job.status == 'failed' and job.error.startswith('WorkerDied') and 'SIGSEGV' in job.error, job.error
     again = await m.wait_for_job((await m.start_job('echo', text='x')).id, timeout=60)
     assert again.status == 'completed' and again.worker_pid != job.worker_pid
     await m.flush_events()
@@ -179,6 +186,7 @@ async def test_ray_resource_requests_and_an_unschedulable_worker(track, cluster)
     assert job.status == 'failed' and 'did not become ready within 2' in job.error, job.error
 
 
+@pytest.mark.backends('local', 'ray')
 async def test_commands_timeouts_and_the_sqlite_store(track, backend, tmp_path):
     from cjm_workers.stores.sqlite import SQLiteJobStore
     db = str(tmp_path / 'jobs.db')

@@ -9,6 +9,8 @@ from cjm_workers.testing import ReferenceJobManager, wait_until
 from conftest import descendants, resource_counts
 from _a_helpers import child_pid_of, cjm_threads, gone, is_resource_tracker, worker_pid
 
+pytestmark = pytest.mark.backends('local', 'ray')  # each test using make_manager runs on both backends
+
 FD_SLACK = 0  # measured: a shut-down manager leaves exactly the fds it found (raise only with a reason)
 
 

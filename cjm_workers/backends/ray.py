@@ -4,13 +4,13 @@
 
 # %% ../../nbs/backends/ray.ipynb #3d701ffa
 from __future__ import annotations
-import logging, os, pickle, queue, signal, threading
+import logging, os, pickle, queue, signal, threading, types
 from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 from ..core.channel import PipeChannel, dumps
-from ..core.process import kill_own_children
+from ..core.process import kill_process_tree
 
 log = logging.getLogger(__name__)
 
@@ -18,85 +18,92 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'WorkerActor', 'RayActorProcess', 'kill_tree', 'RayBackend']
 
 # %% ../../nbs/backends/ray.ipynb #eb6d68fb
-class _QueueChannel:
-    "The request side of a worker's channels inside an actor (a `queue.Queue` with a `control` twin)."
-    def __init__(self, control:bool=False):
-        self.q = queue.Queue()
-        self.control = _QueueChannel() if control else None
-    def put(self, msg): self.q.put(msg)
-    def get(self, block:bool=True, timeout:Optional[float]=None):
-        msg = self.q.get(block, timeout)
-        if msg is _EOF: self.q.put(_EOF); raise EOFError("the manager is gone")
-        return msg
+def _raw_frames(ch:PipeChannel)->list:
+    "Every whole message waiting on `ch`, still pickled (relayed as is; its reading end must be non-blocking)."
+    with ch._rlock:
+        while ch._fill(): pass
+        frames = list(ch._msgs); ch._msgs.clear()
+        return frames
 
-class _Outbox:
-    "The result side inside an actor: every message is pickled once, tagged with its channel, and queued for `pump`."
-    def __init__(self, tag:str, out:queue.Queue): self.tag, self.out = tag, out
-    def put(self, msg): self.out.put((self.tag, dumps(msg)))
-
-_EOF = 'cjm-eof'  # a string, so it survives pickling as an equal value
+def _actor_worker(target:Callable, env:Dict[str, str], *channels):
+    "Body of the worker process an actor starts: its environment, then the entry point."
+    os.environ.update(env)
+    target(*channels)
 
 class WorkerActor:
-    "Ray actor body: runs a worker entry point in a thread and streams what it sends."
+    "Ray actor body: starts the worker as its own child process and relays the worker's channels over Ray."
     def __init__(self, target:Callable, # the worker entry point, `target(requests, results, responses)`
-                 env:Optional[Dict[str, str]]=None # environment variables to set first (e.g. CUDA_VISIBLE_DEVICES)
+                 env:Optional[Dict[str, str]]=None # environment variables of the worker (on top of the actor's)
                 ):
-        os.environ.update(env or {})
-        self.requests = _QueueChannel(control=True)
-        self.out: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, args=(target,), name='cjm-ray-worker', daemon=True)
-        self.exitcode: Optional[int] = None
-        self.thread.start()
-
-    def _run(self, target):
-        code = 0
-        try: target(self.requests, _Outbox('results', self.out), _Outbox('responses', self.out))
-        except SystemExit as e: code = e.code if isinstance(e.code, int) else 1
-        except BaseException:
-            log.exception("worker entry point raised")
-            code = 1
-        self.exitcode = code
-        self.out.put(('exit', code))
+        import multiprocessing as mp
+        ctx = mp.get_context('spawn')
+        self.req, self.res, self.resp = PipeChannel(ctx, control=True), PipeChannel(ctx), PipeChannel(ctx)
+        self.proc = ctx.Process(target=_actor_worker, args=(target, dict(env or {}), self.req, self.res, self.resp),
+                                name='cjm-ray-worker', daemon=False)
+        self.proc.start()
+        self.req.close_reader(); self.res.close_writer(); self.resp.close_writer()
+        self.res.set_nonblocking(); self.resp.set_nonblocking()
+        self._send_lock = threading.Lock()
 
     def where(self)->tuple:
-        "(pid, Ray node id) of this actor."
+        "(actor pid, Ray node id, worker pid)."
         import ray
-        return os.getpid(), ray.get_runtime_context().get_node_id()
+        return os.getpid(), ray.get_runtime_context().get_node_id(), self.proc.pid
 
     def put(self, msgs:list):
-        for m in msgs: self.requests.put(m)
+        with self._send_lock:
+            try: self.req.put_many(msgs)
+            except OSError: pass  # the worker is gone: `pump` reports how it ended
 
     def control(self, msgs:list):
-        for m in msgs: self.requests.control.put(m)
+        try: self.req.control.put_many(msgs)
+        except OSError: pass
 
     def close(self):
-        "The manager closed its request channel: the worker reads end-of-file and stops."
-        self.requests.put(_EOF); self.requests.control.put(_EOF)
+        "The manager closed its request channel: so does the actor, and the worker reads end-of-file and stops."
+        with self._send_lock: self.req.close_writer()
 
     def pump(self):
-        "Streaming generator: lists of `(channel, pickled message)`; ends after the worker's `('exit', code)`."
+        "Streaming generator: lists of `(channel, pickled message)`; the last is `('exit', exitcode)`."
+        import select
+        poller = select.poll()
+        open_ = {self.res.reader_fd: self.res, self.resp.reader_fd: self.resp}
+        for fd in (*open_, self.proc.sentinel): poller.register(fd, select.POLLIN)
         while True:
-            batch = [self.out.get()]
-            while len(batch) < 512:
-                try: batch.append(self.out.get_nowait())
-                except queue.Empty: break
-            yield batch
-            if batch[-1][0] == 'exit': return
+            ready = {fd for fd, _ in poller.poll()}
+            batch = [('results', f) for f in _raw_frames(self.res)] + [('responses', f) for f in _raw_frames(self.resp)]
+            for fd, ch in list(open_.items()):
+                if ch.eof: poller.unregister(fd); del open_[fd]  # closed: stop waking on it
+            if self.proc.sentinel in ready:
+                self.proc.join()
+                batch += [('results', f) for f in _raw_frames(self.res)] + [('responses', f) for f in _raw_frames(self.resp)]
+                batch.append(('exit', self.proc.exitcode))
+                yield batch
+                return
+            if batch: yield batch
 
-    def terminate(self, code:int=-signal.SIGKILL):
-        "Kill the worker's child processes, then end this actor's process at once."
-        kill_own_children()
-        os._exit(137)
+    def terminate(self):
+        "Kill the worker's whole process tree, then end this actor's process."
+        kill_process_tree(self.proc, timeout=1.0)
+        os._exit(0)
 
 # %% ../../nbs/backends/ray.ipynb #95f7d77c
 _ACTOR_CLASS = None
+
+def _copy_function(f:types.FunctionType)->types.FunctionType:
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__doc__, g.__qualname__, g.__module__ = f.__kwdefaults__, f.__doc__, f.__qualname__, f.__module__
+    return g
 
 def _actor_class():
     "`WorkerActor` as a Ray actor class (made once, on first use: importing this module does not import Ray)."
     global _ACTOR_CLASS
     if _ACTOR_CLASS is None:
         import ray
-        _ACTOR_CLASS = ray.remote(WorkerActor)
+        # `ray.remote` rewrites the signatures of the methods it is given: give it copies, so `WorkerActor` stays as written
+        ns = {k: _copy_function(v) if isinstance(v, types.FunctionType) else v for k, v in vars(WorkerActor).items()
+              if k not in ('__dict__', '__weakref__')}
+        _ACTOR_CLASS = ray.remote(type('WorkerActor', (), ns))
     return _ACTOR_CLASS
 
 def _worker_side_copy(ch:PipeChannel)->PipeChannel:
@@ -119,12 +126,17 @@ class RayActorProcess:
                  **kwargs):
         self.target, self.args, self.name, self.prepare = target, args, name, prepare
         self.local = False  # is the actor on this machine (its pid means something here)? known once it runs
-        self.start_may_be_lost = True  # a 'started' message can die with the actor: the manager plans for it
+        self.actor_pid: Optional[int] = None  # pid of the actor's process (the worker is its child)
         self.actor_options, self.env = dict(actor_options or {}), dict(env or {})
         self.actor, self.pid, self.exitcode, self.death_reason = None, None, None, None
         self._sentinel_r, self._sentinel_w = os.pipe()
         self._ended = threading.Event()
         self._killed = False
+
+    @property
+    def start_may_be_lost(self)->bool:
+        "Did the actor itself die (so the worker's last messages may be lost with it)?"
+        return self.death_reason is not None
 
     @property
     def sentinel(self)->int:
@@ -166,7 +178,7 @@ def _receive(self:RayActorProcess)->None:
     import ray
     code, reason = 1, None
     try:
-        self.pid, node = ray.get(self.actor.where.remote())
+        self.actor_pid, node, self.pid = ray.get(self.actor.where.remote())
         self.local = node == ray.get_runtime_context().get_node_id()
         for ref in self.actor.pump.remote():
             batch = ray.get(ref)
