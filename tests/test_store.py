@@ -178,3 +178,91 @@ def test_one_store_serves_one_manager(tmp_path):
     store = SQLiteJobStore(tmp_path / 'j.db')
     StoreJobManager(store)
     with pytest.raises(ValueError, match='one store per manager'): StoreJobManager(store, worker_type='other')
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. the writer process: it ends with the app, keeps what it acknowledged, and is replaced if it dies
+
+_STORE_APP = r"""
+import json, sys, time
+from cjm_workers.stores.sqlite import SQLiteJobStore
+from cjm_workers.testing import ReferenceJob
+store = SQLiteJobStore(sys.argv[1]); store.bind('reference')
+def job(i, status):
+    j = ReferenceJob(id=f"j{i}", plugin_id='echo', params={'i': i}, status=status); j._seq = i + 1
+    if status == 'completed': j.result = {'text': str(i)}
+    return j
+for i in range(200): store.save(job(i, 'pending'), request=b'req')
+for i in range(100): store.save(job(i, 'completed'))
+assert store.flush(60)  # acknowledged: committed by the writer process
+print(json.dumps({'writer': store.writer_pid}), flush=True)
+i = 200
+while True:  # keep it busy until the test kills this process
+    store.save(job(i, 'pending'), request=b'req'); i += 1
+    if i % 100 == 0: time.sleep(0.001)
+"""
+
+
+def test_the_writer_process_ends_with_a_sigkilled_app_and_keeps_what_it_acknowledged(tmp_path):
+    import psutil
+    db = tmp_path / 'jobs.db'
+    app = subprocess.Popen([sys.executable, '-c', _STORE_APP, str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(app.stdout.readline())
+        writer = psutil.Process(info['writer'])
+        assert writer.ppid() == app.pid and not gone(writer)
+        os.kill(app.pid, signal.SIGKILL)
+        app.wait(10)
+    finally:
+        if app.poll() is None: app.kill(); app.wait(10)
+        app.stdout.close()
+    import asyncio
+    asyncio.run(wait_until(lambda: gone(writer), 30))  # no orphan: it saw its input end and the app gone
+    store = SQLiteJobStore(db); store.bind('reference')
+    assert store.count('completed') == 100 and all(store.get(f"j{i}").result == {'text': str(i)} for i in range(100))
+    assert [j.id for j, r in store.unfinished()][:100] == [f"j{i}" for i in range(100, 200)]
+    assert store.count() >= 200  # and whatever it received complete before the app died
+    store.close()
+
+
+async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost(mk, tmp_path):
+    import psutil
+    db = tmp_path / 'jobs.db'
+    mgr = mk(SQLiteJobStore(db), config=dict(prefetch=4))
+    first = await _run(mgr, 'echo', text='first')
+    old = psutil.Process(mgr.job_store.writer_pid)
+    os.kill(old.pid, signal.SIGKILL)
+    await wait_until(lambda: gone(old), T)
+    jobs = [await mgr.start_job('echo', text=str(i)) for i in range(50)]
+    done = [await mgr.wait_for_job(j.id, timeout=T) for j in jobs]  # returned only once committed by a new writer
+    assert all(j.status == 'completed' for j in done)
+    assert mgr.job_store.writer_pid not in (None, old.pid)
+    await mgr.ashutdown()
+    back = StoreJobManager(SQLiteJobStore(db))
+    assert back.count_jobs('completed') == 51 and back.get_job(jobs[-1].id).result['text'] == '49'
+    assert back.get_job(first.id).result['text'] == 'first'
+
+
+async def test_shutdown_ends_the_writer_process(mk, tmp_path):
+    import psutil
+    mgr = mk(SQLiteJobStore(tmp_path / 'jobs.db'))
+    await _run(mgr, 'echo', text='x')
+    writer = psutil.Process(mgr.job_store.writer_pid)
+    await mgr.ashutdown()
+    assert gone(writer) and mgr.job_store.writer_pid is None
+
+
+def test_odd_values_are_stored_as_json_would_store_them(tmp_path):
+    "A value of a class the writer process cannot import (here: defined in this test) is stored as its repr."
+    class Opaque:
+        def __repr__(self): return '<opaque>'
+    store = SQLiteJobStore(tmp_path / 'j.db'); store.bind('reference')
+    j = ReferenceJob(id='o', plugin_id='echo', params={'x': Opaque(), 'n': [1, 2]}, status='completed')
+    j._seq, j.result, j.error = 1, {'set': {3}}, ['not', 'a', 'str']  # a list in a `str` field
+    store.save(j)
+    assert store.flush(30)
+    store.close()
+    back = SQLiteJobStore(tmp_path / 'j.db'); back.bind('reference')
+    o = back.get('o')
+    assert (o.params, o.result, o.error) == ({'x': '<opaque>', 'n': [1, 2]}, {'set': '{3}'}, '["not","a","str"]')
+    back.close()

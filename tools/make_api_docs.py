@@ -17,7 +17,7 @@ DEFAULT_OUT = ROOT/'docs'/'api.md'
 MODULES = ['cjm_workers.core.config', 'cjm_workers.core.protocol', 'cjm_workers.core.channel',
            'cjm_workers.core.process', 'cjm_workers.core.worker', 'cjm_workers.core.adapters',
            'cjm_workers.extensions.protocols', 'cjm_workers.extensions.adapters', 'cjm_workers.managers.base',
-           'cjm_workers.stores.base', 'cjm_workers.stores.sqlite',
+           'cjm_workers.stores.base', 'cjm_workers.stores.sqlite', 'cjm_workers.stores.sqlite_writer',
            'cjm_workers.remote.plugin', 'cjm_workers.remote.worker', 'cjm_workers.remote.proxy',
            'cjm_workers.remote.adapter', 'cjm_workers.backends.ray', 
            'cjm_workers.fasthtml.sse', 'cjm_workers.fasthtml.components', 'cjm_workers.fasthtml.routes', 'cjm_workers.testing', 'cjm_workers.demo', 'cjm_workers.cli']
