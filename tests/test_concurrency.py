@@ -13,6 +13,7 @@ T = 60
 TERMINAL_EVENTS = {'completed', 'failed', 'cancelled'}
 
 
+@pytest.mark.backends('local')  # the races are the manager's; test_ray.py and the other tests here cover the bridge
 async def test_hammer_start_and_cancel_from_many_coroutines(make_manager):
     rng = random.Random(20240611)
     rec = RecordingBroadcaster()

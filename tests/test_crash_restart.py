@@ -87,6 +87,7 @@ async def test_always_restarts_at_once(make_manager):
     assert mgr.get_worker_stats()[0]['restarts'] == 3
 
 
+@pytest.mark.backends('local')  # manager logic only (timers, counting): the backend adds time, not coverage
 async def test_backoff_delays_grow_exponentially_and_are_capped(make_manager):
     base, cap = 0.1, 0.25
     rec = TimedBroadcaster()
@@ -114,6 +115,7 @@ async def test_backoff_delays_grow_exponentially_and_are_capped(make_manager):
     assert mgr.get_worker_stats()[0]['restarts'] == 4
 
 
+@pytest.mark.backends('local')  # manager logic only (timers, counting): the backend adds time, not coverage
 async def test_backoff_wait_does_not_block_the_event_loop(make_manager):
     base = 1.5
     rec = TimedBroadcaster()
@@ -207,6 +209,7 @@ async def _crash(mgr, after=0.0):
     await mgr.wait_until_ready(30)
 
 
+@pytest.mark.backends('local')  # manager logic only (timers, counting): the backend adds time, not coverage
 async def test_healthy_uptime_resets_the_crash_count(make_manager):
     healthy = 0.3
     cfg = dict(restart_policy=RestartPolicy.ALWAYS, max_restart_attempts=1, healthy_after_seconds=healthy)
@@ -230,6 +233,7 @@ async def test_healthy_uptime_resets_the_crash_count(make_manager):
     assert worker_status(ctl) == 'failed'
 
 
+@pytest.mark.backends('local')  # manager logic only (timers, counting): the backend adds time, not coverage
 async def test_hard_cancels_do_not_count_as_crashes(make_manager):
     mgr = make_manager(dict(restart_policy=RestartPolicy.ALWAYS, max_restart_attempts=1, cancel_grace_seconds=0.3))
     await mgr.start(wait=True)

@@ -43,25 +43,31 @@ class WorkerActor:
         self.proc.start()
         self.req.close_reader(); self.res.close_writer(); self.resp.close_writer()
         self.res.set_nonblocking(); self.resp.set_nonblocking()
-        self._send_lock = threading.Lock()
+        self._order = threading.Lock()  # a threaded actor may run calls out of order: `seq` puts them back in order
+        self._next = {'put': 0, 'control': 0}
+        self._early: Dict[str, dict] = {'put': {}, 'control': {}}
 
     def where(self)->tuple:
         "(actor pid, Ray node id, worker pid)."
         import ray
         return os.getpid(), ray.get_runtime_context().get_node_id(), self.proc.pid
 
-    def put(self, msgs:list):
-        with self._send_lock:
-            try: self.req.put_many(msgs)
-            except OSError: pass  # the worker is gone: `pump` reports how it ended
+    def _in_order(self, kind:str, seq:int, msgs:Optional[list]):
+        "Write batch `seq` of `kind` once every earlier one is written (None: close the worker's request pipe)."
+        ch = self.req if kind == 'put' else self.req.control
+        with self._order:
+            self._early[kind][seq] = msgs
+            while self._next[kind] in self._early[kind]:
+                batch = self._early[kind].pop(self._next[kind])
+                self._next[kind] += 1
+                try:
+                    if batch is None: self.req.close_writer()  # the manager is gone: the worker reads end-of-file
+                    else: ch.put_many(batch)
+                except OSError: pass  # the worker is gone: `pump` reports how it ended
 
-    def control(self, msgs:list):
-        try: self.req.control.put_many(msgs)
-        except OSError: pass
+    def put(self, seq:int, msgs:Optional[list]): self._in_order('put', seq, msgs)
 
-    def close(self):
-        "The manager closed its request channel: so does the actor, and the worker reads end-of-file and stops."
-        with self._send_lock: self.req.close_writer()
+    def control(self, seq:int, msgs:list): self._in_order('control', seq, msgs)
 
     def pump(self):
         "Streaming generator: lists of `(channel, pickled message)`; the last is `('exit', exitcode)`."
@@ -201,16 +207,17 @@ RayActorProcess._receive = _receive
 
 def _forward(self:RayActorProcess, ch:PipeChannel, method:str)->None:
     "Move messages the manager writes to `ch` to the actor's `method`, until the manager closes `ch`."
-    call = getattr(self.actor, method)
+    call, seq = getattr(self.actor, method), 0
     while not self._ended.is_set():
         try: batch = [ch.get()]
         except (EOFError, OSError): break
         while len(batch) < 512:  # whatever else is already waiting goes in the same actor call
             try: batch.append(ch.get(False))
             except (queue.Empty, EOFError, OSError): break
-        call.remote(batch)
+        call.remote(seq, batch)
+        seq += 1
     if method == 'put' and not self._ended.is_set():
-        try: self.actor.close.remote()
+        try: call.remote(seq, None)  # after every request: the worker reads end-of-file and stops
         except Exception: pass
     ch._reader.close()  # only this channel's end: the control channel's belongs to the other bridge thread
 

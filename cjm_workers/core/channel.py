@@ -9,7 +9,7 @@ from collections import deque
 from typing import Any, List, Optional, Tuple
 
 # %% auto #0
-__all__ = ['dumps', 'PipeChannel']
+__all__ = ['dumps', 'UndecodableMessage', 'salvage', 'PipeChannel']
 
 # %% ../../nbs/core/channel.ipynb #783b2614
 _LEN, _LEN64, _BIG = struct.Struct('!I'), struct.Struct('!Q'), 0xFFFFFFFF
@@ -45,6 +45,39 @@ def _parse(buf:bytearray)->Tuple[List[bytes], int]:
     return out, pos
 
 # %% ../../nbs/core/channel.ipynb #a29a4321
+class UndecodableMessage(Exception):
+    "A frame that cannot be unpickled here; `data` is the frame, the message says why."
+    def __init__(self, data:bytes, # the frame
+                 error:BaseException # what unpickling raised
+                ):
+        super().__init__(f"a message of {len(data)} bytes cannot be unpickled here ({type(error).__name__}: {error})")
+        self.data, self.error = data, error
+
+def _loads(data:bytes)->Any:
+    try: return pickle.loads(data)
+    except Exception as e: raise UndecodableMessage(data, e) from e
+
+class _Stand:
+    "Stands for any class or function `salvage` does not load."
+    def __init__(self, *a, **kw): pass
+    def __call__(self, *a, **kw): return _Stand()
+    def __setstate__(self, state): pass
+    def __reduce__(self): return (_Stand, ())
+    @classmethod
+    def __class_getitem__(cls, item): return cls
+
+class _StandUnpickler(pickle.Unpickler):
+    def find_class(self, module, name): return _Stand
+
+def salvage(data:bytes # a frame that cannot be unpickled
+           )->Optional[dict]: # the message with stand-ins for every object it refers to; None if even that fails
+    "Read what can be read of an undecodable frame: a message dict whose plain fields (type, job_id, ...) are intact."
+    import io
+    try: msg = _StandUnpickler(io.BytesIO(data)).load()
+    except Exception: return None
+    return msg if isinstance(msg, dict) else None
+
+# %% ../../nbs/core/channel.ipynb #69790660
 class PipeChannel:
     "One-way message channel over an OS pipe with the `multiprocessing.Queue` methods a worker uses."
     def __init__(self,
@@ -124,17 +157,21 @@ class PipeChannel:
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
                     if not select.select([self.reader_fd], [], [], left)[0]: raise queue.Empty
                 self._fill()
-            return pickle.loads(self._msgs.popleft())
+            return _loads(self._msgs.popleft())
     def get_nowait(self)->Any:
         "The next message, or `queue.Empty` at once."
         return self.get(False)
 
     def drain(self)->list:
-        "Every message that can be read now, without blocking (the reading end must be non-blocking)."
+        "Every message that can be read now, without blocking (an `UndecodableMessage` in place of a frame that cannot be unpickled)."
         with self._rlock:
             while self._fill(): pass
-            msgs, self._msgs = [pickle.loads(m) for m in self._msgs], deque()
-            return msgs
+            frames, self._msgs = self._msgs, deque()
+            out = []
+            for m in frames:  # one bad frame does not cost the others (nor wedge the channel)
+                try: out.append(_loads(m))
+                except UndecodableMessage as e: out.append(e)
+            return out
 
     def set_nonblocking(self):
         "Make reads of this process's reading end non-blocking (what `drain` needs)."

@@ -6,13 +6,14 @@ reports progress, honours cooperative cancels, and dies with its parent."""
 # %% ../../nbs/core/worker.ipynb #ea1d32d2
 from __future__ import annotations
 import logging, os, pickle, signal, sys, threading, time, traceback
+from collections import deque
 import multiprocessing as mp
 from collections import OrderedDict
 from multiprocessing.connection import wait as _wait
 from typing import Any, Callable, Dict, Optional
 
 from .adapters import default_result_adapter
-from .channel import PipeChannel, dumps
+from .channel import PipeChannel, UndecodableMessage, dumps, salvage
 from .process import become_group_leader, kill_own_children
 from .protocol import PluginManagerAdapter, WorkerRequestType
 
@@ -110,6 +111,7 @@ class _Worker:
         self.discovered = None
         self.pm = None
         self.jobs_done = 0
+        self.inbox: Optional[_Inbox] = None  # requests read ahead from a PipeChannel by the reader thread
 
 # %% ../../nbs/core/worker.ipynb #6b2b6f3d
 def _put(q, msg):
@@ -124,7 +126,36 @@ def _put_many(q, msgs):
 
 def _more_waiting(q)->bool:
     "Is another request already read and waiting (so a result can share the next write)?"
-    return isinstance(q, PipeChannel) and q.has_buffered()
+    return bool(q) if isinstance(q, _Inbox) else isinstance(q, PipeChannel) and q.has_buffered()
+
+_EOF = object()
+
+class _Inbox:
+    """Requests a reader thread has taken out of the request pipe, in order. The worker reads its pipe all the time, not
+    only between jobs: a manager writing more requests than a pipe holds (large parameters, many jobs sent ahead) is
+    never blocked by a busy worker — a blocked write would stall the app's event loop, or deadlock the management
+    thread against a worker blocked on writing its result."""
+    def __init__(self): self.items, self.cv = deque(), threading.Condition(threading.Lock())
+    def __bool__(self)->bool: return bool(self.items)
+    def put(self, item):
+        with self.cv:
+            self.items.append(item)
+            self.cv.notify()
+    def get(self):
+        with self.cv:
+            self.cv.wait_for(lambda: self.items)
+            item = self.items[0] if self.items[0] is _EOF else self.items.popleft()
+        if item is _EOF: raise EOFError("the manager is gone")
+        return item
+
+def _read_ahead(requests:PipeChannel, inbox:_Inbox):
+    "Reader thread: move every request from the pipe to `inbox` (an undecodable one as its `UndecodableMessage`)."
+    while True:
+        try: inbox.put(requests.get())
+        except UndecodableMessage as e: inbox.put(e)
+        except (EOFError, OSError):
+            inbox.put(_EOF)
+            return
 
 # %% ../../nbs/core/worker.ipynb #d88727ee
 from fastcore.basics import patch
@@ -139,7 +170,14 @@ def _read_control(self:_Worker, control):
     while True:
         try: msg = control.get()
         except (EOFError, OSError): return  # the manager is gone; the watchdog handles that
-        self._control(msg)
+        except UndecodableMessage as e:
+            log.warning("worker %d: ignoring an undecodable control message: %s", os.getpid(), e)
+            continue
+        if not isinstance(msg, dict) or not _hashable(msg.get('job_id')) or not _hashable(msg.get('request_id')):
+            log.warning("worker %d: ignoring malformed control message %r", os.getpid(), msg)
+            continue
+        try: self._control(msg)
+        except Exception: log.exception("worker %d: control message %r failed", os.getpid(), msg)
 
 @patch
 def _control(self:_Worker, msg:dict):
@@ -172,26 +210,50 @@ def _send(self:_Worker, msg): _put(self.results, msg)
 # %% ../../nbs/core/worker.ipynb #2f692c8c
 @patch
 def _next_request(self:_Worker)->Optional[dict]:
-    try: msg = self.requests.get()
+    try: msg = self.inbox.get() if self.inbox is not None else self.requests.get()
     except (EOFError, OSError): return {'type': 'stop'}  # the manager is gone
+    except UndecodableMessage as e: msg = e
+    if isinstance(msg, UndecodableMessage): return _unreadable(msg)
     t = msg.get('type') if isinstance(msg, dict) else None
-    if t in _KNOWN: return msg
+    if t in _KNOWN and _hashable(msg.get('job_id')) and _hashable(msg.get('request_id')): return msg
     log.warning("worker %d: ignoring malformed request %r", os.getpid(), msg)
     rid = msg.get('request_id') if isinstance(msg, dict) else None
     if rid is not None:
         _put(self.responses, {'type': 'response', 'request_id': rid, 'success': False, 'error': f"unknown request type {t!r}"})
     return None
 
+def _hashable(v)->bool:
+    try: hash(v)
+    except TypeError: return False
+    return True
+
+def _unreadable(e:UndecodableMessage)->Optional[dict]:
+    """A request that cannot be unpickled here (e.g. parameters holding an instance of a class the worker cannot
+    import): its job or command, if `salvage` can tell which, gets an error; anything else is ignored."""
+    m = salvage(e.data) or {}
+    t, jid, rid = m.get('type'), m.get('job_id'), m.get('request_id')
+    log.warning("worker %d: %s", os.getpid(), e)
+    why = f"the worker cannot read the request ({_error_text(e.error)})"
+    if t == 'execute' and isinstance(jid, str):
+        return {'type': 'execute', 'job_id': jid, 'plugin_name': m.get('plugin_name') if isinstance(m.get('plugin_name'), str) else None,
+                '_unreadable': why}
+    if t in _KNOWN and t not in ('execute', 'cancel', 'stop') and isinstance(rid, (str, int)):
+        return {'type': t, 'request_id': rid, '_unreadable': why}
+    return None
+
 @patch
 def run(self:_Worker):
     held = None  # (result, its pickle) waiting to share a write with the next 'started'
     while True:
-        if held is not None and not _more_waiting(self.requests):
+        if held is not None and not _more_waiting(self.inbox if self.inbox is not None else self.requests):
             _put_many(self.results, [held]); held = None
         req = self._next_request()
         if req is None: continue
         t = req['type']
-        if t == 'cancel': self._control(req); continue  # in-band (plain queues): reaches jobs not yet started
+        if t == 'cancel':  # in-band (plain queues): reaches jobs not yet started
+            try: self._control(req)
+            except Exception: log.exception("worker %d: cancel %r failed", os.getpid(), req)
+            continue
         if t == 'stop': break
         if t == 'execute':
             jid = req.get('job_id')
@@ -222,6 +284,7 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
                                         'data': None, 'error': None, 'traceback': None}
     set_current_job(ctx)
     try:
+        if '_unreadable' in req: raise ValueError(req['_unreadable'])
         self._ensure_loaded(name, req.get('plugin_config') or {})
         params = {k: v for k, v in req.items() if k not in _RESERVED}
         if self._streams(name, req): out['data'] = self._run_stream(name, params, ctx)
@@ -295,6 +358,7 @@ def _command(self:_Worker, req:dict):
     t, rid = req['type'], req.get('request_id')
     reply = {'type': 'response', 'request_id': rid, 'success': True, 'error': None, 'data': {}}
     try:
+        if '_unreadable' in req: raise ValueError(req['_unreadable'])
         name = req.get('plugin_name')
         if t == 'reload':
             config = req.get('config') or {}
@@ -356,11 +420,16 @@ def base_worker_process(
 )->None:
     "Generic long-lived worker process that handles job execution."
     _close_unused_ends(request_queue, result_queue, response_queue)
+    inbox = None
+    if isinstance(request_queue, PipeChannel):  # read the pipe all the time (see `_Inbox`)
+        inbox = _Inbox()
+        threading.Thread(target=_read_ahead, args=(request_queue, inbox), name='cjm-worker-requests', daemon=True).start()
     if threading.current_thread() is threading.main_thread():  # a process of its own (not hosted in a thread of
         become_group_leader()                                  # another runtime, e.g. a Ray actor, whose process
         signal.signal(signal.SIGINT, signal.SIG_IGN)           # group and signals are not ours to change)
     _watch_parent()
     w = _Worker(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
+    w.inbox = inbox
     try: w.pm = plugin_manager_factory()
     except Exception as e:
         log.error("worker %d: plugin manager factory failed: %s", os.getpid(), _error_text(e))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Generic, Iterable, List, Optional, TypeV
 import psutil
 from fastcore.basics import patch
 
-from ..core.channel import PipeChannel, dumps
+from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.process import describe_exit, kill_process_group, kill_worker_tree
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
@@ -760,11 +760,27 @@ def _drain(self:BaseJobManager, slot:_Slot):
     for ch in (slot.results, slot.responses):
         try: msgs = ch.drain()
         except (OSError, ValueError): msgs, slot.eof = [], True
-        except Exception:  # a message that cannot be unpickled here
-            log.exception("worker %s sent a message that cannot be read", slot.pid)
-            continue
-        for msg in msgs: self._handle_message(slot, msg)
+        for msg in msgs:
+            if isinstance(msg, UndecodableMessage): msg = _unreadable_reply(slot, msg)
+            if msg is not None: self._handle_message(slot, msg)
         if ch.eof: slot.eof = True
+
+def _unreadable_reply(slot:_Slot, e:UndecodableMessage)->Optional[dict]:
+    """What to make of a worker's message the app cannot unpickle (e.g. a result holding an object of a class only the
+    worker's environment has): the job's result or the command's reply, as an error naming why; None for anything else."""
+    m = salvage(e.data) or {}
+    t = m.get('type')
+    why = f"the worker's {t if isinstance(t, str) else 'message'} cannot be unpickled in the app ({type(e.error).__name__}: {e.error})"
+    log.warning("worker %s: %s", slot.pid, why)
+    if t == 'result' and isinstance(m.get('job_id'), str):
+        started = m.get('started', True) is not False
+        if m.get('status') == 'cancelled':
+            return {'type': 'result', 'job_id': m['job_id'], 'status': 'cancelled', 'data': None, 'started': started}
+        return {'type': 'result', 'job_id': m['job_id'], 'status': 'error', 'data': None, 'error': why, 'traceback': None,
+                'started': started}
+    if t in ('response', 'state') and isinstance(m.get('request_id'), str):
+        return {'type': 'response', 'request_id': m['request_id'], 'success': False, 'error': why}
+    return None
 
 @patch
 def _on_wake(self:BaseJobManager, ready:list):

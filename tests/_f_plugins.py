@@ -1,0 +1,66 @@
+"""Plugins and worker entry points for the fault-injection suite (tests/test_faults.py, bench/soak.py), importable by
+spawned workers.
+
+- `big`: returns a result of `size` bytes (the 100 MB result).
+- `bomb`: returns a result the worker can pickle but the app cannot unpickle (its class's loader raises), as a
+  result holding an object from a package installed only in the worker's environment would.
+- `hangload`: a plugin whose `initialize` never returns (a model load that hangs).
+- `f_worker`: the reference plugins plus those; `hang_factory_worker`: a worker whose plugin-manager factory hangs.
+"""
+import os, time
+
+from cjm_workers.core.config import WorkerConfig
+from cjm_workers.core.worker import base_worker_process
+from cjm_workers.testing import REFERENCE_PLUGINS, ReferencePlugin, ReferencePluginManager, ReferenceJobManager
+
+
+class BigPlugin(ReferencePlugin):
+    "Returns `{'text': 'x' * size}`."
+    name = 'big'
+    def execute(self, size=100 * 2**20, **kwargs): return {'text': 'x' * size, 'metadata': {'size': size}}
+
+
+class Unloadable:
+    "Pickles anywhere; unpickling it raises (as an instance of a class only the other side's environment has would)."
+    def __reduce__(self): return (int, ('an Unloadable cannot be rebuilt here',))
+
+
+class BombPlugin(ReferencePlugin):
+    "Returns a result holding an `Unloadable`."
+    name = 'bomb'
+    def execute(self, **kwargs): return {'text': 'bomb', 'metadata': {'obj': Unloadable()}}
+
+
+class HangLoadPlugin(ReferencePlugin):
+    "A plugin whose load (`initialize`) never returns."
+    name = 'hangload'
+    def initialize(self, config=None):
+        while True: time.sleep(3600)
+    def execute(self, **kwargs): return {'text': 'never', 'metadata': {}}
+
+
+F_PLUGINS = {**REFERENCE_PLUGINS, 'big': BigPlugin, 'bomb': BombPlugin, 'hangload': HangLoadPlugin}
+
+
+def _pm(): return ReferencePluginManager(F_PLUGINS)
+
+
+def f_worker(request_queue, result_queue, response_queue):
+    "Worker entry point: the reference plugins plus `big`, `bomb` and `hangload` (streaming on)."
+    base_worker_process(request_queue, result_queue, response_queue, plugin_manager_factory=_pm, supports_streaming=True)
+
+
+def _hanging_factory():
+    while True: time.sleep(3600)
+
+
+def hang_factory_worker(request_queue, result_queue, response_queue):
+    "Worker entry point whose plugin-manager factory never returns (the worker never becomes ready)."
+    base_worker_process(request_queue, result_queue, response_queue, plugin_manager_factory=_hanging_factory)
+
+
+class FJobManager(ReferenceJobManager):
+    "The reference manager running `f_worker`, with a job store and WorkerConfig keywords."
+    def __init__(self, job_store=None, config=None, entry_point=f_worker, **kw):
+        super().__init__(worker_config=WorkerConfig(**(config or {})), entry_point=entry_point, **kw)
+        if job_store is not None: self.job_store = job_store
