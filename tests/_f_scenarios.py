@@ -462,19 +462,21 @@ class Tee(RecordingBroadcaster):
 
 
 @contextlib.asynccontextmanager
-async def serve(app):
-    "Run an ASGI app under uvicorn on this event loop, on a free 127.0.0.1 port; yields its base URL."
+async def serve(app, before_exit=None, timeout:float=T):
+    """Run an ASGI app under uvicorn on this event loop, on a free 127.0.0.1 port; yields its base URL.
+    `before_exit()` runs before the server is told to stop (e.g. a broadcaster's `close()`, ending open streams)."""
     import uvicorn
     sock = socket.socket()
     sock.bind(('127.0.0.1', 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level='error', lifespan='off'))
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    await wait_until(lambda: server.started or task.done(), T)
+    await wait_until(lambda: server.started or task.done(), timeout)
     if task.done(): task.result()
     try: yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
+        if before_exit is not None: before_exit()
         server.should_exit = True
-        async with asyncio.timeout(T): await task
+        async with asyncio.timeout(timeout): await task
         sock.close()
 
 

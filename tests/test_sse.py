@@ -7,10 +7,11 @@ loop. The shutdown test runs the app as a subprocess and sends it a real signal,
 import asyncio, json, os, signal, socket, subprocess, sys, threading
 from contextlib import asynccontextmanager
 
-import httpx, pytest, uvicorn
+import httpx, pytest
 from fasthtml.common import FastHTML, Div, P, to_xml
 from cjm_workers.fasthtml.sse import RESET, SSEBroadcaster
 from cjm_workers.testing import ReferenceJobManager, wait_until
+import _f_scenarios
 
 STEP = 20  # seconds any single wait may take before the test fails (a guard, not a measurement)
 
@@ -22,21 +23,10 @@ def make_app(bc: SSEBroadcaster, render=None, event_name=None):
     return app
 
 
-@asynccontextmanager
-async def serve(app, bc: SSEBroadcaster):
+def serve(app, bc: SSEBroadcaster):
     "Run `app` under uvicorn on this event loop on a free 127.0.0.1 port; yields the base URL."
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level='warning', lifespan='off'))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    await wait_until(lambda: server.started or task.done(), STEP)
-    if task.done(): task.result()
-    try: yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        bc.close()  # a server run inside a program (no signal handlers of its own) ends open streams this way
-        server.should_exit = True
-        async with asyncio.timeout(STEP): await task
-        sock.close()
+    # a server run inside a program (no signal handlers of its own) ends open streams with `bc.close()`
+    return _f_scenarios.serve(app, before_exit=bc.close, timeout=STEP)
 
 
 class SSEReader:
