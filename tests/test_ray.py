@@ -227,3 +227,21 @@ def test_live_job_pages_on_ray_actors(cluster):
         kinds = [e.type.split(':')[1] for e in sub.take() if e.data.get('job_id') == jid]
         assert kinds == ['pending', 'started', 'chunk', 'chunk', 'completed'], kinds
         bc.close()
+
+
+async def test_restarting_actors_leaks_no_fds_or_threads(track, cluster):
+    "Worker deaths and restarts on Ray: the manager process ends with the fds and threads it had."
+    import gc
+    from conftest import resource_counts
+    m, _ = manager(track, 'ray', restart_policy=RestartPolicy.ALWAYS, restart_backoff_base_seconds=0.0,
+                   max_restart_attempts=100)
+    await m.start(wait=True)
+    await m.wait_for_job((await m.start_job('crash', mode='exit')).id, timeout=60)  # warm-up: lazily made objects
+    await m.wait_until_ready(60)
+    gc.collect(); before = resource_counts()
+    for _ in range(5):  # each leaked descriptor would show: 5 restarts, 5 more fds
+        job = await m.wait_for_job((await m.start_job('crash', mode='exit')).id, timeout=60)
+        assert job.status == 'failed' and 'exited with code 3' in job.error, job.error
+        assert await m.wait_until_ready(60)
+    gc.collect(); after = resource_counts()
+    assert after == before, (before, after)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/backends/ray.ipynb #3d701ffa
 from __future__ import annotations
-import logging, os, pickle, queue, signal, threading, types
+import logging, os, pickle, queue, signal, threading, types, weakref
 from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
@@ -136,6 +136,7 @@ class RayActorProcess:
         self.actor_options, self.env = dict(actor_options or {}), dict(env or {})
         self.actor, self.pid, self.exitcode, self.death_reason = None, None, None, None
         self._sentinel_r, self._sentinel_w = os.pipe()
+        weakref.finalize(self, os.close, self._sentinel_r)  # as multiprocessing does for its sentinels: at collection
         self._ended = threading.Event()
         self._killed = False
 
