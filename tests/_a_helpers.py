@@ -1,5 +1,5 @@
-"""Helpers shared by test_cancel, test_crash_restart, test_parent_death and test_shutdown."""
-import os, threading, time
+"""Process helpers shared by the tests that kill, watch and count processes (and by the fault scenarios)."""
+import json, os, signal, subprocess, threading, time
 import psutil
 from cjm_workers.testing import RecordingBroadcaster, wait_until
 
@@ -20,10 +20,29 @@ def live_descendants():
     return out
 
 
-def gone(proc: psutil.Process) -> bool:
-    "True once `proc` has exited (a zombie waiting for a reaper counts as gone)."
-    try: return (not proc.is_running()) or proc.status() == psutil.STATUS_ZOMBIE
+def gone(proc) -> bool:
+    "True once `proc` (a `psutil.Process` or a pid) has exited (a zombie waiting for a reaper counts as gone)."
+    try:
+        if not isinstance(proc, psutil.Process): proc = psutil.Process(proc)
+        return (not proc.is_running()) or proc.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess: return True
+
+
+def sigkill_after_first_line(cmd: list, cwd: str) -> dict:
+    "Run an app script `cmd`, read the JSON line it prints once it is mid-run, SIGKILL it; returns that JSON."
+    app = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    try:
+        line = app.stdout.readline()
+        if not line.strip():
+            app.kill(); app.wait(10)
+            raise RuntimeError(f"the app printed nothing; stderr:\n{app.stderr.read()}")
+        info = json.loads(line)
+        os.kill(app.pid, signal.SIGKILL)
+        app.wait(10)
+    finally:
+        if app.poll() is None: app.kill(); app.wait(10)
+        app.stdout.close(); app.stderr.close()
+    return info
 
 
 def cjm_threads():

@@ -30,6 +30,7 @@ import httpx, psutil
 from cjm_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_workers.stores.sqlite import SQLiteJobStore
 from cjm_workers.testing import RecordingBroadcaster, ReferenceRegistry, wait_until
+from _a_helpers import gone, sigkill_after_first_line
 from _f_plugins import FJobManager, hang_factory_worker
 
 TESTS = Path(__file__).resolve().parent
@@ -258,25 +259,7 @@ APP = TESTS / '_f_app.py'
 
 def _run_app(db:Path, seed:int, jobs:int)->dict:
     "Start `_f_app.py` on `db`, read its JSON line (printed with several workers running), SIGKILL it."
-    app = subprocess.Popen([sys.executable, str(APP), str(db), str(seed), str(jobs)], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, cwd=str(TESTS))
-    try:
-        line = app.stdout.readline()
-        if not line.strip():
-            app.kill(); app.wait(10)
-            raise RuntimeError(f"the app printed nothing; stderr:\n{app.stderr.read()}")
-        info = json.loads(line)
-        os.kill(app.pid, signal.SIGKILL)
-        app.wait(10)
-    finally:
-        if app.poll() is None: app.kill(); app.wait(10)
-        app.stdout.close(); app.stderr.close()
-    return info
-
-
-def _gone(pid:int)->bool:
-    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess: return True
+    return sigkill_after_first_line([sys.executable, str(APP), str(db), str(seed), str(jobs)], str(TESTS))
 
 
 async def app_sigkill(size:int, seed:int)->Outcome:
@@ -290,7 +273,7 @@ async def app_sigkill(size:int, seed:int)->Outcome:
             info = await asyncio.to_thread(_run_app, db, rng.randrange(2**31), 30)
             out.faults += 1
             for pid in info['pids']:  # the workers die with their app (parent-death watchdog)
-                try: await wait_until(lambda: _gone(pid), 15)
+                try: await wait_until(lambda: gone(pid), 15)
                 except TimeoutError: out.fail(f"worker {pid} outlived its SIGKILLed app")
             events = RecordingBroadcaster()
             mgr = FJobManager(SQLiteJobStore(db), config=dict(max_workers=2), event_broadcaster=events)
@@ -600,7 +583,7 @@ async def ignores_cancel(size:int, seed:int)->Outcome:
         child = psutil.Process(int(stuck.progress_message.split(':')[1]))
         if not await mgr.cancel_job(stuck.id): out.fail(f"cancel_job({stuck.id}) returned False")
         out.faults += 1
-        try: await wait_until(lambda: _gone(child.pid), 15)
+        try: await wait_until(lambda: gone(child.pid), 15)
         except TimeoutError: out.fail(f"the plugin's child {child.pid} outlived the hard cancel")
         for q in queued: await mgr.wait_for_job(q.id, timeout=T)
         jobs += [stuck, *queued]

@@ -15,13 +15,11 @@ from cjm_workers.remote.proxy import (RemoteCancelledError, RemotePluginError, R
                                       RemoteWorkerError)
 from cjm_workers.testing import RecordingBroadcaster, ReferenceJobManager, wait_until
 from conftest import descendants
+from _a_helpers import gone
 
 PROBE = 'cjm_iso_probe'
 
 
-def gone(pid):
-    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess: return True
 
 
 def wait_gone(pids, timeout=10.0):

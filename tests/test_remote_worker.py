@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import httpx, psutil, pytest
 from cjm_workers.core.process import kill_process_group
+from _a_helpers import gone
 
 TESTS = Path(__file__).resolve().parent
 READY = 'CJM_WORKER_READY '
@@ -25,10 +26,6 @@ def worker_env(**extra):
     return env
 
 
-def gone(pid):
-    "True once process `pid` has exited (a zombie waiting to be reaped counts as gone)."
-    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess: return True
 
 
 def wait_for(predicate, timeout, interval=0.005):

@@ -7,7 +7,7 @@ import pytest
 from cjm_workers.stores.base import JobStoreLocked, MemoryJobStore
 from cjm_workers.stores.sqlite import SQLiteJobStore
 from cjm_workers.testing import ReferenceJob, RecordingBroadcaster, wait_until
-from _a_helpers import gone
+from _a_helpers import gone, sigkill_after_first_line
 from _d_helpers import StoreJobManager
 
 T = 30
@@ -99,17 +99,7 @@ async def test_clear_and_purge_by_age_work_on_the_store(mk, tmp_path):
 
 async def test_sigkilled_app_then_a_new_manager_on_the_same_file(mk, tmp_path):
     db = tmp_path / 'jobs.db'
-    app = subprocess.Popen([sys.executable, str(APP), str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, cwd=str(APP.parent.parent))
-    try:
-        line = app.stdout.readline()
-        assert line.strip(), f"the app printed nothing; stderr:\n{app.stderr.read() if app.poll() is not None else ''}"
-        info = json.loads(line)
-        os.kill(app.pid, signal.SIGKILL)
-        app.wait(10)
-    finally:
-        if app.poll() is None: app.kill(); app.wait(10)
-        app.stdout.close(); app.stderr.close()
+    info = sigkill_after_first_line([sys.executable, str(APP), str(db)], str(APP.parent.parent))
     import psutil
     workers = []
     for pid in info['pids']:
