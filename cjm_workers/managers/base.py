@@ -197,6 +197,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._events: deque = deque()  # (event_type, data) for the pump
         self._pump_task = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._kick_posted = False  # a `_kick` is already queued on the loop (one is enough)
+        self._self_ref = weakref.ref(self)  # what queued callbacks hold: a dropped manager must stay collectable
         self._thread: Optional[threading.Thread] = None
         self._wake_fds: list = []  # [read fd, write fd] of the management thread's wake-up pipe
         self._started = self._thread_stop = False
@@ -325,6 +327,7 @@ async def flush_events(self:BaseJobManager,
 @patch
 def _kick(self:BaseJobManager):
     "On the event loop: resolve waiters of finished jobs and state changes, and make sure the pump runs."
+    self._kick_posted = False  # from here on, new work needs a new `_kick`
     with self._lock:
         done = self._done
         if done:  # jobs whose final state is written (a durable store writes behind; tickets say how far)
@@ -348,10 +351,17 @@ def _flush(self:BaseJobManager):
     "From any thread: have the event loop run `_kick` if there is anything for it."
     loop = self._loop
     if loop is None or loop.is_closed() or not (self._events or self._done or self._state_waiters): return
-    try:
-        if loop is _running_loop(): self._kick()
-        else: loop.call_soon_threadsafe(self._kick)
-    except RuntimeError: pass  # the loop closed meanwhile
+    if loop is _running_loop(): return self._kick()
+    if self._kick_posted: return  # the queued `_kick` has not started yet, so it will see this work too
+    self._kick_posted = True
+    try: loop.call_soon_threadsafe(_kick_weakly, self._self_ref)
+    except RuntimeError: self._kick_posted = False  # the loop closed meanwhile
+
+def _kick_weakly(ref):
+    """What the loop runs for `_flush`: a queued callback holding the manager itself would keep a dropped manager
+    alive (and its workers running) until the loop got to it."""
+    m = ref()
+    if m is not None: m._kick()
 
 def _running_loop():
     try: return asyncio.get_running_loop()
@@ -864,7 +874,7 @@ def _reap(slots:list, wake_fds:list, flags:dict, store=None):
 @patch
 def _bind_loop(self:BaseJobManager):
     loop = asyncio.get_running_loop()
-    if self._loop is not loop: self._loop = loop
+    if self._loop is not loop: self._loop, self._kick_posted = loop, False  # a kick queued on an old loop never runs
 
 @patch
 def _ensure_started(self:BaseJobManager):
