@@ -4,7 +4,7 @@
 
 # %% ../../nbs/stores/sqlite.ipynb #d82f097c
 from __future__ import annotations
-import importlib, json, logging, operator, os, re, socket, threading, time, types, typing, uuid
+import importlib, itertools, json, logging, operator, os, re, socket, threading, time, types, typing, uuid
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterable, List, Optional, Tuple, Union
 
@@ -100,7 +100,7 @@ class SQLiteJobStore(JobStore):
         self.commit_interval = commit_interval
         self.on_commit = None  # called (from the sender thread) after each commit
         self._cv = threading.Condition(threading.Lock())  # guards the dirty jobs, tickets, writer state
-        self._dirty: dict = {}  # job id → (job, request) saved since the last batch
+        self._dirty: dict = {}  # job id → (job, request, codec, row) saved since the last batch
         self._writing: dict = {}  # the batch being written
         self._ticket = self._committed = 0
         self._wlock = threading.Lock()  # held while a batch is written (and by purge)
@@ -110,6 +110,7 @@ class SQLiteJobStore(JobStore):
         self._rlock = threading.RLock()  # guards the reading connection (also used for the schema)
         self._rdb = None
         self._codecs: dict = {}  # class → _Codec
+        self._keys = itertools.count(1)  # codec keys
         self._by_name: dict = {}  # type name → _Codec
         self._schema: set = set()  # columns known to exist
         self._owner: Optional[str] = None
@@ -150,13 +151,17 @@ from fastcore.basics import patch
 @patch
 def _save(self:SQLiteJobStore, job, request:Optional[bytes]=None)->int:
     "Mark the job dirty (the writer process writes its state soon); returns its ticket."
+    c = self._codecs.get(type(job)) or self._codec(type(job))
+    row = c.values(job, None if job.status in TERMINAL else request)  # a finished job's request is not kept
     with self._cv:
         self._ticket += 1
         t = self._ticket
         d = self._dirty
         if not d: self._cv.notify_all()
-        if request is None and (e := d.get(job.id)) is not None: request = e[1]  # keep a request saved earlier
-        d[job.id] = (job, request)  # the latest object (a caller may save a new one with the same id)
+        if request is None and (e := d.get(job.id)) is not None and e[1] is not None:  # keep a request saved earlier
+            request = e[1]
+            if job.status not in TERMINAL: row = row[:-1] + (request,)
+        d[job.id] = (job, request, c, row)  # the latest state (a caller may save a new object with the same id)
         if self._writer is None: self._start_writer()
     return t
 
@@ -172,9 +177,9 @@ def _start_writer(self:SQLiteJobStore):
 @patch
 def _codec(self:SQLiteJobStore, cls)->_Codec:
     c = self._codecs.get(cls)
-    if c is None:
-        c = self._codecs[cls] = _Codec(cls, len(self._codecs) + 1)
-        self._by_name[c.type_name] = c
+    if c is None:  # any thread may get here first: `setdefault` keeps one codec per class, the counter unique keys
+        c = self._codecs.setdefault(cls, _Codec(cls, next(self._keys)))
+        self._by_name.setdefault(c.type_name, c)
     return c
 
 @patch
@@ -209,15 +214,15 @@ def _upsert_sql(self:SQLiteJobStore, codec:_Codec)->str:
 @patch
 def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict)->Optional[str]:
     "Hand a batch to the writer process and wait for its commit; None, or the error it met."
-    groups, term = {}, TERMINAL
-    for job, request in batch.values():
-        c = self._codecs.get(type(job)) or self._codec(type(job))
-        if not c.ready:
-            with self._rlock: self._ensure_schema(self._reader(), c)
-            c.ready = True
+    groups = {}
+    for _, _, c, row in batch.values():
         g = groups.get(c.key)
-        if g is None: g = groups[c.key] = (c, [])
-        g[1].append(c.values(job, None if job.status in term else request))  # a finished job's request is not kept
+        if g is None:
+            g = groups[c.key] = (c, [])
+            if not c.ready:
+                with self._rlock: self._ensure_schema(self._reader(), c)
+                c.ready = True
+        g[1].append(row)
     schemas = {k: (self._upsert_sql(c), len(c.native), self._table(), c.sent) for k, (c, _) in groups.items() if k not in w.known}
     return w.commit(schemas, {k: rows for k, (_, rows) in groups.items()})
 
@@ -261,7 +266,9 @@ def _write_loop(self:SQLiteJobStore):
                 else:
                     for k, v in batch.items():
                         if k not in self._dirty: self._dirty[k] = v
-                        elif self._dirty[k][1] is None and v[1] is not None: self._dirty[k] = (self._dirty[k][0], v[1])
+                        elif (n := self._dirty[k])[1] is None and v[1] is not None:  # keep the request of the older state
+                            row = n[3] if n[0].status in TERMINAL else n[3][:-1] + (v[1],)
+                            self._dirty[k] = (n[0], v[1], n[2], row)
         if err is not None:
             with self._cv: self._cv.wait(0.5)  # a locked or full database, or a dead writer: try again shortly
             continue
@@ -390,7 +397,7 @@ def _purge(self:SQLiteJobStore, older_than=None, status=TERMINAL)->List[str]:
     old = lambda j: before is None or (j.completed_at or '') < before
     with self._wlock:
         with self._cv:
-            gone = [k for k, (j, _) in self._dirty.items() if j.status in st and old(j)]
+            gone = [k for k, (j, *_) in self._dirty.items() if j.status in st and old(j)]
             for k in gone: del self._dirty[k]
         ids = set(gone)
         with self._rlock:
