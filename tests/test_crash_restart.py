@@ -161,7 +161,7 @@ async def test_crash_loop_limit_with_failing_factory(make_manager, backend):
                        event_broadcaster=rec, entry_point=failing_factory_worker)
     jobs = [await mgr.start_job('echo', text=f"j{i}") for i in range(3)]  # queued before any worker is ready
     await mgr.start()
-    assert await mgr.wait_until_ready(60) is False  # no worker ever became ready
+    assert await mgr.wait_until_ready(180) is False  # no worker ever became ready
     for j in jobs:
         j = await mgr.wait_for_job(j.id, timeout=30)
         assert j.status == 'failed'
@@ -179,7 +179,7 @@ async def test_crash_loop_limit_with_failing_factory(make_manager, backend):
     assert late.status == 'failed' and 'model weights not found' in late.reason
     # restart_workers clears the count and tries again (and, with this factory, fails again the same way)
     await mgr.restart_workers()
-    assert await mgr.wait_until_ready(60) is False
+    assert await mgr.wait_until_ready(180) is False
     stats = mgr.get_worker_stats()[0]
     assert stats['status'] == 'failed' and stats['restarts'] == 2 + 1 + 2
     await mgr.flush_events()

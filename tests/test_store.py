@@ -242,6 +242,24 @@ async def test_shutdown_ends_the_writer_process(mk, tmp_path):
     assert gone(writer) and mgr.job_store.writer_pid is None
 
 
+async def test_without_a_writer_process_the_store_writes_from_a_thread(mk, tmp_path, monkeypatch, caplog):
+    """Where no writer process can be started (here: `sys.executable` names no file; a frozen app is the other case,
+    checked in the notebook), jobs are still written — by a thread — instead of never being committed (which would
+    leave every `wait_for_job` hanging)."""
+    monkeypatch.setattr(sys, 'executable', str(tmp_path / 'no-such-python'))  # the workers' spawn keeps its own path
+    db = tmp_path / 'jobs.db'
+    mgr = mk(SQLiteJobStore(db), config=dict(prefetch=4))
+    await mgr.start(wait=True)
+    with caplog.at_level('WARNING', logger='cjm_workers.stores.sqlite'):
+        done = [await _run(mgr, 'echo', text=str(i)) for i in range(20)]
+    assert all(j.status == 'completed' for j in done)
+    assert mgr.job_store.writer_pid is None
+    assert any('writing from a thread' in r.getMessage() for r in caplog.records), caplog.text
+    await mgr.ashutdown()
+    back = StoreJobManager(SQLiteJobStore(db))
+    assert back.count_jobs('completed') == 20 and back.get_job(done[-1].id).result['text'] == '19'
+
+
 def test_odd_values_are_stored_as_json_would_store_them(tmp_path):
     "A value of a class the writer process cannot import (here: defined in this test) is stored as its repr."
     class Opaque:

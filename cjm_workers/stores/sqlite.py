@@ -4,7 +4,7 @@
 
 # %% ../../nbs/stores/sqlite.ipynb #d82f097c
 from __future__ import annotations
-import importlib, itertools, json, logging, operator, os, re, socket, threading, time, types, typing, uuid
+import importlib, itertools, json, logging, operator, os, re, socket, sys, threading, time, types, typing, uuid
 from dataclasses import fields, is_dataclass
 from typing import Any, Iterable, List, Optional, Tuple, Union
 
@@ -12,7 +12,7 @@ import psutil
 from fastlite import database
 
 from .base import JobStore, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq
-from .sqlite_writer import WriterProcess, WriterGone
+from .sqlite_writer import WriterProcess, WriterThread, WriterGone, can_start_process
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +243,9 @@ def _write_loop(self:SQLiteJobStore):
                 self._writing = batch
             try:
                 if w is None:
-                    w = WriterProcess(self.path, self.busy_timeout, self.synchronous)
+                    w = self._new_writer()
                     self.writer_pid = w.pid
-                    self._record_writer(w.pid)  # before it gets a batch
+                    if w.pid: self._record_writer(w.pid)  # before it gets a batch
                 err = self._send(w, batch)
             except WriterGone as e:
                 err = str(e)
@@ -278,6 +278,16 @@ def _write_loop(self:SQLiteJobStore):
             except Exception: log.exception("job store on_commit callback raised")
     if w is not None: w.close()
     self.writer_pid = None
+
+@patch
+def _new_writer(self:SQLiteJobStore):
+    "A writer process; a writer thread where no process can be started (see `WriterThread`)."
+    why = can_start_process()
+    if why is None:
+        try: return WriterProcess(self.path, self.busy_timeout, self.synchronous)
+        except OSError as e: why = f"starting {sys.executable!r} failed: {type(e).__name__}: {e}"
+    log.warning("job store %s: no writer process (%s); writing from a thread of the app instead (slower)", self.path, why)
+    return WriterThread(self.path, self.busy_timeout, self.synchronous)
 
 @patch
 def flush(self:SQLiteJobStore, timeout:Optional[float]=None)->bool:

@@ -14,7 +14,7 @@ from ..core.channel import _header, _parse, _write_all
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'pack', 'encode', 'serve', 'WriterGone', 'WriterProcess']
+__all__ = ['log', 'pack', 'encode', 'serve', 'WriterGone', 'WriterProcess', 'can_start_process', 'WriterThread']
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #eb632b81
 _PLAIN = {str: str.__str__, int: int.__index__, float: float.__float__, dict: dict, list: list}
@@ -267,3 +267,35 @@ class WriterProcess:
         try: self.proc.kill()
         except OSError: pass
         self.close(5)
+
+# %% ../../nbs/stores/sqlite_writer.ipynb #c754a1b0
+def can_start_process()->Optional[str]:
+    "None if a writer process can be started here, else why not."
+    if getattr(sys, 'frozen', False): return "the app is a frozen executable"
+    exe = sys.executable
+    if not exe: return "sys.executable is empty"
+    if not os.access(exe, os.X_OK): return f"sys.executable {exe!r} cannot be executed"
+    return None
+
+class WriterThread:
+    "A writer that runs in the calling thread of the app: `WriterProcess`'s interface, no process (`pid` is None)."
+    pid = None
+    def __init__(self,
+                 path:str, # the database file
+                 busy_timeout:float=10.0, # seconds to wait for another connection's write lock
+                 synchronous:str='NORMAL' # SQLite's `synchronous` setting for the writes
+                ):
+        self.known, self.db = set(), _Db({'path': path, 'busy_timeout': busy_timeout, 'synchronous': synchronous})
+
+    def commit(self, schemas:dict, groups:dict)->Optional[str]:
+        "Write one batch now; None when committed, else the error (rolled back)."
+        schemas, groups = pickle.loads(pack((schemas, groups)))  # the plain values a writer process would get
+        self.known.update(schemas)
+        return self.db.write(schemas, groups)
+
+    def close(self, timeout:float=30.0)->None:
+        "Close the connection."
+        self.db.conn.close()
+    def kill(self)->None:
+        "Same as `close`."
+        self.close()
