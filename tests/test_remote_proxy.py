@@ -15,17 +15,11 @@ from cjm_workers.remote.proxy import (RemoteCancelledError, RemotePluginError, R
                                       RemoteWorkerError)
 from cjm_workers.testing import RecordingBroadcaster, ReferenceJobManager, wait_until
 from conftest import descendants
-from _a_helpers import gone
+from _a_helpers import gone, wait_gone
 
 PROBE = 'cjm_iso_probe'
 
 
-
-
-def wait_gone(pids, timeout=10.0):
-    try: psutil.wait_procs([psutil.Process(p) for p in pids if not gone(p)], timeout=timeout)
-    except psutil.NoSuchProcess: pass
-    return [p for p in pids if not gone(p)]
 
 
 # ---------------------------------------------------------------- isolation: a second virtualenv with its own package
