@@ -128,8 +128,9 @@ class PipeChannel:
 
     # -- reading
     def _fill(self)->bool:
-        "Read once from the pipe into the buffer; parse whole frames. False when nothing could be read now."
-        try: chunk = os.read(self.reader_fd, max(_READ_SIZE, self._wanted()))
+        "Read once from the pipe into the buffer; parse whole frames. True if the pipe may hold more (the read was full)."
+        n = max(_READ_SIZE, self._wanted())
+        try: chunk = os.read(self.reader_fd, n)
         except BlockingIOError: return False
         if not chunk:
             self._eof = True
@@ -138,7 +139,7 @@ class PipeChannel:
         frames, used = _parse(self._buf)
         if used: del self._buf[:used]
         self._msgs.extend(frames)
-        return True
+        return len(chunk) == n  # a short read emptied the pipe: asking again would only return EAGAIN
 
     def _wanted(self)->int:
         "Bytes still missing of a partly read large frame (so it is read in few calls)."
@@ -163,7 +164,7 @@ class PipeChannel:
         return self.get(False)
 
     def drain(self)->list:
-        "Every message that can be read now, without blocking (an `UndecodableMessage` in place of a frame that cannot be unpickled)."
+        "Every message the pipe holds now, without blocking (an `UndecodableMessage` in place of a frame that cannot be unpickled)."
         with self._rlock:
             while self._fill(): pass
             frames, self._msgs = self._msgs, deque()

@@ -765,9 +765,10 @@ def _wait_spec(self:BaseJobManager):
     return fds, (max(0.0, min(deadlines) - time.monotonic()) if deadlines else None)
 
 @patch
-def _drain(self:BaseJobManager, slot:_Slot):
-    "Handle every message the worker has sent so far."
-    for ch in (slot.results, slot.responses):
+def _drain(self:BaseJobManager, slot:_Slot, ready=None):
+    "Handle every message the worker has sent so far (on the channels whose fds are in `ready`, if given)."
+    for ch, fd in ((slot.results, slot.fds[0]), (slot.responses, slot.fds[1])):
+        if ready is not None and fd not in ready: continue
         try: msgs = ch.drain()
         except (OSError, ValueError): msgs, slot.eof = [], True
         for msg in msgs:
@@ -800,7 +801,7 @@ def _on_wake(self:BaseJobManager, ready:list):
         except (BlockingIOError, OSError): pass
     with self._lock:
         for s in self._slots:
-            if s.alive and (s.fds[0] in ready or s.fds[1] in ready): self._drain(s)
+            if s.alive and (s.fds[0] in ready or s.fds[1] in ready): self._drain(s, ready)
         for s in self._slots:
             if s.alive and (s.fds[2] in ready or s.eof): self._handle_worker_error(s)
         self._run_timers()
