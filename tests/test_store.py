@@ -260,6 +260,23 @@ async def test_without_a_writer_process_the_store_writes_from_a_thread(mk, tmp_p
     assert back.count_jobs('completed') == 20 and back.get_job(done[-1].id).result['text'] == '19'
 
 
+class _AnnotatingManager(StoreJobManager):
+    def _on_job_completed(self, job_id):
+        self.get_job(job_id).progress_message = 'archived by the hook'
+
+
+async def test_what_on_job_completed_changes_on_the_job_is_stored(track, tmp_path):
+    """`save` takes a snapshot of the job, so a change made after the job completed — by the `_on_job_completed`
+    hook — is written only because the manager saves the job again after the hook."""
+    db = tmp_path / 'jobs.db'
+    mgr = track(_AnnotatingManager(SQLiteJobStore(db)))
+    job = await _run(mgr, 'echo', text='x')
+    assert job.status == 'completed' and job.progress_message == 'archived by the hook'
+    await mgr.ashutdown()
+    back = StoreJobManager(SQLiteJobStore(db)).get_job(job.id)
+    assert back.status == 'completed' and back.progress_message == 'archived by the hook', back.progress_message
+
+
 def test_odd_values_are_stored_as_json_would_store_them(tmp_path):
     "A value of a class the writer process cannot import (here: defined in this test) is stored as its repr."
     class Opaque:

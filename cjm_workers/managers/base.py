@@ -450,6 +450,8 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
                 self._terminal(job, 'completed')
                 try: self._on_job_completed(jid)
                 except Exception: log.exception("_on_job_completed(%r) raised; the job stays completed", jid)
+                if type(self)._on_job_completed is not BaseJobManager._on_job_completed:
+                    self._store.save(job)  # the store keeps what the hook changed on the job too
         elif timed_out and not self._closed:  # stopped (or failed) after its time ran out
             self._fail_run(job, 'timeout', _timeout_error(job, self.worker_config.job_timeout_seconds), msg.get('traceback'))
         elif status == 'cancelled':
