@@ -28,7 +28,7 @@ def serve():
     from cjm_workers.fasthtml.sse import SSEBroadcaster
 
     bc = SSEBroadcaster()
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY (uvicorn binding itself would)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(('127.0.0.1', 0))
 

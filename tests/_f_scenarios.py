@@ -449,7 +449,7 @@ async def serve(app, before_exit=None, timeout:float=T):
     """Run an ASGI app under uvicorn on this event loop, on a free 127.0.0.1 port; yields its base URL.
     `before_exit()` runs before the server is told to stop (e.g. a broadcaster's `close()`, ending open streams)."""
     import uvicorn
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio then sets TCP_NODELAY on each connection
     sock.bind(('127.0.0.1', 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level='error', lifespan='off'))
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -235,7 +235,7 @@ from fasthtml.common import FastHTML
 from cjm_workers.fasthtml.sse import SSEBroadcaster
 
 bc = SSEBroadcaster(heartbeat_seconds=0)
-sock = socket.socket()
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
 sock.bind(('127.0.0.1', 0))
 
 async def lifespan(app):

@@ -494,7 +494,7 @@ def _parser()->argparse.ArgumentParser:
 def _bind(host:str, port:int)->socket.socket:
     "A listening TCP socket bound to (host, port), IPv4 or IPv6 as `host` requires (raises `OSError` if taken)."
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # the protocol set: asyncio then turns Nagle off
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
