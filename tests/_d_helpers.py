@@ -1,6 +1,7 @@
 """Helpers for the durability, scheduling and pool tests (issue 5), importable by spawned workers.
 
-- `StoreJobManager`: the reference manager with a `job_store` keyword (the reference manager's constructor predates it).
+- `StoreJobManager`: the reference manager with a `job_store` keyword (the reference manager's constructor predates it);
+  the `mk` fixture (conftest) builds them and shuts them down after the test; `run_job` starts a job and waits for it.
 - `d_worker`: the reference plugins plus `env` (returns the worker's environment variables asked for) and `flaky`
   (fails until it has been run `fail_times` times for one `key`, counting in a file, then succeeds).
 """
@@ -49,3 +50,8 @@ class StoreJobManager(ReferenceJobManager):
 def terminal_events(broadcaster, job_id):
     "The terminal events (completed/failed/cancelled) the broadcaster saw for a job."
     return [e for e in broadcaster.of(job_id) if e in ('completed', 'failed', 'cancelled')]
+
+
+async def run_job(mgr, plugin, timeout: float = 30, **kw):
+    "Start a job and wait for its end."
+    return await mgr.wait_for_job((await mgr.start_job(plugin, **kw)).id, timeout=timeout)

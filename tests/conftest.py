@@ -66,6 +66,14 @@ async def track():
     for m in made: await m.ashutdown()
 
 
+@pytest.fixture
+async def mk(track):
+    "Build `StoreJobManager`s (a job store, then the reference manager's keywords); all are shut down after the test."
+    from _d_helpers import StoreJobManager
+    def make(store=None, **kw): return track(StoreJobManager(store, **kw))
+    return make
+
+
 def descendants():
     "Live (non-zombie) descendant processes of this test process."
     out = []

@@ -4,19 +4,9 @@ import asyncio, os, random, signal
 import pytest
 from cjm_workers.core.config import WorkerConfig
 from cjm_workers.testing import RecordingBroadcaster, RecordingResourceManager, wait_until
-from _d_helpers import StoreJobManager, terminal_events
+from _d_helpers import run_job, terminal_events
 
 T = 30
-
-
-@pytest.fixture
-async def mk(track):
-    def make(store=None, **kw): return track(StoreJobManager(store, **kw))
-    return make
-
-
-async def _run(mgr, plugin, **kw):
-    return await mgr.wait_for_job((await mgr.start_job(plugin, **kw)).id, timeout=T)
 
 
 async def test_affinity_per_worker_env_and_the_resource_manager_sees_each_worker(mk):
@@ -34,12 +24,12 @@ async def test_affinity_per_worker_env_and_the_resource_manager_sees_each_worker
     # affinity: an idle worker that already ran the plugin gets it
     hold = await mgr.start_job('slow', seconds=30)  # on one worker...
     await wait_until(lambda: hold.status == 'running', T)
-    t = await _run(mgr, 'transcribe', steps=1, delay=0)  # ...so transcribe runs on the other one
+    t = await run_job(mgr, 'transcribe', steps=1, delay=0)  # ...so transcribe runs on the other one
     assert t.worker_pid != hold.worker_pid
     assert await mgr.cancel_job(hold.id)
     for _ in range(3):  # both idle now: transcribe goes where it ran before, echo where slow ran
-        assert (await _run(mgr, 'transcribe', steps=1, delay=0)).worker_pid == t.worker_pid
-        assert (await _run(mgr, 'slow', seconds=0)).worker_pid == hold.worker_pid
+        assert (await run_job(mgr, 'transcribe', steps=1, delay=0)).worker_pid == t.worker_pid
+        assert (await run_job(mgr, 'slow', seconds=0)).worker_pid == hold.worker_pid
 
 
 async def test_crash_and_hard_cancel_touch_only_their_own_worker(mk):
@@ -51,7 +41,7 @@ async def test_crash_and_hard_cancel_touch_only_their_own_worker(mk):
     stubborn = await mgr.start_job('slow', seconds=30, ignore_cancel=True)
     await wait_until(lambda: long.status == 'running' and stubborn.status == 'running', T)
     before = {s['worker']: s['pid'] for s in mgr.get_worker_stats()}
-    crash = await _run(mgr, 'crash', mode='segfault')  # runs on the third worker
+    crash = await run_job(mgr, 'crash', mode='segfault')  # runs on the third worker
     assert crash.status == 'failed' and 'SIGSEGV' in crash.error
     assert await mgr.cancel_job(stubborn.id) is True  # kills the stubborn job's worker
     assert (await mgr.wait_for_job(long.id, timeout=T)).status == 'completed'  # its worker was never touched
@@ -82,8 +72,8 @@ async def test_recycling_after_max_jobs_per_worker(mk):
 
 async def test_recycling_on_memory(mk):
     mgr = mk(config=dict(max_worker_rss_mb=1, restart_policy='never'))  # every worker uses more than 1 MB
-    a = await _run(mgr, 'echo', text='a')
-    b = await _run(mgr, 'echo', text='b')
+    a = await run_job(mgr, 'echo', text='a')
+    b = await run_job(mgr, 'echo', text='b')
     assert a.status == b.status == 'completed' and a.worker_pid != b.worker_pid  # recycled between the jobs
     await wait_until(lambda: mgr.get_worker_stats()[0]['recycles'] == 2, T)
 

@@ -2,15 +2,9 @@
 import asyncio
 import pytest
 from cjm_workers.testing import RecordingBroadcaster, wait_until
-from _d_helpers import StoreJobManager, terminal_events
+from _d_helpers import terminal_events
 
 T = 30
-
-
-@pytest.fixture
-async def mk(track):
-    def make(store=None, **kw): return track(StoreJobManager(store, **kw))
-    return make
 
 
 async def _blocked(mgr):

@@ -8,20 +8,10 @@ from cjm_workers.stores.base import JobStoreLocked, MemoryJobStore
 from cjm_workers.stores.sqlite import SQLiteJobStore
 from cjm_workers.testing import ReferenceJob, RecordingBroadcaster, wait_until
 from _a_helpers import gone, sigkill_after_first_line
-from _d_helpers import StoreJobManager
+from _d_helpers import StoreJobManager, run_job
 
 T = 30
 APP = Path(__file__).with_name('_d_app.py')
-
-
-@pytest.fixture
-async def mk(track):
-    def make(store=None, **kw): return track(StoreJobManager(store, **kw))
-    return make
-
-
-async def _run(mgr, plugin, **kw):
-    return await mgr.wait_for_job((await mgr.start_job(plugin, **kw)).id, timeout=T)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -30,9 +20,9 @@ async def _run(mgr, plugin, **kw):
 async def test_every_outcome_round_trips_through_the_file(mk, tmp_path):
     db = tmp_path / 'jobs.db'
     m1 = mk(SQLiteJobStore(db))
-    ok = await _run(m1, 'echo', text='hello')
-    bad = await _run(m1, 'echo', fail='nope')
-    streamed = await _run(m1, 'tokens', text='a b c', delay=0)
+    ok = await run_job(m1, 'echo', text='hello')
+    bad = await run_job(m1, 'echo', fail='nope')
+    streamed = await run_job(m1, 'tokens', text='a b c', delay=0)
     slow = await m1.start_job('slow', seconds=30)
     await wait_until(lambda: slow.status == 'running', T)
     assert await m1.cancel_job(slow.id)
@@ -56,8 +46,8 @@ async def test_every_outcome_round_trips_through_the_file(mk, tmp_path):
 @pytest.mark.parametrize('kind', ['memory', 'sqlite'])
 async def test_filter_page_and_count(mk, tmp_path, kind):
     mgr = mk(SQLiteJobStore(tmp_path / 'j.db') if kind == 'sqlite' else MemoryJobStore(), config=dict(prefetch=1))
-    good = [await _run(mgr, 'echo', text=str(i)) for i in range(6)]
-    bad = [await _run(mgr, 'echo', fail=str(i)) for i in range(3)]
+    good = [await run_job(mgr, 'echo', text=str(i)) for i in range(6)]
+    bad = [await run_job(mgr, 'echo', fail=str(i)) for i in range(3)]
     ids = [j.id for j in good + bad]
     assert [j.id for j in mgr.get_all_jobs()] == ids
     assert [j.id for j in mgr.get_all_jobs(status='completed', limit=2, offset=1)] == ids[1:3]
@@ -82,7 +72,7 @@ async def test_memory_holds_only_active_jobs_and_a_bounded_cache(mk, tmp_path):
 async def test_clear_and_purge_by_age_work_on_the_store(mk, tmp_path):
     db = tmp_path / 'j.db'
     mgr = mk(SQLiteJobStore(db), config=dict(prefetch=1, job_cache_size=2))
-    old = [await _run(mgr, 'echo', text=str(i)) for i in range(4)]
+    old = [await run_job(mgr, 'echo', text=str(i)) for i in range(4)]
     assert mgr.purge_jobs(older_than=3600) == 0  # none finished an hour ago
     blocker = await mgr.start_job('slow', seconds=30)
     await wait_until(lambda: blocker.status == 'running', T)
@@ -151,17 +141,17 @@ async def test_clean_shutdown_keeps_queued_jobs_for_the_next_start(mk, tmp_path)
 async def test_a_second_live_manager_on_the_same_jobs_is_refused(mk, tmp_path):
     db = tmp_path / 'jobs.db'
     m1 = mk(SQLiteJobStore(db))
-    job = await _run(m1, 'echo', text='one')
+    job = await run_job(m1, 'echo', text='one')
     m2 = mk(SQLiteJobStore(db))
     with pytest.raises(JobStoreLocked, match='another running manager'): await m2.start()
     assert m2.get_job(job.id).result['text'] == 'one'  # it may read
     with pytest.raises(JobStoreLocked): await m2.start_job('echo', text='two')
     other = mk(SQLiteJobStore(db), worker_type='other')  # another worker type: its own table and lease
-    assert (await _run(other, 'echo', text='x')).status == 'completed' and other.count_jobs() == 1
+    assert (await run_job(other, 'echo', text='x')).status == 'completed' and other.count_jobs() == 1
     assert m1.count_jobs() == 1
     await m1.ashutdown()
     await m2.start()  # the lease was released
-    assert (await _run(m2, 'echo', text='two')).status == 'completed' and m2.count_jobs() == 2
+    assert (await run_job(m2, 'echo', text='two')).status == 'completed' and m2.count_jobs() == 2
 
 
 def test_one_store_serves_one_manager(tmp_path):
@@ -219,7 +209,7 @@ async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost(mk, tmp_p
     import psutil
     db = tmp_path / 'jobs.db'
     mgr = mk(SQLiteJobStore(db), config=dict(prefetch=4))
-    first = await _run(mgr, 'echo', text='first')
+    first = await run_job(mgr, 'echo', text='first')
     old = psutil.Process(mgr.job_store.writer_pid)
     os.kill(old.pid, signal.SIGKILL)
     await wait_until(lambda: gone(old), T)
@@ -236,7 +226,7 @@ async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost(mk, tmp_p
 async def test_shutdown_ends_the_writer_process(mk, tmp_path):
     import psutil
     mgr = mk(SQLiteJobStore(tmp_path / 'jobs.db'))
-    await _run(mgr, 'echo', text='x')
+    await run_job(mgr, 'echo', text='x')
     writer = psutil.Process(mgr.job_store.writer_pid)
     await mgr.ashutdown()
     assert gone(writer) and mgr.job_store.writer_pid is None
@@ -251,7 +241,7 @@ async def test_without_a_writer_process_the_store_writes_from_a_thread(mk, tmp_p
     mgr = mk(SQLiteJobStore(db), config=dict(prefetch=4))
     await mgr.start(wait=True)
     with caplog.at_level('WARNING', logger='cjm_workers.stores.sqlite'):
-        done = [await _run(mgr, 'echo', text=str(i)) for i in range(20)]
+        done = [await run_job(mgr, 'echo', text=str(i)) for i in range(20)]
     assert all(j.status == 'completed' for j in done)
     assert mgr.job_store.writer_pid is None
     assert any('writing from a thread' in r.getMessage() for r in caplog.records), caplog.text
@@ -270,7 +260,7 @@ async def test_what_on_job_completed_changes_on_the_job_is_stored(track, tmp_pat
     hook — is written only because the manager saves the job again after the hook."""
     db = tmp_path / 'jobs.db'
     mgr = track(_AnnotatingManager(SQLiteJobStore(db)))
-    job = await _run(mgr, 'echo', text='x')
+    job = await run_job(mgr, 'echo', text='x')
     assert job.status == 'completed' and job.progress_message == 'archived by the hook'
     await mgr.ashutdown()
     back = StoreJobManager(SQLiteJobStore(db)).get_job(job.id)
