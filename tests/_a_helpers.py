@@ -32,15 +32,9 @@ def wait_gone(procs, timeout: float = 10.0) -> list:
     """Wait until every process in `procs` (pids or `psutil.Process`es) has exited; returns those still there.
     A process SIGKILLed by someone else is not gone the instant the signal is sent: on a busy machine it may still
     have to be scheduled to die, so tests that did not reap a process themselves wait for it with this."""
-    def live():
-        out = []
-        for p in procs:
-            try: q = p if isinstance(p, psutil.Process) else psutil.Process(p)
-            except psutil.NoSuchProcess: continue
-            if not gone(q): out.append(q)
-        return out
-    try: psutil.wait_procs(live(), timeout=timeout)
-    except psutil.NoSuchProcess: pass
+    try: psutil.wait_procs([p if isinstance(p, psutil.Process) else psutil.Process(p) for p in procs if not gone(p)],
+                           timeout=timeout)
+    except psutil.NoSuchProcess: pass  # one ended between the two looks: the answer below still counts
     return [p for p in procs if not gone(p)]
 
 

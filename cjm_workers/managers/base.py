@@ -886,7 +886,7 @@ def _ensure_started(self:BaseJobManager):
         if self._started: return
         store = self._store
         store.acquire(self._owner)  # JobStoreLocked if another live manager owns these jobs: nothing started yet
-        if hasattr(store, 'on_commit'): store.on_commit = _commit_callback(weakref.ref(self))
+        if hasattr(store, 'on_commit'): store.on_commit = _commit_callback(self._self_ref)
         self._next_seq = store.max_seq() + 1
         self._started = True
         self._recover()
@@ -895,7 +895,7 @@ def _ensure_started(self:BaseJobManager):
         self._wake_fds[:] = [r, w]
         for s in self._slots: self._start_worker(s)
         self._finalizer = weakref.finalize(self, _reap, self._slots, self._wake_fds, self._flags, store)
-        self._thread = threading.Thread(target=_monitor_results, args=(weakref.ref(self), r), daemon=True,
+        self._thread = threading.Thread(target=_monitor_results, args=(self._self_ref, r), daemon=True,
                                         name=f"cjm-manager-{self.worker_type}")
         self._thread.start()
 
