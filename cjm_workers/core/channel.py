@@ -22,6 +22,7 @@ def dumps(obj:Any # a message: plain data
 
 def _header(n:int)->bytes: return _LEN.pack(n) if n < _BIG else _LEN.pack(_BIG) + _LEN64.pack(n)
 
+# %% ../../nbs/core/channel.ipynb #f82fa5fd
 def _write_all(fd:int, bufs:list):
     "Write every buffer, in order, with as few `writev` calls as the OS allows."
     views = [memoryview(b) for b in bufs if len(b)]
@@ -31,6 +32,7 @@ def _write_all(fd:int, bufs:list):
             if n >= len(views[0]): n -= len(views.pop(0))
             else: views[0], n = views[0][n:], 0
 
+# %% ../../nbs/core/channel.ipynb #23854287
 def _parse(buf:bytearray)->Tuple[List[bytes], int]:
     "Complete frames at the start of `buf`, and how many bytes they used."
     out, pos, size = [], 0, len(buf)
@@ -57,6 +59,7 @@ def _loads(data:bytes)->Any:
     try: return pickle.loads(data)
     except Exception as e: raise UndecodableMessage(data, e) from e
 
+# %% ../../nbs/core/channel.ipynb #5e244610
 class _Stand:
     "Stands for any class or function `salvage` does not load."
     def __init__(self, *a, **kw): pass

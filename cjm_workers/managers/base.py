@@ -269,6 +269,7 @@ def _on_job_completed(self:BaseJobManager,
                      )->None:
     "Hook called when a job completes successfully (exceptions are logged; the job stays completed)."
 
+# %% ../../nbs/managers/base.ipynb #54dd6683
 @patch
 def get_plugin_name(self:BaseJobManager,
                     plugin_id:str # Plugin unique identifier
@@ -313,6 +314,7 @@ def _emit(self:BaseJobManager, name:str, data:Dict[str, Any]):
 async def _pump(self:BaseJobManager):
     while self._events: await self.broadcast_event(*self._events.popleft())
 
+# %% ../../nbs/managers/base.ipynb #c0ffd296
 @patch
 async def flush_events(self:BaseJobManager,
                        timeout:Optional[float]=None # seconds (None: as long as the broadcaster needs)
@@ -346,6 +348,7 @@ def _kick(self:BaseJobManager):
     if self._events and (self._pump_task is None or self._pump_task.done()):
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())
 
+# %% ../../nbs/managers/base.ipynb #f64faa7e
 @patch
 def _flush(self:BaseJobManager):
     "From any thread: have the event loop run `_kick` if there is anything for it."
@@ -398,6 +401,7 @@ def _terminal(self:BaseJobManager, job, status:str, reason:Optional[str]=None, e
         self.jobs.pop(old, None); self.job_results.pop(old, None)
     return True
 
+# %% ../../nbs/managers/base.ipynb #d9cf33d8
 @patch
 def _fail_run(self:BaseJobManager, job, reason:str, error:str, tb:Optional[str]=None):
     "A run of `job` failed: retry it if it opted in and has retries left, else fail it."
@@ -419,6 +423,7 @@ def _timeout_error(job, default)->str:
     t = job.timeout_seconds if job.timeout_seconds is not None else default
     return f"Timeout: the job ran longer than its limit of {t}s"
 
+# %% ../../nbs/managers/base.ipynb #9df23d33
 @patch
 def _safe_resource_call(self:BaseJobManager, method:str, *args, **kwargs):
     rm = self.resource_manager
@@ -426,6 +431,7 @@ def _safe_resource_call(self:BaseJobManager, method:str, *args, **kwargs):
     try: getattr(rm, method)(*args, **kwargs)
     except Exception: log.exception("resource manager %s%r raised", method, args)
 
+# %% ../../nbs/managers/base.ipynb #2c68f8f4
 @patch
 def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
     "Handle a job result from the worker."
@@ -466,6 +472,7 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
         self._safe_resource_call('update_worker_state', slot.pid, status='idle', job_id=None)
     if slot.recycle is not None or self._recycling: self._check_recycle(slot)
 
+# %% ../../nbs/managers/base.ipynb #aabc3f8c
 @patch(as_prop=True)
 def _recycling(self:BaseJobManager)->bool:
     cfg = self.worker_config
@@ -490,6 +497,7 @@ def _check_recycle(self:BaseJobManager, slot:_Slot):
         slot.kill_reason, slot.stop_deadline = 'recycle', time.monotonic() + cfg.shutdown_timeout_seconds
         self._outbox.append((slot, [{'type': 'stop'}], False))  # after the commands it still has, then it exits
 
+# %% ../../nbs/managers/base.ipynb #1a41b8b3
 @patch
 def _handle_stream_chunk(self:BaseJobManager, slot:_Slot, msg:dict):
     "Handle a streaming chunk from the worker."
@@ -522,6 +530,7 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
                                  plugin_id=job.plugin_id, loaded_plugin_resource=self._extract_plugin_resource_identifier(cfg),
                                  config=cfg)
 
+# %% ../../nbs/managers/base.ipynb #c91accb7
 @patch
 def _handle_message(self:BaseJobManager, slot:_Slot, msg):
     t = msg.get('type') if isinstance(msg, dict) else None
@@ -557,6 +566,7 @@ def _learn_pid(self:BaseJobManager, slot:_Slot, pid:Optional[int]):
         except psutil.Error: slot.ps = None
     self._safe_resource_call('register_worker', pid, self.worker_type)
 
+# %% ../../nbs/managers/base.ipynb #a28a4f56
 @patch
 def _start_worker(self:BaseJobManager, slot:_Slot):
     "Start the worker process of `slot` (under the lock)."
@@ -590,6 +600,7 @@ def _worker_with_env(entry, env:dict, *channels):
     os.environ.update(env)
     entry(*channels)
 
+# %% ../../nbs/managers/base.ipynb #33608d64
 @patch
 def _restart_worker(self:BaseJobManager, slot:_Slot):
     "Restart the worker process of `slot` after a crash or a hard cancel."
@@ -609,6 +620,7 @@ def _fail_slot(self:BaseJobManager, slot:_Slot, reason:str):
             job = self.jobs.get(self._pending.popleft())
             if job is not None: self._terminal(job, 'failed', reason=_no_worker(reason), error=_no_worker(reason))
 
+# %% ../../nbs/managers/base.ipynb #e165ee24
 @patch
 def _queue_position(self:BaseJobManager, job_id:str)->Optional[int]:
     "1 + the number of unfinished jobs ahead of `job_id` (those sent to workers count as ahead); None if not queued."
@@ -622,6 +634,7 @@ def get_queue_position(self:BaseJobManager,
     "Where a pending job stands in the manager's queue."
     with self._lock: return self._queue_position(job_id)
 
+# %% ../../nbs/managers/base.ipynb #cc647e77
 def _no_worker(reason:str)->str: return f"WorkerFailed: no worker can run the job: {reason}"
 
 @patch
@@ -751,6 +764,7 @@ def _monitor_results(ref, wake_fd:int):
         except Exception: log.exception("management thread: unexpected error (continuing)")
         del mgr
 
+# %% ../../nbs/managers/base.ipynb #bc04b603
 @patch
 def _wait_spec(self:BaseJobManager):
     with self._lock:
@@ -766,6 +780,7 @@ def _wait_spec(self:BaseJobManager):
         if self._retries: deadlines.append(self._retries[0][0])
     return fds, (max(0.0, min(deadlines) - time.monotonic()) if deadlines else None)
 
+# %% ../../nbs/managers/base.ipynb #43516973
 @patch
 def _drain(self:BaseJobManager, slot:_Slot, ready=None):
     "Handle every message the worker has sent so far (on the channels whose fds are in `ready`, if given)."
@@ -795,6 +810,7 @@ def _unreadable_reply(slot:_Slot, e:UndecodableMessage)->Optional[dict]:
         return {'type': 'response', 'request_id': m['request_id'], 'success': False, 'error': why}
     return None
 
+# %% ../../nbs/managers/base.ipynb #bf20ca81
 @patch
 def _on_wake(self:BaseJobManager, ready:list):
     wake_fd = self._wake_fds[0]
@@ -813,6 +829,7 @@ def _on_wake(self:BaseJobManager, ready:list):
     _send(sends)
     self._flush()
 
+# %% ../../nbs/managers/base.ipynb #44da117c
 @patch
 def _run_timers(self:BaseJobManager):
     now, cfg = time.monotonic(), self.worker_config
@@ -845,6 +862,7 @@ def _run_timers(self:BaseJobManager):
         if (failed := self._failed_reason()): self._terminal(job, 'failed', reason=_no_worker(failed), error=_no_worker(failed))
         else: self._pending.push(jid, job.priority)
 
+# %% ../../nbs/managers/base.ipynb #ea28c8e8
 @patch
 def _wake(self:BaseJobManager):
     if len(self._wake_fds) == 2:
@@ -874,6 +892,7 @@ def _reap(slots:list, wake_fds:list, flags:dict, store=None):
         try: store.release(); store.close()
         except Exception: log.exception("closing the job store at exit failed")
 
+# %% ../../nbs/managers/base.ipynb #7ecc22a0
 @patch
 def _bind_loop(self:BaseJobManager):
     loop = asyncio.get_running_loop()
@@ -899,6 +918,7 @@ def _ensure_started(self:BaseJobManager):
                                         name=f"cjm-manager-{self.worker_type}")
         self._thread.start()
 
+# %% ../../nbs/managers/base.ipynb #070e5fe8
 _INTERRUPTED = "Interrupted: the process that ran the job ended while it was running"
 
 @patch
@@ -922,6 +942,7 @@ def _recover(self:BaseJobManager):
             self._emit('pending', {'job_id': job.id, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name,
                                    'priority': job.priority, 'position': self._queue_position(job.id), 'recovered': True})
 
+# %% ../../nbs/managers/base.ipynb #46faf8d7
 @patch
 async def start(self:BaseJobManager,
                 wait:bool=False, # wait until every worker is ready (or failed)
@@ -1007,6 +1028,7 @@ async def start_job(self:BaseJobManager,
     self._flush()
     return job
 
+# %% ../../nbs/managers/base.ipynb #2e8cff3f
 def _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds):
     "Raise a clear error for a bad scheduling option of `start_job`."
     if isinstance(priority, bool) or not isinstance(priority, int): raise TypeError(f"priority must be an int, got {priority!r}")
@@ -1018,6 +1040,7 @@ def _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_sec
     if isinstance(retry_backoff_seconds, bool) or not isinstance(retry_backoff_seconds, (int, float)) or retry_backoff_seconds < 0:
         raise ValueError(f"retry_backoff_seconds must be a number >= 0, got {retry_backoff_seconds!r}")
 
+# %% ../../nbs/managers/base.ipynb #7bb2d0b4
 @patch
 def set_job_priority(self:BaseJobManager,
                      job_id:str, # a job waiting in the manager's queue (or for its retry)
@@ -1070,6 +1093,7 @@ async def wait_for_job(self:BaseJobManager,
             if fut in ws: ws.remove(fut)
         raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
 
+# %% ../../nbs/managers/base.ipynb #40e554aa
 @patch
 async def cancel_job(self:BaseJobManager,
                      job_id:str # ID of the job to cancel
@@ -1119,6 +1143,7 @@ async def _command(self:BaseJobManager, type_:str, data:dict, timeout:float)->Li
             return {'success': False, 'error': f"no reply within {timeout}s"}
     return list(await asyncio.gather(*(one(*t) for t in targets)))
 
+# %% ../../nbs/managers/base.ipynb #e003c06b
 @patch
 async def reload_plugin(self:BaseJobManager,
                         plugin_name:str, # Name of the plugin to reload
@@ -1155,6 +1180,7 @@ async def get_worker_state(self:BaseJobManager)->List[Dict[str, Any]]:
     replies = await self._command('get_state', {}, self.worker_config.reload_timeout_seconds)
     return [r.get('data') or {'error': r.get('error')} for r in replies]
 
+# %% ../../nbs/managers/base.ipynb #c4ac132a
 @patch
 async def restart_workers(self:BaseJobManager)->None:
     "Start again every worker that is failed or stopped (clears the crash counts)."
@@ -1194,6 +1220,7 @@ def count_jobs(self:BaseJobManager,
     "How many jobs the store holds (in this status)."
     return self._store.count(status)
 
+# %% ../../nbs/managers/base.ipynb #1551e0b8
 @patch
 def get_job_result(self:BaseJobManager,
                    job_id:str # Unique job identifier
@@ -1222,6 +1249,7 @@ def clear_completed_jobs(self:BaseJobManager)->int: # Number of jobs cleared
     "Clear completed, failed, and cancelled jobs."
     return self.purge_jobs()
 
+# %% ../../nbs/managers/base.ipynb #f47a1048
 @patch
 def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
     "Telemetry per worker: pid, status, CPU %, RSS of its process tree, uptime, jobs done, restarts."
@@ -1277,6 +1305,7 @@ def shutdown(self:BaseJobManager)->None:
     self._store.close()  # writes what is left
     self._flush()
 
+# %% ../../nbs/managers/base.ipynb #02608d7f
 @patch
 def _shelve(self:BaseJobManager, job):
     "At shutdown: a job that has not started stays pending in a durable store (it runs after the next start); else it is cancelled."
@@ -1286,6 +1315,7 @@ def _shelve(self:BaseJobManager, job):
             if job.id in self._waiters: self._done.append((job.id, _KEPT, 0))
     else: self._terminal(job, 'cancelled', reason='the manager shut down')
 
+# %% ../../nbs/managers/base.ipynb #9085445e
 @patch
 async def ashutdown(self:BaseJobManager)->None:
     "`shutdown()` without blocking the event loop; returns after the last events were broadcast."
@@ -1305,6 +1335,7 @@ async def __aenter__(self:BaseJobManager):
 @patch
 async def __aexit__(self:BaseJobManager, *exc): await self.ashutdown()
 
+# %% ../../nbs/managers/base.ipynb #ec80c538
 class _Lifespan:
     "What `manager.lifespan(app)` returns: an async context manager (Starlette) that is also an async iterator (FastHTML)."
     def __init__(self, managers): self.managers = managers

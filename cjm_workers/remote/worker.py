@@ -73,6 +73,7 @@ def _wait_poll(pid:int, interval:float=0.05)->None:
         except psutil.NoSuchProcess: return
         time.sleep(interval)
 
+# %% ../../nbs/remote/worker.ipynb #f3265e39
 def _end_process()->None:
     kill_own_children()
     log.warning("worker %d: parent process is gone; exiting", os.getpid())
@@ -197,6 +198,7 @@ def _bump(self:PluginHost)->None:
     self.seq += 1
     self._changed.notify_all()
 
+# %% ../../nbs/remote/worker.ipynb #5e610535
 @patch
 def _on_message(self:PluginHost, msg:dict)->None:
     "Receives what `JobContext.report_progress` sends."
@@ -228,6 +230,7 @@ def wait_progress(self:PluginHost,
         self._changed.wait_for(lambda: self.seq > since, timeout)
         return self.progress()
 
+# %% ../../nbs/remote/worker.ipynb #36d26159
 @patch
 def cancel(self:PluginHost)->dict:
     "Cancel the run in progress (flag + the plugin's `cancel()`): `{status, running}`."
@@ -251,6 +254,7 @@ def _encoded(status:int, body:Any)->Tuple[int, bytes]:
     except Exception as e:
         return 500, dumps_json(_error_body(e, error=f"the result could not be encoded as JSON ({_error_text(e)})"))
 
+# %% ../../nbs/remote/worker.ipynb #09edf664
 @patch
 def execute(self:PluginHost, args:list, kwargs:dict)->Tuple[int, bytes]:
     "Run `plugin.execute(*args, **kwargs)`: 200 result, 409 cancelled, 500 error."
@@ -267,6 +271,7 @@ def execute(self:PluginHost, args:list, kwargs:dict)->Tuple[int, bytes]:
             return _encoded(200, result)
         finally: self._end(ctx)
 
+# %% ../../nbs/remote/worker.ipynb #8432d23a
 @patch
 def stream_lines(self:PluginHost, args:list, kwargs:dict)->Iterator[bytes]:
     "NDJSON lines of `plugin.execute_stream(*args, **kwargs)`; a failure or cancel ends it with an `{error}` line."
@@ -298,6 +303,7 @@ def stream_lines(self:PluginHost, args:list, kwargs:dict)->Iterator[bytes]:
                 except Exception: log.exception("plugin %s: closing its stream raised", self.name)
             self._end(ctx)
 
+# %% ../../nbs/remote/worker.ipynb #702cc5d2
 @patch
 def initialize(self:PluginHost, config:Optional[dict])->Tuple[int, bytes]:
     "Call `plugin.initialize(config)`: 200, 422 with the plugin's error, or `not_supported`."
@@ -318,6 +324,7 @@ def cleanup(self:PluginHost)->Tuple[int, bytes]:
         except Exception as e: return _encoded(500, _error_body(e))
     return _encoded(200, {'status': 'cleaned_up'})
 
+# %% ../../nbs/remote/worker.ipynb #55b40b82
 @patch
 def call_getter(self:PluginHost, method:str)->Tuple[int, bytes]:
     "Call a no-argument method (`get_config_schema`, `get_current_config`): its value, `{}` if it has none."
@@ -356,6 +363,7 @@ def _json_response(body:Any, status:int=200, headers:Optional[dict]=None)->Respo
     content = body if isinstance(body, bytes) else dumps_json(body)
     return Response(content, status_code=status, media_type='application/json', headers=headers)
 
+# %% ../../nbs/remote/worker.ipynb #948867ec
 async def _read_json(request:Request, max_bytes:int)->Any:
     "The request's JSON body (`_EMPTY` if it has none), read no further than `max_bytes`."
     declared = request.headers.get('content-length')
@@ -373,6 +381,7 @@ async def _read_json(request:Request, max_bytes:int)->Any:
     try: return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e: raise _HTTPError(400, f"the request body is not valid JSON ({e})")
 
+# %% ../../nbs/remote/worker.ipynb #5ead6051
 def _call_args(body:Any)->Tuple[list, dict]:
     "Positional and keyword arguments from an `/execute` body."
     if body is _EMPTY: return [], {}
@@ -388,6 +397,7 @@ def _call_args(body:Any)->Tuple[list, dict]:
     if not isinstance(kwargs, dict): raise _HTTPError(400, f'"kwargs" must be a JSON object, not {type(kwargs).__name__}')
     return args, kwargs
 
+# %% ../../nbs/remote/worker.ipynb #8762a85a
 async def _in_threads(lines:Iterator[bytes]):
     "Iterate a blocking iterator with every `next()` in a worker thread."
     while True:

@@ -34,6 +34,7 @@ def _base_name(tp)->str:
         if len(args) == 1: tp = args[0]
     return tp.__name__ if tp in (str, int, float, bool) else 'json'
 
+# %% ../../nbs/stores/sqlite.ipynb #c354843c
 class _Codec:
     "How one job class maps to columns and back."
     def __init__(self, cls, key:int=0):
@@ -69,6 +70,7 @@ class _Codec:
         job._seq = row.get('_seq') or 0
         return job
 
+# %% ../../nbs/stores/sqlite.ipynb #1c78e4bf
 def _resolve(type_name:str):
     "The class named `module:qualname`, or None."
     mod, _, qual = (type_name or '').partition(':')
@@ -174,6 +176,7 @@ def _start_writer(self:SQLiteJobStore):
     self._writer = threading.Thread(target=self._write_loop, daemon=True, name=f"cjm-store-{self.namespace}")
     self._writer.start()
 
+# %% ../../nbs/stores/sqlite.ipynb #8ece7f1c
 @patch
 def _codec(self:SQLiteJobStore, cls)->_Codec:
     c = self._codecs.get(cls)
@@ -199,6 +202,7 @@ def _ensure_schema(self:SQLiteJobStore, db, codec:_Codec):
         if name not in have: t.add_column(name, typ)
     self._schema |= set(types_)
 
+# %% ../../nbs/stores/sqlite.ipynb #68de36ac
 @patch
 def _upsert_sql(self:SQLiteJobStore, codec:_Codec)->str:
     "The statement the writer process runs for rows of this class (its type name is a literal)."
@@ -211,6 +215,7 @@ def _upsert_sql(self:SQLiteJobStore, codec:_Codec)->str:
     return (f'INSERT INTO "{t}" ({", ".join(chr(34) + c + chr(34) for c in cols)}) '
             f'VALUES ({", ".join(marks)}) ON CONFLICT("id") DO UPDATE SET {", ".join(sets)}')
 
+# %% ../../nbs/stores/sqlite.ipynb #9fd410ca
 @patch
 def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict)->Optional[str]:
     "Hand a batch to the writer process and wait for its commit; None, or the error it met."
@@ -226,6 +231,7 @@ def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict)->Optional[str]:
     schemas = {k: (self._upsert_sql(c), len(c.native), self._table(), c.sent) for k, (c, _) in groups.items() if k not in w.known}
     return w.commit(schemas, {k: rows for k, (_, rows) in groups.items()})
 
+# %% ../../nbs/stores/sqlite.ipynb #0607a891
 @patch
 def _write_loop(self:SQLiteJobStore):
     "Body of the sender thread: hand every dirty job to the writer process, wait for the commit, repeat; exit when stopped and nothing is left."
@@ -279,6 +285,7 @@ def _write_loop(self:SQLiteJobStore):
     if w is not None: w.close()
     self.writer_pid = None
 
+# %% ../../nbs/stores/sqlite.ipynb #907ecd2a
 @patch
 def _new_writer(self:SQLiteJobStore):
     "A writer process; a writer thread where no process can be started (see `WriterThread`)."
@@ -289,6 +296,7 @@ def _new_writer(self:SQLiteJobStore):
     log.warning("job store %s: no writer process (%s); writing from a thread of the app instead (slower)", self.path, why)
     return WriterThread(self.path, self.busy_timeout, self.synchronous)
 
+# %% ../../nbs/stores/sqlite.ipynb #5f8b4e65
 @patch
 def flush(self:SQLiteJobStore, timeout:Optional[float]=None)->bool:
     "Wait until every job saved so far is committed; False on timeout."
@@ -325,6 +333,7 @@ def _rows(self:SQLiteJobStore, where:str='', params:tuple=(), order:str='', limi
         if limit is not None: sql += f' LIMIT {int(limit)}'
         return list(db.query(sql, params))
 
+# %% ../../nbs/stores/sqlite.ipynb #c30197e6
 @patch
 def _decode(self:SQLiteJobStore, row:dict):
     c = self._by_name.get(row.get('_type'))
@@ -338,6 +347,7 @@ def _decode(self:SQLiteJobStore, row:dict):
         self._by_name[row.get('_type')] = c
     return c.job(row)
 
+# %% ../../nbs/stores/sqlite.ipynb #57cf8bf9
 @patch
 def _overlay(self:SQLiteJobStore)->dict:
     "Jobs saved but not committed yet: id → live job object."
@@ -354,6 +364,7 @@ def _get(self:SQLiteJobStore, job_id:str):
     rows = self._rows('"id" = ?', (job_id,))
     return self._decode(rows[0]) if rows else None
 
+# %% ../../nbs/stores/sqlite.ipynb #07cf3a08
 @patch
 def _list(self:SQLiteJobStore, status=None, limit=None, offset=0, newest_first=False)->list:
     "Jobs in creation order, filtered by status, paged (unwritten changes included)."
@@ -386,6 +397,7 @@ def _count(self:SQLiteJobStore, status=None)->int:
         if st is None or job.status in st: n += 1
     return n
 
+# %% ../../nbs/stores/sqlite.ipynb #21242311
 @patch
 def unfinished(self:SQLiteJobStore)->List[Tuple[Any, Optional[bytes]]]:
     "Jobs left pending or running, with their stored execute requests, in creation order."
@@ -455,6 +467,7 @@ def _wait_for_writer(row:dict, timeout:float)->None:
         raise JobStoreLocked(f"the writer process {w.pid} of the dead manager {row['pid']} is still writing after {timeout}s") from None
     except psutil.Error: pass
 
+# %% ../../nbs/stores/sqlite.ipynb #f4bc7d98
 _OWNER_COLUMNS = {'namespace': 'TEXT PRIMARY KEY', 'owner': 'TEXT', 'pid': 'INTEGER', 'host': 'TEXT', 'pid_started': 'REAL',
                   'since': 'TEXT', 'writer_pid': 'INTEGER', 'writer_started': 'REAL'}
 
@@ -486,6 +499,7 @@ def acquire(self:SQLiteJobStore, owner:str)->None:
             raise
     self._owner = owner
 
+# %% ../../nbs/stores/sqlite.ipynb #4f1c8961
 @patch
 def _record_writer(self:SQLiteJobStore, pid:int)->None:
     "Note the writer process in the lease, so a manager taking over after this one's death waits for it to finish."

@@ -70,6 +70,7 @@ def _read_available(fd:int, buf:bytearray)->bool:
         if not chunk: return True
         buf += chunk
 
+# %% ../../nbs/stores/sqlite_writer.ipynb #76cd99ba
 _TERMINAL = ('completed', 'failed', 'cancelled')
 
 class _Schema:
@@ -96,6 +97,7 @@ class _Schema:
         vals.append(row[0])
         return tuple(vals)
 
+# %% ../../nbs/stores/sqlite_writer.ipynb #3682c35c
 class _Db:
     """The writer process's connection and the statements it was given.
 
@@ -155,6 +157,7 @@ class _Db:
                 else: last[r[0]] = r
         return None
 
+# %% ../../nbs/stores/sqlite_writer.ipynb #40ed67e6
 def serve(data_fd:int, # the pipe the batches arrive on
           ack_fd:int, # the pipe the answers go to
           parent_pid:int # the app's pid (the process ends when it is gone)
@@ -198,6 +201,7 @@ _CMD = ("import sys; sys.path.append(sys.argv[1]); from cjm_workers.stores.sqlit
 class WriterGone(RuntimeError):
     "The writer process ended before it answered (the batch may or may not be committed)."
 
+# %% ../../nbs/stores/sqlite_writer.ipynb #2efda607
 class WriterProcess:
     "The app's handle on one writer process."
     def __init__(self,
