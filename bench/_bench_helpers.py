@@ -3,7 +3,7 @@
 They live here, not in dispatch.py, so that a 'spawn' child imports them from a plain module instead of
 re-running the benchmark's ``__main__``.
 """
-import asyncio, sys
+import asyncio, os, sys
 
 
 def queue_echo(inbox, outbox):
@@ -17,6 +17,25 @@ def pipe_echo(conn):
     recv, send = conn.recv, conn.send
     while (m := recv()) is not None: send(m)
     conn.close()
+
+
+def floor_worker(requests, results):
+    """Child of row 3a: the least a worker must do per job. Read length-prefixed pickles from `requests` (a blocking
+    read in the main thread), and for each one write a `started` frame, then a `result` frame, to `results`."""
+    import pickle, struct
+    length, rfd, wfd, buf = struct.Struct('<I'), requests.fileno(), results.fileno(), bytearray()
+    while True:
+        chunk = os.read(rfd, 65536)
+        if not chunk: return
+        buf += chunk
+        while len(buf) >= 4 and len(buf) >= 4 + (n := length.unpack_from(buf)[0]):
+            msg = pickle.loads(bytes(buf[4:4 + n])); del buf[:4 + n]
+            if msg is None: return
+            started = pickle.dumps({'type': 'started', 'job_id': msg['job_id'], 'pid': os.getpid()})
+            os.writev(wfd, [length.pack(len(started)), started])
+            result = pickle.dumps({'type': 'result', 'job_id': msg['job_id'], 'status': 'success',
+                                   'data': {'text': msg['text'], 'metadata': {}}, 'error': None, 'traceback': None})
+            os.writev(wfd, [length.pack(len(result)), result])
 
 
 async def _app_main():

@@ -110,6 +110,47 @@ def bench_pipe()->list:
         a.close()
     return out
 
+# ------------------------------------------------------------------------------------- 3a: the protocol's floor
+async def bench_floor()->list:
+    """Row 3a: a job round trip stripped to its protocol, for scale. The event loop pickles a request and writes it to
+    a pipe; the worker's main thread reads it and writes `started` and `result`; the event loop reads the results
+    pipe itself (`add_reader`) and resolves the caller's future. No job object, states, queue, store, management
+    thread, cancel channel or plugin: everything row 3 does beyond this is the job system's own work."""
+    import pickle, struct, uuid
+    length, ctx, loop = struct.Struct('<I'), mp.get_context('spawn'), asyncio.get_running_loop()
+    req_r, req_w = ctx.Pipe(duplex=False)
+    res_r, res_w = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=helpers.floor_worker, args=(req_r, res_w), daemon=True)
+    p.start(); req_r.close(); res_w.close()
+    wfd, rfd, buf, waiting, out = req_w.fileno(), res_r.fileno(), bytearray(), {}, []
+    os.set_blocking(rfd, False)
+    def readable():  # the event loop reads the results pipe itself: no thread between the worker and the waiter
+        nonlocal buf
+        try: buf += os.read(rfd, 65536)
+        except BlockingIOError: return
+        while len(buf) >= 4 and len(buf) >= 4 + (n := length.unpack_from(buf)[0]):
+            msg = pickle.loads(bytes(buf[4:4 + n])); del buf[:4 + n]
+            if msg['type'] == 'result' and (f := waiting.pop(msg['job_id'], None)) is not None: f.set_result(msg)
+    loop.add_reader(rfd, readable)
+    try:
+        for i in range(RT_WARMUP + RT_N):
+            t0 = clock()
+            jid, f = uuid.uuid4().hex, loop.create_future()
+            waiting[jid] = f
+            data = pickle.dumps({'type': 'execute', 'job_id': jid, 'plugin_name': 'echo', 'text': 'x', 'plugin_config': {}})
+            os.writev(wfd, [length.pack(len(data)), data])
+            await f
+            t1 = clock()
+            if i >= RT_WARMUP: out.append(t1 - t0)
+    finally:
+        loop.remove_reader(rfd)
+        end = pickle.dumps(None)
+        os.writev(wfd, [length.pack(len(end)), end])
+        p.join(5)
+        if p.is_alive(): p.kill(); p.join()
+        req_w.close(); res_r.close()
+    return out
+
 # ------------------------------------------------------------------------------------------ 3-4: jobs, 1 worker
 async def bench_jobs():
     mgr = ReferenceJobManager(WorkerConfig())
@@ -270,6 +311,7 @@ def main():
     info = machine()
     q = _section("1: raw multiprocessing.Queue round trip", bench_queue)
     pp = _section("2: raw multiprocessing.Pipe round trip", bench_pipe)
+    floor = _section("3a: the job protocol's floor", bench_floor)
     jobs = _section("3/4: trivial job round trip and pipelined throughput", bench_jobs)
     coop = _section("5: cooperative cancel", bench_coop_cancel)
     hard = _section("6: hard cancel", bench_hard_cancel)
@@ -281,6 +323,13 @@ def main():
     q50 = pct(q, 50) if q else None
     rows.append(Row('1', 'raw mp.Queue round trip (spawn)', len(q), q50, pct(q, 99)) if q else _err('1', 'raw mp.Queue'))
     rows.append(Row('2', 'raw mp.Pipe round trip (spawn)', len(pp), pct(pp, 50), pct(pp, 99)) if pp else _err('2', 'raw mp.Pipe'))
+    if floor:
+        f50 = pct(floor, 50)
+        rows.append(Row('3a', "floor: bare job protocol, no job system", len(floor), f50, pct(floor, 99),
+                        f"{f50 / q50:.2f}x Queue p50" if q50 else '—',
+                        notes=["pickle + pipe write; worker's main thread reads, writes `started` and `result`; the event "
+                               "loop reads the results pipe itself (add_reader) and resolves a future (see bench_floor)"]))
+    else: rows.append(_err('3a', 'protocol floor'))
     if jobs:
         rts, rates = jobs
         j50, rate = pct(rts, 50), pct(rates, 50)
