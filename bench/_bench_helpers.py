@@ -3,7 +3,7 @@
 They live here, not in dispatch.py, so that a 'spawn' child imports them from a plain module instead of
 re-running the benchmark's ``__main__``.
 """
-import asyncio, os, sys
+import asyncio, os, pickle, struct, sys
 
 
 def queue_echo(inbox, outbox):
@@ -19,23 +19,32 @@ def pipe_echo(conn):
     conn.close()
 
 
+_LENGTH = struct.Struct('<I')
+
+def frame(obj)->list:
+    "Row 3a's wire format: a 4-byte length, then the pickle (as buffers for `os.writev`)."
+    data = pickle.dumps(obj)
+    return [_LENGTH.pack(len(data)), data]
+
+def take_frames(buf:bytearray)->list:
+    "Cut every complete frame off the front of `buf` and return them unpickled (row 3a)."
+    out = []
+    while len(buf) >= 4 and len(buf) >= 4 + (n := _LENGTH.unpack_from(buf)[0]):
+        out.append(pickle.loads(bytes(buf[4:4 + n]))); del buf[:4 + n]
+    return out
+
+
 def floor_worker(requests, results):
-    """Child of row 3a: the least a worker must do per job. Read length-prefixed pickles from `requests` (a blocking
-    read in the main thread), and for each one write a `started` frame, then a `result` frame, to `results`."""
-    import pickle, struct
-    length, rfd, wfd, buf = struct.Struct('<I'), requests.fileno(), results.fileno(), bytearray()
-    while True:
-        chunk = os.read(rfd, 65536)
-        if not chunk: return
+    """Child of row 3a: the least a worker must do per job. Read frames from `requests` (a blocking read in the main
+    thread), and for each one write a `started` frame, then a `result` frame, to `results`."""
+    rfd, wfd, buf = requests.fileno(), results.fileno(), bytearray()
+    while chunk := os.read(rfd, 65536):
         buf += chunk
-        while len(buf) >= 4 and len(buf) >= 4 + (n := length.unpack_from(buf)[0]):
-            msg = pickle.loads(bytes(buf[4:4 + n])); del buf[:4 + n]
+        for msg in take_frames(buf):
             if msg is None: return
-            started = pickle.dumps({'type': 'started', 'job_id': msg['job_id'], 'pid': os.getpid()})
-            os.writev(wfd, [length.pack(len(started)), started])
-            result = pickle.dumps({'type': 'result', 'job_id': msg['job_id'], 'status': 'success',
-                                   'data': {'text': msg['text'], 'metadata': {}}, 'error': None, 'traceback': None})
-            os.writev(wfd, [length.pack(len(result)), result])
+            os.writev(wfd, frame({'type': 'started', 'job_id': msg['job_id'], 'pid': os.getpid()}))
+            os.writev(wfd, frame({'type': 'result', 'job_id': msg['job_id'], 'status': 'success',
+                                  'data': {'text': msg['text'], 'metadata': {}}, 'error': None, 'traceback': None}))
 
 
 async def _app_main():

@@ -116,8 +116,8 @@ async def bench_floor()->list:
     a pipe; the worker's main thread reads it and writes `started` and `result`; the event loop reads the results
     pipe itself (`add_reader`) and resolves the caller's future. No job object, states, queue, store, management
     thread, cancel channel or plugin: everything row 3 does beyond this is the job system's own work."""
-    import pickle, struct, uuid
-    length, ctx, loop = struct.Struct('<I'), mp.get_context('spawn'), asyncio.get_running_loop()
+    import uuid
+    ctx, loop = mp.get_context('spawn'), asyncio.get_running_loop()
     req_r, req_w = ctx.Pipe(duplex=False)
     res_r, res_w = ctx.Pipe(duplex=False)
     p = ctx.Process(target=helpers.floor_worker, args=(req_r, res_w), daemon=True)
@@ -125,11 +125,9 @@ async def bench_floor()->list:
     wfd, rfd, buf, waiting, out = req_w.fileno(), res_r.fileno(), bytearray(), {}, []
     os.set_blocking(rfd, False)
     def readable():  # the event loop reads the results pipe itself: no thread between the worker and the waiter
-        nonlocal buf
-        try: buf += os.read(rfd, 65536)
+        try: buf.extend(os.read(rfd, 65536))
         except BlockingIOError: return
-        while len(buf) >= 4 and len(buf) >= 4 + (n := length.unpack_from(buf)[0]):
-            msg = pickle.loads(bytes(buf[4:4 + n])); del buf[:4 + n]
+        for msg in helpers.take_frames(buf):
             if msg['type'] == 'result' and (f := waiting.pop(msg['job_id'], None)) is not None: f.set_result(msg)
     loop.add_reader(rfd, readable)
     try:
@@ -137,15 +135,13 @@ async def bench_floor()->list:
             t0 = clock()
             jid, f = uuid.uuid4().hex, loop.create_future()
             waiting[jid] = f
-            data = pickle.dumps({'type': 'execute', 'job_id': jid, 'plugin_name': 'echo', 'text': 'x', 'plugin_config': {}})
-            os.writev(wfd, [length.pack(len(data)), data])
+            os.writev(wfd, helpers.frame({'type': 'execute', 'job_id': jid, 'plugin_name': 'echo', 'text': 'x', 'plugin_config': {}}))
             await f
             t1 = clock()
             if i >= RT_WARMUP: out.append(t1 - t0)
     finally:
         loop.remove_reader(rfd)
-        end = pickle.dumps(None)
-        os.writev(wfd, [length.pack(len(end)), end])
+        os.writev(wfd, helpers.frame(None))
         p.join(5)
         if p.is_alive(): p.kill(); p.join()
         req_w.close(); res_r.close()
