@@ -43,9 +43,11 @@ class WorkerActor:
         self.proc.start()
         self.req.close_reader(); self.res.close_writer(); self.resp.close_writer()
         self.res.set_nonblocking(); self.resp.set_nonblocking()
-        self._order = threading.Lock()  # a threaded actor may run calls out of order: `seq` puts them back in order
-        self._next = {'put': 0, 'control': 0}
+        self._order = {'put': threading.Lock(), 'control': threading.Lock()}  # a threaded actor may run calls out of
+        self._next = {'put': 0, 'control': 0}                                   # order: `seq` puts them back in order
         self._early: Dict[str, dict] = {'put': {}, 'control': {}}
+        self._requests = queue.SimpleQueue()  # request batches, in order, for the writer thread
+        threading.Thread(target=self._write_requests, name='cjm-ray-requests', daemon=True).start()
 
     def where(self)->tuple:
         "(actor pid, Ray node id, worker pid)."
@@ -53,17 +55,27 @@ class WorkerActor:
         return os.getpid(), ray.get_runtime_context().get_node_id(), self.proc.pid
 
     def _in_order(self, kind:str, seq:int, msgs:Optional[list]):
-        "Write batch `seq` of `kind` once every earlier one is written (None: close the worker's request pipe)."
-        ch = self.req if kind == 'put' else self.req.control
-        with self._order:
+        """Pass on batch `seq` of `kind` once every earlier one is passed on (None: close the worker's request pipe).
+        Requests go through the writer thread: a busy worker reads its request pipe only between jobs, and a call
+        blocked writing to it must not hold up the cancels behind it (each kind has its own lock)."""
+        with self._order[kind]:
             self._early[kind][seq] = msgs
             while self._next[kind] in self._early[kind]:
                 batch = self._early[kind].pop(self._next[kind])
                 self._next[kind] += 1
-                try:
-                    if batch is None: self.req.close_writer()  # the manager is gone: the worker reads end-of-file
-                    else: ch.put_many(batch)
-                except OSError: pass  # the worker is gone: `pump` reports how it ended
+                if kind == 'put': self._requests.put(batch)
+                else:
+                    try: self.req.control.put_many(batch)  # the worker's control thread reads all the time
+                    except OSError: pass  # the worker is gone: `pump` reports how it ended
+
+    def _write_requests(self):
+        "Writer thread: request batches to the worker's pipe, in order (blocking while the worker is busy)."
+        while True:
+            batch = self._requests.get()
+            try:
+                if batch is None: return self.req.close_writer()  # the manager is gone: the worker reads end-of-file
+                self.req.put_many(batch)
+            except OSError: pass  # the worker is gone: `pump` reports how it ended
 
     def put(self, seq:int, msgs:Optional[list]): self._in_order('put', seq, msgs)
 

@@ -6,7 +6,9 @@
 from __future__ import annotations
 import multiprocessing as mp, os, pickle, queue, select, struct, threading, time
 from collections import deque
+from itertools import islice
 from typing import Any, List, Optional, Tuple
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['dumps', 'UndecodableMessage', 'salvage', 'PipeChannel']
@@ -95,6 +97,7 @@ class PipeChannel:
     def _init_local(self):
         self._rlock, self._wlock = threading.Lock(), threading.Lock()
         self._buf, self._msgs, self._eof, self._nonblocking = bytearray(), deque(), False, False
+        self._out: Optional[deque] = None  # the write-behind backlog (see `write_behind`)
 
     def __getstate__(self): return self._reader, self._writer, self.control  # sent to a child when it starts
     def __setstate__(self, state):
@@ -124,10 +127,13 @@ class PipeChannel:
         "Send a message the caller already pickled with `dumps` (so it was checked, and is pickled only once)."
         self.put_pickled_many([data])
     def put_pickled_many(self, datas:list):
-        "Send several pre-pickled messages in one write."
+        "Send several pre-pickled messages in one write (or behind the backlog, after `write_behind`)."
         bufs = []
         for d in datas: bufs += [_header(len(d)), d]
-        with self._wlock: _write_all(self._writer.fileno(), bufs)
+        with self._wlock:
+            if self._out is None: return _write_all(self._writer.fileno(), bufs)
+            self._out.extend(memoryview(b) for b in bufs if len(b))
+            self._push()
 
     # -- reading
     def _fill(self)->bool:
@@ -202,7 +208,8 @@ class PipeChannel:
         self._writer.close()
         if self.control is not None: self.control.close_writer()
     def close(self):
-        "Close both ends of this process's copy (and of the control channel)."
+        "Close both ends of this process's copy (and of the control channel); a write-behind backlog is dropped."
+        if self._out is not None: self._out.clear()
         for c in (self._reader, self._writer):
             try: c.close()
             except OSError: pass
@@ -211,3 +218,42 @@ class PipeChannel:
         "Nothing to join (there is no feeder thread); kept for `Queue` compatibility."
     def cancel_join_thread(self):
         "Nothing to cancel; kept for `Queue` compatibility."
+
+# %% ../../nbs/core/channel.ipynb #9144b03e
+@patch
+def write_behind(self:PipeChannel):
+    "From now on, never block writing: what the pipe cannot take now waits here, in order, until `flush` sends it."
+    with self._wlock:
+        os.set_blocking(self._writer.fileno(), False)
+        if self._out is None: self._out = deque()
+
+@patch
+def _push(self:PipeChannel):
+    "Write as much of the backlog as the pipe takes now (under `_wlock`); a closed reader drops the backlog."
+    out, fd = self._out, self._writer.fileno()
+    try:
+        while out:
+            n = os.writev(fd, list(islice(out, 1024)))
+            while n:
+                if n >= len(out[0]): n -= len(out.popleft())
+                else: out[0], n = out[0][n:], 0
+    except BlockingIOError: pass  # full: the rest waits for `flush`
+    except OSError: out.clear()  # the reader is gone (the worker ended): nobody will read it
+
+@patch
+def flush(self:PipeChannel)->bool: # True once nothing waits
+    "Send what the pipe takes now of the write-behind backlog."
+    with self._wlock:
+        if self._out: self._push()
+        return not self._out
+
+@patch(as_prop=True)
+def backlog(self:PipeChannel)->int:
+    "Bytes put but not yet written to the pipe (always 0 without `write_behind`)."
+    out = self._out
+    return sum(map(len, list(out))) if out else 0
+
+@patch(as_prop=True)
+def writer_fd(self:PipeChannel)->int:
+    "File descriptor of the writing end, for `poll(POLLOUT)`."
+    return self._writer.fileno()

@@ -111,7 +111,6 @@ class _Worker:
         self.discovered = None
         self.pm = None
         self.jobs_done = 0
-        self.inbox: Optional[_Inbox] = None  # requests read ahead from a PipeChannel by the reader thread
 
 # %% ../../nbs/core/worker.ipynb #6b2b6f3d
 def _put(q, msg):
@@ -125,37 +124,10 @@ def _put_many(q, msgs):
     for m in msgs: _put(q, m[0] if isinstance(m, tuple) else m)
 
 def _more_waiting(q)->bool:
-    "Is another request already read and waiting (so a result can share the next write)?"
-    return bool(q) if isinstance(q, _Inbox) else isinstance(q, PipeChannel) and q.has_buffered()
-
-_EOF = object()
-
-class _Inbox:
-    """Requests a reader thread has taken out of the request pipe, in order. The worker reads its pipe all the time, not
-    only between jobs: a manager writing more requests than a pipe holds (large parameters, many jobs sent ahead) is
-    never blocked by a busy worker — a blocked write would stall the app's event loop, or deadlock the management
-    thread against a worker blocked on writing its result."""
-    def __init__(self): self.items, self.cv = deque(), threading.Condition(threading.Lock())
-    def __bool__(self)->bool: return bool(self.items)
-    def put(self, item):
-        with self.cv:
-            self.items.append(item)
-            self.cv.notify()
-    def get(self):
-        with self.cv:
-            self.cv.wait_for(lambda: self.items)
-            item = self.items[0] if self.items[0] is _EOF else self.items.popleft()
-        if item is _EOF: raise EOFError("the manager is gone")
-        return item
-
-def _read_ahead(requests:PipeChannel, inbox:_Inbox):
-    "Reader thread: move every request from the pipe to `inbox` (an undecodable one as its `UndecodableMessage`)."
-    while True:
-        try: inbox.put(requests.get())
-        except UndecodableMessage as e: inbox.put(e)
-        except (EOFError, OSError):
-            inbox.put(_EOF)
-            return
+    """Is another request already read and waiting (so a result can share the next write)? The main thread reads its
+    request pipe itself, with no reader thread in between: a manager never blocks on a busy worker because its writes
+    are write-behind (`PipeChannel.write_behind`), so the worker need not keep its pipe empty."""
+    return isinstance(q, PipeChannel) and q.has_buffered()
 
 # %% ../../nbs/core/worker.ipynb #d88727ee
 from fastcore.basics import patch
@@ -210,7 +182,7 @@ def _send(self:_Worker, msg): _put(self.results, msg)
 # %% ../../nbs/core/worker.ipynb #2f692c8c
 @patch
 def _next_request(self:_Worker)->Optional[dict]:
-    try: msg = self.inbox.get() if self.inbox is not None else self.requests.get()
+    try: msg = self.requests.get()
     except (EOFError, OSError): return {'type': 'stop'}  # the manager is gone
     except UndecodableMessage as e: msg = e
     if isinstance(msg, UndecodableMessage): return _unreadable(msg)
@@ -245,7 +217,7 @@ def _unreadable(e:UndecodableMessage)->Optional[dict]:
 def run(self:_Worker):
     held = None  # (result, its pickle) waiting to share a write with the next 'started'
     while True:
-        if held is not None and not _more_waiting(self.inbox if self.inbox is not None else self.requests):
+        if held is not None and not _more_waiting(self.requests):
             _put_many(self.results, [held]); held = None
         req = self._next_request()
         if req is None: continue
@@ -420,16 +392,11 @@ def base_worker_process(
 )->None:
     "Generic long-lived worker process that handles job execution."
     _close_unused_ends(request_queue, result_queue, response_queue)
-    inbox = None
-    if isinstance(request_queue, PipeChannel):  # read the pipe all the time (see `_Inbox`)
-        inbox = _Inbox()
-        threading.Thread(target=_read_ahead, args=(request_queue, inbox), name='cjm-worker-requests', daemon=True).start()
     if threading.current_thread() is threading.main_thread():  # a process of its own (not hosted in a thread of
         become_group_leader()                                  # another runtime, e.g. a Ray actor, whose process
         signal.signal(signal.SIGINT, signal.SIG_IGN)           # group and signals are not ours to change)
     _watch_parent()
     w = _Worker(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
-    w.inbox = inbox
     try: w.pm = plugin_manager_factory()
     except Exception as e:
         log.error("worker %d: plugin manager factory failed: %s", os.getpid(), _error_text(e))

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/managers/base.ipynb #23fd3273
 from __future__ import annotations
-import asyncio, bisect, concurrent.futures, heapq, logging, os, pickle, select, threading, time, traceback, uuid, weakref
+import asyncio, bisect, concurrent.futures, heapq, logging, math, os, pickle, select, threading, time, traceback, uuid, weakref
 import multiprocessing as mp
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
@@ -88,6 +88,9 @@ class _Slot:
         self.jobs_since_spawn = 0
         self.recycle: Optional[str] = None  # why the worker is to be recycled once its jobs are done
         self.stop_deadline: Optional[float] = None  # a recycled worker that has not exited by then is killed
+        self.gen = 0  # counts the worker processes this slot has started (tells stale loop readers apart)
+        self.loop_fds: list = []  # duplicates of the results and responses fds the event loop watches
+        self.loop_reads = None  # the event loop that reads this worker's pipes (None: the management thread does)
 
     @property
     def alive(self)->bool: return self.process is not None
@@ -201,6 +204,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._self_ref = weakref.ref(self)  # what queued callbacks hold: a dropped manager must stay collectable
         self._thread: Optional[threading.Thread] = None
         self._wake_fds: list = []  # [read fd, write fd] of the management thread's wake-up pipe
+        self._sleep_until = math.inf  # the nearest deadline the management thread is waiting for
         self._started = self._thread_stop = False
         self._flags = {'closed': False}  # shared with the finalizer, which may close the manager at exit
         self._finalizer = None
@@ -401,6 +405,20 @@ def _terminal(self:BaseJobManager, job, status:str, reason:Optional[str]=None, e
         self.jobs.pop(old, None); self.job_results.pop(old, None)
     return True
 
+# %% ../../nbs/managers/base.ipynb #9c986abd
+@patch
+def _wake(self:BaseJobManager):
+    if len(self._wake_fds) == 2:
+        try: os.write(self._wake_fds[1], b'x')
+        except (BlockingIOError, OSError): pass
+
+@patch
+def _note_deadline(self:BaseJobManager, t:float):
+    "A deadline was set (under the lock): wake the management thread if it would sleep past it."
+    if t < self._sleep_until:
+        self._sleep_until = t
+        self._wake()
+
 # %% ../../nbs/managers/base.ipynb #d9cf33d8
 @patch
 def _fail_run(self:BaseJobManager, job, reason:str, error:str, tb:Optional[str]=None):
@@ -412,6 +430,7 @@ def _fail_run(self:BaseJobManager, job, reason:str, error:str, tb:Optional[str]=
             delay = min(job.retry_backoff_seconds * 2 ** max(job.attempts - 1, 0), self.worker_config.retry_backoff_max_seconds)
             job.status, job.worker_pid, job.progress, job.progress_message, job.output, job.result = 'pending', None, None, '', '', None
             heapq.heappush(self._retries, (time.monotonic() + delay, job._seq, job.id))
+            self._note_deadline(time.monotonic() + delay)
             self._store.save(job)
             if self.event_broadcaster is not None:
                 self._emit('retrying', {'job_id': job.id, 'plugin_id': job.plugin_id, 'attempt': job.attempts,
@@ -495,6 +514,7 @@ def _check_recycle(self:BaseJobManager, slot:_Slot):
             slot.recycle = f"recycle: its processes use {rss / 2**20:.0f} MB (max_worker_rss_mb={cfg.max_worker_rss_mb})"
     if slot.recycle is not None and not slot.inflight and slot.alive and slot.kill_reason is None:
         slot.kill_reason, slot.stop_deadline = 'recycle', time.monotonic() + cfg.shutdown_timeout_seconds
+        self._note_deadline(slot.stop_deadline)
         self._outbox.append((slot, [{'type': 'stop'}], False))  # after the commands it still has, then it exits
 
 # %% ../../nbs/managers/base.ipynb #1a41b8b3
@@ -514,12 +534,14 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
     slot.running = jid
     job = self.jobs.get(jid)
     if job is None or job.is_terminal:  # cancelled while it was on its way: make sure it stops
-        slot.cancel_deadlines.setdefault(jid, time.monotonic() + self.worker_config.cancel_grace_seconds)
+        self._note_deadline(slot.cancel_deadlines.setdefault(jid, time.monotonic() + self.worker_config.cancel_grace_seconds))
         return
     job.status, job.started_at, job.worker_pid = 'running', _now(), slot.pid
     job.attempts += 1
     limit = job.timeout_seconds if job.timeout_seconds is not None else self.worker_config.job_timeout_seconds
-    if limit: slot.timeouts[jid] = time.monotonic() + limit
+    if limit:
+        slot.timeouts[jid] = t = time.monotonic() + limit
+        self._note_deadline(t)
     self._store.save(job)
     if self.event_broadcaster is not None:
         self._emit('started', {'job_id': jid, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name, 'worker_pid': slot.pid})
@@ -582,7 +604,9 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     p.start()
     slot.requests.close_reader(); slot.results.close_writer(); slot.responses.close_writer()
     slot.results.set_nonblocking(); slot.responses.set_nonblocking()
+    slot.requests.write_behind()  # sending never blocks on a busy worker (see `PipeChannel.write_behind`)
     slot.fds = (slot.results.reader_fd, slot.responses.reader_fd, p.sentinel)
+    slot.gen += 1
     now = time.monotonic()
     slot.process, slot.pid, slot.state, slot.eof = p, p.pid, 'starting', False
     slot.spawned_at, slot.ready_at, slot.restart_at = now, None, None
@@ -594,6 +618,7 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
         try: slot.ps = psutil.Process(p.pid)
         except psutil.Error: pass
         self._safe_resource_call('register_worker', p.pid, self.worker_type)
+    self._watch(slot)  # the event loop reads its pipes from now on
 
 def _worker_with_env(entry, env:dict, *channels):
     "Worker process body for a worker with its own environment: set it, then run the entry point."
@@ -653,6 +678,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     if p.is_alive(): kill_worker_tree(p, timeout=1.0)  # it closed its pipes but did not exit: finish it
     self._drain(slot)
     if not hasattr(p, 'kill_tree'): kill_process_group(slot.pid)  # a local process's group (never a remote pid)
+    self._release_loop(slot)
     for ch in (slot.requests, slot.results, slot.responses): ch.close()
     how = getattr(p, 'death_reason', None) or describe_exit(p.exitcode)  # a Ray actor that died: Ray's reason
     if slot.startup_error: how += f" after {slot.startup_error}"
@@ -735,13 +761,17 @@ def _dispatch(self:BaseJobManager)->list:
         out.setdefault(s.index, (s, []))[1].append(self._requests[jid][0])
     return list(out.values())
 
-def _send(sends:list, control:bool=False):
+def _send(sends:list, control:bool=False)->bool: # True if a request pipe now has a backlog (to flush when writable)
     "Send [(slot, [message or pickled bytes])] outside the lock, on the request or the control channel."
+    backlog = False
     for slot, msgs in sends:
         ch = slot.requests.control if control and slot.requests is not None else slot.requests
-        try: ch.put_pickled_many([m if isinstance(m, bytes) else dumps(m) for m in msgs])
+        try:
+            ch.put_pickled_many([m if isinstance(m, bytes) else dumps(m) for m in msgs])
+            backlog = backlog or ch.backlog > 0
         except (OSError, ValueError, AttributeError) as e:  # the worker is going away; its exit handler requeues
             log.debug("could not send to worker %s: %s", slot.pid, e)
+    return backlog
 
 # %% ../../nbs/managers/base.ipynb #a424393e
 def _monitor_results(ref, wake_fd:int):
@@ -752,9 +782,9 @@ def _monitor_results(ref, wake_fd:int):
         if mgr is None or mgr._thread_stop: return
         fds, timeout = mgr._wait_spec()
         del mgr
-        if fds != watched:  # a worker started or ended: rebuild the poll set
+        if fds != watched:  # a worker started or ended, or a pipe changed hands: rebuild the poll set
             poller = select.poll()
-            for fd in fds: poller.register(fd, select.POLLIN)
+            for fd, events in fds: poller.register(fd, events)
             watched = fds
         try: ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
         except (OSError, ValueError): ready = set()  # an fd closed under us: look again
@@ -767,18 +797,24 @@ def _monitor_results(ref, wake_fd:int):
 # %% ../../nbs/managers/base.ipynb #bc04b603
 @patch
 def _wait_spec(self:BaseJobManager):
+    IN, OUT = select.POLLIN, select.POLLOUT
     with self._lock:
-        fds, deadlines = (self._wake_fds[0],), []
+        fds, deadlines = ((self._wake_fds[0], IN),), []
         for s in self._slots:
             if s.alive:
-                fds += s.fds
+                loop = s.loop_reads
+                if loop is not None and loop.is_closed(): self._release_loop(s)  # its loop is gone: read them here
+                if loop is not None and loop.is_running(): fds += ((s.fds[2], IN),)
+                else: fds += tuple((fd, IN) for fd in s.fds)
+                if s.requests.backlog: fds += ((s.requests.writer_fd, OUT),)
                 deadlines += list(s.cancel_deadlines.values())
                 deadlines += list(s.timeouts.values())
                 if s.start_deadline is not None: deadlines.append(s.start_deadline)
                 if s.stop_deadline is not None: deadlines.append(s.stop_deadline)
             elif s.restart_at is not None: deadlines.append(s.restart_at)
         if self._retries: deadlines.append(self._retries[0][0])
-    return fds, (max(0.0, min(deadlines) - time.monotonic()) if deadlines else None)
+        self._sleep_until = min(deadlines) if deadlines else math.inf
+    return fds, (max(0.0, self._sleep_until - time.monotonic()) if deadlines else None)
 
 # %% ../../nbs/managers/base.ipynb #43516973
 @patch
@@ -825,9 +861,95 @@ def _on_wake(self:BaseJobManager, ready:list):
         self._run_timers()
         sends = self._dispatch()
         out, self._outbox = self._outbox, []
+        for s in self._slots:  # requests waiting in a backlog go on as far as the pipe takes them
+            if s.alive and s.requests.backlog: s.requests.flush()
     for slot, msgs, control in out: _send([(slot, msgs)], control=control)
-    _send(sends)
+    _send(sends)  # what stays in a backlog is seen by `_wait_spec`, which waits for its pipe to be writable
     self._flush()
+
+# %% ../../nbs/managers/base.ipynb #d1382da8
+def _unwatch(fds:list):
+    "On the loop that watches them: stop watching the duplicated descriptors in `fds` and close them (once)."
+    loop = _running_loop()
+    while fds:
+        d = fds.pop()
+        if loop is not None:
+            try: loop.remove_reader(d)
+            except Exception: pass
+        try: os.close(d)
+        except OSError: pass
+
+def _on_readable(ref, slot:_Slot, gen:int, fds:list, fd:int):
+    "Loop callback: the pipe whose own descriptor is `fd` is readable (`fds`: the duplicates this loop watches)."
+    m = ref()
+    if m is None or not m._loop_drain(slot, gen, fds, fd): _unwatch(fds)
+
+def _watch_weakly(ref, slot:_Slot, gen:int):
+    "What a thread other than the loop's asks the loop to run: watch the pipes of `slot`'s worker number `gen`."
+    m = ref()
+    if m is None: return
+    with m._lock:
+        if slot.gen == gen: m._watch(slot)
+
+# %% ../../nbs/managers/base.ipynb #0032f082
+@patch
+def _watch(self:BaseJobManager, slot:_Slot):
+    "Have the running event loop read `slot`'s results and responses pipes (under the lock)."
+    loop = self._loop
+    if loop is None or loop.is_closed() or slot.loop_fds or not slot.alive or self._closed: return
+    if _running_loop() is not loop:
+        try: loop.call_soon_threadsafe(_watch_weakly, self._self_ref, slot, slot.gen)
+        except RuntimeError: pass  # the loop closed meanwhile: the management thread reads them
+        return
+    fds = []
+    try:
+        for ch in (slot.results, slot.responses):
+            fds.append(os.dup(ch.reader_fd))
+            loop.add_reader(fds[-1], _on_readable, self._self_ref, slot, slot.gen, fds, ch.reader_fd)
+    except (NotImplementedError, OSError, ValueError) as e:
+        log.debug("the event loop cannot watch the worker's pipes (%s): the management thread reads them", e)
+        _unwatch(fds)
+        return
+    slot.loop_fds, slot.loop_reads = fds, loop
+    self._wake()  # the management thread stops watching these pipes
+
+@patch
+def _release_loop(self:BaseJobManager, slot:_Slot):
+    "Take `slot`'s pipes back from the loop, from any thread (under the lock); the management thread reads them again."
+    fds, loop = slot.loop_fds, slot.loop_reads
+    slot.loop_fds, slot.loop_reads = [], None
+    if not fds: return
+    if loop.is_closed(): return _unwatch(fds)  # a closed loop's selector is gone: only the descriptors are left
+    if _running_loop() is loop: return _unwatch(fds)
+    try: loop.call_soon_threadsafe(_unwatch, fds)
+    except RuntimeError: _unwatch(fds)  # it closed meanwhile
+
+# %% ../../nbs/managers/base.ipynb #4a458350
+@patch
+def _loop_drain(self:BaseJobManager, slot:_Slot, gen:int, fds:list, fd:int)->bool: # False: stale readers (remove them)
+    "Handle, on the event loop, what a worker sent on the pipe whose own descriptor is `fd`."
+    with self._lock:
+        if slot.gen != gen or not slot.alive or slot.loop_fds is not fds: return False
+        self._drain(slot, (fd,))
+        eof = slot.eof
+        if eof: slot.loop_fds, slot.loop_reads = [], None
+        sends = self._dispatch()
+        out, self._outbox = self._outbox, []
+    if eof:
+        _unwatch(fds)
+        self._wake()  # the management thread ends the worker
+    backlog = False
+    for s, msgs, control in out: backlog |= _send([(s, msgs)], control=control)
+    if _send(sends) or backlog: self._wake()  # the management thread flushes it when the pipe is writable
+    self._flush()
+    return True
+
+# %% ../../nbs/managers/base.ipynb #fca7ed08
+@patch
+def _catch_up(self:BaseJobManager):
+    "If the loop that reads the workers' pipes is not running, wake the management thread to read them."
+    loop = self._loop
+    if loop is not None and not loop.is_running() and any(s.loop_fds for s in self._slots): self._wake()
 
 # %% ../../nbs/managers/base.ipynb #44da117c
 @patch
@@ -862,13 +984,6 @@ def _run_timers(self:BaseJobManager):
         if (failed := self._failed_reason()): self._terminal(job, 'failed', reason=_no_worker(failed), error=_no_worker(failed))
         else: self._pending.push(jid, job.priority)
 
-# %% ../../nbs/managers/base.ipynb #ea28c8e8
-@patch
-def _wake(self:BaseJobManager):
-    if len(self._wake_fds) == 2:
-        try: os.write(self._wake_fds[1], b'x')
-        except (BlockingIOError, OSError): pass
-
 # %% ../../nbs/managers/base.ipynb #246b670b
 def _reap(slots:list, wake_fds:list, flags:dict, store=None):
     "Finalizer of a manager that was dropped or left running at exit: stop its workers, write out its store."
@@ -895,8 +1010,14 @@ def _reap(slots:list, wake_fds:list, flags:dict, store=None):
 # %% ../../nbs/managers/base.ipynb #7ecc22a0
 @patch
 def _bind_loop(self:BaseJobManager):
+    "Called first by every coroutine method: the loop it runs on becomes the manager's (and reads the workers' pipes)."
     loop = asyncio.get_running_loop()
-    if self._loop is not loop: self._loop, self._kick_posted = loop, False  # a kick queued on an old loop never runs
+    if self._loop is loop: return
+    with self._lock:
+        self._loop, self._kick_posted = loop, False  # a kick queued on an old loop never runs
+        for s in self._slots:
+            self._release_loop(s)
+            self._watch(s)
 
 @patch
 def _ensure_started(self:BaseJobManager):
@@ -1024,7 +1145,7 @@ async def start_job(self:BaseJobManager,
                 self._emit('pending', {'job_id': job.id, 'plugin_id': plugin_id, 'plugin_name': plugin_name, 'priority': priority,
                                        'position': sum(len(s.inflight) for s in self._slots) + self._pending.count_from(priority)})
             sends = self._dispatch()
-    _send(sends)
+    if _send(sends): self._wake()  # a backlog: the management thread flushes it when the pipe is writable
     self._flush()
     return job
 
@@ -1059,7 +1180,7 @@ def set_job_priority(self:BaseJobManager,
         if self.event_broadcaster is not None:
             self._emit('priority_changed', {'job_id': job_id, 'priority': priority, 'position': self._queue_position(job_id)})
         sends = self._dispatch()
-    _send(sends)
+    if _send(sends): self._wake()
     self._flush()
     return True
 
@@ -1134,7 +1255,8 @@ async def _command(self:BaseJobManager, type_:str, data:dict, timeout:float)->Li
                 s.commands[rid] = fut
                 targets.append((s, rid, fut))
     if not targets: return [{'success': False, 'error': 'no worker is running'}]
-    for s, rid, _ in targets: _send([(s, [{**data, 'type': type_, 'request_id': rid}])])
+    for s, rid, _ in targets:
+        if _send([(s, [{**data, 'type': type_, 'request_id': rid}])]): self._wake()
     async def one(s, rid, fut):
         try: return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except asyncio.TimeoutError:
@@ -1199,6 +1321,7 @@ def get_job(self:BaseJobManager,
             job_id:str # Unique job identifier
            )->Optional[JobType]: # Job object or None
     "Get a job by ID (an active or recently finished job is the live object; older ones are read from the store)."
+    self._catch_up()
     job = self.jobs.get(job_id)
     return job if job is not None else self._store.get(job_id)
 
@@ -1210,6 +1333,7 @@ def get_all_jobs(self:BaseJobManager,
                  newest_first:bool=False # newest first (default: in creation order)
                 )->List[JobType]: # the jobs
     "Get all jobs (or a page of them, filtered by status), from the job store."
+    self._catch_up()
     live = self.jobs
     return [live.get(j.id, j) for j in self._store.list(status, limit, offset, newest_first)]
 
@@ -1281,6 +1405,8 @@ def shutdown(self:BaseJobManager)->None:
             if job is not None: self._shelve(job)
         procs = [(s, s.process) for s in self._slots if s.alive]
         sends = [(s, [{'type': 'stop'}]) for s, _ in procs]
+        for s in self._slots: self._release_loop(s)  # the management thread reads the last results, even if
+    self._wake()                                     # this call blocks the event loop
     _send(sends, control=True)  # stop now: cancels the running job, skips what is queued
     _send(sends)  # and wakes a worker waiting for requests
     deadline = time.monotonic() + self.worker_config.shutdown_timeout_seconds

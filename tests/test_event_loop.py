@@ -1,0 +1,95 @@
+"""Which thread reads the workers' pipes (`managers/base`, "The event loop reads the results"): the event loop while it
+runs, the management thread whenever it does not — before the first loop, while the loop is stopped, after it closed —
+and pipes handed back and forth leave no descriptor behind."""
+import asyncio, gc, os, threading, time
+import pytest
+from cjm_workers.testing import ReferenceJobManager
+from conftest import resource_counts
+
+T = 30  # seconds: generous limits for a loaded machine
+
+
+class ThreadRecordingManager(ReferenceJobManager):
+    "Records the thread that handled each job's result (`_on_job_completed` runs where the result is handled)."
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.handled_on = {}
+    def _on_job_completed(self, job_id): self.handled_on[job_id] = threading.get_ident()
+
+
+def wait_sync(predicate, timeout=T):
+    "Poll from synchronous code (no event loop running), as a script or a thread would."
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end: return False
+        time.sleep(0.01)
+    return True
+
+
+async def test_results_are_handled_on_the_running_event_loop():
+    mgr = ThreadRecordingManager()
+    try:
+        jobs = [await mgr.start_job('echo', text=str(i)) for i in range(20)]
+        for j in jobs: assert (await mgr.wait_for_job(j.id, timeout=T)).status == 'completed'
+        assert set(mgr.handled_on.values()) == {threading.get_ident()}  # the loop's own thread, for every job
+        assert all(s.loop_reads is asyncio.get_running_loop() for s in mgr._slots)
+    finally: await mgr.ashutdown()
+
+
+def test_a_stopped_loop_hands_the_pipes_to_the_management_thread():
+    "A job that finishes while its loop is stopped is still seen finishing from synchronous code; the loop takes over again."
+    fds0 = resource_counts()[1]
+    loop = asyncio.new_event_loop()
+    mgr = ThreadRecordingManager()
+    try:
+        async def begin():
+            await mgr.start(wait=True)
+            job = await mgr.start_job('slow', seconds=0.3)
+            await asyncio.sleep(0.1)  # the management thread settles, leaving the pipes to this (running) loop
+            return job
+        job = loop.run_until_complete(begin())
+        assert not loop.is_running() and mgr._slots[0].loop_fds  # the loop stopped, still holding the pipes
+        assert wait_sync(lambda: mgr.get_job(job.id).status == 'completed', 10), mgr.get_job(job.id).status
+        assert mgr.handled_on[job.id] == mgr._thread.ident  # the management thread read the result
+        second = loop.run_until_complete(mgr.start_job('echo', text='running again'))
+        done = loop.run_until_complete(mgr.wait_for_job(second.id, timeout=T))
+        assert done.result['text'] == 'running again'
+    finally:
+        mgr.shutdown()
+        loop.run_until_complete(asyncio.sleep(0))  # the loop removes its readers (asked from shutdown)
+        loop.close()
+    gc.collect()
+    assert resource_counts()[1] <= fds0 + 1  # +1: multiprocessing's resource tracker, started by the first spawn
+
+
+def test_a_manager_outlives_its_first_event_loop():
+    "asyncio.run twice: the first loop closes with a job in flight; the second loop picks up its result."
+    mgr = ThreadRecordingManager()
+    try:
+        async def first(): return await mgr.start_job('slow', seconds=0.3)
+        job = asyncio.run(first())  # closes its loop while the job runs
+        async def second():
+            done = await mgr.wait_for_job(job.id, timeout=T)
+            return done.status, mgr.handled_on[job.id] == threading.get_ident()
+        assert asyncio.run(second()) == ('completed', True)  # handled on the second loop
+    finally: mgr.shutdown()
+
+
+async def test_restarts_move_the_loop_readers_to_the_new_worker_without_leaking():
+    "Each crash and restart hands the new worker's pipes to the loop; the dead worker's duplicates are closed."
+    from cjm_workers.core.config import WorkerConfig
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(restart_policy='always', max_restart_attempts=100))
+    try:
+        await mgr.start(wait=True)
+        await mgr.wait_for_job((await mgr.start_job('echo', text='warm')).id, timeout=T)
+        fds = resource_counts()[1]
+        for _ in range(5):
+            crash = await mgr.wait_for_job((await mgr.start_job('crash')).id, timeout=T)
+            assert crash.status == 'failed'
+            ok = await mgr.wait_for_job((await mgr.start_job('echo', text='after')).id, timeout=T)
+            assert ok.status == 'completed'
+        slot = mgr._slots[0]
+        assert slot.loop_reads is asyncio.get_running_loop() and len(slot.loop_fds) == 2
+        await asyncio.sleep(0.1)  # the last dead worker's duplicates read end-of-file and are closed
+        assert resource_counts()[1] == fds
+    finally: await mgr.ashutdown()
