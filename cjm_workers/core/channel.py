@@ -26,7 +26,11 @@ def _header(n:int)->bytes: return _LEN.pack(n) if n < _BIG else _LEN.pack(_BIG) 
 
 # %% ../../nbs/core/channel.ipynb #f82fa5fd
 def _write_all(fd:int, bufs:list):
-    "Write every buffer, in order, with as few `writev` calls as the OS allows."
+    "Write every buffer, in order, with as few `writev` calls as the OS allows (small batches: one joined `write`)."
+    if sum(map(len, bufs)) < 65536:  # the usual message: copying it is cheaper than building views
+        view = b''.join(bufs)
+        while view: view = view[os.write(fd, view):]
+        return
     views = [memoryview(b) for b in bufs if len(b)]
     while views:
         n = os.writev(fd, views[:1024])
@@ -132,7 +136,7 @@ class PipeChannel:
         for d in datas: bufs += [_header(len(d)), d]
         with self._wlock:
             if self._out is None: return _write_all(self._writer.fileno(), bufs)
-            self._out.extend(memoryview(b) for b in bufs if len(b))
+            self._out.extend(b for b in bufs if b)
             self._push()
 
     # -- reading
@@ -233,10 +237,10 @@ def _push(self:PipeChannel):
     out, fd = self._out, self._writer.fileno()
     try:
         while out:
-            n = os.writev(fd, list(islice(out, 1024)))
+            n = os.writev(fd, out if len(out) <= 1024 else list(islice(out, 1024)))
             while n:
                 if n >= len(out[0]): n -= len(out.popleft())
-                else: out[0], n = out[0][n:], 0
+                else: out[0], n = memoryview(out[0])[n:], 0
     except BlockingIOError: pass  # full: the rest waits for `flush`
     except OSError: out.clear()  # the reader is gone (the worker ended): nobody will read it
 

@@ -37,14 +37,32 @@ class JobContext:
                  send:Callable[[dict], None] # sends a message to the manager
                 ):
         self.job_id, self.plugin_name, self._send = job_id, plugin_name, send
-        self.cancel_event = threading.Event()  # set when the manager asks this job to stop
         self.chunks: list[str] = []  # streamed output so far
         self._last = (0.0, None)
+        self._cancelled, self._event = False, None  # the Event is made only if a plugin asks for it (most never do)
+
+    @property
+    def cancel_event(self)->threading.Event:
+        "A `threading.Event` set when the manager asks this job to stop (for plugins that wait on it)."
+        if self._event is None:
+            with _EVENT_LOCK:
+                if self._event is None:
+                    ev = threading.Event()
+                    if self._cancelled: ev.set()
+                    self._event = ev
+        return self._event
+
+    def cancel(self)->None:
+        "Mark this job as asked to stop (the control thread calls it)."
+        with _EVENT_LOCK:
+            self._cancelled = True
+            ev = self._event
+        if ev is not None: ev.set()
 
     @property
     def cancelled(self)->bool:
         "True once the manager has asked this job to stop."
-        return self.cancel_event.is_set()
+        return self._cancelled or (self._event is not None and self._event.is_set())
 
     def report_progress(self,
                         progress:float, # 0..1, or -1 for indeterminate
@@ -57,6 +75,7 @@ class JobContext:
         self._send({'type': 'progress', 'job_id': self.job_id, 'progress': float(progress), 'message': str(message)})
 
 _current: Optional[JobContext] = None
+_EVENT_LOCK = threading.Lock()
 
 def current_job()->Optional[JobContext]:
     "The job this worker process is running now, or None."
@@ -161,7 +180,7 @@ def _control(self:_Worker, msg:dict):
         elif self.ctx is not None and self.ctx.job_id == msg.get('job_id'): hit = self.ctx
         else: _remember(self.tombstones, msg.get('job_id'))
     if hit is not None:
-        hit.cancel_event.set()
+        hit.cancel()
         self._cancel_hook(hit.plugin_name)
 
 @patch

@@ -740,6 +740,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
 @patch
 def _dispatch(self:BaseJobManager)->list:
     "Assign pending jobs to workers (under the lock); returns [(slot, [requests])] to send."
+    if not self._pending: return []  # the common case after a result: nothing waits
     out, cap, slots = {}, self.worker_config.prefetch, self._slots
     if any(s.state in ('starting', 'restarting') for s in slots): cap = 1  # keep jobs for the worker on its way
     avail = [s for s in slots if s.open]
@@ -1207,6 +1208,7 @@ async def wait_for_job(self:BaseJobManager,
                 return job
             self._done.append((job_id, job, t))
     self._flush()
+    if timeout is None: return await fut
     try: return await asyncio.wait_for(fut, timeout)
     except asyncio.TimeoutError:
         with self._lock:

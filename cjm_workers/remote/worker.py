@@ -236,7 +236,7 @@ def cancel(self:PluginHost)->dict:
     "Cancel the run in progress (flag + the plugin's `cancel()`): `{status, running}`."
     with self._state:
         ctx = self.ctx
-        if ctx is not None: ctx.cancel_event.set()
+        if ctx is not None: ctx.cancel()
     fn = getattr(self.plugin, 'cancel', None)  # called without holding the lock: it may report progress
     if not callable(fn): return {'status': 'not_supported', 'running': ctx is not None}
     try: fn()
