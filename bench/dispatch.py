@@ -77,91 +77,114 @@ async def until(pred, timeout=30.0, interval=0.001, what='condition'):
         if time.monotonic() > end: raise TimeoutError(f"{what} not met within {timeout}s")
         await asyncio.sleep(interval)
 
-# ----------------------------------------------------------------------------------------------- 1-2: raw IPC
-def bench_queue()->list:
-    ctx = mp.get_context('spawn')
-    inbox, outbox = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=helpers.queue_echo, args=(inbox, outbox), daemon=True)
-    p.start()
-    put, get, out = inbox.put, outbox.get, []
-    try:
-        for i in range(RT_WARMUP + RT_N):
-            t0 = clock(); put(PAYLOAD); get(); t1 = clock()
-            if i >= RT_WARMUP: out.append(t1 - t0)
-    finally:
-        inbox.put(None); p.join(5)
-        if p.is_alive(): p.kill(); p.join()
-        for q in (inbox, outbox): q.close(); q.join_thread()
-    return out
+# ------------------------------------------------------------------------------ 1, 2, 3a, 3: round trips, interleaved
+# The four round trips are measured in turns (ROUNDS rounds; in each, RT_N / ROUNDS round trips of each kind, the
+# order rotating), with every child process alive throughout. A machine whose speed drifts during the run (other
+# tenants, frequency changes) then slows every kind alike, and the ratios compare like with like.
 
-def bench_pipe()->list:
-    ctx = mp.get_context('spawn')
-    a, b = ctx.Pipe()
-    p = ctx.Process(target=helpers.pipe_echo, args=(b,), daemon=True)
-    p.start(); b.close()
-    send, recv, out = a.send, a.recv, []
-    try:
-        for i in range(RT_WARMUP + RT_N):
-            t0 = clock(); send(PAYLOAD); recv(); t1 = clock()
-            if i >= RT_WARMUP: out.append(t1 - t0)
-    finally:
-        a.send(None); p.join(5)
-        if p.is_alive(): p.kill(); p.join()
-        a.close()
-    return out
+class QueueEcho:
+    "Row 1: a raw `multiprocessing.Queue` round trip to a spawned child."
+    def __init__(self):
+        ctx = mp.get_context('spawn')
+        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
+        self.p = ctx.Process(target=helpers.queue_echo, args=(self.inbox, self.outbox), daemon=True)
+        self.p.start()
+    async def trip(self)->float:
+        put, get = self.inbox.put, self.outbox.get
+        t0 = clock(); put(PAYLOAD); get(); return clock() - t0
+    async def close(self):
+        self.inbox.put(None); self.p.join(5)
+        if self.p.is_alive(): self.p.kill(); self.p.join()
+        for q in (self.inbox, self.outbox): q.close(); q.join_thread()
 
-# ------------------------------------------------------------------------------------- 3a: the protocol's floor
-async def bench_floor()->list:
+class PipeEcho:
+    "Row 2: a raw `multiprocessing.Pipe` round trip to a spawned child."
+    def __init__(self):
+        ctx = mp.get_context('spawn')
+        self.a, b = ctx.Pipe()
+        self.p = ctx.Process(target=helpers.pipe_echo, args=(b,), daemon=True)
+        self.p.start(); b.close()
+    async def trip(self)->float:
+        t0 = clock(); self.a.send(PAYLOAD); self.a.recv(); return clock() - t0
+    async def close(self):
+        self.a.send(None); self.p.join(5)
+        if self.p.is_alive(): self.p.kill(); self.p.join()
+        self.a.close()
+
+class FloorEcho:
     """Row 3a: a job round trip stripped to its protocol, for scale. The event loop pickles a request and writes it to
     a pipe; the worker's main thread reads it and writes `started` and `result`; the event loop reads the results
     pipe itself (`add_reader`) and resolves the caller's future. No job object, states, queue, store, management
     thread, cancel channel or plugin: everything row 3 does beyond this is the job system's own work."""
-    import uuid
-    ctx, loop = mp.get_context('spawn'), asyncio.get_running_loop()
-    req_r, req_w = ctx.Pipe(duplex=False)
-    res_r, res_w = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=helpers.floor_worker, args=(req_r, res_w), daemon=True)
-    p.start(); req_r.close(); res_w.close()
-    wfd, rfd, buf, waiting, out = req_w.fileno(), res_r.fileno(), bytearray(), {}, []
-    os.set_blocking(rfd, False)
-    def readable():  # the event loop reads the results pipe itself: no thread between the worker and the waiter
-        try: buf.extend(os.read(rfd, 65536))
+    def __init__(self):
+        ctx, self.loop = mp.get_context('spawn'), asyncio.get_running_loop()
+        req_r, self.req_w = ctx.Pipe(duplex=False)
+        self.res_r, res_w = ctx.Pipe(duplex=False)
+        self.p = ctx.Process(target=helpers.floor_worker, args=(req_r, res_w), daemon=True)
+        self.p.start(); req_r.close(); res_w.close()
+        self.wfd, self.rfd, self.buf, self.waiting = self.req_w.fileno(), self.res_r.fileno(), bytearray(), {}
+        os.set_blocking(self.rfd, False)
+        self.loop.add_reader(self.rfd, self.readable)
+    def readable(self):  # the event loop reads the results pipe itself: no thread between the worker and the waiter
+        try: self.buf.extend(os.read(self.rfd, 65536))
         except BlockingIOError: return
-        for msg in helpers.take_frames(buf):
-            if msg['type'] == 'result' and (f := waiting.pop(msg['job_id'], None)) is not None: f.set_result(msg)
-    loop.add_reader(rfd, readable)
-    try:
-        for i in range(RT_WARMUP + RT_N):
-            t0 = clock()
-            jid, f = uuid.uuid4().hex, loop.create_future()
-            waiting[jid] = f
-            os.writev(wfd, helpers.frame({'type': 'execute', 'job_id': jid, 'plugin_name': 'echo', 'text': 'x', 'plugin_config': {}}))
-            await f
-            t1 = clock()
-            if i >= RT_WARMUP: out.append(t1 - t0)
-    finally:
-        loop.remove_reader(rfd)
-        os.writev(wfd, helpers.frame(None))
-        p.join(5)
-        if p.is_alive(): p.kill(); p.join()
-        req_w.close(); res_r.close()
-    return out
+        for msg in helpers.take_frames(self.buf):
+            if msg['type'] == 'result' and (f := self.waiting.pop(msg['job_id'], None)) is not None: f.set_result(msg)
+    async def trip(self)->float:
+        import uuid
+        t0 = clock()
+        jid, f = uuid.uuid4().hex, self.loop.create_future()
+        self.waiting[jid] = f
+        os.writev(self.wfd, helpers.frame({'type': 'execute', 'job_id': jid, 'plugin_name': 'echo', 'text': 'x', 'plugin_config': {}}))
+        await f
+        return clock() - t0
+    async def close(self):
+        self.loop.remove_reader(self.rfd)
+        os.writev(self.wfd, helpers.frame(None))
+        self.p.join(5)
+        if self.p.is_alive(): self.p.kill(); self.p.join()
+        self.req_w.close(); self.res_r.close()
 
-# ------------------------------------------------------------------------------------------ 3-4: jobs, 1 worker
-async def bench_jobs():
+class JobEcho:
+    "Row 3: a trivial job's round trip through the job system: `start_job` -> `wait_for_job` returns it completed."
+    def __init__(self): self.mgr = ReferenceJobManager(WorkerConfig())
+    async def trip(self)->float:
+        t0 = clock()
+        job = await self.mgr.start_job('echo', text='x')
+        j = await self.mgr.wait_for_job(job.id)
+        t1 = clock()
+        if j.status != 'completed': raise RuntimeError(f"echo job ended {j.status}: {j.error}")
+        return t1 - t0
+    async def close(self): await self.mgr.ashutdown()
+
+ROUNDS = 8
+
+async def bench_round_trips()->dict:
+    "Rows 1, 2, 3a and 3: {kind: [round trip seconds]}, and 'rounds': [{kind: p50 of that round}]."
+    kinds = {}
+    try:
+        kinds['queue'], kinds['pipe'], kinds['floor'], kinds['job'] = QueueEcho(), PipeEcho(), FloorEcho(), JobEcho()
+        await kinds['job'].mgr.start(wait=True)
+        for k in kinds.values():
+            for _ in range(RT_WARMUP): await k.trip()
+        out, rounds, names = {k: [] for k in kinds}, [], list(kinds)
+        for r in range(ROUNDS):
+            this = {}
+            for name in names[r % 4:] + names[:r % 4]:  # rotate the order: no kind always goes first
+                xs = [await kinds[name].trip() for _ in range(RT_N // ROUNDS)]
+                out[name] += xs
+                this[name] = pct(xs, 50)
+            rounds.append(this)
+        out['rounds'] = rounds
+        return out
+    finally:
+        for k in kinds.values(): await k.close()
+
+# -------------------------------------------------------------------------------------------- 4: throughput
+async def bench_throughput()->list:
     mgr = ReferenceJobManager(WorkerConfig())
     try:
         await mgr.start(wait=True)
-        rts = []
-        for i in range(RT_WARMUP + RT_N):
-            t0 = clock()
-            job = await mgr.start_job('echo', text='x')
-            j = await mgr.wait_for_job(job.id)
-            t1 = clock()
-            if j.status != 'completed': raise RuntimeError(f"echo job ended {j.status}: {j.error}")
-            if i >= RT_WARMUP: rts.append(t1 - t0)
-        mgr.clear_completed_jobs()
-
         rates = []
         for rep in range(TP_REPS + 1):  # rep 0 is a warm-up
             gc.collect()
@@ -174,7 +197,7 @@ async def bench_jobs():
                                        f"(first: {bad[0].status} {bad[0].error})")
             if rep: rates.append(TP_JOBS / (t1 - t0))
             mgr.clear_completed_jobs()
-        return rts, rates
+        return rates
     finally: await mgr.ashutdown()
 
 # ------------------------------------------------------------------------------------------------ 5-6: cancel
@@ -305,10 +328,8 @@ def _err(num, name): return Row(num, name, 0, value='ERROR (see stderr)', ok=Fal
 def main():
     t_start = clock()
     info = machine()
-    q = _section("1: raw multiprocessing.Queue round trip", bench_queue)
-    pp = _section("2: raw multiprocessing.Pipe round trip", bench_pipe)
-    floor = _section("3a: the job protocol's floor", bench_floor)
-    jobs = _section("3/4: trivial job round trip and pipelined throughput", bench_jobs)
+    rt = _section("1, 2, 3a, 3: round trips, interleaved", bench_round_trips)
+    rates = _section("4: pipelined throughput", bench_throughput)
     coop = _section("5: cooperative cancel", bench_coop_cancel)
     hard = _section("6: hard cancel", bench_hard_cancel)
     crash = _section("7: crash -> failed", bench_crash)
@@ -316,27 +337,35 @@ def main():
     pdeath = _section("9: parent death", bench_parent_death)
 
     rows = []
+    q, pp, floor, jobs = (rt or {}).get('queue'), (rt or {}).get('pipe'), (rt or {}).get('floor'), (rt or {}).get('job')
     q50 = pct(q, 50) if q else None
-    rows.append(Row('1', 'raw mp.Queue round trip (spawn)', len(q), q50, pct(q, 99)) if q else _err('1', 'raw mp.Queue'))
+    rows.append(Row('1', 'raw mp.Queue round trip (spawn)', len(q), q50, pct(q, 99),
+                    notes=[f"rows 1, 2, 3a and 3 were measured in turns: {ROUNDS} rounds of {RT_N // ROUNDS} round trips "
+                           "of each kind, the order rotating, after a warm-up of each"]) if q else _err('1', 'raw mp.Queue'))
     rows.append(Row('2', 'raw mp.Pipe round trip (spawn)', len(pp), pct(pp, 50), pct(pp, 99)) if pp else _err('2', 'raw mp.Pipe'))
     if floor:
         f50 = pct(floor, 50)
         rows.append(Row('3a', "floor: bare job protocol, no job system", len(floor), f50, pct(floor, 99),
                         f"{f50 / q50:.2f}x Queue p50" if q50 else '—',
                         notes=["pickle + pipe write; worker's main thread reads, writes `started` and `result`; the event "
-                               "loop reads the results pipe itself (add_reader) and resolves a future (see bench_floor)"]))
+                               "loop reads the results pipe itself (add_reader) and resolves a future (see FloorEcho)"]))
     else: rows.append(_err('3a', 'protocol floor'))
     if jobs:
-        rts, rates = jobs
-        j50, rate = pct(rts, 50), pct(rates, 50)
+        j50 = pct(jobs, 50)
         ratio = j50 / q50 if q50 else float('nan')
-        rows.append(Row('3', "trivial job round trip (echo)", len(rts), j50, pct(rts, 99), f"{ratio:.2f}x Queue p50",
-                        '<= 1.0x Queue', ratio <= 1.0))
+        per_round = sorted(r['job'] / r['queue'] for r in rt['rounds'])
+        rows.append(Row('3', "trivial job round trip (echo)", len(jobs), j50, pct(jobs, 99), f"{ratio:.2f}x Queue p50",
+                        '<= 1.0x Queue', ratio <= 1.0,
+                        notes=[f"ratio in each of the {ROUNDS} rounds (job p50 / Queue p50 of that round): "
+                               + ', '.join(f"{x:.2f}" for x in per_round)]))
+    else: rows.append(_err('3', 'trivial job round trip'))
+    if rates:
+        rate = pct(rates, 50)
         rows.append(Row('4', f"pipelined throughput, 1 worker ({TP_JOBS:,} jobs)", TP_REPS, value=f"{rate:,.0f} jobs/s",
                         target='>= 30,000/s', ok=rate >= 30_000,
                         notes=[f"median of {TP_REPS} runs after a warm-up run; runs: "
                                + ', '.join(f"{x:,.0f}" for x in rates) + " jobs/s"]))
-    else: rows += [_err('3', 'trivial job round trip'), _err('4', 'pipelined throughput')]
+    else: rows.append(_err('4', 'pipelined throughput'))
     rows.append(Row('5', 'cooperative cancel -> cancelled', len(coop), pct(coop, 50), pct(coop, 99),
                     target='p50 <= 20 ms', ok=pct(coop, 50) <= 0.020,
                     notes=["`slow` checks for a cancel every 5 ms, so ~2.5 ms of this is the plugin's own poll"])

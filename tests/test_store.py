@@ -281,3 +281,23 @@ def test_odd_values_are_stored_as_json_would_store_them(tmp_path):
     o = back.get('o')
     assert (o.params, o.result, o.error) == ({'x': '<opaque>', 'n': [1, 2]}, {'set': '{3}'}, '["not","a","str"]')
     back.close()
+
+
+async def test_a_table_left_without_its_unique_index_is_completed_before_writing(mk, tmp_path):
+    "A table whose first start was cut short before its index existed once made every later write fail, for ever."
+    import apsw
+    db = tmp_path / 'jobs.db'
+    m1 = mk(SQLiteJobStore(db))
+    first = await run_job(m1, 'echo', text='first')
+    await m1.ashutdown()
+    table = 'jobs_' + m1.worker_type
+    conn = apsw.Connection(str(db))
+    for (name,) in conn.execute(f"SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='{table}'").fetchall():
+        conn.execute(f'DROP INDEX "{name}"')  # the table as an interrupted first start could leave it
+    conn.close()
+    m2 = mk(SQLiteJobStore(db))
+    second = await run_job(m2, 'echo', text='second')
+    assert second.status == 'completed' and m2.get_job(first.id).result['text'] == 'first'
+    await m2.ashutdown()
+    m3 = mk(SQLiteJobStore(db))  # what m2 wrote is in the file
+    assert m3.get_job(second.id).result['text'] == 'second'

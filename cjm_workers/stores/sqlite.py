@@ -193,14 +193,13 @@ def _ensure_schema(self:SQLiteJobStore, db, codec:_Codec):
     types_ = {'id': str, '_seq': int, '_type': str, '_request': bytes}
     py = {'str': str, 'int': int, 'float': float, 'bool': int, 'json': str}
     for name, kind, _ in codec.fields: types_[name] = py[kind]
-    if not t.exists():  # rows in creation order (`_seq` is the rowid); the job id is unique
-        t.create(columns=types_, pk='_seq', if_not_exists=True)
-        t.create_index(['id'], unique=True, if_not_exists=True)
-        t.create_index(['status', '_seq'], if_not_exists=True)
+    if not t.exists(): t.create(columns=types_, pk='_seq', if_not_exists=True)  # rows in creation order (`_seq` is the rowid)
     have = {c.name for c in t.columns}
     for name, typ in types_.items():
         if name not in have: t.add_column(name, typ)
-    self._schema |= set(types_)
+    t.create_index(['id'], unique=True, if_not_exists=True)  # the job id is unique (what the upsert relies on);
+    t.create_index(['status', '_seq'], if_not_exists=True)   # made here every time, so a retry completes a schema
+    self._schema |= set(types_)                              # that an earlier attempt left half made
 
 # %% ../../nbs/stores/sqlite.ipynb #68de36ac
 @patch
@@ -262,7 +261,10 @@ def _write_loop(self:SQLiteJobStore):
                 err = f"{type(e).__name__}: {e}"
                 if w is not None: w.kill()
                 w = self.writer_pid = None
-            if err is not None: log.error("job store %s: writing %d jobs failed (%s); retrying", self.path, len(batch), err)
+            if err is not None:
+                log.error("job store %s: writing %d jobs failed (%s); retrying", self.path, len(batch), err)
+                self._schema = set()  # check the table again before the retry (e.g. an index that is missing)
+                for c in list(self._codecs.values()): c.ready = False
             with self._cv:
                 self._writing = {}
                 if err is None:
