@@ -7,7 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp, os, pickle, queue, select, struct, threading, time
 from collections import deque
 from itertools import islice
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 from fastcore.basics import patch
 
 # %% auto #0
@@ -39,7 +39,7 @@ def _write_all(fd:int, bufs:list):
             else: views[0], n = views[0][n:], 0
 
 # %% ../../nbs/core/channel.ipynb #23854287
-def _parse(buf:bytearray)->Tuple[List[bytes], int]:
+def _parse(buf:Union[bytes, bytearray])->Tuple[List[bytes], int]:
     "Complete frames at the start of `buf`, and how many bytes they used."
     out, pos, size = [], 0, len(buf)
     while size - pos >= 4:
@@ -136,8 +136,15 @@ class PipeChannel:
         for d in datas: bufs += [_header(len(d)), d]
         with self._wlock:
             if self._out is None: return _write_all(self._writer.fileno(), bufs)
-            self._out.extend(b for b in bufs if b)
-            self._push()
+            if self._out or len(bufs) > 1024:
+                self._out.extend(b for b in bufs if b)
+                return self._push()
+            try: n = os.writev(self._writer.fileno(), bufs)  # nothing waits: write at once, keep what the pipe left
+            except BlockingIOError: n = 0
+            except OSError: return  # the reader is gone (the worker ended): nobody will read it
+            for b in bufs:
+                if n >= len(b): n -= len(b)
+                else: self._out.append(memoryview(b)[n:] if n else b); n = 0
 
     # -- reading
     def _fill(self)->bool:
@@ -148,9 +155,13 @@ class PipeChannel:
         if not chunk:
             self._eof = True
             return False
-        self._buf += chunk
-        frames, used = _parse(self._buf)
-        if used: del self._buf[:used]
+        if self._buf:  # the rest of a frame read earlier comes first
+            self._buf += chunk
+            frames, used = _parse(self._buf)
+            if used: del self._buf[:used]
+        else:  # the usual case: whole frames, parsed straight from what was read
+            frames, used = _parse(chunk)
+            if used < len(chunk): self._buf += chunk[used:]
         self._msgs.extend(frames)
         return len(chunk) == n  # a short read emptied the pipe: asking again would only return EAGAIN
 

@@ -883,7 +883,9 @@ def _unwatch(fds:list):
 def _on_readable(ref, slot:_Slot, gen:int, fds:list, fd:int):
     "Loop callback: the pipe whose own descriptor is `fd` is readable (`fds`: the duplicates this loop watches)."
     m = ref()
-    if m is None or not m._loop_drain(slot, gen, fds, fd): _unwatch(fds)
+    try:
+        if m is None or not m._loop_drain(slot, gen, fds, fd): _unwatch(fds)
+    except Exception: log.exception("event loop: unexpected error handling a worker's messages (continuing)")
 
 def _watch_weakly(ref, slot:_Slot, gen:int):
     "What a thread other than the loop's asks the loop to run: watch the pipes of `slot`'s worker number `gen`."
@@ -1124,7 +1126,7 @@ async def start_job(self:BaseJobManager,
             config = self._config_overrides.get(plugin_name, config)
     except Exception as e:
         err, tb = f"{type(e).__name__} while preparing the job: {e}", traceback.format_exc()
-    self._ensure_started()
+    if not self._started: self._ensure_started()
     with self._lock:
         if self._closed: raise RuntimeError(f"the {self.worker_type} job manager has been shut down")
         job._seq, self._next_seq = self._next_seq, self._next_seq + 1
