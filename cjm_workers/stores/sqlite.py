@@ -263,8 +263,13 @@ def _write_loop(self:SQLiteJobStore):
                 w = self.writer_pid = None
             if err is not None:
                 log.error("job store %s: writing %d jobs failed (%s); retrying", self.path, len(batch), err)
-                self._schema = set()  # check the table again before the retry (e.g. an index that is missing)
-                for c in list(self._codecs.values()): c.ready = False
+                self._schema = set()  # the retry starts afresh: the table checked again (an index may be missing) from
+                for c in list(self._codecs.values()): c.ready = False  # a new connection, and written by a new
+                with self._rlock:                                       # writer process, so that no connection's
+                    if self._rdb is not None: self._rdb.close()        # stale view of the schema can make every
+                    self._rdb = None                                    # retry fail the same way
+                if w is not None: w.kill()
+                w = self.writer_pid = None
             with self._cv:
                 self._writing = {}
                 if err is None:
