@@ -216,16 +216,22 @@ def _upsert_sql(self:SQLiteJobStore, codec:_Codec)->str:
 
 # %% ../../nbs/stores/sqlite.ipynb #9fd410ca
 @patch
+def _make_schema(self:SQLiteJobStore, batch:dict):
+    """Make the table, columns and indexes the batch's job classes need, if not done yet. The sender thread does it
+    before it starts a writer process: a writer whose connection opened while the table was being made could keep a
+    view of it without its unique index (seen rarely: its upserts then failed)."""
+    for _, _, c, _ in batch.values():
+        if not c.ready:
+            with self._rlock: self._ensure_schema(self._reader(), c)
+            c.ready = True
+
+@patch
 def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict)->Optional[str]:
-    "Hand a batch to the writer process and wait for its commit; None, or the error it met."
+    "Hand a batch to the writer process and wait for its commit; None, or the error it met (the schema is ready: `_make_schema`)."
     groups = {}
     for _, _, c, row in batch.values():
         g = groups.get(c.key)
-        if g is None:
-            g = groups[c.key] = (c, [])
-            if not c.ready:
-                with self._rlock: self._ensure_schema(self._reader(), c)
-                c.ready = True
+        if g is None: g = groups[c.key] = (c, [])
         g[1].append(row)
     schemas = {k: (self._upsert_sql(c), len(c.native), self._table(), c.sent) for k, (c, _) in groups.items() if k not in w.known}
     return w.commit(schemas, {k: rows for k, (_, rows) in groups.items()})
@@ -247,6 +253,7 @@ def _write_loop(self:SQLiteJobStore):
                 batch, self._dirty, upto = self._dirty, {}, self._ticket
                 self._writing = batch
             try:
+                self._make_schema(batch)  # before a new writer process opens the file: it then sees the whole schema
                 if w is None:
                     w = self._new_writer()
                     self.writer_pid = w.pid
