@@ -1133,7 +1133,7 @@ async def start_job(self:BaseJobManager,
         self.jobs[job.id] = job
         job.plugin_name = plugin_name
         if not err and (failed := self._failed_reason()): err = _no_worker(failed)
-        sends = []
+        backlog = False
         if not err:
             request.setdefault('stream', self.supports_streaming)
             try: data = dumps({**request, 'type': 'execute', 'job_id': job.id, 'plugin_name': plugin_name, 'plugin_config': config})
@@ -1142,13 +1142,15 @@ async def start_job(self:BaseJobManager,
         if err: self._terminal(job, 'failed', reason=err, error=err, tb=tb)
         else:
             self._requests[job.id] = (data, config)
-            self._store.save(job, data)
             self._pending.push(job.id, priority)
             if self.event_broadcaster is not None:
-                self._emit('pending', {'job_id': job.id, 'plugin_id': plugin_id, 'plugin_name': plugin_name, 'priority': priority,
-                                       'position': sum(len(s.inflight) for s in self._slots) + self._pending.count_from(priority)})
-            sends = self._dispatch()
-    if _send(sends): self._wake()  # a backlog: the management thread flushes it when the pipe is writable
+                pos = sum(len(s.inflight) for s in self._slots) + self._pending.count_from(priority)
+            backlog = _send(self._dispatch())  # at once (a write-behind pipe never blocks): the worker starts on the job
+            self._store.save(job, data)        # while it is recorded; what the worker reports waits for the lock
+            if self.event_broadcaster is not None:
+                self._emit('pending', {'job_id': job.id, 'plugin_id': plugin_id, 'plugin_name': plugin_name,
+                                       'priority': priority, 'position': pos})
+    if backlog: self._wake()  # the management thread flushes it when the pipe is writable
     self._flush()
     return job
 
