@@ -762,6 +762,12 @@ def _dispatch(self:BaseJobManager)->list:
         out.setdefault(s.index, (s, []))[1].append(self._requests[jid][0])
     return list(out.values())
 
+def _send_decided(sends:list, out:list)->bool: # True if a request pipe now has a backlog
+    "Send, outside the lock, what a round of message handling decided: the outbox's messages, then the dispatched requests."
+    backlog = False
+    for slot, msgs, control in out: backlog |= _send([(slot, msgs)], control=control)
+    return _send(sends) or backlog
+
 def _send(sends:list, control:bool=False)->bool: # True if a request pipe now has a backlog (to flush when writable)
     "Send [(slot, [message or pickled bytes])] outside the lock, on the request or the control channel."
     backlog = False
@@ -864,8 +870,7 @@ def _on_wake(self:BaseJobManager, ready:list):
         out, self._outbox = self._outbox, []
         for s in self._slots:  # requests waiting in a backlog go on as far as the pipe takes them
             if s.alive and s.requests.backlog: s.requests.flush()
-    for slot, msgs, control in out: _send([(slot, msgs)], control=control)
-    _send(sends)  # what stays in a backlog is seen by `_wait_spec`, which waits for its pipe to be writable
+    _send_decided(sends, out)  # what stays in a backlog is seen by `_wait_spec`, which waits for its pipe to be writable
     self._flush()
 
 # %% ../../nbs/managers/base.ipynb #d1382da8
@@ -941,9 +946,7 @@ def _loop_drain(self:BaseJobManager, slot:_Slot, gen:int, fds:list, fd:int)->boo
     if eof:
         _unwatch(fds)
         self._wake()  # the management thread ends the worker
-    backlog = False
-    for s, msgs, control in out: backlog |= _send([(s, msgs)], control=control)
-    if _send(sends) or backlog: self._wake()  # the management thread flushes it when the pipe is writable
+    if _send_decided(sends, out): self._wake()  # the management thread flushes the backlog when the pipe is writable
     self._flush()
     return True
 
