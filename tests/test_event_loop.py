@@ -93,3 +93,19 @@ async def test_restarts_move_the_loop_readers_to_the_new_worker_without_leaking(
         await asyncio.sleep(0.1)  # the last dead worker's duplicates read end-of-file and are closed
         assert resource_counts()[1] == fds
     finally: await mgr.ashutdown()
+
+
+async def test_a_shutdown_that_blocks_the_loop_still_reads_a_streaming_worker_until_it_exits():
+    """`shutdown()` called from a coroutine blocks the loop that reads the workers' pipes: it hands them to the
+    management thread first, so a worker streaming faster than anyone reads (its results pipe full) still gets to
+    see the stop, finish and exit by itself (exit code 0) instead of being killed."""
+    from cjm_workers.core.config import WorkerConfig
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(shutdown_timeout_seconds=5))
+    await mgr.start(wait=True)
+    job = await mgr.start_job('tokens', text=' '.join(['word'] * 200_000), delay=0)
+    proc = mgr.worker_process
+    await asyncio.sleep(0.3)  # streaming: far more than a pipe holds is on its way
+    assert job.status == 'running'
+    mgr.shutdown()  # synchronous, on the loop's thread: the loop reads nothing until it returns
+    assert proc.exitcode == 0, proc.exitcode  # it stopped by itself (a kill would be -15 or -9)
+    assert job.status == 'cancelled' and job.reason == 'the manager shut down'
