@@ -216,11 +216,11 @@ def _upsert_sql(self:SQLiteJobStore, codec:_Codec)->str:
 
 # %% ../../nbs/stores/sqlite.ipynb #9fd410ca
 @patch
-def _make_schema(self:SQLiteJobStore, batch:dict):
-    """Make the table, columns and indexes the batch's job classes need, if not done yet. The sender thread does it
+def _make_schema(self:SQLiteJobStore):
+    """Make the table, columns and indexes every job class saved so far needs, if not done yet. The sender thread does it
     before it starts a writer process: a writer whose connection opened while the table was being made could keep a
     view of it without its unique index (seen rarely: its upserts then failed)."""
-    for _, _, c, _ in batch.values():
+    for c in list(self._codecs.values()):  # every job class saved so far (a few), not every row of the batch
         if not c.ready:
             with self._rlock: self._ensure_schema(self._reader(), c)
             c.ready = True
@@ -253,7 +253,7 @@ def _write_loop(self:SQLiteJobStore):
                 batch, self._dirty, upto = self._dirty, {}, self._ticket
                 self._writing = batch
             try:
-                self._make_schema(batch)  # before a new writer process opens the file: it then sees the whole schema
+                self._make_schema()  # before a new writer process opens the file: it then sees the whole schema
                 if w is None:
                     w = self._new_writer()
                     self.writer_pid = w.pid
@@ -272,9 +272,7 @@ def _write_loop(self:SQLiteJobStore):
                 log.error("job store %s: writing %d jobs failed (%s); retrying", self.path, len(batch), err)
                 self._schema = set()  # the retry starts afresh: the table checked again (an index may be missing) from
                 for c in list(self._codecs.values()): c.ready = False  # a new connection, and written by a new
-                with self._rlock:                                       # writer process, so that no connection's
-                    if self._rdb is not None: self._rdb.close()        # stale view of the schema can make every
-                    self._rdb = None                                    # retry fail the same way
+                self._close_reader()  # writer process, so that no connection's stale view of the schema fails it again
                 if w is not None: w.kill()
                 w = self.writer_pid = None
             with self._cv:
@@ -326,6 +324,11 @@ def close(self:SQLiteJobStore)->None:
         self._cv.notify_all()
     if w is not None and w is not threading.current_thread(): w.join(60)
     with self._cv: self._writer = None
+    self._close_reader()
+
+@patch
+def _close_reader(self:SQLiteJobStore)->None:
+    "Close the reading connection (the next read opens one again)."
     with self._rlock:
         if self._rdb is not None: self._rdb.close()
         self._rdb = None
