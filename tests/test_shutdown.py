@@ -171,6 +171,27 @@ async def test_dropped_manager_stops_its_workers(busy):
     assert not [p for p in descendants() if p.pid not in baseline['procs'] and not is_resource_tracker(p)]
 
 
+
+async def test_manager_left_running_at_exit_is_closed_by_its_finalizer_without_an_error(caplog):
+    """A manager still running when the interpreter exits is closed by its finalizer (an atexit callback that holds no
+    reference to the manager, so it closes the wake pipe without the manager's lock). The management thread must then
+    end quietly: it used to read the cleared wake-pipe list and log "unexpected error" (IndexError) on its way out.
+    Calling the finalizer here is what the interpreter does at exit."""
+    baseline = take_baseline()
+    mgr = ReferenceJobManager(WorkerConfig())
+    await mgr.start(wait=True)
+    job = await mgr.wait_for_job((await mgr.start_job('echo', text='x')).id, timeout=30)
+    assert job.status == 'completed'
+    worker, thread = psutil.Process(worker_pid(mgr)), mgr._thread
+    caplog.set_level('ERROR', logger='cjm_workers')
+    mgr._finalizer()
+    await wait_until(lambda: not thread.is_alive(), 15)
+    assert gone(worker)
+    errors = [r for r in caplog.records if r.levelname in ('ERROR', 'CRITICAL')]
+    assert not errors, [r.getMessage() for r in errors]
+    await mgr.ashutdown()  # after the finalizer: a no-op that raises nothing
+    assert_clean(baseline, "manager closed by its finalizer")
+
 def test_import_has_no_global_side_effects():
     script = textwrap.dedent("""
         import json, threading, multiprocessing, psutil

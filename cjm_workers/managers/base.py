@@ -787,8 +787,10 @@ def _monitor_results(ref, wake_fd:int):
     while True:
         mgr = ref()
         if mgr is None or mgr._thread_stop: return
-        fds, timeout = mgr._wait_spec()
+        spec = mgr._wait_spec()
         del mgr
+        if spec is None: return  # the finalizer closed the wake pipe (a manager left running at exit)
+        fds, timeout = spec
         if fds != watched:  # a worker started or ended, or a pipe changed hands: rebuild the poll set
             poller = select.poll()
             for fd, events in fds: poller.register(fd, events)
@@ -806,7 +808,9 @@ def _monitor_results(ref, wake_fd:int):
 def _wait_spec(self:BaseJobManager):
     IN, OUT = select.POLLIN, select.POLLOUT
     with self._lock:
-        fds, deadlines = ((self._wake_fds[0], IN),), []
+        wake = self._wake_fds[:1]  # one atomic read: the finalizer may clear the list from another thread
+        if not wake: return None
+        fds, deadlines = ((wake[0], IN),), []
         for s in self._slots:
             if s.alive:
                 loop = s.loop_reads
@@ -856,8 +860,9 @@ def _unreadable_reply(slot:_Slot, e:UndecodableMessage)->Optional[dict]:
 # %% ../../nbs/managers/base.ipynb #bf20ca81
 @patch
 def _on_wake(self:BaseJobManager, ready:list):
-    wake_fd = self._wake_fds[0]
-    if wake_fd in ready:
+    wake = self._wake_fds[:1]
+    if not wake: return  # closed by the finalizer: nothing to handle
+    if (wake_fd := wake[0]) in ready:
         try: os.read(wake_fd, 4096)
         except (BlockingIOError, OSError): pass
     with self._lock:
