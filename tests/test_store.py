@@ -301,3 +301,50 @@ async def test_a_table_left_without_its_unique_index_is_completed_before_writing
     await m2.ashutdown()
     m3 = mk(SQLiteJobStore(db))  # what m2 wrote is in the file
     assert m3.get_job(second.id).result['text'] == 'second'
+
+
+def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_nothing_is_lost(tmp_path, caplog):
+    """While another process holds the database's write lock, every batch fails. The store retries after
+    `retry_interval`, then twice as long after each further failure (a disk that stays full must not cost a new writer
+    process every half second); once the lock is released the batch is committed and the delay starts over."""
+    db = tmp_path / 'jobs.db'
+    store = SQLiteJobStore(db, busy_timeout=0.01, retry_interval=0.05)
+    store.namespace = 'reference'
+    first = ReferenceJob(id='first', plugin_id='echo')
+    first._seq = 1  # the manager numbers its jobs (the rows' order)
+    store.save(first)
+    assert store.flush(T)  # the table exists and a writer process runs
+    # Another process holds the write lock: what a second app writing the file (or a full disk) looks like to the
+    # writer. (Not a connection of this process: POSIX locks are per process, and the store closing its own connection
+    # to the file would release a lock taken here through a different SQLite library.)
+    blocker = subprocess.Popen([sys.executable, '-c', "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+                                "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()", str(db)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert blocker.stdout.readline().strip() == 'locked'
+        caplog.set_level('ERROR', logger='cjm_workers.stores.sqlite')
+        second = ReferenceJob(id='second', plugin_id='echo', status='completed', result={'text': 'kept'})
+        second._seq = 2
+        store.save(second)
+        assert wait_until_sync(lambda: store.failures >= 4, T)
+        delays = [float(r.getMessage().rsplit('retrying in ', 1)[1].split()[0]) for r in caplog.records
+                  if 'retrying in' in r.getMessage()]
+        assert delays[:4] == [0.05, 0.1, 0.2, 0.4]
+        assert not store.flush(0.01)  # nothing of the batch is committed while the lock is held
+    finally:
+        blocker.stdin.close(); blocker.wait(T)  # the lock goes with the process
+    assert store.flush(T)
+    assert store.failures == 0 and store.stats['failed'] >= 4
+    back = store.get('second')
+    assert back.status == 'completed' and back.result == {'text': 'kept'}
+    store.close()
+    with pytest.raises(ValueError, match='retry_interval'): SQLiteJobStore(db, retry_interval=0)
+
+
+def wait_until_sync(cond, timeout):
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond(): return True
+        time.sleep(0.01)
+    return cond()

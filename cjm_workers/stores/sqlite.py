@@ -92,14 +92,18 @@ class SQLiteJobStore(JobStore):
                  busy_timeout:float=10.0, # seconds to wait for another connection's write lock
                  synchronous:str='NORMAL', # SQLite `synchronous` for the writes: NORMAL (survives an app crash) or FULL (also power loss)
                  commit_interval:float=0.002, # under load, seconds between the starts of two batches (they grow instead)
+                 retry_interval:float=0.5, # seconds before a batch that failed (a locked or full database) is tried again; doubling after each further failure, up to 20 times this
                 ):
         "A store in `path`; nothing is opened until the store is used."
         if str(synchronous).upper() not in ('NORMAL', 'FULL', 'EXTRA'):
             raise ValueError(f"synchronous must be 'NORMAL', 'FULL' or 'EXTRA' (with WAL, OFF would lose commits), got {synchronous!r}")
         if not isinstance(commit_interval, (int, float)) or commit_interval < 0:
             raise ValueError(f"commit_interval must be a number of seconds >= 0, got {commit_interval!r}")
+        if isinstance(retry_interval, bool) or not isinstance(retry_interval, (int, float)) or retry_interval <= 0:
+            raise ValueError(f"retry_interval must be a number of seconds > 0, got {retry_interval!r}")
         self.path, self.table, self.busy_timeout, self.synchronous = str(path), table, busy_timeout, str(synchronous).upper()
-        self.commit_interval = commit_interval
+        self.commit_interval, self.retry_interval = commit_interval, retry_interval
+        self.failures = 0  # batches that failed in a row (0 once one is committed)
         self.on_commit = None  # called (from the sender thread) after each commit
         self._cv = threading.Condition(threading.Lock())  # guards the dirty jobs, tickets, writer state
         self._dirty: dict = {}  # job id → (job, request, codec, row) saved since the last batch
@@ -116,7 +120,7 @@ class SQLiteJobStore(JobStore):
         self._by_name: dict = {}  # type name → _Codec
         self._schema: set = set()  # columns known to exist
         self._owner: Optional[str] = None
-        self.stats = {'batches': 0, 'rows': 0}  # batches committed, job rows they held
+        self.stats = {'batches': 0, 'rows': 0, 'failed': 0}  # batches committed, job rows they held, attempts that failed
 
     def __repr__(self): return f"SQLiteJobStore({self.path!r})"
     # the interface; each is implemented by the `_`-method of the same name below
@@ -269,7 +273,11 @@ def _write_loop(self:SQLiteJobStore):
                 if w is not None: w.kill()
                 w = self.writer_pid = None
             if err is not None:
-                log.error("job store %s: writing %d jobs failed (%s); retrying", self.path, len(batch), err)
+                self.failures += 1
+                self.stats['failed'] += 1
+                delay = min(self.retry_interval * 2 ** (self.failures - 1), 20 * self.retry_interval)
+                log.error("job store %s: writing %d jobs failed (%s); attempt %d failed in a row, retrying in %.3g s",
+                          self.path, len(batch), err, self.failures, delay)
                 self._schema = set()  # the retry starts afresh: the table checked again (an index may be missing) from
                 for c in list(self._codecs.values()): c.ready = False  # a new connection, and written by a new
                 self._close_reader()  # writer process, so that no connection's stale view of the schema fails it again
@@ -278,6 +286,7 @@ def _write_loop(self:SQLiteJobStore):
             with self._cv:
                 self._writing = {}
                 if err is None:
+                    self.failures = 0
                     self._committed = max(self._committed, upto)
                     self.stats['batches'] += 1; self.stats['rows'] += len(batch)
                     self._cv.notify_all()
@@ -288,7 +297,9 @@ def _write_loop(self:SQLiteJobStore):
                             row = n[3] if n[0].status in TERMINAL else n[3][:-1] + (v[1],)
                             self._dirty[k] = (n[0], v[1], n[2], row)
         if err is not None:
-            with self._cv: self._cv.wait(0.5)  # a locked or full database, or a dead writer: try again shortly
+            until = time.monotonic() + delay  # a locked or full database, or a dead writer: try again after a while
+            with self._cv:
+                while (left := until - time.monotonic()) > 0: self._cv.wait(left)  # closing too: no spinning
             continue
         cb = self.on_commit
         if cb is not None:

@@ -31,11 +31,34 @@ def pack(obj:Any # a batch: plain data, possibly holding other objects
         )->bytes: # the pickle, safe to load in a process that imports nothing of the app
     "Pickle a batch for the writer process."
     buf = io.BytesIO()
-    _Plain(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+    p = _Plain(buf, pickle.HIGHEST_PROTOCOL)
+    p.fast = True  # no memo: 0.55 instead of 0.93 µs per job row (these rows share almost nothing worth memoizing)
+    try: p.dump(obj)
+    except (ValueError, RecursionError):  # a cyclic value ("fast mode: can't pickle cyclic objects"): the memo handles it
+        buf = io.BytesIO()
+        _Plain(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getvalue()
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #0de199e1
-_json = json.JSONEncoder(separators=(',', ':'), default=repr).encode
+def _json_encoder():
+    """Compact JSON text, `repr` for what JSON cannot hold. `json.dumps` and `JSONEncoder.encode` build a new C encoder
+    on every call; this builds one (about 1.3 instead of 2.1 µs per result), and falls back to `JSONEncoder.encode`
+    where the C encoder is missing or does not give the same text."""
+    py = json.JSONEncoder(separators=(',', ':'), default=repr).encode
+    markers = {}  # the C encoder's cycle check: left holding ids after a failure, so cleared then
+    try:
+        c = json.encoder.c_make_encoder(markers, repr, json.encoder.encode_basestring_ascii, None, ':', ',', False, False, True)
+        def fast(v):
+            try: return ''.join(c(v, 0))
+            except BaseException:
+                markers.clear()
+                raise
+        probe = {'a': [1, 2.5, None, True, 'é"'], 'b': {}, 'c': object}
+        if fast(probe) == py(probe): return fast
+    except Exception: pass  # no C encoder (or another signature): the Python one
+    return py
+
+_json = _json_encoder()
 
 def _js(v)->Optional[str]:
     "JSON text of a value (None stays NULL)."
@@ -80,22 +103,42 @@ class _Schema:
         self.status = columns.index('status') if 'status' in columns else None
         self._updates: dict = {}
 
+    def _compiled(self, changed:tuple, request:str)->tuple:
+        "(SQL, parameters of a row) for these changed columns and request mode, built once."
+        u = self._updates.get((changed, request))
+        if u is None:
+            sets = [f'"{self.columns[i]}"=?' for i in changed]  # plain columns first: they come first in a row
+            if request != 'keep': sets.append('"_request"=' + ('?' if request == 'set' else 'NULL'))
+            sql = f'UPDATE "{self.table}" SET {", ".join(sets)} WHERE "id"=?'
+            k = 2 + self.n_plain
+            head = _items([i for i in changed if i < k])  # bound as they are
+            other = tuple(i for i in changed if i >= k)  # JSON text
+            tail = _items(([-1] if request == 'set' else []) + [0])  # the request, the id
+            if other: params = lambda r: head(r) + tuple([_js(r[i]) for i in other]) + tail(r)
+            else: params = lambda r: head(r) + tail(r)
+            u = self._updates[(changed, request)] = (sql, params)
+        return u
+
     def update(self, changed:tuple, request:str)->str:
         "UPDATE of the columns at `changed`; `request`: 'keep' the stored request, 'set' it, or 'null' it."
-        sql = self._updates.get((changed, request))
-        if sql is None:
-            sets = [f'"{self.columns[i]}"=?' for i in changed]
-            if request != 'keep': sets.append('"_request"=' + ('?' if request == 'set' else 'NULL'))
-            sql = self._updates[(changed, request)] = f'UPDATE "{self.table}" SET {", ".join(sets)} WHERE "id"=?'
-        return sql
+        return self._compiled(changed, request)[0]
 
     def update_params(self, row:tuple, changed:tuple, request:str, safe:bool=False)->tuple:
         "The parameters of `update(changed, request)` for `row`."
+        if not safe: return self._compiled(changed, request)[1](row)
         k, ok = 2 + self.n_plain, (str, int, float)
-        vals = [row[i] if i < k and (not safe or row[i] is None or type(row[i]) in ok) else _js(row[i]) for i in changed]
+        vals = [row[i] if i < k and (row[i] is None or type(row[i]) in ok) else _js(row[i]) for i in changed]
         if request == 'set': vals.append(row[-1])
         vals.append(row[0])
         return tuple(vals)
+
+def _items(idx:list):
+    "A function giving the tuple of a row's values at `idx` (one C call)."
+    if not idx: return lambda r: ()
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda r: (r[i],)
+    return operator.itemgetter(*idx)
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #3682c35c
 class _Db:
@@ -109,6 +152,8 @@ class _Db:
         self.conn.set_busy_timeout(int(cfg.get('busy_timeout', 10.0) * 1000))
         self.conn.execute('PRAGMA journal_mode=WAL')
         self.conn.execute(f"PRAGMA synchronous={cfg.get('synchronous', 'NORMAL')}")
+        self.conn.execute('PRAGMA wal_autocheckpoint=4000')  # 16 MB of WAL between checkpoints, not 4: the pages that
+        # every batch touches (index pages, the table's end) are copied back once per checkpoint (-1.5 µs per job)
         self.schemas: dict = {}
         self.last: dict = {}  # job id → the row last committed (unfinished jobs only)
 
@@ -128,7 +173,7 @@ class _Db:
         full, upd = self._plan(sc, rows)
         for (changed, request), rs in upd.items():
             sql, before = sc.update(changed, request), conn.total_changes()
-            try: conn.executemany(sql, [sc.update_params(r, changed, request) for r in rs])
+            try: conn.executemany(sql, list(map(sc._compiled(changed, request)[1], rs)))
             except (TypeError, OverflowError): conn.executemany(sql, [sc.update_params(r, changed, request, True) for r in rs])
             if conn.total_changes() - before != len(rs): full += rs  # a row is missing (deleted meanwhile): upsert them all
         if full:
