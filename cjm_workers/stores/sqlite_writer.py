@@ -4,7 +4,7 @@
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #21d92ad0
 from __future__ import annotations
-import gc, io, itertools, json, logging, operator, os, pickle, select, signal, subprocess, sys
+import gc, io, itertools, json, logging, operator, os, pickle, select, signal, subprocess, sys, threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,7 +58,12 @@ def _json_encoder():
     except Exception: pass  # no C encoder (or another signature): the Python one
     return py
 
-_json = _json_encoder()
+_tls = threading.local()  # an encoder per thread: its cycle check is a dict that two threads must not share
+                          # (writer threads of two stores, where no writer process can be started)
+def _json(v)->str:
+    enc = getattr(_tls, 'enc', None)
+    if enc is None: enc = _tls.enc = _json_encoder()
+    return enc(v)
 
 def _js(v)->Optional[str]:
     "JSON text of a value (None stays NULL)."
