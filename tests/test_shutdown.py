@@ -171,7 +171,6 @@ async def test_dropped_manager_stops_its_workers(busy):
     assert not [p for p in descendants() if p.pid not in baseline['procs'] and not is_resource_tracker(p)]
 
 
-
 async def test_manager_left_running_at_exit_is_closed_by_its_finalizer_without_an_error(caplog):
     """A manager still running when the interpreter exits is closed by its finalizer (an atexit callback that holds no
     reference to the manager, so it closes the wake pipe without the manager's lock). The management thread must then
@@ -191,6 +190,7 @@ async def test_manager_left_running_at_exit_is_closed_by_its_finalizer_without_a
     assert not errors, [r.getMessage() for r in errors]
     await mgr.ashutdown()  # after the finalizer: a no-op that raises nothing
     assert_clean(baseline, "manager closed by its finalizer")
+
 
 def test_import_has_no_global_side_effects():
     script = textwrap.dedent("""

@@ -303,7 +303,7 @@ async def test_a_table_left_without_its_unique_index_is_completed_before_writing
     assert m3.get_job(second.id).result['text'] == 'second'
 
 
-def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_nothing_is_lost(tmp_path, caplog):
+async def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_nothing_is_lost(tmp_path, caplog):
     """While another process holds the database's write lock, every batch fails. The store retries after
     `retry_interval`, then twice as long after each further failure (a disk that stays full must not cost a new writer
     process every half second); once the lock is released the batch is committed and the delay starts over."""
@@ -326,7 +326,7 @@ def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_nothing_i
         second = ReferenceJob(id='second', plugin_id='echo', status='completed', result={'text': 'kept'})
         second._seq = 2
         store.save(second)
-        assert wait_until_sync(lambda: store.failures >= 4, T)
+        await wait_until(lambda: store.failures >= 4, T)
         delays = [float(r.getMessage().rsplit('retrying in ', 1)[1].split()[0]) for r in caplog.records
                   if 'retrying in' in r.getMessage()]
         assert delays[:4] == [0.05, 0.1, 0.2, 0.4]
@@ -339,12 +339,3 @@ def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_nothing_i
     assert back.status == 'completed' and back.result == {'text': 'kept'}
     store.close()
     with pytest.raises(ValueError, match='retry_interval'): SQLiteJobStore(db, retry_interval=0)
-
-
-def wait_until_sync(cond, timeout):
-    import time
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond(): return True
-        time.sleep(0.01)
-    return cond()

@@ -177,8 +177,8 @@ class _Db:
         conn = self.conn
         full, upd = self._plan(sc, rows)
         for (changed, request), rs in upd.items():
-            sql, before = sc.update(changed, request), conn.total_changes()
-            try: conn.executemany(sql, list(map(sc._compiled(changed, request)[1], rs)))
+            (sql, params), before = sc._compiled(changed, request), conn.total_changes()
+            try: conn.executemany(sql, list(map(params, rs)))
             except (TypeError, OverflowError): conn.executemany(sql, [sc.update_params(r, changed, request, True) for r in rs])
             if conn.total_changes() - before != len(rs): full += rs  # a row is missing (deleted meanwhile): upsert them all
         if full:
