@@ -108,8 +108,9 @@ class _Schema:
         self.status = columns.index('status') if 'status' in columns else None
         self._updates: dict = {}
 
-    def _compiled(self, changed:tuple, request:str)->tuple:
-        "(SQL, parameters of a row) for these changed columns and request mode, built once."
+    def update(self, changed:tuple, request:str)->tuple:
+        """(UPDATE of the columns at `changed`, function giving a row's parameters), built once per kind of change;
+        `request`: 'keep' the stored request, 'set' it, or 'null' it."""
         u = self._updates.get((changed, request))
         if u is None:
             sets = [f'"{self.columns[i]}"=?' for i in changed]  # plain columns first: they come first in a row
@@ -124,13 +125,9 @@ class _Schema:
             u = self._updates[(changed, request)] = (sql, params)
         return u
 
-    def update(self, changed:tuple, request:str)->str:
-        "UPDATE of the columns at `changed`; `request`: 'keep' the stored request, 'set' it, or 'null' it."
-        return self._compiled(changed, request)[0]
-
     def update_params(self, row:tuple, changed:tuple, request:str, safe:bool=False)->tuple:
-        "The parameters of `update(changed, request)` for `row`."
-        if not safe: return self._compiled(changed, request)[1](row)
+        "The parameters of `update(changed, request)` for `row` (`safe`: also JSON for a plain column holding something else)."
+        if not safe: return self.update(changed, request)[1](row)
         k, ok = 2 + self.n_plain, (str, int, float)
         vals = [row[i] if i < k and (row[i] is None or type(row[i]) in ok) else _js(row[i]) for i in changed]
         if request == 'set': vals.append(row[-1])
@@ -177,7 +174,7 @@ class _Db:
         conn = self.conn
         full, upd = self._plan(sc, rows)
         for (changed, request), rs in upd.items():
-            (sql, params), before = sc._compiled(changed, request), conn.total_changes()
+            (sql, params), before = sc.update(changed, request), conn.total_changes()
             try: conn.executemany(sql, list(map(params, rs)))
             except (TypeError, OverflowError): conn.executemany(sql, [sc.update_params(r, changed, request, True) for r in rs])
             if conn.total_changes() - before != len(rs): full += rs  # a row is missing (deleted meanwhile): upsert them all
