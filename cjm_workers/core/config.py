@@ -58,6 +58,7 @@ class WorkerConfig:
     worker_env: Any = None  # extra environment per worker: a list of dicts (one per worker) or a callable index → dict
     job_cache_size: int = 1000  # finished jobs the manager keeps in memory (the rest are read from the job store)
     backend: Any = None  # where workers run: None/'local' = local processes; 'ray' or `cjm_workers.backends.ray.RayBackend(...)`
+    drain_timeout_seconds: float = 0.0  # at shutdown, how long running jobs may take to finish before they are cancelled (0: cancel at once; math.inf: no limit)
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str):

@@ -174,8 +174,9 @@ def _read_control(self:_Worker, control):
 def _control(self:_Worker, msg:dict):
     t, hit = msg.get('type'), None
     with self.lock:
-        if t == 'stop':
-            self.stopping, hit = True, self.ctx
+        if t == 'stop':  # nothing queued starts; the running job is cancelled, unless `cancel` is False (a drain)
+            self.stopping = True
+            if msg.get('cancel', True): hit = self.ctx
         elif msg.get('request_id') is not None: _remember(self.withdrawn, msg['request_id'])
         elif self.ctx is not None and self.ctx.job_id == msg.get('job_id'): hit = self.ctx
         else: _remember(self.tombstones, msg.get('job_id'))

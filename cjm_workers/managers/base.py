@@ -205,7 +205,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._thread: Optional[threading.Thread] = None
         self._wake_fds: list = []  # [read fd, write fd] of the management thread's wake-up pipe
         self._sleep_until = math.inf  # the nearest deadline the management thread is waiting for
-        self._started = self._thread_stop = False
+        self._started = self._thread_stop = self._draining = False
+        self._stop_reason = 'the manager shut down'  # why shutdown cancels a job
         self._flags = {'closed': False}  # shared with the finalizer, which may close the manager at exit
         self._finalizer = None
 
@@ -481,7 +482,7 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
             self._fail_run(job, 'timeout', _timeout_error(job, self.worker_config.job_timeout_seconds), msg.get('traceback'))
         elif status == 'cancelled':
             job.result = msg.get('data')
-            reason = ('the manager shut down' if self._closed else
+            reason = (self._stop_reason if self._closed else
                       'cancelled on request' if msg.get('started', True) else 'cancelled before it started')
             self._terminal(job, 'cancelled', reason=reason)
         else:
@@ -695,7 +696,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
         job = self.jobs.get(jid)
         if job is None or job.is_terminal: continue
         if job.status != 'running': requeue.append(job)
-        elif self._closed: self._terminal(job, 'cancelled', reason='the manager shut down')
+        elif self._closed and not self._draining: self._terminal(job, 'cancelled', reason=self._stop_reason)
         elif jid in self._timed_out:
             self._timed_out.discard(jid)
             self._fail_run(job, 'timeout', _timeout_error(job, cfg.job_timeout_seconds))
@@ -986,7 +987,7 @@ def _run_timers(self:BaseJobManager):
         elif s.alive and s.stop_deadline is not None and s.stop_deadline <= now:  # a recycled worker that did not exit
             kill_worker_tree(s.process, timeout=1.0)
             self._handle_worker_error(s)
-        elif not s.alive and s.restart_at is not None and s.restart_at <= now:
+        elif not s.alive and s.restart_at is not None and s.restart_at <= now and not self._closed:
             self._restart_worker(s)
     while self._retries and self._retries[0][0] <= now:  # retries that are due go back to the queue
         _, _, jid = heapq.heappop(self._retries)
@@ -1409,8 +1410,13 @@ def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
 
 # %% ../../nbs/managers/base.ipynb #b53c4166
 @patch
-def shutdown(self:BaseJobManager)->None:
+def shutdown(self:BaseJobManager,
+             drain_timeout:Optional[float]=None # seconds the running jobs may take to finish first (None: `WorkerConfig.drain_timeout_seconds`; 0: cancel them at once; math.inf: no limit)
+            )->None:
     "Shutdown the manager and cleanup resources."
+    drain = self.worker_config.drain_timeout_seconds if drain_timeout is None else drain_timeout
+    if isinstance(drain, bool) or not isinstance(drain, (int, float)) or not drain >= 0:
+        raise ValueError(f"drain_timeout must be None or a number of seconds >= 0, got {drain_timeout!r}")
     with self._lock:
         if self._closed: return
         self._flags['closed'] = True
@@ -1418,11 +1424,23 @@ def shutdown(self:BaseJobManager)->None:
             job = self.jobs.get(self._pending.popleft())
             if job is not None: self._shelve(job)
         procs = [(s, s.process) for s in self._slots if s.alive]
+        stops = [(s, [{'type': 'stop', 'cancel': not drain}]) for s, _ in procs]
         sends = [(s, [{'type': 'stop'}]) for s, _ in procs]
+        self._draining = bool(drain and procs)
         for s in self._slots: self._release_loop(s)  # the management thread reads the last results, even if
     self._wake()                                     # this call blocks the event loop
-    _send(sends, control=True)  # stop now: cancels the running job, skips what is queued
-    _send(sends)  # and wakes a worker waiting for requests
+    _send(stops, control=True)  # nothing queued starts; the running job is cancelled now, or (a drain) may finish
+    _send(sends)  # and a worker waiting for requests wakes up and stops
+    if self._draining:
+        end = time.monotonic() + drain
+        for _, p in procs: p.join(None if math.isinf(drain) else max(0.0, end - time.monotonic()))
+        with self._lock:  # a worker that ended meanwhile (its jobs done, or dead) is settled as such, not as stopped
+            for s, p in procs:
+                if s.process is p and not p.is_alive(): self._handle_worker_error(s)
+            self._draining = False
+        late = [(s, [{'type': 'stop'}]) for s, p in procs if p.is_alive()]
+        if late: self._stop_reason = f"the manager shut down: the job did not finish within the drain timeout ({drain}s)"
+        _send(late, control=True)  # time is up: cancel what still runs
     deadline = time.monotonic() + self.worker_config.shutdown_timeout_seconds
     for _, p in procs: p.join(max(0.0, deadline - time.monotonic()))
     for _, p in procs:
@@ -1457,10 +1475,12 @@ def _shelve(self:BaseJobManager, job):
 
 # %% ../../nbs/managers/base.ipynb #9085445e
 @patch
-async def ashutdown(self:BaseJobManager)->None:
+async def ashutdown(self:BaseJobManager,
+                    drain_timeout:Optional[float]=None # as for `shutdown`
+                   )->None:
     "`shutdown()` without blocking the event loop; returns after the last events were broadcast."
     if self._loop is None: self._bind_loop()
-    await asyncio.to_thread(self.shutdown)
+    await asyncio.to_thread(self.shutdown, drain_timeout)
     try: await self.flush_events(self.worker_config.event_timeout_seconds)
     except asyncio.TimeoutError: log.warning("some events were still being broadcast at shutdown")
 
