@@ -72,7 +72,7 @@ class WorkerConfig:
             if f.type in ('int', 'float'):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or (f.type == 'int' and not isinstance(v, int)):
                     raise TypeError(f"WorkerConfig.{f.name} must be {f.type}, got {v!r}")
-                if v < 0: raise ValueError(f"WorkerConfig.{f.name} must be >= 0, got {v!r}")
+                if not v >= 0: raise ValueError(f"WorkerConfig.{f.name} must be >= 0, got {v!r}")  # (NaN too)
         for name in ('max_workers', 'prefetch'):
             if getattr(self, name) < 1: raise ValueError(f"WorkerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.restart_backoff_max_seconds < self.restart_backoff_base_seconds:
