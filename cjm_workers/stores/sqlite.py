@@ -263,16 +263,11 @@ def _write_loop(self:SQLiteJobStore):
                     self.writer_pid = w.pid
                     if w.pid: self._record_writer(w.pid)  # before it gets a batch
                 err = self._send(w, batch)
-            except WriterGone as e:
-                err = str(e)
-                if w is not None: w.kill()
-                w = self.writer_pid = None  # a new one writes the batch again
+            except WriterGone as e: err = str(e)
             except Exception as e:
                 log.exception("job store %s: sending %d jobs to the writer process failed", self.path, len(batch))
                 err = f"{type(e).__name__}: {e}"
-                if w is not None: w.kill()
-                w = self.writer_pid = None
-            if err is not None:
+            if err is not None:  # whatever failed, a new writer process writes the batch again (below: `w` is dropped)
                 self.failures += 1
                 self.stats['failed'] += 1
                 delay = min(self.retry_interval * 2 ** (self.failures - 1), 20 * self.retry_interval)
