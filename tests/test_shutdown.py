@@ -137,6 +137,61 @@ async def test_a_worker_that_dies_during_the_drain_fails_its_job_and_is_not_rest
     assert_clean(baseline, "after a worker died during the drain")
 
 
+async def test_a_running_job_that_opted_into_retries_is_run_again_after_a_restart_not_cancelled(make_manager, tmp_path):
+    """Shutdown stops two running jobs. With a durable store, the one that opted into retries stays `pending` (its
+    cut-short run recorded as `interrupted`) and runs after the next start; the other is cancelled as before."""
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    db = str(tmp_path / 'jobs.db')
+    mgr = make_manager(config=dict(max_workers=2), job_store=SQLiteJobStore(db))
+    await mgr.start(wait=True)
+    kept = await mgr.start_job('slow', seconds=1.5, max_retries=2)
+    plain = await mgr.start_job('slow', seconds=1.5)
+    await wait_until(lambda: kept.status == plain.status == 'running', 60)
+    waiter = asyncio.create_task(mgr.wait_for_job(kept.id, timeout=30))
+    await mgr.ashutdown()
+    assert (plain.status, plain.reason) == ('cancelled', 'the manager shut down')
+    assert (kept.status, kept.attempts) == ('pending', 1)
+    [run] = kept.attempt_log
+    assert run['reason'] == 'interrupted' and 'the manager shut down' in run['error'] and run['worker_pid'], run
+    with pytest.raises(RuntimeError, match='stays pending'): await waiter  # not left hanging
+    again = make_manager(job_store=SQLiteJobStore(db))
+    assert [j.id for j in again.get_all_jobs(status='pending')] == [kept.id]  # in the file (read before any start)
+    await again.start(wait=True)
+    done = await again.wait_for_job(kept.id, timeout=60)
+    assert (done.status, done.attempts, done.result['text']) == ('completed', 2, 'slept 1.5s')
+    assert [a['reason'] for a in done.attempt_log] == ['interrupted']
+    assert again.get_job(plain.id).status == 'cancelled'
+
+
+async def test_what_shutdown_does_to_a_running_job_with_retries_when_it_cannot_keep_it(track, tmp_path):
+    """The exceptions, each cancelled: the memory store (nothing survives the process), a job whose retries are used
+    up, a job the app had asked to cancel. And a drain that runs out keeps a retry-opted job with that reason."""
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    mem = track(ReferenceJobManager(WorkerConfig()))
+    await mem.start(wait=True)
+    job = await mem.start_job('slow', seconds=60, max_retries=3)
+    await wait_until(lambda: job.status == 'running', 60)
+    await mem.ashutdown()
+    assert (job.status, job.reason) == ('cancelled', 'the manager shut down')
+
+    db = str(tmp_path / 'jobs.db')
+    mgr = track(ReferenceJobManager(WorkerConfig(max_workers=3, restart_policy=RestartPolicy.ALWAYS,
+                                                 cancel_grace_seconds=30.0, shutdown_timeout_seconds=0.5)))
+    mgr.job_store = SQLiteJobStore(db)
+    await mgr.start(wait=True)
+    used_up = await mgr.start_job('crash', mode='sigkill', after=1.0, max_retries=1, retry_backoff_seconds=0)
+    last = await mgr.start_job('slow', seconds=60, max_retries=1)
+    asked = await mgr.start_job('slow', seconds=60, ignore_cancel=True, max_retries=1)
+    await wait_until(lambda: last.status == asked.status == 'running', 60)
+    await wait_until(lambda: used_up.attempts == 2 and used_up.status == 'running', 60)  # its retry, after a crash
+    cancelling = asyncio.create_task(mgr.cancel_job(asked.id))  # the plugin ignores it: still running at shutdown
+    await asyncio.sleep(0.2)
+    await mgr.ashutdown(drain_timeout=0.3)
+    assert (used_up.status, len(used_up.attempt_log)) == ('cancelled', 1), (used_up.status, used_up.attempt_log)
+    assert (asked.status, await cancelling) == ('cancelled', True)  # the app's cancel is not undone
+    assert last.status == 'pending' and 'drain timeout (0.3s)' in last.attempt_log[-1]['error'], last.attempt_log
+
+
 async def test_a_bad_drain_timeout_is_refused_and_the_manager_keeps_working(track):
     mgr = track(ReferenceJobManager())
     await mgr.start(wait=True)

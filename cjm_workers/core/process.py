@@ -4,14 +4,15 @@
 
 # %% ../../nbs/core/process.ipynb #bd39e0ed
 from __future__ import annotations
-import logging, os, signal
+import logging, os, signal, time
+from multiprocessing.connection import wait as _wait_ready
 import psutil
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'describe_exit', 'become_group_leader', 'kill_process_group', 'kill_process_tree', 'kill_worker_tree',
-           'kill_own_children']
+           'kill_own_children', 'process_ended', 'wait_ended']
 
 # %% ../../nbs/core/process.ipynb #8684e9a3
 def describe_exit(exitcode:int|None # `multiprocessing.Process.exitcode`
@@ -42,16 +43,19 @@ def kill_process_group(pgid:int|None # the worker's pid, which is its group id
 
 def kill_process_tree(process, # a started `multiprocessing.Process`
                       timeout:float=1.0, # seconds to wait for each step
-                      terminate_first:bool=False # send SIGTERM and wait `timeout` before SIGKILL
+                      terminate_first:bool=False, # send SIGTERM and wait `timeout` before SIGKILL
+                      reap:bool=True # reap `process` (False: only wait for it to end, leaving the reaping to its owner)
                      )->None:
-    "Kill `process`, its descendants and its process group; returns once `process` itself has been reaped."
+    "Kill `process`, its descendants and its process group; returns once `process` itself has ended (and been reaped, if `reap`)."
     pid = process.pid
     try: children = psutil.Process(pid).children(recursive=True)  # list them before the parent goes
     except psutil.Error: children = []
-    if terminate_first and process.is_alive():
-        process.terminate(); process.join(timeout)
-    if process.is_alive():
-        process.kill(); process.join(timeout)
+    alive = process.is_alive if reap else (lambda: not process_ended(process))
+    wait = process.join if reap else (lambda t: wait_ended([process], t))
+    if terminate_first and alive():
+        process.terminate(); wait(timeout)
+    if alive():
+        process.kill(); wait(timeout)
     kill_process_group(pid)
     for c in children:  # SIGKILL cannot be refused; waiting for them would only wait for their parent to reap them
         try: c.kill()
@@ -59,12 +63,13 @@ def kill_process_tree(process, # a started `multiprocessing.Process`
 
 def kill_worker_tree(process, # a started worker: a `multiprocessing.Process`, or a process-like handle with `kill_tree`
                      timeout:float=1.0, # seconds to wait for each step
-                     terminate_first:bool=False # local processes: SIGTERM and wait `timeout` before SIGKILL
+                     terminate_first:bool=False, # local processes: SIGTERM and wait `timeout` before SIGKILL
+                     reap:bool=True # local processes: reap it (False: see `process_ended`)
                     )->None:
     "Kill a worker and everything it started, whatever runs it: its own `kill_tree` (e.g. a Ray actor) or `kill_process_tree`."
     fn = getattr(process, 'kill_tree', None)
     if callable(fn): fn(timeout)
-    else: kill_process_tree(process, timeout, terminate_first)
+    else: kill_process_tree(process, timeout, terminate_first, reap)
 
 def kill_own_children()->None:
     "Kill this process's descendants (SIGKILL)."
@@ -73,3 +78,23 @@ def kill_own_children()->None:
     for c in children:
         try: c.kill()
         except psutil.Error: pass
+
+# %% ../../nbs/core/process.ipynb #42a983f5
+def process_ended(process # a started process, or a process-like handle with a `sentinel`
+                 )->bool:
+    "True once `process` has ended. Unlike `is_alive`, it never reaps the process (see above)."
+    try: return bool(_wait_ready([process.sentinel], 0))
+    except (ValueError, OSError): return not process.is_alive()  # its sentinel is closed: it was reaped and closed
+
+def wait_ended(processes:list, # started processes (or handles with a `sentinel`)
+               timeout:float|None=None # seconds (None: no limit)
+              )->bool: # True if all ended
+    "Wait until every one of `processes` has ended or `timeout` has passed, reaping none of them."
+    left = [p for p in processes if not process_ended(p)]
+    end = None if timeout is None else time.monotonic() + timeout
+    while left:
+        t = None if end is None else end - time.monotonic()
+        if t is not None and t <= 0: return False
+        ready = set(_wait_ready([p.sentinel for p in left], t))
+        left = [p for p in left if p.sentinel not in ready]
+    return True

@@ -17,7 +17,7 @@ from fastcore.basics import patch
 
 from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
-from ..core.process import describe_exit, kill_process_group, kill_worker_tree
+from ..core.process import describe_exit, kill_process_group, kill_worker_tree, process_ended, wait_ended
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
 from ..stores.base import JobStore, MemoryJobStore
 
@@ -423,19 +423,22 @@ def _note_deadline(self:BaseJobManager, t:float):
 # %% ../../nbs/managers/base.ipynb #d9cf33d8
 @patch
 def _fail_run(self:BaseJobManager, job, reason:str, error:str, tb:Optional[str]=None):
-    "A run of `job` failed: retry it if it opted in and has retries left, else fail it."
+    "A run of `job` failed: retry it if it opted in and has retries left (after the next start, when shutting down), else fail it."
     if job.max_retries:
         job.attempt_log.append({'attempt': job.attempts, 'started_at': job.started_at, 'ended_at': _now(),
                                 'worker_pid': job.worker_pid, 'reason': reason, 'error': error})
-        if job.attempts <= job.max_retries and not self._closed and job.id in self._requests:
-            delay = min(job.retry_backoff_seconds * 2 ** max(job.attempts - 1, 0), self.worker_config.retry_backoff_max_seconds)
+        if job.attempts <= job.max_retries and job.id in self._requests and (not self._closed or self._store.durable):
+            delay = None if self._closed else min(job.retry_backoff_seconds * 2 ** max(job.attempts - 1, 0),
+                                                  self.worker_config.retry_backoff_max_seconds)
             job.status, job.worker_pid, job.progress, job.progress_message, job.output, job.result = 'pending', None, None, '', '', None
-            heapq.heappush(self._retries, (time.monotonic() + delay, job._seq, job.id))
-            self._note_deadline(time.monotonic() + delay)
+            if delay is not None:
+                heapq.heappush(self._retries, (time.monotonic() + delay, job._seq, job.id))
+                self._note_deadline(time.monotonic() + delay)
             self._store.save(job)
-            if self.event_broadcaster is not None:
+            if self.event_broadcaster is not None:  # delay None: at the next start
                 self._emit('retrying', {'job_id': job.id, 'plugin_id': job.plugin_id, 'attempt': job.attempts,
                                         'delay': delay, 'reason': reason, 'error': error})
+            if delay is None: self._shelve(job)  # kept pending in the store
             return
     self._terminal(job, 'failed', reason=reason, error=error, tb=tb)
 
@@ -457,7 +460,7 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
     "Handle a job result from the worker."
     jid = msg.get('job_id')
     slot.inflight.pop(jid, None)
-    slot.cancel_deadlines.pop(jid, None)
+    asked = slot.cancel_deadlines.pop(jid, None) is not None  # a cancel was requested (by the app, or a timeout)
     slot.timeouts.pop(jid, None)
     timed_out = jid in self._timed_out
     if timed_out: self._timed_out.discard(jid)
@@ -480,6 +483,7 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
                     self._store.save(job)  # the store keeps what the hook changed on the job too
         elif timed_out and not self._closed:  # stopped (or failed) after its time ran out
             self._fail_run(job, 'timeout', _timeout_error(job, self.worker_config.job_timeout_seconds), msg.get('traceback'))
+        elif status == 'cancelled' and self._closed and not asked: self._stopped_at_shutdown(job, msg.get('data'))
         elif status == 'cancelled':
             job.result = msg.get('data')
             reason = (self._stop_reason if self._closed else
@@ -696,7 +700,9 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
         job = self.jobs.get(jid)
         if job is None or job.is_terminal: continue
         if job.status != 'running': requeue.append(job)
-        elif self._closed and not self._draining: self._terminal(job, 'cancelled', reason=self._stop_reason)
+        elif self._closed and not self._draining:
+            if jid in slot.cancel_deadlines: self._terminal(job, 'cancelled', reason=self._stop_reason)
+            else: self._stopped_at_shutdown(job)
         elif jid in self._timed_out:
             self._timed_out.discard(jid)
             self._fail_run(job, 'timeout', _timeout_error(job, cfg.job_timeout_seconds))
@@ -1432,19 +1438,17 @@ def shutdown(self:BaseJobManager,
     _send(stops, control=True)  # nothing queued starts; the running job is cancelled now, or (a drain) may finish
     _send(sends)  # and a worker waiting for requests wakes up and stops
     if self._draining:
-        end = time.monotonic() + drain
-        for _, p in procs: p.join(None if math.isinf(drain) else max(0.0, end - time.monotonic()))
+        wait_ended([p for _, p in procs], None if math.isinf(drain) else drain)  # (the management thread reaps them)
         with self._lock:  # a worker that ended meanwhile (its jobs done, or dead) is settled as such, not as stopped
             for s, p in procs:
-                if s.process is p and not p.is_alive(): self._handle_worker_error(s)
+                if s.process is p and process_ended(p): self._handle_worker_error(s)
             self._draining = False
-        late = [(s, [{'type': 'stop'}]) for s, p in procs if p.is_alive()]
+        late = [(s, [{'type': 'stop'}]) for s, p in procs if not process_ended(p)]
         if late: self._stop_reason = f"the manager shut down: the job did not finish within the drain timeout ({drain}s)"
         _send(late, control=True)  # time is up: cancel what still runs
-    deadline = time.monotonic() + self.worker_config.shutdown_timeout_seconds
-    for _, p in procs: p.join(max(0.0, deadline - time.monotonic()))
-    for _, p in procs:
-        if p.is_alive(): kill_worker_tree(p, timeout=1.0, terminate_first=True)
+    wait_ended([p for _, p in procs], self.worker_config.shutdown_timeout_seconds)
+    for _, p in procs:  # reaped below, or by the management thread: two threads reaping one process race (`process_ended`)
+        if not process_ended(p): kill_worker_tree(p, timeout=1.0, terminate_first=True, reap=False)
     self._thread_stop = True
     self._wake()
     if self._thread is not None and self._thread is not threading.current_thread(): self._thread.join(10)
@@ -1471,7 +1475,17 @@ def _shelve(self:BaseJobManager, job):
         if job.id not in self._kept:
             self._kept.add(job.id)
             if job.id in self._waiters: self._done.append((job.id, _KEPT, 0))
+    elif job.status == 'running': self._stopped_at_shutdown(job)
     else: self._terminal(job, 'cancelled', reason='the manager shut down')
+
+@patch
+def _stopped_at_shutdown(self:BaseJobManager, job, partial=None):
+    "Shutdown stopped `job` while it ran (`partial`: what the plugin returned): retried after the next start if it can be (above), else cancelled."
+    if self._store.durable and job.max_retries and job.attempts <= job.max_retries and job.id in self._requests:
+        self._fail_run(job, 'interrupted', f"Interrupted: {self._stop_reason} while the job was running")
+    else:
+        if partial is not None: job.result = partial
+        self._terminal(job, 'cancelled', reason=self._stop_reason)
 
 # %% ../../nbs/managers/base.ipynb #9085445e
 @patch
