@@ -43,7 +43,8 @@ def create_demo_app(max_workers:int=2, # worker processes
     "The demo app: a reference manager started in the lifespan, live job pages at /jobs, start buttons."
     bc = SSEBroadcaster()
     cfg = worker_config or WorkerConfig(max_workers=max_workers, prefetch=1, restart_policy=RestartPolicy.ALWAYS,
-                                        cancel_grace_seconds=2.0, restart_backoff_base_seconds=0.5)
+                                        cancel_grace_seconds=2.0, restart_backoff_base_seconds=0.5,
+                                        keep_finished_seconds=7 * 86400)  # the history: a week
     mgr = ReferenceJobManager(worker_config=cfg, event_broadcaster=bc, worker_type='demo',
                               job_store=SQLiteJobStore(db) if db else None)
     async def lifespan(app):

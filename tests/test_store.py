@@ -1,6 +1,6 @@
 """Job stores (issue 5): jobs written to SQLite and read back, paging, bounded memory, purging, recovery after the
 app process was SIGKILLed, clean shutdown keeping queued jobs, and two managers on one database file."""
-import json, os, signal, subprocess, sys
+import asyncio, json, os, signal, subprocess, sys, threading
 from pathlib import Path
 
 import pytest
@@ -82,6 +82,28 @@ async def test_clear_and_purge_by_age_work_on_the_store(mk, tmp_path):
     assert mgr.clear_completed_jobs() == 1 and mgr.get_all_jobs() == []
     await mgr.ashutdown()
     assert StoreJobManager(SQLiteJobStore(db)).count_jobs() == 0  # gone from the file too
+
+
+async def test_retention_deletes_old_finished_jobs_by_itself(mk, tmp_path):
+    """`WorkerConfig(keep_finished_seconds=s)`: finished jobs older than `s` leave the file without a call (at start,
+    then every s/10 seconds, at least 1 s); pending and running jobs stay; no purge thread outlives shutdown."""
+    db = tmp_path / 'j.db'
+    first = mk(SQLiteJobStore(db))
+    old = [await run_job(first, 'echo', text=str(i)) for i in range(3)]
+    await first.ashutdown()
+    await asyncio.sleep(1.2)  # now they finished more than a second ago
+    mgr = mk(SQLiteJobStore(db), config=dict(keep_finished_seconds=1.0, max_workers=2))
+    assert mgr.count_jobs('completed') == 3  # nothing is deleted before the manager starts
+    running = await mgr.start_job('slow', seconds=30)
+    await wait_until(lambda: mgr.count_jobs('completed') == 0, T)  # the purge at start
+    assert all(mgr.get_job(j.id) is None for j in old)
+    recent = await run_job(mgr, 'echo', text='recent')
+    assert mgr.get_job(recent.id).status == 'completed'  # not a second old yet
+    await wait_until(lambda: mgr.get_job(recent.id) is None, T)  # a later purge
+    assert running.status == 'running' and mgr.get_job(running.id) is running
+    await mgr.ashutdown()
+    assert [t.name for t in threading.enumerate() if t.name.startswith('cjm-purge')] == []
+    assert [(j.id, j.status) for j in StoreJobManager(SQLiteJobStore(db)).get_all_jobs()] == [(running.id, 'cancelled')]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class WorkerConfig:
     job_cache_size: int = 1000  # finished jobs the manager keeps in memory (the rest are read from the job store)
     backend: Any = None  # where workers run: None/'local' = local processes; 'ray' or `cjm_workers.backends.ray.RayBackend(...)`
     drain_timeout_seconds: float = 0.0  # at shutdown, how long running jobs may take to finish before they are cancelled (0: cancel at once; math.inf: no limit)
+    keep_finished_seconds: Optional[float] = None  # finished jobs older than this are deleted from the job store, in the background (None: kept until `purge_jobs`)
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str):
@@ -80,9 +81,10 @@ class WorkerConfig:
         if self.start_method not in mp.get_all_start_methods():
             raise ValueError(f"WorkerConfig.start_method: {self.start_method!r} is not available here; "
                              f"choose one of {mp.get_all_start_methods()}")
-        t = self.job_timeout_seconds
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
-            raise ValueError(f"WorkerConfig.job_timeout_seconds must be None or a number of seconds > 0, got {t!r}")
+        for name in ('job_timeout_seconds', 'keep_finished_seconds'):
+            t = getattr(self, name)
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):  # (NaN too)
+                raise ValueError(f"WorkerConfig.{name} must be None or a number of seconds > 0, got {t!r}")
         if self.backend == 'local': self.backend = None
         elif self.backend == 'ray':  # the defaults: one CPU per worker actor, a local Ray unless `ray.init` was called
             from cjm_workers.backends.ray import RayBackend

@@ -205,6 +205,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._thread: Optional[threading.Thread] = None
         self._wake_fds: list = []  # [read fd, write fd] of the management thread's wake-up pipe
         self._sleep_until = math.inf  # the nearest deadline the management thread is waiting for
+        self._purge_at, self._purger = 0.0, None  # retention (`keep_finished_seconds`): next purge, the thread doing one
         self._started = self._thread_stop = self._draining = False
         self._stop_reason = 'the manager shut down'  # why shutdown cancels a job
         self._flags = {'closed': False}  # shared with the finalizer, which may close the manager at exit
@@ -831,6 +832,7 @@ def _wait_spec(self:BaseJobManager):
                 if s.stop_deadline is not None: deadlines.append(s.stop_deadline)
             elif s.restart_at is not None: deadlines.append(s.restart_at)
         if self._retries: deadlines.append(self._retries[0][0])
+        if self.worker_config.keep_finished_seconds is not None and not self._closed: deadlines.append(self._purge_at)
         self._sleep_until = min(deadlines) if deadlines else math.inf
     return fds, (max(0.0, self._sleep_until - time.monotonic()) if deadlines else None)
 
@@ -878,6 +880,7 @@ def _on_wake(self:BaseJobManager, ready:list):
         for s in self._slots:
             if s.alive and (s.fds[2] in ready or s.eof): self._handle_worker_error(s)
         self._run_timers()
+        self._retention(time.monotonic())
         sends = self._dispatch()
         out, self._outbox = self._outbox, []
         for s in self._slots:  # requests waiting in a backlog go on as far as the pipe takes them
@@ -1394,6 +1397,29 @@ def clear_completed_jobs(self:BaseJobManager)->int: # Number of jobs cleared
     "Clear completed, failed, and cancelled jobs."
     return self.purge_jobs()
 
+# %% ../../nbs/managers/base.ipynb #608ef64b
+def _purge_interval(keep:float)->float: return min(max(keep / 10, 1.0), 3600.0)
+
+@patch
+def _retention(self:BaseJobManager, now:float):
+    "From the management thread (under the lock): start a purge of old finished jobs if one is due."
+    keep = self.worker_config.keep_finished_seconds
+    if keep is None or self._closed or now < self._purge_at: return
+    self._purge_at = now + _purge_interval(keep)
+    if self._purger is not None and self._purger.is_alive(): return  # the last one is still at it
+    self._purger = threading.Thread(target=_purge_old, args=(self._self_ref, keep), daemon=True,
+                                    name=f"cjm-purge-{self.worker_type}")
+    self._purger.start()
+
+def _purge_old(ref, keep:float):
+    "Body of a purge thread."
+    m = ref()
+    if m is None: return
+    try:
+        n = m.purge_jobs(older_than=keep)
+        if n: log.info("%s job manager: deleted %d finished jobs older than %ss", m.worker_type, n, keep)
+    except Exception: log.exception("%s job manager: deleting finished jobs older than %ss failed", m.worker_type, keep)
+
 # %% ../../nbs/managers/base.ipynb #f47a1048
 @patch
 def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
@@ -1452,6 +1478,7 @@ def shutdown(self:BaseJobManager,
     self._thread_stop = True
     self._wake()
     if self._thread is not None and self._thread is not threading.current_thread(): self._thread.join(10)
+    if self._purger is not None: self._purger.join()  # a purge under way finishes before the store closes
     with self._lock:
         for s in self._slots:
             if s.alive: self._handle_worker_error(s)
