@@ -309,7 +309,8 @@ async def app_sigkill(size:int, seed:int)->Outcome:
 
 
 async def app_restarts(size:int, seed:int)->Outcome:
-    "`size` managers in turn on one SQLite file, each shut down mid-run; the next one finishes what was left."
+    """`size` managers in turn on one SQLite file, each shut down mid-run; the next one finishes what was left. Some
+    jobs opt into retries: shutdown cancels none of those while it has a retry left (it runs again after a restart)."""
     out, rng = Outcome('app restarted mid-run (SQLite)', seed=seed), random.Random(seed)
     inv = Invariants(out)
     await inv.start()
@@ -328,12 +329,14 @@ async def app_restarts(size:int, seed:int)->Outcome:
                     kw = rng.choice([dict(plugin_id='echo', text=f"r{r} j{i}", sleep=0.01),
                                      dict(plugin_id='tokens', text=f"r{r} j{i} a b c", delay=0.005),
                                      dict(plugin_id='slow', seconds=rng.uniform(0.05, 0.3))])
-                    mine.append(await mgr.start_job(kw.pop('plugin_id'), **kw))
+                    retries = rng.choice([0, 0, 1, 3])
+                    mine.append(await mgr.start_job(kw.pop('plugin_id'), max_retries=retries, retry_backoff_seconds=0, **kw))
                 ids += [j.id for j in mine]
                 await wait_until(lambda: sum(j.status == 'completed' for j in mine) >= 3, T)  # mid-run
             else:
                 for jid in ids: await mgr.wait_for_job(jid, timeout=T)
-            await mgr.ashutdown()  # jobs still queued stay pending in the file; running ones are cancelled
+            await mgr.ashutdown()  # jobs still queued stay pending in the file; running ones are cancelled (or, with a
+            # retry left, stay pending too)
             out.faults += 0 if last else 1
         reader = reread(db)
         jobs = [reader.get(jid) for jid in ids]
@@ -341,9 +344,17 @@ async def app_restarts(size:int, seed:int)->Outcome:
         merged = RecordingBroadcaster()
         merged.events = [e for ev in all_events for e in ev.events]
         inv.jobs(jobs, merged)
+        rerun = sum(1 for j in jobs if j.attempt_log)
+        out.notes = (f"{rerun} jobs with retries were cut short by a shutdown and kept for the next start; "
+                     f"{sum(j.status == 'cancelled' for j in jobs)} cancelled")
         for j in jobs:
             if j.status == 'cancelled' and j.reason != 'the manager shut down':
                 out.fail(f"job {j.id} cancelled for {j.reason!r}")
+            if j.status == 'cancelled' and j.attempts <= j.max_retries:
+                out.fail(f"job {j.id} was cancelled by a shutdown with a retry left ({j.attempts} of 1 + {j.max_retries} runs)")
+            interrupted = [a for a in j.attempt_log if a['reason'] == 'interrupted']
+            if len(interrupted) != len(j.attempt_log) or (j.max_retries == 0 and interrupted):
+                out.fail(f"job {j.id}: unexpected attempt log {j.attempt_log}")
             if j.status == 'failed': out.fail(f"job {j.id} failed: {j.error}")
         mgr = FJobManager(SQLiteJobStore(db))
         await inv.serves(mgr, 'the restarts')
