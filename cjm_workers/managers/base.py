@@ -484,12 +484,10 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
                     self._store.save(job)  # the store keeps what the hook changed on the job too
         elif timed_out and not self._closed:  # stopped (or failed) after its time ran out
             self._fail_run(job, 'timeout', _timeout_error(job, self.worker_config.job_timeout_seconds), msg.get('traceback'))
-        elif status == 'cancelled' and self._closed and not asked: self._stopped_at_shutdown(job, msg.get('data'))
+        elif status == 'cancelled' and self._closed: self._stopped_at_shutdown(job, msg.get('data'), asked)
         elif status == 'cancelled':
             job.result = msg.get('data')
-            reason = (self._stop_reason if self._closed else
-                      'cancelled on request' if msg.get('started', True) else 'cancelled before it started')
-            self._terminal(job, 'cancelled', reason=reason)
+            self._terminal(job, 'cancelled', reason='cancelled on request' if msg.get('started', True) else 'cancelled before it started')
         else:
             err = msg.get('error') or 'the worker reported an error without a message'
             self._fail_run(job, err, err, msg.get('traceback'))
@@ -701,9 +699,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
         job = self.jobs.get(jid)
         if job is None or job.is_terminal: continue
         if job.status != 'running': requeue.append(job)
-        elif self._closed and not self._draining:
-            if jid in slot.cancel_deadlines: self._terminal(job, 'cancelled', reason=self._stop_reason)
-            else: self._stopped_at_shutdown(job)
+        elif self._closed and not self._draining: self._stopped_at_shutdown(job, asked=jid in slot.cancel_deadlines)
         elif jid in self._timed_out:
             self._timed_out.discard(jid)
             self._fail_run(job, 'timeout', _timeout_error(job, cfg.job_timeout_seconds))
@@ -1506,9 +1502,12 @@ def _shelve(self:BaseJobManager, job):
     else: self._terminal(job, 'cancelled', reason='the manager shut down')
 
 @patch
-def _stopped_at_shutdown(self:BaseJobManager, job, partial=None):
-    "Shutdown stopped `job` while it ran (`partial`: what the plugin returned): retried after the next start if it can be (above), else cancelled."
-    if self._store.durable and job.max_retries and job.attempts <= job.max_retries and job.id in self._requests:
+def _stopped_at_shutdown(self:BaseJobManager, job,
+                         partial=None, # what the plugin returned, if anything
+                         asked:bool=False # the app (or a timeout) had asked to cancel it: it stays cancelled
+                        ):
+    "Shutdown stopped `job` while it ran: retried after the next start if it can be (above), else cancelled."
+    if not asked and self._store.durable and job.max_retries and job.attempts <= job.max_retries and job.id in self._requests:
         self._fail_run(job, 'interrupted', f"Interrupted: {self._stop_reason} while the job was running")
     else:
         if partial is not None: job.result = partial
