@@ -7,7 +7,7 @@ import httpx, pytest, uvicorn
 from fasthtml.common import FastHTML
 from starlette.testclient import TestClient
 
-from cjm_workers.core.config import WorkerConfig
+from cjm_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_workers.fasthtml.components import dom_id
 from cjm_workers.fasthtml.routes import mount_job_routes
 from cjm_workers.fasthtml.sse import SSEBroadcaster
@@ -16,11 +16,11 @@ from cjm_workers.testing import ReferenceJobManager, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 
-def build(authorize=None, shared_broadcaster=True):
+def build(authorize=None, shared_broadcaster=True, **config):
     "An app with two reference managers at /alpha and /beta (one worker each); both stop with the app."
     bc_a = SSEBroadcaster(heartbeat_seconds=0)
     bc_b = bc_a if shared_broadcaster else SSEBroadcaster(heartbeat_seconds=0)
-    cfg = lambda: WorkerConfig(cancel_grace_seconds=1.0)
+    cfg = lambda: WorkerConfig(**{'cancel_grace_seconds': 1.0, **config})
     alpha = ReferenceJobManager(worker_config=cfg(), event_broadcaster=bc_a, worker_type='alpha')
     beta = ReferenceJobManager(worker_config=cfg(), event_broadcaster=bc_b, worker_type='beta')
     async def lifespan(app):
@@ -223,6 +223,55 @@ def test_page_and_stream_join_without_gaps_or_repeats():
             msgs = sse_messages(resp.iter_lines(), until=lambda d: 'job-result' in d)
         assert len(msgs) == 1 and 'job-result' in msgs[0]
         assert cli.get(f'/alpha/{jid}/stream?after=x').status_code == 400
+
+
+def test_the_table_comes_a_page_at_a_time_and_only_the_first_page_takes_new_rows(tmp_path):
+    "Over a real SQLite store: 50 rows a page, newest first; new jobs appear at the top of page 1, not of page 2."
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(event_broadcaster=bc, worker_type='paged', job_store=SQLiteJobStore(tmp_path / 'j.db'))
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix='/paged')
+    rows = lambda html: re.findall(r'data-job-id="([^"]+)"', html)
+    with TestClient(app) as cli:
+        async def burst():
+            jobs = [await mgr.start_job('echo', text=str(i)) for i in range(120)]
+            await mgr.wait_for_job(jobs[-1].id, timeout=60)
+            return [j.id for j in jobs]
+        ids = cli.portal.call(burst)
+        first, second = cli.get('/paged').text, cli.get('/paged?offset=50').text
+        assert rows(first) == ids[:-51:-1] and rows(second) == ids[-51:-101:-1]
+        assert 'Jobs 1–50 of 120' in first and 'Jobs 51–100 of 120' in second and 'rel="prev"' in second
+        url1, url2 = page_stream_url(first), page_stream_url(second)
+        assert 'rows=fixed' in url2 and 'rows=fixed' not in url1
+        new = start(cli, '/paged', 'echo', text='new')
+        cli.portal.call(mgr.wait_for_job, new, 30)
+        done = lambda d: f'id="{dom_id(new, "status")}"' in d and 'completed' in d
+        for url, inserted in ((url1, True), (url2, False)):
+            with cli.stream('GET', url) as resp:
+                msgs = sse_messages(resp.iter_lines(), until=done)
+            assert any(f'data-job-id="{new}"' in m and 'afterbegin' in m for m in msgs) is inserted, (url, msgs)
+        js = cli.get('/paged?limit=1000', headers={'accept': 'application/json'})
+        assert [j['id'] for j in js.json()] == [new] + ids[::-1] and js.headers['x-total-count'] == '121'
+        assert cli.get('/paged?offset=-1').status_code == 400 and cli.get('/paged?limit=1001').status_code == 400
+
+
+def test_a_retried_job_shows_pending_again_with_a_fresh_output_pane():
+    "Its page hears `retrying`: the badge says pending and the output pane is emptied for the next run."
+    app, alpha, *_ = build(restart_policy=RestartPolicy.ALWAYS)
+    with TestClient(app) as cli:
+        jid = start(cli, '/alpha', 'crash', mode='sigkill', after=0.2, max_retries=1, retry_backoff_seconds=0.0)
+        url = page_stream_url(cli.get(f'/alpha/{jid}').text)
+        with cli.stream('GET', url) as resp:
+            msgs = sse_messages(resp.iter_lines(), until=lambda d: 'job-result' in d or 'job-error' in d)
+        empty = f'<pre id="{dom_id(jid, "output")}" class="job-output" hx-swap-oob="true"></pre>'
+        assert any(empty in m and 'data-status="pending"' in m for m in msgs), msgs
+        job = cli.portal.call(alpha.wait_for_job, jid, 30)
+        assert job.status == 'failed' and job.attempts == 2
 
 
 def free_port():

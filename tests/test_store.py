@@ -84,6 +84,52 @@ async def test_clear_and_purge_by_age_work_on_the_store(mk, tmp_path):
     assert StoreJobManager(SQLiteJobStore(db)).count_jobs() == 0  # gone from the file too
 
 
+class ThreadNotingStore(SQLiteJobStore):
+    "A real SQLite store that notes which thread each read and purge ran on."
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.ran_on = []
+    def _note(self, name): self.ran_on.append((name, threading.get_ident()))
+    def get(self, job_id): self._note('get'); return super().get(job_id)
+    def list(self, *a): self._note('list'); return super().list(*a)
+    def count(self, *a): self._note('count'); return super().count(*a)
+    def purge(self, *a): self._note('purge'); return super().purge(*a)
+
+
+async def test_async_reads_and_purges_of_a_big_table_leave_the_event_loop_serving(mk, tmp_path):
+    "`aget_job`, `aget_all_jobs`, `acount_jobs`, `apurge_jobs` read a durable store in a thread while the loop runs on."
+    db, n = tmp_path / 'j.db', 5000
+    seed = SQLiteJobStore(db); seed.bind('reference')
+    for i in range(n):
+        j = ReferenceJob(id=f"j{i}", plugin_id='echo', params={'i': i}, status='completed', result={'text': 'x' * 200},
+                         completed_at='2020-01-01T00:00:00+00:00'); j._seq = i + 1
+        seed.save(j)
+    assert seed.flush(60); seed.close()
+    store = ThreadNotingStore(db)
+    mgr = mk(store)
+    ticks = 0
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0); ticks += 1
+    t = asyncio.create_task(ticker())
+    try:
+        await asyncio.sleep(0)
+        loop_thread, before = threading.get_ident(), ticks
+        jobs = await mgr.aget_all_jobs(newest_first=True)
+        during_list = ticks - before
+        assert [j.id for j in jobs[:2]] == [f"j{n - 1}", f"j{n - 2}"] and len(jobs) == n
+        assert (await mgr.aget_job('j7')).params == {'i': 7} and await mgr.acount_jobs('completed') == n
+        before = ticks
+        assert await mgr.apurge_jobs(older_than=3600) == n
+        during_purge = ticks - before
+    finally: t.cancel()
+    assert {name for name, _ in store.ran_on} == {'list', 'get', 'count', 'purge'}
+    assert all(tid != loop_thread for _, tid in store.ran_on), store.ran_on  # never on the loop's thread
+    assert during_list > 1 and during_purge > 1, (during_list, during_purge)  # the loop went on meanwhile
+    assert mgr.count_jobs() == 0 and store.ran_on[-1][1] == loop_thread  # the sync form reads in place
+
+
 async def test_retention_deletes_old_finished_jobs_by_itself(mk, tmp_path):
     """`WorkerConfig(keep_finished_seconds=s)`: finished jobs older than `s` leave the file without a call (at start,
     then every s/10 seconds, at least 1 s); pending and running jobs stay; no purge thread outlives shutdown."""

@@ -5,6 +5,7 @@
 # %% ../../nbs/fasthtml/components.ipynb #94ce5930
 from __future__ import annotations
 import json, re
+from urllib.parse import urlencode
 import cjm_workers
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ from fasthtml.common import (A, Button, Dd, Div, Dl, Dt, Form, Input, Link, Pre,
 # %% auto #0
 __all__ = ['SSE_EVENT', 'STATIC_DIR', 'ASSETS_PATH', 'HTMX_JS', 'SSE_JS', 'JOB_CSS', 'dom_id', 'ns_id', 'StatusBadge',
            'ProgressBar', 'CancelButton', 'JobActions', 'OutputPane', 'WorkerPid', 'JobOutcome', 'StartButton',
-           'JobRow', 'JobTable', 'JobDetail', 'LiveUpdates', 'render_event', 'job_hdrs']
+           'JobRow', 'JobTable', 'JobPager', 'JobDetail', 'LiveUpdates', 'render_event', 'job_hdrs']
 
 # %% ../../nbs/fasthtml/components.ipynb #5e0dc23f
 _SAFE = re.compile(r'[A-Za-z0-9_-]+')
@@ -72,9 +73,11 @@ def JobActions(job:BaseJob, prefix:str='/jobs')->Span:
     return Span(() if job.is_terminal else CancelButton(job, prefix), cls='job-actions', id=dom_id(job.id, 'actions'))
 
 # %% ../../nbs/fasthtml/components.ipynb #378f4fd4
-def OutputPane(job:BaseJob)->Pre:
+def OutputPane(job:BaseJob, # the job
+               text:Optional[str]=None # what to show instead of its output so far
+              )->Pre:
     "The job's streamed text so far."
-    return Pre(job.output, cls='job-output', id=dom_id(job.id, 'output'))
+    return Pre(job.output if text is None else text, cls='job-output', id=dom_id(job.id, 'output'))
 
 def WorkerPid(job:BaseJob)->Span:
     "The pid of the worker process running (or that ran) the job."
@@ -132,6 +135,25 @@ def JobTable(jobs:Iterable[BaseJob], # the jobs to list (shown newest first)
     return Table(Thead(Tr(Th('Job'), Th('Status'), Th('Progress'), Th('Created'), Th(''))),
                  Tbody(*[JobRow(j, prefix) for j in rows], id=ns_id(prefix, 'body')), cls='job-table')
 
+# %% ../../nbs/fasthtml/components.ipynb #2daa6913
+def JobPager(prefix:str, # where the job routes are mounted
+             offset:int, # index of the first job shown (0: the newest)
+             shown:int, # how many jobs the page shows
+             total:int, # how many jobs there are (with this status)
+             limit:int, # jobs per page
+             status:Optional[str]=None # the page's status filter, if any
+            )->Div:
+    "'Jobs 51–100 of 2,000', with links to the newer and older pages."
+    def link(text, off, rel):
+        q = {'status': status, 'offset': off or None, 'limit': limit}
+        return A(text, href=f"{prefix}?{urlencode({k: v for k, v in q.items() if v is not None})}", rel=rel, cls=f'job-page-{rel}')
+    what = f"{status} jobs" if status else 'jobs'
+    text = f"No {what}" if not shown else f"{what.capitalize()} {offset + 1:,}–{offset + shown:,} of {max(total, offset + shown):,}"
+    parts = [Span(text, cls='job-page-range')]
+    if offset > 0: parts.append(link('← newer', max(offset - limit, 0), 'prev'))
+    if offset + shown < total: parts.append(link('older →', offset + limit, 'next'))
+    return Div(*parts, cls='job-pager', id=ns_id(prefix, 'pager'))
+
 # %% ../../nbs/fasthtml/components.ipynb #36b2a2b9
 def JobDetail(job:BaseJob, prefix:str='/jobs')->Div:
     "Everything about one job; each changing part has its `dom_id`."
@@ -174,11 +196,12 @@ def render_event(event, # an event with `type` ("<worker_type>:<name>") and `dat
         return (Span(str(chunk), hx_swap_oob=f"beforeend:#{dom_id(job.id, 'output')}"),)
     if name == 'pending' and view == 'list':
         return (Tbody(JobRow(job, prefix), hx_swap_oob=f"afterbegin:#{ns_id(prefix, 'body')}"),)
-    if name not in ('pending', 'started', 'progress') + _TERMINAL_EVENTS: return None
+    if name not in ('pending', 'started', 'progress', 'retrying') + _TERMINAL_EVENTS: return None
     parts = [_oob(ProgressBar(job))]
     if name != 'progress': parts += [_oob(StatusBadge(job)), _oob(JobActions(job, prefix))]
     if view == 'detail':
-        if name == 'started': parts.append(_oob(WorkerPid(job)))
+        if name in ('started', 'retrying'): parts.append(_oob(WorkerPid(job)))
+        if name == 'retrying': parts.append(_oob(OutputPane(job, '')))  # empty, as the next run starts (even if it has)
         if name in _TERMINAL_EVENTS:
             parts += [_oob(WorkerPid(job)), _oob(OutputPane(job)), _oob(JobOutcome(job)),
                       _oob(Div(id=dom_id(job.id, 'live'), hidden=True))]

@@ -12,13 +12,14 @@ from fasthtml.common import A, FT, H1, Main, Title, to_xml
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 
-from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobTable, LiveUpdates,
+from ..stores.base import job_seq, statuses
+from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
                          dom_id, job_hdrs, ns_id, render_event, JobActions, StatusBadge, ProgressBar)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'mount_job_assets', 'JobRoutes', 'mount_job_routes']
+__all__ = ['log', 'MAX_PAGE_SIZE', 'mount_job_assets', 'JobRoutes', 'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
 _ASSETS = {HTMX_JS: 'text/javascript', SSE_JS: 'text/javascript'}
@@ -71,6 +72,8 @@ def _job_json(job)->dict:
     d = asdict(job) if is_dataclass(job) else dict(vars(job))
     return json.loads(json.dumps(d, default=str))
 
+MAX_PAGE_SIZE = 1000  # the most jobs one page of the list (HTML or JSON) holds
+
 class JobRoutes:
     "One manager's job routes (what `mount_job_routes` returns): URLs, renderers, and live page parts."
     def __init__(self, manager, # the job manager (a BaseJobManager)
@@ -82,15 +85,19 @@ class JobRoutes:
                  controls:Any=None, # FT (or request -> FT) shown above the job table, e.g. start buttons
                  title:Optional[str]=None, # list page title (default: "<worker_type> jobs")
                  flush_timeout:float=2.0, # how long a page waits for queued events to reach the broadcaster
+                 page_size:int=50, # jobs per page of the job table
                 ):
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be an int from 1 to {MAX_PAGE_SIZE}, got {page_size!r}")
         if not isinstance(prefix, str) or not prefix.startswith('/') or prefix.endswith('/'):
             raise ValueError(f"prefix must start with '/' and not end with '/', got {prefix!r}")
         self.manager, self.broadcaster, self.prefix, self.authorize = manager, broadcaster, prefix, authorize
         self.plugins = None if plugins is None else list(plugins)
-        self.page, self.controls, self.flush_timeout = page or _default_page, controls, flush_timeout
+        self.page, self.controls, self.flush_timeout, self.page_size = page or _default_page, controls, flush_timeout, page_size
         self.title = title or f"{manager.worker_type} jobs"
         self._type_prefix = f"{manager.worker_type}:"
         self.render_list = self._renderer('list')
+        self.render_rows = self._renderer('list', new_rows=False)  # a later or filtered page: no new rows at its top
         self.render_detail = self._renderer('detail')
 
     def url(self, job_id:Optional[str]=None, action:str='')->str:
@@ -98,12 +105,13 @@ class JobRoutes:
         base = self.prefix if job_id is None else f"{self.prefix}/{job_id}"
         return f"{base}/{action}" if action else base
 
-    def _renderer(self, view:str):
+    def _renderer(self, view:str, new_rows:bool=True):
+        skip = None if new_rows else f"{self._type_prefix}pending"
         def render(ev):
-            if not ev.type.startswith(self._type_prefix): return None
+            if not ev.type.startswith(self._type_prefix) or ev.type == skip: return None
             parts = render_event(ev, self.manager.get_job(ev.data.get('job_id')), self.prefix, view)
             return None if parts is None else to_xml(*parts, indent=False)
-        render.__qualname__ = f"JobRoutes.render_{view}[{self.prefix}]"
+        render.__qualname__ = f"JobRoutes.render_{view if new_rows else 'rows'}[{self.prefix}]"
         return render
 
 # %% ../../nbs/fasthtml/routes.ipynb #ea63ed77
@@ -117,11 +125,23 @@ async def snapshot(self:JobRoutes)->int:
     return self.broadcaster.last_id
 
 @patch
-async def live_table(self:JobRoutes)->tuple:
-    "The job table and its sink, from now on live."
+async def live_table(self:JobRoutes,
+                     status:Optional[str]=None, # only jobs in this status
+                     limit:Optional[int]=None, # jobs per page (default: `page_size`)
+                     offset:int=0 # skip this many of the newest
+                    )->tuple:
+    "A page of the job table (newest first), its pager, and its sink: from now on live."
+    limit = limit or self.page_size
+    jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True)
+    total = await self.manager.acount_jobs(status)
     after = await self.snapshot()
-    return (JobTable(self.manager.get_all_jobs(), self.prefix),
-            LiveUpdates(f"{self.url(action='stream')}?after={after}", ns_id(self.prefix, 'live')))
+    new_rows = offset == 0 and status is None
+    if new_rows:  # jobs started while the store was read: their `pending` events are before `after`
+        top = max(map(job_seq, jobs), default=-1)
+        jobs = sorted((j for j in list(self.manager.jobs.values()) if job_seq(j) > top), key=job_seq, reverse=True) + jobs
+    stream = f"{self.url(action='stream')}?after={after}" + ('' if new_rows else '&rows=fixed')
+    return (JobTable(jobs, self.prefix), JobPager(self.prefix, offset, len(jobs), total, limit, status),
+            LiveUpdates(stream, ns_id(self.prefix, 'live')))
 
 @patch
 async def live_detail(self:JobRoutes, job)->tuple:
@@ -153,29 +173,51 @@ def _resume_after(request, after:Optional[str]):
 def _stream(self:JobRoutes, request, job_id:Optional[str]=None):
     req = _resume_after(request, request.query_params.get('after'))
     if req is None: return PlainTextResponse('after must be an integer event id', status_code=400)
-    return self.broadcaster.stream(req, job_id=job_id, render=self.render_detail if job_id else self.render_list,
-                                   event_name=SSE_EVENT)
+    render = self.render_detail if job_id else self.render_rows if request.query_params.get('rows') == 'fixed' else self.render_list
+    return self.broadcaster.stream(req, job_id=job_id, render=render, event_name=SSE_EVENT)
 
 # %% ../../nbs/fasthtml/routes.ipynb #d785e4f0
 _FORBIDDEN = lambda: PlainTextResponse('forbidden', status_code=403)
 
 @patch
 async def _job_or_error(self:JobRoutes, request, job_id:str):
-    job = self.manager.get_job(job_id)
+    job = await self.manager.aget_job(job_id)
     if job is None:
         if not await self.allowed(request, None): return None, _FORBIDDEN()
         return None, PlainTextResponse(f"unknown job {job_id!r}", status_code=404)
     if not await self.allowed(request, job): return None, _FORBIDDEN()
     return job, None
 
+def _int_param(q, name:str, default:int, lo:int, hi:Optional[int]=None)->int:
+    v = q.get(name)
+    if v in (None, ''): return default
+    try: n = int(v)
+    except ValueError: n = None
+    if n is None or n < lo or (hi is not None and n > hi):
+        raise ValueError(f"{name} must be an integer {f'from {lo} to {hi}' if hi is not None else f'>= {lo}'}, got {v!r}")
+    return n
+
+@patch
+def page_args(self:JobRoutes, request)->tuple:
+    "(status, limit, offset) from the list's query parameters (`ValueError` naming a bad one)."
+    q = request.query_params
+    status = q.get('status') or None
+    if status is not None: statuses(status)
+    return status, _int_param(q, 'limit', self.page_size, 1, MAX_PAGE_SIZE), _int_param(q, 'offset', 0, 0)
+
 @patch
 async def list_page(self:JobRoutes, request):
-    "GET {prefix}: the live job table (JSON list with Accept: application/json)."
+    "GET {prefix}: a page of the live job table, newest first (JSON list with Accept: application/json)."
     if not await self.allowed(request, None): return _FORBIDDEN()
-    if _wants_json(request): return JSONResponse([_job_json(j) for j in self.manager.get_all_jobs()])
+    try: status, limit, offset = self.page_args(request)
+    except ValueError as e: return PlainTextResponse(str(e), status_code=400)
+    if _wants_json(request):
+        jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True)
+        total = await self.manager.acount_jobs(status)
+        return JSONResponse([_job_json(j) for j in jobs], headers={'X-Total-Count': str(total)})
     c = self.controls
     controls = c(request) if callable(c) and not isinstance(c, FT) else c  # an FT is callable too (it adds children)
-    return self.page(self.title, *([controls] if controls is not None else []), *await self.live_table())
+    return self.page(self.title, *([controls] if controls is not None else []), *await self.live_table(status, limit, offset))
 
 @patch
 async def detail_page(self:JobRoutes, request, job_id:str):
@@ -248,9 +290,10 @@ def mount_job_routes(app, # the FastHTML app
                      controls:Any=None, # FT (or request -> FT) above the job table, e.g. `StartButton`s
                      title:Optional[str]=None, # list page title
                      hdrs:bool=True, # add the htmx SSE extension (and htmx if missing) to `app.hdrs`, and serve them
+                     page_size:int=50, # jobs per page of the job table
                     )->JobRoutes:
     "Add list, detail, start, cancel and stream routes for `manager` under `prefix`."
-    r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title)
+    r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title, page_size=page_size)
     if getattr(manager, 'event_broadcaster', None) is None: manager.event_broadcaster = broadcaster
     if hdrs:
         mount_job_assets(app)

@@ -1364,6 +1364,38 @@ def count_jobs(self:BaseJobManager,
     "How many jobs the store holds (in this status)."
     return self._store.count(status)
 
+# %% ../../nbs/managers/base.ipynb #38344f1a
+@patch
+async def _off_loop(self:BaseJobManager, fn, *args):
+    "`fn(*args)`, in a thread if the store is durable (it does I/O), so the event loop keeps serving."
+    return await asyncio.to_thread(fn, *args) if self._store.durable else fn(*args)
+
+@patch
+async def aget_job(self:BaseJobManager,
+                   job_id:str # Unique job identifier
+                  )->Optional[JobType]: # Job object or None
+    "`get_job` for async code: a job no longer in memory is read from the store without blocking the event loop."
+    self._catch_up()
+    job = self.jobs.get(job_id)
+    return job if job is not None else await self._off_loop(self._store.get, job_id)
+
+@patch
+async def aget_all_jobs(self:BaseJobManager,
+                        status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these statuses)
+                        limit:Optional[int]=None, # at most this many
+                        offset:int=0, # skip this many first
+                        newest_first:bool=False # newest first (default: in creation order)
+                       )->List[JobType]: # the jobs
+    "`get_all_jobs` for async code: the store is read without blocking the event loop."
+    return await self._off_loop(self.get_all_jobs, status, limit, offset, newest_first)
+
+@patch
+async def acount_jobs(self:BaseJobManager,
+                      status:Union[str, Iterable[str], None]=None # only jobs in this status (or these statuses)
+                     )->int:
+    "`count_jobs` for async code."
+    return await self._off_loop(self.count_jobs, status)
+
 # %% ../../nbs/managers/base.ipynb #1551e0b8
 @patch
 def get_job_result(self:BaseJobManager,
@@ -1392,6 +1424,14 @@ def purge_jobs(self:BaseJobManager,
 def clear_completed_jobs(self:BaseJobManager)->int: # Number of jobs cleared
     "Clear completed, failed, and cancelled jobs."
     return self.purge_jobs()
+
+@patch
+async def apurge_jobs(self:BaseJobManager,
+                      older_than:Optional[float]=None, # only jobs that finished more than this many seconds ago (None: all)
+                      status:Union[str, Iterable[str]]=TERMINAL_STATES # which finished jobs
+                     )->int: # Number of jobs removed
+    "`purge_jobs` for async code: a big `DELETE` on a durable store runs without blocking the event loop."
+    return await self._off_loop(self.purge_jobs, older_than, status)
 
 # %% ../../nbs/managers/base.ipynb #608ef64b
 def _purge_interval(keep:float)->float: return min(max(keep / 10, 1.0), 3600.0)
