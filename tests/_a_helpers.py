@@ -87,3 +87,8 @@ async def child_pid_of(job, timeout=30):
     "The pid the `slow` plugin reports (spawn_child=True) as progress message 'child:<pid>'."
     await wait_until(lambda: (job.progress_message or '').startswith('child:'), timeout)
     return int(job.progress_message.split(':', 1)[1])
+
+
+def exit_before_ready_worker(request_queue, result_queue, response_queue):
+    "Worker entry point that exits with code 1 before it reports ready (as a script without a __main__ guard does)."
+    raise SystemExit(1)

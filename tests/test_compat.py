@@ -67,7 +67,8 @@ async def test_predecessor_style_app_normal_streaming_reload_unload(compat_manag
     assert job.status == 'completed', (job.error, job.traceback)
     assert job.result['text'] == 'HELLO'
     assert job.result['metadata']['loads'] == {'upper': 1} and job.result['metadata']['config'] == {}
-    assert mgr.get_job_result(job.id) == job.result and mgr.completed_count == 1
+    assert mgr.get_job_result(job.id) == {'status': 'success', 'data': job.result} and mgr.completed_count == 1
+    assert mgr.results[job.id] == {'status': 'success', 'data': job.result}  # the predecessor's `results` dict
 
     stream = await mgr.wait_for_job((await mgr.start_job('words', text='alpha beta gamma')).id, timeout=T)
     assert stream.status == 'completed', stream.error

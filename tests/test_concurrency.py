@@ -102,7 +102,7 @@ async def test_hammer_start_and_cancel_from_many_coroutines(make_manager):
         pid, kw = spec[j.id]
         assert j.completed_at is not None
         if j.status == 'completed':
-            assert j.result is not None and mgr.get_job_result(j.id) == j.result
+            assert j.result is not None and mgr.get_job_result(j.id) == {'status': 'success', 'data': j.result}
             if pid == 'echo': assert j.result['text'] == kw['text']
             assert j.started_at is not None
         elif j.status == 'failed':

@@ -202,6 +202,32 @@ async def test_restart_workers_brings_a_failed_worker_back(make_manager):
     assert mgr.get_worker_stats()[0]['failure'] is None
 
 
+async def test_a_worker_that_cannot_be_started_fails_with_the_reason_and_nothing_hangs(track, caplog):
+    "An entry point spawn cannot pickle: start() does not raise half-way; the worker is failed with the error, jobs fail."
+    from cjm_workers.testing import ReferenceJobManager
+    def nested(request_queue, result_queue, response_queue): pass  # not importable by a spawned child
+    mgr = track(ReferenceJobManager(entry_point=nested))
+    first = await mgr.start_job('echo', text='x')
+    assert first.status == 'failed' and 'could not be started' in first.reason and 'pickle' in first.reason, first.reason
+    assert first.reason.startswith('WorkerFailed: no worker can run the job')
+    stats = mgr.get_worker_stats()[0]
+    assert stats['status'] == 'failed' and 'pickle' in stats['failure']
+    assert await mgr.wait_until_ready(5) is False
+    assert (await mgr.start_job('echo', text='y')).status == 'failed'  # the same reason again, at once
+    mgr._entry = __import__('cjm_workers.testing', fromlist=['x']).reference_worker  # the app fixes its entry point
+    await mgr.restart_workers()
+    assert await mgr.wait_until_ready(30) is True
+    assert (await mgr.wait_for_job((await mgr.start_job('echo', text='z')).id, timeout=30)).status == 'completed'
+
+
+async def test_a_worker_that_exits_before_it_is_ready_says_so(track):
+    from cjm_workers.testing import ReferenceJobManager
+    from _a_helpers import exit_before_ready_worker
+    mgr = track(ReferenceJobManager(entry_point=exit_before_ready_worker))
+    job = await mgr.wait_for_job((await mgr.start_job('echo', text='x')).id, timeout=30)
+    assert job.status == 'failed' and 'exited with code 1 before it became ready' in job.reason, job.reason
+
+
 async def _crash(mgr, after=0.0):
     j = await mgr.start_job('crash', mode='sigkill', after=after)
     j = await mgr.wait_for_job(j.id, timeout=30)

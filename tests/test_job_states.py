@@ -90,7 +90,7 @@ async def test_plugin_exception_fails_job_with_worker_traceback_and_worker_keeps
     assert job.reason and 'boom' in job.reason
     assert job.traceback and 'Traceback' in job.traceback
     assert 'testing.py' in job.traceback and 'raise ValueError(fail)' in job.traceback  # the worker-side frame
-    assert job.result is None and mgr.get_job_result(job.id) is None
+    assert job.result is None and mgr.get_job_result(job.id) == {'status': 'error', 'error': job.error}
     assert job.started_at and job.completed_at
     after = await mgr.wait_for_job((await mgr.start_job('echo', text='after')).id, timeout=T)
     assert after.status == 'completed' and after.result['text'] == 'after'
@@ -121,7 +121,7 @@ async def test_extract_job_result_raising_fails_the_job_never_completed_without_
     job = await mgr.wait_for_job((await mgr.start_job('echo', text='bad')).id, timeout=T)
     assert job.status == 'failed'
     assert 'KeyError' in job.error and 'segments' in job.error and 'extract_job_result' in job.error
-    assert job.result is None and mgr.get_job_result(job.id) is None
+    assert job.result is None and mgr.get_job_result(job.id) == {'status': 'error', 'error': job.error}
     assert job.traceback and 'KeyError' in job.traceback
     after = await mgr.wait_for_job((await mgr.start_job('echo', text='good')).id, timeout=T)
     assert after.status == 'completed' and after.result['text'] == 'good'
@@ -144,7 +144,7 @@ async def test_raising_on_job_completed_is_logged_and_job_stays_completed(track,
     mgr = track(_RaisingHook())
     job = await mgr.wait_for_job((await mgr.start_job('echo', text='hi')).id, timeout=T)
     assert job.status == 'completed' and job.result['text'] == 'hi' and job.error is None
-    assert mgr.get_job_result(job.id) == job.result
+    assert mgr.get_job_result(job.id) == {'status': 'success', 'data': job.result}
     assert mgr.hook_calls == [job.id]
     await wait_until(lambda: any(job.id in r.getMessage() for r in caplog.records), timeout=T)
     rec = next(r for r in caplog.records if job.id in r.getMessage())
@@ -285,8 +285,8 @@ async def test_get_job_get_all_jobs_get_job_result_clear_completed_jobs(make_man
     c2 = await mgr.wait_for_job((await mgr.start_job('echo', text='two')).id, timeout=T)
     f1 = await mgr.wait_for_job((await mgr.start_job('echo', fail='nope')).id, timeout=T)
     assert mgr.get_job(c1.id) is c1 and mgr.get_job('missing') is None
-    assert mgr.get_job_result(c1.id) == c1.result == {'text': 'one', 'metadata': c1.result['metadata']}
-    assert mgr.get_job_result(f1.id) is None and mgr.get_job_result('missing') is None
+    assert mgr.get_job_result(c1.id) == {'status': 'success', 'data': c1.result} and c1.result == {'text': 'one', 'metadata': c1.result['metadata']}
+    assert mgr.get_job_result(f1.id) == {'status': 'error', 'error': f1.error} and mgr.get_job_result('missing') is None
 
     running = await mgr.start_job('slow', seconds=0.8)
     await wait_until(lambda: running.status == 'running', timeout=T)
@@ -299,7 +299,7 @@ async def test_get_job_get_all_jobs_get_job_result_clear_completed_jobs(make_man
     assert mgr.get_job(c1.id) is None and mgr.get_job_result(c1.id) is None and mgr.get_job(f1.id) is None
     assert mgr.clear_completed_jobs() == 0
     for j in (running, pending): assert (await mgr.wait_for_job(j.id, timeout=T)).status == 'completed'
-    assert pending.result['text'] == 'later' and mgr.get_job_result(pending.id) == pending.result
+    assert pending.result['text'] == 'later' and mgr.get_job_result(pending.id) == {'status': 'success', 'data': pending.result}
     assert mgr.clear_completed_jobs() == 2 and mgr.get_all_jobs() == []
 
 

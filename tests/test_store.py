@@ -40,7 +40,9 @@ async def test_every_outcome_round_trips_through_the_file(mk, tmp_path):
     assert back[ok.id].result == {'text': 'hello', 'metadata': ok.result['metadata']}
     assert back[bad.id].error == 'ValueError: nope' and 'Traceback' in back[bad.id].traceback
     assert back[slow.id].reason == 'cancelled on request' and back[streamed.id].output == 'a b c'
-    assert m2.get_job_result(ok.id) == ok.result and m2.get_job_result(bad.id) is None
+    assert m2.get_job_result(ok.id) == {'status': 'success', 'data': ok.result}
+    assert m2.get_job_result(bad.id) == {'status': 'error', 'error': 'ValueError: nope'}
+    assert m2.get_job_result(slow.id) == {'status': 'cancelled'}
 
 
 @pytest.mark.parametrize('kind', ['memory', 'sqlite'])
@@ -65,7 +67,7 @@ async def test_memory_holds_only_active_jobs_and_a_bounded_cache(mk, tmp_path):
     first = mgr.get_job(jobs[0].id)  # read from the file
     assert first is not jobs[0] and first.status == 'completed' and first.result['text'] == '0'
     assert (await mgr.wait_for_job(jobs[0].id, timeout=T)).result['text'] == '0'
-    assert mgr.get_job_result(jobs[1].id)['text'] == '1'
+    assert mgr.get_job_result(jobs[1].id)['data']['text'] == '1'
     assert mgr.count_jobs('completed') == 60
 
 

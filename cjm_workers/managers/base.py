@@ -603,9 +603,14 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     env = cfg.env_for(slot.index)
     if env: target, args = _worker_with_env, (target, env) + args
     name, backend = f"cjm-worker-{self.worker_type}-{slot.index}", cfg.backend
-    p = (backend.process(target, args, name) if backend is not None   # e.g. a Ray actor (cjm_workers.backends.ray)
-         else self._ctx.Process(target=target, args=args, name=name))
-    p.start()
+    try:
+        p = (backend.process(target, args, name) if backend is not None   # e.g. a Ray actor (cjm_workers.backends.ray)
+             else self._ctx.Process(target=target, args=args, name=name))
+        p.start()
+    except Exception as e:  # e.g. an entry point spawn cannot pickle: starting again would fail the same way
+        for ch in (slot.requests, slot.results, slot.responses): ch.close()
+        slot.process = slot.pid = None
+        return self._fail_slot(slot, f"the worker process could not be started ({type(e).__name__}: {e})")
     slot.requests.close_reader(); slot.results.close_writer(); slot.responses.close_writer()
     slot.results.set_nonblocking(); slot.responses.set_nonblocking()
     slot.requests.write_behind()  # sending never blocks on a busy worker (see `PipeChannel.write_behind`)
@@ -687,6 +692,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     how = getattr(p, 'death_reason', None) or describe_exit(p.exitcode)  # a Ray actor that died: Ray's reason
     if slot.startup_error: how += f" after {slot.startup_error}"
     elif slot.kill_reason == 'start_timeout': how = f"did not become ready within {cfg.worker_start_timeout_seconds}s ({how})"
+    elif slot.ready_at is None and slot.kill_reason is None: how += " before it became ready (the worker's own output on stderr says why)"
     hard_cancel, recycle = slot.kill_reason == 'cancel', slot.kill_reason == 'recycle'
     requeue = []
     head = next((j for j in slot.inflight.values() if j is not None and not j.is_terminal), None)
@@ -1403,9 +1409,21 @@ def get_job_result(self:BaseJobManager,
                   )->Optional[Dict[str, Any]]: # Job result or None
     "Get job result."
     r = self.job_results.get(job_id)
-    if r is not None: return r
+    if r is not None: return {'status': 'success', 'data': r}
     job = self.get_job(job_id)
-    return job.result if job is not None and job.status == 'completed' else None
+    return None if job is None else _outcome(job)
+
+def _outcome(job)->Optional[Dict[str, Any]]:
+    "A finished job's outcome as cjm-fasthtml-workers reported it (None if it has not finished)."
+    if job.status == 'completed': return {'status': 'success', 'data': job.result}
+    if job.status == 'failed': return {'status': 'error', 'error': job.error}
+    if job.status == 'cancelled': return {'status': 'cancelled'}
+    return None
+
+@patch(as_prop=True)
+def results(self:BaseJobManager)->Dict[str, Dict[str, Any]]:
+    "Outcomes of the finished jobs in memory, by job id (a snapshot; `get_job_result` also reads older ones from the store)."
+    with self._lock: return {jid: _outcome(j) for jid, j in self.jobs.items() if j.is_terminal}
 
 @patch
 def purge_jobs(self:BaseJobManager,
