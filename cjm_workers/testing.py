@@ -23,7 +23,9 @@ class ReferencePlugin:
     "Base of the reference plugins."
     name, version, streams, defaults = 'reference', '1.0.0', False, {}
     def __init__(self): self.config, self.cancelled = dict(self.defaults), False
-    def initialize(self, config:Optional[dict]=None): self.config = {**self.defaults, **(config or {})}
+    def initialize(self, config:Optional[dict]=None):
+        self.config = {**self.defaults, **(config or {})}
+        if self.config.get('load_seconds'): time.sleep(float(self.config['load_seconds']))  # a model that takes a while to load
     def get_config_schema(self)->dict:
         return {'type': 'object', 'properties': {k: {'type': type(v).__name__} for k, v in self.defaults.items()}}
     def get_current_config(self)->dict: return dict(self.config)

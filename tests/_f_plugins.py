@@ -5,6 +5,8 @@ spawned workers.
 - `bomb`: returns a result the worker can pickle but the app cannot unpickle (its class's loader raises), as a
   result holding an object from a package installed only in the worker's environment would.
 - `hangload`: a plugin whose `initialize` never returns (a model load that hangs).
+- `polite`: streams words and stops when its own `cancelled` flag is set, which it never clears itself (the pattern
+  docs/plugins.md shows: the worker clears the flag before the plugin's next job).
 - `f_worker`: the reference plugins plus those; `hang_factory_worker`: a worker whose plugin-manager factory hangs.
 """
 import os, time
@@ -39,7 +41,18 @@ class HangLoadPlugin(ReferencePlugin):
     def execute(self, **kwargs): return {'text': 'never', 'metadata': {}}
 
 
-F_PLUGINS = {**REFERENCE_PLUGINS, 'big': BigPlugin, 'bomb': BombPlugin, 'hangload': HangLoadPlugin}
+class PolitePlugin(ReferencePlugin):
+    "Streams `text` word by word, `delay` apart, until its `cancelled` flag is set."
+    name, streams = 'polite', True
+    def execute_stream(self, text='a b c', delay=0.05, **kwargs):
+        for w in text.split():
+            if self.cancelled: return
+            yield w + ' '
+            time.sleep(delay)
+    def execute(self, **kwargs): return {'text': ''.join(self.execute_stream(**kwargs)), 'metadata': {}}
+
+
+F_PLUGINS = {**REFERENCE_PLUGINS, 'big': BigPlugin, 'bomb': BombPlugin, 'hangload': HangLoadPlugin, 'polite': PolitePlugin}
 
 
 def _pm(): return ReferencePluginManager(F_PLUGINS)

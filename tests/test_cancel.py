@@ -209,3 +209,32 @@ async def test_cancel_unknown_or_finished_job_returns_false(make_manager):
     pending = await mgr.start_job('slow', seconds=30)
     assert await mgr.cancel_job(pending.id) is True
     assert await mgr.cancel_job(pending.id) is False  # already cancelled
+
+
+async def test_a_cancel_while_the_plugin_loads_stops_the_job_before_it_runs(track):
+    "The cancel arrives during `initialize`: the worker does not start the plugin's run; no hard kill is needed."
+    from cjm_workers.testing import ReferenceRegistry
+    from _f_plugins import FJobManager
+    reg = ReferenceRegistry(configs={'reference_echo': {'load_seconds': 1.0}})
+    mgr = track(FJobManager(config=dict(cancel_grace_seconds=30.0), plugin_registry=reg))
+    await mgr.start(wait=True)
+    pid0 = worker_pid(mgr)
+    job = await mgr.start_job('reference_echo', text='never', sleep=3.0)
+    await wait_until(lambda: job.status == 'running', 30)  # `started` comes before the plugin loads
+    await asyncio.sleep(0.2)
+    assert await mgr.cancel_job(job.id)
+    assert job.status == 'cancelled' and job.result is None, (job.status, job.result)  # echo never ran
+    assert worker_pid(mgr) == pid0 and worker_status(mgr) == 'idle'  # cooperative: the same worker
+
+
+async def test_a_plugin_that_watches_its_own_cancelled_flag_runs_again_after_a_cancel(track):
+    "The worker clears a plugin's `cancelled` flag that a cancel set, before the plugin's next job."
+    from _f_plugins import FJobManager
+    mgr = track(FJobManager(config=dict(cancel_grace_seconds=30.0)))
+    words = ' '.join(f"w{i}" for i in range(200))
+    job = await mgr.start_job('polite', text=words, delay=0.02)
+    await wait_until(lambda: len(job.output) > 10, 30)
+    assert await mgr.cancel_job(job.id)
+    assert job.status == 'cancelled' and 0 < len(job.output) < len(words)
+    again = await mgr.wait_for_job((await mgr.start_job('polite', text='one two three', delay=0)).id, timeout=30)
+    assert again.status == 'completed' and again.result['text'] == 'one two three ', again.result

@@ -52,16 +52,31 @@ async def test_plugins_load_on_demand_once(make_manager):
     assert last.result['metadata']['loads'] == {'echo': 1, 'transcribe': 1}
 
 
-async def test_registry_resolves_plugin_name_and_config_used_at_first_load(make_manager):
+async def test_max_loaded_plugins_keeps_one_model_at_a_time(make_manager):
+    "`max_loaded_plugins=1`: a worker unloads the plugin it used last before it loads another."
+    mgr = make_manager(dict(max_loaded_plugins=1), entry_point=_b_entry.instrumented_worker)
+    first = await run(mgr, 'echo', text='a')
+    assert set(await loaded(mgr)) == {'echo'}
+    assert (await run(mgr, 'transcribe', steps=1, delay=0)).status == 'completed'
+    assert set(await loaded(mgr)) == {'transcribe'}  # echo was unloaded first
+    again = await run(mgr, 'echo', text='b')
+    assert again.result['metadata']['loads'] == {'echo': 2, 'transcribe': 1}  # loaded again, in the same process
+    assert again.result['metadata']['pid'] == first.result['metadata']['pid']
+    assert set(await loaded(mgr)) == {'echo'} and list(mgr._slots[0].loaded) == ['echo']  # the manager's view agrees
+
+
+async def test_registry_resolves_plugin_name_and_config_and_a_changed_config_reloads_the_plugin(make_manager):
     reg = ReferenceRegistry(configs={'reference_echo': {'prefix': '> '}})
     mgr = make_manager(plugin_registry=reg)
     job = await run(mgr, 'reference_echo', text='hi')
     assert job.status == 'completed' and job.plugin_name == 'echo' and job.plugin_id == 'reference_echo'
     assert job.result['text'] == '> hi' and job.result['metadata']['config'] == {'prefix': '> '}
     assert await loaded(mgr) == {'echo': {'prefix': '> '}}
-    # the plugin stays loaded with the config of its first load
+    assert (await run(mgr, 'reference_echo', text='y')).result['text'] == '> y'  # the same config: no reload
+    # the registry's config changed: the worker reloads the plugin with it before the next job
     reg.configs['reference_echo'] = {'prefix': '>> '}
-    assert (await run(mgr, 'reference_echo', text='x')).result['text'] == '> x'
+    assert (await run(mgr, 'reference_echo', text='x')).result['text'] == '>> x'
+    assert await loaded(mgr) == {'echo': {'prefix': '>> '}}
 
 
 class _Aliased(ReferenceJobManager):

@@ -60,6 +60,7 @@ class WorkerConfig:
     backend: Any = None  # where workers run: None/'local' = local processes; 'ray' or `cjm_workers.backends.ray.RayBackend(...)`
     drain_timeout_seconds: float = 0.0  # at shutdown, how long running jobs may take to finish before they are cancelled (0: cancel at once; math.inf: no limit)
     keep_finished_seconds: Optional[float] = None  # finished jobs older than this are deleted from the job store, in the background (None: kept until `purge_jobs`)
+    max_loaded_plugins: Optional[int] = None  # plugins one worker keeps loaded; loading one more unloads the least recently used first (None: no limit; 1: one model at a time)
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str):
@@ -85,6 +86,9 @@ class WorkerConfig:
             t = getattr(self, name)
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):  # (NaN too)
                 raise ValueError(f"WorkerConfig.{name} must be None or a number of seconds > 0, got {t!r}")
+        n = self.max_loaded_plugins
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"WorkerConfig.max_loaded_plugins must be None or an int >= 1, got {n!r}")
         if self.backend == 'local': self.backend = None
         elif self.backend == 'ray':  # the defaults: one CPU per worker actor, a local Ray unless `ray.init` was called
             from cjm_workers.backends.ray import RayBackend

@@ -107,7 +107,7 @@ def check_cancelled()->None:
     if cancel_requested(): raise JobCancelledError(f"job {_current.job_id} was cancelled")
 
 # %% ../../nbs/core/worker.ipynb #7f1654ef
-_RESERVED = {'type', 'job_id', 'plugin_name', 'plugin_config', 'stream', 'request_id'}  # not passed to plugins
+_RESERVED = {'type', 'job_id', 'plugin_name', 'plugin_config', 'stream', 'request_id', 'max_loaded_plugins'}  # not passed to plugins
 _KNOWN = {t.value for t in WorkerRequestType}
 
 def _plugin_name_of(data)->Optional[str]:
@@ -126,7 +126,8 @@ class _Worker:
         self.tombstones: OrderedDict = OrderedDict()  # jobs cancelled before they started
         self.withdrawn: OrderedDict = OrderedDict()  # request ids of commands the manager stopped waiting for
         self.stopping = False
-        self.loaded: Dict[str, dict] = {}  # plugin name → config it was loaded with
+        self.loaded: Dict[str, dict] = {}  # plugin name → config it was loaded with, least recently used first
+        self.cancel_hooked: set = set()  # plugins whose cancel hook ran: their `cancelled` flag is cleared before their next job
         self.discovered = None
         self.pm = None
         self.jobs_done = 0
@@ -182,6 +183,7 @@ def _control(self:_Worker, msg:dict):
         else: _remember(self.tombstones, msg.get('job_id'))
     if hit is not None:
         hit.cancel()
+        self.cancel_hooked.add(hit.plugin_name)
         self._cancel_hook(hit.plugin_name)
 
 @patch
@@ -277,7 +279,9 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
     set_current_job(ctx)
     try:
         if '_unreadable' in req: raise ValueError(req['_unreadable'])
-        self._ensure_loaded(name, req.get('plugin_config') or {})
+        self._ensure_loaded(name, req.get('plugin_config'), req.get('max_loaded_plugins'))
+        if name in self.cancel_hooked: self._fresh(name)
+        if ctx.cancelled: raise JobCancelledError(f"job {ctx.job_id} was cancelled before its plugin started")  # while it loaded
         params = {k: v for k, v in req.items() if k not in _RESERVED}
         if self._streams(name, req): out['data'] = self._run_stream(name, params, ctx)
         else: out['data'] = self.adapter(self.pm.execute_plugin(name, **params))
@@ -285,7 +289,7 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
     except Exception as e:
         if ctx.cancelled or isinstance(e, JobCancelledError):
             out.update(status='cancelled', data={'text': ''.join(ctx.chunks), 'metadata': {}} if ctx.chunks else None)
-        else: out.update(status='error', error=_error_text(e), traceback=traceback.format_exc())
+        else: out.update(status='error', error=_error_text(e), traceback=_traceback(e))
     finally: set_current_job(None)
     self.jobs_done += 1
     try: return out, dumps(out)  # pickled once, here, where a failure can still be reported
@@ -293,6 +297,21 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
         out.update(status='error', data=None, traceback=traceback.format_exc(),
                    error=f"the job's result could not be pickled ({_error_text(e)})")
         return out, dumps(out)
+
+def _traceback(e:BaseException)->str:
+    "This process's traceback of `e`, plus the plugin's own if it ran elsewhere (`e.remote_traceback`, e.g. a remote plugin)."
+    tb, remote = traceback.format_exc(), getattr(e, 'remote_traceback', None)
+    return f"{tb}\nThe plugin's own traceback, in the process that ran it:\n{remote}" if isinstance(remote, str) and remote else tb
+
+@patch
+def _fresh(self:_Worker, name):
+    "Clear the `cancelled` flag a cancel hook left on plugin `name` (a `bool` attribute), before its next job."
+    self.cancel_hooked.discard(name)
+    get = getattr(self.pm, 'get_plugin', None)
+    try:
+        plugin = get(name) if callable(get) else None
+        if isinstance(getattr(plugin, 'cancelled', None), bool): plugin.cancelled = False
+    except Exception: log.exception("worker %d: could not reset the cancelled flag of plugin %r", os.getpid(), name)
 
 @patch
 def _streams(self:_Worker, name, req)->bool:
@@ -335,14 +354,39 @@ def _already_held(self:_Worker, name)->bool:
     except Exception: return False
 
 @patch
-def _ensure_loaded(self:_Worker, name, config:dict):
-    if name in self.loaded: return
+def _ensure_loaded(self:_Worker, name,
+                   config:Optional[dict], # the config the job asks for (None: any; {} on a first load)
+                   limit:Optional[int]=None):
+    have = self.loaded.pop(name, _NOT_LOADED)  # put back last: the most recently used
+    if have is not _NOT_LOADED:
+        self.loaded[name] = have
+        if config is None or have == config: return
+        if self.pm.reload_plugin(name, config) is False:  # the job's config changed (e.g. in the plugin registry)
+            raise RuntimeError(f"the plugin manager failed to reload plugin {name!r} with the job's config (reload_plugin returned False)")
+        self.loaded[name] = config
+        return
     if not name: raise ValueError("the job names no plugin: set plugin_name in prepare_execute_request "
                                   "or give the manager a plugin registry")
+    config = config or {}
     if not self._already_held(name):
-        if self.pm.load_plugin(self._find_plugin(name), config) is False:
+        found = self._find_plugin(name)
+        self._make_room(limit)
+        if self.pm.load_plugin(found, config) is False:
             raise RuntimeError(f"the plugin manager failed to load plugin {name!r} (load_plugin returned False)")
     self.loaded[name] = config
+
+_NOT_LOADED = object()
+
+@patch
+def _make_room(self:_Worker, limit:Optional[int]):
+    "Unload the least recently used plugins until one more fits under `limit` (`WorkerConfig.max_loaded_plugins`)."
+    while limit and len(self.loaded) >= limit:
+        old = next(iter(self.loaded))
+        del self.loaded[old]
+        try: ok = self.pm.unload_plugin(old)
+        except Exception: ok = False; log.exception("worker %d: unloading plugin %r to make room raised", os.getpid(), old)
+        if ok is False: log.warning("worker %d: plugin %r could not be unloaded to make room (max_loaded_plugins=%d)", os.getpid(), old, limit)
+        else: log.info("worker %d: unloaded plugin %r to make room (max_loaded_plugins=%d)", os.getpid(), old, limit)
 
 # %% ../../nbs/core/worker.ipynb #9b97c2f4
 @patch
@@ -356,9 +400,13 @@ def _command(self:_Worker, req:dict):
             config = req.get('config') or {}
             if name in self.loaded or self._already_held(name):
                 ok = self.pm.reload_plugin(name, config)
-            else: ok = self.pm.load_plugin(self._find_plugin(name), config)
+            else:
+                found = self._find_plugin(name)
+                self._make_room(req.get('max_loaded_plugins'))
+                ok = self.pm.load_plugin(found, config)
             if ok is False: raise RuntimeError(f"the plugin manager failed to reload plugin {name!r}")
-            self.loaded[name] = config
+            self.loaded.pop(name, None)
+            self.loaded[name] = config  # the most recently used
         elif t == 'unload':
             held = name in self.loaded or self._already_held(name)
             if not held: self._find_plugin(name)  # an unknown name is an error; a known, unloaded one is a no-op

@@ -84,7 +84,7 @@ class _Slot:
         self.eof = False
         self.fds = ()  # (results fd, responses fd, process sentinel) while alive
         self.timeouts: Dict[str, float] = {}  # running job id → when it times out
-        self.plugins: set = set()  # plugins sent to this process (for affinity)
+        self.plugins: dict = {}  # plugins sent to this process, least recently first (for affinity; name → None)
         self.jobs_since_spawn = 0
         self.recycle: Optional[str] = None  # why the worker is to be recycled once its jobs are done
         self.stop_deadline: Optional[float] = None  # a recycled worker that has not exited by then is killed
@@ -550,7 +550,9 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
     if self.event_broadcaster is not None:
         self._emit('started', {'job_id': jid, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name, 'worker_pid': slot.pid})
     cfg = (self._requests.get(jid) or (None, {}))[1]
-    slot.loaded.setdefault(job.plugin_name, cfg)
+    limit = self.worker_config.max_loaded_plugins
+    if limit: _touch(slot.loaded, job.plugin_name, cfg, limit)  # as the worker's own list: it unloaded the oldest
+    else: slot.loaded[job.plugin_name] = cfg
     if self.resource_manager is not None:
         self._safe_resource_call('update_worker_state', slot.pid, status='running', job_id=jid, plugin_name=job.plugin_name,
                                  plugin_id=job.plugin_id, loaded_plugin_resource=self._extract_plugin_resource_identifier(cfg),
@@ -621,7 +623,7 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     slot.spawned_at, slot.ready_at, slot.restart_at = now, None, None
     slot.start_deadline = now + cfg.worker_start_timeout_seconds
     slot.kill_reason = slot.startup_error = slot.failure = slot.recycle = slot.stop_deadline = None
-    slot.jobs_since_spawn, slot.plugins, slot.timeouts = 0, set(), {}
+    slot.jobs_since_spawn, slot.plugins, slot.timeouts = 0, {}, {}
     slot.ps = None
     if p.pid is not None:  # a Ray actor's pid is known once it is ready
         try: slot.ps = psutil.Process(p.pid)
@@ -756,6 +758,7 @@ def _dispatch(self:BaseJobManager)->list:
     avail = [s for s in slots if s.open]
     pending, jobs = self._pending, self.jobs
     maxj = self.worker_config.max_jobs_per_worker  # a worker gets no more jobs than it may run before it is recycled
+    limit = self.worker_config.max_loaded_plugins
     while pending and avail:
         if maxj: free = [s for s in avail if len(s.inflight) < cap and s.jobs_since_spawn + len(s.inflight) < maxj]
         else: free = [s for s in avail if len(s.inflight) < cap]
@@ -768,9 +771,16 @@ def _dispatch(self:BaseJobManager)->list:
             name = job.plugin_name
             s = min(free, key=lambda s: (len(s.inflight), name not in s.plugins))
         s.inflight[jid] = job
-        s.plugins.add(job.plugin_name)
+        if limit: _touch(s.plugins, job.plugin_name, None, limit)
+        else: s.plugins[job.plugin_name] = None
         out.setdefault(s.index, (s, []))[1].append(self._requests[jid][0])
     return list(out.values())
+
+def _touch(lru:dict, name, value, limit:int):
+    "Make `name` the most recently used entry of `lru`, dropping the least recently used ones beyond `limit`."
+    lru.pop(name, None)
+    while len(lru) >= limit: del lru[next(iter(lru))]
+    lru[name] = value
 
 def _send_decided(sends:list, out:list)->bool: # True if a request pipe now has a backlog
     "Send, outside the lock, what a round of message handling decided: the outbox's messages, then the dispatched requests."
@@ -1156,7 +1166,9 @@ async def start_job(self:BaseJobManager,
         backlog = False
         if not err:
             request.setdefault('stream', self.supports_streaming)
-            try: data = dumps({**request, 'type': 'execute', 'job_id': job.id, 'plugin_name': plugin_name, 'plugin_config': config})
+            msg = {**request, 'type': 'execute', 'job_id': job.id, 'plugin_name': plugin_name, 'plugin_config': config}
+            if self.worker_config.max_loaded_plugins: msg['max_loaded_plugins'] = self.worker_config.max_loaded_plugins
+            try: data = dumps(msg)
             except Exception as e:
                 err, tb = f"the job's execute request cannot be sent to a worker ({type(e).__name__}: {e})", traceback.format_exc()
         if err: self._terminal(job, 'failed', reason=err, error=err, tb=tb)
@@ -1298,7 +1310,8 @@ async def reload_plugin(self:BaseJobManager,
                         config:Dict[str, Any] # New configuration
                        )->bool: # True if successful, False otherwise
     "Reload a plugin with new configuration (which later loads of it, e.g. after a restart, also use)."
-    replies = await self._command('reload', {'plugin_name': plugin_name, 'config': config},
+    replies = await self._command('reload', {'plugin_name': plugin_name, 'config': config,
+                                             'max_loaded_plugins': self.worker_config.max_loaded_plugins},
                                   self.worker_config.reload_timeout_seconds)
     ok = all(r.get('success') for r in replies)
     if ok: self._config_overrides[plugin_name] = dict(config or {})  # later first loads (e.g. after a restart) use it
