@@ -1,4 +1,6 @@
 """Plugins for tests/test_remote_worker.py, imported by name by the worker subprocess (tests/ is on its PYTHONPATH)."""
+import time
+from cjm_workers.core.worker import cancel_requested, check_cancelled, report_progress
 from cjm_workers.remote.plugin import PluginInterface
 
 
@@ -28,3 +30,44 @@ class Incomplete(PluginInterface):
     "A PluginInterface subclass missing abstract methods."
     name, version = 'incomplete', '0'
     def execute(self): return 1
+
+
+class SlowLoad(PluginInterface):
+    "Its `initialize` takes `steps` × 10 ms (a model loading) and stops at `check_cancelled()`; `/config` tells how far."
+    name, version = 'slowload', '0.1'
+    def __init__(self): self.state = {}
+    def initialize(self, config=None):
+        self.state = {'loading': True}
+        try:
+            for _ in range(int((config or {}).get('steps', 3000))):
+                check_cancelled()
+                time.sleep(0.01)
+        except BaseException:
+            self.state = {'loading': False, 'stopped': True}
+            raise
+        self.state = {'loaded': True}
+    def execute(self, seconds=0, **kw):
+        for _ in range(int(seconds * 100)):
+            check_cancelled()
+            time.sleep(0.01)
+        return {'ok': True}
+    def get_config_schema(self): return {}
+    def get_current_config(self): return dict(self.state)
+    def cleanup(self): pass
+
+
+class SoftStop(PluginInterface):
+    "Stops early on a cancel and returns what it has, without raising (a partial result)."
+    name, version = 'softstop', '0.1'
+    def initialize(self, config=None): pass
+    def execute(self, n=3000, **kw):
+        done = []
+        for i in range(n):
+            if cancel_requested(): break
+            report_progress((i + 1) / n, f"{i + 1}/{n}")
+            time.sleep(0.01)
+            done.append(i)
+        return {'text': f"{len(done)} of {n}", 'metadata': {'partial': len(done) < n}}
+    def get_config_schema(self): return {}
+    def get_current_config(self): return {}
+    def cleanup(self): pass

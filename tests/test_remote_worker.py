@@ -84,6 +84,7 @@ def workers():
         'transcribe': ('TranscribePlugin', 'cjm_workers.testing', [], None),
         'tokens': ('TokenStreamPlugin', 'cjm_workers.testing', [], None),
         'flaky': ('FlakyPlugin', '_r_plugins', [], None),
+        'slowload': ('SlowLoad', '_r_plugins', [], None),
     }
     ws = {}
     try:
@@ -95,12 +96,13 @@ def workers():
 
 
 def test_ready_line_health_and_process_group(workers):
-    names = {'slow': 'slow', 'echo': 'echo', 'transcribe': 'transcribe', 'tokens': 'tokens', 'flaky': 'flaky'}
+    names = {'slow': 'slow', 'echo': 'echo', 'transcribe': 'transcribe', 'tokens': 'tokens', 'flaky': 'flaky',
+             'slowload': 'slowload'}
     for key, w in workers.items():
         assert w.info['pid'] == w.proc.pid and w.info['port'] > 0 and w.info['host'] == '127.0.0.1'
         with w.client() as c: h = c.get('/health').json()
         assert h == {'status': 'ok', 'pid': w.proc.pid, 'name': names[key],
-                     'version': '0.1' if key == 'flaky' else '1.0.0'}
+                     'version': '0.1' if key in ('flaky', 'slowload') else '1.0.0'}
         assert os.getpgid(w.proc.pid) == w.proc.pid  # a group leader: a proxy can kill its whole tree
     assert len({w.info['port'] for w in workers.values()}) == len(workers)
 
@@ -120,7 +122,7 @@ def test_every_endpoint(workers):
         assert 'raise ValueError(fail)' in r.json()['traceback']
         p = c.get('/progress').json()
         assert (p['progress'], p['message'], p['running']) == (None, '', False)
-        assert c.post('/cancel').json() == {'status': 'cancelled', 'running': False}  # nothing running: no-op
+        assert c.post('/cancel').json() == {'status': 'not_running', 'running': False}  # nothing running: says so
         lines = c.post('/execute_stream', json={'kwargs': {'text': 'once'}}).text.splitlines()
         assert lines == ['">> once"']
         s = c.get('/stats').json()
@@ -140,7 +142,7 @@ def test_optional_methods_and_initialize_errors(workers):
         assert c.post('/initialize').json() == {'status': 'initialized'}  # empty body: config None
         assert c.get('/config').json() == {}
         assert c.get('/config_schema').json() == {}  # the plugin has no get_config_schema
-        assert c.post('/cancel').json() == {'status': 'not_supported', 'running': False}
+        assert c.post('/cancel').json() == {'status': 'not_running', 'running': False}
         assert c.post('/cleanup').json() == {'status': 'not_supported'}
         assert c.post('/execute', json={'kwargs': {'x': [1, 2]}}).json() == {'ok': True, 'kwargs': {'x': [1, 2]}}
 
@@ -165,7 +167,7 @@ def test_progress_and_cancel_while_execute_runs(workers):
         r = fut.result(5)
         assert r.status_code == 409, r.text
         body = r.json()
-        assert body['cancelled'] is True and body['result'] is None and body['error'].startswith('JobCancelledError'), body
+        assert body == {'error': 'cancelled', 'cancelled': True, 'result': None}, body  # no internal run id in it
         last = c.get('/progress').json()
         assert last['running'] is False and seen[-1] <= last['progress'] < 1
         r = c.post('/execute', json={'kwargs': {'steps': 3, 'delay': 0}})  # the next run is not cancelled
@@ -278,11 +280,18 @@ def test_startup_failures_exit_2_with_the_reason():
              ('cjm_workers.testing', 'NoSuchClass', [], "has no class 'NoSuchClass'"),
              ('_r_plugins', 'NoExecute', [], "class _r_plugins.NoExecute cannot be hosted: it has no execute() method"),
              ('_r_plugins', 'Incomplete', [], "is abstract: it does not implement cleanup, get_config_schema"),
-             ('cjm_workers.testing', 'EchoPlugin', ['--port', str(busy.getsockname()[1])], "in use")]
+             ('cjm_workers.testing', 'EchoPlugin', ['--port', str(busy.getsockname()[1])],
+              f"cannot listen on 127.0.0.1:{busy.getsockname()[1]} (Address already in use)"),
+             # argument errors, argparse-style, naming the argument
+             ('cjm_workers.testing', 'EchoPlugin', ['--port', '99999'], "argument --port: must be between 0 and 65535"),
+             ('cjm_workers.testing', 'EchoPlugin', ['--port', '0', '--ppid', '-5'], "argument --ppid: must be at least 1"),
+             ('cjm_workers.testing', 'EchoPlugin', ['--port', '0', '--ppid', '0'], "argument --ppid: must be at least 1"),
+             ('cjm_workers.testing', 'EchoPlugin', ['--port', '0', '--max-body-bytes', '-1'],
+              "argument --max-body-bytes: must be at least 1")]
     procs = []
     try:
         for mod, cls, extra, _ in cases:
-            port = [] if extra else ['--port', '0']
+            port = [] if '--port' in extra else ['--port', '0']
             procs.append(subprocess.Popen([sys.executable, '-m', 'cjm_workers.remote.worker', '--module', mod,
                                            '--class', cls, *port, *extra], stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True, env=worker_env(), cwd=str(TESTS)))
@@ -330,3 +339,51 @@ def test_worker_dies_with_its_parent():
                 try: os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError: pass
         parent.stdout.close(); parent.stderr.close()
+
+
+def test_a_cancel_naming_a_call_counts_even_before_the_call_begins(workers):
+    "A cancel that reaches the worker before its call does is kept for it: the call then does not run the plugin."
+    w = workers['slow']
+    with w.client() as c, w.client() as c2, w.client() as c3, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(c2.post, '/execute', json={'kwargs': {'seconds': 60}}, headers={'X-Call-Id': 'first'})
+        assert wait_for(lambda: c.get('/progress').json()['running'], 10)
+        # 'second' has not been sent yet: the cancel is kept for it, and leaves the running call alone
+        assert c.post('/cancel', json={'calls': ['second']}).json() == {'status': 'pending', 'running': True}
+        queued = pool.submit(c3.post, '/execute', json={'kwargs': {'seconds': 60}}, headers={'X-Call-Id': 'second'})
+        assert not running.done()
+        assert c.post('/cancel', json={'calls': ['first']}).json() == {'status': 'cancelled', 'running': True}
+        assert running.result(10).status_code == 409
+        r = queued.result(10)  # it waited behind 'first', then began cancelled, without sleeping its 60 s
+        assert (r.status_code, r.json()) == (409, {'error': 'cancelled before it started', 'cancelled': True,
+                                                   'result': None})
+        assert c.post('/execute', json={'kwargs': {'seconds': 0}}, headers={'X-Call-Id': 'third'}).status_code == 200
+        r = c.post('/cancel', json={'calls': 'first'})
+        assert r.status_code == 400 and '"calls" must be a JSON array' in r.json()['error']
+
+
+def test_a_cancel_stops_a_long_initialize(workers):
+    "`/initialize` runs with a job context: a plugin loading a model sees `check_cancelled()` after a `/cancel`."
+    w = workers['slowload']
+    with w.client() as c, w.client() as c2, ThreadPoolExecutor(1) as pool:
+        load = pool.submit(c2.post, '/initialize', json={'steps': 3000}, headers={'X-Call-Id': 'load-1'})
+        assert wait_for(lambda: c.get('/config').json().get('loading'), 10)  # /config does not wait for the lock
+        assert c.post('/cancel', json={'calls': ['load-1']}).json() == {'status': 'cancelled', 'running': False}
+        r = load.result(10)
+        assert (r.status_code, r.json()) == (409, {'error': 'cancelled', 'cancelled': True})
+        assert c.get('/config').json() == {'loading': False, 'stopped': True}
+        assert c.post('/initialize', json={'steps': 1}).json() == {'status': 'initialized'}  # the next one is not cancelled
+        assert c.post('/cancel').json() == {'status': 'not_running', 'running': False}
+
+
+def test_unknown_paths_wrong_methods_and_the_bearer_scheme_over_http(workers):
+    w = workers['echo']
+    with w.client() as c:
+        for scheme in ('Bearer', 'bearer', 'BEARER'):  # RFC 7235: the scheme is case-insensitive
+            r = c.get('/config', headers={'Authorization': f'{scheme} {TOKEN}'})
+            assert r.status_code == 200, (scheme, r.text)
+        r = c.get('/nope', headers=AUTH)
+        assert r.status_code == 404 and r.headers['content-type'] == 'application/json'
+        assert r.json()['error'].startswith("no endpoint '/nope'; the worker serves /health, /stats"), r.json()
+        r = c.get('/execute', headers=AUTH)
+        assert r.status_code == 405 and r.headers['content-type'] == 'application/json'
+        assert r.json() == {'error': 'GET is not allowed on /execute; use POST'} and r.headers['allow'] == 'POST'

@@ -6,11 +6,13 @@
 from __future__ import annotations
 import argparse, base64, dataclasses, datetime, enum, hmac, importlib, inspect, json, logging, os, select
 import socket, sys, threading, time, traceback, uuid
+from collections import OrderedDict
 from pathlib import PurePath
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import anyio, psutil
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -23,9 +25,9 @@ from .plugin import PluginInterface
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'REQUIRED_METHODS', 'DEFAULT_MAX_BODY_BYTES', 'MAX_PROGRESS_WAIT', 'READY_PREFIX', 'EnhancedJSONEncoder',
-           'dumps_json', 'parent_monitor', 'WorkerStartupError', 'load_plugin_class', 'instantiate_plugin',
-           'PluginHost', 'create_app', 'run_worker']
+__all__ = ['log', 'REQUIRED_METHODS', 'MAX_REMEMBERED_CANCELS', 'DEFAULT_MAX_BODY_BYTES', 'MAX_PROGRESS_WAIT', 'CALL_HEADER',
+           'READY_PREFIX', 'EnhancedJSONEncoder', 'dumps_json', 'parent_monitor', 'WorkerStartupError',
+           'load_plugin_class', 'instantiate_plugin', 'PluginHost', 'create_app', 'run_worker']
 
 # %% ../../nbs/remote/worker.ipynb #105345a2
 class EnhancedJSONEncoder(json.JSONEncoder):
@@ -147,7 +149,9 @@ class PluginHost:
         self._state = threading.RLock()  # guards the fields below
         self._changed = threading.Condition(self._state)  # notified on each progress report and run start/end
         self.seq = 0  # counts those changes: a `/progress?since=seq` long poll waits for the next one
-        self.ctx: Optional[JobContext] = None  # the run in progress
+        self.ctx: Optional[JobContext] = None  # the run in progress (its `job_id` is the call's id)
+        self.init_ctx: Optional[JobContext] = None  # the `initialize` in progress
+        self.cancelled_calls: OrderedDict = OrderedDict()  # ids of named calls cancelled before they began
         self.run_started = 0.0
         self.executions = 0
         self._progress: Tuple[float, Optional[float], str] = (0.0, None, '')  # (monotonic time, progress, message)
@@ -173,12 +177,21 @@ class PluginHost:
 # %% ../../nbs/remote/worker.ipynb #ac4aa0cf
 from fastcore.basics import patch
 
+MAX_REMEMBERED_CANCELS = 4096  # ids of calls cancelled before they began, kept until they begin (oldest dropped first)
+
 @patch
-def _begin(self:PluginHost)->JobContext:
+def _was_cancelled(self:PluginHost, ctx:JobContext, call:Optional[str])->None:
+    "Flag `ctx` if a `/cancel` named `call` before it began (the caller holds `self._state`)."
+    if call is not None and self.cancelled_calls.pop(call, None): ctx.cancel()
+
+@patch
+def _begin(self:PluginHost, call:Optional[str]=None # the call's id (`X-Call-Id`), if the client named it
+          )->JobContext:
     "Start a run (the caller holds `self.lock`): a fresh job context, progress cleared, cancel flag reset."
-    ctx = JobContext(uuid.uuid4().hex, self.name, self._on_message)
+    ctx = JobContext(call or uuid.uuid4().hex, self.name, self._on_message)
     with self._state:
         if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
+        self._was_cancelled(ctx, call)
         self.ctx, self.run_started, self._progress = ctx, time.monotonic(), (0.0, None, '')
         self._bump()
         _core.set_current_job(ctx)  # as in cjm_workers' worker process: report_progress / check_cancelled see this run
@@ -232,18 +245,27 @@ def wait_progress(self:PluginHost,
 
 # %% ../../nbs/remote/worker.ipynb #36d26159
 @patch
-def cancel(self:PluginHost)->dict:
-    "Cancel the run in progress (flag + the plugin's `cancel()`): `{status, running}`."
+def cancel(self:PluginHost,
+           calls:Optional[List[str]]=None # ids of the calls to cancel (None: whatever runs now)
+          )->dict:
+    "Cancel the run in progress, or the named calls (flag + the plugin's `cancel()`): `{status, running}`."
     with self._state:
-        ctx = self.ctx
-        if ctx is not None: ctx.cancel()
+        now = [c for c in (self.ctx, self.init_ctx) if c is not None]
+        hit = [c for c in now if calls is None or c.job_id in calls]
+        for c in hit: c.cancel()
+        later = [] if calls is None else [c for c in dict.fromkeys(calls) if c not in {h.job_id for h in hit}]
+        for c in later:
+            self.cancelled_calls[c] = True
+            while len(self.cancelled_calls) > MAX_REMEMBERED_CANCELS: self.cancelled_calls.popitem(last=False)
+        running = self.ctx is not None
+    if not hit: return {'status': 'pending' if later else 'not_running', 'running': running}
     fn = getattr(self.plugin, 'cancel', None)  # called without holding the lock: it may report progress
-    if not callable(fn): return {'status': 'not_supported', 'running': ctx is not None}
+    if not callable(fn): return {'status': 'not_supported', 'running': running}
     try: fn()
     except Exception as e:
         log.exception("plugin %s: cancel() raised", self.name)
-        return {'status': 'error', 'error': _error_text(e), 'running': ctx is not None}
-    return {'status': 'cancelled', 'running': ctx is not None}
+        return {'status': 'error', 'error': _error_text(e), 'running': running}
+    return {'status': 'cancelled', 'running': running}
 
 # %% ../../nbs/remote/worker.ipynb #6099aa39
 def _error_body(e:BaseException, **extra)->dict:
@@ -254,17 +276,25 @@ def _encoded(status:int, body:Any)->Tuple[int, bytes]:
     except Exception as e:
         return 500, dumps_json(_error_body(e, error=f"the result could not be encoded as JSON ({_error_text(e)})"))
 
+def _cancel_text(e:Optional[BaseException], ctx:JobContext)->str:
+    "The `error` of a cancelled call: 'cancelled', or the plugin's own words (never the host's internal run id)."
+    if e is None or ctx.job_id in str(e) or not str(e): return 'cancelled'
+    return _error_text(e)
+
 # %% ../../nbs/remote/worker.ipynb #09edf664
 @patch
-def execute(self:PluginHost, args:list, kwargs:dict)->Tuple[int, bytes]:
+def execute(self:PluginHost, args:list, kwargs:dict,
+            call:Optional[str]=None # the call's id (`X-Call-Id`)
+           )->Tuple[int, bytes]:
     "Run `plugin.execute(*args, **kwargs)`: 200 result, 409 cancelled, 500 error."
     with self.lock:
-        ctx = self._begin()
+        ctx = self._begin(call)
         try:
+            if ctx.cancelled: return _encoded(409, {'error': 'cancelled before it started', 'cancelled': True, 'result': None})
             try: result = self.plugin.execute(*args, **kwargs)
             except Exception as e:
                 if ctx.cancelled or isinstance(e, JobCancelledError):
-                    return _encoded(409, {'error': _error_text(e), 'cancelled': True, 'result': None})
+                    return _encoded(409, {'error': _cancel_text(e, ctx), 'cancelled': True, 'result': None})
                 log.debug("plugin %s: execute raised", self.name, exc_info=True)
                 return _encoded(500, _error_body(e))
             if ctx.cancelled: return _encoded(409, {'error': 'cancelled', 'cancelled': True, 'result': result})
@@ -273,13 +303,18 @@ def execute(self:PluginHost, args:list, kwargs:dict)->Tuple[int, bytes]:
 
 # %% ../../nbs/remote/worker.ipynb #8432d23a
 @patch
-def stream_lines(self:PluginHost, args:list, kwargs:dict)->Iterator[bytes]:
+def stream_lines(self:PluginHost, args:list, kwargs:dict,
+                 call:Optional[str]=None # the call's id (`X-Call-Id`)
+                )->Iterator[bytes]:
     "NDJSON lines of `plugin.execute_stream(*args, **kwargs)`; a failure or cancel ends it with an `{error}` line."
     with self.lock:
-        ctx, gen = self._begin(), None
+        ctx, gen = self._begin(call), None
         try:
             fn = getattr(self.plugin, 'execute_stream', None)
             try:
+                if ctx.cancelled:
+                    yield dumps_json({'error': 'cancelled before it started', 'cancelled': True}) + b'\n'
+                    return
                 gen = iter(fn(*args, **kwargs)) if callable(fn) else iter([self.plugin.execute(*args, **kwargs)])
                 n = 0
                 while not ctx.cancelled:
@@ -292,7 +327,7 @@ def stream_lines(self:PluginHost, args:list, kwargs:dict)->Iterator[bytes]:
                     yield line + b'\n'
             except Exception as e:
                 cancelled = ctx.cancelled or isinstance(e, JobCancelledError)
-                body = {'error': _error_text(e), 'cancelled': True} if cancelled else _error_body(e)
+                body = {'error': _cancel_text(e, ctx), 'cancelled': True} if cancelled else _error_body(e)
                 yield dumps_json(body) + b'\n'
                 return
             if ctx.cancelled: yield dumps_json({'error': 'cancelled', 'cancelled': True}) + b'\n'
@@ -305,13 +340,30 @@ def stream_lines(self:PluginHost, args:list, kwargs:dict)->Iterator[bytes]:
 
 # %% ../../nbs/remote/worker.ipynb #702cc5d2
 @patch
-def initialize(self:PluginHost, config:Optional[dict])->Tuple[int, bytes]:
-    "Call `plugin.initialize(config)`: 200, 422 with the plugin's error, or `not_supported`."
+def initialize(self:PluginHost, config:Optional[dict],
+               call:Optional[str]=None # the call's id (`X-Call-Id`)
+              )->Tuple[int, bytes]:
+    "Call `plugin.initialize(config)`: 200, 422 with the plugin's error, 409 if cancelled, or `not_supported`."
     fn = getattr(self.plugin, 'initialize', None)
     if not callable(fn): return _encoded(200, {'status': 'not_supported'})
     with self.lock:
-        try: fn(config)
-        except Exception as e: return _encoded(422, _error_body(e))
+        ctx = JobContext(call or uuid.uuid4().hex, self.name, self._on_message)
+        with self._state:
+            if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
+            self._was_cancelled(ctx, call)
+            self.init_ctx = ctx
+            _core.set_current_job(ctx)  # `check_cancelled()` in a long load sees a cancel
+        try:
+            if ctx.cancelled: return _encoded(409, {'error': 'cancelled before it started', 'cancelled': True})
+            try: fn(config)
+            except Exception as e:
+                if ctx.cancelled or isinstance(e, JobCancelledError):
+                    return _encoded(409, {'error': _cancel_text(e, ctx), 'cancelled': True})
+                return _encoded(422, _error_body(e))
+        finally:
+            with self._state:
+                self.init_ctx = None
+                if _core.current_job() is ctx: _core.set_current_job(None)
     return _encoded(200, {'status': 'initialized'})
 
 @patch
@@ -353,6 +405,7 @@ def stats(self:PluginHost)->dict:
 # %% ../../nbs/remote/worker.ipynb #4e693d64
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 MAX_PROGRESS_WAIT = 30.0  # longest `/progress?wait=` long poll, in seconds
+CALL_HEADER = 'X-Call-Id'  # names a call, so a `/cancel` can name it too
 
 class _HTTPError(Exception):
     def __init__(self, status:int, message:str): super().__init__(message); self.status = status
@@ -397,6 +450,27 @@ def _call_args(body:Any)->Tuple[list, dict]:
     if not isinstance(kwargs, dict): raise _HTTPError(400, f'"kwargs" must be a JSON object, not {type(kwargs).__name__}')
     return args, kwargs
 
+# %% ../../nbs/remote/worker.ipynb #b0e63e92
+def _cancel_calls(body:Any)->Optional[List[str]]:
+    "The call ids a `/cancel` body names (None: it names none, so whatever runs is cancelled)."
+    if body is _EMPTY or body is None: return None
+    if not isinstance(body, dict): raise _HTTPError(400, f'the body must be a JSON object {{"calls": [...]}}, not a JSON {type(body).__name__}')
+    extra = sorted(set(body) - {'calls'})
+    if extra: raise _HTTPError(400, f'unknown field(s) {extra} in the body: /cancel takes only "calls"')
+    calls = body.get('calls')
+    if calls is None: return None
+    if not isinstance(calls, list) or not all(isinstance(c, str) and c for c in calls):
+        raise _HTTPError(400, '"calls" must be a JSON array of call ids (the X-Call-Id of each call)')
+    return calls
+
+def _bearer(header:bytes)->Optional[bytes]:
+    "The credentials of an `Authorization: Bearer …` header (the scheme in any case), or None."
+    scheme, _, cred = header.strip().partition(b' ')
+    return cred.strip() if scheme.lower() == b'bearer' else None
+
+def _call_id(request:Request)->Optional[str]:
+    return request.headers.get(CALL_HEADER) or None
+
 # %% ../../nbs/remote/worker.ipynb #8762a85a
 async def _in_threads(lines:Iterator[bytes]):
     "Iterate a blocking iterator with every `next()` in a worker thread."
@@ -423,13 +497,13 @@ def create_app(module_name:str, # module to import the plugin class from
               )->Starlette: # the app; `app.state.host` is its `PluginHost`
     "Create the Starlette app hosting one instance of `module_name.class_name` (raises `WorkerStartupError`)."
     host = PluginHost(instantiate_plugin(module_name, class_name))
-    expected = f"Bearer {token}".encode() if token else None
+    expected = token.encode() if token else None
 
     def endpoint(fn, open_:bool=False):
         async def handler(request:Request)->Response:
             if expected is not None and not open_:
-                got = dict(request.scope['headers']).get(b'authorization', b'')
-                if not hmac.compare_digest(got, expected):
+                got = _bearer(dict(request.scope['headers']).get(b'authorization', b''))
+                if not hmac.compare_digest(got or b'', expected):
                     return _json_response({'error': 'missing or wrong bearer token'}, 401, {'WWW-Authenticate': 'Bearer'})
             try: return await fn(request)
             except _HTTPError as e: return _json_response({'error': str(e)}, e.status)
@@ -448,18 +522,18 @@ def create_app(module_name:str, # module to import the plugin class from
         body = await _read_json(request, max_body_bytes)
         if body is not _EMPTY and body is not None and not isinstance(body, dict):
             raise _HTTPError(400, f"the configuration must be a JSON object, not a JSON {type(body).__name__}")
-        return await threaded(host.initialize, None if body is _EMPTY else body)()
+        return await threaded(host.initialize, None if body is _EMPTY else body, _call_id(request))()
     async def config_schema(request): return await threaded(host.call_getter, 'get_config_schema')()
     async def config(request): return await threaded(host.call_getter, 'get_current_config')()
     async def execute(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
-        return await threaded(host.execute, args, kwargs)()
+        return await threaded(host.execute, args, kwargs, _call_id(request))()
     async def execute_stream(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
-        return _NDJSONResponse(host.stream_lines(args, kwargs))
+        return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request)))
     async def cancel(request):
-        await _read_json(request, max_body_bytes)  # any body is ignored, but still bounded
-        return _json_response(await anyio.to_thread.run_sync(host.cancel))
+        calls = _cancel_calls(await _read_json(request, max_body_bytes))
+        return _json_response(await anyio.to_thread.run_sync(host.cancel, calls))
     async def progress(request):
         q = request.query_params
         if 'since' not in q and 'wait' not in q: return _json_response(host.progress())
@@ -481,25 +555,52 @@ def create_app(module_name:str, # module to import the plugin class from
               Route('/cancel', endpoint(cancel), methods=['POST']),
               Route('/progress', endpoint(progress), methods=['GET']),
               Route('/cleanup', endpoint(cleanup), methods=['POST'])]
-    app = Starlette(routes=routes)
+
+    async def http_error(request:Request, exc:HTTPException)->Response:  # Starlette's own 404 / 405, as JSON
+        path = request.url.path
+        if exc.status_code == 404:
+            msg = f"no endpoint {path!r}; the worker serves {', '.join(r.path for r in routes)}"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get('Allow', '')
+            msg = f"{request.method} is not allowed on {path}; use {allowed}" if allowed else f"{request.method} is not allowed on {path}"
+        else: msg = str(exc.detail)
+        return _json_response({'error': msg}, exc.status_code, exc.headers)
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.host = host
     return app
 
 # %% ../../nbs/remote/worker.ipynb #abea9b17
 READY_PREFIX = 'CJM_WORKER_READY'
 
+def _int_arg(lo:int, hi:Optional[int], what:str)->Callable[[str], int]:
+    "An argparse `type` accepting a whole number in lo..hi (`what` says what it is, for the error message)."
+    def conv(text:str)->int:
+        try: n = int(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number ({what}), got {text!r}")
+        if n < lo or (hi is not None and n > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bounds} ({what}), got {n}")
+        return n
+    return conv
+
 def _parser()->argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m cjm_workers.remote.worker',
                                 description="Serve one plugin over HTTP (the Universal Worker).")
     p.add_argument('--module', required=True, help="module to import the plugin class from")
     p.add_argument('--class', dest='class_name', required=True, help="plugin class name")
-    p.add_argument('--port', type=int, required=True, help="TCP port; 0 picks a free one (reported on the ready line)")
+    p.add_argument('--port', type=_int_arg(0, 65535, "a TCP port; 0 picks a free one"), required=True,
+                   help="TCP port; 0 picks a free one (reported on the ready line)")
     p.add_argument('--host', default='127.0.0.1', help="address to bind (default 127.0.0.1)")
-    p.add_argument('--ppid', type=int, default=None, help="exit when this process dies")
+    p.add_argument('--ppid', type=_int_arg(1, None, "the id of the process whose death ends the worker"), default=None,
+                   help="exit when this process dies (a process id; leave it out to watch none)")
     p.add_argument('--token-env', default='CJM_WORKER_TOKEN', help="environment variable holding the bearer token")
-    p.add_argument('--max-body-bytes', type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted")
+    p.add_argument('--max-body-bytes', type=_int_arg(1, None, "the largest request body, in bytes"),
+                   default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted")
     p.add_argument('--log-level', default='warning', help="log level (stderr)")
     return p
+
+def _endpoint(host:str, port:int)->str: return f"[{host}]:{port}" if ':' in host else f"{host}:{port}"
 
 def _bind(host:str, port:int)->socket.socket:
     "A listening TCP socket bound to (host, port), IPv4 or IPv6 as `host` requires (raises `OSError` if taken)."
@@ -523,13 +624,14 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
     level = getattr(logging, str(args.log_level).upper(), logging.WARNING)
     logging.basicConfig(level=level, stream=sys.stderr, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
     become_group_leader()
-    if args.ppid: parent_monitor(args.ppid)  # first: importing a plugin can take long
+    if args.ppid is not None: parent_monitor(args.ppid)  # first: importing a plugin can take long
     token = os.environ.get(args.token_env) or None
-    try:
-        app = create_app(args.module, args.class_name, token=token, max_body_bytes=args.max_body_bytes)
-        sock = _bind(args.host, args.port)
-    except (WorkerStartupError, OSError) as e:
-        parser.exit(2, f"cjm_workers.remote.worker: error: {e}\n")
+    try: app = create_app(args.module, args.class_name, token=token, max_body_bytes=args.max_body_bytes)
+    except WorkerStartupError as e: parser.exit(2, f"cjm_workers.remote.worker: error: {e}\n")
+    try: sock = _bind(args.host, args.port)
+    except OSError as e:
+        parser.exit(2, f"cjm_workers.remote.worker: error: cannot listen on {_endpoint(args.host, args.port)} "
+                       f"({e.strerror or e})\n")
     host, port = sock.getsockname()[:2]
     if token is None and host not in ('127.0.0.1', '::1', 'localhost'):
         log.warning("serving on %s without a token: anyone who can reach it can run the plugin", host)
