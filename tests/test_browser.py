@@ -187,3 +187,49 @@ def test_reload_mid_job_resumes(page, server):
     wait_output_longer(page, tid, len(resumed) + 10)
     wait_status(page, tid, 'completed')
     assert output(page, tid) == TOKENS_TEXT and still_same(page)  # nothing missed, nothing repeated
+
+
+def test_a_refused_start_shows_its_reason(page, server):
+    "A start the server refuses (400) shows the reason next to the button."
+    from fasthtml.common import to_xml
+    from cjm_workers.fasthtml.components import StartButton
+    base, app = server
+    page.goto(f'{base}/jobs')
+    bad = to_xml(StartButton('Bad start', 'slow', {'priority': 'high'}, prefix='/jobs'))
+    page.evaluate('''html => { const d = document.createElement('div'); d.id = 'extra'; d.innerHTML = html;
+                               document.body.prepend(d); htmx.process(d); }''', bad)
+    page.click('button:has-text("Bad start")')
+    page.wait_for_function('() => document.querySelector("#extra form .job-form-error").textContent.length > 0')
+    assert 'priority must be an int' in page.text_content('#extra form .job-form-error')
+
+
+def test_a_page_open_across_a_server_restart_reloads_and_shows_the_jobs_now(browser, tmp_path):
+    "The restarted server cannot replay what the page missed (a `reset`): the page reloads and shows the job's end."
+    from test_demo import Demo
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    db = str(tmp_path / 'demo.db')
+    first = Demo('--port', str(port), '--db', db)
+    ctx = browser.new_context()
+    try:
+        import httpx
+        r = httpx.post(f'{first.url}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 120}},
+                       headers={'accept': 'application/json'}, timeout=30)
+        jid = r.json()['id']
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        pg.goto(f'{first.url}/jobs/{jid}')
+        wait_status(pg, jid, 'running')
+        mark(pg)
+        first.proc.send_signal(signal.SIGINT)  # the job is cancelled at shutdown; the page does not hear it
+        assert first.proc.wait(30) == 0
+        second = Demo('--port', str(port), '--db', db)
+        try:
+            wait_status(pg, jid, 'cancelled')  # after the page reloaded itself
+            assert not still_same(pg)
+            assert 'shut down' in pg.text_content(f'#job-{jid}-outcome')
+        finally: second.stop()
+    finally:
+        ctx.close()
+        first.stop()

@@ -11,8 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from fasthtml.common import (A, Button, Dd, Div, Dl, Dt, Form, Input, Link, Pre, Progress, Script, Span, Style, Table, Tbody,
-                             Td, Th, Thead, Tr, to_xml)
+from fasthtml.common import (A, Button, Dd, Div, Dl, Dt, Form, Input, Link, Pre, Progress, Script, Small, Span, Style, Table,
+                             Tbody, Td, Th, Thead, Tr, to_xml)
+from .sse import RESET
 
 # %% auto #0
 __all__ = ['SSE_EVENT', 'STATIC_DIR', 'ASSETS_PATH', 'HTMX_JS', 'SSE_JS', 'JOB_CSS', 'dom_id', 'ns_id', 'StatusBadge',
@@ -60,13 +61,18 @@ def ProgressBar(job:BaseJob)->Div:
     return Div(bar, Span(label, cls='job-progress-label'), cls='job-progress', id=dom_id(job.id, 'progress'))
 
 # %% ../../nbs/fasthtml/components.ipynb #49df476e
+_SHOW_ERROR = ("var m=this.querySelector('.job-form-error');if(m)m.textContent=event.detail.successful?'':"
+               "(event.detail.xhr.status?event.detail.xhr.responseText||('error '+event.detail.xhr.status):'the server did not answer')")
+
+def _error_slot(): return Small(cls='job-form-error', role='alert')
+
 def CancelButton(job:BaseJob, # the job
                  prefix:str='/jobs' # where its routes are mounted
                 )->Form:
     "A POST form (htmx in the background) that cancels the job."
     url = f"{prefix}/{job.id}/cancel"
-    return Form(Button('Cancel', type='submit', cls='job-cancel', hx_disabled_elt='this'),
-                method='post', action=url, hx_post=url, hx_swap='none', cls='job-cancel-form')
+    return Form(Button('Cancel', type='submit', cls='job-cancel', hx_disabled_elt='this'), _error_slot(),
+                method='post', action=url, hx_post=url, hx_swap='none', hx_on__after_request=_SHOW_ERROR, cls='job-cancel-form')
 
 def JobActions(job:BaseJob, prefix:str='/jobs')->Span:
     "The job's actions: a cancel button unless the job has ended."
@@ -107,10 +113,10 @@ def StartButton(label:str, # the button's text
                )->Form:
     "A button that starts a job."
     url = f"{prefix}/start"
-    hx = dict(hx_post=url, hx_swap='none') if background else {}
+    hx = dict(hx_post=url, hx_swap='none', hx_on__after_request=_SHOW_ERROR) if background else {}
     return Form(Input(type='hidden', name='plugin_id', value=plugin_id),
                 Input(type='hidden', name='params', value=json.dumps(params or {})),
-                Button(label, type='submit', hx_disabled_elt='this', **kwargs),
+                Button(label, type='submit', hx_disabled_elt='this', **kwargs), *([_error_slot()] if background else []),
                 method='post', action=url, cls='job-start-form', data_plugin_id=plugin_id, **hx)
 
 # %% ../../nbs/fasthtml/components.ipynb #03749bf6
@@ -171,7 +177,10 @@ def LiveUpdates(url:str, # the SSE stream to connect to
                 event_name:str=SSE_EVENT # the SSE event carrying the fragments
                )->Div:
     "Hidden element that connects to an SSE stream and applies the out-of-band fragments it receives."
-    return Div(hx_ext='sse', sse_connect=url, sse_swap=event_name, hx_swap='none', id=id, cls='job-live', hidden=True)
+    return Div(hx_ext='sse', sse_connect=url, sse_swap=f"{event_name},{RESET}", hx_swap='none', id=id, cls='job-live',
+               hidden=True, hx_on__sse_message=_RELOAD_ON_RESET)
+
+_RELOAD_ON_RESET = f"if(event.detail.type==='{RESET}')setTimeout(function(){{location.reload()}},500)"
 
 # %% ../../nbs/fasthtml/components.ipynb #3250966c
 _TERMINAL_EVENTS = ('completed', 'failed', 'cancelled')

@@ -66,7 +66,25 @@ def _start_args(fields:dict, # the form fields (or JSON body)
 # %% ../../nbs/fasthtml/routes.ipynb #51e2d58c
 def _default_page(title:str, *content): return Title(title), Main(H1(title), *content, cls='container')
 
-def _wants_json(request)->bool: return 'application/json' in request.headers.get('accept', '')
+def _accept_q(accept:str, media:str)->float:
+    "The quality the Accept header gives `media` (its own entry, else `type/*`, else `*/*`; 0 if none)."
+    best, kind = {}, media.split('/')[0] + '/*'
+    for part in accept.split(','):
+        name, *params = [p.strip() for p in part.split(';')]
+        q = 1.0
+        for prm in params:
+            if prm.startswith('q='):
+                try: q = float(prm[2:])
+                except ValueError: q = 0.0
+        best[name.lower()] = max(q, best.get(name.lower(), 0.0))
+    for key in (media, kind, '*/*'):
+        if key in best: return best[key]
+    return 0.0
+
+def _wants_json(request)->bool:
+    "Whether the client prefers JSON to HTML (a browser's default Accept prefers HTML)."
+    accept = request.headers.get('accept', '')
+    return 'json' in accept and _accept_q(accept, 'application/json') > _accept_q(accept, 'text/html')
 
 def _job_json(job)->dict:
     d = asdict(job) if is_dataclass(job) else dict(vars(job))
@@ -241,7 +259,7 @@ async def start(self:JobRoutes, request):
         plugin_id, kwargs = _start_args(fields, self.plugins)
     except ValueError as e: return PlainTextResponse(str(e), status_code=400)
     try: job = await self.manager.start_job(plugin_id, **kwargs)
-    except TypeError as e: return PlainTextResponse(f"cannot create the job: {e}", status_code=400)
+    except (TypeError, ValueError) as e: return PlainTextResponse(f"cannot create the job: {e}", status_code=400)  # e.g. a bad priority
     except RuntimeError as e: return PlainTextResponse(str(e), status_code=503)
     if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})
     if _wants_json(request): return JSONResponse(_job_json(job), status_code=201, headers={'Location': self.url(job.id)})
@@ -277,6 +295,8 @@ async def stream_job(self:JobRoutes, request, job_id:str):
     "GET {prefix}/{job_id}/stream: SSE for one job's page."
     job, err = await self._job_or_error(request, job_id)
     if err is not None: return err
+    if job.is_terminal and request.query_params.get('after') is None and not request.headers.get('last-event-id'):
+        return Response(status_code=204)  # it has ended and the client missed nothing: no stream (EventSource stops on 204)
     return self._stream(request, job.id)
 
 # %% ../../nbs/fasthtml/routes.ipynb #ae8edd01
