@@ -24,10 +24,9 @@ async def test_cancel_pending_jobs_in_manager_queue_and_in_worker(make_manager):
     in_worker = [await mgr.start_job('echo', text=f"w{i}") for i in range(3)]
     in_queue = [await mgr.start_job('echo', text=f"q{i}") for i in range(3)]
     await wait_until(lambda: mgr.get_worker_stats()[0]['queued_in_worker'] == 4, 10)
-    for j in in_worker:
-        assert j.status == 'pending' and mgr.get_queue_position(j.id) is None, "expected this job to sit inside the worker"
-    for j in in_queue:
-        assert j.status == 'pending' and mgr.get_queue_position(j.id) is not None, "expected this job in the manager queue"
+    # places in line: behind the running job inside the worker, then the manager's queue after all four
+    assert [mgr.get_queue_position(j.id) for j in in_worker + in_queue] == [2, 3, 4, 5, 6, 7]
+    assert all(j.status == 'pending' for j in in_worker + in_queue)
 
     victim_w, victim_q = in_worker[1], in_queue[1]
     t0 = time.monotonic()

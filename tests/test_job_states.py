@@ -32,7 +32,7 @@ async def test_pending_until_worker_starts_it_and_running_only_while_executing(m
     jobs = (a, b, c)
     # all three were sent ahead into the (single) worker at once, but none is running before the worker says so
     assert mgr.get_worker_stats()[0]['queued_in_worker'] == 3
-    assert mgr.get_queue_position(b.id) is None and mgr.get_queue_position(c.id) is None  # not in the manager queue
+    assert [mgr.get_queue_position(j.id) for j in (b, c)] == [2, 3]  # inside the worker, behind `a`
     await wait_until(lambda: a.status == 'running', timeout=T)
     assert a.started_at is not None and a.worker_pid == mgr.worker_process.pid
     for j in (b, c):

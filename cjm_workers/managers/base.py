@@ -659,15 +659,22 @@ def _fail_slot(self:BaseJobManager, slot:_Slot, reason:str):
 # %% ../../nbs/managers/base.ipynb #e165ee24
 @patch
 def _queue_position(self:BaseJobManager, job_id:str)->Optional[int]:
-    "1 + the number of unfinished jobs ahead of `job_id` (those sent to workers count as ahead); None if not queued."
+    "1 + the number of unfinished jobs ahead of `job_id` (those sent to workers count as ahead); None if not pending."
     pos = self._pending.position(job_id)
-    return None if pos is None else sum(len(s.inflight) for s in self._slots) + pos
+    if pos is not None: return sum(len(s.inflight) for s in self._slots) + pos
+    for s in self._slots:
+        if job_id not in s.inflight: continue
+        ahead = 0
+        for jid, j in s.inflight.items():
+            if jid == job_id: return 1 + ahead if j is not None and j.status == 'pending' else None
+            if j is not None and not j.is_terminal: ahead += 1
+    return None
 
 @patch
 def get_queue_position(self:BaseJobManager,
                        job_id:str # a pending job
-                      )->Optional[int]: # 1 = next to run; None if the job is not waiting in the manager's queue
-    "Where a pending job stands in the manager's queue."
+                      )->Optional[int]: # 1 = next to run; None if the job is not pending (running, finished, unknown, or waiting for a retry)
+    "Where a pending job stands in line (in the manager's queue, or sent ahead to a worker)."
     with self._lock: return self._queue_position(job_id)
 
 # %% ../../nbs/managers/base.ipynb #cc647e77
@@ -1140,7 +1147,7 @@ async def start_job(self:BaseJobManager,
                    )->JobType: # Created and started job
     "Start a new job."
     self._bind_loop()
-    _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds)
+    _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds, _KEPT_NAME)
     job = self.create_job(plugin_id, **kwargs)
     job.priority, job.timeout_seconds, job.max_retries, job.retry_backoff_seconds = priority, timeout_seconds, max_retries, retry_backoff_seconds
     config, err, tb, request, plugin_name = {}, None, None, {}, None
@@ -1187,16 +1194,19 @@ async def start_job(self:BaseJobManager,
     return job
 
 # %% ../../nbs/managers/base.ipynb #2e8cff3f
-def _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds):
-    "Raise a clear error for a bad scheduling option of `start_job`."
-    if isinstance(priority, bool) or not isinstance(priority, int): raise TypeError(f"priority must be an int, got {priority!r}")
+_KEPT_NAME = " (start_job keeps this keyword for scheduling: a job field of this name must be renamed)"
+
+def _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds, hint:str=''):
+    "Raise a clear error for a bad scheduling option of `start_job` (`hint` ends the message)."
+    def bad(exc, what, got): raise exc(f"{what}, got {got!r}{hint}")
+    if isinstance(priority, bool) or not isinstance(priority, int): bad(TypeError, "priority must be an int", priority)
     if timeout_seconds is not None and (isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float))
-                                        or timeout_seconds < 0):
-        raise ValueError(f"timeout_seconds must be None or a number of seconds >= 0, got {timeout_seconds!r}")
+                                        or not timeout_seconds >= 0):
+        bad(ValueError, "timeout_seconds must be None or a number of seconds >= 0", timeout_seconds)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-    if isinstance(retry_backoff_seconds, bool) or not isinstance(retry_backoff_seconds, (int, float)) or retry_backoff_seconds < 0:
-        raise ValueError(f"retry_backoff_seconds must be a number >= 0, got {retry_backoff_seconds!r}")
+        bad(ValueError, "max_retries must be an int >= 0", max_retries)
+    if isinstance(retry_backoff_seconds, bool) or not isinstance(retry_backoff_seconds, (int, float)) or not retry_backoff_seconds >= 0:
+        bad(ValueError, "retry_backoff_seconds must be a number >= 0", retry_backoff_seconds)
 
 # %% ../../nbs/managers/base.ipynb #7bb2d0b4
 @patch
