@@ -71,3 +71,17 @@ class SoftStop(PluginInterface):
     def get_config_schema(self): return {}
     def get_current_config(self): return {}
     def cleanup(self): pass
+
+
+class Journaled(SoftStop):
+    "SoftStop that writes what happens to it, one line each, to the file named by $R_JOURNAL."
+    name = 'journaled'
+    def _note(self, what):
+        import os
+        with open(os.environ['R_JOURNAL'], 'a') as f: f.write(what + '\n')
+    def execute(self, n=3000, **kw):
+        self._note('execute')
+        out = super().execute(n=n, **kw)
+        self._note('stopped early' if out['metadata']['partial'] else 'finished')
+        return out
+    def cleanup(self): self._note('cleanup')

@@ -147,6 +147,7 @@ def test_initialize_refusal_and_plugin_error_are_plugin_errors():
         except RemotePluginError as e2: err = e2
         assert items == ['first', {'second': 2}]  # every item before the failure arrives first
         assert 'RuntimeError: broke after two items' in str(err) and 'broke after two items' in err.traceback
+        assert err.remote_traceback == err.traceback  # the name a cjm_workers worker appends to the job's traceback
 
 
 def test_sync_stream_is_live_and_cancellable():
@@ -211,11 +212,72 @@ def test_stop_kills_the_whole_tree_even_mid_call():
         fut = pool.submit(p.execute, seconds=60, ignore_cancel=True, spawn_child=True)
         while not prog['message'].startswith('child:'): prog = p.get_progress(since=prog['seq'], wait=5)
         child, worker = int(prog['message'].split(':')[1]), p.pid
-        p.cleanup()  # /cleanup (it waits behind the running call), SIGTERM, then SIGKILL of the whole tree
+        p.cleanup()  # /cancel (ignored), SIGTERM, then SIGKILL of the whole tree, within stop_timeout
         assert wait_gone([worker, child]) == []
-        with pytest.raises(RemoteWorkerError):
+        with pytest.raises(RemoteWorkerError, match=r'was stopped \(stop\(\) was called\) while this call ran'):
             fut.result(10)
     p.stop()  # idempotent
+
+
+TESTS = str(Path(__file__).parent)
+
+
+def test_stop_mid_call_cancels_the_call_then_cleans_up(tmp_path):
+    "stop() cancels the running call first, so the plugin stops where it is and its cleanup() still runs."
+    journal = tmp_path / 'journal'
+    p = RemotePluginProxy('_r_plugins', 'Journaled', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)},
+                          stop_timeout=30.0).start()
+    with ThreadPoolExecutor(1) as pool:
+        prog = p.get_progress()
+        fut = pool.submit(p.execute, n=6000)  # a minute if it ran to the end
+        while prog['progress'] is None: prog = p.get_progress(since=prog['seq'], wait=5)
+        worker = p.pid
+        p.stop()
+        with pytest.raises(RemoteWorkerError) as e:
+            fut.result(10)
+    assert str(e.value) == "the worker for _r_plugins.Journaled was stopped (stop() was called) while this call ran"
+    assert journal.read_text().split('\n')[:-1] == ['execute', 'stopped early', 'cleanup']
+    assert wait_gone([worker]) == [] and not p.alive
+
+
+def test_a_cancel_names_the_calls_in_flight_even_those_not_yet_begun():
+    "Two calls in flight, the second waiting behind the first: one cancel() stops both, and the second never runs."
+    with RemotePluginProxy('cjm_workers.testing', 'SlowPlugin') as p, ThreadPoolExecutor(2) as pool:
+        prog = p.get_progress()
+        first = pool.submit(p.execute, seconds=60)
+        while not prog['running']: prog = p.get_progress(since=prog['seq'], wait=5)
+        second = pool.submit(p.execute, seconds=60)
+        assert wait_until_sync(lambda: len(p._calls) == 2)  # both sent (the worker runs one at a time)
+        assert p.cancel()['status'] == 'cancelled'
+        for fut in (first, second):
+            with pytest.raises(RemoteCancelledError, match='^the call to cjm_workers.testing.SlowPlugin was cancelled'):
+                fut.result(10)
+        assert p.get_stats()['executions'] == 2 and p.execute(seconds=0) == {'text': 'slept 0s', 'metadata': {}}
+
+
+def test_a_call_for_a_cancelled_job_is_not_sent():
+    "Inside a cjm_workers job that has been asked to stop, a call raises at once and the plugin never sees it."
+    from cjm_workers.core.worker import JobContext, set_current_job
+    with RemotePluginProxy('cjm_workers.testing', 'EchoPlugin') as p:
+        job = JobContext('job-7f3a', 'echo', lambda msg: None)
+        set_current_job(job)
+        try:
+            assert p.execute(text='runs') ['text'] == 'runs'
+            job.cancel()
+            with pytest.raises(RemoteCancelledError) as e:
+                p.execute(text='never')
+        finally: set_current_job(None)
+        assert str(e.value) == 'job job-7f3a: the call to cjm_workers.testing.EchoPlugin was cancelled (cancelled before it was sent)'
+        assert p.get_stats()['executions'] == 1 and p._calls == set()
+
+
+def wait_until_sync(predicate, timeout=10.0):
+    import time
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end: return False
+        time.sleep(0.005)
+    return True
 
 
 def test_token_is_required_by_the_proxys_worker():

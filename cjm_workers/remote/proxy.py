@@ -11,9 +11,10 @@ from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 import httpx, psutil
 from fastcore.basics import patch, store_attr
 
+from contextlib import contextmanager
 from ..core.process import describe_exit
-from ..core.worker import JobCancelledError
-from .worker import READY_PREFIX, dumps_json
+from ..core.worker import JobCancelledError, current_job
+from .worker import CALL_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ __all__ = ['log', 'RemoteWorkerError', 'RemotePluginError', 'RemoteCancelledErro
 
 # %% ../../nbs/remote/proxy.ipynb #3ed4fdff
 class RemoteWorkerError(RuntimeError):
-    "The worker process could not start, died, or cannot be reached."
+    "The worker process could not start, died, was stopped mid-call, or cannot be reached."
+    remote_traceback: Optional[str] = None  # the process's failure is in the message (with its stderr)
 
 class RemotePluginError(RuntimeError):
     "The hosted plugin raised, or the worker refused the request."
@@ -32,14 +34,17 @@ class RemotePluginError(RuntimeError):
                 ):
         super().__init__(message)
         store_attr('status,traceback')
+        self.remote_traceback = traceback  # the name a cjm_workers worker looks for (`traceback` is kept too)
 
 class RemoteCancelledError(JobCancelledError):
     "The run was cancelled (`/cancel`) before it finished."
-    def __init__(self, message:str='cancelled', # the worker's message
-                 result:Any=None # what the plugin returned after stopping early, if anything
+    remote_traceback: Optional[str] = None
+    def __init__(self, message:str='cancelled', # what happened, in words the caller knows
+                 result:Any=None, # what the plugin returned after stopping early, if anything
+                 worker_error:Optional[str]=None # what the worker said (e.g. the plugin's own cancel message)
                 ):
         super().__init__(message)
-        self.result = result
+        self.result, self.worker_error = result, worker_error
 
 # %% ../../nbs/remote/proxy.ipynb #5cb39a0c
 def _endpoint_host(host:str)->str: return f"[{host}]" if ':' in host else host
@@ -72,6 +77,9 @@ class RemotePluginProxy:
         self._client: Optional[httpx.Client] = None
         self._aclients: Dict[int, httpx.AsyncClient] = {}  # one per event loop (keyed by id(loop))
         self._lock = threading.Lock()
+        self._calls: set = set()  # ids of this proxy's calls in flight (what `cancel()` names)
+        self._calls_lock = threading.Lock()
+        self._stops = 0  # counts `stop()`s: a call that sees it change was interrupted by one
 
     @property
     def label(self)->str: return f"{self.module}.{self.class_name}"
@@ -210,18 +218,40 @@ def _close_clients(self:RemotePluginProxy)->None:
     self._aclients.clear()  # async clients hold no threads; their connections close when the worker goes
 
 @patch
+def _stop_calls(self:RemotePluginProxy, calls:List[str], deadline:float)->bool:
+    "Cancel `calls` and wait (long polls) until the plugin runs nothing or `deadline` passes; True if it stopped."
+    left = lambda: deadline - time.monotonic()
+    try:
+        self._client.post('/cancel', content=dumps_json({'calls': calls}), headers={'Content-Type': 'application/json'},
+                          timeout=self._timeout(max(left(), 0.05)))
+        p = self._client.get('/progress', timeout=self._timeout(max(left(), 0.05))).json()
+        while p['running'] and left() > 0:
+            wait = min(left(), MAX_PROGRESS_WAIT)
+            p = self._client.get('/progress', params={'since': p['seq'], 'wait': wait},
+                                 timeout=self._timeout(wait + 1.0)).json()
+        return not p['running']
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        log.debug("worker %s: cancelling the running call at stop failed: %s", self.label, e)
+        return False
+
+@patch
 def stop(self:RemotePluginProxy,
          cleanup:bool=True # call `/cleanup` first (skipped if the worker is gone)
         )->None:
-    "Stop the worker: `/cleanup`, SIGTERM, then SIGKILL of its whole tree after `stop_timeout`. Idempotent."
+    "Stop the worker within `stop_timeout`: cancel a running call, `/cleanup`, SIGTERM, then SIGKILL its whole tree. Idempotent."
     with self._lock:
         proc = self.process
         if proc is None: return
-        if cleanup and proc.poll() is None and self._client is not None:
-            try: self._client.post('/cleanup', timeout=self._timeout(self.stop_timeout))
+        deadline = time.monotonic() + self.stop_timeout
+        self._stops += 1  # before anything: the calls in flight now fail saying the worker was stopped
+        with self._calls_lock: calls = sorted(self._calls)
+        reachable = proc.poll() is None and self._client is not None
+        idle = not calls or (reachable and self._stop_calls(calls, deadline))
+        if cleanup and reachable and idle and time.monotonic() < deadline:
+            try: self._client.post('/cleanup', timeout=self._timeout(deadline - time.monotonic()))
             except httpx.HTTPError as e: log.debug("worker %s: /cleanup failed at stop: %s", self.label, e)
         self._close_clients()
-        self._kill_tree(proc, graceful=self.stop_timeout)
+        self._kill_tree(proc, graceful=max(deadline - time.monotonic(), 0.0))
         if self._reader is not None: self._reader.join(2)
         for f in (proc.stdout, proc.stderr):
             if f is not None: f.close()
@@ -253,11 +283,19 @@ async def __aexit__(self:RemotePluginProxy, *exc): await self.astop()
 
 # %% ../../nbs/remote/proxy.ipynb #2dfbd63e
 @patch
+def _cancelled(self:RemotePluginProxy, said:Optional[str]=None, result:Any=None)->RemoteCancelledError:
+    "A `RemoteCancelledError` worded for the caller: the plugin, the cjm_workers job if the call ran for one."
+    job = current_job()
+    msg = (f"job {job.job_id}: " if job is not None else '') + f"the call to {self.label} was cancelled"
+    if said and said != 'cancelled': msg += f" ({said})"
+    return RemoteCancelledError(msg, result, said)
+
+@patch
 def _raise_for(self:RemotePluginProxy, status:int, body:Any)->None:
     err = body.get('error') if isinstance(body, dict) else None
     msg = str(err) if err else f"HTTP {status}: {body!r}"
     if status == 409 and isinstance(body, dict) and body.get('cancelled'):
-        raise RemoteCancelledError(msg, body.get('result'))
+        raise self._cancelled(msg, body.get('result'))
     if status == 401: raise RemoteWorkerError(f"the worker for {self.label} refused the token: {msg}")
     raise RemotePluginError(msg, status, body.get('traceback') if isinstance(body, dict) else None)
 
@@ -288,15 +326,37 @@ def _unreachable(self:RemotePluginProxy, e:Exception)->RemoteWorkerError:
 def _body(self:RemotePluginProxy, args:tuple, kwargs:dict)->bytes:
     return dumps_json({'args': list(args), 'kwargs': kwargs})
 
+def _headers_for(content:Optional[bytes], call:Optional[str])->Optional[dict]:
+    h = {'Content-Type': 'application/json'} if content is not None else {}
+    if call is not None: h[CALL_HEADER] = call
+    return h or None
+
 @patch
-def _request(self:RemotePluginProxy, method:str, path:str, content:Optional[bytes]=None, **kw)->Any:
+def _request(self:RemotePluginProxy, method:str, path:str, content:Optional[bytes]=None, call:Optional[str]=None, **kw)->Any:
     if self._client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
-    try: r = self._client.request(method, path, content=content,
-                                  headers={'Content-Type': 'application/json'} if content is not None else None, **kw)
+    try: r = self._client.request(method, path, content=content, headers=_headers_for(content, call), **kw)
     except httpx.TransportError as e: raise self._unreachable(e) from e
     return self._decode(r)
 
 # %% ../../nbs/remote/proxy.ipynb #dca8476e
+@contextmanager
+def _call(self:RemotePluginProxy):
+    call, stops = secrets.token_hex(8), self._stops
+    with self._calls_lock: self._calls.add(call)
+    try:
+        job = current_job()
+        if job is not None and job.cancelled: raise self._cancelled('cancelled before it was sent')
+        try: yield call
+        except Exception as e:
+            if self._stops != stops:
+                raise RemoteWorkerError(f"the worker for {self.label} was stopped (stop() was called) while this "
+                                        f"call ran") from e
+            raise
+    finally:
+        with self._calls_lock: self._calls.discard(call)
+RemotePluginProxy._call = _call
+
+# %% ../../nbs/remote/proxy.ipynb #f14b66a1
 @patch
 def health(self:RemotePluginProxy)->dict:
     "`{status, pid, name, version}`."
@@ -307,17 +367,25 @@ def initialize(self:RemotePluginProxy,
                config:Optional[Dict[str, Any]]=None # the plugin's configuration
               )->dict:
     "Configure (or re-configure) the plugin; raises `RemotePluginError` with the plugin's message if it refuses."
-    return self._request('POST', '/initialize', dumps_json(config or {}))
+    with self._call() as call: return self._request('POST', '/initialize', dumps_json(config or {}), call)
 
 @patch
 def execute(self:RemotePluginProxy, *args, **kwargs)->Any:
     "Run the plugin once and return its result (JSON-decoded)."
-    return self._request('POST', '/execute', self._body(args, kwargs))
+    with self._call() as call: return self._request('POST', '/execute', self._body(args, kwargs), call)
+
+@patch(as_prop=True)
+def _cancel_body(self:RemotePluginProxy)->Optional[bytes]:
+    "`/cancel`'s body naming this proxy's calls in flight (None: there are none)."
+    with self._calls_lock: calls = sorted(self._calls)
+    return dumps_json({'calls': calls}) if calls else None
 
 @patch
 def cancel(self:RemotePluginProxy)->dict:
-    "Ask the running call to stop (cooperative): `{status: cancelled | not_supported | error, running}`."
-    return self._request('POST', '/cancel', b'{}', timeout=self._timeout(10.0))
+    "Ask this proxy's calls in flight to stop (cooperative): `{status: cancelled | pending | not_running | not_supported | error, running}`."
+    body = self._cancel_body
+    if body is None: return {'status': 'not_running', 'running': False}  # nothing of ours to cancel (no request)
+    return self._request('POST', '/cancel', body, timeout=self._timeout(10.0))
 
 @patch
 def get_progress(self:RemotePluginProxy,
@@ -346,10 +414,11 @@ def cleanup(self:RemotePluginProxy)->None:
 # %% ../../nbs/remote/proxy.ipynb #dc721716
 _ERROR_KEYS = {'error', 'cancelled', 'traceback'}
 
-def _stream_item(line:str)->Any:
+@patch
+def _stream_item(self:RemotePluginProxy, line:str)->Any:
     item = json.loads(line)
     if isinstance(item, dict) and 'error' in item and set(item) <= _ERROR_KEYS:
-        if item.get('cancelled'): raise RemoteCancelledError(str(item['error']))
+        if item.get('cancelled'): raise self._cancelled(str(item['error']))
         raise RemotePluginError(str(item['error']), 500, item.get('traceback'))
     return item
 
@@ -357,14 +426,15 @@ def _stream_item(line:str)->Any:
 def execute_stream(self:RemotePluginProxy, *args, **kwargs)->Iterator[Any]:
     "Yield the plugin's stream items as they arrive."
     if self._client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
-    try:
-        with self._client.stream('POST', '/execute_stream', content=self._body(args, kwargs),
-                                 headers={'Content-Type': 'application/json'}) as r:
-            if r.status_code >= 400:
-                r.read(); self._decode(r)
-            for line in r.iter_lines():
-                if line: yield _stream_item(line)
-    except httpx.TransportError as e: raise self._unreachable(e) from e
+    with self._call() as call:
+        try:
+            body = self._body(args, kwargs)
+            with self._client.stream('POST', '/execute_stream', content=body, headers=_headers_for(body, call)) as r:
+                if r.status_code >= 400:
+                    r.read(); self._decode(r)
+                for line in r.iter_lines():
+                    if line: yield self._stream_item(line)
+        except httpx.TransportError as e: raise self._unreachable(e) from e
 
 # %% ../../nbs/remote/proxy.ipynb #da4788c2
 @patch
@@ -378,24 +448,25 @@ def _aclient(self:RemotePluginProxy)->httpx.AsyncClient:
     return c
 
 @patch
-async def _arequest(self:RemotePluginProxy, method:str, path:str, content:Optional[bytes]=None, **kw)->Any:
-    try: r = await self._aclient().request(method, path, content=content,
-                                           headers={'Content-Type': 'application/json'} if content is not None else None, **kw)
+async def _arequest(self:RemotePluginProxy, method:str, path:str, content:Optional[bytes]=None, call:Optional[str]=None, **kw)->Any:
+    try: r = await self._aclient().request(method, path, content=content, headers=_headers_for(content, call), **kw)
     except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
     return self._decode(r)
 
 @patch
 async def ainitialize(self:RemotePluginProxy, config:Optional[Dict[str, Any]]=None)->dict:
     "Async `initialize`."
-    return await self._arequest('POST', '/initialize', dumps_json(config or {}))
+    with self._call() as call: return await self._arequest('POST', '/initialize', dumps_json(config or {}), call)
 @patch
 async def aexecute(self:RemotePluginProxy, *args, **kwargs)->Any:
     "Async `execute`."
-    return await self._arequest('POST', '/execute', self._body(args, kwargs))
+    with self._call() as call: return await self._arequest('POST', '/execute', self._body(args, kwargs), call)
 @patch
 async def acancel(self:RemotePluginProxy)->dict:
     "Async `cancel`."
-    return await self._arequest('POST', '/cancel', b'{}', timeout=self._timeout(10.0))
+    body = self._cancel_body
+    if body is None: return {'status': 'not_running', 'running': False}
+    return await self._arequest('POST', '/cancel', body, timeout=self._timeout(10.0))
 @patch
 async def aget_progress(self:RemotePluginProxy, since:Optional[int]=None, wait:float=10.0)->dict:
     "Async `get_progress` (a long poll when `since` is given)."
@@ -414,11 +485,12 @@ async def acleanup(self:RemotePluginProxy)->None:
 @patch
 async def aexecute_stream(self:RemotePluginProxy, *args, **kwargs)->AsyncIterator[Any]:
     "Async `execute_stream`: an async generator of the plugin's stream items."
-    try:
-        async with self._aclient().stream('POST', '/execute_stream', content=self._body(args, kwargs),
-                                          headers={'Content-Type': 'application/json'}) as r:
-            if r.status_code >= 400:
-                await r.aread(); self._decode(r)
-            async for line in r.aiter_lines():
-                if line: yield _stream_item(line)
-    except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
+    with self._call() as call:
+        try:
+            body = self._body(args, kwargs)
+            async with self._aclient().stream('POST', '/execute_stream', content=body, headers=_headers_for(body, call)) as r:
+                if r.status_code >= 400:
+                    await r.aread(); self._decode(r)
+                async for line in r.aiter_lines():
+                    if line: yield self._stream_item(line)
+        except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
