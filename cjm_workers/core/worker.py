@@ -355,15 +355,11 @@ def _already_held(self:_Worker, name)->bool:
 
 @patch
 def _ensure_loaded(self:_Worker, name,
-                   config:Optional[dict], # the config the job asks for (None: any; {} on a first load)
-                   limit:Optional[int]=None):
-    have = self.loaded.pop(name, _NOT_LOADED)  # put back last: the most recently used
+                   config:Optional[dict], # the config for a first load (None: {})
+                   limit:Optional[int]=None): # `WorkerConfig.max_loaded_plugins`
+    have = self.loaded.pop(name, _NOT_LOADED)
     if have is not _NOT_LOADED:
-        self.loaded[name] = have
-        if config is None or have == config: return
-        if self.pm.reload_plugin(name, config) is False:  # the job's config changed (e.g. in the plugin registry)
-            raise RuntimeError(f"the plugin manager failed to reload plugin {name!r} with the job's config (reload_plugin returned False)")
-        self.loaded[name] = config
+        self.loaded[name] = have  # put back last: the most recently used
         return
     if not name: raise ValueError("the job names no plugin: set plugin_name in prepare_execute_request "
                                   "or give the manager a plugin registry")

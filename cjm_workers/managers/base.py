@@ -551,8 +551,8 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
         self._emit('started', {'job_id': jid, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name, 'worker_pid': slot.pid})
     cfg = (self._requests.get(jid) or (None, {}))[1]
     limit = self.worker_config.max_loaded_plugins
-    if limit: _touch(slot.loaded, job.plugin_name, cfg, limit)  # as the worker's own list: it unloaded the oldest
-    else: slot.loaded[job.plugin_name] = cfg
+    if limit: _touch(slot.loaded, job.plugin_name, slot.loaded.get(job.plugin_name, cfg), limit)  # as the worker's list
+    else: slot.loaded.setdefault(job.plugin_name, cfg)
     if self.resource_manager is not None:
         self._safe_resource_call('update_worker_state', slot.pid, status='running', job_id=jid, plugin_name=job.plugin_name,
                                  plugin_id=job.plugin_id, loaded_plugin_resource=self._extract_plugin_resource_identifier(cfg),
