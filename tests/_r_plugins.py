@@ -32,18 +32,27 @@ class Incomplete(PluginInterface):
     def execute(self): return 1
 
 
+def _journal(what):
+    "Append a line to the file named by $R_JOURNAL, if set (lets a test see what a plugin in another process did)."
+    import os
+    if os.environ.get('R_JOURNAL'):
+        with open(os.environ['R_JOURNAL'], 'a') as f: f.write(what + '\n')
+
+
 class SlowLoad(PluginInterface):
     "Its `initialize` takes `steps` × 10 ms (a model loading) and stops at `check_cancelled()`; `/config` tells how far."
     name, version = 'slowload', '0.1'
     def __init__(self): self.state = {}
     def initialize(self, config=None):
         self.state = {'loading': True}
+        _journal('loading')
         try:
             for _ in range(int((config or {}).get('steps', 3000))):
                 check_cancelled()
                 time.sleep(0.01)
         except BaseException:
             self.state = {'loading': False, 'stopped': True}
+            _journal('load stopped')
             raise
         self.state = {'loaded': True}
     def execute(self, seconds=0, **kw):
@@ -76,9 +85,7 @@ class SoftStop(PluginInterface):
 class Journaled(SoftStop):
     "SoftStop that writes what happens to it, one line each, to the file named by $R_JOURNAL."
     name = 'journaled'
-    def _note(self, what):
-        import os
-        with open(os.environ['R_JOURNAL'], 'a') as f: f.write(what + '\n')
+    def _note(self, what): _journal(what)
     def execute(self, n=3000, **kw):
         self._note('execute')
         out = super().execute(n=n, **kw)

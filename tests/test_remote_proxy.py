@@ -393,3 +393,48 @@ async def test_universal_worker_crash_fails_the_job_then_recovers(track):
     assert len(tree) >= 2  # the worker process and its Universal Worker
     await mgr.ashutdown()
     assert wait_gone(tree) == []  # shutdown leaves no Universal Worker behind
+
+
+async def test_cancel_while_the_plugin_loads_stops_the_load(track, tmp_path):
+    "A cancel that arrives while the Universal Worker runs initialize() reaches it: the load stops, nothing is killed."
+    journal = tmp_path / 'journal'
+    spec = RemotePluginSpec('slowload', '_r_plugins', 'SlowLoad', cwd=TESTS,  # its load takes 30 s
+                            env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)})
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=60),
+                                    entry_point=remote_worker_entry([spec])))
+    await mgr.start()
+    job = await mgr.start_job('slowload', seconds=0)
+    await wait_until(lambda: journal.exists() and 'loading' in journal.read_text(), timeout=60)
+    worker = mgr.jobs[job.id].worker_pid
+    await mgr.cancel_job(job.id)
+    job = await mgr.wait_for_job(job.id, timeout=20)  # far less than the load, and inside the grace period
+    assert job.status == 'cancelled' and job.reason == 'cancelled on request', (job.status, job.reason)
+    assert journal.read_text().split('\n')[:-1] == ['loading', 'load stopped']
+    assert [s['pid'] for s in mgr.get_worker_stats()] == [worker]  # cooperative: the worker process was not killed
+
+
+async def test_a_partial_result_survives_the_cancel(track):
+    "A remote plugin that stops early on a cancel and returns what it has: the cancelled job keeps it, as a local one."
+    spec = RemotePluginSpec('softstop', '_r_plugins', 'SoftStop', cwd=TESTS, env={'PYTHONPATH': TESTS})
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=60),
+                                    entry_point=remote_worker_entry([spec])))
+    await mgr.start()
+    job = await mgr.start_job('softstop', n=3000)
+    await wait_until(lambda: (mgr.get_job(job.id).progress or 0) > 0, timeout=60)
+    await mgr.cancel_job(job.id)
+    job = await mgr.wait_for_job(job.id, timeout=20)
+    assert job.status == 'cancelled' and job.result is not None, (job.status, job.result)
+    assert job.result['metadata'] == {'partial': True} and job.result['text'].endswith(' of 3000'), job.result
+
+
+async def test_stream_items_and_errors_as_with_a_local_plugin(track):
+    "Items that are not strings become str(item), as the worker process does for local plugins; the plugin's own traceback reaches the job."
+    events = RecordingBroadcaster()
+    spec = RemotePluginSpec('flaky', '_r_plugins', 'FlakyPlugin', cwd=TESTS, env={'PYTHONPATH': TESTS}, streams=True)
+    mgr = track(ReferenceJobManager(event_broadcaster=events, entry_point=remote_worker_entry([spec])))
+    await mgr.start()
+    job = await mgr.wait_for_job((await mgr.start_job('flaky')).id, timeout=60)
+    await mgr.flush_events()
+    assert [d['chunk'] for t, d in events.events if t == 'reference:chunk'] == ['first', str({'second': 2})]
+    assert job.status == 'failed' and 'RuntimeError: broke after two items' in job.error, job.error
+    assert 'raise RuntimeError("broke after two items")' in job.traceback  # a line of the plugin-side traceback

@@ -4,12 +4,12 @@
 
 # %% ../../nbs/remote/adapter.ipynb #4b43ad5b
 from __future__ import annotations
-import functools, json, logging, threading
+import functools, logging, threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 from ..core.worker import base_worker_process, current_job
-from .proxy import RemotePluginProxy
+from .proxy import RemoteCancelledError, RemotePluginProxy, RemoteWorkerError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class RemotePluginManager:
             if s.name in self.specs: raise ValueError(f"two remote plugins are named {s.name!r}")
             self.specs[s.name] = s
         self.proxies: Dict[str, RemotePluginProxy] = {}
+        self.loading: Dict[str, RemotePluginProxy] = {}  # proxies still starting / initializing (a cancel reaches them)
         self.configs: Dict[str, dict] = {}
 
     def discover_plugins(self)->List[RemotePluginSpec]: return list(self.specs.values())
@@ -59,10 +60,13 @@ class RemotePluginManager:
         name = plugin_data.name
         old = self.proxies.pop(name, None)
         if old is not None: old.stop()
-        proxy = plugin_data.proxy().start()
-        try: proxy.initialize(config or {})
-        except BaseException:
-            proxy.stop(cleanup=False); raise
+        proxy = self.loading[name] = plugin_data.proxy()
+        try:
+            proxy.start()
+            try: proxy.initialize(config or {})
+            except BaseException:
+                proxy.stop(cleanup=False); raise
+        finally: self.loading.pop(name, None)
         self.proxies[name], self.configs[name] = proxy, dict(config or {})
         return True
 
@@ -120,24 +124,36 @@ class _ProgressForwarder:
             if not self.done.is_set(): log.debug("remote progress of %s stopped: %s", self.proxy.label, e)
 
 # %% ../../nbs/remote/adapter.ipynb #48aec9cc
-def _text(item:Any)->str: return item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
+def _stop_if_cancelled(plugin_name:str)->None:
+    "Raise `RemoteCancelledError` if the current job has been asked to stop (nothing is sent then)."
+    job = current_job()
+    if job is not None and job.cancelled:
+        raise RemoteCancelledError(f"job {job.job_id}: cancelled before remote plugin {plugin_name!r} was called")
 
 def execute_plugin(self:RemotePluginManager, plugin_name:str, **params)->Any:
     "Run the plugin once (keyword arguments = the job's parameters) and return its JSON result."
+    _stop_if_cancelled(plugin_name)
     proxy = self._live(plugin_name)
     with _ProgressForwarder(proxy, self.specs[plugin_name].progress_wait, self.specs[plugin_name].progress_after):
-        return proxy.execute(**params)
+        try: return proxy.execute(**params)
+        except RemoteCancelledError as e:
+            job = current_job()
+            if e.result is not None and job is not None and job.cancelled: return e.result  # the job ends cancelled, with it
+            raise
 
-def execute_plugin_stream(self:RemotePluginManager, plugin_name:str, **params)->Iterator[str]:
-    "Yield the plugin's stream items as text, as they arrive."
+def execute_plugin_stream(self:RemotePluginManager, plugin_name:str, **params)->Iterator[Any]:
+    "Yield the plugin's stream items as they arrive."
+    _stop_if_cancelled(plugin_name)
     proxy = self._live(plugin_name)
     with _ProgressForwarder(proxy, self.specs[plugin_name].progress_wait, self.specs[plugin_name].progress_after):
-        for item in proxy.execute_stream(**params): yield _text(item)
+        yield from proxy.execute_stream(**params)
 
 def cancel_plugin(self:RemotePluginManager, plugin_name:str)->None:
-    "Cooperative cancel of the plugin's running call (`/cancel`); called from the worker's control thread."
-    proxy = self.proxies.get(plugin_name)
-    if proxy is not None and proxy.alive: proxy.cancel()
+    "Cooperative cancel of the plugin's calls in flight (`/cancel`), loading or running; called from the worker's control thread."
+    proxy = self.proxies.get(plugin_name) or self.loading.get(plugin_name)
+    if proxy is None: return
+    try: proxy.cancel()  # names the proxy's calls in flight; no request if there are none
+    except RemoteWorkerError as e: log.debug("remote plugin %r: cancel not delivered: %s", plugin_name, e)
 
 RemotePluginManager.execute_plugin, RemotePluginManager.execute_plugin_stream = execute_plugin, execute_plugin_stream
 RemotePluginManager.cancel_plugin = cancel_plugin
