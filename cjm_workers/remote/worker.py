@@ -627,10 +627,10 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
     if args.ppid is not None: parent_monitor(args.ppid)  # first: importing a plugin can take long
     token = os.environ.get(args.token_env) or None
     try: app = create_app(args.module, args.class_name, token=token, max_body_bytes=args.max_body_bytes)
-    except WorkerStartupError as e: parser.exit(2, f"cjm_workers.remote.worker: error: {e}\n")
+    except WorkerStartupError as e: parser.exit(2, f"{parser.prog}: error: {e}\n")
     try: sock = _bind(args.host, args.port)
     except OSError as e:
-        parser.exit(2, f"cjm_workers.remote.worker: error: cannot listen on {_endpoint(args.host, args.port)} "
+        parser.exit(2, f"{parser.prog}: error: cannot listen on {_endpoint(args.host, args.port)} "
                        f"({e.strerror or e})\n")
     host, port = sock.getsockname()[:2]
     if token is None and host not in ('127.0.0.1', '::1', 'localhost'):
