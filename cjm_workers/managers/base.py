@@ -894,6 +894,7 @@ def _on_wake(self:BaseJobManager, ready:list):
         try: os.read(wake_fd, 4096)
         except (BlockingIOError, OSError): pass
     with self._lock:
+        if not self._wake_fds: return  # the finalizer closed everything while this thread waited for the lock
         for s in self._slots:
             if s.alive and (s.fds[0] in ready or s.fds[1] in ready): self._drain(s, ready)
         for s in self._slots:
@@ -958,6 +959,10 @@ def _watch(self:BaseJobManager, slot:_Slot):
 @patch
 def _release_loop(self:BaseJobManager, slot:_Slot):
     "Take `slot`'s pipes back from the loop, from any thread (under the lock); the management thread reads them again."
+    _take_back(slot)
+
+def _take_back(slot:_Slot):
+    "The body of `_release_loop` (the finalizer uses it too: it holds no manager)."
     fds, loop = slot.loop_fds, slot.loop_reads
     slot.loop_fds, slot.loop_reads = [], None
     if not fds: return
@@ -1025,7 +1030,7 @@ def _run_timers(self:BaseJobManager):
         else: self._pending.push(jid, job.priority)
 
 # %% ../../nbs/managers/base.ipynb #246b670b
-def _reap(slots:list, wake_fds:list, flags:dict, store=None):
+def _reap(slots:list, wake_fds:list, flags:dict, store=None, lock=None):
     "Finalizer of a manager that was dropped or left running at exit: stop its workers, write out its store."
     flags['closed'] = True
     if len(wake_fds) == 2:
@@ -1039,10 +1044,21 @@ def _reap(slots:list, wake_fds:list, flags:dict, store=None):
             except Exception: pass
         p.join(1)
         kill_worker_tree(p, timeout=1.0, terminate_first=True)
-    for fd in wake_fds:
-        try: os.close(fd)
-        except OSError: pass
-    wake_fds.clear()
+    held = lock is not None and lock.acquire(timeout=2.0)  # not while the management thread handles a message
+    try:
+        for fd in wake_fds:
+            try: os.close(fd)
+            except OSError: pass
+        wake_fds.clear()  # the management thread sees this under the lock and stops, leaving the channels alone
+        for s in slots:
+            _take_back(s)  # the loop's duplicates of the pipes, unwatched and closed on the loop
+            for ch in (s.requests, s.results, s.responses):
+                if ch is not None: ch.close()
+            if s.process is not None and process_ended(s.process):
+                try: s.process.close()  # its sentinel pipe (a Ray actor's handle has nothing to close)
+                except (AttributeError, ValueError): pass
+    finally:
+        if held: lock.release()
     if store is not None:
         try: store.release(); store.close()
         except Exception: log.exception("closing the job store at exit failed")
@@ -1074,7 +1090,7 @@ def _ensure_started(self:BaseJobManager):
         os.set_blocking(w, False)
         self._wake_fds[:] = [r, w]
         for s in self._slots: self._start_worker(s)
-        self._finalizer = weakref.finalize(self, _reap, self._slots, self._wake_fds, self._flags, store)
+        self._finalizer = weakref.finalize(self, _reap, self._slots, self._wake_fds, self._flags, store, self._lock)
         self._thread = threading.Thread(target=_monitor_results, args=(self._self_ref, r), daemon=True,
                                         name=f"cjm-manager-{self.worker_type}")
         self._thread.start()
