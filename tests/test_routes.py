@@ -281,7 +281,8 @@ def free_port():
 
 
 def test_over_real_http_and_close_ends_streams():
-    """Real uvicorn on 127.0.0.1, real httpx: a live stream follows a job, and `broadcaster.close()` ends it.
+    """Real uvicorn on 127.0.0.1, real httpx: a job's live stream follows the job and ends after its last event;
+    the table's stream stays open, and `broadcaster.close()` ends it.
     (uvicorn waits for open connections before running the lifespan's shutdown; under a signal sse-starlette ends the
     streams by itself (tests/test_demo.py), but a server run in a thread has no signal handlers, so whoever stops it
     closes the broadcaster first.)"""
@@ -299,19 +300,23 @@ def test_over_real_http_and_close_ends_streams():
             assert r.status_code == 200 and 'transcribe job' in r.text  # followed the 303 to the job's page
             jid = str(r.url).rsplit('/', 1)[1]
             url = page_stream_url(r.text) or f'/alpha/{jid}/stream?after=0'
-            seen, ended = [], threading.Event()
-            def follow():
+            def follow(url, seen, ended):
                 with c.stream('GET', url) as resp:
                     assert resp.headers['content-type'].startswith('text/event-stream')
                     for line in resp.iter_lines(): seen.append(line)
                 ended.set()
-            reader = threading.Thread(target=follow, daemon=True)
-            reader.start()
-            while not any('job-result' in l for l in seen):
-                assert reader.is_alive(), "the stream ended early"
-                threading.Event().wait(0.01)
-            assert any('data-status="completed"' in l for l in seen)
-            assert not ended.is_set()  # the stream stays open...
+            def reader(url):
+                seen, ended = [], threading.Event()
+                threading.Thread(target=follow, args=(url, seen, ended), daemon=True).start()
+                return seen, ended
+            seen, ended = reader(url)
+            assert ended.wait(30), "the job's stream did not end with the job"
+            assert any('job-result' in l for l in seen) and any('data-status="completed"' in l for l in seen)
+            last = max(int(l[4:]) for l in seen if l.startswith('id: '))  # a reconnection after the end: nothing more
+            assert c.get(f'/alpha/{jid}/stream', headers={'Last-Event-ID': str(last)}).status_code == 204
+            seen, ended = reader('/alpha/stream?after=0')
+            while not any(l.startswith('id: ') for l in seen): threading.Event().wait(0.01)
+            assert not ended.wait(0.3)  # the table's stream stays open...
             server.should_exit = True
             ra.broadcaster.close()      # ...until the broadcaster closes (from another thread here)
             assert ended.wait(30), "the SSE stream did not end when the broadcaster closed"

@@ -114,6 +114,7 @@ class JobRoutes:
         self.page, self.controls, self.flush_timeout, self.page_size = page or _default_page, controls, flush_timeout, page_size
         self.title = title or f"{manager.worker_type} jobs"
         self._type_prefix = f"{manager.worker_type}:"
+        self._job_ends = {f"{self._type_prefix}{s}" for s in ('completed', 'failed', 'cancelled')}
         self.render_list = self._renderer('list')
         self.render_rows = self._renderer('list', new_rows=False)  # a later or filtered page: no new rows at its top
         self.render_detail = self._renderer('detail')
@@ -188,11 +189,14 @@ def _resume_after(request, after:Optional[str]):
     return Request(scope, request.receive)
 
 @patch
-def _stream(self:JobRoutes, request, job_id:Optional[str]=None):
+def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
     req = _resume_after(request, request.query_params.get('after'))
     if req is None: return PlainTextResponse('after must be an integer event id', status_code=400)
-    render = self.render_detail if job_id else self.render_rows if request.query_params.get('rows') == 'fixed' else self.render_list
-    return self.broadcaster.stream(req, job_id=job_id, render=render, event_name=SSE_EVENT)
+    if job_id is None:
+        render = self.render_rows if request.query_params.get('rows') == 'fixed' else self.render_list
+        return self.broadcaster.stream(req, render=render, event_name=SSE_EVENT)
+    return self.broadcaster.stream(req, job_id=job_id, render=self.render_detail, event_name=SSE_EVENT, live=live,
+                                   until=lambda ev: ev.type in self._job_ends)  # a job's stream ends with the job
 
 # %% ../../nbs/fasthtml/routes.ipynb #d785e4f0
 _FORBIDDEN = lambda: PlainTextResponse('forbidden', status_code=403)
@@ -295,9 +299,11 @@ async def stream_job(self:JobRoutes, request, job_id:str):
     "GET {prefix}/{job_id}/stream: SSE for one job's page."
     job, err = await self._job_or_error(request, job_id)
     if err is not None: return err
-    if job.is_terminal and request.query_params.get('after') is None and not request.headers.get('last-event-id'):
+    if not job.is_terminal: return self._stream(request, job.id)
+    if request.query_params.get('after') is None and not request.headers.get('last-event-id'):
         return Response(status_code=204)  # it has ended and the client missed nothing: no stream (EventSource stops on 204)
-    return self._stream(request, job.id)
+    await self.snapshot()  # the job's last events have reached the broadcaster
+    return self._stream(request, job.id, live=False)  # what the client missed, then the end (204: it missed nothing)
 
 # %% ../../nbs/fasthtml/routes.ipynb #ae8edd01
 def mount_job_routes(app, # the FastHTML app

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 from fastcore.basics import patch, store_attr
 from fastcore.xml import to_xml
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, Response
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ def _replay(self:SSEBroadcaster, job_id, last_event_id):
 
 @patch
 def subscribe(self:SSEBroadcaster, job_id:Optional[str]=None, # only this job's events (None: all events)
-              last_event_id:Optional[int]=None # replay buffered events after this id (None: live events only)
+              last_event_id:Optional[int]=None, # replay buffered events after this id (None: live events only)
+              live:bool=True # False: the replay only (the subscription has ended once it is read)
              )->Subscription:
     "A new subscription: replayed events (if asked for) and then live ones."
     if last_event_id is not None and (not isinstance(last_event_id, int) or isinstance(last_event_id, bool)):
@@ -240,7 +241,7 @@ def subscribe(self:SSEBroadcaster, job_id:Optional[str]=None, # only this job's 
     with self._lock:
         backlog, reset = self._replay(job_id, last_event_id)
         sub = Subscription(self, job_id, self.max_queue_size, backlog, reset)
-        if self._closed: sub.ended = True
+        if self._closed or not live: sub.ended = True
         elif job_id is None: self._all.add(sub)
         else: self._by_job.setdefault(job_id, set()).add(sub)
     return sub
@@ -302,7 +303,7 @@ def _last_event_id(request)->tuple: # (id or None, error message or None)
     except ValueError: return None, f"last_event_id must be an integer, got {q!r}"
 
 @patch
-async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name):
+async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None):
     "Encoded chunks for one stream; unsubscribes when the stream ends for any reason."
     with _closing(sub):
         if self.retry_ms is not None: yield f"retry: {int(self.retry_ms)}\n\n".encode()
@@ -310,20 +311,28 @@ async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name):
             if self.flush_interval:  # let the rest of a burst arrive: it goes out in this same write
                 await asyncio.sleep(self.flush_interval)
                 batch += sub.take()
+            if until is not None:  # the stream ends with the first event `until` accepts
+                end = next((i for i, ev in enumerate(batch) if until(ev)), None)
+                if end is not None: batch = batch[:end + 1]
+            else: end = None
             chunk = b''.join(f for ev in batch if (f := _render(ev, render, event_name)) is not None)
             if chunk: yield chunk
+            if end is not None: return
 
 @patch
 def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for Last-Event-ID and `last_event_id`)
            job_id:Optional[str]=None, # only this job's events (None: all)
            render:Optional[Callable]=None, # event -> str | FT | None (None: JSON data, event name = event type)
-           event_name:Optional[str]=None # SSE event name of rendered events (default 'message')
-          ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`)
+           event_name:Optional[str]=None, # SSE event name of rendered events (default 'message')
+           until:Optional[Callable]=None, # event -> bool: the stream ends after the first event it accepts
+           live:bool=True, # False: only what the client missed, then the end (204 when it missed nothing)
+          ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`, 204 for nothing to send)
     "An SSE response streaming this broadcaster's events from the client's last seen id."
     last, err = _last_event_id(request)
     if err: return PlainTextResponse(err, status_code=400)
-    sub = self.subscribe(job_id, last)
-    return EventSourceResponse(self._frames(sub, render, event_name), ping=self.heartbeat_seconds, sep='\n',
+    sub = self.subscribe(job_id, last, live=live)
+    if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
+    return EventSourceResponse(self._frames(sub, render, event_name, until), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
                                send_timeout=self.send_timeout, shutdown_event=_EndOnShutdown(sub),
                                shutdown_grace_period=1.0)
