@@ -286,6 +286,8 @@ def test_startup_failures_exit_2_with_the_reason():
              ('cjm_workers.testing', 'EchoPlugin', ['--port', '99999'], "argument --port: must be between 0 and 65535"),
              ('cjm_workers.testing', 'EchoPlugin', ['--port', '0', '--ppid', '-5'], "argument --ppid: must be at least 1"),
              ('cjm_workers.testing', 'EchoPlugin', ['--port', '0', '--ppid', '0'], "argument --ppid: must be at least 1"),
+             ('cjm_workers.testing', 'EchoPlugin', ['--port', '0', '--ppid', str(2**22 + 7)],  # above any pid_max
+              f"argument --ppid: no process {2**22 + 7}"),
              ('cjm_workers.testing', 'EchoPlugin', ['--port', '0', '--max-body-bytes', '-1'],
               "argument --max-body-bytes: must be at least 1")]
     procs = []

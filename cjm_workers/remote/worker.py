@@ -624,7 +624,10 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
     level = getattr(logging, str(args.log_level).upper(), logging.WARNING)
     logging.basicConfig(level=level, stream=sys.stderr, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
     become_group_leader()
-    if args.ppid is not None: parent_monitor(args.ppid)  # first: importing a plugin can take long
+    if args.ppid is not None:
+        if not psutil.pid_exists(args.ppid):
+            parser.exit(2, f"{parser.prog}: error: argument --ppid: no process {args.ppid} (has the parent already exited?)\n")
+        parent_monitor(args.ppid)  # first: importing a plugin can take long
     token = os.environ.get(args.token_env) or None
     try: app = create_app(args.module, args.class_name, token=token, max_body_bytes=args.max_body_bytes)
     except WorkerStartupError as e: parser.exit(2, f"{parser.prog}: error: {e}\n")
