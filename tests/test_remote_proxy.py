@@ -42,6 +42,7 @@ class ProbePlugin(PluginInterface):
             self.report_progress((i + 1) / steps, f"step {i + 1}")
         return {'text': helper.shout(self.get_current_config().get('greeting', 'hi') + ' ' + text),
                 'metadata': {'prefix': sys.prefix, 'executable': sys.executable, 'pid': os.getpid(),
+                             'python': list(sys.version_info[:2]),
                              'package_version': version('cjm-iso-probe')}}
     def execute_stream(self, text='', **kw):
         for w in text.split(): yield helper.shout(w)
@@ -49,8 +50,8 @@ class ProbePlugin(PluginInterface):
 
 
 @pytest.fixture(scope='module')
-def isolated_python(tmp_path_factory):
-    "Python of a fresh virtualenv holding the `cjm-iso-probe` wheel, built here; the app's environment lacks it."
+def probe_wheel(tmp_path_factory):
+    "The `cjm-iso-probe` wheel, built here (pure Python: any Python 3 installs it)."
     root = tmp_path_factory.mktemp('iso')
     src = root / 'src'
     (src / PROBE).mkdir(parents=True)
@@ -71,7 +72,14 @@ def isolated_python(tmp_path_factory):
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(dist),
                     f'./{src.name}'], cwd=root, check=True, capture_output=True)
     wheel, = dist.glob('cjm_iso_probe-1.2.3-*.whl')
-    env_dir = root / 'venv'
+    return wheel
+
+
+@pytest.fixture(scope='module')
+def isolated_python(probe_wheel):
+    "Python of a fresh virtualenv holding the `cjm-iso-probe` wheel; the app's environment lacks it."
+    wheel = probe_wheel
+    env_dir = wheel.parent.parent / 'venv'
     # system site packages: the environment sees cjm_workers and its dependencies; what it installs stays its own
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     py = env_dir / 'bin' / 'python'
@@ -115,6 +123,49 @@ async def test_job_manager_runs_isolated_plugin(isolated_python, track):
     once = await mgr.wait_for_job((await mgr.start_job('probe_once', text='there', steps=4)).id, timeout=60)
     assert once.status == 'completed' and once.result['text'] == 'HI THERE'
     assert once.result['metadata']['prefix'] == env_dir  # it ran under the isolated environment's Python
+    await mgr.ashutdown()
+
+
+def other_python():
+    "An interpreter of another Python version (>= 3.11, as pyproject.toml requires) on this machine, or None."
+    import shutil
+    here = sys.version_info[:2]
+    for minor in (12, 13, 11):
+        if (3, minor) == here: continue
+        found = [*sorted(Path('~/.pyenv/versions').expanduser().glob(f'3.{minor}.*/bin/python3.{minor}')),
+                 shutil.which(f'python3.{minor}')]  # (a pyenv shim on PATH may not run: each is tried)
+        for py in filter(None, found):
+            try: ok = subprocess.run([str(py), '-c', 'import venv'], capture_output=True, timeout=30).returncode == 0
+            except OSError: ok = False
+            if ok: return str(py)
+    return None
+
+
+async def test_plugin_under_another_python_version_installed_as_docs_say(probe_wheel, tmp_path, track):
+    """The recipe of docs/plugins.md, step 1, on another Python version: a plain virtualenv (no system site packages),
+    cjm_workers installed from this checkout with --no-deps plus the five packages the Universal Worker needs (from
+    PyPI), and the plugin's own package; a job manager on this Python runs the plugin there."""
+    py = other_python()
+    if py is None: pytest.skip("no Python of another version (3.11+) on this machine")
+    env_dir = tmp_path / 'venv'
+    subprocess.run([py, '-m', 'venv', str(env_dir)], check=True, capture_output=True, timeout=120)
+    pip = [str(env_dir / 'bin' / 'python'), '-m', 'pip', 'install', '-q', '--disable-pip-version-check']
+    repo = Path(__file__).resolve().parent.parent
+    for args in (['--no-deps', str(repo)], ['starlette', 'uvicorn', 'anyio', 'psutil', 'fastcore'], [str(probe_wheel)]):
+        r = subprocess.run(pip + args, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"pip install {' '.join(args)} failed:\n{r.stderr[-3000:]}"
+    env_py = str(env_dir / 'bin' / 'python')
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(), entry_point=remote_worker_entry(
+        [RemotePluginSpec('probe', f'{PROBE}.plugin', 'ProbePlugin', python=env_py, streams=True),
+         RemotePluginSpec('probe_once', f'{PROBE}.plugin', 'ProbePlugin', python=env_py)])))
+    await mgr.start()
+    job = await mgr.wait_for_job((await mgr.start_job('probe_once', text='there')).id, timeout=60)
+    assert job.status == 'completed', (job.error, job.reason)
+    meta = job.result['metadata']
+    assert meta['prefix'] == str(env_dir) and tuple(meta['python']) != sys.version_info[:2]
+    assert job.result['text'] == 'HI THERE'
+    streamed = await mgr.wait_for_job((await mgr.start_job('probe', text='other python')).id, timeout=60)
+    assert streamed.status == 'completed' and streamed.output == 'OTHERPYTHON'
     await mgr.ashutdown()
 
 
