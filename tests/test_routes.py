@@ -324,3 +324,29 @@ def test_over_real_http_and_close_ends_streams():
         server.should_exit = True
         t.join(30)
     assert not t.is_alive() and all(s['pid'] is None or s['status'] == 'stopped' for s in alpha.get_worker_stats())
+
+
+def test_a_big_page_is_rendered_off_the_event_loop(monkeypatch):
+    "A page of more than THREAD_ROWS rows is built in a thread; it holds the same rows a small page would."
+    import cjm_workers.fasthtml.routes as routes_mod
+    from cjm_workers.fasthtml.components import JobTable
+    built_on = []
+    def spy(jobs, prefix):
+        built_on.append((threading.get_ident(), len(jobs)))
+        return JobTable(jobs, prefix)
+    monkeypatch.setattr(routes_mod, 'JobTable', spy)
+    n = routes_mod.THREAD_ROWS + 5
+    app, alpha, beta, ra, rb = build()
+    with TestClient(app) as cli:
+        async def run_many():
+            jobs = [await alpha.start_job('echo', text=str(i)) for i in range(n)]
+            for j in jobs: await alpha.wait_for_job(j.id, 60)
+            return threading.get_ident()
+        loop_thread = cli.portal.call(run_many)
+        big = cli.get(f'/alpha?limit={n}').text
+        small = cli.get('/alpha?limit=10').text
+    (t_big, n_big), (t_small, n_small) = built_on
+    assert (n_big, n_small) == (n, 10)
+    assert t_big != loop_thread and t_small == loop_thread  # the big one off the loop, the small one on it
+    rows = lambda html: re.findall(r'<tr [^>]*id="(job-[^"]+-row)"', html)
+    assert len(rows(big)) == n and rows(big)[:10] == rows(small)  # the same rows, newest first
