@@ -86,9 +86,12 @@ class SlowPlugin(ReferencePlugin):
         return {'text': f"slept {seconds}s", 'metadata': {}}
 
 class CrashPlugin(ReferencePlugin):
-    "Kills its worker: `mode` = sigkill, segfault, exit (code 3) or abort, after `after` seconds."
+    "Kills its worker: `mode` = sigkill, segfault, exit (code 3) or abort, after `after` seconds; with `marker` (a file path) only once."
     name = 'crash'
-    def execute(self, mode:str='sigkill', after:float=0.0, **kwargs):
+    def execute(self, mode:str='sigkill', after:float=0.0, marker:Optional[str]=None, **kwargs):
+        if marker is not None:  # crash the first time only: a retry finds the marker and survives
+            if os.path.exists(marker): return {'text': 'survived', 'metadata': {}}
+            open(marker, 'w').close()
         if after: time.sleep(after)
         if mode == 'sigkill': os.kill(os.getpid(), signal.SIGKILL)
         elif mode == 'segfault': ctypes.string_at(0)

@@ -24,7 +24,7 @@ def ts(s): return datetime.fromisoformat(s)
 
 async def test_pending_until_worker_starts_it_and_running_only_while_executing(make_manager):
     rec = RecordingBroadcaster()
-    mgr = make_manager(config=dict(prefetch=4), event_broadcaster=rec)
+    mgr = make_manager(config=dict(prefetch=4, prefetch_max_job_seconds=None), event_broadcaster=rec)  # slow jobs sent ahead too
     await mgr.start(wait=True)
     a = await mgr.start_job('slow', seconds=0.6)
     b = await mgr.start_job('echo', text='b', sleep=0.3)

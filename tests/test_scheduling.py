@@ -56,6 +56,34 @@ async def test_reordering_a_pending_job(mk):
     assert mgr.set_job_priority(a.id, 1) is False  # finished
 
 
+async def test_default_config_keeps_long_jobs_in_the_manager_and_pipelines_quick_ones(mk):
+    """With the default `prefetch` (16) and `prefetch_max_job_seconds` (10 ms): a worker whose jobs are long holds one
+    job, so priorities and reordering work without `prefetch=1`; a worker whose last job was quick gets jobs ahead."""
+    events = RecordingBroadcaster()
+    mgr = mk(event_broadcaster=events)
+    queued_in_worker = lambda: mgr.get_worker_stats()[0]['queued_in_worker']
+    b = await _blocked(mgr)  # a fresh worker: nothing known about its jobs yet, so nothing is sent ahead
+    jobs = [await mgr.start_job('echo', text=str(p), priority=p) for p in (0, 5, 10)]
+    assert queued_in_worker() == 1  # only the running job
+    assert mgr.set_job_priority(jobs[0].id, 7) is True  # it waits in the manager, so it can move
+    assert await mgr.cancel_job(b.id)
+    for j in jobs: await mgr.wait_for_job(j.id, timeout=T)
+    await mgr.flush_events()
+    started = [d['job_id'] for t, d in events.events if t == 'reference:started' and d['job_id'] != b.id]
+    assert [mgr.get_job(j).result['text'] for j in started] == ['10', '0', '5']  # by priority (0 was raised to 7)
+    # the echo jobs were quick: now jobs are sent ahead (start_job does not yield, so no result is read meanwhile)
+    quick = [await mgr.start_job('echo', text=str(i)) for i in range(10)]
+    assert queued_in_worker() == 10
+    for j in quick: await mgr.wait_for_job(j.id, timeout=T)
+    # a long job on that worker: once it has run longer than the limit, new jobs stay in the manager again
+    b2 = await _blocked(mgr)
+    await asyncio.sleep(0.05)
+    late = [await mgr.start_job('echo', text=str(i)) for i in range(3)]
+    assert queued_in_worker() == 1 and [mgr.get_queue_position(j.id) for j in late] == [2, 3, 4]
+    assert await mgr.cancel_job(b2.id)
+    for j in late: assert (await mgr.wait_for_job(j.id, timeout=T)).status == 'completed'
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2. timeouts
 
@@ -122,7 +150,26 @@ async def test_a_crashed_worker_is_retried_and_a_waiting_retry_can_be_cancelled(
     await wait_until(lambda: waiting.attempts == 1 and waiting.status == 'pending', T)
     assert mgr.get_queue_position(waiting.id) is None  # waiting for its retry, not queued
     assert await mgr.cancel_job(waiting.id) is True
-    assert (waiting.status, waiting.reason) == ('cancelled', 'cancelled before it started')
+    assert (waiting.status, waiting.reason) == ('cancelled', 'cancelled while waiting for its retry')
+
+
+async def test_a_retry_restarts_a_crashed_worker_under_the_default_policy(mk, tmp_path):
+    """ON_CANCELLATION does not restart after a crash, but a job that opted into retries needs a worker for its retry:
+    the crash that it will retry restarts the worker (max_restart_attempts still bounds it)."""
+    events = RecordingBroadcaster()
+    mgr = mk(event_broadcaster=events)  # the default restart policy: ON_CANCELLATION
+    job = await mgr.wait_for_job((await mgr.start_job('crash', mode='sigkill', marker=str(tmp_path / 'crashed'),
+                                                      max_retries=2, retry_backoff_seconds=0)).id, timeout=T)
+    assert (job.status, job.result['text'], job.attempts) == ('completed', 'survived', 2)
+    assert [a['error'][:10] for a in job.attempt_log] == ['WorkerDied']
+    await mgr.flush_events()
+    restarts = [d for t, d in events.events if t == 'reference:worker_restarting']
+    assert len(restarts) == 1 and 'restarted to retry the job it was running' in restarts[0]['reason']
+    after = await mgr.wait_for_job((await mgr.start_job('echo', text='still here')).id, timeout=T)
+    assert after.status == 'completed'
+    # without retries left, a crash under this policy still fails the worker, as documented
+    last = await mgr.wait_for_job((await mgr.start_job('crash', mode='sigkill')).id, timeout=T)
+    assert last.status == 'failed' and mgr.get_worker_stats()[0]['status'] == 'failed'
 
 
 async def test_timeouts_count_as_failures_for_retries(mk):
@@ -131,3 +178,24 @@ async def test_timeouts_count_as_failures_for_retries(mk):
                                                       retry_backoff_seconds=0)).id, timeout=T)
     assert (job.status, job.reason, job.attempts) == ('failed', 'timeout', 2)
     assert [a['reason'] for a in job.attempt_log] == ['timeout', 'timeout']
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. stored jobs before `start`
+
+async def test_stored_pending_jobs_cannot_be_changed_before_start(mk, tmp_path):
+    "Before `start`, a stored pending job is not the manager's yet: cancel_job and set_job_priority say so."
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    db = tmp_path / 'jobs.db'
+    m1 = mk(SQLiteJobStore(db))
+    await _blocked(m1)
+    waiting = await m1.start_job('echo', text='later')
+    await m1.ashutdown()  # a durable store: the queued job stays pending for the next start
+    m2 = mk(SQLiteJobStore(db))
+    assert m2.get_job(waiting.id).status == 'pending'  # reads work before start
+    with pytest.raises(RuntimeError, match='has not started: start.. takes the stored jobs over'):
+        await m2.cancel_job(waiting.id)
+    with pytest.raises(RuntimeError, match='has not started'): m2.set_job_priority(waiting.id, 3)
+    assert await m2.cancel_job('unknown') is False  # an unknown job is still just False
+    await m2.start()
+    assert await m2.cancel_job(waiting.id) is True and m2.get_job(waiting.id).status == 'cancelled'

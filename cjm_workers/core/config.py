@@ -61,6 +61,7 @@ class WorkerConfig:
     drain_timeout_seconds: float = 0.0  # at shutdown, how long running jobs may take to finish before they are cancelled (0: cancel at once; math.inf: no limit)
     keep_finished_seconds: Optional[float] = None  # finished jobs older than this are deleted from the job store, in the background (None: kept until `purge_jobs`)
     max_loaded_plugins: Optional[int] = None  # plugins one worker keeps loaded; loading one more unloads the least recently used first (None: no limit; 1: one model at a time)
+    prefetch_max_job_seconds: Optional[float] = 0.01  # jobs are sent ahead (up to `prefetch`) only to a worker whose last job ran shorter than this and whose current one has not run longer (None: whenever `prefetch` allows)
 
     def __post_init__(self):
         if isinstance(self.restart_policy, str):
@@ -86,6 +87,9 @@ class WorkerConfig:
             t = getattr(self, name)
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):  # (NaN too)
                 raise ValueError(f"WorkerConfig.{name} must be None or a number of seconds > 0, got {t!r}")
+        t = self.prefetch_max_job_seconds
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0):  # (NaN too)
+            raise ValueError(f"WorkerConfig.prefetch_max_job_seconds must be None or a number of seconds >= 0, got {t!r}")
         n = self.max_loaded_plugins
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"WorkerConfig.max_loaded_plugins must be None or an int >= 1, got {n!r}")

@@ -86,6 +86,9 @@ class _Slot:
         self.timeouts: Dict[str, float] = {}  # running job id → when it times out
         self.plugins: dict = {}  # plugins sent to this process, least recently first (for affinity; name → None)
         self.jobs_since_spawn = 0
+        self.quick = False  # its last job ran shorter than `prefetch_max_job_seconds` (jobs may be sent ahead)
+        self.run_t0: Optional[float] = None  # monotonic time its running job's `started` was handled
+        self.cap = 1  # jobs it may hold, as `_dispatch` last decided
         self.recycle: Optional[str] = None  # why the worker is to be recycled once its jobs are done
         self.stop_deadline: Optional[float] = None  # a recycled worker that has not exited by then is killed
         self.gen = 0  # counts the worker processes this slot has started (tells stale loop readers apart)
@@ -466,7 +469,10 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
     timed_out = jid in self._timed_out
     if timed_out: self._timed_out.discard(jid)
     if slot.running == jid: slot.running = None
-    if msg.get('started', True): slot.jobs_done += 1; slot.jobs_since_spawn += 1
+    if msg.get('started', True):
+        slot.jobs_done += 1; slot.jobs_since_spawn += 1
+        t0, slot.run_t0, q = slot.run_t0, None, self.worker_config.prefetch_max_job_seconds
+        slot.quick = q is None or (t0 is not None and time.monotonic() - t0 < q)
     job = self.jobs.get(jid)
     if job is not None and not job.is_terminal:
         status = msg.get('status')
@@ -542,6 +548,7 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
         return
     job.status, job.started_at, job.worker_pid = 'running', _now(), slot.pid
     job.attempts += 1
+    slot.run_t0 = time.monotonic()
     limit = job.timeout_seconds if job.timeout_seconds is not None else self.worker_config.job_timeout_seconds
     if limit:
         slot.timeouts[jid] = t = time.monotonic() + limit
@@ -703,7 +710,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     elif slot.kill_reason == 'start_timeout': how = f"did not become ready within {cfg.worker_start_timeout_seconds}s ({how})"
     elif slot.ready_at is None and slot.kill_reason is None: how += " before it became ready (the worker's own output on stderr says why)"
     hard_cancel, recycle = slot.kill_reason == 'cancel', slot.kill_reason == 'recycle'
-    requeue = []
+    requeue, retry = [], False
     head = next((j for j in slot.inflight.values() if j is not None and not j.is_terminal), None)
     if (head is not None and head.status != 'running' and getattr(p, 'start_may_be_lost', False)
             and slot.kill_reason is None and not self._closed):
@@ -724,6 +731,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
         else:
             err = f"WorkerDied: the worker process {how} while running the job"
             self._fail_run(job, err, err)
+            retry = retry or job.status == 'pending'  # it will run again: it needs a worker
     for job in requeue: self._pending.push(job.id, job.priority)  # back at their places: ahead of younger jobs
     for fut in slot.commands.values():
         if not fut.done(): fut.set_result({'success': False, 'error': f"the worker process {how}"})
@@ -745,8 +753,9 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
         return self._fail_slot(slot, f"the worker was killed to cancel a job and restart policy {policy.value} does not restart it")
     if slot.ready_at is not None and time.monotonic() - slot.ready_at >= cfg.healthy_after_seconds: slot.crashes = 0
     slot.crashes += 1
-    if not policy.restarts_after_crash:
+    if not policy.restarts_after_crash and not (retry and policy is not RestartPolicy.NEVER):
         return self._fail_slot(slot, f"the worker process {how}; restart policy {policy.value} does not restart after a crash")
+    if retry and not policy.restarts_after_crash: how += " (restarted to retry the job it was running)"
     if slot.crashes > cfg.max_restart_attempts:
         return self._fail_slot(slot, f"the worker process {how}; it failed {slot.crashes} times in a row "
                                      f"(max_restart_attempts={cfg.max_restart_attempts})")
@@ -763,12 +772,18 @@ def _dispatch(self:BaseJobManager)->list:
     out, cap, slots = {}, self.worker_config.prefetch, self._slots
     if any(s.state in ('starting', 'restarting') for s in slots): cap = 1  # keep jobs for the worker on its way
     avail = [s for s in slots if s.open]
+    q = self.worker_config.prefetch_max_job_seconds
+    if cap > 1 and q is not None:  # jobs go ahead only to a worker whose jobs are quick
+        now = time.monotonic()
+        for s in avail: s.cap = cap if s.quick and (s.run_t0 is None or now - s.run_t0 < q) else 1
+    else:
+        for s in avail: s.cap = cap
     pending, jobs = self._pending, self.jobs
     maxj = self.worker_config.max_jobs_per_worker  # a worker gets no more jobs than it may run before it is recycled
     limit = self.worker_config.max_loaded_plugins
     while pending and avail:
-        if maxj: free = [s for s in avail if len(s.inflight) < cap and s.jobs_since_spawn + len(s.inflight) < maxj]
-        else: free = [s for s in avail if len(s.inflight) < cap]
+        if maxj: free = [s for s in avail if len(s.inflight) < s.cap and s.jobs_since_spawn + len(s.inflight) < maxj]
+        else: free = [s for s in avail if len(s.inflight) < s.cap]
         if not free: break
         jid = pending.popleft()
         job = jobs.get(jid)
@@ -1119,6 +1134,17 @@ def _recover(self:BaseJobManager):
             self._emit('pending', {'job_id': job.id, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name,
                                    'priority': job.priority, 'position': self._queue_position(job.id), 'recovered': True})
 
+# %% ../../nbs/managers/base.ipynb #938f4426
+@patch
+def _check_taken_over(self:BaseJobManager, job_id:str):
+    "Raise if `job_id` is unfinished in a durable store that this manager has not taken over yet (it has not started)."
+    if self._started or not self._store.durable: return
+    job = self._store.get(job_id)
+    if job is not None and not job.is_terminal:
+        raise RuntimeError(f"job {job_id} is {job.status} in the job store, but this {self.worker_type} job manager has "
+                           f"not started: start() takes the stored jobs over (and the store's lease); call "
+                           f"`await manager.start()` first")
+
 # %% ../../nbs/managers/base.ipynb #46faf8d7
 @patch
 async def start(self:BaseJobManager,
@@ -1210,7 +1236,7 @@ async def start_job(self:BaseJobManager,
     return job
 
 # %% ../../nbs/managers/base.ipynb #2e8cff3f
-_KEPT_NAME = " (start_job keeps this keyword for scheduling: a job field of this name must be renamed)"
+_KEPT_NAME = " (start_job keeps this keyword for scheduling; if you meant a job field of this name, rename the field)"
 
 def _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds, hint:str=''):
     "Raise a clear error for a bad scheduling option of `start_job` (`hint` ends the message)."
@@ -1234,6 +1260,7 @@ def set_job_priority(self:BaseJobManager,
     _check_job_options(priority, None, 0, 0)
     with self._lock:
         job = self.jobs.get(job_id)
+        if job is None: self._check_taken_over(job_id)
         if job is None or job.status != 'pending' or any(job_id in s.inflight for s in self._slots): return False
         job.priority = priority
         if job_id in self._pending:
@@ -1288,11 +1315,12 @@ async def cancel_job(self:BaseJobManager,
     slot = None
     with self._lock:
         job = self.jobs.get(job_id)
+        if job is None: self._check_taken_over(job_id)
         if job is None or job.is_terminal: return False
         slot = next((s for s in self._slots if job_id in s.inflight), None)
         if job.status == 'pending':
             if job_id in self._pending: self._pending.remove(job_id)
-            self._terminal(job, 'cancelled', reason='cancelled before it started')
+            self._terminal(job, 'cancelled', reason='cancelled while waiting for its retry' if job.attempts else 'cancelled before it started')
         elif slot is not None and job_id not in slot.cancel_deadlines:
             slot.cancel_deadlines[job_id] = time.monotonic() + self.worker_config.cancel_grace_seconds
         else: slot = None  # a cancel is already under way
@@ -1390,6 +1418,13 @@ def get_job(self:BaseJobManager,
     job = self.jobs.get(job_id)
     return job if job is not None else self._store.get(job_id)
 
+def _check_page(limit, offset):
+    "Raise a clear error for a bad page of `get_all_jobs`."
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+
 @patch
 def get_all_jobs(self:BaseJobManager,
                  status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these statuses)
@@ -1398,6 +1433,7 @@ def get_all_jobs(self:BaseJobManager,
                  newest_first:bool=False # newest first (default: in creation order)
                 )->List[JobType]: # the jobs
     "Get all jobs (or a page of them, filtered by status), from the job store."
+    _check_page(limit, offset)
     self._catch_up()
     live = self.jobs
     return [live.get(j.id, j) for j in self._store.list(status, limit, offset, newest_first)]
@@ -1470,6 +1506,8 @@ def purge_jobs(self:BaseJobManager,
                status:Union[str, Iterable[str]]=TERMINAL_STATES # which finished jobs
               )->int: # Number of jobs removed
     "Remove finished jobs from the store and from memory."
+    if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not older_than >= 0):
+        raise ValueError(f"older_than must be None or a number of seconds >= 0, got {older_than!r}")
     ids = self._store.purge(older_than, tuple(status) if not isinstance(status, str) else status)
     with self._lock:
         for jid in ids:
@@ -1605,7 +1643,8 @@ def _stopped_at_shutdown(self:BaseJobManager, job,
                         ):
     "Shutdown stopped `job` while it ran: retried after the next start if it can be (above), else cancelled."
     if not asked and self._store.durable and job.max_retries and job.attempts <= job.max_retries and job.id in self._requests:
-        self._fail_run(job, 'interrupted', f"Interrupted: {self._stop_reason} while the job was running")
+        why = self._stop_reason if self._stop_reason != 'the manager shut down' else 'the manager shut down while the job was running'
+        self._fail_run(job, 'interrupted', f"Interrupted: {why}")
     else:
         if partial is not None: job.result = partial
         self._terminal(job, 'cancelled', reason=self._stop_reason)
