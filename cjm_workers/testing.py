@@ -5,7 +5,7 @@ tests, the docs and the demo."""
 
 # %% ../nbs/testing.ipynb #4bf00139
 from __future__ import annotations
-import asyncio, ctypes, os, signal, subprocess, threading, time, uuid
+import asyncio, ctypes, logging, os, signal, subprocess, threading, time, uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -38,9 +38,10 @@ class ReferencePlugin:
     def _stop_requested(self)->bool: return cancel_requested() or self.cancelled
 
 class EchoPlugin(ReferencePlugin):
-    "Returns its `text` with the configured prefix; `fail` raises, `unpicklable` returns a lock, `sleep` waits first."
+    "Returns its `text` with the configured prefix; `fail` raises, `unpicklable` returns a lock, `sleep` waits first, `log` logs it at INFO."
     name, defaults = 'echo', {'prefix': ''}
-    def execute(self, text:str='', fail:Optional[str]=None, unpicklable:bool=False, sleep:float=0.0, **kwargs):
+    def execute(self, text:str='', fail:Optional[str]=None, unpicklable:bool=False, sleep:float=0.0, log:Optional[str]=None, **kwargs):
+        if log is not None: logging.getLogger(__name__).info(log)
         if sleep: time.sleep(sleep)
         if fail: raise ValueError(fail)
         out = {'text': self.config.get('prefix', '') + text, 'metadata': {'pid': os.getpid(), 'config': dict(self.config)}}

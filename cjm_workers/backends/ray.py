@@ -279,6 +279,8 @@ class RayBackend:
         if self.runtime_env is not None: opts['runtime_env'] = self.runtime_env
         return opts
 
-    def process(self, target:Callable, args:tuple, name:Optional[str]=None)->'RayActorProcess':
+    def process(self, target:Callable, args:tuple, name:Optional[str]=None,
+                env:Optional[Dict[str, str]]=None # environment variables of the worker (`WorkerConfig.worker_env`, the log level)
+               )->'RayActorProcess':
         "A (not yet started) worker handle for the manager."
-        return RayActorProcess(target, args, name=name, actor_options=self.options(), prepare=self.prepare)
+        return RayActorProcess(target, args, name=name, actor_options=self.options(), env=env, prepare=self.prepare)

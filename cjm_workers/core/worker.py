@@ -20,8 +20,8 @@ from .protocol import PluginManagerAdapter, WorkerRequestType
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROGRESS_INTERVAL', 'JobCancelledError', 'JobContext', 'current_job', 'set_current_job', 'report_progress',
-           'cancel_requested', 'check_cancelled', 'base_worker_process']
+__all__ = ['log', 'PROGRESS_INTERVAL', 'LOG_LEVEL_ENV', 'LOG_FORMAT', 'JobCancelledError', 'JobContext', 'current_job',
+           'set_current_job', 'report_progress', 'cancel_requested', 'check_cancelled', 'base_worker_process']
 
 # %% ../../nbs/core/worker.ipynb #dcfafc9a
 PROGRESS_INTERVAL = 0.05  # seconds between two progress messages with the same text
@@ -446,6 +446,28 @@ def _close_unused_ends(requests, results, responses):
         if isinstance(ch, PipeChannel): ch.close_reader()
 
 # %% ../../nbs/core/worker.ipynb #b147d507
+LOG_LEVEL_ENV = 'CJM_WORKERS_LOG_LEVEL'  # the manager puts the app's root log level here for its workers
+LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s [worker %(process)d]: %(message)s'
+
+def _setup_logging():
+    "Log to stderr at the app's level, unless logging is configured already (or no level was given)."
+    level = os.environ.get(LOG_LEVEL_ENV)
+    if level is None or logging.getLogger().handlers: return
+    try: logging.basicConfig(level=int(level), format=LOG_FORMAT)
+    except ValueError: logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
+def _on_sigterm(worker, ppid:int):
+    "A SIGTERM handler: end the worker once it is being stopped (or its parent is gone); otherwise ignore it, with a warning."
+    def handler(signum, frame):
+        if worker.stopping or os.getppid() != ppid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)  # die of it, as without the handler
+            return
+        log.warning("worker %d: SIGTERM ignored: the job manager stops its workers itself when the app shuts down "
+                    "(with systemd, use KillMode=mixed)", os.getpid())
+    return handler
+
+# %% ../../nbs/core/worker.ipynb #9a2af718
 def base_worker_process(
     request_queue:Any, # Queue (or `PipeChannel`) for receiving job requests from parent
     result_queue:Any, # Queue for sending job results back to parent
@@ -459,8 +481,10 @@ def base_worker_process(
     if threading.current_thread() is threading.main_thread():  # a process of its own (not hosted in a thread of
         become_group_leader()                                  # another runtime, e.g. a Ray actor, whose process
         signal.signal(signal.SIGINT, signal.SIG_IGN)           # group and signals are not ours to change)
+        _setup_logging()
     _watch_parent()
     w = _Worker(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
+    if threading.current_thread() is threading.main_thread(): signal.signal(signal.SIGTERM, _on_sigterm(w, os.getppid()))
     try: w.pm = plugin_manager_factory()
     except Exception as e:
         log.error("worker %d: plugin manager factory failed: %s", os.getpid(), _error_text(e))

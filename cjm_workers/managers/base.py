@@ -18,6 +18,7 @@ from fastcore.basics import patch
 from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.process import describe_exit, kill_process_group, kill_worker_tree, process_ended, wait_ended
+from ..core.worker import LOG_LEVEL_ENV
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
 from ..stores.base import JobStore, MemoryJobStore
 
@@ -609,12 +610,11 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     slot.requests = PipeChannel(self._ctx, control=True)  # cancels and stops overtake queued work on `control`
     slot.results, slot.responses = PipeChannel(self._ctx), PipeChannel(self._ctx)
     target, args = self.get_worker_entry_point(), (slot.requests, slot.results, slot.responses)
-    env = cfg.env_for(slot.index)
-    if env: target, args = _worker_with_env, (target, env) + args
+    env = {LOG_LEVEL_ENV: str(logging.getLogger().getEffectiveLevel()), **cfg.env_for(slot.index)}  # the app's log level
     name, backend = f"cjm-worker-{self.worker_type}-{slot.index}", cfg.backend
     try:
-        p = (backend.process(target, args, name) if backend is not None   # e.g. a Ray actor (cjm_workers.backends.ray)
-             else self._ctx.Process(target=target, args=args, name=name))
+        p = (backend.process(target, args, name, env=env) if backend is not None  # e.g. a Ray actor (backends.ray)
+             else self._ctx.Process(target=_worker_with_env, args=(target, env) + args, name=name))
         p.start()
     except Exception as e:  # e.g. an entry point spawn cannot pickle: starting again would fail the same way
         for ch in (slot.requests, slot.results, slot.responses): ch.close()
@@ -630,7 +630,7 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     slot.spawned_at, slot.ready_at, slot.restart_at = now, None, None
     slot.start_deadline = now + cfg.worker_start_timeout_seconds
     slot.kill_reason = slot.startup_error = slot.failure = slot.recycle = slot.stop_deadline = None
-    slot.jobs_since_spawn, slot.plugins, slot.timeouts = 0, {}, {}
+    slot.jobs_since_spawn, slot.plugins, slot.timeouts, slot.quick, slot.run_t0 = 0, {}, {}, False, None
     slot.ps = None
     if p.pid is not None:  # a Ray actor's pid is known once it is ready
         try: slot.ps = psutil.Process(p.pid)
@@ -738,6 +738,11 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     slot.commands.clear(); slot.inflight.clear(); slot.cancel_deadlines.clear(); slot.loaded.clear()
     slot.timeouts.clear(); slot.plugins.clear()
     pid, slot.running, slot.process, slot.ps, slot.state = slot.pid, None, None, None, 'stopped'
+    if self._closed: log.debug("%s worker %d (pid %s) stopped: %s", self.worker_type, slot.index, pid, how)
+    elif recycle: log.info("%s worker %d (pid %s) recycled: %s", self.worker_type, slot.index, pid, slot.recycle)
+    elif hard_cancel: log.warning("%s worker %d (pid %s) was killed: a job ignored its cancel for %ss", self.worker_type,
+                                  slot.index, pid, cfg.cancel_grace_seconds)
+    else: log.warning("%s worker %d (pid %s) %s", self.worker_type, slot.index, pid, how)
     self._safe_resource_call('unregister_worker', pid)
     self._emit('worker_stopped', {'worker': slot.index, 'pid': pid, 'exitcode': p.exitcode, 'reason': how})
     if self._closed: return
@@ -761,6 +766,8 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
                                      f"(max_restart_attempts={cfg.max_restart_attempts})")
     delay = cfg.backoff_delay(slot.crashes - 1) if policy is RestartPolicy.BACKOFF else 0.0
     self._emit('worker_restarting', {'worker': slot.index, 'attempt': slot.crashes, 'delay': delay, 'reason': how})
+    log.warning("%s worker %d: restarting%s (consecutive crash %d of at most %d)", self.worker_type, slot.index,
+                f" in {delay:.3g}s" if delay > 0 else '', slot.crashes, cfg.max_restart_attempts)
     if delay <= 0: return self._restart_worker(slot)
     slot.state, slot.restart_at = 'restarting', time.monotonic() + delay
 
@@ -1021,6 +1028,7 @@ def _run_timers(self:BaseJobManager):
                 if d > now: continue
                 del s.timeouts[jid]
                 self._timed_out.add(jid)
+                log.warning("%s job %s ran out of time: cancelling it", self.worker_type, jid)
                 if jid not in s.cancel_deadlines:
                     s.cancel_deadlines[jid] = now + cfg.cancel_grace_seconds
                     self._outbox.append((s, [{'type': 'cancel', 'job_id': jid}], True))
@@ -1116,9 +1124,12 @@ _INTERRUPTED = "Interrupted: the process that ran the job ended while it was run
 @patch
 def _recover(self:BaseJobManager):
     "Take over the jobs an earlier process left unfinished in the store (under the lock, at start)."
+    queued = interrupted = 0
     for job, request in self._store.unfinished():
         if job.id in self.jobs: continue
         self.jobs[job.id] = job
+        if job.status == 'running' or request is None: interrupted += 1
+        else: queued += 1
         if request is not None:
             try: config = pickle.loads(request).get('plugin_config') or {}
             except Exception: config = {}
@@ -1133,6 +1144,9 @@ def _recover(self:BaseJobManager):
         if self.event_broadcaster is not None:
             self._emit('pending', {'job_id': job.id, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name,
                                    'priority': job.priority, 'position': self._queue_position(job.id), 'recovered': True})
+    if queued or interrupted:
+        log.info("%s job manager: took over %d waiting jobs from the store (queued again) and %d that an earlier process "
+                 "left running (interrupted: failed, or retried if they opted in)", self.worker_type, queued, interrupted)
 
 # %% ../../nbs/managers/base.ipynb #938f4426
 @patch
@@ -1645,9 +1659,11 @@ def _stopped_at_shutdown(self:BaseJobManager, job,
     if not asked and self._store.durable and job.max_retries and job.attempts <= job.max_retries and job.id in self._requests:
         why = self._stop_reason if self._stop_reason != 'the manager shut down' else 'the manager shut down while the job was running'
         self._fail_run(job, 'interrupted', f"Interrupted: {why}")
+        log.info("%s job %s stopped by the shutdown (%s): it runs again after the next start", self.worker_type, job.id, why)
     else:
         if partial is not None: job.result = partial
         self._terminal(job, 'cancelled', reason=self._stop_reason)
+        if not asked: log.info("%s job %s cancelled: %s", self.worker_type, job.id, self._stop_reason)
 
 # %% ../../nbs/managers/base.ipynb #9085445e
 @patch

@@ -1,0 +1,66 @@
+"""What an operator sees: a worker survives a SIGTERM that is not the manager's (systemd's default `KillMode`
+signals every process of a service), and crashes, restarts and a plugin's own log lines reach the app's log."""
+import asyncio, logging, os, signal
+
+import psutil, pytest
+from cjm_workers.core.config import WorkerConfig
+from cjm_workers.testing import ReferenceJobManager, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+T = 30
+
+
+def gone(pid):
+    try: return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return True
+
+
+async def test_a_sigterm_from_outside_does_not_end_a_worker(track):
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(drain_timeout_seconds=30)))
+    await mgr.start(wait=True)
+    job = await mgr.start_job('slow', seconds=1.0)
+    await wait_until(lambda: job.status == 'running', T)
+    pid = job.worker_pid
+    os.kill(pid, signal.SIGTERM)  # what `systemctl stop` sends to every process of the service
+    done = await mgr.wait_for_job(job.id, timeout=T)
+    assert done.status == 'completed' and mgr.get_worker_stats()[0]['pid'] == pid  # the job finished, same worker
+    assert (await mgr.wait_for_job((await mgr.start_job('echo', text='after')).id, timeout=T)).status == 'completed'
+    await mgr.ashutdown()  # the manager's own stop still ends it
+    assert gone(pid)
+
+
+async def test_the_manager_stops_a_busy_worker_that_ignores_cancel(track):
+    "The manager's stop sequence (stop message, SIGTERM, SIGKILL) still ends a worker whose plugin ignores the cancel."
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(shutdown_timeout_seconds=0.5)))
+    await mgr.start(wait=True)
+    job = await mgr.start_job('slow', seconds=60, ignore_cancel=True)
+    await wait_until(lambda: job.status == 'running', T)
+    pid = job.worker_pid
+    await mgr.ashutdown()
+    assert gone(pid) and job.status == 'cancelled'
+
+
+async def test_crashes_and_restarts_are_logged(track, caplog):
+    caplog.set_level(logging.INFO, logger='cjm_workers')
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(restart_policy='always')))
+    await mgr.start(wait=True)
+    job = await mgr.wait_for_job((await mgr.start_job('crash', mode='segfault')).id, timeout=T)
+    assert job.status == 'failed'
+    text = '\n'.join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert f"reference worker 0 (pid {job.worker_pid}) was killed by SIGSEGV" in text, text
+    assert 'reference worker 0: restarting (consecutive crash 1 of at most 3)' in text, text
+    await mgr.ashutdown()
+
+
+async def test_a_plugins_log_lines_reach_the_apps_stderr_at_the_apps_level(track, capfd):
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.INFO)  # the app's level when the worker starts
+    try:
+        mgr = track(ReferenceJobManager())
+        await mgr.start(wait=True)
+    finally: root.setLevel(old)
+    job = await mgr.wait_for_job((await mgr.start_job('echo', text='x', log='hello from the plugin')).id, timeout=T)
+    await mgr.ashutdown()
+    err = capfd.readouterr().err
+    assert f"INFO cjm_workers.testing [worker {job.worker_pid}]: hello from the plugin" in err, err[-2000:]
