@@ -187,6 +187,17 @@ async def test_ray_resource_requests_and_an_unschedulable_worker(track, cluster)
 
 
 @pytest.mark.backends('local', 'ray')
+async def test_worker_env_reaches_the_worker(mk, backend):
+    "`WorkerConfig.worker_env` (and the app's log level) reach the worker on every backend."
+    m = mk(config=dict(backend=backend, worker_env=WorkerConfig.gpu_env(['3'])))
+    job = await m.wait_for_job((await m.start_job('env', names=['CUDA_VISIBLE_DEVICES', 'CJM_WORKERS_LOG_LEVEL'])).id, timeout=60)
+    assert job.status == 'completed', job.error
+    import logging
+    assert job.result['metadata']['env'] == {'CUDA_VISIBLE_DEVICES': '3',
+                                             'CJM_WORKERS_LOG_LEVEL': str(logging.getLogger().getEffectiveLevel())}
+
+
+@pytest.mark.backends('local', 'ray')
 async def test_commands_timeouts_and_the_sqlite_store(track, backend, tmp_path):
     from cjm_workers.stores.sqlite import SQLiteJobStore
     db = str(tmp_path / 'jobs.db')
