@@ -1,7 +1,13 @@
 """Job stores (issue 5): jobs written to SQLite and read back, paging, bounded memory, purging, recovery after the
 app process was SIGKILLed, clean shutdown keeping queued jobs, and two managers on one database file."""
-import asyncio, json, os, signal, subprocess, sys, threading
+import asyncio, json, logging, os, signal, subprocess, sys, threading, uuid
+from collections import namedtuple
+from dataclasses import dataclass, field
+from datetime import date, datetime, time as dt_time, timedelta, timezone
+from decimal import Decimal
+from enum import Enum
 from pathlib import Path
+from typing import Any, FrozenSet, Optional, Set, Tuple
 
 import pytest
 from cjm_workers.stores.base import JobStoreLocked, MemoryJobStore
@@ -12,6 +18,11 @@ from _d_helpers import StoreJobManager, run_job
 
 T = 30
 APP = Path(__file__).with_name('_d_app.py')
+
+
+class Tone(Enum):
+    LOW = 1
+    HIGH = 2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -337,20 +348,96 @@ async def test_what_on_job_completed_changes_on_the_job_is_stored(track, tmp_pat
     assert back.status == 'completed' and back.progress_message == 'archived by the hook', back.progress_message
 
 
-def test_odd_values_are_stored_as_json_would_store_them(tmp_path):
-    "A value of a class the writer process cannot import (here: defined in this test) is stored as its repr."
+@dataclass
+class OddJob(ReferenceJob):
+    "A job class with fields JSON cannot hold (the acceptance test's: set, datetime, Path) and a few more."
+    labels: Set[str] = field(default_factory=set)
+    due: Optional[datetime] = None
+    src: Optional[Path] = None
+    tone: Tone = Tone.LOW
+    key: Optional[uuid.UUID] = None
+    price: Optional[Decimal] = None
+    blob: bytes = b''
+    span: Tuple[int, int] = (0, 0)
+    frozen: FrozenSet[str] = frozenset()
+    took: Optional[timedelta] = None
+    extra: Any = None
+
+
+class OddManager(StoreJobManager):
+    def create_job(self, plugin_id, labels=(), due=None, src=None, tone=Tone.LOW, key=None, price=None, blob=b'', span=(0, 0),
+                   frozen=frozenset(), took=None, extra=None, **params):
+        return OddJob(id=uuid.uuid4().hex, plugin_id=plugin_id, labels=set(labels), due=due, src=src, tone=tone, key=key,
+                      price=price, blob=blob, span=span, frozen=frozen, took=took, extra=extra, params=params)
+
+
+async def test_fields_json_cannot_hold_come_back_with_their_types(track, tmp_path, caplog):
+    """Finding 3 of the acceptance test: set, datetime and Path fields came back as their repr strings (the writer's
+    JSON used default=repr). Now they and the other common types round-trip, as fields (by their annotation) and nested
+    in dicts and lists (tagged JSON), through a real manager, worker and writer process; nothing is logged."""
+    db = tmp_path / 'jobs.db'
+    when = datetime(2026, 11, 25, 4, 50, tzinfo=timezone.utc)
+    nested = {'at': when, 'day': date(2026, 1, 1), 'clock': dt_time(3, 4), 'paths': [Path('/a'), Path('/b')], 'set': {1, 2},
+              'fs': frozenset({'x'}), 'id': uuid.UUID(int=7), 'dec': Decimal('0.10'), 'tone': Tone.HIGH, 'raw': b'\x00\xff',
+              'tuple_keys': {(1, 2): 'a'}, 'date_keys': {date(2026, 1, 1): 1}, 'pair': (1, 'x'), 'n': [1, 2.5, None, True]}
+    mgr = track(OddManager(SQLiteJobStore(db)))
+    with caplog.at_level('WARNING', logger='cjm_workers.stores'):
+        job = await run_job(mgr, 'echo', text='odd', labels=['a', 'b'], due=when, src=Path('/tmp/a.wav'), tone=Tone.HIGH,
+                            key=uuid.UUID(int=1), price=Decimal('19.99'), blob=b'\x01\x02', span=(3, 4), frozen=frozenset({'f'}),
+                            took=timedelta(seconds=90, microseconds=5), extra=nested)
+        assert job.status == 'completed', job.error
+        await mgr.ashutdown()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    back = OddManager(SQLiteJobStore(db)).get_job(job.id)
+    assert back is not job and type(back) is OddJob
+    for f in ('labels', 'due', 'src', 'tone', 'key', 'price', 'blob', 'span', 'frozen', 'took'):
+        assert getattr(back, f) == getattr(job, f) and type(getattr(back, f)) is type(getattr(job, f)), (f, getattr(back, f))
+    assert back.extra == {**nested, 'pair': [1, 'x']}  # inside a container a tuple is a JSON array (documented)
+    for k in ('at', 'day', 'clock', 'set', 'fs', 'id', 'dec', 'tone', 'raw'):
+        assert type(back.extra[k]) is type(nested[k]), k
+    assert type(back.extra['paths'][0]) is type(Path('/a')) and list(back.extra['tuple_keys']) == [(1, 2)]
+    # the annotated fields are plain column values, usable in SQL
+    import apsw
+    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    row = conn.execute(f'SELECT due, src, tone, key, price, took FROM "jobs_{mgr.worker_type}" WHERE id = ?', (job.id,)).fetchone()
+    conn.close()
+    assert row == ('2026-11-25T04:50:00+00:00', '/tmp/a.wav', 'HIGH', str(uuid.UUID(int=1)), '19.99', 90.000005)
+
+
+def test_values_the_store_cannot_rebuild_are_stored_with_a_warning_and_never_block_the_batch(tmp_path, caplog):
+    """Anything else is stored as its repr (or a subclass as its plain base value), with one warning per job class
+    and field naming what it becomes; a value that cannot be pickled or encoded at all (a broken __repr__, nesting
+    too deep, a lone surrogate) costs that value, not the batch, which would otherwise be retried for ever."""
     class Opaque:
         def __repr__(self): return '<opaque>'
-    store = SQLiteJobStore(tmp_path / 'j.db'); store.bind('reference')
-    j = ReferenceJob(id='o', plugin_id='echo', params={'x': Opaque(), 'n': [1, 2]}, status='completed')
-    j._seq, j.result, j.error = 1, {'set': {3}}, ['not', 'a', 'str']  # a list in a `str` field
-    store.save(j)
-    assert store.flush(30)
+    class BrokenRepr:
+        def __repr__(self): raise RuntimeError('no repr')
+    Point = namedtuple('Point', 'x y')
+    deep = []
+    for _ in range(50_000): deep = [deep]
+    store = SQLiteJobStore(tmp_path / 'j.db', retry_interval=0.05); store.bind('reference')
+    caplog.set_level('WARNING', logger='cjm_workers.stores.sqlite')
+    jobs = []
+    for i in range(3):
+        j = ReferenceJob(id=f'o{i}', plugin_id='echo', params={'x': Opaque(), 'n': [1, 2], 'p': Point(1, 2)}, status='completed')
+        j._seq, j.result, j.error, j.output = i + 1, {'bad': BrokenRepr()}, ['not', 'a', 'str'], 'lone \udc80 surrogate'
+        j.metadata = {'deep': deep} if i == 0 else {}
+        store.save(j); jobs.append(j)
+    assert store.flush(30) and store.failures == 0  # written at once, not retried
     store.close()
-    back = SQLiteJobStore(tmp_path / 'j.db'); back.bind('reference')
-    o = back.get('o')
-    assert (o.params, o.result, o.error) == ({'x': '<opaque>', 'n': [1, 2]}, {'set': '{3}'}, '["not","a","str"]')
+    back = SQLiteJobStore(tmp_path / 'j.db', worker_type='reference')
+    o = back.get('o1')
+    assert o.params == {'x': '<opaque>', 'n': [1, 2], 'p': [1, 2]}
+    assert o.result['bad'].startswith('<') and 'repr failed' in o.result['bad']
+    assert o.error == '["not","a","str"]' and o.output == 'lone \\udc80 surrogate'
+    assert back.get('o0').metadata.startswith('<not storable: RecursionError')  # the field's whole value
     back.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if 'ReferenceJob.params' in w]) == 1, warnings  # once per class and field, not per job
+    params_warning = next(w for w in warnings if 'ReferenceJob.params' in w)
+    assert 'Opaque is stored as its repr' in params_warning and 'a Point comes back as a plain tuple' in params_warning
+    assert any('ReferenceJob.result' in w and 'BrokenRepr' in w for w in warnings), warnings
+    assert any('ReferenceJob.metadata' in w and 'RecursionError' in w for w in warnings), warnings
 
 
 async def test_a_table_left_without_its_unique_index_is_completed_before_writing(mk, tmp_path):

@@ -11,13 +11,17 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, List, Optional, Tuple, Union
 
 # %% auto #0
-__all__ = ['TERMINAL', 'UNFINISHED', 'JobStoreLocked', 'statuses', 'cutoff', 'job_seq', 'JobStore', 'MemoryJobStore']
+__all__ = ['TERMINAL', 'UNFINISHED', 'JobStoreError', 'JobStoreLocked', 'statuses', 'cutoff', 'job_seq', 'JobStore',
+           'MemoryJobStore']
 
 # %% ../../nbs/stores/base.ipynb #a3206aa1
 TERMINAL = ('completed', 'failed', 'cancelled')
 UNFINISHED = ('pending', 'running')
 
-class JobStoreLocked(RuntimeError):
+class JobStoreError(RuntimeError):
+    "The job store's file cannot be read or written; the message names the file and the cause (the original error is `__cause__`)."
+
+class JobStoreLocked(JobStoreError):
     "Another live manager owns this store's jobs."
 
 def statuses(status:Union[str, Iterable[str], None] # a status, several, or None for all
@@ -51,8 +55,8 @@ class JobStore(ABC):
             )->None:
         "Attach the store to the manager it serves (a store serves one manager)."
         if self.namespace not in (None, namespace):
-            raise ValueError(f"this job store already serves the {self.namespace!r} manager; "
-                             f"create one store per manager (they may share a database file)")
+            raise ValueError(f"this job store already serves the {self.namespace!r} manager (worker type), not "
+                             f"{namespace!r}; create one store per manager (they may share a database file)")
         self.namespace = namespace
 
     @abstractmethod

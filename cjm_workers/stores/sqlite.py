@@ -4,15 +4,23 @@
 
 # %% ../../nbs/stores/sqlite.ipynb #d82f097c
 from __future__ import annotations
-import importlib, itertools, json, logging, operator, os, re, socket, sys, threading, time, types, typing, uuid
+import base64, importlib, itertools, json, logging, math, operator, os, re, socket, sys, threading, time, types, typing, uuid
+from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
+from datetime import date, datetime, time as dtime, timedelta
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path, PurePath
 from typing import Any, Iterable, List, Optional, Tuple, Union
+from uuid import UUID
 
-import psutil
-from fastlite import database
+import apsw, psutil
+from fastcore.basics import patch
+from fastlite import Database
 
-from .base import JobStore, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq
-from .sqlite_writer import WriterProcess, WriterThread, WriterGone, can_start_process
+from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq
+from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_process, rollback, safe_repr,
+                                              TAG, _PLAIN, _TAGGERS)
 
 log = logging.getLogger(__name__)
 
@@ -20,50 +28,159 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'SQLiteJobStore']
 
 # %% ../../nbs/stores/sqlite.ipynb #e7334d2c
-_SQL_TYPES = {'str': 'TEXT', 'int': 'INTEGER', 'float': 'REAL', 'bool': 'INTEGER'}
+_SCALARS = {str: 'str', int: 'int', float: 'float', bool: 'bool', bytes: 'bytes', datetime: 'datetime', date: 'date',
+            dtime: 'time', timedelta: 'timedelta', UUID: 'uuid', Decimal: 'decimal'}
+_COLLECTIONS = {set: 'set', frozenset: 'frozenset', tuple: 'tuple'}
+_NAMES = {'str': 'str', 'int': 'int', 'float': 'float', 'bool': 'bool', 'bytes': 'bytes', 'datetime': 'datetime',
+          'datetime.datetime': 'datetime', 'date': 'date', 'datetime.date': 'date', 'time': 'time', 'datetime.time': 'time',
+          'timedelta': 'timedelta', 'datetime.timedelta': 'timedelta', 'UUID': 'uuid', 'uuid.UUID': 'uuid',
+          'Decimal': 'decimal', 'decimal.Decimal': 'decimal', 'Path': 'path', 'pathlib.Path': 'path',
+          'set': 'set', 'Set': 'set', 'typing.Set': 'set', 'frozenset': 'frozenset', 'FrozenSet': 'frozenset',
+          'typing.FrozenSet': 'frozenset', 'tuple': 'tuple', 'Tuple': 'tuple', 'typing.Tuple': 'tuple'}
+_JSONISH = ('json', 'set', 'frozenset', 'tuple')  # kinds stored as JSON text
 
-def _base_name(tp)->str:
-    "'str', 'int', 'float', 'bool', or 'json' for a field's annotation (a type or a string)."
+def _unwrap(tp):
+    "The annotation without `Optional[...]` / `X | None` (a type or a string)."
     if isinstance(tp, str):
         t = tp.replace(' ', '')
-        t = re.sub(r'^Optional\[(.*)\]$', r'\1', t)
-        t = re.sub(r'^(.*)\|None$|^None\|(.*)$', lambda m: m.group(1) or m.group(2), t)
-        return t if t in _SQL_TYPES else 'json'
+        t = re.sub(r'^(typing\.)?Optional\[(.*)\]$', r'\2', t)
+        return re.sub(r'^(.*)\|None$|^None\|(.*)$', lambda m: m.group(1) or m.group(2), t)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1: tp = args[0]
-    return tp.__name__ if tp in (str, int, float, bool) else 'json'
+        if len(args) == 1: return args[0]
+    return tp
+
+def _kind(tp)->str:
+    "How a field with this annotation is stored: 'str', 'int', 'float', 'bool', 'bytes', 'datetime', 'date', 'time', 'timedelta', 'uuid', 'decimal', 'path', 'enum', 'set', 'frozenset', 'tuple' or 'json'."
+    tp = _unwrap(tp)
+    if isinstance(tp, str): return _NAMES.get(re.sub(r'\[.*$', '', tp), 'json')
+    if tp in _SCALARS: return _SCALARS[tp]
+    if isinstance(tp, type) and issubclass(tp, Enum): return 'enum'
+    if isinstance(tp, type) and issubclass(tp, Path): return 'path'
+    return _COLLECTIONS.get(typing.get_origin(tp) or tp, 'json')
 
 # %% ../../nbs/stores/sqlite.ipynb #c354843c
+_warned_once: set = set()
+
+def _warn_once(key, msg:str, *args)->None:
+    "Log a warning the first time `key` is seen (in this process)."
+    if key in _warned_once: return
+    _warned_once.add(key)
+    log.warning(msg, *args)
+
+def _import(name:str):
+    "The object named `module:qualname`, or None."
+    mod, _, qual = (name or '').partition(':')
+    try:
+        obj = importlib.import_module(mod)
+        for part in qual.split('.'): obj = getattr(obj, part)
+        return obj
+    except Exception: return None
+
+def _enum(v):
+    cls_name, name = v
+    cls = _import(cls_name)
+    try: return cls[name]
+    except Exception:
+        _warn_once(('enum', cls_name), "job store: the enum %s cannot be imported (or has no member %s): its members are read as their names", cls_name, name)
+        return name
+
+_UNTAG = {'set': set, 'frozenset': frozenset, 'tuple': tuple, 'bytes': base64.b64decode, 'datetime': datetime.fromisoformat,
+          'date': date.fromisoformat, 'time': dtime.fromisoformat, 'timedelta': lambda v: timedelta(*v), 'path': Path,
+          'uuid': UUID, 'decimal': Decimal, 'enum': _enum, 'dict': lambda v: {k: x for k, x in v}}
+
+def _untag(d:dict):
+    "A tagged value's object (any other dict as it is)."
+    if len(d) != 2 or TAG not in d or 'v' not in d: return d
+    f = _UNTAG.get(d[TAG])
+    if f is None: return d
+    try: return f(d['v'])
+    except Exception: return d
+
+_MARK = f'"{TAG}"'
+def _loads(text:str):
+    "Decode JSON text written by the store (tagged values turned back into objects)."
+    return json.loads(text, object_hook=_untag) if _MARK in text else json.loads(text)
+
+# %% ../../nbs/stores/sqlite.ipynb #d9ad58de
+def _to_column(kind:str, cls):
+    "Function turning a field's value into its column value (values of other types are left to the writer), or None."
+    def conv(check, f): return lambda v: f(v) if check(v) else v
+    if kind == 'datetime': return conv(lambda v: isinstance(v, datetime), datetime.isoformat)
+    if kind == 'date': return conv(lambda v: isinstance(v, date) and not isinstance(v, datetime), date.isoformat)
+    if kind == 'time': return conv(lambda v: isinstance(v, dtime), dtime.isoformat)
+    if kind == 'timedelta': return conv(lambda v: isinstance(v, timedelta), timedelta.total_seconds)
+    if kind in ('path', 'uuid', 'decimal'): return conv(lambda v: isinstance(v, (PurePath, UUID, Decimal)), str)
+    if kind == 'enum': return conv(lambda v: isinstance(v, Enum), lambda v: v.name)
+    if kind == 'bytes': return conv(lambda v: isinstance(v, (bytearray, memoryview)), bytes)
+    if kind in ('set', 'frozenset', 'tuple'): return conv(lambda v: isinstance(v, (set, frozenset, tuple)), list)
+    return None
+
+def _from_column(kind:str, cls):
+    "Function turning a column value back into the field's value; raises if it cannot."
+    def text(f): return lambda v: f(v) if isinstance(v, str) else _no(v)
+    if kind == 'datetime': return text(datetime.fromisoformat)
+    if kind == 'date': return text(date.fromisoformat)
+    if kind == 'time': return text(dtime.fromisoformat)
+    if kind == 'timedelta': return lambda v: timedelta(seconds=v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _no(v)
+    if kind == 'path': return text(cls if isinstance(cls, type) and issubclass(cls, Path) else Path)
+    if kind == 'uuid': return text(UUID)
+    if kind == 'decimal': return text(Decimal)
+    if kind == 'enum': return lambda v: cls[v] if isinstance(cls, type) else _no(v)
+    if kind == 'bytes': return lambda v: v if isinstance(v, bytes) else _no(v)
+    if kind in ('set', 'frozenset', 'tuple'):
+        mk = _COLLECTIONS_BY_KIND[kind]
+        return lambda v: (x if isinstance(x := _loads(v), mk) else mk(x) if isinstance(x, list) else _no(x)) if isinstance(v, str) else _no(v)
+    if kind == 'json': return lambda v: _loads(v) if isinstance(v, str) else v
+    if kind == 'bool': return bool
+    return None  # str, int, float: as they are
+
+_COLLECTIONS_BY_KIND = {'set': set, 'frozenset': frozenset, 'tuple': tuple}
+def _no(v): raise ValueError(f"unexpected stored value {v!r:.60}")
+
 class _Codec:
     "How one job class maps to columns and back."
     def __init__(self, cls, key:int=0):
         try: hints = typing.get_type_hints(cls)
         except Exception: hints = {}
         self.cls, self.key, self.type_name = cls, key, f"{cls.__module__}:{cls.__qualname__}"
-        self.fields = [(f.name, _base_name(hints.get(f.name, f.type)), f.init) for f in fields(cls) if f.name != 'id']
-        self.native = [n for n, k, _ in self.fields if k != 'json']  # bound as they are
-        self.json = [n for n, k, _ in self.fields if k == 'json']  # JSON text, encoded by the writer process
+        fs = [(f.name, _unwrap(hints.get(f.name, f.type)), f.init) for f in fields(cls) if f.name != 'id']
+        self.fields = [(n, _kind(tp), init) for n, tp, init in fs]
+        self.native = [n for n, k, _ in self.fields if k not in _JSONISH]  # bound as they are (after `_to_column`)
+        self.json = [n for n, k, _ in self.fields if k in _JSONISH]  # JSON text, encoded by the writer process
         self.columns = ['id', '_seq', '_type', '_request'] + self.native + self.json
         self.sent = ['id', '_seq'] + self.native + self.json  # the values the writer process gets, then the request
         self._get = operator.attrgetter(*self.sent)  # one C call reads them all
+        kinds, types_ = {n: k for n, k, _ in self.fields}, {n: tp for n, tp, _ in fs}
+        self._conv = [(i, f) for i, n in enumerate(self.sent) if n in kinds and (f := _to_column(kinds[n], types_[n]))]
+        self._dec = [(n, _from_column(k, types_[n]), init) for n, k, init in self.fields]
         self.ready = False  # its columns exist in the table
 
     def values(self, job, request:Optional[bytes])->tuple:
         "What the writer process gets for `job`: id, seq, the plain fields, the other fields (as they are), request."
-        try: return self._get(job) + (request,)
+        try: row = self._get(job)
         except AttributeError:  # no `_seq` (a job the manager did not number), or a field deleted from the object
-            return (job.id, job_seq(job)) + tuple(getattr(job, n, None) for n in self.sent[2:]) + (request,)
+            row = (job.id, job_seq(job)) + tuple(getattr(job, n, None) for n in self.sent[2:])
+        if self._conv:
+            row = list(row)
+            for i, f in self._conv:
+                if row[i] is not None: row[i] = f(row[i])
+            row = tuple(row)
+        return row + (request,)
 
     def job(self, row:dict):
         kw, late = {'id': row['id']}, {}
-        for name, kind, init in self.fields:
+        for name, dec, init in self._dec:
             if name not in row: continue
             v = row[name]
-            if v is not None and kind == 'json':
-                try: v = json.loads(v)
-                except (TypeError, ValueError): pass
-            elif v is not None and kind == 'bool': v = bool(v)
+            if v is not None and dec is not None:
+                try: v = dec(v)
+                except Exception:
+                    if isinstance(v, str) and v[:1] in '{[':  # e.g. JSON an earlier version wrote for this field
+                        try: v = _loads(v)
+                        except ValueError: pass
+                    _warn_once((self.type_name, name, 'read'), "job store: %s.%s holds a stored value that cannot be read as its "
+                               "annotation says (%.80r); it is returned as stored", self.cls.__qualname__, name, v)
             (kw if init else late)[name] = v
         job = self.cls(**kw)
         for k, v in late.items(): setattr(job, k, v)
@@ -82,28 +199,56 @@ def _resolve(type_name:str):
 
 # %% ../../nbs/stores/sqlite.ipynb #ffdddc07
 _OWNERS = '_cjm_owners'
+_IDENT = re.compile(r'[A-Za-z_][A-Za-z0-9_]*\Z')
+_LIVE_OWNERS: set = set()  # owner ids of the leases this process's stores hold (another lease of this process is stale)
+_MAX_BUSY = (2 ** 31 - 1) / 1000  # SQLite takes the busy timeout in milliseconds, as a C int
+
+def _seconds(name:str, v, lo:float=0.0, strict:bool=False, hi:Optional[float]=None)->float:
+    "Check a number of seconds (TypeError / ValueError naming the parameter)."
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {v!r} ({type(v).__name__})")
+    if not math.isfinite(v) or v < lo or (strict and v == lo) or (hi is not None and v > hi):
+        rng = f"> {lo:g}" if strict else f">= {lo:g}"
+        raise ValueError(f"{name} must be a finite number of seconds {rng}{f' and <= {hi:g}' if hi is not None else ''}, got {v!r}")
+    return v
 
 class SQLiteJobStore(JobStore):
     "A durable job store in a SQLite file (see above)."
     durable = True
     def __init__(self,
-                 path:Union[str, os.PathLike], # the database file (created if missing; its folder too)
-                 table:Optional[str]=None, # table name (default: `jobs_<worker_type>`)
+                 path:Union[str, os.PathLike], # the database file (created on the first write if missing, with every missing folder above it)
+                 table:Optional[str]=None, # table name, a plain identifier (default: `jobs_<worker_type>`)
                  busy_timeout:float=10.0, # seconds to wait for another connection's write lock
                  synchronous:str='NORMAL', # SQLite `synchronous` for the writes: NORMAL (survives an app crash) or FULL (also power loss)
                  commit_interval:float=0.002, # under load, seconds between the starts of two batches (they grow instead)
                  retry_interval:float=0.5, # seconds before a batch that failed (a locked or full database) is tried again; doubling after each further failure, up to 20 times this
+                 close_timeout:float=5.0, # seconds `close` (and `release`) wait for the last writes; what is still unwritten then is logged as lost
+                 worker_type:Optional[str]=None, # the manager whose jobs this store holds, to read them without that manager (a manager binds its own)
                 ):
         "A store in `path`; nothing is opened until the store is used."
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be the database file's path (a str or os.PathLike), got {path!r}")
+        p = os.fspath(path)
+        if isinstance(p, bytes): p = os.fsdecode(p)
+        if p.strip() in ('', ':memory:'):
+            raise ValueError(f"path must name a database file, got {p!r} (to keep jobs in memory, use MemoryJobStore)")
+        if table is not None and (not isinstance(table, str) or not _IDENT.match(table) or table.lower().startswith('sqlite_')
+                                  or table == _OWNERS):
+            raise ValueError(f"table must be a plain identifier (letters, digits and underscores, not starting with a digit "
+                             f"or 'sqlite_', not {_OWNERS!r}), got {table!r}")
+        if worker_type is not None and (not isinstance(worker_type, str) or not worker_type):
+            raise ValueError(f"worker_type must be a non-empty str (the manager's worker type), got {worker_type!r}")
         if str(synchronous).upper() not in ('NORMAL', 'FULL', 'EXTRA'):
             raise ValueError(f"synchronous must be 'NORMAL', 'FULL' or 'EXTRA' (with WAL, OFF would lose commits), got {synchronous!r}")
-        if not isinstance(commit_interval, (int, float)) or commit_interval < 0:
-            raise ValueError(f"commit_interval must be a number of seconds >= 0, got {commit_interval!r}")
-        if isinstance(retry_interval, bool) or not isinstance(retry_interval, (int, float)) or retry_interval <= 0:
-            raise ValueError(f"retry_interval must be a number of seconds > 0, got {retry_interval!r}")
-        self.path, self.table, self.busy_timeout, self.synchronous = str(path), table, busy_timeout, str(synchronous).upper()
-        self.commit_interval, self.retry_interval = commit_interval, retry_interval
+        _seconds('busy_timeout', busy_timeout, hi=_MAX_BUSY)
+        _seconds('commit_interval', commit_interval)
+        _seconds('retry_interval', retry_interval, strict=True)
+        _seconds('close_timeout', close_timeout)
+        self.path, self.table, self.busy_timeout, self.synchronous = p, table, busy_timeout, str(synchronous).upper()
+        self.commit_interval, self.retry_interval, self.close_timeout = commit_interval, retry_interval, close_timeout
+        if worker_type is not None: self.namespace = worker_type
         self.failures = 0  # batches that failed in a row (0 once one is committed)
+        self.unwritten: List[str] = []  # ids of the jobs whose last state could not be written when the store last stopped writing
         self.on_commit = None  # called (from the sender thread) after each commit
         self._cv = threading.Condition(threading.Lock())  # guards the dirty jobs, tickets, writer state
         self._dirty: dict = {}  # job id → (job, request, codec, row) saved since the last batch
@@ -111,15 +256,20 @@ class SQLiteJobStore(JobStore):
         self._ticket = self._committed = 0
         self._wlock = threading.Lock()  # held while a batch is written (and by purge)
         self._writer: Optional[threading.Thread] = None  # the sender thread
+        self._w = None  # its writer (process handle, or `WriterThread`)
         self.writer_pid: Optional[int] = None  # the writer process, while it runs
-        self._stopping = False
-        self._rlock = threading.RLock()  # guards the reading connection (also used for the schema)
-        self._rdb = None
+        self._stopping = self._abort = False
+        self._deadline = math.inf  # when stopping: the time the sender gives up
+        self._last_error: Optional[str] = None
+        self._rlock = threading.RLock()  # guards the connections (also used for the schema)
+        self._rdb = self._wdb = None  # the read-only connection, and the one for the schema, the lease and purges
         self._codecs: dict = {}  # class → _Codec
         self._keys = itertools.count(1)  # codec keys
         self._by_name: dict = {}  # type name → _Codec
         self._schema: set = set()  # columns known to exist
         self._owner: Optional[str] = None
+        self._warned: set = set()  # (job class, field) warned about (a value stored as another type)
+        self._odd_walked: dict = {}  # type → when the batch was last searched for it
         self.stats = {'batches': 0, 'rows': 0, 'failed': 0}  # batches committed, job rows they held, attempts that failed
 
     def __repr__(self): return f"SQLiteJobStore({self.path!r})"
@@ -129,31 +279,110 @@ class SQLiteJobStore(JobStore):
         return self._save(job, request)
     def get(self, job_id:str):
         "The job (the live object if it is not written yet), or None."
-        return self._get(job_id)
+        with self._failing('reading a job'): return self._get(job_id)
     def list(self, status=None, limit=None, offset=0, newest_first=False)->list:
         "Jobs in creation order, filtered by status, paged (unwritten changes included)."
-        return self._list(status, limit, offset, newest_first)
+        with self._failing('reading the jobs'): return self._list(status, limit, offset, newest_first)
     def count(self, status=None)->int:
         "How many jobs (in this status), unwritten changes included."
-        return self._count(status)
+        with self._failing('counting the jobs'): return self._count(status)
     def purge(self, older_than:Optional[float]=None, status=TERMINAL)->List[str]:
         "Delete finished jobs (those that finished more than `older_than` seconds ago); returns their ids."
-        return self._purge(older_than, status)
+        with self._failing('purging jobs'): return self._purge(older_than, status)
 
     def _table(self)->str:
         if self.table: return self.table
-        if self.namespace is None: raise RuntimeError("the job store is not attached to a manager yet")
+        if self.namespace is None:
+            raise RuntimeError("the job store is not attached to a manager yet: to read it without one, name the manager's "
+                               "worker type, SQLiteJobStore(path, worker_type='...') (or its table, table='jobs_<worker_type>')"
+                               + self._tables_hint())
         return 'jobs_' + re.sub(r'\W', '_', self.namespace)
 
-    def _open(self):
-        db = database(self.path)  # WAL
-        db.conn.set_busy_timeout(int(self.busy_timeout * 1000))
-        db.execute(f'PRAGMA synchronous={self.synchronous}')
-        return db
-
 # %% ../../nbs/stores/sqlite.ipynb #ec46871f
-from fastcore.basics import patch
+_WHY = [(apsw.NotADBError, "the file is not a SQLite database"),
+        (apsw.CorruptError, "the database file is damaged (truncated or corrupt)"),
+        (apsw.ReadOnlyError, "the file or its folder is read-only"),
+        (apsw.FullError, "the disk (or the database) is full"),
+        (apsw.PermissionsError, "permission denied"), (PermissionError, "permission denied"),
+        (apsw.IOError, "the file cannot be read or written (an I/O error)")]
 
+@patch
+def _why(self:SQLiteJobStore, e:BaseException)->str:
+    "What is wrong with the file, in words, then the original error."
+    if os.path.isdir(self.path): why = "the path is a directory"
+    elif isinstance(e, apsw.BusyError): why = f"another connection holds the database's lock (waited busy_timeout={self.busy_timeout:g}s)"
+    elif isinstance(e, apsw.CantOpenError): why = "the file cannot be opened (a missing folder, or a folder it may not create files in?)"
+    else: why = next((w for t, w in _WHY if isinstance(e, t)), None)
+    return f"{why} ({type(e).__name__}: {e})" if why else f"{type(e).__name__}: {e}"
+
+@patch
+@contextmanager
+def _failing(self:SQLiteJobStore, doing:str):
+    "Turn an error of SQLite or of the file system into a `JobStoreError` naming the file (the original as its `__cause__`)."
+    try: yield
+    except (apsw.Error, OSError) as e:
+        err = JobStoreError(f"job store {self.path}: {doing} failed: {self._why(e)}")
+        err.reason = self._why(e)
+        raise err from e
+
+def _reason(e:BaseException)->str:
+    "An error in words, for the log (a `JobStoreError` without the file name)."
+    return getattr(e, 'reason', None) or f"{type(e).__name__}: {e}"
+
+@patch
+def _connect(self:SQLiteJobStore, readonly:bool):
+    "A fastlite database on a new connection: read-only, or read-write (creating the file and its folders, WAL on)."
+    if readonly: conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        conn = apsw.Connection(self.path)
+    try:
+        conn.set_busy_timeout(int(self.busy_timeout * 1000))
+        db = Database(conn)
+        if not readonly:
+            if db.execute('PRAGMA journal_mode').fetchone()[0] != 'wal': db.execute('PRAGMA journal_mode=wal')
+            db.execute(f'PRAGMA synchronous={self.synchronous}')
+    except BaseException:
+        conn.close()
+        raise
+    return db
+
+@patch
+def _reader(self:SQLiteJobStore):
+    "The read-only connection (None while the file does not exist: no jobs yet)."
+    if self._rdb is None:
+        if not os.path.exists(self.path): return None
+        self._rdb = self._connect(readonly=True)
+    return self._rdb
+
+@patch
+def _rw(self:SQLiteJobStore):
+    "The read-write connection (schema, lease, purges)."
+    if self._wdb is None: self._wdb = self._connect(readonly=False)
+    return self._wdb
+
+@patch
+def _close_connections(self:SQLiteJobStore)->None:
+    "Close both connections (the next use opens them again)."
+    with self._rlock:
+        for db in (self._rdb, self._wdb):
+            if db is not None:
+                try: db.close()
+                except Exception: pass
+        self._rdb = self._wdb = None
+
+@patch
+def _tables_hint(self:SQLiteJobStore)->str:
+    "The job tables the file holds, in words (for an error message)."
+    try:
+        with self._rlock:
+            db = self._reader()
+            names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name LIKE 'jobs\\_%' ESCAPE '\\'")] if db else []
+    except Exception: return ''
+    if not names: return f"; {self.path} holds no job table yet"
+    return f"; {self.path} holds " + ', '.join(f"{n} (worker_type={n[5:]!r})" for n in names)
+
+# %% ../../nbs/stores/sqlite.ipynb #a0a28921
 @patch
 def _save(self:SQLiteJobStore, job, request:Optional[bytes]=None)->int:
     "Mark the job dirty (the writer process writes its state soon); returns its ticket."
@@ -176,7 +405,8 @@ def committed(self:SQLiteJobStore)->int: return self._committed
 
 @patch
 def _start_writer(self:SQLiteJobStore):
-    self._stopping = False
+    self._stopping = self._abort = False
+    self._deadline = math.inf
     self._writer = threading.Thread(target=self._write_loop, daemon=True, name=f"cjm-store-{self.namespace}")
     self._writer.start()
 
@@ -195,8 +425,8 @@ def _ensure_schema(self:SQLiteJobStore, db, codec:_Codec):
     if all(c in self._schema for c in codec.columns): return
     t = db[self._table()]
     types_ = {'id': str, '_seq': int, '_type': str, '_request': bytes}
-    py = {'str': str, 'int': int, 'float': float, 'bool': int, 'json': str}
-    for name, kind, _ in codec.fields: types_[name] = py[kind]
+    py = {'str': str, 'int': int, 'float': float, 'bool': int, 'bytes': bytes, 'timedelta': float}  # the others: text
+    for name, kind, _ in codec.fields: types_[name] = py.get(kind, str)
     if not t.exists(): t.create(columns=types_, pk='_seq', if_not_exists=True)  # rows in creation order (`_seq` is the rowid)
     have = {c.name for c in t.columns}
     for name, typ in types_.items():
@@ -226,11 +456,11 @@ def _make_schema(self:SQLiteJobStore):
     view of it without its unique index (seen rarely: its upserts then failed)."""
     for c in list(self._codecs.values()):  # every job class saved so far (a few), not every row of the batch
         if not c.ready:
-            with self._rlock: self._ensure_schema(self._reader(), c)
+            with self._rlock, self._failing('making the table'): self._ensure_schema(self._rw(), c)
             c.ready = True
 
 @patch
-def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict)->Optional[str]:
+def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict, odd:Optional[set]=None, lost:Optional[list]=None)->Optional[str]:
     "Hand a batch to the writer process and wait for its commit; None, or the error it met (the schema is ready: `_make_schema`)."
     groups = {}
     for _, _, c, row in batch.values():
@@ -238,20 +468,24 @@ def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict)->Optional[str]:
         if g is None: g = groups[c.key] = (c, [])
         g[1].append(row)
     schemas = {k: (self._upsert_sql(c), len(c.native), self._table(), c.sent) for k, (c, _) in groups.items() if k not in w.known}
-    return w.commit(schemas, {k: rows for k, (_, rows) in groups.items()})
+    return w.commit(schemas, {k: rows for k, (_, rows) in groups.items()}, odd, lost)
 
 # %% ../../nbs/stores/sqlite.ipynb #0607a891
 @patch
 def _write_loop(self:SQLiteJobStore):
-    "Body of the sender thread: hand every dirty job to the writer process, wait for the commit, repeat; exit when stopped and nothing is left."
-    w, sent = None, 0.0
+    "Body of the sender thread: hand every dirty job to the writer process, wait for the commit, repeat; exit when stopped and nothing is left (or the time to write it is up)."
+    w, sent, err, gave_up = None, 0.0, None, False
     while True:
         with self._cv:
             while not self._dirty and not self._stopping: self._cv.wait()
             if not self._dirty: break
+            if self._abort:
+                gave_up = True
+                break
             while not self._stopping and (left := sent + self.commit_interval - time.monotonic()) > 0:
                 self._cv.wait(left)  # the previous batch started moments ago: let this one grow
         sent = time.monotonic()
+        odd, lost, exc = set(), [], None
         with self._wlock:
             with self._cv:
                 batch, self._dirty, upto = self._dirty, {}, self._ticket
@@ -259,25 +493,30 @@ def _write_loop(self:SQLiteJobStore):
             try:
                 self._make_schema()  # before a new writer process opens the file: it then sees the whole schema
                 if w is None:
-                    w = self._new_writer()
+                    w = self._w = self._new_writer()
                     self.writer_pid = w.pid
                     if w.pid: self._record_writer(w.pid)  # before it gets a batch
-                err = self._send(w, batch)
+                err = self._send(w, batch, odd, lost)
             except WriterGone as e: err = str(e)
-            except Exception as e:
-                log.exception("job store %s: sending %d jobs to the writer process failed", self.path, len(batch))
-                err = f"{type(e).__name__}: {e}"
+            except Exception as e: err, exc = _reason(e), e
             if err is not None:  # whatever failed, a new writer process writes the batch again (below: `w` is dropped)
                 self.failures += 1
                 self.stats['failed'] += 1
+                self._last_error = err
                 delay = min(self.retry_interval * 2 ** (self.failures - 1), 20 * self.retry_interval)
-                log.error("job store %s: writing %d jobs failed (%s); attempt %d failed in a row, retrying in %.3g s",
-                          self.path, len(batch), err, self.failures, delay)
+                if self._stopping: delay = self.retry_interval  # closing: try again soon, until `close_timeout` is up
+                if self._abort: pass  # `close` ended the writer: reported below
+                elif self.failures == 1:
+                    log.error("job store %s: writing %d jobs failed (%s); retrying in %.3g s, then less and less often while "
+                              "it fails (one line each)", self.path, len(batch), err, delay, exc_info=exc)
+                else:
+                    log.error("job store %s: writing %d jobs failed again (%s); %d failures in a row, retrying in %.3g s",
+                              self.path, len(batch), err, self.failures, delay)
                 self._schema = set()  # the retry starts afresh: the table checked again (an index may be missing) from
                 for c in list(self._codecs.values()): c.ready = False  # a new connection, and written by a new
-                self._close_reader()  # writer process, so that no connection's stale view of the schema fails it again
+                self._close_connections()  # writer process, so that no connection's stale view of the schema fails it again
                 if w is not None: w.kill()
-                w = self.writer_pid = None
+                w = self._w = self.writer_pid = None
             with self._cv:
                 self._writing = {}
                 if err is None:
@@ -291,17 +530,84 @@ def _write_loop(self:SQLiteJobStore):
                         elif (n := self._dirty[k])[1] is None and v[1] is not None:  # keep the request of the older state
                             row = n[3] if n[0].status in TERMINAL else n[3][:-1] + (v[1],)
                             self._dirty[k] = (n[0], v[1], n[2], row)
+        if odd or lost: self._note_odd(batch, odd, lost)
         if err is not None:
             until = time.monotonic() + delay  # a locked or full database, or a dead writer: try again after a while
             with self._cv:
-                while (left := until - time.monotonic()) > 0: self._cv.wait(left)  # closing too: no spinning
+                stopping = self._stopping
+                while not self._abort and (left := min(until, self._deadline) - time.monotonic()) > 0:
+                    if self._stopping and not stopping: break  # `close` began: try once more at once
+                    self._cv.wait(left)
+                if self._abort or (self._stopping and time.monotonic() >= self._deadline):
+                    gave_up = True
+                    break
             continue
         cb = self.on_commit
         if cb is not None:
             try: cb()
             except Exception: log.exception("job store on_commit callback raised")
-    if w is not None: w.close()
-    self.writer_pid = None
+    if w is not None: w.kill() if gave_up else w.close()
+    with self._cv:
+        self._w = self.writer_pid = None
+        left = dict(self._dirty) if gave_up else {}
+        if self._writer is threading.current_thread(): self._writer = None
+        self._cv.notify_all()
+    if left: self._report_unwritten(left)
+
+@patch
+def _report_unwritten(self:SQLiteJobStore, left:dict)->None:
+    "Log, once, the jobs whose last state the store gave up writing."
+    ids = [k for k, v in sorted(left.items(), key=lambda kv: job_seq(kv[1][0]))]  # in creation order
+    self.unwritten = ids
+    shown = ', '.join(i[:8] for i in ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else '')
+    why = f"the writes did not succeed within close_timeout={self.close_timeout:g}s"
+    if self._last_error: why += f"; last error: {self._last_error}"
+    log.error("job store %s: %d job state(s) were NOT written and are missing from the file (%s); the file keeps their "
+              "earlier state, if any. Jobs: %s (all ids in store.unwritten)", self.path, len(ids), why, shown)
+
+# %% ../../nbs/stores/sqlite.ipynb #ea8bfd00
+def _types_in(v, types:set, budget:int=100_000)->set:
+    "The types of `types` found in `v` (nested containers and dict keys included; at most `budget` values looked at)."
+    found, stack = set(), [v]
+    while stack and budget > 0:
+        x = stack.pop(); budget -= 1
+        t = type(x)
+        if t in types: found.add(t)
+        if isinstance(x, dict): stack.extend(x.keys()); stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)): stack.extend(x)
+    return found
+
+def _becomes(t:type)->str:
+    "What a value of type `t` becomes in the store, in words."
+    for b, _ in _TAGGERS:
+        if issubclass(t, b): return f"a {t.__qualname__} comes back as a {'Path' if b is PurePath else b.__name__}"
+    for b in _PLAIN:
+        if issubclass(t, b): return f"a {t.__qualname__} comes back as a plain {b.__name__}"
+    return f"a {t.__module__}.{t.__qualname__} is stored as its repr and comes back as that text (a str)"
+
+@patch
+def _note_odd(self:SQLiteJobStore, batch:dict, odd:set, lost:list)->None:
+    "Warn (once per job class and field) about values written as another type, or not at all."
+    by_key = {c.key: c for c in list(self._codecs.values())}
+    for key, i, t, e in lost:
+        c = by_key.get(key)
+        name = c.sent[i] if c is not None and i < len(c.sent) else '_request'
+        if c is None or (c.type_name, name) in self._warned: continue
+        self._warned.add((c.type_name, name))
+        log.warning("job store %s: %s.%s holds a %s value that cannot be stored (%s); it is written as a text saying so "
+                    "(warned once per job class and field)", self.path, c.cls.__qualname__, name, t.__qualname__, e)
+    now = time.monotonic()
+    if not odd or all(now - self._odd_walked.get(t, -math.inf) < 60 for t in odd): return
+    for t in odd: self._odd_walked[t] = now
+    found = {}
+    for _, _, c, row in batch.values():
+        for i in range(2, len(c.sent)):
+            if (c.type_name, c.sent[i]) in self._warned: continue
+            if ts := _types_in(row[i], odd): found.setdefault((c, c.sent[i]), set()).update(ts)
+    for (c, name), ts in found.items():
+        self._warned.add((c.type_name, name))
+        log.warning("job store %s: %s.%s holds values the store cannot write as they are: %s (warned once per job class "
+                    "and field)", self.path, c.cls.__qualname__, name, '; '.join(sorted(_becomes(t) for t in ts)))
 
 # %% ../../nbs/stores/sqlite.ipynb #907ecd2a
 @patch
@@ -317,41 +623,51 @@ def _new_writer(self:SQLiteJobStore):
 # %% ../../nbs/stores/sqlite.ipynb #5f8b4e65
 @patch
 def flush(self:SQLiteJobStore, timeout:Optional[float]=None)->bool:
-    "Wait until every job saved so far is committed; False on timeout."
+    "Wait until every job saved so far is committed; False on timeout (or if the store gave up writing them)."
     with self._cv:
         t = self._ticket
-        return self._cv.wait_for(lambda: self._committed >= t or self._writer is None, timeout)
+        self._cv.wait_for(lambda: self._committed >= t or self._writer is None, timeout)
+        return self._committed >= t
+
+@patch
+def _finish(self:SQLiteJobStore, timeout:float)->None:
+    "Stop the sender thread once what is dirty is written, or after `timeout` seconds (then the writer is ended and the loss logged)."
+    with self._cv:
+        th = self._writer
+        if th is None: return
+        self._stopping = True
+        self._deadline = min(self._deadline, time.monotonic() + timeout)
+        self._cv.notify_all()
+    if th is threading.current_thread(): return
+    th.join(max(0.0, self._deadline - time.monotonic()) + 0.1)
+    if th.is_alive():  # a batch is still out (a lock held elsewhere, a hung disk): end its writer
+        with self._cv:
+            self._abort = True
+            self._cv.notify_all()
+        w = self._w
+        if w is not None: w.abort()
+        db = self._wdb
+        if db is not None:  # the sender may be waiting on the schema connection
+            try: db.conn.interrupt()
+            except Exception: pass
+        th.join(5)
+        if th.is_alive(): log.error("job store %s: the sender thread %s did not stop", self.path, th.name)
+    with self._cv:
+        if self._writer is th: self._writer = None
 
 @patch
 def close(self:SQLiteJobStore)->None:
-    "Write what is dirty, stop the sender thread and the writer process, close the connections (reading later opens one again)."
-    with self._cv:
-        w, self._stopping = self._writer, True
-        self._cv.notify_all()
-    if w is not None and w is not threading.current_thread(): w.join(60)
-    with self._cv: self._writer = None
-    self._close_reader()
-
-@patch
-def _close_reader(self:SQLiteJobStore)->None:
-    "Close the reading connection (the next read opens one again)."
-    with self._rlock:
-        if self._rdb is not None: self._rdb.close()
-        self._rdb = None
+    "Write what is dirty (waiting at most `close_timeout` seconds), stop the sender thread and the writer process, close the connections (reading later opens one again)."
+    self._finish(self.close_timeout)
+    self._close_connections()
 
 # %% ../../nbs/stores/sqlite.ipynb #2d6528e1
-@patch
-def _reader(self:SQLiteJobStore):
-    if self._rdb is None: self._rdb = self._open()
-    return self._rdb
-
 @patch
 def _rows(self:SQLiteJobStore, where:str='', params:tuple=(), order:str='', limit:Optional[int]=None)->list:
     "Rows of the job table as dicts ([] if the table does not exist yet)."
     with self._rlock:
-        db = self._reader()
-        t = self._table()
-        if not db[t].exists(): return []
+        t, db = self._table(), self._reader()
+        if db is None or not db[t].exists(): return []
         sql = f'SELECT * FROM "{t}"' + (f' WHERE {where}' if where else '') + (f' ORDER BY {order}' if order else '')
         if limit is not None: sql += f' LIMIT {int(limit)}'
         return list(db.query(sql, params))
@@ -406,8 +722,8 @@ def _count(self:SQLiteJobStore, status=None)->int:
     "How many jobs (in this status), unwritten changes included."
     st, over = statuses(status), self._overlay()
     with self._rlock:
-        db, t = self._reader(), self._table()
-        if not db[t].exists(): n, stored = 0, {}
+        t, db = self._table(), self._reader()
+        if db is None or not db[t].exists(): n, stored = 0, {}
         else:
             where = f' WHERE {_in("status", st)}' if st else ''
             n = db.execute(f'SELECT count(*) FROM "{t}"{where}', st or ()).fetchone()[0]
@@ -424,14 +740,16 @@ def _count(self:SQLiteJobStore, status=None)->int:
 @patch
 def unfinished(self:SQLiteJobStore)->List[Tuple[Any, Optional[bytes]]]:
     "Jobs left pending or running, with their stored execute requests, in creation order."
-    rows = self._rows(_in('status', UNFINISHED), UNFINISHED, '"_seq"')
-    return [(self._decode(r), r.get('_request')) for r in rows]
+    with self._failing('reading the unfinished jobs'):
+        rows = self._rows(_in('status', UNFINISHED), UNFINISHED, '"_seq"')
+        return [(self._decode(r), r.get('_request')) for r in rows]
 
 @patch
 def max_seq(self:SQLiteJobStore)->int:
-    with self._rlock:
-        db, t = self._reader(), self._table()
-        return (db.execute(f'SELECT max("_seq") FROM "{t}"').fetchone()[0] or 0) if db[t].exists() else 0
+    "The highest job sequence number in the file (0 if none)."
+    with self._rlock, self._failing('reading the jobs'):
+        t, db = self._table(), self._reader()
+        return (db.execute(f'SELECT max("_seq") FROM "{t}"').fetchone()[0] or 0) if db is not None and db[t].exists() else 0
 
 # %% ../../nbs/stores/sqlite.ipynb #7d03eb28
 @patch
@@ -446,8 +764,9 @@ def _purge(self:SQLiteJobStore, older_than=None, status=TERMINAL)->List[str]:
             for k in gone: del self._dirty[k]
         ids = set(gone)
         with self._rlock:
-            db, t = self._reader(), self._table()
-            if db[t].exists():
+            t = self._table()
+            db = self._rw() if os.path.exists(self.path) else None  # no file: nothing stored to delete (and none made)
+            if db is not None and db[t].exists():
                 db.execute('BEGIN IMMEDIATE')
                 try:
                     where, params = _in('status', st), st
@@ -458,7 +777,7 @@ def _purge(self:SQLiteJobStore, older_than=None, status=TERMINAL)->List[str]:
                         ids.update(r[0] for r in db.execute(f'DELETE FROM "{t}" WHERE {_in("id", chunk)} RETURNING id', chunk).fetchall())
                     db.execute('COMMIT')
                 except BaseException:
-                    db.execute('ROLLBACK')
+                    rollback(db.conn)
                     raise
         with self._cv:
             if not self._dirty: self._committed = self._ticket  # what was saved is written or deleted
@@ -477,8 +796,9 @@ def _proc(pid:Optional[int], started:Optional[float])->Optional[psutil.Process]:
     except psutil.Error: return None
 
 def _holder_alive(row:dict)->bool:
-    "Is the process that holds a lease still running? (A lease from another host counts as alive.)"
+    "Is the process that holds a lease still running, and (if it is this process) its lease still held? (A lease from another host counts as alive.)"
     if row.get('host') != socket.gethostname(): return True
+    if row['pid'] == os.getpid() and row.get('owner') not in _LIVE_OWNERS: return False  # given back, or its delete failed
     return _proc(row['pid'], row.get('pid_started')) is not None
 
 def _wait_for_writer(row:dict, timeout:float)->None:
@@ -498,8 +818,8 @@ _OWNER_COLUMNS = {'namespace': 'TEXT PRIMARY KEY', 'owner': 'TEXT', 'pid': 'INTE
 def acquire(self:SQLiteJobStore, owner:str)->None:
     "Take the namespace's lease for `owner`; `JobStoreLocked` if a live manager holds it."
     ns = self.namespace
-    with self._rlock:
-        db = self._reader()
+    with self._rlock, self._failing('taking the lease'):
+        db = self._rw()
         db.execute(f'CREATE TABLE IF NOT EXISTS "{_OWNERS}" ({", ".join(f"{k} {v}" for k, v in _OWNER_COLUMNS.items())})')
         have = {r['name'] for r in db.query(f'PRAGMA table_info("{_OWNERS}")')}
         for k, v in _OWNER_COLUMNS.items():  # a file from an earlier version
@@ -518,9 +838,10 @@ def acquire(self:SQLiteJobStore, owner:str)->None:
                        f'VALUES (?, ?, ?, ?, ?, datetime(\'now\'))', (ns, owner, me.pid, socket.gethostname(), me.create_time()))
             db.execute('COMMIT')
         except BaseException:
-            db.execute('ROLLBACK')
+            rollback(db.conn)
             raise
     self._owner = owner
+    _LIVE_OWNERS.add(owner)
 
 # %% ../../nbs/stores/sqlite.ipynb #4f1c8961
 @patch
@@ -529,15 +850,24 @@ def _record_writer(self:SQLiteJobStore, pid:int)->None:
     if self._owner is None: return
     try: started = psutil.Process(pid).create_time()
     except psutil.Error: return
-    with self._rlock:
-        self._reader().execute(f'UPDATE "{_OWNERS}" SET writer_pid = ?, writer_started = ? WHERE namespace = ? AND owner = ?',
+    with self._rlock, self._failing('recording the writer process'):
+        self._rw().execute(f'UPDATE "{_OWNERS}" SET writer_pid = ?, writer_started = ? WHERE namespace = ? AND owner = ?',
                                (pid, started, self.namespace, self._owner))
 
 @patch
 def release(self:SQLiteJobStore)->None:
     "Give the lease back (if this store holds it), once what was saved is written."
     if self._owner is None: return
-    self.flush(max(self.busy_timeout, 30.0))  # a manager that takes over next must not find jobs still being written
-    with self._rlock:
-        self._reader().execute(f'DELETE FROM "{_OWNERS}" WHERE namespace = ? AND owner = ?', (self.namespace, self._owner))
-    self._owner = None
+    self._finish(self.close_timeout)  # a manager that takes over next must not find jobs still being written
+    owner, self._owner = self._owner, None
+    _LIVE_OWNERS.discard(owner)
+    try:
+        with self._rlock, self._failing('giving the lease back'):
+            db = self._rw()
+            if self.failures:  # the writes failed (a lock held elsewhere, a full disk): do not wait long for this one
+                db.conn.set_busy_timeout(int(min(self.busy_timeout, 1.0) * 1000))
+            try: db.execute(f'DELETE FROM "{_OWNERS}" WHERE namespace = ? AND owner = ?', (self.namespace, owner))
+            finally: db.conn.set_busy_timeout(int(self.busy_timeout * 1000))
+    except JobStoreError as e:
+        log.warning("job store %s: the lease of the %r jobs stays in the file (%s); it counts as given back: a manager "
+                    "started later takes it over", self.path, self.namespace, e.reason)

@@ -4,9 +4,13 @@
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #21d92ad0
 from __future__ import annotations
-import gc, io, itertools, json, logging, operator, os, pickle, select, signal, subprocess, sys, threading
-from pathlib import Path
+import base64, gc, io, itertools, json, logging, operator, os, pickle, select, signal, subprocess, sys, threading
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path, PosixPath, PurePath, WindowsPath
 from typing import Any, Optional
+from uuid import UUID
 
 import cjm_workers
 from ..core.channel import _header, _parse, _write_all
@@ -14,46 +18,113 @@ from ..core.channel import _header, _parse, _write_all
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'pack', 'encode', 'serve', 'WriterGone', 'WriterProcess', 'can_start_process', 'WriterThread']
+__all__ = ['log', 'TAG', 'Tag', 'safe_repr', 'pack', 'pack_batch', 'encode', 'rollback', 'serve', 'WriterGone', 'WriterProcess',
+           'can_start_process', 'WriterThread']
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #eb632b81
-_PLAIN = {str: str.__str__, int: int.__index__, float: float.__float__, dict: dict, list: list}
+TAG = '$cjm'  # the key of a tagged JSON value: {"$cjm": kind, "v": value}
+
+class Tag:
+    "A value JSON cannot hold, as the app sends it to the writer process: its kind and a plain form (hashable, so it may be a dict key)."
+    __slots__ = ('kind', 'v')
+    def __init__(self, kind:str, v): self.kind, self.v = kind, v
+    def __reduce__(self): return Tag, (self.kind, self.v)
+    def __eq__(self, o): return type(o) is Tag and (self.kind, self.v) == (o.kind, o.v)
+    def __hash__(self): return hash((self.kind, self.v))
+    def __repr__(self): return f"Tag({self.kind!r}, {self.v!r})"
+
+def _iso(kind): return lambda o: (kind, o.isoformat())
+_TAGGERS = [(datetime, _iso('datetime')), (date, _iso('date')), (time, _iso('time')),  # datetime before date: a subclass
+            (timedelta, lambda o: ('timedelta', (o.days, o.seconds, o.microseconds))),
+            (PurePath, lambda o: ('path', str(o))), (UUID, lambda o: ('uuid', str(o))), (Decimal, lambda o: ('decimal', str(o)))]
+_TAG_OF = {t: f for t, f in _TAGGERS if t is not PurePath} | {PosixPath: _TAGGERS[4][1], WindowsPath: _TAGGERS[4][1]}  # exact types
+_PLAIN = {str: str.__str__, int: int.__index__, float: float.__float__, dict: dict, list: list, tuple: tuple}
+_PASS = {str, int, float, dict, list, tuple, Tag}  # classes the reductions below name: pickled by reference
+
+def safe_repr(obj)->str:
+    "`repr(obj)`, or a description of it if its `__repr__` fails."
+    try: return repr(obj)
+    except Exception as e: return f"<{type(obj).__module__}.{type(obj).__qualname__} object (repr failed: {type(e).__name__})>"
 
 class _Plain(pickle.Pickler):
-    "A pickler that sends plain data as it is and any other object as the value its JSON column would hold."
+    "A pickler that sends plain data as it is, common non-JSON types as tags, and any other object as a plain value (noting its type)."
+    odd = None  # a set to note the types that changed, or None
     def reducer_override(self, obj):
-        if obj is str or obj is int or obj is float or obj is dict or obj is list: return NotImplemented
+        t = type(obj)
+        if t is type and obj in _PASS: return NotImplemented
+        f = _TAG_OF.get(t)
+        if f is not None: return Tag, f(obj)
+        if t is Tag: return NotImplemented
+        if isinstance(obj, Enum): return Tag, ('enum', (f"{t.__module__}:{t.__qualname__}", obj.name))
+        if self.odd is not None: self.odd.add(t)  # what follows changes the type: the store warns
+        for b, f in _TAGGERS:
+            if isinstance(obj, b): return Tag, f(obj)  # a subclass (a pandas Timestamp...) as its base type
         for b, plain in _PLAIN.items():
-            if isinstance(obj, b): return b, (plain(obj),)  # a subclass (an IntEnum member...) by its plain value
-        return str, (repr(obj),)
+            if isinstance(obj, b): return b, (plain(obj),)  # a subclass (a namedtuple...) by its plain value
+        return str, (safe_repr(obj),)
 
-def pack(obj:Any # a batch: plain data, possibly holding other objects
+def pack(obj:Any, # a batch: plain data, possibly holding other objects
+         odd:Optional[set]=None # if given, receives the types of the values that were sent as another type
         )->bytes: # the pickle, safe to load in a process that imports nothing of the app
     "Pickle a batch for the writer process."
     buf = io.BytesIO()
     p = _Plain(buf, pickle.HIGHEST_PROTOCOL)
-    p.fast = True  # no memo: 0.55 instead of 0.93 µs per job row (these rows share almost nothing worth memoizing)
+    p.fast, p.odd = True, odd  # no memo: 0.55 instead of 0.93 µs per job row (these rows share almost nothing worth memoizing)
     try: p.dump(obj)
     except (ValueError, RecursionError):  # a cyclic value ("fast mode: can't pickle cyclic objects"): the memo handles it
         buf = io.BytesIO()
-        _Plain(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+        p = _Plain(buf, pickle.HIGHEST_PROTOCOL)
+        p.odd = odd
+        p.dump(obj)
     return buf.getvalue()
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #0de199e1
+def pack_batch(msg:tuple, # (n, schemas, groups), groups mapping a class key to its rows
+               odd:Optional[set]=None, # receives the types sent as another type (see `pack`)
+               lost:Optional[list]=None # receives (key, column index, type, error) for each value that could not be packed
+              )->bytes:
+    "`pack` a batch; a value that cannot be packed is replaced by a text naming the error."
+    try: return pack(msg, odd)
+    except Exception: pass
+    n, schemas, groups = msg
+    fixed = {}
+    for key, rows in groups.items():
+        out = fixed[key] = []
+        for r in rows:
+            try: pack(r, odd); out.append(r); continue
+            except Exception: pass
+            vals = list(r)
+            for i, v in enumerate(vals):
+                try: pack(v, odd)
+                except Exception as e:
+                    vals[i] = f"<not storable: {type(e).__name__}: {e}>"
+                    if lost is not None: lost.append((key, i, type(v), f"{type(e).__name__}: {e}"))
+            out.append(tuple(vals))
+    return pack((n, schemas, fixed), odd)
+
+# %% ../../nbs/stores/sqlite_writer.ipynb #e10b540c
+def _default(o):
+    "What the JSON encoder writes for an object it cannot hold: tagged JSON, or the object's repr."
+    t = type(o)
+    if t is Tag: return {TAG: o.kind, 'v': o.v}
+    if t is set or t is frozenset: return {TAG: t.__name__, 'v': [{TAG: 'tuple', 'v': list(x)} if type(x) is tuple else x for x in o]}
+    if t is bytes or t is bytearray: return {TAG: 'bytes', 'v': base64.b64encode(o).decode('ascii')}
+    return safe_repr(o)
+
 def _json_encoder():
-    """Compact JSON text, `repr` for what JSON cannot hold. `json.dumps` and `JSONEncoder.encode` build a new C encoder
-    on every call; this builds one (about 1.3 instead of 2.1 µs per result), and falls back to `JSONEncoder.encode`
-    where the C encoder is missing or does not give the same text."""
-    py = json.JSONEncoder(separators=(',', ':'), default=repr).encode
+    """Compact JSON text, tagged JSON or `repr` for what JSON cannot hold (`_default`). `json.dumps` and
+    `JSONEncoder.encode` build a new C encoder on every call; this builds one (about 1.3 instead of 2.1 µs per result),
+    and falls back to `JSONEncoder.encode` where the C encoder is missing or does not give the same text."""
+    py = json.JSONEncoder(separators=(',', ':'), default=_default).encode
     markers = {}  # the C encoder's cycle check: left holding ids after a failure, so cleared then
     try:
-        c = json.encoder.c_make_encoder(markers, repr, json.encoder.encode_basestring_ascii, None, ':', ',', False, False, True)
+        c = json.encoder.c_make_encoder(markers, _default, json.encoder.encode_basestring_ascii, None, ':', ',', False, False, True)
         def fast(v):
             try: return ''.join(c(v, 0))
             except BaseException:
                 markers.clear()
                 raise
-        probe = {'a': [1, 2.5, None, True, 'é"'], 'b': {}, 'c': object}
+        probe = {'a': [1, 2.5, None, True, 'é"'], 'b': {}, 'c': object, 'd': {1, 2}, 'e': Tag('uuid', 'x')}
         if fast(probe) == py(probe): return fast
     except Exception: pass  # no C encoder (or another signature): the Python one
     return py
@@ -65,12 +136,40 @@ def _json(v)->str:
     if enc is None: enc = _tls.enc = _json_encoder()
     return enc(v)
 
+_KEYS = (str, int, float, bool, type(None))  # dict keys JSON can hold (all but str come back as str)
+
+def _keyed(v):
+    "`v` with each dict that has a key JSON cannot hold turned into a tagged list of pairs (its keys kept)."
+    t = type(v)
+    if t is dict:
+        if all(type(k) in _KEYS for k in v): return {k: _keyed(x) for k, x in v.items()}
+        return {TAG: 'dict', 'v': [[{TAG: 'tuple', 'v': _keyed(list(k))} if type(k) is tuple else k, _keyed(x)] for k, x in v.items()]}
+    if t is list or t is tuple: return [_keyed(x) for x in v]
+    return v
+
 def _js(v)->Optional[str]:
     "JSON text of a value (None stays NULL)."
     if v is None: return None
-    if not v and type(v) in (dict, list): return '{}' if type(v) is dict else '[]'
+    t = type(v)
+    if not v and (t is dict or t is list): return '{}' if t is dict else '[]'
+    if t is tuple: v = {TAG: 'tuple', 'v': list(v)}  # a field's whole value: it comes back as a tuple
     try: return _json(v)
-    except ValueError: return _json(repr(v))  # a circular structure
+    except TypeError:  # a dict key JSON cannot hold
+        try: return _json(_keyed(v))
+        except Exception: pass
+    except Exception: pass  # a circular structure (ValueError), too deep (RecursionError)
+    return _json(safe_repr(v))
+
+def _bindable(v):
+    "A plain column's value as SQLite can bind it (`safe` mode): plain values as they are, a lone surrogate escaped, the rest as JSON."
+    if v is None: return v
+    t = type(v)
+    if t is str:
+        try: v.encode('utf-8')
+        except UnicodeEncodeError: return v.encode('utf-8', 'backslashreplace').decode('utf-8')
+        return v
+    if (t is int and -(1 << 63) <= v < (1 << 63)) or t is float or t is bytes: return v
+    return _js(v)
 
 def encode(rows:list, # (id, seq, *plain, *other, request) tuples
            n_plain:int, # how many plain columns follow id and seq
@@ -79,9 +178,7 @@ def encode(rows:list, # (id, seq, *plain, *other, request) tuples
     "The column values of the rows of one job class."
     k = 2 + n_plain
     if not safe: return [r[:k] + tuple(map(_js, r[k:-1])) + r[-1:] for r in rows]
-    ok = (str, int, float)
-    return [r[:2] + tuple(v if v is None or type(v) in ok else _js(v) for v in r[2:k]) + tuple(map(_js, r[k:-1])) + r[-1:]
-            for r in rows]
+    return [r[:2] + tuple(map(_bindable, r[2:k])) + tuple(map(_js, r[k:-1])) + r[-1:] for r in rows]
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #b2133a75
 def _parent_fd(pid:int):
@@ -128,8 +225,8 @@ class _Schema:
     def update_params(self, row:tuple, changed:tuple, request:str, safe:bool=False)->tuple:
         "The parameters of `update(changed, request)` for `row` (`safe`: also JSON for a plain column holding something else)."
         if not safe: return self.update(changed, request)[1](row)
-        k, ok = 2 + self.n_plain, (str, int, float)
-        vals = [row[i] if i < k and (row[i] is None or type(row[i]) in ok) else _js(row[i]) for i in changed]
+        k = 2 + self.n_plain
+        vals = [_bindable(row[i]) if i < k else _js(row[i]) for i in changed]
         if request == 'set': vals.append(row[-1])
         vals.append(row[0])
         return tuple(vals)
@@ -143,6 +240,15 @@ def _items(idx:list):
     return operator.itemgetter(*idx)
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #3682c35c
+_REFUSED = (TypeError, OverflowError, UnicodeEncodeError)  # values SQLite cannot bind: written again in `safe` mode
+
+def rollback(conn)->None:
+    """Roll back the connection's transaction, if it still has one: SQLite ends it by itself after some errors (a full
+    disk), and a ROLLBACK then would raise "no transaction is active" in place of the real cause."""
+    if not conn.getautocommit():
+        try: conn.execute('ROLLBACK')
+        except Exception: pass  # the error that led here is the one to report
+
 class _Db:
     """The writer process's connection and the statements it was given.
 
@@ -176,11 +282,11 @@ class _Db:
         for (changed, request), rs in upd.items():
             (sql, params), before = sc.update(changed, request), conn.total_changes()
             try: conn.executemany(sql, list(map(params, rs)))
-            except (TypeError, OverflowError): conn.executemany(sql, [sc.update_params(r, changed, request, True) for r in rs])
+            except _REFUSED: conn.executemany(sql, [sc.update_params(r, changed, request, True) for r in rs])
             if conn.total_changes() - before != len(rs): full += rs  # a row is missing (deleted meanwhile): upsert them all
         if full:
             try: conn.executemany(sc.upsert, encode(full, sc.n_plain))
-            except (TypeError, OverflowError): conn.executemany(sc.upsert, encode(full, sc.n_plain, safe=True))
+            except _REFUSED: conn.executemany(sc.upsert, encode(full, sc.n_plain, safe=True))
 
     def write(self, schemas:dict, groups:dict)->Optional[str]:
         "Write one batch in one transaction; None, or the error after a rollback."
@@ -192,7 +298,7 @@ class _Db:
                 for key, rows in groups.items(): self._write(self.schemas[key], rows)
                 conn.execute('COMMIT')
             except BaseException:
-                conn.execute('ROLLBACK')
+                rollback(conn)
                 raise
         except Exception as e:
             return f"{type(e).__name__}: {e}"
@@ -229,9 +335,9 @@ def serve(data_fd:int, # the pipe the batches arrive on
             n, schemas, groups = msg
             err = db.write(schemas, groups) if isinstance(db, _Db) else db or "no settings received"
             if err is not None or n % 1000 == 0: gc.collect()  # an error's traceback may hold a cycle
-            if err is not None: log.error("job store writer: batch %d not written: %s", n, err)
-            try: _write_all(ack_fd, [_header(len(a := pickle.dumps((n, err)))), a])
-            except OSError: pass  # the app is gone: what is committed stays committed
+            try: _write_all(ack_fd, [_header(len(a := pickle.dumps((n, err)))), a])  # the app logs the error
+            except OSError:  # the app is gone: what is committed stays committed
+                if err is not None: log.error("job store writer: batch %d not written: %s", n, err)
         if eof: break
         fds = [data_fd] + ([parent] if parent else [])
         ready = select.select(fds, [], [], None if parent else 1.0)[0]
@@ -280,11 +386,13 @@ class WriterProcess:
 
     def commit(self,
                schemas:dict, # key → (upsert statement, number of plain columns, table, column names), for classes it has not been sent yet
-               groups:dict # key → rows (see `encode`)
+               groups:dict, # key → rows (see `encode`)
+               odd:Optional[set]=None, # receives the types of values sent as another type (see `pack`)
+               lost:Optional[list]=None # receives the values that could not be packed (see `pack_batch`)
               )->Optional[str]: # None when committed, else the error the process met (it rolled back)
         "Send one batch and wait until the process has committed it."
         self._n += 1
-        self._send(pack((self._n, schemas, groups)))
+        self._send(pack_batch((self._n, schemas, groups), odd, lost))
         self.known.update(schemas)
         while True:
             frames, used = _parse(self._buf)
@@ -319,6 +427,11 @@ class WriterProcess:
         except OSError: pass
         self.close(5)
 
+    def abort(self)->None:
+        "Kill the process from another thread: a `commit` waiting for its answer raises `WriterGone` (what it had not committed is rolled back)."
+        try: self.proc.kill()
+        except OSError: pass
+
 # %% ../../nbs/stores/sqlite_writer.ipynb #c754a1b0
 def can_start_process()->Optional[str]:
     "None if a writer process can be started here, else why not."
@@ -338,9 +451,9 @@ class WriterThread:
                 ):
         self.known, self.db = set(), _Db({'path': path, 'busy_timeout': busy_timeout, 'synchronous': synchronous})
 
-    def commit(self, schemas:dict, groups:dict)->Optional[str]:
+    def commit(self, schemas:dict, groups:dict, odd:Optional[set]=None, lost:Optional[list]=None)->Optional[str]:
         "Write one batch now; None when committed, else the error (rolled back)."
-        schemas, groups = pickle.loads(pack((schemas, groups)))  # the plain values a writer process would get
+        _, schemas, groups = pickle.loads(pack_batch((0, schemas, groups), odd, lost))  # the plain values a writer process would get
         self.known.update(schemas)
         return self.db.write(schemas, groups)
 
@@ -350,3 +463,7 @@ class WriterThread:
     def kill(self)->None:
         "Same as `close`."
         self.close()
+    def abort(self)->None:
+        "Interrupt a `commit` running in another thread (it returns the `InterruptError`, rolled back)."
+        try: self.db.conn.interrupt()
+        except Exception: pass
