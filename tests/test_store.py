@@ -177,6 +177,8 @@ async def test_sigkilled_app_then_a_new_manager_on_the_same_file(mk, tmp_path):
         try: workers.append(psutil.Process(pid))
         except psutil.NoSuchProcess: pass
     await wait_until(lambda: all(gone(w) for w in workers), 15)  # the workers followed their app
+    import sqlite3  # the app comes back in a re-created container: another host name than the dead holder's
+    with sqlite3.connect(db) as c: c.execute("UPDATE _cjm_owners SET host = 'old-container'")
 
     events = RecordingBroadcaster()
     mgr = mk(SQLiteJobStore(db), config=dict(prefetch=1), event_broadcaster=events)

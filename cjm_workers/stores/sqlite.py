@@ -4,7 +4,7 @@
 
 # %% ../../nbs/stores/sqlite.ipynb #d82f097c
 from __future__ import annotations
-import base64, importlib, itertools, json, logging, math, operator, os, re, socket, sys, threading, time, types, typing, uuid
+import base64, fcntl, importlib, itertools, json, logging, math, operator, os, re, socket, sys, threading, time, types, typing, uuid
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from datetime import date, datetime, time as dtime, timedelta
@@ -268,6 +268,7 @@ class SQLiteJobStore(JobStore):
         self._by_name: dict = {}  # type name → _Codec
         self._schema: set = set()  # columns known to exist
         self._owner: Optional[str] = None
+        self._lease_fd: Optional[int] = None  # the lease file, locked (flock) while this store holds the lease
         self._warned: set = set()  # (job class, field) warned about (a value stored as another type)
         self._odd_walked: dict = {}  # type → when the batch was last searched for it
         self.stats = {'batches': 0, 'rows': 0, 'failed': 0}  # batches committed, job rows they held, attempts that failed
@@ -795,9 +796,11 @@ def _proc(pid:Optional[int], started:Optional[float])->Optional[psutil.Process]:
         return p if p.status() != psutil.STATUS_ZOMBIE and abs(p.create_time() - (started or 0)) < 0.01 else None
     except psutil.Error: return None
 
-def _holder_alive(row:dict)->bool:
-    "Is the process that holds a lease still running, and (if it is this process) its lease still held? (A lease from another host counts as alive.)"
-    if row.get('host') != socket.gethostname(): return True
+def _holder_alive(row:dict, lease_free:bool=False)->bool:
+    """Is the process that holds a lease still running, and (if it is this process) its lease still held? A lease from
+    another host name is dead once its lease file is free (`lease_free`): a re-created container has a new host name,
+    and a live holder on this machine keeps the file locked (a WAL database is never shared between machines)."""
+    if row.get('host') != socket.gethostname(): return not lease_free
     if row['pid'] == os.getpid() and row.get('owner') not in _LIVE_OWNERS: return False  # given back, or its delete failed
     return _proc(row['pid'], row.get('pid_started')) is not None
 
@@ -824,12 +827,17 @@ def acquire(self:SQLiteJobStore, owner:str)->None:
         have = {r['name'] for r in db.query(f'PRAGMA table_info("{_OWNERS}")')}
         for k, v in _OWNER_COLUMNS.items():  # a file from an earlier version
             if k not in have: db.execute(f'ALTER TABLE "{_OWNERS}" ADD COLUMN {k} {v}')
+        free = self._lock_lease_file()  # False: a live process on this machine holds it
         row = next(iter(db.query(f'SELECT * FROM "{_OWNERS}" WHERE namespace = ?', (ns,))), None)
-        if row is not None and row['owner'] != owner and not _holder_alive(row): _wait_for_writer(row, max(self.busy_timeout, 5.0))
+        if row is not None and row['owner'] != owner and not free:
+            raise JobStoreLocked(f"{self.path}: the {ns!r} jobs belong to another running manager (pid {row['pid']} "
+                                 f"on {row['host']}, since {row['since']}); shut it down first, or give this manager "
+                                 f"another database file or worker type")
+        if row is not None and row['owner'] != owner and not _holder_alive(row, free): _wait_for_writer(row, max(self.busy_timeout, 5.0))
         db.execute('BEGIN IMMEDIATE')
         try:
             row = next(iter(db.query(f'SELECT * FROM "{_OWNERS}" WHERE namespace = ?', (ns,))), None)
-            if row is not None and row['owner'] != owner and _holder_alive(row):
+            if row is not None and row['owner'] != owner and _holder_alive(row, free):
                 raise JobStoreLocked(f"{self.path}: the {ns!r} jobs belong to another running manager (pid {row['pid']} "
                                      f"on {row['host']}, since {row['since']}); shut it down first, or give this manager "
                                      f"another database file or worker type")
@@ -839,9 +847,27 @@ def acquire(self:SQLiteJobStore, owner:str)->None:
             db.execute('COMMIT')
         except BaseException:
             rollback(db.conn)
+            self._unlock_lease_file()
             raise
     self._owner = owner
     _LIVE_OWNERS.add(owner)
+
+@patch
+def _lock_lease_file(self:SQLiteJobStore)->bool:
+    "Lock `<path>-lease-<namespace>` (flock; the kernel drops it when this process dies, SIGKILL included); False if held."
+    if self._lease_fd is not None: return True
+    fd = os.open(f"{self.path}-lease-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.namespace)}", os.O_RDWR | os.O_CREAT, 0o644)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    self._lease_fd = fd
+    return True
+
+@patch
+def _unlock_lease_file(self:SQLiteJobStore)->None:
+    fd, self._lease_fd = self._lease_fd, None
+    if fd is not None: os.close(fd)  # closing the only descriptor drops the lock
 
 # %% ../../nbs/stores/sqlite.ipynb #4f1c8961
 @patch
@@ -871,3 +897,4 @@ def release(self:SQLiteJobStore)->None:
     except JobStoreError as e:
         log.warning("job store %s: the lease of the %r jobs stays in the file (%s); it counts as given back: a manager "
                     "started later takes it over", self.path, self.namespace, e.reason)
+    self._unlock_lease_file()  # after the row: a manager starting meanwhile still sees a live lease
