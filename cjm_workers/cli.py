@@ -10,7 +10,8 @@ def main(argv=None)->int:
     "`cjm-workers demo [...]`: run the demo."
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
-        print("usage: cjm-workers demo [--port N] [--host H] [--workers N]\n\n"
+        from cjm_workers.demo import demo_parser  # its usage line: the options cannot drift from the demo's
+        print(demo_parser().format_usage().rstrip() + "\n\n"
               "  demo   serve a FastHTML app running real jobs in real worker processes, with live job pages\n"
               "         (cjm-workers demo --help for its options)")
         return 0

@@ -17,7 +17,7 @@ from .stores.sqlite import SQLiteJobStore
 from .testing import ReferenceJobManager
 
 # %% auto #0
-__all__ = ['DEMO_JOBS', 'DEMO_CSS', 'create_demo_app', 'main']
+__all__ = ['DEMO_JOBS', 'DEMO_CSS', 'create_demo_app', 'demo_parser', 'main']
 
 # %% ../nbs/demo.ipynb #fff70b1c
 DEMO_JOBS = (
@@ -60,22 +60,34 @@ def create_demo_app(max_workers:int=2, # worker processes
                    Div(*[StartButton(label, pid, params, prefix='/jobs', title=desc) for label, pid, params, desc in jobs]),
                    cls='demo-controls')
     routes = mount_job_routes(app, mgr, bc, prefix='/jobs', plugins=sorted({j[1] for j in jobs}), controls=controls,
-                              title='cjm_workers demo')
+                              title='cjm_workers demo', show_traceback=True)
     @app.route('/', methods=['get'])
     def demo_home(): return RedirectResponse('/jobs', status_code=303)
     app.state.manager, app.state.broadcaster, app.state.job_routes = mgr, bc, routes
     return app
 
 # %% ../nbs/demo.ipynb #1b72fcb4
-def main(argv=None)->int:
-    "Entry point of `cjm-workers demo` and `python -m cjm_workers.demo`: serve the demo with uvicorn until Ctrl-C."
+def _port(text:str)->int:
+    "argparse type: a TCP port, 0 (any free one) to 65535."
+    try: n = int(text)
+    except ValueError: n = -1
+    if not 0 <= n <= 65535: raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535, got {text!r}")
+    return n
+
+def demo_parser()->argparse.ArgumentParser:
+    "The `cjm-workers demo` command line."
     ap = argparse.ArgumentParser(prog='cjm-workers demo', description='Serve a FastHTML app running real jobs in real '
                                  'worker processes, with live job pages.')
-    ap.add_argument('--port', type=int, default=5001, help='port to listen on (0: any free port; default 5001)')
-    ap.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
-    ap.add_argument('--workers', type=int, default=2, help='worker processes (default 2)')
-    ap.add_argument('--db', default='cjm_workers_demo.db', help="SQLite file keeping the job history "
+    ap.add_argument('--port', type=_port, default=5001, metavar='N', help='port to listen on (0: any free port; default 5001)')
+    ap.add_argument('--host', default='127.0.0.1', metavar='H', help='address to listen on (default 127.0.0.1)')
+    ap.add_argument('--workers', type=int, default=2, metavar='N', help='worker processes (default 2)')
+    ap.add_argument('--db', default='cjm_workers_demo.db', metavar='PATH', help="SQLite file keeping the job history "
                     "(default cjm_workers_demo.db in the current folder; '' keeps jobs in memory only)")
+    return ap
+
+def main(argv=None)->int:
+    "Entry point of `cjm-workers demo` and `python -m cjm_workers.demo`: serve the demo with uvicorn until Ctrl-C."
+    ap = demo_parser()
     args = ap.parse_args(argv)
     if args.workers < 1: ap.error("--workers must be at least 1")
     import uvicorn

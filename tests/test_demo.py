@@ -99,6 +99,23 @@ def test_python_m_demo_and_sigterm(demo_cmd):
     assert not psutil.wait_procs(workers, timeout=10)[1]
 
 
+def cli(*args):
+    exe = shutil.which('cjm-workers')
+    cmd = [exe] if exe else [sys.executable, '-c', 'import sys; from cjm_workers.cli import main; sys.exit(main())']
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+
+
 def test_cli_help():
     out = subprocess.run([sys.executable, '-m', 'cjm_workers.demo', '--help'], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and '--port' in out.stdout and '--host' in out.stdout
+    out = cli('--help')  # the top command's usage line names every option of the demo
+    assert out.returncode == 0
+    assert out.stdout.startswith('usage: cjm-workers demo [-h] [--port N] [--host H] [--workers N] [--db PATH]'), out.stdout
+
+
+def test_a_port_out_of_range_is_an_error():
+    "uvicorn would listen on another port than the one the banner names: refused, exit code 2, nothing started."
+    for port in ('70000', '65536', '-1', 'http'):
+        out = cli('demo', '--port', port, '--db', '')
+        assert out.returncode == 2, (port, out.stdout, out.stderr)
+        assert f"argument --port: must be a port from 0 to 65535, got '{port}'" in out.stderr and 'Uvicorn' not in out.stderr

@@ -16,8 +16,8 @@ from cjm_workers.testing import ReferenceJobManager, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 
-def build(authorize=None, shared_broadcaster=True, **config):
-    "An app with two reference managers at /alpha and /beta (one worker each); both stop with the app."
+def build(authorize=None, shared_broadcaster=True, routes=None, **config):
+    "An app with two reference managers at /alpha and /beta (one worker each, `routes`: more `mount_job_routes` arguments)."
     bc_a = SSEBroadcaster(heartbeat_seconds=0)
     bc_b = bc_a if shared_broadcaster else SSEBroadcaster(heartbeat_seconds=0)
     cfg = lambda: WorkerConfig(**{'cancel_grace_seconds': 1.0, **config})
@@ -30,8 +30,8 @@ def build(authorize=None, shared_broadcaster=True, **config):
             bc_a.close(); bc_b.close()
             await beta.ashutdown(); await alpha.ashutdown()
     app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    ra = mount_job_routes(app, alpha, bc_a, prefix='/alpha', authorize=authorize)
-    rb = mount_job_routes(app, beta, bc_b, prefix='/beta', authorize=authorize)
+    ra = mount_job_routes(app, alpha, bc_a, prefix='/alpha', authorize=authorize, **(routes or {}))
+    rb = mount_job_routes(app, beta, bc_b, prefix='/beta', authorize=authorize, **(routes or {}))
     return app, alpha, beta, ra, rb
 
 
@@ -262,7 +262,7 @@ def test_the_table_comes_a_page_at_a_time_and_only_the_first_page_takes_new_rows
 
 def test_a_retried_job_shows_pending_again_with_a_fresh_output_pane():
     "Its page hears `retrying`: the badge says pending and the output pane is emptied for the next run."
-    app, alpha, *_ = build(restart_policy=RestartPolicy.ALWAYS)
+    app, alpha, *_ = build(restart_policy=RestartPolicy.ALWAYS, routes={'scheduling': ['max_retries', 'retry_backoff_seconds']})
     with TestClient(app) as cli:
         jid = start(cli, '/alpha', 'crash', mode='sigkill', after=0.2, max_retries=1, retry_backoff_seconds=0.0)
         url = page_stream_url(cli.get(f'/alpha/{jid}').text)
@@ -350,3 +350,145 @@ def test_a_big_page_is_rendered_off_the_event_loop(monkeypatch):
     assert t_big != loop_thread and t_small == loop_thread  # the big one off the loop, the small one on it
     rows = lambda html: re.findall(r'<tr [^>]*id="(job-[^"]+-row)"', html)
     assert len(rows(big)) == n and rows(big)[:10] == rows(small)  # the same rows, newest first
+
+
+SCHEDULING = {'priority': 999, 'timeout_seconds': 0, 'max_retries': 1_000_000_000, 'retry_backoff_seconds': 0}
+
+
+def test_clients_cannot_set_scheduling_options_by_default():
+    "priority, timeout_seconds, max_retries, retry_backoff_seconds are the operator's: a 400 naming the option, no job."
+    app, alpha, *_ = build()
+    with TestClient(app) as cli:
+        for name, value in SCHEDULING.items():
+            for how in ('json', 'params', 'field'):
+                if how == 'json': r = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'x', name: value}})
+                elif how == 'params': r = cli.post('/alpha/start', data={'plugin_id': 'echo', 'params': json.dumps({name: value})})
+                else: r = cli.post('/alpha/start', data={'plugin_id': 'echo', name: str(value)})
+                assert r.status_code == 400, (name, how, r.status_code, r.text)
+                assert r.text == (f"{name} is a scheduling option that clients may not set here (the app allows it with "
+                                  f"mount_job_routes(..., scheduling={{'{name}': (lowest, highest)}}))"), r.text
+                assert 'start_job keeps' not in r.text
+        assert alpha.get_all_jobs() == []
+
+
+def test_scheduling_options_the_mount_allows_within_its_bounds():
+    bounds = {'priority': (0, 10), 'timeout_seconds': (1, 600), 'max_retries': (0, 3), 'retry_backoff_seconds': (0.5, 60)}
+    app, alpha, *_ = build(routes={'scheduling': bounds})
+    js = {'accept': 'application/json'}
+    with TestClient(app) as cli:
+        r = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'x', 'priority': 10, 'timeout_seconds': 30,
+                                                                           'max_retries': 2, 'retry_backoff_seconds': 0.5}}, headers=js)
+        assert r.status_code == 201, r.text
+        job = alpha.get_job(r.json()['id'])
+        assert (job.priority, job.timeout_seconds, job.max_retries, job.retry_backoff_seconds) == (10, 30, 2, 0.5)
+        # a plain form's strings are numbers here; a null timeout is the manager's default
+        r = cli.post('/alpha/start', data={'plugin_id': 'echo', 'text': 'y', 'priority': '4', 'max_retries': '1'}, headers=js)
+        assert (r.status_code, r.json()['priority'], r.json()['max_retries']) == (201, 4, 1)
+        r = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'z', 'timeout_seconds': None}}, headers=js)
+        assert (r.status_code, r.json()['timeout_seconds']) == (201, None)
+        n = len(alpha.get_all_jobs())
+        for name, value in SCHEDULING.items():  # the abuses of the finding, each out of bounds
+            r = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'x', name: value}})
+            lo, hi = bounds[name]
+            assert r.status_code == 400 and f"{name} must be " in r.text and f"from {lo} to {hi}" in r.text, r.text
+        for bad in ({'priority': 'high'}, {'priority': 2.5}, {'priority': True}, {'max_retries': -1}):
+            r = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'x', **bad}})
+            assert r.status_code == 400 and 'must be an integer from' in r.text, (bad, r.text)
+        assert len(alpha.get_all_jobs()) == n
+    # names alone: any value start_job takes (its own checks, in the route's words)
+    app, alpha, *_ = build(routes={'scheduling': ['priority']})
+    with TestClient(app) as cli:
+        r = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'x', 'priority': -5}}, headers=js)
+        assert r.status_code == 201 and r.json()['priority'] == -5
+        assert cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'timeout_seconds': 0}}).status_code == 400
+    app = FastHTML(default_hdrs=False, secret_key='tests')
+    for bad in (['speed'], {'priority': (5, 1)}, {'max_retries': 3}):
+        with pytest.raises(ValueError, match='scheduling'):
+            mount_job_routes(app, ReferenceJobManager(worker_type='x'), SSEBroadcaster(), prefix='/x', scheduling=bad)
+
+
+def test_a_too_big_body_is_a_413_before_it_is_read():
+    """Over real uvicorn and httpx: a 30 MB start body is refused with 413 without being read or parsed, with or
+    without a Content-Length; a body within the limit works; the limit is the mount's to set; other routes too."""
+    app, alpha, beta, ra, rb = build(routes={'max_body_bytes': 4096})
+    with TestClient(app) as cli:
+        assert cli.post('/alpha/start', data={'plugin_id': 'echo', 'text': 'x' * 4000}, follow_redirects=False).status_code == 303
+        r = cli.post('/alpha/start', data={'plugin_id': 'echo', 'text': 'x' * 5000})
+        assert (r.status_code, r.text) == (413, 'the request body is larger than 4,096 bytes')
+        jid = alpha.get_all_jobs()[0].id
+        assert cli.post(f'/alpha/{jid}/cancel', content=b'x' * 5000).status_code == 413
+        assert cli.request('GET', '/alpha', content=b'x' * 5000).status_code == 413
+    app, alpha, beta, ra, rb = build()  # the default: 1 MiB
+    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=free_port(), log_level='warning'))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        while not server.started:
+            assert t.is_alive(), "uvicorn did not start"
+            threading.Event().wait(0.01)
+        base = f'http://127.0.0.1:{server.config.port}'
+        body = json.dumps({'plugin_id': 'echo', 'params': {'text': 'x' * 30_000_000}}).encode()
+        with httpx.Client(base_url=base, timeout=30) as c:
+            r = c.post('/alpha/start', content=body, headers={'content-type': 'application/json', 'accept': 'application/json'})
+            assert (r.status_code, r.text) == (413, 'the request body is larger than 1,048,576 bytes')
+            def chunks():  # no Content-Length: chunked
+                for i in range(300): yield b'x' * 100_000
+            r = c.post('/alpha/start', content=chunks(), headers={'content-type': 'application/json'})
+            assert r.status_code == 413, r.text
+            r = c.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'y' * 900_000}}, headers={'accept': 'application/json'})
+            assert r.status_code == 201
+        assert [j.id for j in alpha.get_all_jobs()] == [r.json()['id']]
+    finally:
+        server.should_exit = True
+        ra.broadcaster.close()
+        t.join(30)
+
+
+def test_tracebacks_are_shown_to_clients_only_when_the_mount_says_so():
+    for show in (False, True):
+        app, alpha, beta, ra, rb = build(routes={'show_traceback': show})
+        with TestClient(app) as cli:
+            after = cli.portal.call(ra.snapshot)
+            jid = start(cli, '/alpha', 'crash', mode='no-such-mode')  # the plugin raises ValueError
+            job = cli.portal.call(alpha.wait_for_job, jid, 30)
+            assert job.status == 'failed' and 'ValueError' in job.traceback  # the manager keeps it either way
+            js = {'accept': 'application/json'}
+            for data in (cli.get(f'/alpha/{jid}', headers=js).json(), cli.get('/alpha', headers=js).json()[0]):
+                assert ('traceback' in data) is show and data['error'].startswith('ValueError')
+                if show: assert data['traceback'] == job.traceback
+            page = cli.get(f'/alpha/{jid}').text
+            assert ('class="job-traceback"' in page) is show and "unknown crash mode" in page
+            with cli.stream('GET', f'/alpha/{jid}/stream?after={after}') as resp:  # the live page's end, replayed
+                msgs = sse_messages(resp.iter_lines(), until=lambda d: 'job-error' in d)
+            assert ('class="job-traceback"' in msgs[-1]) is show and 'job-error' in msgs[-1]
+
+
+def test_a_foreign_last_event_id_is_a_reset_while_a_bad_after_is_a_400():
+    """`after` comes from the page this server rendered: garbage there is a client bug (400). `Last-Event-ID` is what
+    the browser got from whichever server answered before: garbage there means another server, so the stream starts
+    with a `reset` (the page reloads) instead of failing, which would leave the page stale."""
+    app, alpha, *_ = build()
+    with TestClient(app) as cli:
+        jid = start(cli, '/alpha', 'slow', seconds=60)
+        assert cli.get('/alpha/stream?after=abc').status_code == 400
+        assert cli.get(f'/alpha/{jid}/stream?after=abc').status_code == 400
+        for url in ('/alpha/stream', f'/alpha/{jid}/stream', '/alpha/stream?after=abc'):
+            with cli.stream('GET', url, headers={'Last-Event-ID': 'xyz'}) as resp:
+                assert resp.status_code == 200, url
+                lines = []
+                for line in resp.iter_lines():
+                    lines.append(line)
+                    if line == '' and any(l.startswith('data: ') for l in lines): break
+            assert 'event: reset' in lines, (url, lines)
+        cli.post(f'/alpha/{jid}/cancel')
+
+
+def test_assets_path_serves_the_scripts_where_the_pages_load_them():
+    "For a proxy that forwards one path only: the scripts under the app's own prefix."
+    app = FastHTML(default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, ReferenceJobManager(worker_type='p'), SSEBroadcaster(), prefix='/app/jobs', assets_path='/app/_assets')
+    srcs = [str(h.attrs.get('src')) for h in app.hdrs if getattr(h, 'attrs', {}).get('src')]
+    assert srcs == ['/app/_assets/htmx-2.0.7.min.js', '/app/_assets/htmx-ext-sse-2.2.4.min.js']
+    with TestClient(app) as cli:
+        assert all(cli.get(s).status_code == 200 for s in srcs)
+        assert cli.get('/_cjm_workers/htmx-2.0.7.min.js').status_code == 404

@@ -7,18 +7,18 @@ from __future__ import annotations
 import json, re
 from urllib.parse import urlencode
 import cjm_workers
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from fasthtml.common import (A, Button, Dd, Div, Dl, Dt, Form, Input, Link, Pre, Progress, Script, Small, Span, Style, Table,
-                             Tbody, Td, Th, Thead, Tr, to_xml)
+from fasthtml.common import (A, Button, Dd, Details, Div, Dl, Dt, Form, Input, Link, Pre, Progress, Script, Small, Span, Style,
+                             Summary, Table, Tbody, Td, Th, Thead, Time, Tr, to_xml)
 from .sse import RESET
 
 # %% auto #0
 __all__ = ['SSE_EVENT', 'STATIC_DIR', 'ASSETS_PATH', 'HTMX_JS', 'SSE_JS', 'JOB_CSS', 'dom_id', 'ns_id', 'StatusBadge',
            'ProgressBar', 'CancelButton', 'JobActions', 'OutputPane', 'WorkerPid', 'JobOutcome', 'StartButton',
-           'JobRow', 'JobTable', 'JobPager', 'JobDetail', 'LiveUpdates', 'render_event', 'job_hdrs']
+           'JobTime', 'JobRow', 'JobTable', 'JobPager', 'JobDetail', 'LiveUpdates', 'render_event', 'job_hdrs']
 
 # %% ../../nbs/fasthtml/components.ipynb #5e0dc23f
 _SAFE = re.compile(r'[A-Za-z0-9_-]+')
@@ -95,10 +95,14 @@ def _result_text(result:Any)->str:
     try: return json.dumps(result, indent=2, default=str)
     except (TypeError, ValueError): return repr(result)
 
-def JobOutcome(job:BaseJob)->Div:
+def JobOutcome(job:BaseJob, # the job
+               traceback:bool=False # also show the worker's traceback of a failed job (collapsed)
+              )->Div:
     "What the job ended with: its result, or its error and reason (empty while it runs)."
     if job.status == 'completed': body = Pre(_result_text(job.result), cls='job-result')
-    elif job.status == 'failed': body = Pre(job.error or job.reason or 'failed', cls='job-error')
+    elif job.status == 'failed':
+        body = (Pre(job.error or job.reason or 'failed', cls='job-error'),)
+        if traceback and job.traceback: body += (Details(Summary('Traceback'), Pre(job.traceback, cls='job-traceback')),)
     elif job.status == 'cancelled': body = Span(job.reason or 'cancelled', cls='job-reason')
     else: body = ()
     return Div(body, cls='job-outcome', id=dom_id(job.id, 'outcome'))
@@ -122,15 +126,23 @@ def StartButton(label:str, # the button's text
 # %% ../../nbs/fasthtml/components.ipynb #03749bf6
 def _label(job:BaseJob)->str: return f"{job.plugin_name or job.plugin_id} · {str(job.id)[:8]}"
 
-def _time(iso:Optional[str])->str:
+def JobTime(iso:Optional[str], # a job timestamp such as `created_at` (ISO 8601; without a zone: UTC)
+            full:bool=False, # always show the date
+            now:Optional[datetime]=None # the current time (default: now), which decides what "today" is
+           )->Any:
+    "A job's timestamp in UTC as a `<time>`: 'HH:MM:SS' if it is today, else 'YYYY-MM-DD HH:MM:SS' ('' if none)."
     if not iso: return ''
-    try: return datetime.fromisoformat(iso).astimezone().strftime('%H:%M:%S')
-    except ValueError: return iso
+    try: d = datetime.fromisoformat(iso)
+    except (TypeError, ValueError): return str(iso)
+    d = (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+    today = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).date()
+    text = d.strftime('%H:%M:%S' if not full and d.date() == today else '%Y-%m-%d %H:%M:%S')
+    return Time(text, datetime=d.isoformat(timespec='seconds'), title=d.strftime('%Y-%m-%d %H:%M:%S UTC'))
 
 def JobRow(job:BaseJob, prefix:str='/jobs')->Tr:
     "One job as a table row."
     return Tr(Td(A(_label(job), href=f"{prefix}/{job.id}", cls='job-link')), Td(StatusBadge(job)), Td(ProgressBar(job)),
-              Td(_time(job.created_at), cls='job-created'), Td(JobActions(job, prefix)),
+              Td(JobTime(job.created_at), cls='job-created'), Td(JobActions(job, prefix)),
               id=dom_id(job.id, 'row'), cls='job-row', data_job_id=job.id)
 
 def JobTable(jobs:Iterable[BaseJob], # the jobs to list (shown newest first)
@@ -138,7 +150,7 @@ def JobTable(jobs:Iterable[BaseJob], # the jobs to list (shown newest first)
             )->Table:
     "Table of jobs, newest first; its body (id `ns_id(prefix, 'body')`) receives new rows live."
     rows = sorted(jobs, key=lambda j: j.created_at or '', reverse=True)
-    return Table(Thead(Tr(Th('Job'), Th('Status'), Th('Progress'), Th('Created'), Th(''))),
+    return Table(Thead(Tr(Th('Job'), Th('Status'), Th('Progress'), Th('Created (UTC)'), Th(''))),
                  Tbody(*[JobRow(j, prefix) for j in rows], id=ns_id(prefix, 'body')), cls='job-table')
 
 # %% ../../nbs/fasthtml/components.ipynb #2daa6913
@@ -161,12 +173,15 @@ def JobPager(prefix:str, # where the job routes are mounted
     return Div(*parts, cls='job-pager', id=ns_id(prefix, 'pager'))
 
 # %% ../../nbs/fasthtml/components.ipynb #36b2a2b9
-def JobDetail(job:BaseJob, prefix:str='/jobs')->Div:
+def JobDetail(job:BaseJob, # the job
+              prefix:str='/jobs', # where its routes are mounted
+              traceback:bool=False # show the worker's traceback if it failed
+             )->Div:
     "Everything about one job; each changing part has its `dom_id`."
     return Div(Dl(Dt('Status'), Dd(StatusBadge(job)), Dt('Plugin'), Dd(job.plugin_name or job.plugin_id),
                   Dt('Job'), Dd(str(job.id), cls='job-id'), Dt('Worker pid'), Dd(WorkerPid(job)),
-                  Dt('Created'), Dd(_time(job.created_at))),
-               ProgressBar(job), JobActions(job, prefix), OutputPane(job), JobOutcome(job),
+                  Dt('Created (UTC)'), Dd(JobTime(job.created_at, full=True))),
+               ProgressBar(job), JobActions(job, prefix), OutputPane(job), JobOutcome(job, traceback),
                cls='job-detail', id=dom_id(job.id))
 
 # %% ../../nbs/fasthtml/components.ipynb #914366d6
@@ -192,7 +207,8 @@ def _oob(ft, how:str='true'):
 def render_event(event, # an event with `type` ("<worker_type>:<name>") and `data` (with `job_id`)
                  job:Optional[BaseJob], # the job the event is about, as it is now (None: unknown, nothing is rendered)
                  prefix:str='/jobs', # where the job routes are mounted (for links and the cancel button)
-                 view:str='list' # 'list' (job table) or 'detail' (one job's page)
+                 view:str='list', # 'list' (job table) or 'detail' (one job's page)
+                 traceback:bool=False # the detail view's outcome shows the worker's traceback of a failed job
                 )->Optional[tuple]: # out-of-band fragments, or None
     "Out-of-band swap fragments that bring a page up to date with one manager event."
     if view not in ('list', 'detail'): raise ValueError(f"render_event: view must be 'list' or 'detail', got {view!r}")
@@ -212,7 +228,7 @@ def render_event(event, # an event with `type` ("<worker_type>:<name>") and `dat
         if name in ('started', 'retrying'): parts.append(_oob(WorkerPid(job)))
         if name == 'retrying': parts.append(_oob(OutputPane(job, '')))  # empty, as the next run starts (even if it has)
         if name in _TERMINAL_EVENTS:
-            parts += [_oob(WorkerPid(job)), _oob(OutputPane(job)), _oob(JobOutcome(job)),
+            parts += [_oob(WorkerPid(job)), _oob(OutputPane(job)), _oob(JobOutcome(job, traceback)),
                       _oob(Div(id=dom_id(job.id, 'live'), hidden=True))]
     return tuple(parts)
 
@@ -227,7 +243,7 @@ JOB_CSS = """
 .badge-cancelled{background:#eee;color:#666}
 .job-progress{display:flex;gap:.5em;align-items:center}.job-progress progress{width:12em}
 .job-output{white-space:pre-wrap;min-height:3em;background:#f6f6f6;padding:.5em;max-height:30em;overflow:auto}
-.job-error{color:#900;white-space:pre-wrap}.job-table td,.job-table th{padding:.25em .75em;text-align:left}
+.job-error{color:#900;white-space:pre-wrap}.job-traceback{font-size:.85em;white-space:pre-wrap}.job-table td,.job-table th{padding:.25em .75em;text-align:left}
 .job-cancel-form,.job-start-form{display:inline;margin:0 .25em 0 0}
 .job-detail dl{display:grid;grid-template-columns:max-content auto;gap:.25em 1em}.job-detail dd{margin:0}
 """

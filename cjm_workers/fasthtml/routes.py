@@ -4,7 +4,7 @@
 
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
-import asyncio, inspect, json, logging
+import asyncio, inspect, json, logging, math
 from dataclasses import asdict, is_dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -19,7 +19,8 @@ from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, Jo
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'mount_job_assets', 'JobRoutes', 'mount_job_routes']
+__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'mount_job_assets', 'BodyTooLarge',
+           'limit_body', 'JobRoutes', 'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
 _ASSETS = {HTMX_JS: 'text/javascript', SSE_JS: 'text/javascript'}
@@ -43,9 +44,59 @@ def _add_hdrs(app, assets_path:str=ASSETS_PATH):
     if any('sse' in s and 'htmx' in s for s in srcs): return
     app.hdrs = list(app.hdrs) + list(job_hdrs(htmx=not any('htmx' in s for s in srcs), assets_path=assets_path))
 
+# %% ../../nbs/fasthtml/routes.ipynb #bb461fb6
+SCHEDULING_OPTIONS = ('priority', 'timeout_seconds', 'max_retries', 'retry_backoff_seconds')  # start_job's own keywords
+_INT_OPTIONS = ('priority', 'max_retries')
+_LOWEST = {'priority': None, 'timeout_seconds': 0, 'max_retries': 0, 'retry_backoff_seconds': 0}  # start_job's own limits
+
+def _is_num(v, integer:bool=False)->bool:
+    if isinstance(v, bool): return False
+    return isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
+
+def _scheduling_bounds(scheduling # option names, or {name: (lo, hi) or None}; None: none
+                      )->dict: # {name: (lo, hi)}, a side None when open
+    "The scheduling options clients may set, and their bounds (ValueError for a bad `scheduling`)."
+    if scheduling is None: return {}
+    if isinstance(scheduling, str): scheduling = [scheduling]
+    items = scheduling.items() if isinstance(scheduling, dict) else [(name, None) for name in scheduling]
+    out = {}
+    for name, b in items:
+        if name not in SCHEDULING_OPTIONS:
+            raise ValueError(f"scheduling: {name!r} is not a scheduling option of start_job ({', '.join(SCHEDULING_OPTIONS)})")
+        integer, pair = name in _INT_OPTIONS, isinstance(b, (tuple, list)) and len(b) == 2
+        lo, hi = b if pair else (None, None)
+        if (b is not None and not pair) or any(x is not None and not _is_num(x, integer) for x in (lo, hi)) \
+           or (lo is not None and hi is not None and lo > hi):
+            raise ValueError(f"scheduling[{name!r}] must be None or (lowest, highest) with {'int' if integer else 'number'} "
+                             f"or None sides, lowest <= highest; got {b!r}")
+        floor = _LOWEST[name]
+        if floor is not None: lo = floor if lo is None else max(lo, floor)
+        out[name] = (lo, hi)
+    return out
+
+def _scheduling_value(name:str, # a scheduling option
+                      v:Any, # what the client sent (a string from a plain form field)
+                      bounds:tuple # (lo, hi) it must lie in
+                     )->Any:
+    "A client's value for a scheduling option the mount allows, checked (ValueError with the reason)."
+    integer, (lo, hi) = name in _INT_OPTIONS, bounds
+    if isinstance(v, str):  # a plain form field
+        if name == 'timeout_seconds' and v.strip() in ('', 'null'): return None
+        try: v = int(v) if integer else float(v)
+        except ValueError: pass
+    if v is None and name == 'timeout_seconds': return None  # the manager's default
+    if not _is_num(v, integer) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        what = ('an integer' if integer else 'a number of seconds' if name.endswith('seconds') else 'a number')
+        rng = (f" from {lo} to {hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None
+               else f" <= {hi}" if hi is not None else '')
+        extra = ' (or null: the default)' if name == 'timeout_seconds' else ''
+        raise ValueError(f"{name} must be {what}{rng}{extra}, got {v!r}")
+    return v
+
 # %% ../../nbs/fasthtml/routes.ipynb #cbc98b40
 def _start_args(fields:dict, # the form fields (or JSON body)
-                plugins:Optional[Iterable[str]]=None # plugin ids that may be started (None: any)
+                plugins:Optional[Iterable[str]]=None, # plugin ids that may be started (None: any)
+                scheduling:Optional[dict]=None # {option: (lo, hi)} clients may set (`_scheduling_bounds`); None: none
                )->tuple: # (plugin_id, kwargs)
     "Plugin id and keyword arguments for `start_job` from submitted fields."
     fields = dict(fields)
@@ -61,7 +112,47 @@ def _start_args(fields:dict, # the form fields (or JSON body)
             except json.JSONDecodeError as e: raise ValueError(f"params must be a JSON object: {e}") from None
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"params must be a JSON object, got {type(params).__name__}")
-    return plugin_id, {**fields, **(params or {})}
+    kwargs, scheduling = {**fields, **(params or {})}, scheduling or {}
+    for name in SCHEDULING_OPTIONS:
+        if name not in kwargs: continue
+        if name not in scheduling:
+            raise ValueError(f"{name} is a scheduling option that clients may not set here (the app allows it with "
+                             f"mount_job_routes(..., scheduling={{'{name}': (lowest, highest)}}))")
+        kwargs[name] = _scheduling_value(name, kwargs[name], scheduling[name])
+    return plugin_id, kwargs
+
+# %% ../../nbs/fasthtml/routes.ipynb #b62bc2e2
+MAX_BODY_BYTES = 1 << 20  # default limit on a request body for the job routes (1 MiB)
+
+class BodyTooLarge(Exception):
+    "A request body bigger than its route accepts (answered with a 413)."
+
+def limit_body(app, # an ASGI app, e.g. a Starlette route's `app`
+               limit:int=MAX_BODY_BYTES # the most body bytes a request may send
+              ):
+    "Wrap `app` so that a request body over `limit` bytes is answered with 413 before it is read (or read further)."
+    def too_large(): return PlainTextResponse(f"the request body is larger than {limit:,} bytes", status_code=413)
+    async def limited(scope, receive, send):
+        if scope.get('type') != 'http': return await app(scope, receive, send)
+        declared = dict(scope.get('headers') or []).get(b'content-length', b'').strip()
+        if declared.isdigit() and int(declared) > limit: return await too_large()(scope, receive, send)
+        size, started = 0, False
+        async def counted():
+            nonlocal size
+            msg = await receive()
+            if msg.get('type') == 'http.request':
+                size += len(msg.get('body', b''))
+                if size > limit: raise BodyTooLarge()
+            return msg
+        async def tracked(msg):
+            nonlocal started
+            started = started or msg.get('type') == 'http.response.start'
+            await send(msg)
+        try: await app(scope, counted, tracked)
+        except BodyTooLarge:
+            if started: raise
+            await too_large()(scope, receive, send)
+    return limited
 
 # %% ../../nbs/fasthtml/routes.ipynb #51e2d58c
 def _default_page(title:str, *content): return Title(title), Main(H1(title), *content, cls='container')
@@ -86,8 +177,10 @@ def _wants_json(request)->bool:
     accept = request.headers.get('accept', '')
     return 'json' in accept and _accept_q(accept, 'application/json') > _accept_q(accept, 'text/html')
 
-def _job_json(job)->dict:
+def _job_json(job, traceback:bool=False)->dict:
+    "The job as JSON-safe data; without the worker's `traceback` unless asked."
     d = asdict(job) if is_dataclass(job) else dict(vars(job))
+    if not traceback: d.pop('traceback', None)
     return json.loads(json.dumps(d, default=str))
 
 MAX_PAGE_SIZE = 1000  # the most jobs one page of the list (HTML or JSON) holds
@@ -104,9 +197,16 @@ class JobRoutes:
                  title:Optional[str]=None, # list page title (default: "<worker_type> jobs")
                  flush_timeout:float=2.0, # how long a page waits for queued events to reach the broadcaster
                  page_size:int=50, # jobs per page of the job table
+                 scheduling:Any=None, # scheduling options clients may set: names, or {name: (lowest, highest)}; None: none
+                 max_body_bytes:int=MAX_BODY_BYTES, # largest request body the routes accept (bigger: 413, unread)
+                 show_traceback:bool=False, # show clients the worker's traceback of a failed job (JSON and pages)
                 ):
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be an int from 1 to {MAX_PAGE_SIZE}, got {page_size!r}")
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+        self.scheduling, self.max_body_bytes = _scheduling_bounds(scheduling), max_body_bytes
+        self.show_traceback = bool(show_traceback)
         if not isinstance(prefix, str) or not prefix.startswith('/') or prefix.endswith('/'):
             raise ValueError(f"prefix must start with '/' and not end with '/', got {prefix!r}")
         self.manager, self.broadcaster, self.prefix, self.authorize = manager, broadcaster, prefix, authorize
@@ -128,7 +228,7 @@ class JobRoutes:
         skip = None if new_rows else f"{self._type_prefix}pending"
         def render(ev):
             if not ev.type.startswith(self._type_prefix) or ev.type == skip: return None
-            parts = render_event(ev, self.manager.get_job(ev.data.get('job_id')), self.prefix, view)
+            parts = render_event(ev, self.manager.get_job(ev.data.get('job_id')), self.prefix, view, self.show_traceback)
             return None if parts is None else to_xml(*parts, indent=False)
         render.__qualname__ = f"JobRoutes.render_{view if new_rows else 'rows'}[{self.prefix}]"
         return render
@@ -171,7 +271,7 @@ async def live_table(self:JobRoutes,
 async def live_detail(self:JobRoutes, job)->tuple:
     "One job's detail and, unless it has ended, its sink."
     after = await self.snapshot()
-    parts = (JobDetail(job, self.prefix),)
+    parts = (JobDetail(job, self.prefix, self.show_traceback),)
     if not job.is_terminal: parts += (LiveUpdates(f"{self.url(job.id, 'stream')}?after={after}", dom_id(job.id, 'live')),)
     return parts
 
@@ -241,7 +341,7 @@ async def list_page(self:JobRoutes, request):
     if _wants_json(request):
         jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True)
         total = await self.manager.acount_jobs(status)
-        return JSONResponse([_job_json(j) for j in jobs], headers={'X-Total-Count': str(total)})
+        return JSONResponse([_job_json(j, self.show_traceback) for j in jobs], headers={'X-Total-Count': str(total)})
     c = self.controls
     controls = c(request) if callable(c) and not isinstance(c, FT) else c  # an FT is callable too (it adds children)
     return self.page(self.title, *([controls] if controls is not None else []), *await self.live_table(status, limit, offset))
@@ -251,7 +351,7 @@ async def detail_page(self:JobRoutes, request, job_id:str):
     "GET {prefix}/{job_id}: the job's live page (JSON with Accept: application/json)."
     job, err = await self._job_or_error(request, job_id)
     if err is not None: return err
-    if _wants_json(request): return JSONResponse(_job_json(job))
+    if _wants_json(request): return JSONResponse(_job_json(job, self.show_traceback))
     return self.page(f"{job.plugin_name or job.plugin_id} job", A('← all jobs', href=self.prefix, cls='job-back'),
                      *await self.live_detail(job))
 
@@ -260,18 +360,18 @@ async def start(self:JobRoutes, request):
     "POST {prefix}/start: start a job from the submitted fields."
     if request.method != 'POST': return PlainTextResponse('use POST', status_code=405, headers={'Allow': 'POST'})
     if not await self.allowed(request, None): return _FORBIDDEN()
-    try:
+    try:  # the body is at most `max_body_bytes` (`limit_body`), and FastHTML has read it already
         if 'application/json' in request.headers.get('content-type', ''):
             fields = await request.json()
             if not isinstance(fields, dict): raise ValueError("the JSON body must be an object")
         else: fields = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
-        plugin_id, kwargs = _start_args(fields, self.plugins)
+        plugin_id, kwargs = _start_args(fields, self.plugins, self.scheduling)
     except ValueError as e: return PlainTextResponse(str(e), status_code=400)
     try: job = await self.manager.start_job(plugin_id, **kwargs)
-    except (TypeError, ValueError) as e: return PlainTextResponse(f"cannot create the job: {e}", status_code=400)  # e.g. a bad priority
+    except (TypeError, ValueError) as e: return PlainTextResponse(f"cannot create the job: {e}", status_code=400)  # e.g. an unexpected argument
     except RuntimeError as e: return PlainTextResponse(str(e), status_code=503)
     if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})
-    if _wants_json(request): return JSONResponse(_job_json(job), status_code=201, headers={'Location': self.url(job.id)})
+    if _wants_json(request): return JSONResponse(_job_json(job, self.show_traceback), status_code=201, headers={'Location': self.url(job.id)})
     return RedirectResponse(self.url(job.id), status_code=303)
 
 @patch
@@ -286,7 +386,7 @@ async def cancel(self:JobRoutes, request, job_id:str):
         # the parts both views have (the detail's outcome arrives with the `cancelled` event)
         html = to_xml(_oob(StatusBadge(job)), _oob(ProgressBar(job)), _oob(JobActions(job, self.prefix)), indent=False)
         return Response(html, media_type='text/html')
-    if _wants_json(request): return JSONResponse(_job_json(job))
+    if _wants_json(request): return JSONResponse(_job_json(job, self.show_traceback))
     return RedirectResponse(self.url(job_id), status_code=303)
 
 def _oob(ft):
@@ -322,17 +422,25 @@ def mount_job_routes(app, # the FastHTML app
                      title:Optional[str]=None, # list page title
                      hdrs:bool=True, # add the htmx SSE extension (and htmx if missing) to `app.hdrs`, and serve them
                      page_size:int=50, # jobs per page of the job table
+                     scheduling:Any=None, # start_job options clients may set: names, or {name: (lowest, highest)}; None: none
+                     max_body_bytes:int=MAX_BODY_BYTES, # largest request body the routes accept (bigger: 413, unread)
+                     show_traceback:bool=False, # show clients the worker's traceback of a failed job (JSON and pages)
+                     assets_path:str=ASSETS_PATH, # URL folder the scripts are served from (with `hdrs`)
                     )->JobRoutes:
     "Add list, detail, start, cancel and stream routes for `manager` under `prefix`."
-    r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title, page_size=page_size)
+    r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title, page_size=page_size,
+                  scheduling=scheduling, max_body_bytes=max_body_bytes, show_traceback=show_traceback)
     if getattr(manager, 'event_broadcaster', None) is None: manager.event_broadcaster = broadcaster
     if hdrs:
-        mount_job_assets(app)
-        _add_hdrs(app)
+        mount_job_assets(app, assets_path)
+        _add_hdrs(app, assets_path)
     slug = ns_id(prefix, 'r')
     def add(path, fn, methods, name):
         fn.__name__ = fn.__qualname__ = f"{slug}_{name}".replace('-', '_')
+        before = set(map(id, app.router.routes))
         app.route(path, methods=methods)(fn)
+        for route in app.router.routes:  # the body bound goes around FastHTML's handler, which reads the whole body
+            if id(route) not in before and hasattr(route, 'app'): route.app = limit_body(route.app, r.max_body_bytes)
     async def start(request): return await r.start(request)
     async def stream_all(request): return await r.stream_all(request)
     async def list_page(request): return await r.list_page(request)
