@@ -280,6 +280,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def serve_in_thread(app):
+    "Run uvicorn for `app` on a free port of 127.0.0.1 in a thread: (server, thread, base URL), once it serves."
+    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=free_port(), log_level='warning'))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    while not server.started:
+        assert t.is_alive(), "uvicorn did not start"
+        threading.Event().wait(0.01)
+    return server, t, f'http://127.0.0.1:{server.config.port}'
+
+
 def test_over_real_http_and_close_ends_streams():
     """Real uvicorn on 127.0.0.1, real httpx: a job's live stream follows the job and ends after its last event;
     the table's stream stays open, and `broadcaster.close()` ends it.
@@ -287,14 +298,8 @@ def test_over_real_http_and_close_ends_streams():
     streams by itself (tests/test_demo.py), but a server run in a thread has no signal handlers, so whoever stops it
     closes the broadcaster first.)"""
     app, alpha, beta, ra, rb = build()
-    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=free_port(), log_level='warning'))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
+    server, t, base = serve_in_thread(app)
     try:
-        while not server.started:
-            assert t.is_alive(), "uvicorn did not start"
-            threading.Event().wait(0.01)
-        base = f'http://127.0.0.1:{server.config.port}'
         with httpx.Client(base_url=base, timeout=30, follow_redirects=True) as c:
             r = c.post('/alpha/start', data={'plugin_id': 'transcribe', 'params': json.dumps({'steps': 4, 'delay': 0.05})})
             assert r.status_code == 200 and 'transcribe job' in r.text  # followed the 303 to the job's page
@@ -419,14 +424,8 @@ def test_a_too_big_body_is_a_413_before_it_is_read():
         assert cli.post(f'/alpha/{jid}/cancel', content=b'x' * 5000).status_code == 413
         assert cli.request('GET', '/alpha', content=b'x' * 5000).status_code == 413
     app, alpha, beta, ra, rb = build()  # the default: 1 MiB
-    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=free_port(), log_level='warning'))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
+    server, t, base = serve_in_thread(app)
     try:
-        while not server.started:
-            assert t.is_alive(), "uvicorn did not start"
-            threading.Event().wait(0.01)
-        base = f'http://127.0.0.1:{server.config.port}'
         body = json.dumps({'plugin_id': 'echo', 'params': {'text': 'x' * 30_000_000}}).encode()
         with httpx.Client(base_url=base, timeout=30) as c:
             r = c.post('/alpha/start', content=body, headers={'content-type': 'application/json', 'accept': 'application/json'})

@@ -89,7 +89,6 @@ class _Slot:
         self.jobs_since_spawn = 0
         self.quick = False  # its last job ran shorter than `prefetch_max_job_seconds` (jobs may be sent ahead)
         self.run_t0: Optional[float] = None  # monotonic time its running job's `started` was handled
-        self.cap = 1  # jobs it may hold, as `_dispatch` last decided
         self.recycle: Optional[str] = None  # why the worker is to be recycled once its jobs are done
         self.stop_deadline: Optional[float] = None  # a recycled worker that has not exited by then is killed
         self.gen = 0  # counts the worker processes this slot has started (tells stale loop readers apart)
@@ -782,15 +781,14 @@ def _dispatch(self:BaseJobManager)->list:
     q = self.worker_config.prefetch_max_job_seconds
     if cap > 1 and q is not None:  # jobs go ahead only to a worker whose jobs are quick
         now = time.monotonic()
-        for s in avail: s.cap = cap if s.quick and (s.run_t0 is None or now - s.run_t0 < q) else 1
-    else:
-        for s in avail: s.cap = cap
+        caps = {s: cap if s.quick and (s.run_t0 is None or now - s.run_t0 < q) else 1 for s in avail}
+    else: caps = dict.fromkeys(avail, cap)
     pending, jobs = self._pending, self.jobs
     maxj = self.worker_config.max_jobs_per_worker  # a worker gets no more jobs than it may run before it is recycled
     limit = self.worker_config.max_loaded_plugins
     while pending and avail:
-        if maxj: free = [s for s in avail if len(s.inflight) < s.cap and s.jobs_since_spawn + len(s.inflight) < maxj]
-        else: free = [s for s in avail if len(s.inflight) < s.cap]
+        if maxj: free = [s for s in avail if len(s.inflight) < caps[s] and s.jobs_since_spawn + len(s.inflight) < maxj]
+        else: free = [s for s in avail if len(s.inflight) < caps[s]]
         if not free: break
         jid = pending.popleft()
         job = jobs.get(jid)

@@ -189,13 +189,9 @@ class _Codec:
 
 # %% ../../nbs/stores/sqlite.ipynb #1c78e4bf
 def _resolve(type_name:str):
-    "The class named `module:qualname`, or None."
-    mod, _, qual = (type_name or '').partition(':')
-    try:
-        obj = importlib.import_module(mod)
-        for part in qual.split('.'): obj = getattr(obj, part)
-        return obj if isinstance(obj, type) and is_dataclass(obj) else None
-    except Exception: return None
+    "The dataclass named `module:qualname`, or None."
+    obj = _import(type_name)
+    return obj if isinstance(obj, type) and is_dataclass(obj) else None
 
 # %% ../../nbs/stores/sqlite.ipynb #ffdddc07
 _OWNERS = '_cjm_owners'
