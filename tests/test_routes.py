@@ -155,13 +155,34 @@ def test_authorize_guards_every_route():
         job = cli.portal.call(lambda: alpha.start_job('slow', seconds=60))  # started behind the routes' back
         for method, url in (('GET', '/alpha'), ('POST', '/alpha/start'), ('GET', '/alpha/stream'),
                             ('GET', f'/alpha/{job.id}'), ('POST', f'/alpha/{job.id}/cancel'), ('GET', f'/alpha/{job.id}/stream'),
-                            ('GET', '/alpha/unknown'), ('POST', '/alpha/unknown/cancel'), ('GET', '/beta')):
+                            ('GET', '/alpha/unknown'), ('POST', '/alpha/unknown/cancel'), ('GET', '/beta'),
+                            ('GET', '/alpha/health')):
             r = cli.request(method, url, data={'plugin_id': 'echo'} if method == 'POST' else None)
             assert r.status_code == 403, (method, url, r.status_code)  # unknown ids too: no probing without rights
         assert alpha.get_job(job.id).status != 'cancelled' and len(alpha.get_all_jobs()) == 1
     by_path = {(p, m): j for p, m, j in calls}
     assert by_path[('/alpha', 'GET')] is None and by_path[('/alpha/start', 'POST')] is None
     assert by_path[(f'/alpha/{job.id}/cancel', 'POST')] == job.id and by_path[('/alpha/unknown', 'GET')] is None
+
+
+def test_health_is_200_while_jobs_can_run_and_503_with_the_reason_once_every_worker_has_failed():
+    """A readiness probe: `GET {prefix}/health` is the manager's `get_health()`. Once the only worker has crashed past
+    its restart budget, the manager can run nothing: 503, naming the crash; `restart_workers()` makes it healthy again."""
+    app, alpha, beta, *_ = build(restart_policy=RestartPolicy.NEVER)
+    with TestClient(app) as cli:
+        r = cli.get('/alpha/health')
+        assert r.status_code == 200 and r.json()['ok'] and r.json()['problems'] == []
+        assert r.json()['store'] == {'ok': True, 'durable': False}
+        crashed = cli.portal.call(alpha.wait_for_job, start(cli, '/alpha', 'crash', mode='exit'), 30)
+        assert crashed.status == 'failed'
+        r = cli.get('/alpha/health')
+        assert r.status_code == 503 and not r.json()['ok'], r.text
+        assert 'every worker has failed' in r.json()['problems'][0] and 'exited with code 3' in r.json()['problems'][0], r.json()
+        assert r.json()['workers']['failed'][0]['worker'] == 0
+        assert cli.get('/beta/health').status_code == 200  # the other manager is not touched
+        cli.portal.call(alpha.restart_workers)
+        cli.portal.call(lambda: wait_until(lambda: alpha.get_worker_stats()[0]['status'] == 'idle', 30))
+        assert cli.get('/alpha/health').status_code == 200
 
 
 def test_authorize_per_job_and_async():

@@ -490,10 +490,15 @@ async def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_not
                   if 'retrying in' in r.getMessage()]
         assert delays[:4] == [0.05, 0.1, 0.2, 0.4]
         assert not store.flush(0.01)  # nothing of the batch is committed while the lock is held
+        h = store.health()  # what a health check sees meanwhile: failing, why, for how long, and what waits
+        assert not h['ok'] and h['failures'] >= 4 and h['unsaved'] == 1 and h['failing_seconds'] > 0.3, h
+        assert 'locked' in h['error'] or 'Busy' in h['error'], h
     finally:
         blocker.stdin.close(); blocker.wait(T)  # the lock goes with the process
     assert store.flush(T)
     assert store.failures == 0 and store.stats['failed'] >= 4
+    h = store.health()
+    assert (h['ok'], h['error'], h['failing_seconds'], h['unsaved']) == (True, None, None, 0), h
     back = store.get('second')
     assert back.status == 'completed' and back.result == {'text': 'kept'}
     store.close()

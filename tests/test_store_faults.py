@@ -130,6 +130,9 @@ async def test_a_full_disk_reads_go_on_the_real_cause_is_logged_and_shutdown_is_
     assert mgr.count_jobs() == 7 and mgr.count_jobs('completed') == 7
     assert [j.id for j in mgr.get_all_jobs()] == [before.id] + [j.id for j in jobs]
     assert mgr.get_job(before.id).status == 'completed'
+    h = mgr.get_health()  # a health check says the store cannot write, and why; the workers are fine
+    assert not h['ok'] and len(h['problems']) == 1 and h['problems'][0].startswith('the job store cannot write'), h
+    assert 'full' in h['problems'][0] and h['store']['unsaved'] >= 6 and h['workers']['failed'] == [], h
     other = SQLiteJobStore(db, worker_type=mgr.worker_type)  # ... and from a store of its own
     assert other.count() == 1 and other.get(before.id).result['text'] == 'before'
     other.close()

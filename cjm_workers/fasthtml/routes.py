@@ -394,6 +394,13 @@ def _oob(ft):
     return ft
 
 @patch
+async def health(self:JobRoutes, request):
+    "GET {prefix}/health: the manager's `get_health()` as JSON, 200 when ok, else 503 (for a readiness check)."
+    if not await self.allowed(request, None): return _FORBIDDEN()
+    h = self.manager.get_health()
+    return JSONResponse(h, status_code=200 if h['ok'] else 503)
+
+@patch
 async def stream_all(self:JobRoutes, request):
     "GET {prefix}/stream: SSE for the job table."
     if not await self.allowed(request, None): return _FORBIDDEN()
@@ -427,7 +434,7 @@ def mount_job_routes(app, # the FastHTML app
                      show_traceback:bool=False, # show clients the worker's traceback of a failed job (JSON and pages)
                      assets_path:str=ASSETS_PATH, # URL folder the scripts are served from (with `hdrs`)
                     )->JobRoutes:
-    "Add list, detail, start, cancel and stream routes for `manager` under `prefix`."
+    "Add list, detail, start, cancel, stream and health routes for `manager` under `prefix`."
     r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title, page_size=page_size,
                   scheduling=scheduling, max_body_bytes=max_body_bytes, show_traceback=show_traceback)
     if getattr(manager, 'event_broadcaster', None) is None: manager.event_broadcaster = broadcaster
@@ -447,10 +454,12 @@ def mount_job_routes(app, # the FastHTML app
     async def detail(request, job_id:str): return await r.detail_page(request, job_id)
     async def cancel(request, job_id:str): return await r.cancel(request, job_id)
     async def stream_job(request, job_id:str): return await r.stream_job(request, job_id)
+    async def health(request): return await r.health(request)
     add(f"{prefix}/start", start, ['get', 'post', 'put', 'patch', 'delete'], 'start')
     add(f"{prefix}/stream", stream_all, ['get'], 'stream')
     add(prefix, list_page, ['get'], 'list')
     add(f"{prefix}/{{job_id}}/cancel", cancel, ['post'], 'cancel')
     add(f"{prefix}/{{job_id}}/stream", stream_job, ['get'], 'stream_job')
+    add(f"{prefix}/health", health, ['get'], 'health')  # before the detail route, which would take 'health' as a job id
     add(f"{prefix}/{{job_id}}", detail, ['get'], 'detail')
     return r

@@ -1583,6 +1583,24 @@ def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
                         'current_job_id': s.running, 'queued_in_worker': len(s.inflight), 'failure': s.failure})
     return out
 
+# %% ../../nbs/managers/base.ipynb #d40f87ba
+@patch
+def get_health(self:BaseJobManager)->Dict[str, Any]:
+    "Whether the manager can run and keep jobs now: {'ok', 'problems', 'started', 'queued', 'running', 'workers', 'store'}."
+    with self._lock:
+        closed, all_failed, slots = self._closed, self._failed_reason(), self._slots
+        workers = {'total': len(slots), 'ready': sum(s.state == 'ready' for s in slots),
+                   'failed': [{'worker': s.index, 'reason': s.failure} for s in slots if s.state == 'failed']}
+        queued, running = len(self._pending), sum(s.running is not None for s in slots)
+    try: store = self._store.health()
+    except Exception as e: store = {'ok': False, 'error': f"its health check raised {type(e).__name__}: {e}"}
+    problems = []
+    if closed: problems.append("the manager is shut down")
+    elif all_failed is not None: problems.append(f"every worker has failed ({all_failed}); restart_workers() starts them again")
+    if not store.get('ok', True): problems.append(f"the job store cannot write: {store.get('error')}")
+    return {'ok': not problems, 'problems': problems, 'started': self._started, 'queued': queued, 'running': running,
+            'workers': workers, 'store': store}
+
 # %% ../../nbs/managers/base.ipynb #b53c4166
 @patch
 def shutdown(self:BaseJobManager,

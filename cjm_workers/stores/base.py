@@ -104,6 +104,9 @@ class JobStore(ABC):
         return True
     def close(self)->None:
         "Write what is pending and free the store's resources (it may still be read afterwards)."
+    def health(self)->dict:
+        "Whether the store can keep what the manager saves: {'ok', 'durable', ...}, for a health check (`BaseJobManager.get_health`)."
+        return {'ok': True, 'durable': self.durable}
 
 # %% ../../nbs/stores/base.ipynb #79a6f528
 class MemoryJobStore(JobStore):

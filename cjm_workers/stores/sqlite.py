@@ -244,6 +244,7 @@ class SQLiteJobStore(JobStore):
         self.commit_interval, self.retry_interval, self.close_timeout = commit_interval, retry_interval, close_timeout
         if worker_type is not None: self.namespace = worker_type
         self.failures = 0  # batches that failed in a row (0 once one is committed)
+        self._failing_since: Optional[float] = None  # when the current series of failures began (monotonic)
         self.unwritten: List[str] = []  # ids of the jobs whose last state could not be written when the store last stopped writing
         self.on_commit = None  # called (from the sender thread) after each commit
         self._cv = threading.Condition(threading.Lock())  # guards the dirty jobs, tickets, writer state
@@ -499,6 +500,7 @@ def _write_loop(self:SQLiteJobStore):
             if err is not None:  # whatever failed, a new writer process writes the batch again (below: `w` is dropped)
                 self.failures += 1
                 self.stats['failed'] += 1
+                if self.failures == 1: self._failing_since = time.monotonic()
                 self._last_error = err
                 delay = min(self.retry_interval * 2 ** (self.failures - 1), 20 * self.retry_interval)
                 if self._stopping: delay = self.retry_interval  # closing: try again soon, until `close_timeout` is up
@@ -517,7 +519,7 @@ def _write_loop(self:SQLiteJobStore):
             with self._cv:
                 self._writing = {}
                 if err is None:
-                    self.failures = 0
+                    self.failures, self._failing_since = 0, None
                     self._committed = max(self._committed, upto)
                     self.stats['batches'] += 1; self.stats['rows'] += len(batch)
                     self._cv.notify_all()
@@ -657,6 +659,21 @@ def close(self:SQLiteJobStore)->None:
     "Write what is dirty (waiting at most `close_timeout` seconds), stop the sender thread and the writer process, close the connections (reading later opens one again)."
     self._finish(self.close_timeout)
     self._close_connections()
+
+# %% ../../nbs/stores/sqlite.ipynb #ae1d407b
+@patch
+def health(self:SQLiteJobStore)->dict:
+    "Whether the writes succeed, for a health check: ok, durable, path, failures, error, failing_seconds, unsaved, writer_pid, batches, rows, unwritten."
+    with self._cv:
+        failing = self.failures > 0
+        since = self._failing_since
+        return {'ok': not failing, 'durable': True, 'path': self.path,
+                'failures': self.failures,  # batches that failed in a row
+                'error': self._last_error if failing else None,
+                'failing_seconds': None if since is None else round(time.monotonic() - since, 3),
+                'unsaved': len(self._dirty.keys() | self._writing.keys()),  # job states not written yet
+                'writer_pid': self.writer_pid, 'batches': self.stats['batches'], 'rows': self.stats['rows'],
+                'unwritten': len(self.unwritten)}
 
 # %% ../../nbs/stores/sqlite.ipynb #2d6528e1
 @patch
