@@ -64,3 +64,46 @@ async def test_a_plugins_log_lines_reach_the_apps_stderr_at_the_apps_level(track
     await mgr.ashutdown()
     err = capfd.readouterr().err
     assert f"INFO cjm_workers.testing [worker {job.worker_pid}]: hello from the plugin" in err, err[-2000:]
+
+
+# ------------------------------------------------------------------ the Universal Worker (a plugin in another environment)
+
+def test_a_sigterm_from_outside_does_not_end_a_proxys_universal_worker_but_its_stop_does():
+    """The proxy starts its Universal Worker with `--managed`: a SIGTERM from anyone else (systemd signalling every
+    process of the service) is ignored while the app lives, so the running call finishes; the proxy's own stop
+    (`/shutdown`, then SIGTERM to the group) still ends it by that SIGTERM, not by the SIGKILL fallback."""
+    from concurrent.futures import ThreadPoolExecutor
+    from cjm_workers.remote.proxy import RemotePluginProxy
+    p = RemotePluginProxy('cjm_workers.testing', 'SlowPlugin', stop_timeout=20.0).start()
+    proc, pid = p.process, p.pid
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            prog = p.get_progress()
+            fut = pool.submit(p.execute, seconds=1.0)
+            while not prog['running']: prog = p.get_progress(since=prog['seq'], wait=5)
+            os.kill(pid, signal.SIGTERM)
+            assert fut.result(T)['text'] == 'slept 1.0s'  # the call finished in the same worker
+        assert p.alive and p.pid == pid and p.execute(seconds=0)['text'] == 'slept 0s'
+    finally:
+        p.stop()
+    assert proc.returncode == -signal.SIGTERM, proc.returncode  # ended by the proxy's SIGTERM, not its SIGKILL
+    assert gone(pid)
+
+
+def test_a_universal_worker_not_managed_stops_on_sigterm_and_on_post_shutdown(tmp_path):
+    "Run by hand or by another launcher (no `--managed`), the worker stops on SIGTERM, as before; `POST /shutdown` stops it too."
+    import json, subprocess, sys, httpx
+    cmd = [sys.executable, '-m', 'cjm_workers.remote.worker', '--module', 'cjm_workers.testing', '--class', 'EchoPlugin',
+           '--port', '0', '--ppid', str(os.getpid())]
+    for how in ('sigterm', 'shutdown'):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            port = json.loads(proc.stdout.readline().split(' ', 1)[1])['port']
+            if how == 'sigterm': os.kill(proc.pid, signal.SIGTERM)
+            else: assert httpx.post(f'http://127.0.0.1:{port}/shutdown').json() == {'status': 'stopping'}
+            assert proc.wait(T) == (-signal.SIGTERM if how == 'sigterm' else 0)
+        finally:
+            if proc.poll() is None: proc.kill(); proc.wait()
+            proc.stdout.close(); proc.stderr.close()
+    bad = subprocess.run(cmd[:-2] + ['--managed'], capture_output=True, text=True, timeout=T)  # --managed without --ppid
+    assert bad.returncode == 2 and '--managed needs --ppid' in bad.stderr, bad.stderr

@@ -99,7 +99,8 @@ class RemotePluginProxy:
 @patch
 def _command(self:RemotePluginProxy)->List[str]:
     cmd = [self.python, '-m', 'cjm_workers.remote.worker', '--module', self.module, '--class', self.class_name,
-           '--port', '0', '--host', self.host, '--ppid', str(os.getpid()), '--log-level', self.log_level]
+           '--port', '0', '--host', self.host, '--ppid', str(os.getpid()), '--managed',
+           '--log-level', self.log_level]
     if self.max_body_bytes is not None: cmd += ['--max-body-bytes', str(self.max_body_bytes)]
     return cmd
 
@@ -250,6 +251,9 @@ def stop(self:RemotePluginProxy,
         if cleanup and reachable and idle and time.monotonic() < deadline:
             try: self._client.post('/cleanup', timeout=self._timeout(deadline - time.monotonic()))
             except httpx.HTTPError as e: log.debug("worker %s: /cleanup failed at stop: %s", self.label, e)
+        if reachable:  # the SIGTERM below is ours: the worker honours it (and begins to stop at once)
+            try: self._client.post('/shutdown', timeout=self._timeout(min(max(deadline - time.monotonic(), 0.05), 1.0)))
+            except httpx.HTTPError as e: log.debug("worker %s: /shutdown failed at stop: %s", self.label, e)
         self._close_clients()
         self._kill_tree(proc, graceful=max(deadline - time.monotonic(), 0.0))
         if self._reader is not None: self._reader.join(2)

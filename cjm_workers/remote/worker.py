@@ -5,7 +5,7 @@
 # %% ../../nbs/remote/worker.ipynb #658ab806
 from __future__ import annotations
 import argparse, base64, dataclasses, datetime, enum, hmac, importlib, inspect, json, logging, os, select
-import socket, sys, threading, time, traceback, uuid
+import signal, socket, sys, threading, time, traceback, uuid
 from collections import OrderedDict
 from pathlib import PurePath
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -544,6 +544,12 @@ def create_app(module_name:str, # module to import the plugin class from
     async def cleanup(request):
         await _read_json(request, max_body_bytes)
         return await threaded(host.cleanup)()
+    async def shutdown(request):
+        await _read_json(request, max_body_bytes)
+        state = request.app.state
+        state.stop_requested = True  # a `--managed` worker honours the SIGTERM that follows
+        if state.on_stop_request is not None: state.on_stop_request()  # the command line's server: stop serving
+        return _json_response({'status': 'stopping'})
 
     routes = [Route('/health', endpoint(health, open_=True), methods=['GET']),
               Route('/stats', endpoint(stats), methods=['GET']),
@@ -554,7 +560,8 @@ def create_app(module_name:str, # module to import the plugin class from
               Route('/execute_stream', endpoint(execute_stream), methods=['POST']),
               Route('/cancel', endpoint(cancel), methods=['POST']),
               Route('/progress', endpoint(progress), methods=['GET']),
-              Route('/cleanup', endpoint(cleanup), methods=['POST'])]
+              Route('/cleanup', endpoint(cleanup), methods=['POST']),
+              Route('/shutdown', endpoint(shutdown), methods=['POST'])]
 
     async def http_error(request:Request, exc:HTTPException)->Response:  # Starlette's own 404 / 405, as JSON
         path = request.url.path
@@ -568,6 +575,7 @@ def create_app(module_name:str, # module to import the plugin class from
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     app.state.host = host
+    app.state.stop_requested, app.state.on_stop_request = False, None  # see `/shutdown`
     return app
 
 # %% ../../nbs/remote/worker.ipynb #abea9b17
@@ -594,6 +602,8 @@ def _parser()->argparse.ArgumentParser:
     p.add_argument('--host', default='127.0.0.1', help="address to bind (default 127.0.0.1)")
     p.add_argument('--ppid', type=_int_arg(1, None, "the id of the process whose death ends the worker"), default=None,
                    help="exit when this process dies (a process id; leave it out to watch none)")
+    p.add_argument('--managed', action='store_true',
+                   help="the --ppid process owns the worker: ignore a SIGTERM unless POST /shutdown came first or that process is gone")
     p.add_argument('--token-env', default='CJM_WORKER_TOKEN', help="environment variable holding the bearer token")
     p.add_argument('--max-body-bytes', type=_int_arg(1, None, "the largest request body, in bytes"),
                    default=DEFAULT_MAX_BODY_BYTES, help="largest request body accepted")
@@ -623,6 +633,7 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
     args = parser.parse_args(argv)
     level = getattr(logging, str(args.log_level).upper(), logging.WARNING)
     logging.basicConfig(level=level, stream=sys.stderr, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
+    if args.managed and args.ppid is None: parser.error("--managed needs --ppid (the process that owns the worker)")
     become_group_leader()
     if args.ppid is not None:
         if not psutil.pid_exists(args.ppid):
@@ -646,8 +657,17 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
                 sys.stdout.write(f"{READY_PREFIX} {json.dumps({'port': port, 'pid': os.getpid(), 'host': host})}\n")
                 sys.stdout.flush()  # the one line a launcher reads: it is protocol, not logging
 
+        def handle_exit(self, sig, frame):  # uvicorn's signal handler
+            if (args.managed and sig == signal.SIGTERM and not app.state.stop_requested and not self.should_exit
+                    and psutil.pid_exists(args.ppid)):
+                log.warning("worker %d: ignoring a SIGTERM that did not come from its owner (pid %d, alive): it stops "
+                            "the worker with POST /shutdown first (--managed)", os.getpid(), args.ppid)
+                return
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level=level, access_log=False, lifespan='off', timeout_graceful_shutdown=3)
     server = ReadyServer(config)
+    app.state.on_stop_request = lambda: setattr(server, 'should_exit', True)  # POST /shutdown: stop as on SIGTERM
     try: server.run(sockets=[sock])  # on SIGTERM uvicorn shuts down (≤ 3 s), then re-raises the signal
     except KeyboardInterrupt: sys.exit(130)
     finally:
