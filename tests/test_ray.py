@@ -95,7 +95,8 @@ def test_actor_death_ends_the_worker_too(cluster):
     assert w.get()['type'] == 'started'
     ray.kill(w.p.actor)
     assert w.ended(30)
-    assert w.p.exitcode == -9 and 'Ray actor died' in w.p.death_reason and w.p.start_may_be_lost, w.p.death_reason
+    assert w.p.exitcode == -9 and 'with its Ray actor, which died' in w.p.death_reason and w.p.start_may_be_lost, w.p.death_reason
+    assert '\x1b' not in w.p.death_reason and 'repr=<' not in w.p.death_reason  # no terminal colours, no object repr
     if psutil.pid_exists(pid): psutil.wait_procs([psutil.Process(pid)], timeout=10)  # its parent watchdog ends it
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -184,6 +185,8 @@ async def test_ray_resource_requests_and_an_unschedulable_worker(track, cluster)
     bad, _ = manager(track, RayBackend(resources={'no_such_resource': 1}), worker_start_timeout_seconds=2)
     job = await bad.wait_for_job((await bad.start_job('echo', text='never')).id, timeout=60)
     assert job.status == 'failed' and 'did not become ready within 2' in job.error, job.error
+    # it says what Ray could not find, not that a worker "was killed by SIGKILL": no worker ever ran
+    assert "Ray found no node with {'CPU': 1, 'no_such_resource': 1} free" in job.error and 'SIGKILL' not in job.error, job.error
 
 
 @pytest.mark.backends('local', 'ray')
@@ -256,3 +259,58 @@ async def test_restarting_actors_leaks_no_fds_or_threads(track, cluster):
         assert await m.wait_until_ready(60)
     gc.collect(); after = resource_counts()
     assert after == before, (before, after)
+
+
+async def test_an_entry_point_the_actors_cannot_import_fails_naming_the_missing_module(track, cluster, tmp_path):
+    """UAT finding: the job's error carried Ray's coloured repr of the actor and "the worker's own output on stderr
+    says why", while the cause (`No module named ...`) was only in Ray's log stream. Now the error names it."""
+    import importlib, sys
+    (tmp_path / 'cjm_only_here.py').write_text("from cjm_workers.testing import reference_worker\n"
+                                               "def entry(requests, results, responses): reference_worker(requests, results, responses)\n")
+    sys.path.insert(0, str(tmp_path))  # importable in the app only: the actors' path does not have it
+    try: entry = importlib.import_module('cjm_only_here').entry  # pickled by reference: the actor imports the module
+    finally: sys.path.remove(str(tmp_path))
+    m = track(ReferenceJobManager(worker_config=WorkerConfig(backend='ray'), entry_point=entry))
+    job = await m.wait_for_job((await m.start_job('echo', text='x')).id, timeout=60)
+    assert job.status == 'failed' and "No module named 'cjm_only_here'" in job.error, job.error
+    assert '\x1b' not in job.error and 'output on stderr' not in job.error, job.error
+
+
+from dataclasses import dataclass  # noqa: E402
+import asyncio, threading  # noqa: E402
+
+
+@dataclass
+class GatedBackend(RayBackend):
+    "A Ray backend whose actor creation waits for `gate`: what an unreachable cluster does to `ray.init` and actor creation."
+    gate: threading.Event = None
+    def prepare(self):
+        super().prepare()
+        self.gate.wait()
+
+
+async def test_a_worker_start_that_ray_holds_up_blocks_neither_the_event_loop_nor_the_manager(track, cluster):
+    """UAT finding: after `ray stop` the restart of a worker blocked in Ray's actor creation for a minute while holding
+    the manager's lock, so the event loop froze in `get_worker_stats()` and `/health` timed out. Now the actor is
+    created in a thread of its own: the manager answers, a job queued meanwhile runs once Ray answers, and a
+    shutdown while Ray still holds the creation up finishes at once and leaves no actor behind."""
+    gate = threading.Event(); gate.set()
+    m, _ = manager(track, GatedBackend(gate=gate), restart_policy=RestartPolicy.ALWAYS, restart_backoff_base_seconds=0.0)
+    await m.start(wait=True)
+    gate.clear()  # from now on, creating an actor hangs
+    crashed = await m.wait_for_job((await m.start_job('crash', mode='sigkill')).id, timeout=60)
+    assert crashed.status == 'failed'
+    queued = await m.start_job('echo', text='after')
+    await wait_until(lambda: m.get_worker_stats()[0]['status'] == 'starting', 30)  # the restart hangs in Ray …
+    h = await asyncio.wait_for(asyncio.to_thread(m.get_health), 10)  # … and the manager's lock is free
+    assert h['ok'] and h['warnings'] == ['1 job(s) wait and no worker is ready yet'], h
+    gate.set()
+    done = await m.wait_for_job(queued.id, timeout=60)
+    assert done.status == 'completed' and done.result['text'] == 'after'
+    ours = lambda: [n for n in ray.util.list_named_actors() if n.startswith(f"cjm-worker-{m.worker_type}-0-{os.getpid()}-")]
+    gate.clear()
+    await m.wait_for_job((await m.start_job('crash', mode='sigkill')).id, timeout=60)
+    await wait_until(lambda: m.get_worker_stats()[0]['status'] == 'starting', 30)
+    await asyncio.wait_for(m.ashutdown(), 20)  # the kill of a worker whose actor Ray has not made yet: at once
+    gate.set()  # Ray makes the actor now: the creating thread ends it
+    await wait_until(lambda: ours() == [], 30)

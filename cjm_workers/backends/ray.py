@@ -4,7 +4,7 @@
 
 # %% ../../nbs/backends/ray.ipynb #3d701ffa
 from __future__ import annotations
-import logging, os, pickle, queue, signal, threading, types, weakref
+import logging, os, pickle, queue, re, signal, threading, types, weakref
 from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
@@ -15,7 +15,7 @@ from ..core.process import kill_process_tree
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'WorkerActor', 'RayActorProcess', 'kill_tree', 'RayBackend']
+__all__ = ['log', 'WorkerActor', 'RayActorProcess', 'ray_error_text', 'kill_tree', 'RayBackend']
 
 # %% ../../nbs/backends/ray.ipynb #eb6d68fb
 def _raw_frames(ch:PipeChannel)->list:
@@ -50,9 +50,9 @@ class WorkerActor:
         threading.Thread(target=self._write_requests, name='cjm-ray-requests', daemon=True).start()
 
     def where(self)->tuple:
-        "(actor pid, Ray node id, worker pid)."
+        "(actor pid, Ray node id, worker pid, node IP address)."
         import ray
-        return os.getpid(), ray.get_runtime_context().get_node_id(), self.proc.pid
+        return os.getpid(), ray.get_runtime_context().get_node_id(), self.proc.pid, ray.util.get_node_ip_address()
 
     def _in_order(self, kind:str, seq:int, msgs:Optional[list]):
         """Pass on batch `seq` of `kind` once every earlier one is passed on (None: close the worker's request pipe).
@@ -145,24 +145,36 @@ class RayActorProcess:
         self.target, self.args, self.name, self.prepare = target, args, name, prepare
         self.local = False  # is the actor on this machine (its pid means something here)? known once it runs
         self.actor_pid: Optional[int] = None  # pid of the actor's process (the worker is its child)
+        self.node_id = self.node_ip = None  # the Ray node the actor runs on, once it runs
         self.actor_options, self.env = dict(actor_options or {}), dict(env or {})
         self.actor, self.pid, self.exitcode, self.death_reason = None, None, None, None
         self._sentinel_r, self._sentinel_w = os.pipe()
         weakref.finalize(self, os.close, self._sentinel_r)  # as multiprocessing does for its sentinels: at collection
         self._ended = threading.Event()
-        self._killed = False
+        self._killed = self._started = False
+        self._state = threading.Lock()  # `_killed`, `actor` and the end: the creating, receiving and manager's threads
 
     @property
     def start_may_be_lost(self)->bool:
-        "Did the actor itself die (so the worker's last messages may be lost with it)?"
-        return self.death_reason is not None
+        "Did the actor itself die after it ran (so the worker's last messages may be lost with it)?"
+        return self.death_reason is not None and self.actor_pid is not None
+
+    @property
+    def not_ready_reason(self)->Optional[str]:
+        "Why the worker cannot be running yet, while Ray has not started its actor (None once the actor runs)."
+        if self.actor_pid is not None: return None
+        if self.actor is None: return "its Ray actor was not created: Ray did not answer (is the cluster reachable?)"
+        o = self.actor_options
+        want = {k: v for k, v in (('CPU', o.get('num_cpus', 1)), ('GPU', o.get('num_gpus'))) if v} | dict(o.get('resources') or {})
+        return (f"its Ray actor was not started: Ray found no node with {want} free, or is still preparing its "
+                f"runtime_env (`ray status` shows the cluster's resources and demands)")
 
     @property
     def sentinel(self)->int:
         "Readable once the worker has ended (as `multiprocessing.Process.sentinel`)."
         return self._sentinel_r
 
-    def is_alive(self)->bool: return self.actor is not None and not self._ended.is_set()
+    def is_alive(self)->bool: return self._started and not self._ended.is_set()
 
     def join(self, timeout:Optional[float]=None)->None: self._ended.wait(timeout)
 
@@ -170,35 +182,77 @@ class RayActorProcess:
 
 # %% ../../nbs/backends/ray.ipynb #ba47b6a5
 def _start(self:RayActorProcess)->None:
-    import ray
-    if self.prepare is not None: self.prepare()
-    elif not ray.is_initialized(): ray.init(include_dashboard=False)
     requests, results, responses = self.args
     self._req = _worker_side_copy(requests)  # reader ends used here; writer ends closed at once
     self._res, self._resp = _worker_side_copy(results), _worker_side_copy(responses)
     self._req.close_writer(); self._res.close_reader(); self._resp.close_reader()
-    opts = {'max_concurrency': 4, 'max_restarts': 0, **self.actor_options}
-    if self.name and 'name' not in opts: opts['name'] = f"{self.name}-{os.getpid()}-{id(self):x}"
-    self.actor = _actor_class().options(**opts).remote(self.target, self.env)
-    for fn, what in ((self._receive, 'receive'), (self._send, 'send'), (self._send_control, 'control')):
-        threading.Thread(target=fn, name=f"cjm-ray-{what}-{self.name}", daemon=True).start()
+    self._started = True
+    threading.Thread(target=self._create, name=f"cjm-ray-start-{self.name}", daemon=True).start()
 RayActorProcess.start = _start
 
+def _create(self:RayActorProcess)->None:
+    """Connect to Ray if needed, create the actor, start the bridges. In a thread of its own: the manager calls
+    `start()` holding its lock, and Ray blocks here for up to a minute when the cluster cannot be reached."""
+    import ray
+    try:
+        if self.prepare is not None: self.prepare()
+        elif not ray.is_initialized(): ray.init(include_dashboard=False)
+        opts = {'max_concurrency': 4, 'max_restarts': 0, **self.actor_options}
+        if self.name and 'name' not in opts: opts['name'] = f"{self.name}-{os.getpid()}-{id(self):x}"
+        actor = _actor_class().options(**opts).remote(self.target, self.env)
+    except Exception as e:
+        self._close_request_ends()
+        return self._ended_as(1, f"could not get a Ray actor ({ray_error_text(e)})")
+    with self._state:
+        self.actor, killed = actor, self._killed
+    if killed:  # `kill_tree` ran while Ray was creating it (and ended this handle): end the actor too
+        self._close_request_ends()
+        return _kill_quietly(actor)
+    for fn, what in ((self._receive, 'receive'), (self._send, 'send'), (self._send_control, 'control')):
+        threading.Thread(target=fn, name=f"cjm-ray-{what}-{self.name}", daemon=True).start()
+RayActorProcess._create = _create
+
+def _close_request_ends(self:RayActorProcess)->None:
+    "Close the request and control reader ends the bridges would have closed (no bridge runs)."
+    for ch in (self._req, self._req.control):
+        try: ch._reader.close()
+        except OSError: pass
+RayActorProcess._close_request_ends = _close_request_ends
+
+def _kill_quietly(actor)->None:
+    import ray
+    try: ray.kill(actor, no_restart=True)
+    except Exception: pass
+
+_ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
+_CAUSE = re.compile(r'^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$')
+
+def ray_error_text(e:BaseException)->str:
+    """One line for an error Ray raised: its type and first line without terminal colour codes or the actor's repr,
+    and the root cause when Ray buried it further down its text (e.g. the `ModuleNotFoundError` of a creation task)."""
+    lines = [l.strip() for l in _ANSI.sub('', str(e)).splitlines() if l.strip()]
+    head = re.sub(r', repr=<[^>]*>', '', lines[0]) if lines else ''
+    causes = [m for l in lines[1:] if (m := _CAUSE.match(l)) and m.group(2) not in head]
+    text = f"{type(e).__name__}: {head}" if head else type(e).__name__
+    if causes: text += f"; cause: {causes[-1].group(1)}: {causes[-1].group(2)}"
+    return text
+
 def _ended_as(self:RayActorProcess, code:int, reason:Optional[str])->None:
-    if self._ended.is_set(): return
-    self.exitcode = -signal.SIGKILL if self._killed else code
-    self.death_reason = None if self._killed else reason
-    for ch in (self._res, self._resp): ch.close_writer()
-    self._ended.set()
-    os.close(self._sentinel_w)
+    with self._state:
+        if self._ended.is_set(): return
+        self.exitcode = -signal.SIGKILL if self._killed else code
+        self.death_reason = None if self._killed else reason
+        for ch in (self._res, self._resp): ch.close_writer()
+        self._ended.set()
+        os.close(self._sentinel_w)
 RayActorProcess._ended_as = _ended_as
 
 def _receive(self:RayActorProcess)->None:
     import ray
     code, reason = 1, None
     try:
-        self.actor_pid, node, self.pid = ray.get(self.actor.where.remote())
-        self.local = node == ray.get_runtime_context().get_node_id()
+        self.actor_pid, self.node_id, self.pid, self.node_ip = ray.get(self.actor.where.remote())
+        self.local = self.node_id == ray.get_runtime_context().get_node_id()
         for ref in self.actor.pump.remote():
             batch = ray.get(ref)
             res = [d for tag, d in batch if tag == 'results']
@@ -209,7 +263,7 @@ def _receive(self:RayActorProcess)->None:
                 code, reason = batch[-1][1], None
                 break
     except Exception as e:  # RayActorError and friends: the actor died, or was killed
-        reason = f"the Ray actor died ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        reason = f"ended with its Ray actor, which died ({ray_error_text(e)})"  # as `describe_exit` says it
         code = -signal.SIGKILL
     finally:
         self._ended_as(code, reason)
@@ -240,15 +294,17 @@ RayActorProcess._forward = _forward
 
 # %% ../../nbs/backends/ray.ipynb #358aac5f
 def kill_tree(self:RayActorProcess, timeout:float=1.0)->None:
-    "Kill the worker's children and the actor; returns once the worker is seen as ended (or after `timeout`)."
+    "Kill the worker's children and the actor; the handle counts as ended when this returns (within about twice `timeout`)."
     import ray
-    if self.actor is None or self._ended.is_set(): return
-    self._killed = True
-    try: ray.get(self.actor.terminate.remote(), timeout=timeout)
+    with self._state:
+        if not self._started or self._ended.is_set(): return
+        self._killed, actor = True, self.actor
+    if actor is None:  # Ray is still creating it: this handle ends now, the creating thread kills the actor later
+        return self._ended_as(-signal.SIGKILL, None)
+    try: ray.get(actor.terminate.remote(), timeout=timeout)
     except Exception: pass  # it ended itself (the expected outcome), or it did not answer in time
-    try: ray.kill(self.actor, no_restart=True)
-    except Exception: pass
-    self._ended.wait(timeout)
+    threading.Thread(target=_kill_quietly, args=(actor,), daemon=True).start()  # `ray.kill` asks the cluster: it may hang
+    if not self._ended.wait(timeout): self._ended_as(-signal.SIGKILL, None)  # unreachable: counted as ended all the same
 
 RayActorProcess.kill_tree = kill_tree
 RayActorProcess.kill = lambda self: self.kill_tree()

@@ -706,8 +706,10 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     for ch in (slot.requests, slot.results, slot.responses): ch.close()
     how = getattr(p, 'death_reason', None) or describe_exit(p.exitcode)  # a Ray actor that died: Ray's reason
     if slot.startup_error: how += f" after {slot.startup_error}"
-    elif slot.kill_reason == 'start_timeout': how = f"did not become ready within {cfg.worker_start_timeout_seconds}s ({how})"
-    elif slot.ready_at is None and slot.kill_reason is None: how += " before it became ready (the worker's own output on stderr says why)"
+    elif slot.kill_reason == 'start_timeout':  # a Ray actor that was never placed says so; a slow worker was killed
+        how = f"did not become ready within {cfg.worker_start_timeout_seconds}s ({getattr(p, 'not_ready_reason', None) or how})"
+    elif slot.ready_at is None and slot.kill_reason is None:
+        how += " before it became ready" + ("" if getattr(p, 'death_reason', None) else " (the worker's own output on stderr says why)")
     hard_cancel, recycle = slot.kill_reason == 'cancel', slot.kill_reason == 'recycle'
     requeue, retry = [], False
     head = next((j for j in slot.inflight.values() if j is not None and not j.is_terminal), None)
@@ -1566,7 +1568,7 @@ def _purge_old(ref, keep:float):
 # %% ../../nbs/managers/base.ipynb #f47a1048
 @patch
 def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
-    "Telemetry per worker: pid, status, CPU %, RSS of its process tree, uptime, jobs done, restarts."
+    "Telemetry per worker: pid, node (a Ray worker's), status, CPU %, RSS of its process tree, uptime, jobs done, restarts."
     out, now = [], time.monotonic()
     with self._lock:
         for s in self._slots:
@@ -1576,7 +1578,8 @@ def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
                     cpu = s.ps.cpu_percent(None)
                     rss = s.ps.memory_info().rss + sum(c.memory_info().rss for c in s.ps.children(recursive=True))
                 except psutil.Error: pass
-            out.append({'worker': s.index, 'pid': s.pid, 'status': s.status, 'cpu_percent': cpu, 'rss_bytes': rss,
+            out.append({'worker': s.index, 'pid': s.pid, 'node': getattr(s.process, 'node_ip', None),  # a Ray actor's node
+                        'status': s.status, 'cpu_percent': cpu, 'rss_bytes': rss,
                         'rss_mb': None if rss is None else rss / 2**20,
                         'uptime_seconds': now - s.spawned_at if s.alive and s.spawned_at else 0.0,
                         'jobs_done': s.jobs_done, 'restarts': s.restarts, 'recycles': s.recycles, 'consecutive_crashes': s.crashes,
@@ -1586,7 +1589,7 @@ def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
 # %% ../../nbs/managers/base.ipynb #d40f87ba
 @patch
 def get_health(self:BaseJobManager)->Dict[str, Any]:
-    "Whether the manager can run and keep jobs now: {'ok', 'problems', 'started', 'queued', 'running', 'workers', 'store'}."
+    "Whether the manager can run and keep jobs now: {'ok', 'problems', 'warnings', 'started', 'queued', 'running', 'workers', 'store'}."
     with self._lock:
         closed, all_failed, slots = self._closed, self._failed_reason(), self._slots
         workers = {'total': len(slots), 'ready': sum(s.state == 'ready' for s in slots),
@@ -1594,12 +1597,15 @@ def get_health(self:BaseJobManager)->Dict[str, Any]:
         queued, running = len(self._pending), sum(s.running is not None for s in slots)
     try: store = self._store.health()
     except Exception as e: store = {'ok': False, 'error': f"its health check raised {type(e).__name__}: {e}"}
-    problems = []
+    problems, warnings = [], []
     if closed: problems.append("the manager is shut down")
     elif all_failed is not None: problems.append(f"every worker has failed ({all_failed}); restart_workers() starts them again")
+    else:
+        warnings += [f"worker {f['worker']} has failed ({f['reason']})" for f in workers['failed']]
+        if queued and not workers['ready']: warnings.append(f"{queued} job(s) wait and no worker is ready yet")
     if not store.get('ok', True): problems.append(f"the job store cannot write: {store.get('error')}")
-    return {'ok': not problems, 'problems': problems, 'started': self._started, 'queued': queued, 'running': running,
-            'workers': workers, 'store': store}
+    return {'ok': not problems, 'problems': problems, 'warnings': warnings, 'started': self._started, 'queued': queued,
+            'running': running, 'workers': workers, 'store': store}
 
 # %% ../../nbs/managers/base.ipynb #b53c4166
 @patch
