@@ -126,6 +126,10 @@ async def test_a_full_disk_reads_go_on_the_real_cause_is_logged_and_shutdown_is_
     jobs = [await mgr.start_job('echo', text=f'{i}' + 'y' * 200_000) for i in range(6)]
     await wait_until(lambda: store.failures >= 3, T)
     await wait_until(lambda: all(j.status == 'completed' for j in jobs), T)
+    # wait_for_job does not hang on a commit that cannot come while the disk is full: the job is returned as it ended
+    # (before, it waited for the disk: for ever with no timeout); the health check below says it is not written
+    ended = await asyncio.wait_for(asyncio.gather(*(mgr.wait_for_job(j.id) for j in jobs)), T)
+    assert [j.status for j in ended] == ['completed'] * 6 and store.committed < jobs[-1]._ticket
     # reads go on, through a connection opened while the disk is full (each retry closed the old one) ...
     assert mgr.count_jobs() == 7 and mgr.count_jobs('completed') == 7
     assert [j.id for j in mgr.get_all_jobs()] == [before.id] + [j.id for j in jobs]

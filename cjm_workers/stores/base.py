@@ -69,6 +69,10 @@ class JobStore(ABC):
     def committed(self)->int:
         "The highest ticket whose state is written (a store that writes at once: always ahead)."
         return 1 << 62
+    @property
+    def failing(self)->bool:
+        "Are the writes failing now (so `committed` may not reach what was saved for a while)?"
+        return False
     @abstractmethod
     def get(self, job_id:str)->Any:
         "The job with this id, or None."

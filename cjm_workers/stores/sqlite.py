@@ -246,7 +246,7 @@ class SQLiteJobStore(JobStore):
         self.failures = 0  # batches that failed in a row (0 once one is committed)
         self._failing_since: Optional[float] = None  # when the current series of failures began (monotonic)
         self.unwritten: List[str] = []  # ids of the jobs whose last state could not be written when the store last stopped writing
-        self.on_commit = None  # called (from the sender thread) after each commit
+        self.on_commit = None  # called (from the sender thread) after each batch: committed, or failed (see `failing`)
         self._cv = threading.Condition(threading.Lock())  # guards the dirty jobs, tickets, writer state
         self._dirty: dict = {}  # job id → (job, request, codec, row) saved since the last batch
         self._writing: dict = {}  # the batch being written
@@ -401,6 +401,13 @@ def _save(self:SQLiteJobStore, job, request:Optional[bytes]=None)->int:
 @patch(as_prop=True)
 def committed(self:SQLiteJobStore)->int: return self._committed
 
+@patch(as_prop=True)
+def failing(self:SQLiteJobStore)->bool:
+    """Do the writes keep failing (a full disk, a lock held too long): did a batch fail, and its retry too? Until one
+    is committed again, `committed` does not move. (A single failure, such as a writer process that was killed, is
+    not counted: the retry by a new writer usually succeeds at once.)"""
+    return self.failures > 1
+
 @patch
 def _start_writer(self:SQLiteJobStore):
     self._stopping = self._abort = False
@@ -530,6 +537,10 @@ def _write_loop(self:SQLiteJobStore):
                             row = n[3] if n[0].status in TERMINAL else n[3][:-1] + (v[1],)
                             self._dirty[k] = (n[0], v[1], n[2], row)
         if odd or lost: self._note_odd(batch, odd, lost)
+        cb = self.on_commit  # the manager: resolve waiters of what is now written (or stop holding them: `failing`)
+        if cb is not None:
+            try: cb()
+            except Exception: log.exception("job store on_commit callback raised")
         if err is not None:
             until = time.monotonic() + delay  # a locked or full database, or a dead writer: try again after a while
             with self._cv:
@@ -541,10 +552,6 @@ def _write_loop(self:SQLiteJobStore):
                     gave_up = True
                     break
             continue
-        cb = self.on_commit
-        if cb is not None:
-            try: cb()
-            except Exception: log.exception("job store on_commit callback raised")
     if w is not None: w.kill() if gave_up else w.close()
     with self._cv:
         self._w = self.writer_pid = None
