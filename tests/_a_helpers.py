@@ -92,3 +92,9 @@ async def child_pid_of(job, timeout=30):
 def exit_before_ready_worker(request_queue, result_queue, response_queue):
     "Worker entry point that exits with code 1 before it reports ready (as a script without a __main__ guard does)."
     raise SystemExit(1)
+
+
+def none_factory_worker(request_queue, result_queue, response_queue):
+    "Worker entry point whose plugin-manager factory returns None (`def make_plugin_manager(): ...`, as a placeholder)."
+    from cjm_workers.core.worker import base_worker_process
+    base_worker_process(request_queue, result_queue, response_queue, plugin_manager_factory=lambda: None)

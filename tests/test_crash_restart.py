@@ -228,6 +228,18 @@ async def test_a_worker_that_exits_before_it_is_ready_says_so(track):
     assert job.status == 'failed' and 'exited with code 1 before it became ready' in job.reason, job.reason
 
 
+async def test_a_plugin_manager_factory_that_returns_none_fails_the_job_naming_the_factory(track):
+    """UAT finding: a factory left as a placeholder (`def make_plugin_manager(): ...`) made every job fail with
+    "AttributeError: 'NoneType' object has no attribute 'discover_plugins'". Now the worker fails to start and says why."""
+    from cjm_workers.testing import ReferenceJobManager
+    from _a_helpers import none_factory_worker
+    mgr = track(ReferenceJobManager(entry_point=none_factory_worker))
+    job = await mgr.wait_for_job((await mgr.start_job('echo', text='x')).id, timeout=30)
+    assert job.status == 'failed' and 'plugin manager factory failed (TypeError: it returned None, which has no ' \
+        'discover_plugins, load_plugin, execute_plugin' in job.reason, job.reason
+    assert 'AttributeError' not in job.reason
+
+
 async def _crash(mgr, after=0.0):
     j = await mgr.start_job('crash', mode='sigkill', after=after)
     j = await mgr.wait_for_job(j.id, timeout=30)

@@ -468,6 +468,16 @@ def _on_sigterm(worker, ppid:int):
     return handler
 
 # %% ../../nbs/core/worker.ipynb #9a2af718
+_REQUIRED = ('discover_plugins', 'load_plugin', 'execute_plugin')  # what every job needs of a plugin manager
+
+def _checked(pm):
+    "The plugin manager a factory returned, or a `TypeError` naming what it lacks (a factory returning None, say)."
+    missing = [m for m in _REQUIRED if not callable(getattr(pm, m, None))]
+    if missing:
+        raise TypeError(f"it returned {type(pm).__qualname__ if pm is not None else 'None'}, which has no "
+                        f"{', '.join(missing)}: it must return a plugin manager (see cjm_workers.core.protocol.PluginManagerAdapter)")
+    return pm
+
 def base_worker_process(
     request_queue:Any, # Queue (or `PipeChannel`) for receiving job requests from parent
     result_queue:Any, # Queue for sending job results back to parent
@@ -485,7 +495,7 @@ def base_worker_process(
     _watch_parent()
     w = _Worker(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
     if threading.current_thread() is threading.main_thread(): signal.signal(signal.SIGTERM, _on_sigterm(w, os.getppid()))
-    try: w.pm = plugin_manager_factory()
+    try: w.pm = _checked(plugin_manager_factory())
     except Exception as e:
         log.error("worker %d: plugin manager factory failed: %s", os.getpid(), _error_text(e))
         _put(result_queue, {'type': 'error', 'error': f"the plugin manager factory failed ({_error_text(e)})",
