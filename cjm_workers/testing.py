@@ -9,12 +9,13 @@ import asyncio, ctypes, logging, os, signal, subprocess, threading, time, uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from .core.adapters import PluginInfo, SimplePluginManager
 from .core.worker import base_worker_process, check_cancelled, report_progress, cancel_requested
 
 # %% auto #0
 __all__ = ['REFERENCE_PLUGINS', 'ReferencePlugin', 'EchoPlugin', 'TranscribePlugin', 'TokenStreamPlugin', 'SlowPlugin',
-           'CrashPlugin', 'NoLoadPlugin', 'PluginInfo', 'ReferencePluginManager', 'reference_plugin_manager',
-           'reference_worker', 'failing_factory_worker', 'echo_channel', 'sleep_with_child', 'RecordingBroadcaster',
+           'CrashPlugin', 'NoLoadPlugin', 'ReferencePluginManager', 'reference_plugin_manager', 'reference_worker',
+           'failing_factory_worker', 'echo_channel', 'sleep_with_child', 'RecordingBroadcaster',
            'RecordingResourceManager', 'PluginMeta', 'ReferenceRegistry', 'ReferenceJob', 'ReferenceJobManager',
            'wait_until']
 
@@ -107,42 +108,19 @@ class NoLoadPlugin(ReferencePlugin):
 REFERENCE_PLUGINS = {c.name: c for c in (EchoPlugin, TranscribePlugin, TokenStreamPlugin, SlowPlugin, CrashPlugin, NoLoadPlugin)}
 
 # %% ../nbs/testing.ipynb #2241c003
-@dataclass
-class PluginInfo:
-    "What `discover_plugins` returns for one plugin."
-    name: str
-    cls: type
-
-class ReferencePluginManager:
-    "Plugin manager over the reference plugins."
+class ReferencePluginManager(SimplePluginManager):
+    "`SimplePluginManager` over the reference plugins (or `plugins`), counting loads; it refuses to load `noload`."
     def __init__(self, plugins:Optional[dict]=None):
-        self.available = dict(plugins or REFERENCE_PLUGINS)
-        self.plugins: Dict[str, ReferencePlugin] = {}
+        super().__init__(dict(plugins or REFERENCE_PLUGINS))
         self.loads: Dict[str, int] = {}
-    def discover_plugins(self)->list: return [PluginInfo(n, c) for n, c in self.available.items()]
     def load_plugin(self, plugin_data:PluginInfo, config:dict):
         if plugin_data.name == 'noload': return False
-        p = plugin_data.cls()
-        p.initialize(config)
-        self.plugins[plugin_data.name] = p
+        super().load_plugin(plugin_data, config)
         self.loads[plugin_data.name] = self.loads.get(plugin_data.name, 0) + 1
         return True
-    def get_plugin(self, plugin_name:str): return self.plugins.get(plugin_name)
-    def execute_plugin(self, plugin_name:str, **params): return self.plugins[plugin_name].execute(**params)
-    def execute_plugin_stream(self, plugin_name:str, **params): return self.plugins[plugin_name].execute_stream(**params)
-    def check_streaming_support(self, plugin_name:str)->bool: return getattr(self.available.get(plugin_name), 'streams', False)
     def reload_plugin(self, plugin_name:str, config:Optional[dict]=None):
-        if config is None: return self.unload_plugin(plugin_name)
-        if plugin_name == 'noload': return False
-        self.plugins[plugin_name].initialize(config)
-        return True
-    def unload_plugin(self, plugin_name:str):
-        p = self.plugins.pop(plugin_name, None)
-        if p is not None: p.cleanup()
-        return True
-    def cancel_plugin(self, plugin_name:str):
-        p = self.plugins.get(plugin_name)
-        if p is not None: p.cancel()
+        if config is not None and plugin_name == 'noload': return False
+        return super().reload_plugin(plugin_name, config)
 
 # %% ../nbs/testing.ipynb #da3f4a82
 def reference_plugin_manager()->ReferencePluginManager:

@@ -8,7 +8,7 @@ this twice gives the same file (tests/test_api_docs.py checks that docs/api.md i
 
 Run from the repository root: `python tools/make_api_docs.py`
 """
-import ast, dataclasses, enum, importlib, inspect, json, re, sys, textwrap
+import typing, ast, dataclasses, enum, importlib, inspect, json, re, sys, textwrap
 from pathlib import Path
 from fastcore.docments import docments
 
@@ -164,9 +164,15 @@ def _enum_rows(cls)->list:
     comments = _assignments(inspect.getsource(cls), in_class=True)
     return [[_code(m.name), _code(repr(m.value)), _cell(comments.get(m.name, ('', ''))[1])] for m in cls]
 
+def _base_name(b)->str:
+    "A base class as the source names it: `Generic[JobType]`, not `Generic`."
+    if isinstance(b, type): return b.__qualname__
+    args = ', '.join(getattr(a, '__name__', repr(a)) for a in typing.get_args(b))
+    return f"{getattr(typing.get_origin(b), '__qualname__', repr(b))}[{args}]"
+
 def _class(cls, name:str, id_:str)->list:
     "A class: its docstring, enum members or dataclass fields, then its `__init__` and public methods."
-    bases = ', '.join(b.__qualname__ for b in cls.__bases__ if b is not object)
+    bases = ', '.join(_base_name(b) for b in cls.__dict__.get('__orig_bases__', cls.__bases__) if b is not object)
     out = [_anchor(id_), f"### {name}", '', '```python', *(['@dataclass'] if dataclasses.is_dataclass(cls) else []),
            f"class {name}" + (f"({bases})" if bases else ''), '```', '']
     if doc := _doc(cls): out += [doc, '']

@@ -5,11 +5,11 @@
 # %% ../../nbs/core/adapters.ipynb #491c7104
 from __future__ import annotations
 import dataclasses
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 from .protocol import PluginManagerAdapter
 
 # %% auto #0
-__all__ = ['default_result_adapter', 'create_simple_adapter']
+__all__ = ['default_result_adapter', 'create_simple_adapter', 'PluginInfo', 'SimplePluginManager']
 
 # %% ../../nbs/core/adapters.ipynb #f7fb14d3
 def default_result_adapter(result:Any # Plugin execution result
@@ -56,3 +56,69 @@ def create_simple_adapter(plugin_manager:Any, # The plugin manager instance to a
                            )->PluginManagerAdapter: # Adapter that satisfies PluginManagerAdapter protocol
     "Create a simple adapter for a plugin manager."
     return _SimpleAdapter(plugin_manager, result_adapter)
+
+# %% ../../nbs/core/adapters.ipynb #217ca865
+@dataclasses.dataclass
+class PluginInfo:
+    "What `SimplePluginManager.discover_plugins` returns for one plugin."
+    name: str # the name jobs use (`plugin_name`)
+    cls: type # the plugin class
+
+def _plugin_name(cls)->str:
+    n = getattr(cls, 'name', None)
+    if isinstance(n, str) and n: return n
+    raise TypeError(f"plugin class {getattr(cls, '__qualname__', cls)!r} has no `name` class attribute (a non-empty str): "
+                    f"give it one, or pass {{name: class}} to SimplePluginManager")
+
+def _own_stream(cls)->bool:
+    "Does `cls` define `execute_stream` itself (not just inherit `PluginInterface`'s, which yields `execute()` once)?"
+    from cjm_workers.remote.plugin import PluginInterface  # here: that module imports the worker, which imports this one
+    fn = getattr(cls, 'execute_stream', None)
+    return callable(fn) and fn is not PluginInterface.execute_stream
+
+# %% ../../nbs/core/adapters.ipynb #6d5449b9
+class SimplePluginManager:
+    "A plugin manager over plugin classes: each plugin is created and initialized on first use, then kept loaded."
+    def __init__(self,
+                 plugins:Union[Iterable[type], Dict[str, type]] # plugin classes (each with a `name`), or {name: class}
+                ):
+        self.available: Dict[str, type] = dict(plugins) if isinstance(plugins, dict) else {_plugin_name(c): c for c in plugins}
+        self.plugins: Dict[str, Any] = {}  # name → loaded plugin
+
+    def discover_plugins(self)->List[PluginInfo]: return [PluginInfo(n, c) for n, c in self.available.items()]
+
+    def load_plugin(self, plugin_data:PluginInfo, config:Optional[dict])->bool:
+        "Create the plugin and initialize it with `config` (an exception is the load's error, naming the plugin)."
+        plugin = plugin_data.cls()
+        plugin.initialize(dict(config or {}))
+        self.plugins[plugin_data.name] = plugin
+        return True
+
+    def get_plugin(self, plugin_name:str)->Any: return self.plugins.get(plugin_name)
+    def execute_plugin(self, plugin_name:str, **params)->Any: return self.plugins[plugin_name].execute(**params)
+    def execute_plugin_stream(self, plugin_name:str, **params)->Iterator[Any]:
+        return self.plugins[plugin_name].execute_stream(**params)
+
+    def check_streaming_support(self, plugin_name:str)->bool:
+        cls = self.available.get(plugin_name)
+        streams = getattr(cls, 'streams', None)
+        return streams if isinstance(streams, bool) else cls is not None and _own_stream(cls)
+
+    def reload_plugin(self, plugin_name:str, config:Optional[dict]=None)->bool:
+        "Re-configure a loaded plugin (`initialize` again); `None` unloads it, as the protocol says."
+        if config is None: return self.unload_plugin(plugin_name)
+        plugin = self.plugins.get(plugin_name)
+        if plugin is None: return self.load_plugin(PluginInfo(plugin_name, self.available[plugin_name]), config)
+        plugin.initialize(dict(config))
+        return True
+
+    def unload_plugin(self, plugin_name:str)->bool:
+        plugin = self.plugins.pop(plugin_name, None)
+        cleanup = getattr(plugin, 'cleanup', None)
+        if callable(cleanup): cleanup()
+        return True
+
+    def cancel_plugin(self, plugin_name:str)->None:
+        "The cooperative cancel of a running job: the plugin's `cancel()`, if it has one."
+        cancel = getattr(self.plugins.get(plugin_name), 'cancel', None)
+        if callable(cancel): cancel()

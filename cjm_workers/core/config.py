@@ -16,7 +16,7 @@ __all__ = ['RestartPolicy', 'WorkerConfig']
 class RestartPolicy(Enum):
     "Policy for restarting worker processes after failures."
     NEVER = "never"  # never restart a worker automatically
-    ON_CANCELLATION = "on_cancellation"  # restart only after a hard cancel killed the worker
+    ON_CANCELLATION = "on_cancellation"  # restart after a hard cancel, or a crash whose job will be retried
     ALWAYS = "always"  # restart at once after a hard cancel or a crash
     BACKOFF = "backoff"  # restart after a hard cancel at once, after the n-th consecutive crash after a delay
 

@@ -1,0 +1,37 @@
+"""The README's "Using it" example, run as written: its `# <path>` code blocks become files of a scratch project,
+and a real FastHTML app (its lifespan, a real worker process) answers the route."""
+import re, subprocess, sys, textwrap
+from pathlib import Path
+
+README = Path(__file__).parent.parent / 'README.md'
+
+
+def example_files() -> dict:
+    "The README's python code blocks whose first line is `# <path>.py`, by path."
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    return {m.group(1): b for b in blocks if (m := re.match(r"# (\S+\.py)\n", b))}
+
+
+def test_the_readme_example_runs_as_written(tmp_path):
+    files = example_files()
+    assert set(files) == {'myapp/jobs.py', 'app.py'}, list(files)
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    (tmp_path / 'myapp' / '__init__.py').write_text('')
+    check = textwrap.dedent("""
+        import psutil
+        from starlette.testclient import TestClient
+        from app import app, manager
+        if __name__ == '__main__':
+            with TestClient(app) as client:
+                r = client.post('/transcribe', data={'audio_path': 'talk.wav'})
+                assert r.status_code == 200 and r.text == 'transcript of talk.wav', (r.status_code, r.text)
+                job = manager.get_all_jobs()[0]
+                assert (job.status, job.progress, job.result['metadata']) == ('completed', 1.0, {'model': 'model base'})
+                pid = manager.get_worker_stats()[0]['pid']
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            print('ok')
+        """)
+    p = subprocess.run([sys.executable, '-c', check], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == 'ok', p.stdout + p.stderr[-3000:]
