@@ -109,3 +109,24 @@ async def test_a_shutdown_that_blocks_the_loop_still_reads_a_streaming_worker_un
     mgr.shutdown()  # synchronous, on the loop's thread: the loop reads nothing until it returns
     assert proc.exitcode == 0, proc.exitcode  # it stopped by itself (a kill would be -15 or -9)
     assert job.status == 'cancelled' and job.reason == 'the manager shut down'
+
+
+async def test_a_second_running_event_loop_is_refused_with_a_clear_error():
+    """UAT finding: a manager used from a second event loop while its first still ran hung (a job's `wait_for_job` on
+    one loop returned only when that loop woke up for another reason) or failed with "The future belongs to a
+    different loop". Now the second loop gets a RuntimeError saying why; the first loop keeps the manager."""
+    mgr = ReferenceJobManager()
+    try:
+        job = await mgr.start_job('echo', text='first')
+        errors = []
+        def other_thread():
+            async def use():
+                try: await mgr.start_job('echo', text='second')
+                except RuntimeError as e: errors.append(str(e))
+            asyncio.run(use())
+        t = threading.Thread(target=other_thread); t.start()
+        await asyncio.to_thread(t.join, T)
+        assert len(errors) == 1 and 'used from another event loop that is still running' in errors[0], errors
+        assert (await mgr.wait_for_job(job.id, timeout=T)).status == 'completed'
+        assert [j.params['text'] for j in mgr.get_all_jobs()] == ['first']  # the refused call made no job
+    finally: await mgr.ashutdown()

@@ -229,12 +229,18 @@ async def test_a_second_live_manager_on_the_same_jobs_is_refused(mk, tmp_path):
     with pytest.raises(JobStoreLocked, match='another running manager'): await m2.start()
     assert m2.get_job(job.id).result['text'] == 'one'  # it may read
     with pytest.raises(JobStoreLocked): await m2.start_job('echo', text='two')
+    # waiting on a job the live manager owns raises at once (before: it waited for ever; m2 never learns its end)
+    slow = await m1.start_job('slow', seconds=0.3)
+    assert m1.job_store.flush(10)  # its row is in the file
+    with pytest.raises(RuntimeError, match='has not started: start'): await asyncio.wait_for(m2.wait_for_job(slow.id), 5)
+    assert (await asyncio.wait_for(m2.wait_for_job(job.id), 5)).result['text'] == 'one'  # a finished one: returned
+    assert (await m1.wait_for_job(slow.id, timeout=30)).status == 'completed'
     other = mk(SQLiteJobStore(db), worker_type='other')  # another worker type: its own table and lease
     assert (await run_job(other, 'echo', text='x')).status == 'completed' and other.count_jobs() == 1
-    assert m1.count_jobs() == 1
+    assert m1.count_jobs() == 2
     await m1.ashutdown()
     await m2.start()  # the lease was released
-    assert (await run_job(m2, 'echo', text='two')).status == 'completed' and m2.count_jobs() == 2
+    assert (await run_job(m2, 'echo', text='two')).status == 'completed' and m2.count_jobs() == 3
 
 
 def test_one_store_serves_one_manager(tmp_path):
@@ -503,3 +509,38 @@ async def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_not
     assert back.status == 'completed' and back.result == {'text': 'kept'}
     store.close()
     with pytest.raises(ValueError, match='retry_interval'): SQLiteJobStore(db, retry_interval=0)
+
+
+_EARLY_KILL_APP = r"""
+import asyncio, json, os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from cjm_workers.stores.sqlite import SQLiteJobStore
+from _d_helpers import StoreJobManager
+async def main():
+    store = SQLiteJobStore(sys.argv[1])
+    mgr = StoreJobManager(store)
+    await mgr.start(wait=True)
+    up = (store.writer_pid is not None, store.committed >= 1)  # its writer process answered before any job
+    ids = [(await mgr.start_job('echo', text=str(i))).id for i in range(20)]
+    await asyncio.sleep(0.3)
+    print(json.dumps({'up': up, 'ids': ids}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+if __name__ == '__main__': asyncio.run(main())
+"""
+
+
+async def test_jobs_started_right_after_start_survive_an_early_sigkill(mk, tmp_path):
+    """UAT finding: the writer process started only at the first commit (0.1 s or more for `python -c` to start), so
+    an app SIGKILLed in its first fraction of a second lost jobs `start_job` had returned, even jobs that ran. Now
+    `start()` starts the writer and `start(wait=True)` waits until it has answered."""
+    db = tmp_path / 'jobs.db'
+    p = subprocess.run([sys.executable, '-c', _EARLY_KILL_APP, str(db), str(Path(__file__).parent)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info['up'] == [True, True]
+    m = mk(SQLiteJobStore(db))
+    assert [m.get_job(i) is not None for i in info['ids']] == [True] * 20  # every job is in the file
+    await m.start()
+    ended = [await m.wait_for_job(i, timeout=T) for i in info['ids']]
+    assert all(j.status in ('completed', 'failed') for j in ended), [(j.status, j.reason) for j in ended]

@@ -252,3 +252,31 @@ async def test_a_store_is_read_without_its_manager_by_naming_the_worker_type(mk,
     with pytest.raises(RuntimeError) as e: SQLiteJobStore(db).get(job.id)
     assert "worker_type='...'" in str(e.value) and "jobs_transcription (worker_type='transcription')" in str(e.value)
     with pytest.raises(ValueError, match="serves the 'transcription' manager"): StoreJobManager(SQLiteJobStore(db, worker_type='transcription'), worker_type='other')
+
+
+@pytest.mark.parametrize('how', ['deleted', 'replaced'])
+async def test_a_database_file_deleted_or_replaced_while_in_use_makes_the_store_fail_loudly(mk, tmp_path, caplog, how):
+    """UAT finding: deleting the file under a running app let the writer go on committing into the unlinked file; the
+    health check said ok, shutdown reported nothing unwritten, and after a restart every job was gone. Now the store
+    notices before the next batch, writes nothing more (a new, partial file would hide the loss), reports it in the
+    health check and the log, keeps the jobs in memory, and shutdown lists what it could not write."""
+    db = tmp_path / 'jobs.db'
+    store = SQLiteJobStore(db, retry_interval=0.05, close_timeout=1.0)
+    mgr = mk(store)
+    first = await run_job(mgr, 'echo', text='first')
+    caplog.set_level('WARNING', logger=LOG)
+    for suffix in ('', '-wal', '-shm'): (tmp_path / f'jobs.db{suffix}').unlink(missing_ok=True)
+    if how == 'replaced': shutil.copy(Path(__file__), db)  # another file where the database was
+    later = [await mgr.start_job('echo', text=str(i)) for i in range(3)]
+    await wait_until(lambda: store.failing, T)
+    ended = await asyncio.wait_for(asyncio.gather(*(mgr.wait_for_job(j.id) for j in later)), T)
+    assert [j.status for j in ended] == ['completed'] * 3  # the jobs run; their states wait in memory
+    h = mgr.get_health()
+    assert not h['ok'] and f"was {'deleted' if how == 'deleted' else 'replaced by another file'}" in h['problems'][0], h
+    assert mgr.get_job(later[0].id).status == 'completed' and mgr.get_job(first.id).result['text'] == 'first'
+    await mgr.ashutdown()
+    assert set(store.unwritten) >= {j.id for j in later}, store.unwritten
+    if how == 'deleted': assert not db.exists()  # no new, partial file was made at that path
+    else: assert db.read_bytes() == Path(__file__).read_bytes()  # the other file is left as it is
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any('while the job store was using it' in e for e in errors), errors[:3]

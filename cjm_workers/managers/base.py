@@ -493,7 +493,9 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
         elif status == 'cancelled' and self._closed: self._stopped_at_shutdown(job, msg.get('data'), asked)
         elif status == 'cancelled':
             job.result = msg.get('data')
-            self._terminal(job, 'cancelled', reason='cancelled on request' if msg.get('started', True) else 'cancelled before it started')
+            if not asked and msg.get('error'): why = f"cancelled by the plugin ({msg['error']})"  # it gave up on its own
+            else: why = 'cancelled on request' if msg.get('started', True) else 'cancelled before it started'
+            self._terminal(job, 'cancelled', reason=why)
         else:
             err = msg.get('error') or 'the worker reported an error without a message'
             self._fail_run(job, err, err, msg.get('traceback'))
@@ -1092,6 +1094,11 @@ def _bind_loop(self:BaseJobManager):
     "Called first by every coroutine method: the loop it runs on becomes the manager's (and reads the workers' pipes)."
     loop = asyncio.get_running_loop()
     if self._loop is loop: return
+    old = self._loop
+    if old is not None and not old.is_closed() and old.is_running():
+        raise RuntimeError(f"this {self.worker_type} job manager is used from another event loop that is still running; "
+                           f"a manager serves one event loop at a time (create one manager per loop, or call it on "
+                           f"its loop: asyncio.run_coroutine_threadsafe(coro, loop))")
     with self._lock:
         self._loop, self._kick_posted = loop, False  # a kick queued on an old loop never runs
         for s in self._slots:
@@ -1106,6 +1113,7 @@ def _ensure_started(self:BaseJobManager):
         store = self._store
         store.acquire(self._owner)  # JobStoreLocked if another live manager owns these jobs: nothing started yet
         if hasattr(store, 'on_commit'): store.on_commit = _commit_callback(self._self_ref)
+        store.open()  # a durable store starts writing now, so that the first jobs are in the file at once
         self._next_seq = store.max_seq() + 1
         self._started = True
         self._recover()
@@ -1162,7 +1170,7 @@ def _check_taken_over(self:BaseJobManager, job_id:str):
 # %% ../../nbs/managers/base.ipynb #46faf8d7
 @patch
 async def start(self:BaseJobManager,
-                wait:bool=False, # wait until every worker is ready (or failed)
+                wait:bool=False, # wait until every worker is ready (or failed), and a durable store's writer too
                 timeout:Optional[float]=None # seconds to wait (default: twice worker_start_timeout_seconds)
                )->None:
     "Start the workers and the management thread (idempotent). Jobs started earlier start it too."
@@ -1170,7 +1178,11 @@ async def start(self:BaseJobManager,
     prepare = getattr(self.worker_config.backend, 'prepare', None)
     if callable(prepare): await asyncio.to_thread(prepare)  # e.g. connect to Ray: seconds, so off the event loop
     self._ensure_started()
-    if wait: await self.wait_until_ready(timeout)
+    if wait:
+        t0 = time.monotonic()
+        await self.wait_until_ready(timeout)
+        left = (self.worker_config.worker_start_timeout_seconds * 2 if timeout is None else timeout) - (time.monotonic() - t0)
+        await asyncio.to_thread(self._store.flush, max(left, 0.0))  # and the store's writer (a durable store's) is up
 
 @patch
 async def wait_until_ready(self:BaseJobManager,
@@ -1297,7 +1309,9 @@ async def wait_for_job(self:BaseJobManager,
     "Wait until a job is completed, failed or cancelled (raises `KeyError` for an unknown id, `TimeoutError`)."
     self._bind_loop()
     with self._lock: job = self.jobs.get(job_id)
-    if job is None: job = self._store.get(job_id)  # finished a while ago (or queued by another process)
+    if job is None:
+        self._check_taken_over(job_id)  # a stored job this manager has not taken over: it would wait for ever
+        job = self._store.get(job_id)  # finished a while ago
     if job is None: raise KeyError(f"unknown job {job_id!r}")
     with self._lock:
         if job_id in self._kept: raise RuntimeError(f"the manager shut down; job {job_id} stays pending in the job store")

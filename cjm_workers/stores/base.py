@@ -69,6 +69,9 @@ class JobStore(ABC):
     def committed(self)->int:
         "The highest ticket whose state is written (a store that writes at once: always ahead)."
         return 1 << 62
+    def open(self)->int:
+        "Get ready to write without blocking (e.g. start a writer process); the manager calls it at start. Returns a ticket: ready once `committed` reaches it."
+        return 0
     @property
     def failing(self)->bool:
         "Are the writes failing now (so `committed` may not reach what was saved for a while)?"

@@ -19,7 +19,7 @@ from fastcore.basics import patch
 from fastlite import Database
 
 from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq
-from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_process, rollback, safe_repr,
+from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_process, check_file, rollback, safe_repr,
                                               TAG, _PLAIN, _TAGGERS)
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,8 @@ class SQLiteJobStore(JobStore):
         self._w = None  # its writer (process handle, or `WriterThread`)
         self.writer_pid: Optional[int] = None  # the writer process, while it runs
         self._stopping = self._abort = False
+        self._opening = False  # `open` asked the sender thread to start the writer process before any job is saved
+        self._file_id: Optional[tuple] = None  # (st_dev, st_ino) of the file, once opened: another file there is refused
         self._deadline = math.inf  # when stopping: the time the sender gives up
         self._last_error: Optional[str] = None
         self._rlock = threading.RLock()  # guards the connections (also used for the schema)
@@ -332,8 +334,13 @@ def _connect(self:SQLiteJobStore, readonly:bool):
     "A fastlite database on a new connection: read-only, or read-write (creating the file and its folders, WAL on)."
     if readonly: conn = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
     else:
+        if self._file_id is not None:  # the file this store wrote: reopening must not create or take another one
+            check_file(self.path, self._file_id)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = apsw.Connection(self.path)
+        if self._file_id is None:
+            st = os.stat(self.path)
+            self._file_id = (st.st_dev, st.st_ino)
     try:
         conn.set_busy_timeout(int(self.busy_timeout * 1000))
         db = Database(conn)
@@ -400,6 +407,18 @@ def _save(self:SQLiteJobStore, job, request:Optional[bytes]=None)->int:
 
 @patch(as_prop=True)
 def committed(self:SQLiteJobStore)->int: return self._committed
+
+@patch
+def open(self:SQLiteJobStore)->int:
+    """Start the sender thread and the writer process now, not at the first save (the manager calls it at start): a
+    writer process takes 0.1 s or more to start, and jobs saved before it runs are not in the file yet. Returns a
+    ticket that `committed` reaches once the writer process has answered (an empty batch), i.e. is ready."""
+    with self._cv:
+        self._ticket += 1
+        self._opening = True
+        if self._writer is None: self._start_writer()
+        self._cv.notify_all()
+        return self._ticket
 
 @patch(as_prop=True)
 def failing(self:SQLiteJobStore)->bool:
@@ -482,8 +501,8 @@ def _write_loop(self:SQLiteJobStore):
     w, sent, err, gave_up = None, 0.0, None, False
     while True:
         with self._cv:
-            while not self._dirty and not self._stopping: self._cv.wait()
-            if not self._dirty: break
+            while not self._dirty and not self._stopping and not self._opening: self._cv.wait()
+            if not self._dirty and not self._opening: break
             if self._abort:
                 gave_up = True
                 break
@@ -494,7 +513,7 @@ def _write_loop(self:SQLiteJobStore):
         with self._wlock:
             with self._cv:
                 batch, self._dirty, upto = self._dirty, {}, self._ticket
-                self._writing = batch
+                self._writing, self._opening = batch, False  # (an empty batch for `open`: the writer is up once answered)
             try:
                 self._make_schema()  # before a new writer process opens the file: it then sees the whole schema
                 if w is None:
@@ -528,7 +547,7 @@ def _write_loop(self:SQLiteJobStore):
                 if err is None:
                     self.failures, self._failing_since = 0, None
                     self._committed = max(self._committed, upto)
-                    self.stats['batches'] += 1; self.stats['rows'] += len(batch)
+                    if batch: self.stats['batches'] += 1; self.stats['rows'] += len(batch)
                     self._cv.notify_all()
                 else:
                     for k, v in batch.items():
@@ -621,10 +640,10 @@ def _new_writer(self:SQLiteJobStore):
     "A writer process; a writer thread where no process can be started (see `WriterThread`)."
     why = can_start_process()
     if why is None:
-        try: return WriterProcess(self.path, self.busy_timeout, self.synchronous)
+        try: return WriterProcess(self.path, self.busy_timeout, self.synchronous, self._file_id)
         except OSError as e: why = f"starting {sys.executable!r} failed: {type(e).__name__}: {e}"
     log.warning("job store %s: no writer process (%s); writing from a thread of the app instead (slower)", self.path, why)
-    return WriterThread(self.path, self.busy_timeout, self.synchronous)
+    return WriterThread(self.path, self.busy_timeout, self.synchronous, self._file_id)
 
 # %% ../../nbs/stores/sqlite.ipynb #5f8b4e65
 @patch

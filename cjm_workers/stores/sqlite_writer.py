@@ -18,8 +18,8 @@ from ..core.channel import _header, _parse, _write_all
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TAG', 'Tag', 'safe_repr', 'pack', 'pack_batch', 'encode', 'rollback', 'serve', 'WriterGone', 'WriterProcess',
-           'can_start_process', 'WriterThread']
+__all__ = ['log', 'TAG', 'Tag', 'safe_repr', 'pack', 'pack_batch', 'encode', 'rollback', 'FileReplacedError', 'check_file',
+           'serve', 'WriterGone', 'WriterProcess', 'can_start_process', 'WriterThread']
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #eb632b81
 TAG = '$cjm'  # the key of a tagged JSON value: {"$cjm": kind, "v": value}
@@ -249,6 +249,22 @@ def rollback(conn)->None:
         try: conn.execute('ROLLBACK')
         except Exception: pass  # the error that led here is the one to report
 
+class FileReplacedError(OSError):
+    "The database file was deleted or replaced by another file while a store was using it."
+    def __init__(self, path:str, deleted:bool):
+        super().__init__(f"the database file {path} was {'deleted' if deleted else 'replaced by another file'} while the "
+                         f"job store was using it: the jobs written before are not in the file at that path, so the store "
+                         f"writes nothing more (restart the app to begin a new file, or put the old file back)")
+
+def check_file(path:str, # the database file
+               file_id:Optional[tuple] # (st_dev, st_ino) the store expects there, or None (anything goes)
+              )->None:
+    "Raise `FileReplacedError` if the file at `path` is not the one the store expects (deleted, or replaced)."
+    if file_id is None: return
+    try: st = os.stat(path)
+    except FileNotFoundError: st = None
+    if st is None or (st.st_dev, st.st_ino) != tuple(file_id): raise FileReplacedError(path, st is None)
+
 class _Db:
     """The writer process's connection and the statements it was given.
 
@@ -256,6 +272,8 @@ class _Db:
     final one) is written as an UPDATE of the columns that changed, not as a full upsert."""
     def __init__(self, cfg:dict):
         import apsw
+        self.path, self.file_id = cfg['path'], cfg.get('file_id')  # (st_dev, st_ino) the store expects, if known
+        self.check_file()  # before opening: opening a missing file would create a new, empty one
         self.conn = apsw.Connection(cfg['path'])
         self.conn.set_busy_timeout(int(cfg.get('busy_timeout', 10.0) * 1000))
         self.conn.execute('PRAGMA journal_mode=WAL')
@@ -288,11 +306,14 @@ class _Db:
             try: conn.executemany(sc.upsert, encode(full, sc.n_plain))
             except _REFUSED: conn.executemany(sc.upsert, encode(full, sc.n_plain, safe=True))
 
+    def check_file(self)->None: check_file(self.path, self.file_id)
+
     def write(self, schemas:dict, groups:dict)->Optional[str]:
         "Write one batch in one transaction; None, or the error after a rollback."
         for k, v in schemas.items(): self.schemas[k] = _Schema(*v)
         conn = self.conn
         try:
+            self.check_file()  # one stat per batch: writes into a deleted file would vanish without a word
             conn.execute('BEGIN IMMEDIATE')
             try:
                 for key, rows in groups.items(): self._write(self.schemas[key], rows)
@@ -360,7 +381,8 @@ class WriterProcess:
     def __init__(self,
                  path:str, # the database file
                  busy_timeout:float=10.0, # seconds to wait for another connection's write lock
-                 synchronous:str='NORMAL' # SQLite's `synchronous` setting for the writes
+                 synchronous:str='NORMAL', # SQLite's `synchronous` setting for the writes
+                 file_id:Optional[tuple]=None # (st_dev, st_ino) of the file the store uses: any other is refused
                 ):
         "Start the process and send it its settings."
         data_r, self._data_w = os.pipe()
@@ -375,7 +397,7 @@ class WriterProcess:
         finally:
             os.close(data_r); os.close(ack_w)
         self.pid, self.known, self._n, self._buf = self.proc.pid, set(), 0, bytearray()
-        try: self._send(pickle.dumps({'path': path, 'busy_timeout': busy_timeout, 'synchronous': synchronous}))
+        try: self._send(pickle.dumps({'path': path, 'busy_timeout': busy_timeout, 'synchronous': synchronous, 'file_id': file_id}))
         except BaseException:
             self.kill()
             raise
@@ -447,9 +469,10 @@ class WriterThread:
     def __init__(self,
                  path:str, # the database file
                  busy_timeout:float=10.0, # seconds to wait for another connection's write lock
-                 synchronous:str='NORMAL' # SQLite's `synchronous` setting for the writes
+                 synchronous:str='NORMAL', # SQLite's `synchronous` setting for the writes
+                 file_id:Optional[tuple]=None # (st_dev, st_ino) of the file the store uses: any other is refused
                 ):
-        self.known, self.db = set(), _Db({'path': path, 'busy_timeout': busy_timeout, 'synchronous': synchronous})
+        self.known, self.db = set(), _Db({'path': path, 'busy_timeout': busy_timeout, 'synchronous': synchronous, 'file_id': file_id})
 
     def commit(self, schemas:dict, groups:dict, odd:Optional[set]=None, lost:Optional[list]=None)->Optional[str]:
         "Write one batch now; None when committed, else the error (rolled back)."
