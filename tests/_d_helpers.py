@@ -2,8 +2,9 @@
 
 - `StoreJobManager`: the reference manager with a `job_store` keyword (the reference manager's constructor predates it);
   the `mk` fixture (conftest) builds them and shuts them down after the test; `run_job` starts a job and waits for it.
-- `d_worker`: the reference plugins plus `env` (returns the worker's environment variables asked for) and `flaky`
-  (fails until it has been run `fail_times` times for one `key`, counting in a file, then succeeds).
+- `d_worker`: the reference plugins plus `env` (returns the worker's environment variables asked for), `flaky`
+  (fails until it has been run `fail_times` times for one `key`, counting in a file, then succeeds) and `runlog`
+  (appends the job's id to a file each time it runs: how many times did a job run?).
 """
 import os, time
 from pathlib import Path
@@ -32,7 +33,20 @@ class FlakyPlugin(ReferencePlugin):
         return {'text': f"run {n}", 'metadata': {'pid': os.getpid()}}
 
 
-def _pm(): return ReferencePluginManager({**REFERENCE_PLUGINS, 'env': EnvPlugin, 'flaky': FlakyPlugin})
+class RunLogPlugin(ReferencePlugin):
+    "Appends `<job id>\\n` to the file `log` (one write), sleeps `sleep` seconds, returns the job id."
+    name = 'runlog'
+    def execute(self, log='', sleep=0.0, **kwargs):
+        from cjm_workers.core.worker import current_job
+        jid = current_job().job_id
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try: os.write(fd, f"{jid}\n".encode())
+        finally: os.close(fd)
+        if sleep: time.sleep(sleep)
+        return {'text': jid, 'metadata': {}}
+
+
+def _pm(): return ReferencePluginManager({**REFERENCE_PLUGINS, 'env': EnvPlugin, 'flaky': FlakyPlugin, 'runlog': RunLogPlugin})
 
 
 def d_worker(request_queue, result_queue, response_queue):

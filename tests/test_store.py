@@ -544,3 +544,52 @@ async def test_jobs_started_right_after_start_survive_an_early_sigkill(mk, tmp_p
     await m.start()
     ended = [await m.wait_for_job(i, timeout=T) for i in info['ids']]
     assert all(j.status in ('completed', 'failed') for j in ended), [(j.status, j.reason) for j in ended]
+
+
+_DUP_APP = r"""
+import asyncio, json, os, signal, sys, time
+sys.path.insert(0, sys.argv[2])
+from cjm_workers.stores.sqlite import SQLiteJobStore
+from _d_helpers import StoreJobManager
+async def main(db, log, delay, retries):
+    mgr = StoreJobManager(SQLiteJobStore(db), config=dict(max_workers=2))
+    await mgr.start(wait=True)
+    ids = [(await mgr.start_job('runlog', log=log, sleep=0.002, max_retries=retries if i % 2 else 0)).id for i in range(150)]
+    print(json.dumps(ids), flush=True)
+    await asyncio.sleep(delay)  # jobs run and finish; their states are written behind
+    os.kill(os.getpid(), signal.SIGKILL)
+if __name__ == '__main__': asyncio.run(main(sys.argv[1], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])))
+"""
+
+
+@pytest.mark.parametrize('delay', [0.02, 0.1, 0.25])
+async def test_a_sigkilled_app_never_runs_a_job_twice_that_did_not_opt_into_retries(mk, tmp_path, delay):
+    """UAT finding: states are written behind, so after a SIGKILL a job a worker had already run (even finished) could
+    still read `pending` in the file; recovery queued it again and it ran twice, its record showing one attempt. Now
+    the manager's start journal says which jobs went to a worker: such a job counts the attempt and is failed
+    `interrupted` (a job that opted into retries runs again, its attempt logged)."""
+    db, log = tmp_path / 'jobs.db', tmp_path / 'runs.log'
+    p = subprocess.run([sys.executable, '-c', _DUP_APP, str(db), str(Path(__file__).parent), str(log), str(delay), '2'],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    ids = json.loads(p.stdout.strip().splitlines()[-1])
+    before = log.read_text().split() if log.exists() else []
+    assert before, "no job ran before the kill: the test proves nothing"
+    m = mk(SQLiteJobStore(db), config=dict(max_workers=2))
+    await m.start(wait=True)  # (the store's writer is up and what recovery decided is written)
+    jobs = [await m.wait_for_job(i, timeout=T) for i in ids]
+    runs = {}
+    for jid in log.read_text().split(): runs[jid] = runs.get(jid, 0) + 1
+    once = [j for j in jobs if not j.max_retries]
+    assert all(runs.get(j.id, 0) <= 1 for j in once), [(j.id[:8], runs[j.id], j.status) for j in once if runs[j.id] > 1]
+    for j in jobs:  # every job ended, and its record tells how often it may have run
+        assert j.status in ('completed', 'failed'), (j.status, j.reason)
+        if j.status == 'failed': assert j.reason == 'interrupted' and runs.get(j.id, 0) <= 1 and j.attempts == 1, j
+        assert runs.get(j.id, 0) <= j.attempts <= 1 + j.max_retries, (j.id[:8], runs.get(j.id), j.attempts, j.attempt_log)
+        if j.max_retries and runs.get(j.id, 0) == 2: assert [a['reason'] for a in j.attempt_log] == ['interrupted']
+    assert m.count_jobs('pending') == m.count_jobs('running') == 0
+    journal = Path(m.job_store.journal_path)
+    assert (await run_job(m, 'echo', text='x')).status == 'completed'  # a dispatch after recovery was committed ...
+    assert journal.exists() and not Path(f"{journal}.old").exists()  # ... retires what the dead app's journal said
+    await m.ashutdown()
+    assert not journal.exists()  # a clean shutdown, everything written: the journal has nothing more to say

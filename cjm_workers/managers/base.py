@@ -21,6 +21,7 @@ from ..core.process import describe_exit, kill_process_group, kill_worker_tree, 
 from ..core.worker import LOG_LEVEL_ENV
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
 from ..stores.base import JobStore, MemoryJobStore
+from ..stores.journal import StartJournal
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._stop_reason = 'the manager shut down'  # why shutdown cancels a job
         self._flags = {'closed': False}  # shared with the finalizer, which may close the manager at exit
         self._finalizer = None
+        self._journal: Optional[StartJournal] = None  # a durable store's start journal (which jobs went to a worker)
+        self._old_journal: Optional[dict] = None  # while an old journal file waits to be retired: {'wait', 'ticket'}
 
     @abstractmethod
     def create_job(self,
@@ -736,6 +739,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
             self._fail_run(job, err, err)
             retry = retry or job.status == 'pending'  # it will run again: it needs a worker
     for job in requeue: self._pending.push(job.id, job.priority)  # back at their places: ahead of younger jobs
+    if requeue and self._journal is not None: self._note_sent([('-', j.attempts + 1, j.id) for j in requeue])  # not started
     for fut in slot.commands.values():
         if not fut.done(): fut.set_result({'success': False, 'error': f"the worker process {how}"})
     slot.commands.clear(); slot.inflight.clear(); slot.cancel_deadlines.clear(); slot.loaded.clear()
@@ -787,7 +791,7 @@ def _dispatch(self:BaseJobManager)->list:
         now = time.monotonic()
         caps = {s: cap if s.quick and (s.run_t0 is None or now - s.run_t0 < q) else 1 for s in avail}
     else: caps = dict.fromkeys(avail, cap)
-    pending, jobs = self._pending, self.jobs
+    pending, jobs, journal, sent = self._pending, self.jobs, self._journal, []
     maxj = self.worker_config.max_jobs_per_worker  # a worker gets no more jobs than it may run before it is recycled
     limit = self.worker_config.max_loaded_plugins
     while pending and avail:
@@ -805,6 +809,8 @@ def _dispatch(self:BaseJobManager)->list:
         if limit: _touch(s.plugins, job.plugin_name, None, limit)
         else: s.plugins[job.plugin_name] = None
         out.setdefault(s.index, (s, []))[1].append(self._requests[jid][0])
+        if journal is not None: sent.append(('+', job.attempts + 1, jid))
+    if sent: self._note_sent(sent)  # in the journal before any of them reaches a worker
     return list(out.values())
 
 def _touch(lru:dict, name, value, limit:int):
@@ -830,6 +836,24 @@ def _send(sends:list, control:bool=False)->bool: # True if a request pipe now ha
         except (OSError, ValueError, AttributeError) as e:  # the worker is going away; its exit handler requeues
             log.debug("could not send to worker %s: %s", slot.pid, e)
     return backlog
+
+# %% ../../nbs/managers/base.ipynb #307a9828
+@patch
+def _note_sent(self:BaseJobManager, entries:list):
+    "Append (sign, attempt, job id) entries to the start journal (under the lock), then retire or rotate its files."
+    self._journal.write(entries)
+    old = self._old_journal
+    if old is None:
+        if self._journal.rotate():  # the jobs out with workers now may have lines in the old file
+            self._old_journal = {'wait': {jid for s in self._slots for jid in s.inflight}, 'ticket': None}
+        return
+    if old['wait']:
+        old['wait'] = {jid for jid in old['wait'] if any(jid in s.inflight for s in self._slots)}
+        if old['wait']: return
+    if old['ticket'] is None: old['ticket'] = self._store.saved  # they have all left the workers: their states are saved
+    if self._store.committed >= old['ticket']:
+        self._journal.retire_old()
+        self._old_journal = None
 
 # %% ../../nbs/managers/base.ipynb #a424393e
 def _monitor_results(ref, wake_fd:int):
@@ -1114,6 +1138,7 @@ def _ensure_started(self:BaseJobManager):
         store.acquire(self._owner)  # JobStoreLocked if another live manager owns these jobs: nothing started yet
         if hasattr(store, 'on_commit'): store.on_commit = _commit_callback(self._self_ref)
         store.open()  # a durable store starts writing now, so that the first jobs are in the file at once
+        if (jp := store.journal_path) is not None: self._journal = StartJournal(jp)
         self._next_seq = store.max_seq() + 1
         self._started = True
         self._recover()
@@ -1128,22 +1153,27 @@ def _ensure_started(self:BaseJobManager):
 
 # %% ../../nbs/managers/base.ipynb #070e5fe8
 _INTERRUPTED = "Interrupted: the process that ran the job ended while it was running"
+_SENT = ("Interrupted: the app's process ended after it had sent the job to a worker and before the job's state was "
+         "written (it may have run, in part or in full); it is not run again unless it opted into retries")
 
 @patch
 def _recover(self:BaseJobManager):
     "Take over the jobs an earlier process left unfinished in the store (under the lock, at start)."
     queued = interrupted = 0
+    sent = self._journal.recover() if self._journal is not None else {}  # job id → the last attempt sent to a worker
     for job, request in self._store.unfinished():
         if job.id in self.jobs: continue
         self.jobs[job.id] = job
-        if job.status == 'running' or request is None: interrupted += 1
+        maybe = job.status == 'pending' and sent.get(job.id, 0) > job.attempts  # sent: it may have run (state not written)
+        if job.status == 'running' or maybe or request is None: interrupted += 1
         else: queued += 1
         if request is not None:
             try: config = pickle.loads(request).get('plugin_config') or {}
             except Exception: config = {}
             self._requests[job.id] = (request, config)
-        if job.status == 'running':  # its process died mid-run: failed, or retried if it opted in
-            self._fail_run(job, 'interrupted', _INTERRUPTED)
+        if job.status == 'running' or maybe:  # its process died mid-run: failed, or retried if it opted in
+            if maybe: job.attempts = sent[job.id]  # the run counts, as a run the file knew of would
+            self._fail_run(job, 'interrupted', _SENT if maybe else _INTERRUPTED)
             continue
         if request is None:
             self._terminal(job, 'failed', reason='interrupted', error=_INTERRUPTED + " (its execute request was not stored)")
@@ -1155,6 +1185,8 @@ def _recover(self:BaseJobManager):
     if queued or interrupted:
         log.info("%s job manager: took over %d waiting jobs from the store (queued again) and %d that an earlier process "
                  "left running (interrupted: failed, or retried if they opted in)", self.worker_type, queued, interrupted)
+    if self._journal is not None:  # the old journal goes once what recovery decided is in the file
+        self._old_journal = {'wait': set(), 'ticket': self._store.saved}
 
 # %% ../../nbs/managers/base.ipynb #938f4426
 @patch
@@ -1669,6 +1701,8 @@ def shutdown(self:BaseJobManager,
         for fd in self._wake_fds: os.close(fd)
         self._wake_fds.clear()
     if self._finalizer is not None: self._finalizer.detach()
+    if self._journal is not None:  # before the lease goes: the next manager may start at once and read the journal
+        self._journal.close(clean=self._store.flush(getattr(self._store, 'close_timeout', 5.0)))
     if self._started:
         try: self._store.release()
         except Exception: log.exception("releasing the job store failed")

@@ -69,6 +69,14 @@ class JobStore(ABC):
     def committed(self)->int:
         "The highest ticket whose state is written (a store that writes at once: always ahead)."
         return 1 << 62
+    @property
+    def saved(self)->int:
+        "The ticket of the latest save (a store that writes at once: 0)."
+        return 0
+    @property
+    def journal_path(self)->Optional[str]:
+        "Where the manager keeps its start journal (`stores/journal`): a durable store's is beside its file; None for the others."
+        return None
     def open(self)->int:
         "Get ready to write without blocking (e.g. start a writer process); the manager calls it at start. Returns a ticket: ready once `committed` reaches it."
         return 0

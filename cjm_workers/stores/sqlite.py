@@ -408,6 +408,15 @@ def _save(self:SQLiteJobStore, job, request:Optional[bytes]=None)->int:
 @patch(as_prop=True)
 def committed(self:SQLiteJobStore)->int: return self._committed
 
+@patch(as_prop=True)
+def saved(self:SQLiteJobStore)->int: return self._ticket
+
+@patch(as_prop=True)
+def journal_path(self:SQLiteJobStore)->Optional[str]:
+    "`<path>-journal-<worker type>`, beside the lease file (None before a manager is bound)."
+    if self.namespace is None: return None
+    return f"{self.path}-journal-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.namespace)}"
+
 @patch
 def open(self:SQLiteJobStore)->int:
     """Start the sender thread and the writer process now, not at the first save (the manager calls it at start): a
