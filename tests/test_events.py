@@ -179,3 +179,30 @@ async def test_hanging_broadcast_is_abandoned_after_event_timeout(make_manager, 
     j = await mgr.wait_for_job((await mgr.start_job('echo', text='later')).id, timeout=T)
     await mgr.flush_events(timeout=T)
     assert [t for t, d in hb.events if d.get('job_id') == j.id] == ['reference:started', 'reference:completed']
+
+
+class NumberedBroadcaster:
+    "Numbers the events it gets (its `last_id`, as SSEBroadcaster's) and, like a broadcaster that awaits, yields to the loop."
+    def __init__(self): self.events, self.last_id = [], 0
+    async def broadcast(self, event_type, data):
+        await asyncio.sleep(0)
+        self.last_id += 1
+        self.events.append((self.last_id, event_type, data))
+
+
+@pytest.mark.backends('local')
+async def test_read_settled_pairs_a_state_with_exactly_the_events_that_made_it(make_manager):
+    """UAT finding: a job page opened during a fast token stream showed its last words again at the start of its
+    stream (2 to 6 pages in 60 over the SQLite store). The page flushed the events, then read the job and the last
+    event id; in between the loop could handle more chunks (the output grew, their events were queued after the id),
+    so the stream replayed text the page already held. `read_settled` reads both when no event is queued or in flight."""
+    bc = NumberedBroadcaster()
+    mgr = make_manager(event_broadcaster=bc, config=dict(prefetch=1))
+    job = await mgr.start_job('tokens', text=' '.join(f'w{i}' for i in range(2000)), delay=0.0002)
+    reads = bad = 0
+    while not job.is_terminal:
+        last, output = await mgr.read_settled(lambda: (bc.last_id, job.output), timeout=T)
+        upto = ''.join(d['chunk'] for i, t, d in bc.events if i <= last and t.endswith(':chunk') and d['job_id'] == job.id)
+        reads += 1; bad += output != upto
+        await asyncio.sleep(0)
+    assert reads > 10 and bad == 0, (reads, bad)

@@ -237,11 +237,12 @@ class JobRoutes:
 from fastcore.basics import patch
 
 @patch
-async def snapshot(self:JobRoutes)->int:
-    "Wait (briefly) until the manager's queued events reached the broadcaster; the broadcaster's newest event id."
-    try: await self.manager.flush_events(self.flush_timeout)
-    except (asyncio.TimeoutError, TimeoutError): log.warning("events still queued after %ss; the page may repeat some", self.flush_timeout)
-    return self.broadcaster.last_id
+async def snapshot(self:JobRoutes,
+                   read:Optional[Callable[[], Any]]=None # reads the state the page shows, at the same moment
+                  )->Any: # the broadcaster's newest event id (with `read`: that id and what `read` returned)
+    "The broadcaster's newest event id, taken when every event of the jobs' current state has reached it (`read_settled`)."
+    bc = self.broadcaster
+    return await self.manager.read_settled(lambda: bc.last_id if read is None else (bc.last_id, read()), self.flush_timeout)
 
 THREAD_ROWS = 200  # tables with more rows than this are rendered off the event loop
 
@@ -270,8 +271,8 @@ async def live_table(self:JobRoutes,
 @patch
 async def live_detail(self:JobRoutes, job)->tuple:
     "One job's detail and, unless it has ended, its sink."
-    after = await self.snapshot()
-    parts = (JobDetail(job, self.prefix, self.show_traceback),)
+    after, detail = await self.snapshot(lambda: JobDetail(job, self.prefix, self.show_traceback))  # state and id together
+    parts = (detail,)
     if not job.is_terminal: parts += (LiveUpdates(f"{self.url(job.id, 'stream')}?after={after}", dom_id(job.id, 'live')),)
     return parts
 

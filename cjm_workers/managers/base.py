@@ -360,6 +360,23 @@ def _kick(self:BaseJobManager):
     if self._events and (self._pump_task is None or self._pump_task.done()):
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())
 
+# %% ../../nbs/managers/base.ipynb #5ebd4d15
+@patch
+async def read_settled(self:BaseJobManager,
+                       read:Callable[[], Any], # reads what it needs (job state, the broadcaster's last event id) at once
+                       timeout:Optional[float]=None # seconds to wait for the broadcaster, in all
+                      )->Any: # what `read` returned
+    "Call `read()` when the broadcaster has every event of the jobs' current state and none of a later one (see above)."
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try: await self.flush_events(left)
+        except (asyncio.TimeoutError, TimeoutError): pass
+        with self._lock:
+            t = self._pump_task
+            if (not self._events and (t is None or t.done())) or (deadline is not None and time.monotonic() >= deadline):
+                return read()
+
 # %% ../../nbs/managers/base.ipynb #f64faa7e
 @patch
 def _flush(self:BaseJobManager):
