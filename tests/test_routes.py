@@ -512,3 +512,35 @@ def test_assets_path_serves_the_scripts_where_the_pages_load_them():
     with TestClient(app) as cli:
         assert all(cli.get(s).status_code == 200 for s in srcs)
         assert cli.get('/_cjm_workers/htmx-2.0.7.min.js').status_code == 404
+
+
+def test_an_api_client_follows_a_job_it_started_in_json_and_gets_json_errors():
+    """UAT findings from an API client: the 201 of a JSON start carried no event id, so a stream opened right after it
+    lost the first tokens (and a quick job's stream answered 204); the stream sent htmx fragments only; errors were
+    text/plain; a pending job's place in the queue was nowhere. Now: `stream` in the 201 resumes from before the job's
+    first event, `?format=json` streams the events themselves, errors are {"error": ...}, and a pending job has `position`."""
+    app, alpha, *_ = build(prefetch=1)
+    J = {'Accept': 'application/json'}
+    with TestClient(app) as cli:
+        r = cli.post('/alpha/start', json={'plugin_id': 'tokens', 'params': {'text': 'one two three', 'delay': 0}}, headers=J)
+        assert r.status_code == 201, r.text
+        jid, url = r.json()['id'], r.json()['stream']
+        cli.portal.call(alpha.wait_for_job, jid, 30)  # even after the job has ended, nothing is missed
+        with cli.stream('GET', url + '&format=json') as resp:
+            msgs = [json.loads(m) for m in sse_messages(resp.iter_lines(), until=lambda d: '"alpha:completed"' in d)]
+        assert [m['type'] for m in msgs] == ['alpha:pending', 'alpha:started'] + ['alpha:chunk'] * 3 + ['alpha:completed']
+        assert ''.join(m['data']['chunk'] for m in msgs if m['type'] == 'alpha:chunk') == 'one two three'
+        assert msgs[-1]['data']['result']['text'] == 'one two three'
+        # a pending job says where it stands
+        slow = cli.post('/alpha/start', json={'plugin_id': 'slow', 'params': {'seconds': 30}}, headers=J).json()['id']
+        cli.portal.call(wait_until, lambda: alpha.get_job(slow).status == 'running', 30)
+        queued = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'x'}}, headers=J).json()
+        assert queued['status'] == 'pending' and queued['position'] == 2
+        assert cli.get(f"/alpha/{queued['id']}", headers=J).json()['position'] == 2
+        # errors in JSON for JSON clients, plain text for the others
+        assert cli.get('/alpha/nope', headers=J).json() == {'error': "unknown job 'nope'"}
+        assert cli.get('/alpha/nope').headers['content-type'].startswith('text/plain')
+        r = cli.post(f'/alpha/{jid}/cancel', headers=J)
+        assert r.status_code == 409 and r.json() == {'error': f'job {jid} has already ended (completed)'}
+        assert cli.get(f'/alpha/{jid}/stream?after=0&format=xml', headers=J).json()['error'].startswith("format must be")
+        cli.portal.call(alpha.cancel_job, slow)

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import httpx, pytest
 from fasthtml.common import FastHTML, Div, P, to_xml
-from cjm_workers.fasthtml.sse import RESET, SSEBroadcaster
+from cjm_workers.fasthtml.sse import DROPPED, RESET, SSEBroadcaster
 from cjm_workers.testing import ReferenceJobManager, wait_until
 import _f_scenarios
 
@@ -160,6 +160,24 @@ async def test_slow_client_is_dropped_and_fast_client_keeps_receiving():
                 assert [payload(e)['data']['i'] for e in got] == list(range(i + 8))
                 assert reached[0] == 2 and reached[-8:] == [1] * 8
         finally: slow.close()
+
+
+async def test_a_dropped_stream_says_so_before_it_ends():
+    """UAT finding: during a token burst a job's stream ended mid-job with no word; an API client took the end of the
+    stream for the end of the job. Now a dropped stream sends what was queued, then a `dropped` event naming the last
+    id sent, so the client resumes from it (a browser reconnects by itself)."""
+    bc = SSEBroadcaster(max_queue_size=8, heartbeat_seconds=0, flush_interval=0)
+    async with serve(make_app(bc), bc) as url, httpx.AsyncClient(base_url=url, timeout=STEP) as cli:
+        async with sse(cli, '/events?job=j') as r:
+            await wait_until(lambda: bc.clients == 1, STEP)
+            for i in range(20): bc.publish('demo:chunk', {'job_id': 'j', 'i': i})  # one step of the loop: 9 do not fit
+            evs = await r.take(9)
+        assert [payload(e)['data']['i'] for e in evs[:8]] == list(range(8))
+        assert evs[8]['event'] == DROPPED and 'id' not in evs[8]
+        d = payload(evs[8])['data']
+        assert d['last_event_id'] == int(evs[7]['id']) and 'read too slowly' in d['reason'] and d['job_id'] == 'j'
+        async with sse(cli, '/events?job=j', headers={'Last-Event-ID': str(d['last_event_id'])}) as r:
+            assert [payload(e)['data']['i'] for e in await r.take(12)] == list(range(8, 20))  # resumed: nothing lost
 
 
 async def test_heartbeats_on_an_idle_stream():

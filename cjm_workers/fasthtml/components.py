@@ -170,7 +170,7 @@ def JobPager(prefix:str, # where the job routes are mounted
     parts = [Span(text, cls='job-page-range')]
     if offset > 0: parts.append(link('← newer', max(offset - limit, 0), 'prev'))
     if offset + shown < total: parts.append(link('older →', offset + limit, 'next'))
-    return Div(*parts, cls='job-pager', id=ns_id(prefix, 'pager'))
+    return Div(*sum(([' · ', p] for p in parts[1:]), [parts[0]]), cls='job-pager', id=ns_id(prefix, 'pager'))  # readable without CSS
 
 # %% ../../nbs/fasthtml/components.ipynb #36b2a2b9
 def JobDetail(job:BaseJob, # the job

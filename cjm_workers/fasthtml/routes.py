@@ -177,6 +177,11 @@ def _wants_json(request)->bool:
     accept = request.headers.get('accept', '')
     return 'json' in accept and _accept_q(accept, 'application/json') > _accept_q(accept, 'text/html')
 
+def _error(request, text:str, status:int, headers:Optional[dict]=None):
+    "An error answer: JSON `{\"error\": text}` for a client that prefers JSON, else plain text."
+    if _wants_json(request): return JSONResponse({'error': text}, status_code=status, headers=headers)
+    return PlainTextResponse(text, status_code=status, headers=headers)
+
 def _job_json(job, traceback:bool=False)->dict:
     "The job as JSON-safe data; without the worker's `traceback` unless asked."
     d = asdict(job) if is_dataclass(job) else dict(vars(job))
@@ -218,6 +223,15 @@ class JobRoutes:
         self.render_list = self._renderer('list')
         self.render_rows = self._renderer('list', new_rows=False)  # a later or filtered page: no new rows at its top
         self.render_detail = self._renderer('detail')
+        prefix_ = self._type_prefix
+        self.render_json = lambda ev: (json.dumps({'type': ev.type, 'data': ev.data}, default=str, separators=(',', ':'))
+                                       if ev.type.startswith(prefix_) else None)  # this manager's events only
+
+    def job_json(self, job)->dict:
+        "A job as the JSON routes give it: its fields (no traceback unless `show_traceback`), and `position` while it waits."
+        d = _job_json(job, self.show_traceback)
+        if job.status == 'pending': d['position'] = self.manager.get_queue_position(job.id)
+        return d
 
     def url(self, job_id:Optional[str]=None, action:str='')->str:
         "URL of the list (no job), a job's page, or one of its actions ('cancel', 'stream')."
@@ -297,7 +311,12 @@ def _resume_after(request, after:Optional[str]):
 @patch
 def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
     req = _resume_after(request, request.query_params.get('after'))
-    if req is None: return PlainTextResponse('after must be an integer event id', status_code=400)
+    if req is None: return _error(request, 'after must be an integer event id', 400)
+    fmt = request.query_params.get('format', 'html')
+    if fmt not in ('html', 'json'): return _error(request, f"format must be 'html' (htmx fragments) or 'json', got {fmt!r}", 400)
+    if fmt == 'json':  # the events themselves, for API clients: data {"type": "<worker_type>:<event>", "data": {...}}
+        return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json,
+                                       until=None if job_id is None else (lambda ev: ev.type in self._job_ends))
     if job_id is None:
         render = self.render_rows if request.query_params.get('rows') == 'fixed' else self.render_list
         return self.broadcaster.stream(req, render=render, event_name=SSE_EVENT)
@@ -305,15 +324,15 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
                                    until=lambda ev: ev.type in self._job_ends)  # a job's stream ends with the job
 
 # %% ../../nbs/fasthtml/routes.ipynb #d785e4f0
-_FORBIDDEN = lambda: PlainTextResponse('forbidden', status_code=403)
+_FORBIDDEN = lambda request: _error(request, 'forbidden', 403)
 
 @patch
 async def _job_or_error(self:JobRoutes, request, job_id:str):
     job = await self.manager.aget_job(job_id)
     if job is None:
-        if not await self.allowed(request, None): return None, _FORBIDDEN()
-        return None, PlainTextResponse(f"unknown job {job_id!r}", status_code=404)
-    if not await self.allowed(request, job): return None, _FORBIDDEN()
+        if not await self.allowed(request, None): return None, _FORBIDDEN(request)
+        return None, _error(request, f"unknown job {job_id!r}", 404)
+    if not await self.allowed(request, job): return None, _FORBIDDEN(request)
     return job, None
 
 def _int_param(q, name:str, default:int, lo:int, hi:Optional[int]=None)->int:
@@ -336,13 +355,13 @@ def page_args(self:JobRoutes, request)->tuple:
 @patch
 async def list_page(self:JobRoutes, request):
     "GET {prefix}: a page of the live job table, newest first (JSON list with Accept: application/json)."
-    if not await self.allowed(request, None): return _FORBIDDEN()
+    if not await self.allowed(request, None): return _FORBIDDEN(request)
     try: status, limit, offset = self.page_args(request)
-    except ValueError as e: return PlainTextResponse(str(e), status_code=400)
+    except ValueError as e: return _error(request, str(e), 400)
     if _wants_json(request):
         jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True)
         total = await self.manager.acount_jobs(status)
-        return JSONResponse([_job_json(j, self.show_traceback) for j in jobs], headers={'X-Total-Count': str(total)})
+        return JSONResponse([self.job_json(j) for j in jobs], headers={'X-Total-Count': str(total)})
     c = self.controls
     controls = c(request) if callable(c) and not isinstance(c, FT) else c  # an FT is callable too (it adds children)
     return self.page(self.title, *([controls] if controls is not None else []), *await self.live_table(status, limit, offset))
@@ -352,27 +371,30 @@ async def detail_page(self:JobRoutes, request, job_id:str):
     "GET {prefix}/{job_id}: the job's live page (JSON with Accept: application/json)."
     job, err = await self._job_or_error(request, job_id)
     if err is not None: return err
-    if _wants_json(request): return JSONResponse(_job_json(job, self.show_traceback))
+    if _wants_json(request): return JSONResponse(self.job_json(job))
     return self.page(f"{job.plugin_name or job.plugin_id} job", A('← all jobs', href=self.prefix, cls='job-back'),
                      *await self.live_detail(job))
 
 @patch
 async def start(self:JobRoutes, request):
     "POST {prefix}/start: start a job from the submitted fields."
-    if request.method != 'POST': return PlainTextResponse('use POST', status_code=405, headers={'Allow': 'POST'})
-    if not await self.allowed(request, None): return _FORBIDDEN()
+    if request.method != 'POST': return _error(request, 'use POST', 405, {'Allow': 'POST'})
+    if not await self.allowed(request, None): return _FORBIDDEN(request)
     try:  # the body is at most `max_body_bytes` (`limit_body`), and FastHTML has read it already
         if 'application/json' in request.headers.get('content-type', ''):
             fields = await request.json()
             if not isinstance(fields, dict): raise ValueError("the JSON body must be an object")
         else: fields = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
         plugin_id, kwargs = _start_args(fields, self.plugins, self.scheduling)
-    except ValueError as e: return PlainTextResponse(str(e), status_code=400)
+    except ValueError as e: return _error(request, str(e), 400)
     try: job = await self.manager.start_job(plugin_id, **kwargs)
-    except (TypeError, ValueError) as e: return PlainTextResponse(f"cannot create the job: {e}", status_code=400)  # e.g. an unexpected argument
-    except RuntimeError as e: return PlainTextResponse(str(e), status_code=503)
+    except (TypeError, ValueError) as e: return _error(request, f"cannot create the job: {e}", 400)  # e.g. an unexpected argument
+    except RuntimeError as e: return _error(request, str(e), 503)
+    after = self.broadcaster.last_id  # none of the job's events is broadcast yet (the manager's pump sends them later)
     if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})
-    if _wants_json(request): return JSONResponse(_job_json(job, self.show_traceback), status_code=201, headers={'Location': self.url(job.id)})
+    if _wants_json(request):  # `stream`: the job's events from its very first, with no race between this answer and the stream
+        return JSONResponse({**self.job_json(job), 'stream': f"{self.url(job.id, 'stream')}?after={after}"}, status_code=201,
+                            headers={'Location': self.url(job.id)})
     return RedirectResponse(self.url(job.id), status_code=303)
 
 @patch
@@ -380,14 +402,14 @@ async def cancel(self:JobRoutes, request, job_id:str):
     "POST {prefix}/{job_id}/cancel: cancel the job (409 if it had already ended)."
     job, err = await self._job_or_error(request, job_id)
     if err is not None: return err
-    if job.is_terminal: return PlainTextResponse(f"job {job_id} has already ended ({job.status})", status_code=409)
+    if job.is_terminal: return _error(request, f"job {job_id} has already ended ({job.status})", 409)
     await self.manager.cancel_job(job_id)
     job = self.manager.get_job(job_id) or job
     if request.headers.get('hx-request'):
         # the parts both views have (the detail's outcome arrives with the `cancelled` event)
         html = to_xml(_oob(StatusBadge(job)), _oob(ProgressBar(job)), _oob(JobActions(job, self.prefix)), indent=False)
         return Response(html, media_type='text/html')
-    if _wants_json(request): return JSONResponse(_job_json(job, self.show_traceback))
+    if _wants_json(request): return JSONResponse(self.job_json(job))
     return RedirectResponse(self.url(job_id), status_code=303)
 
 def _oob(ft):
@@ -397,14 +419,14 @@ def _oob(ft):
 @patch
 async def health(self:JobRoutes, request):
     "GET {prefix}/health: the manager's `get_health()` as JSON, 200 when ok, else 503 (for a readiness check)."
-    if not await self.allowed(request, None): return _FORBIDDEN()
+    if not await self.allowed(request, None): return _FORBIDDEN(request)
     h = self.manager.get_health()
     return JSONResponse(h, status_code=200 if h['ok'] else 503)
 
 @patch
 async def stream_all(self:JobRoutes, request):
     "GET {prefix}/stream: SSE for the job table."
-    if not await self.allowed(request, None): return _FORBIDDEN()
+    if not await self.allowed(request, None): return _FORBIDDEN(request)
     return self._stream(request)
 
 @patch

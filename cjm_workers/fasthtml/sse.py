@@ -22,10 +22,11 @@ def _running_loop():
     except RuntimeError: return None
 
 # %% auto #0
-__all__ = ['log', 'RESET', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame']
+__all__ = ['log', 'RESET', 'DROPPED', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame']
 
 # %% ../../nbs/fasthtml/sse.ipynb #bb966305
 RESET = 'reset'  # type of the marker that starts a subscription which could not replay everything it asked for
+DROPPED = 'dropped'  # type of the marker that ends a stream whose client read too slowly (its queue filled up)
 
 @dataclass
 class SSEEvent:
@@ -307,6 +308,7 @@ async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, unt
     "Encoded chunks for one stream; unsubscribes when the stream ends for any reason."
     with _closing(sub):
         if self.retry_ms is not None: yield f"retry: {int(self.retry_ms)}\n\n".encode()
+        sent = None  # the id of the last event sent
         while batch := await sub.next_batch():
             if self.flush_interval:  # let the rest of a burst arrive: it goes out in this same write
                 await asyncio.sleep(self.flush_interval)
@@ -316,8 +318,13 @@ async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, unt
                 if end is not None: batch = batch[:end + 1]
             else: end = None
             chunk = b''.join(f for ev in batch if (f := _render(ev, render, event_name)) is not None)
+            sent = next((ev.id for ev in reversed(batch) if ev.id), sent)
             if chunk: yield chunk
             if end is not None: return
+        if sub.dropped:  # say why the stream ends before it ends: an API client knows to resume (a browser does anyway)
+            yield sse_frame(json.dumps({'type': DROPPED, 'data': {'last_event_id': sent, 'job_id': sub.job_id,
+                            'reason': f"the client read too slowly: more than {sub.maxsize} events waited for it; "
+                                      f"reconnect with Last-Event-ID to resume"}}), event=DROPPED)
 
 @patch
 def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for Last-Event-ID and `last_event_id`)
