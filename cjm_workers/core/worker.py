@@ -5,7 +5,7 @@ reports progress, honours cooperative cancels, and dies with its parent."""
 
 # %% ../../nbs/core/worker.ipynb #ea1d32d2
 from __future__ import annotations
-import logging, os, pickle, signal, sys, threading, time, traceback
+import gc, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
 from collections import deque
 import multiprocessing as mp
 from collections import OrderedDict
@@ -20,8 +20,9 @@ from .protocol import PluginManagerAdapter, WorkerRequestType
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROGRESS_INTERVAL', 'LOG_LEVEL_ENV', 'LOG_FORMAT', 'JobCancelledError', 'JobContext', 'current_job',
-           'set_current_job', 'report_progress', 'cancel_requested', 'check_cancelled', 'base_worker_process']
+__all__ = ['log', 'PROGRESS_INTERVAL', 'BACKSTOP_GRACE', 'BACKSTOP_NAME', 'LOG_LEVEL_ENV', 'LOG_FORMAT', 'JobCancelledError',
+           'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested', 'check_cancelled',
+           'base_worker_process']
 
 # %% ../../nbs/core/worker.ipynb #dcfafc9a
 PROGRESS_INTERVAL = 0.05  # seconds between two progress messages with the same text
@@ -40,6 +41,8 @@ class JobContext:
         self.chunks: list[str] = []  # streamed output so far
         self._last = (0.0, None)
         self._cancelled, self._event = False, None  # the Event is made only if a plugin asks for it (most never do)
+        self.ended = False  # set (by `end`) when the job ends: reports through this context are dropped from then on
+        self._lock = threading.Lock()  # a report from a plugin's thread is either sent before `end` returns, or dropped
 
     @property
     def cancel_event(self)->threading.Event:
@@ -64,15 +67,22 @@ class JobContext:
         "True once the manager has asked this job to stop."
         return self._cancelled or (self._event is not None and self._event.is_set())
 
+    def end(self)->None:
+        "Mark this job as ended (the worker calls it when the job's run is over): later reports are dropped."
+        with self._lock: self.ended = True
+
     def report_progress(self,
                         progress:float, # 0..1, or -1 for indeterminate
                         message:str="" # what is happening now
-                       )->None:
-        "Send progress (0..1, -1 = indeterminate) for this job, rate-limited."
-        now, (last_t, last_msg) = time.monotonic(), self._last
-        if message == last_msg and progress < 1 and now - last_t < PROGRESS_INTERVAL: return
-        self._last = (now, message)
-        self._send({'type': 'progress', 'job_id': self.job_id, 'progress': float(progress), 'message': str(message)})
+                       )->bool: # False once the job has ended (nothing is sent)
+        "Send progress (0..1, -1 = indeterminate) for this job, rate-limited; nothing once the job has ended."
+        with self._lock:
+            if self.ended: return False
+            now, (last_t, last_msg) = time.monotonic(), self._last
+            if message == last_msg and progress < 1 and now - last_t < PROGRESS_INTERVAL: return True
+            self._last = (now, message)
+            self._send({'type': 'progress', 'job_id': self.job_id, 'progress': float(progress), 'message': str(message)})
+            return True
 
 _current: Optional[JobContext] = None
 _EVENT_LOCK = threading.Lock()
@@ -91,11 +101,9 @@ def set_current_job(ctx:Optional[JobContext] # the job this process now runs, or
 def report_progress(progress:float, # 0..1, or -1 for indeterminate
                     message:str="" # what is happening now
                    )->bool: # False when called outside a worker job
-    "Report progress of the job this worker process runs."
+    "Report progress of the job this worker process runs now (a plugin's own thread: use its captured `current_job()`)."
     ctx = _current
-    if ctx is None: return False
-    ctx.report_progress(progress, message)
-    return True
+    return False if ctx is None else ctx.report_progress(progress, message)
 
 def cancel_requested()->bool:
     "True once the manager has asked the current job to stop."
@@ -113,7 +121,19 @@ _KNOWN = {t.value for t in WorkerRequestType}
 def _plugin_name_of(data)->Optional[str]:
     return data.get('name') if isinstance(data, dict) else getattr(data, 'name', None)
 
-def _error_text(e:BaseException)->str: return f"{type(e).__name__}: {e}"
+def _error_text(e:BaseException)->str:
+    "'Type: message'. An exception whose `str()` raises is named by its type, with a note naming what `str()` raised."
+    name = type(e).__name__
+    try: return f"{name}: {e}"
+    except BaseException as inner: return f"{name} (its str() raised {type(inner).__name__})"
+
+def _failure_text(e:BaseException)->str:
+    """The error text of what a plugin raised. A `BaseException` that is not an `Exception` (`SystemExit`,
+    `KeyboardInterrupt`, `GeneratorExit`, ...) would end the worker; the text says it did not."""
+    if isinstance(e, Exception): return _error_text(e)
+    text = _error_text(e).removesuffix(': ')  # `sys.exit()` and `KeyboardInterrupt()` have no message
+    why = 'the plugin called sys.exit' if isinstance(e, SystemExit) else 'raised by the plugin'
+    return f"{text} ({why}; the worker serves on)"
 
 class _Worker:
     "State of one worker process (internal; see `base_worker_process`)."
@@ -131,6 +151,7 @@ class _Worker:
         self.discovered = None
         self.pm = None
         self.jobs_done = 0
+        self.pid = os.getpid()  # a process running this loop with another pid is a copy a plugin forked (`_leave_if_copy`)
 
 # %% ../../nbs/core/worker.ipynb #6b2b6f3d
 def _put(q, msg):
@@ -169,7 +190,7 @@ def _read_control(self:_Worker, control):
             log.warning("worker %d: ignoring malformed control message %r", os.getpid(), msg)
             continue
         try: self._control(msg)
-        except Exception: log.exception("worker %d: control message %r failed", os.getpid(), msg)
+        except BaseException: log.exception("worker %d: control message %r failed", os.getpid(), msg)  # the thread lives on
 
 @patch
 def _control(self:_Worker, msg:dict):
@@ -195,7 +216,7 @@ def _cancel_hook(self:_Worker, plugin_name):
         get = getattr(self.pm, 'get_plugin', None)
         plugin = get(plugin_name) if callable(get) else None
         if plugin is not None and callable(getattr(plugin, 'cancel', None)): plugin.cancel()
-    except Exception:
+    except BaseException:  # even a SystemExit from the plugin's cancel(): it must not end the control thread
         log.exception("worker %d: cancel hook of plugin %r raised", os.getpid(), plugin_name)
 
 @patch
@@ -284,13 +305,20 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
         if ctx.cancelled: raise JobCancelledError(f"job {ctx.job_id} was cancelled before its plugin started")  # while it loaded
         params = {k: v for k, v in req.items() if k not in _RESERVED}
         if self._streams(name, req): out['data'] = self._run_stream(name, params, ctx)
-        else: out['data'] = self.adapter(self.pm.execute_plugin(name, **params))
+        else:
+            ret = self.pm.execute_plugin(name, **params)
+            self._leave_if_copy()
+            out['data'] = self.adapter(ret)
         if ctx.cancelled: out['status'] = 'cancelled'
-    except Exception as e:
+    except BaseException as e:  # a plugin's SystemExit or KeyboardInterrupt too: the worker serves on
+        self._leave_if_copy()
         if ctx.cancelled or isinstance(e, JobCancelledError):
             out.update(status='cancelled', data={'text': ''.join(ctx.chunks), 'metadata': {}} if ctx.chunks else None)
-        else: out.update(status='error', error=_error_text(e), traceback=_traceback(e))
-    finally: set_current_job(None)
+            if not ctx.cancelled: out['error'] = _error_text(e)  # the plugin gave up on its own: its words say why
+        else: out.update(status='error', error=_failure_text(e), traceback=_traceback(e))
+    finally:
+        ctx.end()
+        set_current_job(None)
     self.jobs_done += 1
     try: return out, dumps(out)  # pickled once, here, where a failure can still be reported
     except Exception as e:
@@ -300,8 +328,15 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
 
 def _traceback(e:BaseException)->str:
     "This process's traceback of `e`, plus the plugin's own if it ran elsewhere (`e.remote_traceback`, e.g. a remote plugin)."
-    tb, remote = traceback.format_exc(), getattr(e, 'remote_traceback', None)
-    return f"{tb}\nThe plugin's own traceback, in the process that ran it:\n{remote}" if isinstance(remote, str) and remote else tb
+    try:
+        tb, remote = traceback.format_exc(), getattr(e, 'remote_traceback', None)
+        return f"{tb}\nThe plugin's own traceback, in the process that ran it:\n{remote}" if isinstance(remote, str) and remote else tb
+    except BaseException as inner: return f"(no traceback: formatting it raised {type(inner).__name__})"
+
+@patch
+def _leave_if_copy(self:_Worker):
+    "In a copy of the worker that a plugin made with `os.fork()` and returned to: leave at once, sending nothing."
+    if os.getpid() != self.pid: os._exit(0)
 
 @patch
 def _fresh(self:_Worker, name):
@@ -326,6 +361,7 @@ def _run_stream(self:_Worker, name, params, ctx)->Any:
         while not ctx.cancelled:
             try: chunk = next(gen)
             except StopIteration as s: ret = s.value; break
+            finally: self._leave_if_copy()
             text = chunk if isinstance(chunk, str) else str(chunk)
             ctx.chunks.append(text)
             self._send({'type': 'stream_chunk', 'job_id': ctx.job_id, 'chunk': text, 'is_final': False, 'metadata': None})
@@ -367,7 +403,9 @@ def _ensure_loaded(self:_Worker, name,
     if not self._already_held(name):
         found = self._find_plugin(name)
         self._make_room(limit)
-        if self.pm.load_plugin(found, config) is False:
+        ok = self.pm.load_plugin(found, config)
+        self._leave_if_copy()  # a plugin that forked while it loaded
+        if ok is False:
             raise RuntimeError(f"the plugin manager failed to load plugin {name!r} (load_plugin returned False)")
     self.loaded[name] = config
 
@@ -413,8 +451,10 @@ def _command(self:_Worker, req:dict):
         elif t == 'get_state':
             reply.update(type='state', data={'pid': os.getpid(), 'loaded': dict(self.loaded), 'jobs_done': self.jobs_done})
         # 'init' is accepted for compatibility: plugins now load on first use
-    except Exception as e:
-        reply.update(success=False, error=_error_text(e), traceback=traceback.format_exc())
+    except BaseException as e:  # a plugin's load calling sys.exit fails the command; the worker serves on
+        self._leave_if_copy()
+        reply.update(success=False, error=_failure_text(e), traceback=_traceback(e))
+    self._leave_if_copy()
     try: _put(self.responses, reply)
     except Exception as e:
         _put(self.responses, {'type': 'response', 'request_id': rid, 'success': False,
@@ -424,7 +464,7 @@ def _command(self:_Worker, req:dict):
 def _cleanup(self:_Worker):
     for name in list(self.loaded):
         try: self.pm.unload_plugin(name)
-        except Exception: log.exception("worker %d: unloading %r at stop failed", os.getpid(), name)
+        except BaseException: log.exception("worker %d: unloading %r at stop failed", os.getpid(), name)  # the others still unload
     self.loaded.clear()
 
 # %% ../../nbs/core/worker.ipynb #1a89fabc
@@ -438,6 +478,66 @@ def _watch_parent():
     t = threading.Thread(target=watch, name='cjm-worker-watchdog', daemon=True)
     t.start()
     return t
+
+BACKSTOP_GRACE = 0.5  # seconds the backstop leaves the watchdog thread after the app died, before it SIGKILLs the group
+BACKSTOP_NAME = 'cjm-backstop'  # its process name (`ps`, psutil): the manager leaves it out of a worker's memory figures
+_backstop_pid: Optional[int] = None  # this worker's backstop, while it runs
+
+def _start_backstop(parent # `multiprocessing.parent_process()`: the app
+                   )->Optional[int]: # the backstop's pid (None where there is none)
+    "Start the backstop (see above); call it from the main thread of a worker that leads its own process group."
+    global _backstop_pid
+    if parent is None or not hasattr(os, 'pidfd_open') or os.getpgrp() != os.getpid(): return None
+    fds = []
+    try:
+        fds.append(os.pidfd_open(parent.pid))
+        fds.append(os.pidfd_open(os.getpid()))
+        if _wait([parent.sentinel], 0): return None  # the app is gone already (its pid may be another's): the thread acts
+        worker = os.getpid()
+        with warnings.catch_warnings():  # Python 3.12+ warns about fork() with threads; the backstop makes only OS calls
+            warnings.simplefilter('ignore', DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            try: _backstop(fds[0], fds[1], worker)
+            finally: os._exit(0)
+        _backstop_pid = pid
+        return pid
+    except OSError as e:
+        log.debug("worker %d: no backstop (%s): the watchdog thread works alone", os.getpid(), e)
+        return None
+    finally:
+        for fd in fds: os.close(fd)
+
+def _end_backstop()->None:
+    "Stop and reap the backstop as the worker ends: no zombie is left for PID 1 (which in a container may never reap)."
+    global _backstop_pid
+    pid, _backstop_pid = _backstop_pid, None
+    if pid is None: return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError): pass  # gone, or reaped already (a plugin's os.wait())
+
+def _backstop(app:int, # pidfd of the app
+              worker:int, # pidfd of the worker
+              pgid:int): # the worker's process group
+    "The backstop's life, in the forked child: OS calls only."
+    gc.disable()  # no finalizer of the worker's objects may run here
+    for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)
+    try:
+        fd = os.open('/proc/self/comm', os.O_WRONLY)
+        try: os.write(fd, BACKSTOP_NAME.encode())
+        finally: os.close(fd)
+    except OSError: pass
+    poller = select.poll()
+    for fd in (app, worker): poller.register(fd, select.POLLIN)
+    while True:
+        ready = [fd for fd, _ in poller.poll()]
+        if worker in ready: return  # the worker ended first: nothing to do
+        if app in ready: break
+    poller.unregister(app)
+    poller.poll(BACKSTOP_GRACE * 1000)  # the watchdog thread, if it can run, ends the worker (and its children) first
+    os.killpg(pgid, signal.SIGKILL)  # the worker, the rest of its group, and this process
 
 # %% ../../nbs/core/worker.ipynb #e45545fe
 def _close_unused_ends(requests, results, responses):
@@ -460,6 +560,7 @@ def _on_sigterm(worker, ppid:int):
     "A SIGTERM handler: end the worker once it is being stopped (or its parent is gone); otherwise ignore it, with a warning."
     def handler(signum, frame):
         if worker.stopping or os.getppid() != ppid:
+            _end_backstop()  # reaped before the worker dies (the handler is defined after it, further down)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)  # die of it, as without the handler
             return
@@ -491,21 +592,32 @@ def base_worker_process(
     if threading.current_thread() is threading.main_thread():  # a process of its own (not hosted in a thread of
         become_group_leader()                                  # another runtime, e.g. a Ray actor, whose process
         signal.signal(signal.SIGINT, signal.SIG_IGN)           # group and signals are not ours to change)
+        _start_backstop(mp.parent_process())                   # before any thread starts
         _setup_logging()
+    try: _serve(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
+    finally: _end_backstop()
+
+def _serve(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming):
+    "The worker's life once its process is set up: build the plugin manager, say `ready`, run the loop."
     _watch_parent()
     w = _Worker(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
     if threading.current_thread() is threading.main_thread(): signal.signal(signal.SIGTERM, _on_sigterm(w, os.getppid()))
     try: w.pm = _checked(plugin_manager_factory())
     except Exception as e:
         log.error("worker %d: plugin manager factory failed: %s", os.getpid(), _error_text(e))
-        _put(result_queue, {'type': 'error', 'error': f"the plugin manager factory failed ({_error_text(e)})",
-                            'traceback': traceback.format_exc()})
+        try: _put(result_queue, {'type': 'error', 'error': f"the plugin manager factory failed ({_error_text(e)})",
+                                 'traceback': traceback.format_exc()})
+        except OSError: pass  # the app is gone too
         sys.exit(3)
-    _put(result_queue, {'type': 'ready', 'pid': os.getpid()})
-    control = getattr(request_queue, 'control', None)
-    if control is not None:
-        threading.Thread(target=w._read_control, args=(control,), name='cjm-worker-control', daemon=True).start()
-    try: w.run()
+    try:
+        try: _put(result_queue, {'type': 'ready', 'pid': os.getpid()})
+        except OSError as e:  # BrokenPipeError: the app died while we started; nobody is left to serve
+            log.info("worker %d: the app is gone before the worker was ready (%s): exiting", os.getpid(), _error_text(e))
+            return
+        control = getattr(request_queue, 'control', None)
+        if control is not None:
+            threading.Thread(target=w._read_control, args=(control,), name='cjm-worker-control', daemon=True).start()
+        w.run()
     finally:
         close = getattr(w.pm, 'close', None)  # optional: lets a plugin manager release what it holds (e.g. HTTP workers)
         if callable(close):

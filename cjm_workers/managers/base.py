@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.process import describe_exit, kill_process_group, kill_worker_tree, process_ended, wait_ended
-from ..core.worker import LOG_LEVEL_ENV
+from ..core.worker import BACKSTOP_NAME, LOG_LEVEL_ENV
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
 from ..stores.base import JobStore, MemoryJobStore
 from ..stores.journal import StartJournal
@@ -530,10 +530,17 @@ def _recycling(self:BaseJobManager)->bool:
     return bool(cfg.max_jobs_per_worker or cfg.max_worker_rss_mb)
 
 def _tree_rss(ps)->Optional[int]:
-    "Bytes of resident memory of a process and its descendants (None if it is gone)."
+    "Bytes of resident memory of a worker and its descendants, its backstop left out (None if it is gone)."
     if ps is None: return None
-    try: return ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+    try: kids = ps.children(recursive=True)
     except psutil.Error: return None
+    total = 0
+    for p in [ps] + kids:
+        try:
+            if p is ps or p.name() != BACKSTOP_NAME: total += p.memory_info().rss  # the backstop shares the worker's pages
+        except psutil.Error:
+            if p is ps: return None
+    return total
 
 @patch
 def _check_recycle(self:BaseJobManager, slot:_Slot):
@@ -1639,7 +1646,7 @@ def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
             if s.ps is not None:
                 try:
                     cpu = s.ps.cpu_percent(None)
-                    rss = s.ps.memory_info().rss + sum(c.memory_info().rss for c in s.ps.children(recursive=True))
+                    rss = _tree_rss(s.ps)
                 except psutil.Error: pass
             out.append({'worker': s.index, 'pid': s.pid, 'node': getattr(s.process, 'node_ip', None),  # a Ray actor's node
                         'status': s.status, 'cpu_percent': cpu, 'rss_bytes': rss,

@@ -105,7 +105,7 @@ class WorkerStartupError(Exception):
 
 REQUIRED_METHODS = ('execute',)  # everything else is optional
 
-def _error_text(e:BaseException)->str: return f"{type(e).__name__}: {e}"
+_error_text = _core._error_text  # "Type: message", safe from an exception whose str() raises
 
 def load_plugin_class(module_name:str, # importable module, e.g. "my_package.plugin"
                       class_name:str # class in that module, e.g. "WhisperPlugin"
