@@ -13,13 +13,22 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'replay', 'StartJournal', 'recover', 'write', 'rotate', 'retire_old', 'close']
 
 # %% ../../nbs/stores/journal.ipynb #404f0524
+def _line(e:Tuple[str, int, str])->str:
+    "One entry as a line: plain for a printable id, else JSON."
+    sign, attempt, jid = e
+    return f"{sign} {attempt} {jid}\n" if isinstance(jid, str) and jid.isprintable() and jid else json.dumps(e) + '\n'
+
 def replay(lines:Iterable[str], # lines of a journal, oldest first
            sent:Optional[Dict[str, int]]=None # what earlier lines gave (updated in place)
           )->Dict[str, int]: # job id → the highest attempt sent to a worker and not taken back
     "Replay journal lines."
     sent = {} if sent is None else sent
     for line in lines:
-        try: sign, attempt, jid = json.loads(line)
+        try:
+            if line.startswith('['): sign, attempt, jid = json.loads(line)
+            else:
+                sign, attempt, jid = line.split(' ', 2)
+                attempt = int(attempt)
         except (ValueError, TypeError): continue  # a torn last line
         if sign == '+': sent[jid] = max(attempt, sent.get(jid, 0))
         elif sign == '-' and sent.get(jid) == attempt: del sent[jid]
@@ -65,7 +74,7 @@ def write(self:StartJournal,
           entries:Iterable[Tuple[str, int, str]] # (sign, attempt, job id): '+' sent to a worker, '-' taken back unstarted
          )->None:
     "Append entries (one write call); a failure is logged once and does not stop the job."
-    data = ''.join(json.dumps(e) + '\n' for e in entries).encode()
+    data = ''.join(map(_line, entries)).encode()
     try:
         if self.fd is None: self._open()
         view = memoryview(data)
