@@ -199,3 +199,14 @@ async def test_stored_pending_jobs_cannot_be_changed_before_start(mk, tmp_path):
     assert await m2.cancel_job('unknown') is False  # an unknown job is still just False
     await m2.start()
     assert await m2.cancel_job(waiting.id) is True and m2.get_job(waiting.id).status == 'cancelled'
+
+
+async def test_a_timed_out_job_with_retries_and_no_grace_times_out_each_run(make_manager):
+    """UAT finding: with cancel_grace_seconds=0 the timeout's cancel message was sent after its worker had been killed
+    and replaced, so it reached the new worker and cancelled the job's retry ('cancelled before it started', attempts
+    above the runs). Messages decided for a worker now go to that worker only."""
+    mgr = make_manager(dict(cancel_grace_seconds=0))
+    job = await mgr.start_job('slow', seconds=30, timeout_seconds=0.3, max_retries=2, retry_backoff_seconds=0)
+    job = await mgr.wait_for_job(job.id, timeout=60)
+    assert (job.status, job.reason, job.attempts) == ('failed', 'timeout', 3), (job.status, job.reason, job.attempts)
+    assert [a['reason'] for a in job.attempt_log] == ['timeout'] * 3

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, FrozenSet, Optional, Set, Tuple
 
 import pytest
-from cjm_workers.stores.base import JobStoreLocked, MemoryJobStore
+from cjm_workers.stores.base import JobStoreError, JobStoreLocked, MemoryJobStore
 from cjm_workers.stores.sqlite import SQLiteJobStore
 from cjm_workers.testing import ReferenceJob, RecordingBroadcaster, wait_until
 from _a_helpers import gone, sigkill_after_first_line
@@ -519,22 +519,26 @@ from _d_helpers import StoreJobManager
 async def main():
     store = SQLiteJobStore(sys.argv[1])
     mgr = StoreJobManager(store)
-    await mgr.start(wait=True)
-    up = (store.writer_pid is not None, store.committed >= 1)  # its writer process answered before any job
-    ids = [(await mgr.start_job('echo', text=str(i))).id for i in range(20)]
-    await asyncio.sleep(0.3)
+    how = sys.argv[3]
+    if how == 'wait': await mgr.start(wait=True)
+    elif how == 'start': await mgr.start()  # what `lifespan` and `async with` do
+    up = (store.writer_pid is not None, store.committed >= 1) if how != 'lazy' else (True, True)  # its writer answered
+    ids = [(await mgr.start_job('echo', text=str(i))).id for i in range(20)]  # 'lazy': the first one starts it
+    await asyncio.sleep(0.05)
     print(json.dumps({'up': up, 'ids': ids}), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 if __name__ == '__main__': asyncio.run(main())
 """
 
 
-async def test_jobs_started_right_after_start_survive_an_early_sigkill(mk, tmp_path):
-    """UAT finding: the writer process started only at the first commit (0.1 s or more for `python -c` to start), so
-    an app SIGKILLed in its first fraction of a second lost jobs `start_job` had returned, even jobs that ran. Now
-    `start()` starts the writer and `start(wait=True)` waits until it has answered."""
+@pytest.mark.parametrize('how', ['wait', 'start', 'lazy'])
+async def test_jobs_started_right_after_start_survive_an_early_sigkill(mk, tmp_path, how):
+    """UAT findings: the writer process started only at the first commit (0.1 s or more for `python -c` to start), so
+    an app SIGKILLed in its first fraction of a second lost jobs `start_job` had returned, even jobs that ran; then
+    `lifespan`, `async with` and a first `start_job` still did not wait for it. Now starting the manager, however it
+    starts, returns once a durable store's writer has answered."""
     db = tmp_path / 'jobs.db'
-    p = subprocess.run([sys.executable, '-c', _EARLY_KILL_APP, str(db), str(Path(__file__).parent)],
+    p = subprocess.run([sys.executable, '-c', _EARLY_KILL_APP, str(db), str(Path(__file__).parent), how],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     info = json.loads(p.stdout.strip().splitlines()[-1])
@@ -593,3 +597,75 @@ async def test_a_sigkilled_app_never_runs_a_job_twice_that_did_not_opt_into_retr
     assert journal.exists() and not Path(f"{journal}.old").exists()  # ... retires what the dead app's journal said
     await m.ashutdown()
     assert not journal.exists()  # a clean shutdown, everything written: the journal has nothing more to say
+
+
+async def test_the_journal_counts_a_retry_the_file_never_heard_of(mk, tmp_path):
+    """UAT finding: the file said `running, attempts=1` (a retry's states were held up by a lock on the database),
+    the journal said attempt 2 had been sent, and the app died: recovery retried the job once more, so a job with
+    `max_retries=1` ran three times. Now the journal speaks for running jobs too: attempt 2 counts, the unrecorded end
+    of attempt 1 is in the attempt log, and the job is not run again."""
+    from cjm_workers.core.channel import dumps
+    from cjm_workers.testing import ReferenceJob
+    db, log = tmp_path / 'jobs.db', tmp_path / 'runs.log'
+    store = SQLiteJobStore(db); store.bind('reference')
+    job = ReferenceJob(id='r1', plugin_id='runlog', params={}, status='running', attempts=1, max_retries=1)
+    job._seq, job.plugin_name = 1, 'runlog'
+    store.save(job, request=dumps({'type': 'execute', 'job_id': 'r1', 'plugin_name': 'runlog', 'log': str(log),
+                                   'plugin_config': {}, 'stream': True}))
+    assert store.flush(30)
+    store.close()
+    Path(store.journal_path).write_text('+ 1 r1\n+ 2 r1\n')  # the dead app had sent the retry
+    m = mk(SQLiteJobStore(db))
+    await m.start(wait=True)
+    j = await m.wait_for_job('r1', timeout=T)
+    assert (j.status, j.reason, j.attempts) == ('failed', 'interrupted', 2), (j.status, j.reason, j.attempts)
+    assert [(a['attempt'], a['reason']) for a in j.attempt_log] == [(1, 'unknown'), (2, 'interrupted')]
+    assert not log.exists()  # not run again
+
+
+async def test_worker_types_that_share_a_table_do_not_share_jobs(mk, tmp_path):
+    """UAT finding: 'img-gen' and 'img_gen' (and 'Img' and 'img') map to one table but each took its own lease, so the
+    second app took over the first app's queue (jobs ran twice), or failed every batch ("duplicate column name").
+    Now the lease is the table's: the second manager is refused while the first runs, and uses the same table after."""
+    db = tmp_path / 'jobs.db'
+    a = mk(SQLiteJobStore(db), worker_type='img-gen')
+    first = await run_job(a, 'echo', text='a')
+    b = mk(SQLiteJobStore(db), worker_type='img_gen')
+    with pytest.raises(JobStoreLocked, match="share their table 'jobs_img_gen' with the 'img-gen' jobs"): await b.start()
+    c = mk(SQLiteJobStore(db), worker_type='Img_Gen')
+    with pytest.raises(JobStoreLocked, match="share their table"): await c.start()
+    await a.ashutdown()
+    assert (await run_job(c, 'echo', text='c')).status == 'completed'  # the table made as 'jobs_img_gen', whatever the case
+    assert c.count_jobs() == 2 and c.get_job(first.id).result['text'] == 'a'
+
+
+async def test_a_start_that_fails_gives_back_the_lease_and_the_writer(mk, tmp_path):
+    "UAT finding: a directory at the journal's path made start() raise a bare IsADirectoryError and kept the lease and the writer process."
+    import psutil
+    db = tmp_path / 'jobs.db'
+    store = SQLiteJobStore(db)
+    m = mk(store)
+    os.mkdir(f"{db}-journal-jobs_reference")
+    with pytest.raises(JobStoreError, match='start journal .*jobs.db-journal-jobs_reference cannot be used .*IsADirectoryError'):
+        await m.start()
+    assert store.writer_pid is None and [p for p in psutil.Process().children(recursive=True) if 'sqlite_writer' in ' '.join(p.cmdline())] == []
+    os.rmdir(f"{db}-journal-jobs_reference")
+    m2 = mk(SQLiteJobStore(db))  # the lease was given back: another manager (in this process) starts
+    assert (await run_job(m2, 'echo', text='x')).status == 'completed'
+
+
+async def test_a_long_job_does_not_hold_the_journal_back(mk, tmp_path):
+    """UAT finding: rotation waited until every job out with a worker had left it, so one long job (an LLM generation)
+    let the journal grow by ~37 bytes a job for as long as it ran. A job whose start is saved needs its line no more."""
+    m = mk(SQLiteJobStore(tmp_path / 'jobs.db'), config=dict(max_workers=2))
+    await m.start(wait=True)
+    m._journal.rotate_bytes = 2_000  # (1 MB in use: small here, so that a few hundred jobs rotate it several times)
+    long = await m.start_job('slow', seconds=60)
+    await wait_until(lambda: long.status == 'running', T)
+    sizes = []
+    for _ in range(6):
+        batch = [await m.start_job('echo', text='x') for _ in range(100)]
+        for j in batch: await m.wait_for_job(j.id, timeout=T)
+        sizes.append(sum(os.path.getsize(p) for p in (m._journal.path, m._journal.old) if os.path.exists(p)))
+    assert long.status == 'running' and max(sizes) < 3 * 2_000, sizes  # rotated and retired while the long job runs
+    await m.cancel_job(long.id)

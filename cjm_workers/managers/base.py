@@ -194,7 +194,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._retries: list = []  # heap of (when, seq, job id): failed jobs waiting for their retry
         self._timed_out: set = set()  # running jobs whose time ran out (cancel under way)
         self._kept: set = set()  # jobs left pending in a durable store at shutdown
-        self._outbox: list = []  # [(slot, [messages], control)] decided under the lock, sent after it
+        self._outbox: list = []  # [(slot, [messages], control, its worker's gen)] decided under the lock, sent after it
         self._owner = uuid.uuid4().hex  # this manager's id in the store's lease
         self._config_overrides: Dict[str, dict] = {}  # plugin name → config from the last successful reload
         self._requests: Dict[str, tuple] = {}  # job id → (pickled execute request, plugin config), until it ends
@@ -554,7 +554,7 @@ def _check_recycle(self:BaseJobManager, slot:_Slot):
     if slot.recycle is not None and not slot.inflight and slot.alive and slot.kill_reason is None:
         slot.kill_reason, slot.stop_deadline = 'recycle', time.monotonic() + cfg.shutdown_timeout_seconds
         self._note_deadline(slot.stop_deadline)
-        self._outbox.append((slot, [{'type': 'stop'}], False))  # after the commands it still has, then it exits
+        self._outbox.append((slot, [{'type': 'stop'}], False, slot.gen))  # after the commands it still has, then it exits
 
 # %% ../../nbs/managers/base.ipynb #1a41b8b3
 @patch
@@ -750,7 +750,9 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     for jid in slot.inflight:
         job = self.jobs.get(jid)
         if job is None or job.is_terminal: continue
-        if job.status != 'running': requeue.append(job)
+        if job.status != 'running':
+            if jid in slot.cancel_deadlines: self._terminal(job, 'cancelled', reason='cancelled before it started')  # asked
+            else: requeue.append(job)
         elif self._closed and not self._draining: self._stopped_at_shutdown(job, asked=jid in slot.cancel_deadlines)
         elif jid in self._timed_out:
             self._timed_out.discard(jid)
@@ -843,6 +845,12 @@ def _touch(lru:dict, name, value, limit:int):
     while len(lru) >= limit: del lru[next(iter(lru))]
     lru[name] = value
 
+@patch
+def _take_outbox(self:BaseJobManager)->list:
+    "The outbox's messages (under the lock), without those for a worker that has ended since: a replacement is not its target."
+    out, self._outbox = self._outbox, []
+    return [(s, msgs, control) for s, msgs, control, gen in out if s.gen == gen and s.alive]
+
 def _send_decided(sends:list, out:list)->bool: # True if a request pipe now has a backlog
     "Send, outside the lock, what a round of message handling decided: the outbox's messages, then the dispatched requests."
     backlog = False
@@ -871,8 +879,10 @@ def _note_sent(self:BaseJobManager, entries:list):
         if self._journal.rotate():  # the jobs out with workers now may have lines in the old file
             self._old_journal = {'wait': {jid for s in self._slots for jid in s.inflight}, 'ticket': None}
         return
-    if old['wait']:
-        old['wait'] = {jid for jid in old['wait'] if any(jid in s.inflight for s in self._slots)}
+    if old['wait']:  # a job whose start is saved needs its line no more: a long job does not hold the old file
+        jobs = self.jobs
+        old['wait'] = {jid for jid in old['wait'] if any(jid in s.inflight for s in self._slots)
+                       and getattr(jobs.get(jid), 'status', None) != 'running'}
         if old['wait']: return
     if old['ticket'] is None: old['ticket'] = self._store.saved  # they have all left the workers: their states are saved
     if self._store.committed >= old['ticket']:
@@ -974,7 +984,7 @@ def _on_wake(self:BaseJobManager, ready:list):
         self._run_timers()
         self._retention(time.monotonic())
         sends = self._dispatch()
-        out, self._outbox = self._outbox, []
+        out = self._take_outbox()
         for s in self._slots:  # requests waiting in a backlog go on as far as the pipe takes them
             if s.alive and s.requests.backlog: s.requests.flush()
     _send_decided(sends, out)  # what stays in a backlog is seen by `_wait_spec`, which waits for its pipe to be writable
@@ -1053,7 +1063,7 @@ def _loop_drain(self:BaseJobManager, slot:_Slot, gen:int, fds:list, fd:int)->boo
         eof = slot.eof
         if eof: slot.loop_fds, slot.loop_reads = [], None
         sends = self._dispatch()
-        out, self._outbox = self._outbox, []
+        out = self._take_outbox()
     if eof:
         _unwatch(fds)
         self._wake()  # the management thread ends the worker
@@ -1081,7 +1091,7 @@ def _run_timers(self:BaseJobManager):
                 log.warning("%s job %s ran out of time: cancelling it", self.worker_type, jid)
                 if jid not in s.cancel_deadlines:
                     s.cancel_deadlines[jid] = now + cfg.cancel_grace_seconds
-                    self._outbox.append((s, [{'type': 'cancel', 'job_id': jid}], True))
+                    self._outbox.append((s, [{'type': 'cancel', 'job_id': jid}], True, s.gen))
         if s.alive and any(d <= now for d in s.cancel_deadlines.values()):
             s.kill_reason = 'cancel'
             kill_worker_tree(s.process, timeout=1.0)
@@ -1160,12 +1170,19 @@ def _ensure_started(self:BaseJobManager):
         if self._started: return
         store = self._store
         store.acquire(self._owner)  # JobStoreLocked if another live manager owns these jobs: nothing started yet
-        if hasattr(store, 'on_commit'): store.on_commit = _commit_callback(self._self_ref)
-        store.open()  # a durable store starts writing now, so that the first jobs are in the file at once
-        if (jp := store.journal_path) is not None: self._journal = StartJournal(jp)
-        self._next_seq = store.max_seq() + 1
-        self._started = True
-        self._recover()
+        try:
+            if hasattr(store, 'on_commit'): store.on_commit = _commit_callback(self._self_ref)
+            store.open()  # a durable store starts writing now, so that the first jobs are in the file at once
+            if (jp := store.journal_path) is not None: self._journal = StartJournal(jp)
+            self._next_seq = store.max_seq() + 1
+            self._started = True
+            self._recover()
+        except BaseException:  # (e.g. a journal that cannot be read): give back what was taken, so a retry can start
+            self._started, self._journal = False, None
+            for undo in (store.release, store.close):
+                try: undo()
+                except Exception: log.exception("%s job manager: undoing a failed start", self.worker_type)
+            raise
         r, w = os.pipe()
         os.set_blocking(w, False)
         self._wake_fds[:] = [r, w]
@@ -1179,6 +1196,7 @@ def _ensure_started(self:BaseJobManager):
 _INTERRUPTED = "Interrupted: the process that ran the job ended while it was running"
 _SENT = ("Interrupted: the app's process ended after it had sent the job to a worker and before the job's state was "
          "written (it may have run, in part or in full); it is not run again unless it opted into retries")
+_LOST = "how this run ended was not written before the app's process ended"
 
 @patch
 def _recover(self:BaseJobManager):
@@ -1188,7 +1206,8 @@ def _recover(self:BaseJobManager):
     for job, request in self._store.unfinished():
         if job.id in self.jobs: continue
         self.jobs[job.id] = job
-        maybe = job.status == 'pending' and sent.get(job.id, 0) > job.attempts  # sent: it may have run (state not written)
+        later = sent.get(job.id, 0) > job.attempts  # the journal knows of a later attempt than the file (states lag behind)
+        maybe = job.status == 'pending' and later  # sent: it may have run (state not written)
         if job.status == 'running' or maybe or request is None: interrupted += 1
         else: queued += 1
         if request is not None:
@@ -1196,8 +1215,12 @@ def _recover(self:BaseJobManager):
             except Exception: config = {}
             self._requests[job.id] = (request, config)
         if job.status == 'running' or maybe:  # its process died mid-run: failed, or retried if it opted in
-            if maybe: job.attempts = sent[job.id]  # the run counts, as a run the file knew of would
-            self._fail_run(job, 'interrupted', _SENT if maybe else _INTERRUPTED)
+            if later:  # the run(s) the file missed count, as runs it knew of would
+                if job.max_retries:  # the attempt the file last saw ended unrecorded (its end was not written either)
+                    job.attempt_log += [{'attempt': a, 'started_at': None, 'ended_at': None, 'worker_pid': None,
+                                         'reason': 'unknown', 'error': _LOST} for a in range(len(job.attempt_log) + 1, sent[job.id])]
+                job.attempts = sent[job.id]
+            self._fail_run(job, 'interrupted', _SENT if later else _INTERRUPTED)
             continue
         if request is None:
             self._terminal(job, 'failed', reason='interrupted', error=_INTERRUPTED + " (its execute request was not stored)")
@@ -1226,19 +1249,21 @@ def _check_taken_over(self:BaseJobManager, job_id:str):
 # %% ../../nbs/managers/base.ipynb #46faf8d7
 @patch
 async def start(self:BaseJobManager,
-                wait:bool=False, # wait until every worker is ready (or failed), and a durable store's writer too
+                wait:bool=False, # wait until every worker is ready (or failed)
                 timeout:Optional[float]=None # seconds to wait (default: twice worker_start_timeout_seconds)
                )->None:
     "Start the workers and the management thread (idempotent). Jobs started earlier start it too."
     self._bind_loop()
     prepare = getattr(self.worker_config.backend, 'prepare', None)
     if callable(prepare): await asyncio.to_thread(prepare)  # e.g. connect to Ray: seconds, so off the event loop
+    first = not self._started
     self._ensure_started()
-    if wait:
-        t0 = time.monotonic()
-        await self.wait_until_ready(timeout)
-        left = (self.worker_config.worker_start_timeout_seconds * 2 if timeout is None else timeout) - (time.monotonic() - t0)
-        await asyncio.to_thread(self._store.flush, max(left, 0.0))  # and the store's writer (a durable store's) is up
+    if first and self._store.durable:  # its writer is up (a fraction of a second) before any job: jobs are in the file at once
+        t = getattr(self._store, 'close_timeout', 5.0) if timeout is None else timeout
+        if not await asyncio.to_thread(self._store.flush, t):
+            log.warning("%s job manager: the job store did not write within %ss of the start; jobs are kept in memory "
+                        "until it does (see get_health())", self.worker_type, t)
+    if wait: await self.wait_until_ready(timeout)
 
 @patch
 async def wait_until_ready(self:BaseJobManager,
@@ -1287,7 +1312,7 @@ async def start_job(self:BaseJobManager,
             config = self._config_overrides.get(plugin_name, config)
     except Exception as e:
         err, tb = f"{type(e).__name__} while preparing the job: {e}", traceback.format_exc()
-    if not self._started: self._ensure_started()
+    if not self._started: await self.start()  # (a durable store's writer is up before the first job is queued)
     with self._lock:
         if self._closed: raise RuntimeError(f"the {self.worker_type} job manager has been shut down")
         job._seq, self._next_seq = self._next_seq, self._next_seq + 1
@@ -1402,7 +1427,7 @@ async def cancel_job(self:BaseJobManager,
         if job is None: self._check_taken_over(job_id)
         if job is None or job.is_terminal: return False
         slot = next((s for s in self._slots if job_id in s.inflight), None)
-        if job.status == 'pending':
+        if job.status == 'pending' and slot is None:  # in the manager's queue (or waiting for its retry): nothing runs it
             if job_id in self._pending: self._pending.remove(job_id)
             self._terminal(job, 'cancelled', reason='cancelled while waiting for its retry' if job.attempts else 'cancelled before it started')
         elif slot is not None and job_id not in slot.cancel_deadlines:
@@ -1726,7 +1751,8 @@ def shutdown(self:BaseJobManager,
         self._wake_fds.clear()
     if self._finalizer is not None: self._finalizer.detach()
     if self._journal is not None:  # before the lease goes: the next manager may start at once and read the journal
-        self._journal.close(clean=self._store.flush(getattr(self._store, 'close_timeout', 5.0)))
+        failing = self._store.failing  # then `release` below waits `close_timeout`: do not wait twice
+        self._journal.close(clean=self._store.flush(0 if failing else getattr(self._store, 'close_timeout', 5.0)))
     if self._started:
         try: self._store.release()
         except Exception: log.exception("releasing the job store failed")

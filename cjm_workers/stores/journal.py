@@ -7,6 +7,8 @@ from __future__ import annotations
 import json, logging, os
 from typing import Dict, Iterable, Optional, Tuple
 
+from .base import JobStoreError
+
 log = logging.getLogger(__name__)
 
 # %% auto #0
@@ -59,7 +61,13 @@ def _read_lines(path:str)->list:
     except FileNotFoundError: return []
 
 def recover(self:StartJournal)->Dict[str, int]:
-    "What earlier processes sent and did not take back (job id → attempt); starts a new file."
+    "What earlier processes sent and did not take back (job id → attempt); starts a new file (`JobStoreError` naming it if it cannot)."
+    try: return self._recover()
+    except OSError as e:
+        raise JobStoreError(f"the start journal {self.path} cannot be used ({type(e).__name__}: {e}); a manager needs it "
+                            f"to tell which jobs a crash interrupted") from e
+
+def _recover(self:StartJournal)->Dict[str, int]:
     old, cur = _read_lines(self.old), _read_lines(self.path)
     sent = replay(cur, replay(old))
     if cur:
@@ -67,7 +75,7 @@ def recover(self:StartJournal)->Dict[str, int]:
     if os.path.exists(self.path): os.remove(self.path)
     self._open()
     return sent
-StartJournal.recover = recover
+StartJournal.recover, StartJournal._recover = recover, _recover
 
 # %% ../../nbs/stores/journal.ipynb #566792b1
 def write(self:StartJournal,

@@ -257,6 +257,7 @@ class SQLiteJobStore(JobStore):
         self.writer_pid: Optional[int] = None  # the writer process, while it runs
         self._stopping = self._abort = False
         self._opening = False  # `open` asked the sender thread to start the writer process before any job is saved
+        self._tname: Optional[str] = None  # the table's name, once known (`_table`)
         self._file_id: Optional[tuple] = None  # (st_dev, st_ino) of the file, once opened: another file there is refused
         self._deadline = math.inf  # when stopping: the time the sender gives up
         self._last_error: Optional[str] = None
@@ -291,12 +292,15 @@ class SQLiteJobStore(JobStore):
         with self._failing('purging jobs'): return self._purge(older_than, status)
 
     def _table(self)->str:
-        if self.table: return self.table
-        if self.namespace is None:
+        if self._tname is not None: return self._tname
+        if self.table: name = self.table
+        elif self.namespace is None:
             raise RuntimeError("the job store is not attached to a manager yet: to read it without one, name the manager's "
                                "worker type, SQLiteJobStore(path, worker_type='...') (or its table, table='jobs_<worker_type>')"
                                + self._tables_hint())
-        return 'jobs_' + re.sub(r'\W', '_', self.namespace)
+        else: name = 'jobs_' + re.sub(r'\W', '_', self.namespace)
+        self._tname = self._existing_table(name)  # SQLite's names ignore case: 'jobs_Img' made earlier is 'jobs_img' too
+        return self._tname
 
 # %% ../../nbs/stores/sqlite.ipynb #ec46871f
 _WHY = [(apsw.NotADBError, "the file is not a SQLite database"),
@@ -377,6 +381,23 @@ def _close_connections(self:SQLiteJobStore)->None:
         self._rdb = self._wdb = None
 
 @patch
+def _existing_table(self:SQLiteJobStore, name:str)->str:
+    "The name of the table the file already has for `name`, whatever its case (or `name` itself)."
+    try:
+        with self._rlock:
+            db = self._reader()
+            if db is not None:
+                for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table' AND lower(name) = lower(?)", (name,)):
+                    return n
+    except Exception: pass  # (a file that cannot be read yet: the errors come with the first real use)
+    return name
+
+@patch(as_prop=True)
+def lease_key(self:SQLiteJobStore)->str:
+    "What the lease, the lease file and the start journal are named after: the table (two worker types that differ only in punctuation or case share one)."
+    return re.sub(r'[^a-z0-9_.-]', '_', self._table().lower())
+
+@patch
 def _tables_hint(self:SQLiteJobStore)->str:
     "The job tables the file holds, in words (for an error message)."
     try:
@@ -413,9 +434,9 @@ def saved(self:SQLiteJobStore)->int: return self._ticket
 
 @patch(as_prop=True)
 def journal_path(self:SQLiteJobStore)->Optional[str]:
-    "`<path>-journal-<worker type>`, beside the lease file (None before a manager is bound)."
-    if self.namespace is None: return None
-    return f"{self.path}-journal-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.namespace)}"
+    "`<path>-journal-<table>`, beside the lease file (None before a manager is bound)."
+    if self.namespace is None and not self.table: return None
+    return f"{self.path}-journal-{self.lease_key}"
 
 @patch
 def open(self:SQLiteJobStore)->int:
@@ -863,7 +884,16 @@ def _wait_for_writer(row:dict, timeout:float)->None:
 
 # %% ../../nbs/stores/sqlite.ipynb #f4bc7d98
 _OWNER_COLUMNS = {'namespace': 'TEXT PRIMARY KEY', 'owner': 'TEXT', 'pid': 'INTEGER', 'host': 'TEXT', 'pid_started': 'REAL',
-                  'since': 'TEXT', 'writer_pid': 'INTEGER', 'writer_started': 'REAL'}
+                  'since': 'TEXT', 'writer_pid': 'INTEGER', 'writer_started': 'REAL', 'tbl': 'TEXT'}
+
+def _locked(path, ns:str, row:dict)->JobStoreLocked:
+    who = f"another running manager (pid {row['pid']} on {row['host']}, since {row['since']})"
+    if row['namespace'] == ns:
+        return JobStoreLocked(f"{path}: the {ns!r} jobs belong to {who}; shut it down first, or give this manager "
+                              f"another database file or worker type")
+    return JobStoreLocked(f"{path}: the {ns!r} jobs share their table {row['tbl']!r} with the {row['namespace']!r} jobs of "
+                          f"{who}: worker types that differ only in punctuation or case share a table; rename one, or "
+                          f"give it another database file")
 
 @patch
 def acquire(self:SQLiteJobStore, owner:str)->None:
@@ -876,22 +906,19 @@ def acquire(self:SQLiteJobStore, owner:str)->None:
         for k, v in _OWNER_COLUMNS.items():  # a file from an earlier version
             if k not in have: db.execute(f'ALTER TABLE "{_OWNERS}" ADD COLUMN {k} {v}')
         free = self._lock_lease_file()  # False: a live process on this machine holds it
-        row = next(iter(db.query(f'SELECT * FROM "{_OWNERS}" WHERE namespace = ?', (ns,))), None)
-        if row is not None and row['owner'] != owner and not free:
-            raise JobStoreLocked(f"{self.path}: the {ns!r} jobs belong to another running manager (pid {row['pid']} "
-                                 f"on {row['host']}, since {row['since']}); shut it down first, or give this manager "
-                                 f"another database file or worker type")
-        if row is not None and row['owner'] != owner and not _holder_alive(row, free): _wait_for_writer(row, max(self.busy_timeout, 5.0))
+        key, mine = self.lease_key, f'SELECT * FROM "{_OWNERS}" WHERE namespace = ? OR lower(tbl) = ?'
+        others = [r for r in db.query(mine, (ns, key)) if r['owner'] != owner]  # leases on these jobs' table
+        if others and not free: raise _locked(self.path, ns, others[0])
+        for r in others:
+            if not _holder_alive(r, free): _wait_for_writer(r, max(self.busy_timeout, 5.0))
         db.execute('BEGIN IMMEDIATE')
         try:
-            row = next(iter(db.query(f'SELECT * FROM "{_OWNERS}" WHERE namespace = ?', (ns,))), None)
-            if row is not None and row['owner'] != owner and _holder_alive(row, free):
-                raise JobStoreLocked(f"{self.path}: the {ns!r} jobs belong to another running manager (pid {row['pid']} "
-                                     f"on {row['host']}, since {row['since']}); shut it down first, or give this manager "
-                                     f"another database file or worker type")
+            others = [r for r in db.query(mine, (ns, key)) if r['owner'] != owner]
+            if live := [r for r in others if _holder_alive(r, free)]: raise _locked(self.path, ns, live[0])
+            for r in others: db.execute(f'DELETE FROM "{_OWNERS}" WHERE namespace = ?', (r['namespace'],))  # dead leases
             me = psutil.Process()
-            db.execute(f'INSERT OR REPLACE INTO "{_OWNERS}" (namespace, owner, pid, host, pid_started, since) '
-                       f'VALUES (?, ?, ?, ?, ?, datetime(\'now\'))', (ns, owner, me.pid, socket.gethostname(), me.create_time()))
+            db.execute(f'INSERT OR REPLACE INTO "{_OWNERS}" (namespace, owner, pid, host, pid_started, since, tbl) '
+                       f'VALUES (?, ?, ?, ?, ?, datetime(\'now\'), ?)', (ns, owner, me.pid, socket.gethostname(), me.create_time(), key))
             db.execute('COMMIT')
         except BaseException:
             rollback(db.conn)
@@ -902,9 +929,9 @@ def acquire(self:SQLiteJobStore, owner:str)->None:
 
 @patch
 def _lock_lease_file(self:SQLiteJobStore)->bool:
-    "Lock `<path>-lease-<namespace>` (flock; the kernel drops it when this process dies, SIGKILL included); False if held."
+    "Lock `<path>-lease-<table>` (flock; the kernel drops it when this process dies, SIGKILL included); False if held."
     if self._lease_fd is not None: return True
-    fd = os.open(f"{self.path}-lease-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.namespace)}", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(f"{self.path}-lease-{self.lease_key}", os.O_RDWR | os.O_CREAT, 0o644)
     try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
