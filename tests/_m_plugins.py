@@ -128,3 +128,19 @@ async def gil_app():
     await wait_until(lambda: job.progress_message == 'holding', 60)
     print(mgr.get_worker_stats()[0]['pid'], flush=True)
     await asyncio.sleep(600)
+
+
+async def busy_app(workers=3):
+    """An app for the parent-death test of tests/test_worker_and_writer_edges.py: keeps `workers` `m_worker`s busy with
+    short `gil` jobs (each holds the GIL for a few ms in one C call, so when the app dies a worker's main thread often
+    writes its next message before its watchdog thread can end it), recycles each worker every 300 jobs (so one may be
+    being spawned when the app dies), prints 'up' once serving, then runs until it is killed."""
+    from cjm_workers.core.config import WorkerConfig
+    from cjm_workers.testing import ReferenceJobManager
+    mgr = ReferenceJobManager(WorkerConfig(max_workers=workers, max_jobs_per_worker=300, prefetch_max_job_seconds=None),
+                              entry_point=m_worker)
+    await mgr.start(wait=True)
+    print('up', flush=True)
+    while True:
+        jobs = [await mgr.start_job('gil', n=10**6) for _ in range(100)]
+        for j in jobs: await mgr.wait_for_job(j.id, timeout=60)

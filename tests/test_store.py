@@ -666,6 +666,8 @@ async def test_a_long_job_does_not_hold_the_journal_back(mk, tmp_path):
     for _ in range(6):
         batch = [await m.start_job('echo', text='x') for _ in range(100)]
         for j in batch: await m.wait_for_job(j.id, timeout=T)
+        assert await asyncio.to_thread(m.job_store.flush, T)  # (on a loaded machine the commits may lag behind)
+        await run_job(m, 'echo', text='y')  # a dispatch: the journal's files are tended then
         sizes.append(sum(os.path.getsize(p) for p in (m._journal.path, m._journal.old) if os.path.exists(p)))
-    assert long.status == 'running' and max(sizes) < 3 * 2_000, sizes  # rotated and retired while the long job runs
+    assert long.status == 'running' and max(sizes) < 8_000, sizes  # rotated and retired while the long job runs (else ~37 B a job)
     await m.cancel_job(long.id)

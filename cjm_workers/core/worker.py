@@ -146,6 +146,8 @@ class _Worker:
         self.tombstones: OrderedDict = OrderedDict()  # jobs cancelled before they started
         self.withdrawn: OrderedDict = OrderedDict()  # request ids of commands the manager stopped waiting for
         self.stopping = False
+        self.unsent = None  # the job whose result the main thread holds back (not written yet): a cancel of it is not answered
+        self.gone = False  # a write to the app failed (it is gone): see `_app_gone`
         self.loaded: Dict[str, dict] = {}  # plugin name → config it was loaded with, least recently used first
         self.cancel_hooked: set = set()  # plugins whose cancel hook ran: their `cancelled` flag is cleared before their next job
         self.discovered = None
@@ -194,14 +196,20 @@ def _read_control(self:_Worker, control):
 
 @patch
 def _control(self:_Worker, msg:dict):
-    t, hit = msg.get('type'), None
-    with self.lock:
+    t, hit, answer = msg.get('type'), None, None
+    with self.lock:  # the main thread takes its next job under this lock: that job is either running here, or not yet
         if t == 'stop':  # nothing queued starts; the running job is cancelled, unless `cancel` is False (a drain)
             self.stopping = True
             if msg.get('cancel', True): hit = self.ctx
         elif msg.get('request_id') is not None: _remember(self.withdrawn, msg['request_id'])
-        elif self.ctx is not None and self.ctx.job_id == msg.get('job_id'): hit = self.ctx
-        else: _remember(self.tombstones, msg.get('job_id'))
+        elif t != 'cancel' or (jid := msg.get('job_id')) is None:
+            log.warning("worker %d: ignoring control message %r (neither a stop nor a cancel of a job or command)", os.getpid(), msg)
+        elif self.ctx is not None and self.ctx.job_id == jid: hit = self.ctx
+        elif jid != self.unsent and jid not in self.tombstones:  # not started: skipped by the main thread, answered now
+            _remember(self.tombstones, jid)
+            answer = {'type': 'result', 'job_id': jid, 'status': 'cancelled', 'data': None, 'error': None,
+                      'traceback': None, 'started': False}
+    if answer is not None: self._send(answer)
     if hit is not None:
         hit.cancel()
         self.cancel_hooked.add(hit.plugin_name)
@@ -220,7 +228,18 @@ def _cancel_hook(self:_Worker, plugin_name):
         log.exception("worker %d: cancel hook of plugin %r raised", os.getpid(), plugin_name)
 
 @patch
-def _send(self:_Worker, msg): _put(self.results, msg)
+def _send(self:_Worker, msg):
+    "Send on the results pipe, from any thread (a plugin's, the control thread); once the app is gone, nothing is sent."
+    try: _put(self.results, msg)
+    except BrokenPipeError as e: self._app_gone(e)
+
+@patch
+def _app_gone(self:_Worker, e:BaseException):
+    "A write to the app failed because its end of the pipe is closed: log it once, ask the running job to stop."
+    with self.lock:
+        first, self.gone, ctx = not self.gone, True, self.ctx
+    if first: log.info("worker %d: the app is gone (%s): exiting", os.getpid(), _error_text(e))
+    if ctx is not None: ctx.cancel()
 
 # %% ../../nbs/core/worker.ipynb #2f692c8c
 @patch
@@ -258,10 +277,22 @@ def _unreadable(e:UndecodableMessage)->Optional[dict]:
 
 @patch
 def run(self:_Worker):
+    "Serve requests until a `stop` (or the app is gone), then unload the plugins."
+    try: self._loop()
+    except BrokenPipeError as e: self._app_gone(e)  # the app is gone: stop quietly (no traceback, exit code 0)
+    self._cleanup()
+
+@patch
+def _flush(self:_Worker, held, *more)->None:
+    "Write the held result (if any) and `more` in one write; once it is written, a cancel of that job gets an answer again."
+    _put_many(self.results, [held, *more] if held is not None else list(more))
+    if held is not None: self.unsent = None
+
+@patch
+def _loop(self:_Worker):
     held = None  # (result, its pickle) waiting to share a write with the next 'started'
     while True:
-        if held is not None and not _more_waiting(self.requests):
-            _put_many(self.results, [held]); held = None
+        if held is not None and not _more_waiting(self.requests): held = self._flush(held)
         req = self._next_request()
         if req is None: continue
         t = req['type']
@@ -275,22 +306,15 @@ def run(self:_Worker):
             with self.lock:
                 skip = self.stopping or self.tombstones.pop(jid, None)
                 if not skip: self.ctx = ctx = JobContext(jid, req.get('plugin_name'), self._send)
-            if skip:
-                if not self.stopping:
-                    out = {'type': 'result', 'job_id': jid, 'status': 'cancelled', 'data': None, 'error': None,
-                           'traceback': None, 'started': False}
-                    _put_many(self.results, [held, out] if held else [out]); held = None
-                continue
-            started = {'type': 'started', 'job_id': jid, 'pid': os.getpid()}
-            _put_many(self.results, [held, started] if held else [started]); held = None
+            if skip: continue  # cancelled before it started (the control thread answered), or the worker is stopping
+            held = self._flush(held, {'type': 'started', 'job_id': jid, 'pid': os.getpid()})
             held = self._execute(req, ctx)
-            with self.lock: self.ctx = None
+            with self.lock: self.ctx, self.unsent = None, jid
             continue
-        if held is not None: _put_many(self.results, [held]); held = None
+        if held is not None: held = self._flush(held)
         with self.lock: withdrawn = self.withdrawn.pop(req.get('request_id'), None)
         if not withdrawn and not self.stopping: self._command(req)
-    if held is not None: _put_many(self.results, [held])
-    self._cleanup()
+    if held is not None: self._flush(held)
 
 # %% ../../nbs/core/worker.ipynb #43d138dd
 @patch
@@ -456,6 +480,7 @@ def _command(self:_Worker, req:dict):
         reply.update(success=False, error=_failure_text(e), traceback=_traceback(e))
     self._leave_if_copy()
     try: _put(self.responses, reply)
+    except BrokenPipeError: raise  # the app is gone (`run` ends quietly)
     except Exception as e:
         _put(self.responses, {'type': 'response', 'request_id': rid, 'success': False,
                               'error': f"the reply could not be pickled ({_error_text(e)})"})

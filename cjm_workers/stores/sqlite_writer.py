@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'TAG', 'Tag', 'safe_repr', 'pack', 'pack_batch', 'encode', 'rollback', 'FileReplacedError', 'check_file',
-           'serve', 'WriterGone', 'WriterProcess', 'can_start_process', 'WriterThread']
+           'WalFileLostError', 'serve', 'WriterGone', 'WriterProcess', 'can_start_process', 'WriterThread']
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #eb632b81
 TAG = '$cjm'  # the key of a tagged JSON value: {"$cjm": kind, "v": value}
@@ -250,20 +250,41 @@ def rollback(conn)->None:
         except Exception: pass  # the error that led here is the one to report
 
 class FileReplacedError(OSError):
-    "The database file was deleted or replaced by another file while a store was using it."
+    "The database file was deleted (or moved away) or replaced by another file while a store was using it."
     def __init__(self, path:str, deleted:bool):
-        super().__init__(f"the database file {path} was {'deleted' if deleted else 'replaced by another file'} while the "
+        super().__init__(f"the database file {path} was {'deleted or moved away' if deleted else 'replaced by another file'} while the "
                          f"job store was using it: the jobs written before are not in the file at that path, so the store "
                          f"writes nothing more (restart the app to begin a new file, or put the old file back)")
 
 def check_file(path:str, # the database file
                file_id:Optional[tuple] # (st_dev, st_ino) the store expects there, or None (anything goes)
               )->None:
-    "Raise `FileReplacedError` if the file at `path` is not the one the store expects (deleted, or replaced)."
+    "Raise `FileReplacedError` if the file at `path` is not the one the store expects (deleted, moved away, or replaced)."
     if file_id is None: return
+    now = _file_id(path)
+    if now != tuple(file_id): raise FileReplacedError(path, now is None)
+
+def _file_id(path:str)->Optional[tuple]:
+    "(st_dev, st_ino) of the file at `path`, or None if there is none."
     try: st = os.stat(path)
-    except FileNotFoundError: st = None
-    if st is None or (st.st_dev, st.st_ino) != tuple(file_id): raise FileReplacedError(path, st is None)
+    except FileNotFoundError: return None
+    return st.st_dev, st.st_ino
+
+_SIDE_FILES = ('-wal', '-shm')  # SQLite's files beside the database in WAL mode
+
+class WalFileLostError(OSError):
+    "The database's -wal or -shm file was deleted or replaced while the writer used it (what was committed is checkpointed first)."
+    def __init__(self, path:str, # the database file
+                 lost:dict, # suffix ('-wal', '-shm') → 'deleted' or 'replaced by another file'
+                 unsaved:Optional[str]=None # None: the checkpoint copied every commit into the file; else why it did not
+                ):
+        hows = set(lost.values())
+        how = hows.pop() if len(hows) == 1 else 'deleted or replaced'
+        base = os.path.basename(path)
+        saved = (f"what was committed is saved into {base} (checkpoint)" if unsaved is None else
+                 f"the checkpoint into {base} did not complete ({unsaved}): the jobs committed since the last checkpoint may be missing from it")
+        super().__init__(f"the database's {' and '.join(lost)} {'files were' if len(lost) > 1 else 'file was'} {how} while in "
+                         f"use; {saved}; the store reconnects")
 
 class _Db:
     """The writer process's connection and the statements it was given.
@@ -282,6 +303,7 @@ class _Db:
         # every batch touches (index pages, the table's end) are copied back once per checkpoint (-1.5 µs per job)
         self.schemas: dict = {}
         self.last: dict = {}  # job id → the row last committed (unfinished jobs only)
+        self.side: dict = {}  # '-wal' / '-shm' → (st_dev, st_ino), noted once they exist after a commit
 
     def _plan(self, sc:_Schema, rows:list):
         "Split rows into full upserts and UPDATE groups (changed columns, request mode) → rows."
@@ -308,12 +330,33 @@ class _Db:
 
     def check_file(self)->None: check_file(self.path, self.file_id)
 
+    def check_side(self)->None:
+        "Raise `WalFileLostError` if the -wal or -shm file noted is gone or another one, after checkpointing what was committed."
+        lost = {}
+        for s, fid in self.side.items():
+            now = _file_id(self.path + s)
+            if now != fid: lost[s] = 'deleted' if now is None else 'replaced by another file'
+        if lost: raise WalFileLostError(self.path, lost, self._checkpoint())
+
+    def _checkpoint(self)->Optional[str]:
+        "Copy every committed page of the WAL (open here even if unlinked) into the database file; None, or why it did not."
+        try: busy, frames, done = self.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+        except Exception as e: return f"{type(e).__name__}: {e}"
+        if busy and not (frames >= 0 and done == frames):  # all copied, only the truncation waits for a reader: saved
+            return f"{max(done, 0)} of {frames} pages copied: another connection kept it from completing"
+        return None
+
+    def _note_side(self)->None:
+        for s in _SIDE_FILES:
+            if s not in self.side and (fid := _file_id(self.path + s)) is not None: self.side[s] = fid
+
     def write(self, schemas:dict, groups:dict)->Optional[str]:
         "Write one batch in one transaction; None, or the error after a rollback."
         for k, v in schemas.items(): self.schemas[k] = _Schema(*v)
         conn = self.conn
         try:
             self.check_file()  # one stat per batch: writes into a deleted file would vanish without a word
+            self.check_side()  # two more: commits into a deleted WAL would vanish with this process
             conn.execute('BEGIN IMMEDIATE')
             try:
                 for key, rows in groups.items(): self._write(self.schemas[key], rows)
@@ -323,6 +366,7 @@ class _Db:
                 raise
         except Exception as e:
             return f"{type(e).__name__}: {e}"
+        if len(self.side) < len(_SIDE_FILES): self._note_side()  # after the first commits only
         last = self.last  # committed: remember the unfinished jobs' rows, forget the finished ones
         for key, rows in groups.items():
             st = self.schemas[key].status
