@@ -12,8 +12,7 @@
 - `gil`: reports progress 'holding', then holds the GIL in one C call of `n` steps (minutes).
 - `exitcancel`: runs until its job is cancelled (it polls the job's flag), but its `cancel()` hook calls `sys.exit(0)`.
 
-`m_worker` runs them beside the reference plugins; `slow_factory_worker` is a worker whose plugin manager takes
-`FACTORY_SECONDS` to build; `gil_app` is an app process for the parent-death test.
+`m_worker` runs them beside the reference plugins; `gil_app` is an app process for the parent-death test.
 """
 import asyncio, itertools, os, sys, threading, time
 
@@ -105,18 +104,6 @@ def _pm(): return ReferencePluginManager(M_PLUGINS)
 def m_worker(request_queue, result_queue, response_queue):
     "Worker entry point: the reference plugins plus the misbehaving ones (streaming on)."
     base_worker_process(request_queue, result_queue, response_queue, plugin_manager_factory=_pm, supports_streaming=True)
-
-
-FACTORY_SECONDS = 1.0
-
-def _slow_pm():
-    time.sleep(FACTORY_SECONDS)
-    return _pm()
-
-
-def slow_factory_worker(request_queue, result_queue, response_queue):
-    "Worker entry point whose plugin manager takes `FACTORY_SECONDS` to build."
-    base_worker_process(request_queue, result_queue, response_queue, plugin_manager_factory=_slow_pm)
 
 
 async def gil_app():

@@ -7,7 +7,8 @@ import psutil, pytest
 from cjm_workers.core.channel import PipeChannel
 from cjm_workers.testing import wait_until
 from _a_helpers import gone, live_descendants, wait_gone, worker_pid
-from _m_plugins import m_worker, slow_factory_worker
+from _b_entry import slow_start_worker
+from _m_plugins import m_worker
 
 TESTS = Path(__file__).resolve().parent
 
@@ -171,7 +172,7 @@ async def test_late_progress_does_not_land_on_the_next_job(make_manager):
 # 5. the app went away while the worker was starting
 
 def test_worker_that_cannot_say_ready_exits_quietly(by_hand, capfd):
-    p, req, res, resp = by_hand(slow_factory_worker)  # its plugin manager takes a second to build
+    p, req, res, resp = by_hand(slow_start_worker)  # its plugin manager takes a while to build
     res.close()  # the app's end of the results pipe is gone before the worker is ready: sending 'ready' breaks the pipe
     p.join(30)
     err = capfd.readouterr().err
