@@ -5,6 +5,7 @@
 # %% ../../nbs/stores/journal.ipynb #0e85e25f
 from __future__ import annotations
 import json, logging, os
+from fastcore.basics import patch
 from typing import Dict, Iterable, Optional, Tuple
 
 from .base import JobStoreError
@@ -12,7 +13,7 @@ from .base import JobStoreError
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'replay', 'StartJournal', 'recover', 'write', 'rotate', 'retire_old', 'close']
+__all__ = ['log', 'replay', 'StartJournal']
 
 # %% ../../nbs/stores/journal.ipynb #404f0524
 def _line(e:Tuple[str, int, str])->str:
@@ -40,7 +41,7 @@ def replay(lines:Iterable[str], # lines of a journal, oldest first
 class StartJournal:
     "Append-only record of the jobs a manager handed to workers (see above); used under the manager's lock."
     def __init__(self,
-                 path:str, # the journal file (beside the database: `<db>-journal-<worker_type>`)
+                 path:str, # the journal file (beside the database: `<db>-journal-<table>`)
                  rotate_bytes:int=1 << 20 # start a new file once the current one is this big (and no old one is left)
                 ):
         self.path, self.old, self.rotate_bytes = str(path), f"{path}.old", rotate_bytes
@@ -60,6 +61,7 @@ def _read_lines(path:str)->list:
         with open(path, encoding='utf-8', errors='replace') as f: return f.read().splitlines()
     except FileNotFoundError: return []
 
+@patch
 def recover(self:StartJournal)->Dict[str, int]:
     "What earlier processes sent and did not take back (job id → attempt); starts a new file (`JobStoreError` naming it if it cannot)."
     try: return self._recover()
@@ -67,6 +69,7 @@ def recover(self:StartJournal)->Dict[str, int]:
         raise JobStoreError(f"the start journal {self.path} cannot be used ({type(e).__name__}: {e}); a manager needs it "
                             f"to tell which jobs a crash interrupted") from e
 
+@patch
 def _recover(self:StartJournal)->Dict[str, int]:
     old, cur = _read_lines(self.old), _read_lines(self.path)
     sent = replay(cur, replay(old))
@@ -75,9 +78,9 @@ def _recover(self:StartJournal)->Dict[str, int]:
     if os.path.exists(self.path): os.remove(self.path)
     self._open()
     return sent
-StartJournal.recover, StartJournal._recover = recover, _recover
 
 # %% ../../nbs/stores/journal.ipynb #566792b1
+@patch
 def write(self:StartJournal,
           entries:Iterable[Tuple[str, int, str]] # (sign, attempt, job id): '+' sent to a worker, '-' taken back unstarted
          )->None:
@@ -93,8 +96,8 @@ def write(self:StartJournal,
             self._warned = True
             log.error("start journal %s cannot be written (%s: %s): after a crash of the app, jobs sent to workers "
                       "meanwhile may run a second time", self.path, type(e).__name__, e)
-StartJournal.write = write
 
+@patch
 def rotate(self:StartJournal)->bool:
     "Start a new file if the current one is big and no old one is left (True if it did)."
     if self.size < self.rotate_bytes or os.path.exists(self.old): return False
@@ -106,13 +109,14 @@ def rotate(self:StartJournal)->bool:
         log.warning("start journal %s: could not start a new file (%s)", self.path, e)
         return False
     return True
-StartJournal.rotate = rotate
 
+@patch
 def retire_old(self:StartJournal)->None:
     "Delete the old file: what it says is in the store now."
     try: os.remove(self.old)
     except FileNotFoundError: pass
 
+@patch
 def close(self:StartJournal,
           clean:bool # every job state is written: the journal says nothing the store does not (both files go)
          )->None:
@@ -123,4 +127,3 @@ def close(self:StartJournal,
         for p in (self.path, self.old):
             try: os.remove(p)
             except FileNotFoundError: pass
-StartJournal.retire_old, StartJournal.close = retire_old, close

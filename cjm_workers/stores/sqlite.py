@@ -19,7 +19,7 @@ from fastcore.basics import patch
 from fastlite import Database
 
 from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq
-from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_process, check_file, rollback, safe_repr,
+from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_process, check_file, _file_id, rollback, safe_repr,
                                               TAG, _PLAIN, _TAGGERS)
 
 log = logging.getLogger(__name__)
@@ -342,9 +342,7 @@ def _connect(self:SQLiteJobStore, readonly:bool):
             check_file(self.path, self._file_id)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = apsw.Connection(self.path)
-        if self._file_id is None:
-            st = os.stat(self.path)
-            self._file_id = (st.st_dev, st.st_ino)
+        if self._file_id is None: self._file_id = _file_id(self.path)
     try:
         conn.set_busy_timeout(int(self.busy_timeout * 1000))
         db = Database(conn)
