@@ -127,6 +127,9 @@ def test_progress_advances_and_text_streams_without_reload(page, server):
     shot(page, '2-streaming')
     wait_status(page, tid, 'completed')
     assert output(page, tid) == TOKENS_TEXT and still_same(page)  # every word once, in order
+    page.wait_for_selector(f'#job-{tid}-outcome pre.job-result')
+    # the text shows once: the outcome holds it, and the output pane (same text) is hidden
+    assert page.is_hidden(f'#job-{tid}-output') and page.inner_text(f'#job-{tid}-outcome').strip() == TOKENS_TEXT.strip()
     shot(page, '3-streamed')
 
 

@@ -82,8 +82,10 @@ def JobActions(job:BaseJob, prefix:str='/jobs')->Span:
 def OutputPane(job:BaseJob, # the job
                text:Optional[str]=None # what to show instead of its output so far
               )->Pre:
-    "The job's streamed text so far."
-    return Pre(job.output if text is None else text, cls='job-output', id=dom_id(job.id, 'output'))
+    "The job's streamed text so far (kept but hidden once the job's result shows the same text)."
+    shown = job.output if text is None else text
+    said = bool(shown) and job.status == 'completed' and shown == _result_text(job.result)
+    return Pre(shown, cls='job-output', id=dom_id(job.id, 'output'), hidden=said)
 
 def WorkerPid(job:BaseJob)->Span:
     "The pid of the worker process running (or that ran) the job."
