@@ -236,3 +236,28 @@ async def test_a_plugin_that_watches_its_own_cancelled_flag_runs_again_after_a_c
     assert job.status == 'cancelled' and 0 < len(job.output) < len(words)
     again = await mgr.wait_for_job((await mgr.start_job('polite', text='one two three', delay=0)).id, timeout=30)
     assert again.status == 'completed' and again.result['text'] == 'one two three ', again.result
+
+
+async def test_a_run_that_fails_after_its_cancel_is_not_retried(make_manager):
+    "A job with retries left whose run raises, or kills its worker, after `cancel_job`: cancelled, no second run."
+    rec = RecordingBroadcaster()
+    mgr = make_manager(dict(cancel_grace_seconds=30.0), event_broadcaster=rec)  # no hard kill: the run ends by itself
+    await mgr.start(wait=True)
+    raised = await mgr.start_job('echo', text='x', sleep=0.6, fail='interrupted', max_retries=2, retry_backoff_seconds=0)
+    await wait_until(lambda: raised.status == 'running', 30)
+    assert await mgr.cancel_job(raised.id) is True  # the echo plugin does not poll: its run raises 0.6 s in
+    assert raised.status == 'cancelled' and raised.attempts == 1, (raised.status, raised.attempts, raised.reason)
+    assert raised.reason.startswith('cancelled on request'), raised.reason  # the worker counts a raise after a cancel as its end
+
+    died = await mgr.start_job('crash', mode='sigkill', after=0.6, max_retries=2, retry_backoff_seconds=0)
+    await wait_until(lambda: died.status == 'running', 30)
+    assert await mgr.cancel_job(died.id) is True
+    assert died.status == 'cancelled' and died.attempts == 1, (died.status, died.attempts, died.reason)
+    assert 'SIGKILL' in died.reason, died.reason
+    await asyncio.sleep(0.5)  # a retry would have been sent by now (backoff 0)
+    after = await mgr.wait_for_job((await mgr.start_job('echo', text='next')).id, timeout=30)
+    assert after.status == 'completed'
+    for j in (raised, died):  # one run each: no `retrying`, one terminal event
+        names = rec.of(j.id)
+        assert 'retrying' not in names and sum(n in TERMINAL_EVENTS for n in names) == 1, names
+        assert j.status == 'cancelled' and j.attempts == 1

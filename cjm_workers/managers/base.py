@@ -483,7 +483,10 @@ def _safe_resource_call(self:BaseJobManager, method:str, *args, **kwargs):
 def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
     "Handle a job result from the worker."
     jid = msg.get('job_id')
-    slot.inflight.pop(jid, None)
+    if jid not in slot.inflight:  # a second answer (a cancel's verdict sent after the result): the first one decided
+        log.debug("%s worker %d: ignored a second answer for job %r", self.worker_type, slot.index, jid)
+        return
+    del slot.inflight[jid]
     asked = slot.cancel_deadlines.pop(jid, None) is not None  # a cancel was requested (by the app, or a timeout)
     slot.timeouts.pop(jid, None)
     timed_out = jid in self._timed_out
@@ -518,7 +521,9 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
             self._terminal(job, 'cancelled', reason=why)
         else:
             err = msg.get('error') or 'the worker reported an error without a message'
-            self._fail_run(job, err, err, msg.get('traceback'))
+            if asked and not timed_out: self._terminal(job, 'cancelled', reason=f"cancelled on request; the run ended with {err}", error=err,
+                                     tb=msg.get('traceback'))  # no retry: the app asked for the job to stop
+            else: self._fail_run(job, err, err, msg.get('traceback'))
     if self.resource_manager is not None and not slot.inflight and not self._pending and slot.pid:
         self._safe_resource_call('update_worker_state', slot.pid, status='idle', job_id=None)
     if slot.recycle is not None or self._recycling: self._check_recycle(slot)
@@ -740,7 +745,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     elif slot.ready_at is None and slot.kill_reason is None:
         how += " before it became ready" + ("" if getattr(p, 'death_reason', None) else " (the worker's own output on stderr says why)")
     hard_cancel, recycle = slot.kill_reason == 'cancel', slot.kill_reason == 'recycle'
-    requeue, retry = [], False
+    requeue, retry, cancelling = [], False, False
     head = next((j for j in slot.inflight.values() if j is not None and not j.is_terminal), None)
     if (head is not None and head.status != 'running' and getattr(p, 'start_may_be_lost', False)
             and slot.kill_reason is None and not self._closed):
@@ -762,6 +767,10 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
                                                     f"{cfg.cancel_grace_seconds}s, so its worker was killed")
         else:
             err = f"WorkerDied: the worker process {how} while running the job"
+            if jid in slot.cancel_deadlines:  # the app asked it to stop (no retry), and the worker died meanwhile
+                self._terminal(job, 'cancelled', reason=f"cancelled on request; {err}", error=err)
+                cancelling = True
+                continue
             self._fail_run(job, err, err)
             retry = retry or job.status == 'pending'  # it will run again: it needs a worker
     for job in requeue: self._pending.push(job.id, job.priority)  # back at their places: ahead of younger jobs
@@ -791,6 +800,9 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
         return self._fail_slot(slot, f"the worker was killed to cancel a job and restart policy {policy.value} does not restart it")
     if slot.ready_at is not None and time.monotonic() - slot.ready_at >= cfg.healthy_after_seconds: slot.crashes = 0
     slot.crashes += 1
+    if cancelling and not policy.restarts_after_crash and policy.restarts_after_cancel:  # as a hard cancel would have
+        self._emit('worker_restarting', {'worker': slot.index, 'attempt': 0, 'delay': 0.0, 'reason': f"{how} during a cancel"})
+        return self._restart_worker(slot)
     if not policy.restarts_after_crash and not (retry and policy is not RestartPolicy.NEVER):
         return self._fail_slot(slot, f"the worker process {how}; restart policy {policy.value} does not restart after a crash")
     if retry and not policy.restarts_after_crash: how += " (restarted to retry the job it was running)"
