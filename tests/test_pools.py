@@ -102,3 +102,42 @@ async def test_four_workers_thousand_jobs_random_cancels_each_ends_once(mk):
     assert counts['failed'] == 0 and counts['cancelled'] > 50 and counts['completed'] > 500, counts
     assert len({j.worker_pid for j in jobs if j.worker_pid}) == 4
     assert mgr.count_jobs('completed') == counts['completed']
+
+
+async def test_a_command_sent_while_workers_are_being_recycled_reaches_their_replacements(mk):
+    """UAT finding: `reload_plugin` right after jobs finished on workers due for recycling was queued behind their `stop`
+    and failed ('the worker process exited with code 0'), so the new config was not kept either."""
+    mgr = mk(config=dict(max_workers=2, max_jobs_per_worker=1))
+    await mgr.start(wait=True)
+    for _ in range(3):
+        jobs = [await mgr.start_job('echo', text=str(i)) for i in range(2)]
+        for j in jobs: assert (await mgr.wait_for_job(j.id, timeout=T)).status == 'completed'
+        assert await mgr.reload_plugin('echo', {'prefix': '>'}) is True  # both workers are on their way out
+    job = await mgr.wait_for_job((await mgr.start_job('echo', text='x')).id, timeout=T)
+    assert job.result['text'] == '>x'  # a replacement loads the reloaded config
+
+
+async def test_the_pending_events_position_agrees_with_get_queue_position_in_a_pool(mk):
+    "UAT finding: with one of two workers idle, a new job's `pending` event said position 2 while it started at once."
+    events = RecordingBroadcaster()
+    mgr = mk(config=dict(max_workers=2), event_broadcaster=events)
+    await mgr.start(wait=True)
+    busy = await mgr.start_job('slow', seconds=30)
+    await wait_until(lambda: busy.status == 'running', T)
+    job = await mgr.start_job('slow', seconds=30)
+    said = mgr.get_queue_position(job.id)
+    await mgr.flush_events()
+    pos = [d['position'] for t, d in events.events if t == 'reference:pending' and d['job_id'] == job.id]
+    assert pos == [said] == [1]  # sent to the idle worker: next to run there
+    for j in (busy, job): assert await mgr.cancel_job(j.id)
+
+
+async def test_affinity_prefers_a_worker_with_room_for_the_plugin(mk):
+    "UAT note: with max_loaded_plugins=1 a new plugin went to the worker holding another one, unloading it, while the other worker held none."
+    mgr = mk(config=dict(max_workers=2, max_loaded_plugins=1, prefetch=1))
+    await mgr.start(wait=True)
+    a = await mgr.wait_for_job((await mgr.start_job('echo', text='a')).id, timeout=T)
+    b = await mgr.wait_for_job((await mgr.start_job('transcribe', steps=1, delay=0)).id, timeout=T)
+    assert a.worker_pid != b.worker_pid  # the second plugin went to the empty worker
+    c = await mgr.wait_for_job((await mgr.start_job('echo', text='c')).id, timeout=T)
+    assert c.worker_pid == a.worker_pid  # and echo is still loaded where it was

@@ -117,6 +117,37 @@ async def test_per_job_timeout_kills_a_job_that_ignores_the_cancel(mk):
     with pytest.raises(ValueError, match='timeout_seconds'): await mgr.start_job('echo', timeout_seconds=-1)
 
 
+async def test_an_apps_cancel_wins_over_a_timeout_in_either_order(mk):
+    """UAT finding: a timeout falling due while the app's cancel was under way (or the app cancelling while a timeout's
+    cancel was) ended the job `failed`/`timeout` and ran it again; `cancel_job` returned False after the retry."""
+    events = RecordingBroadcaster()
+    mgr = mk(config=dict(cancel_grace_seconds=5.0), event_broadcaster=events)
+    # transcribe checks for a cancel once per step (0.6 s): the cancel and the timeout both wait for that check
+    first = await mgr.start_job('transcribe', steps=5, delay=0.6, timeout_seconds=0.5, max_retries=1, retry_backoff_seconds=0)
+    await wait_until(lambda: first.status == 'running', T)
+    await asyncio.sleep(0.2)
+    assert await mgr.cancel_job(first.id) is True  # the timeout falls due (0.5 s) before the plugin hears the cancel
+    second = await mgr.start_job('transcribe', steps=5, delay=0.6, timeout_seconds=0.3, max_retries=1, retry_backoff_seconds=0)
+    await wait_until(lambda: second.status == 'running', T)
+    await asyncio.sleep(0.45)  # its timeout's cancel is under way
+    assert await mgr.cancel_job(second.id) is True
+    await mgr.flush_events()
+    for j in (first, second):
+        assert (j.status, j.attempts) == ('cancelled', 1), (j.status, j.reason, j.attempts)
+        assert j.reason == 'cancelled on request' and j.attempt_log == []
+        assert 'retrying' not in events.of(j.id) and terminal_events(events, j.id) == ['cancelled']
+
+
+async def test_a_timeout_during_a_drain_is_a_timeout(make_manager):
+    "UAT finding: a job stopped by its own timeout while the shutdown drained was recorded as cancelled by the shutdown."
+    mgr = make_manager(config=dict(cancel_grace_seconds=5.0))
+    await mgr.start(wait=True)
+    job = await mgr.start_job('slow', seconds=30, timeout_seconds=1.0)
+    await wait_until(lambda: job.status == 'running', T)
+    await mgr.ashutdown(drain_timeout=10)
+    assert (job.status, job.reason) == ('failed', 'timeout'), (job.status, job.reason)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 3. retries
 

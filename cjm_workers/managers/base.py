@@ -89,6 +89,7 @@ class _Slot:
         self.plugins: dict = {}  # plugins sent to this process, least recently first (for affinity; name → None)
         self.jobs_since_spawn = 0
         self.quick = False  # its last job ran shorter than `prefetch_max_job_seconds` (jobs may be sent ahead)
+        self.rss_checked_at = -math.inf  # monotonic time its memory was last measured (`max_worker_rss_mb`)
         self.run_t0: Optional[float] = None  # monotonic time its running job's `started` was handled
         self.recycle: Optional[str] = None  # why the worker is to be recycled once its jobs are done
         self.stop_deadline: Optional[float] = None  # a recycled worker that has not exited by then is killed
@@ -511,9 +512,9 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
                 except Exception: log.exception("_on_job_completed(%r) raised; the job stays completed", jid)
                 if type(self)._on_job_completed is not BaseJobManager._on_job_completed:
                     self._store.save(job)  # the store keeps what the hook changed on the job too
-        elif timed_out and not self._closed:  # stopped (or failed) after its time ran out
+        elif timed_out and (not self._closed or self._draining):  # stopped (or failed) after its time ran out
             self._fail_run(job, 'timeout', _timeout_error(job, self.worker_config.job_timeout_seconds), msg.get('traceback'))
-        elif status == 'cancelled' and self._closed: self._stopped_at_shutdown(job, msg.get('data'), asked)
+        elif status == 'cancelled' and self._closed and not self._draining: self._stopped_at_shutdown(job, msg.get('data'), asked)
         elif status == 'cancelled':
             job.result = msg.get('data')
             if not asked and msg.get('error'): why = f"cancelled by the plugin ({msg['error']})"  # it gave up on its own
@@ -534,8 +535,11 @@ def _recycling(self:BaseJobManager)->bool:
     cfg = self.worker_config
     return bool(cfg.max_jobs_per_worker or cfg.max_worker_rss_mb)
 
-def _tree_rss(ps)->Optional[int]:
+_RSS_CHECK_SECONDS = 0.2  # a worker's memory is measured after a job at most this often (a process-tree scan costs ~1 ms)
+
+def _tree_rss(ps, slot=None, now:float=0.0)->Optional[int]:
     "Bytes of resident memory of a worker and its descendants, its backstop left out (None if it is gone)."
+    if slot is not None: slot.rss_checked_at = now
     if ps is None: return None
     try: kids = ps.children(recursive=True)
     except psutil.Error: return None
@@ -554,7 +558,8 @@ def _check_recycle(self:BaseJobManager, slot:_Slot):
     if slot.recycle is None and slot.state == 'ready':
         if cfg.max_jobs_per_worker and slot.jobs_since_spawn >= cfg.max_jobs_per_worker:
             slot.recycle = f"recycle: it ran {slot.jobs_since_spawn} jobs (max_jobs_per_worker={cfg.max_jobs_per_worker})"
-        elif cfg.max_worker_rss_mb and (rss := _tree_rss(slot.ps)) is not None and rss > cfg.max_worker_rss_mb * 2**20:
+        elif (cfg.max_worker_rss_mb and (now := time.monotonic()) - slot.rss_checked_at >= _RSS_CHECK_SECONDS
+              and (rss := _tree_rss(slot.ps, slot, now)) is not None and rss > cfg.max_worker_rss_mb * 2**20):
             slot.recycle = f"recycle: its processes use {rss / 2**20:.0f} MB (max_worker_rss_mb={cfg.max_worker_rss_mb})"
     if slot.recycle is not None and not slot.inflight and slot.alive and slot.kill_reason is None:
         slot.kill_reason, slot.stop_deadline = 'recycle', time.monotonic() + cfg.shutdown_timeout_seconds
@@ -664,6 +669,7 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     slot.start_deadline = now + cfg.worker_start_timeout_seconds
     slot.kill_reason = slot.startup_error = slot.failure = slot.recycle = slot.stop_deadline = None
     slot.jobs_since_spawn, slot.plugins, slot.timeouts, slot.quick, slot.run_t0 = 0, {}, {}, False, None
+    slot.rss_checked_at = -math.inf  # a new process: measured after its first job
     slot.ps = None
     if p.pid is not None:  # a Ray actor's pid is known once it is ready
         try: slot.ps = psutil.Process(p.pid)
@@ -840,9 +846,9 @@ def _dispatch(self:BaseJobManager)->list:
         job = jobs.get(jid)
         if job is None or job.is_terminal: continue
         if len(free) == 1: s = free[0]
-        else:  # the least busy worker; among equals, one that already has the plugin
+        else:  # the least busy worker; among equals, one that already has the plugin, else one that need not unload one
             name = job.plugin_name
-            s = min(free, key=lambda s: (len(s.inflight), name not in s.plugins))
+            s = min(free, key=lambda s: (len(s.inflight), name not in s.plugins, bool(limit) and len(s.plugins) >= limit))
         s.inflight[jid] = job
         if limit: _touch(s.plugins, job.plugin_name, None, limit)
         else: s.plugins[job.plugin_name] = None
@@ -1099,6 +1105,7 @@ def _run_timers(self:BaseJobManager):
             for jid, d in list(s.timeouts.items()):
                 if d > now: continue
                 del s.timeouts[jid]
+                if jid in s.cancel_deadlines: continue  # the app's cancel is under way: it decides how the job ends
                 self._timed_out.add(jid)
                 log.warning("%s job %s ran out of time: cancelling it", self.worker_type, jid)
                 if jid not in s.cancel_deadlines:
@@ -1277,16 +1284,20 @@ async def start(self:BaseJobManager,
                         "until it does (see get_health())", self.worker_type, t)
     if wait: await self.wait_until_ready(timeout)
 
+def _settling(s)->bool:
+    "A worker on its way: starting, restarting, or told to stop for a recycle (its replacement follows)."
+    return s.state in ('starting', 'restarting') or s.kill_reason == 'recycle'
+
 @patch
 async def wait_until_ready(self:BaseJobManager,
                            timeout:Optional[float]=None # seconds (default: twice worker_start_timeout_seconds)
                           )->bool: # True if at least one worker is ready
-    "Wait until no worker is starting or restarting; True if at least one is ready."
+    "Wait until no worker is starting, restarting or being recycled; True if at least one is ready."
     self._bind_loop()
     deadline = time.monotonic() + (self.worker_config.worker_start_timeout_seconds * 2 if timeout is None else timeout)
     while True:
         with self._lock:
-            if not any(s.state in ('starting', 'restarting') for s in self._slots):
+            if not any(_settling(s) for s in self._slots):
                 return any(s.state == 'ready' for s in self._slots)
             fut = self._loop.create_future()
             self._state_waiters.append(fut)
@@ -1343,11 +1354,11 @@ async def start_job(self:BaseJobManager,
         else:
             self._requests[job.id] = (data, config)
             self._pending.push(job.id, priority)
-            if self.event_broadcaster is not None:
-                pos = sum(len(s.inflight) for s in self._slots) + self._pending.count_from(priority)
             backlog = _send(self._dispatch())  # at once (a write-behind pipe never blocks): the worker starts on the job
             self._store.save(job, data)        # while it is recorded; what the worker reports waits for the lock
-            if self.event_broadcaster is not None:
+            if self.event_broadcaster is not None:  # its place in line now (sent to a worker, or still queued)
+                pos = (sum(len(s.inflight) for s in self._slots) + self._pending.count_from(priority)
+                       if job.id in self._pending else self._queue_position(job.id))
                 self._emit('pending', {'job_id': job.id, 'plugin_id': plugin_id, 'plugin_name': plugin_name,
                                        'priority': priority, 'position': pos})
     if backlog: self._wake()  # the management thread flushes it when the pipe is writable
@@ -1444,7 +1455,9 @@ async def cancel_job(self:BaseJobManager,
             self._terminal(job, 'cancelled', reason='cancelled while waiting for its retry' if job.attempts else 'cancelled before it started')
         elif slot is not None and job_id not in slot.cancel_deadlines:
             slot.cancel_deadlines[job_id] = time.monotonic() + self.worker_config.cancel_grace_seconds
-        else: slot = None  # a cancel is already under way
+        else:  # a cancel is already under way; if a timeout's, the app's cancel decides the outcome from now on
+            if slot is not None: self._timed_out.discard(job_id)
+            slot = None
     if slot is not None: _send([(slot, [{'type': 'cancel', 'job_id': job_id}])], control=True)
     self._wake()
     self._flush()
@@ -1455,7 +1468,7 @@ async def cancel_job(self:BaseJobManager,
 async def _command(self:BaseJobManager, type_:str, data:dict, timeout:float)->List[dict]:
     self._bind_loop()
     self._ensure_started()
-    with self._lock: starting = any(s.state in ('starting', 'restarting') for s in self._slots)
+    with self._lock: starting = any(_settling(s) for s in self._slots)
     if starting:
         try: await self.wait_until_ready(timeout)
         except TimeoutError: return [{'success': False, 'error': f"no worker became ready within {timeout}s"}]
