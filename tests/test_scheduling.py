@@ -211,6 +211,25 @@ async def test_timeouts_count_as_failures_for_retries(mk):
     assert [a['reason'] for a in job.attempt_log] == ['timeout', 'timeout']
 
 
+async def test_a_retrys_backoff_is_kept_across_a_restart(mk, tmp_path):
+    """UAT note: a job waiting out its retry backoff when the app shut down ran at once after the next start. It waits
+    for the rest of its backoff now; a run stopped by the shutdown itself runs again at once."""
+    from datetime import datetime
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    db = tmp_path / 'jobs.db'
+    m1 = mk(SQLiteJobStore(db))
+    job = await m1.start_job('echo', text='x', fail='down', max_retries=1, retry_backoff_seconds=3.0)
+    await wait_until(lambda: job.attempts == 1 and job.status == 'pending', T)  # its first run failed: 3 s to wait
+    await m1.ashutdown()
+    m2 = mk(SQLiteJobStore(db))
+    await m2.start(wait=True)
+    assert m2.get_job(job.id).status == 'pending' and m2.get_queue_position(job.id) is None  # waiting for its retry
+    done = await m2.wait_for_job(job.id, timeout=T)
+    assert (done.status, done.attempts) == ('failed', 2)
+    ended, started = (datetime.fromisoformat(t) for t in (done.attempt_log[0]['ended_at'], done.attempt_log[1]['started_at']))
+    assert (started - ended).total_seconds() >= 2.9, (started - ended)  # the backoff counted from the failed run
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 4. stored jobs before `start`
 

@@ -1217,6 +1217,15 @@ _SENT = ("Interrupted: the app's process ended after it had sent the job to a wo
          "written (it may have run, in part or in full); it is not run again unless it opted into retries")
 _LOST = "how this run ended was not written before the app's process ended"
 
+def _backoff_left(job, backoff_max:float)->float:
+    "Seconds a stored pending job still has to wait for its retry (its last run failed, not stopped by a shutdown)."
+    log_ = job.attempt_log
+    if not (job.max_retries and job.attempts and log_) or log_[-1].get('reason') == 'interrupted': return 0.0
+    try: ended = datetime.fromisoformat(log_[-1]['ended_at'])
+    except (KeyError, TypeError, ValueError): return 0.0
+    delay = min(job.retry_backoff_seconds * 2 ** max(job.attempts - 1, 0), backoff_max)
+    return (ended.timestamp() + delay) - time.time()
+
 @patch
 def _recover(self:BaseJobManager):
     "Take over the jobs an earlier process left unfinished in the store (under the lock, at start)."
@@ -1243,6 +1252,9 @@ def _recover(self:BaseJobManager):
             continue
         if request is None:
             self._terminal(job, 'failed', reason='interrupted', error=_INTERRUPTED + " (its execute request was not stored)")
+            continue
+        if (wait := _backoff_left(job, self.worker_config.retry_backoff_max_seconds)) > 0:  # it was waiting for its retry
+            heapq.heappush(self._retries, (time.monotonic() + wait, job._seq, job.id))      # and still does
             continue
         self._pending.push(job.id, job.priority)
         if self.event_broadcaster is not None:
