@@ -237,3 +237,108 @@ def test_a_page_open_across_a_server_restart_reloads_and_shows_the_jobs_now(brow
     finally:
         ctx.close()
         first.stop()
+
+
+class FlakyProxy:
+    "A TCP proxy in front of the server that can cut every connection and answer 502 for a while (a proxy's reload)."
+    def __init__(self, target_port:int):
+        import asyncio
+        self.target, self.failing, self.conns = target_port, False, set()
+        self.loop = asyncio.new_event_loop()
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            self.port = s.getsockname()[1]
+        ready = threading.Event()
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, '127.0.0.1', self.port))
+            ready.set()
+            self.loop.run_forever()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    async def _pipe(self, r, w):
+        try:
+            while (b := await r.read(65536)):
+                w.write(b)
+                await w.drain()
+        except (ConnectionError, OSError): pass
+        finally: w.close()
+
+    async def _handle(self, cr, cw):
+        import asyncio
+        if self.failing:
+            await cr.read(65536)
+            cw.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 11\r\nConnection: close\r\n\r\nBad Gateway")
+            await cw.drain()
+            cw.close()
+            return
+        ur, uw = await asyncio.open_connection('127.0.0.1', self.target)
+        pair = (cw, uw)
+        self.conns.add(pair)
+        try: await asyncio.gather(self._pipe(cr, uw), self._pipe(ur, cw))
+        finally: self.conns.discard(pair)
+
+    def outage(self, seconds:float):
+        "Cut every proxied connection now, and answer 502 for `seconds`."
+        def cut():
+            self.failing = True
+            for cw, uw in list(self.conns):
+                cw.transport.abort()
+                uw.transport.abort()
+        self.loop.call_soon_threadsafe(cut)
+        time.sleep(seconds)
+        self.failing = False
+
+    async def _stop(self):
+        import asyncio
+        self.server.close()
+        for cw, uw in list(self.conns):
+            cw.transport.abort()
+            uw.transport.abort()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks: t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    def close(self):
+        import asyncio
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_a_page_behind_a_proxy_that_answers_502_for_a_moment_applies_nothing_twice(page, server):
+    """Acceptance finding: after a 502 the browser's EventSource gives up, and the SSE extension opens a new one on the
+    page's `sse-connect` URL, with no Last-Event-ID: the stream replayed everything since the page was rendered (the
+    streamed text twice, the list's rows twice). The page now keeps `after` at the last event it applied."""
+    base, app = server
+    proxy = FlakyProxy(int(base.rsplit(':', 1)[1]))
+    try:
+        via = f'http://127.0.0.1:{proxy.port}'
+        page.goto(f'{via}/jobs')
+        mark(page)
+        jid = start_job(page, 'Transcribe a meeting')  # a row that the list had before the outage
+        tid = start_job(page, 'Generate text')
+        wait_status(page, jid, 'running')
+        proxy.outage(1.0)
+        later = start_job(page, 'Slow job')  # once the list is live again
+        assert sorted(row_ids(page)) == sorted(set(row_ids(page))) and still_same(page), row_ids(page)  # each row once
+        assert later in row_ids(page) and app.state.manager.get_job(later) is not None
+        page.click(f'#job-{later}-actions button')  # (the slow job would hold a demo worker for two minutes)
+        wait_status(page, later, 'cancelled')
+
+        page.goto(f'{via}/jobs/{tid}')
+        mark(page)
+        wait_output_longer(page, tid, 0)
+        n = len(output(page, tid))
+        proxy.outage(1.0)
+        wait_output_longer(page, tid, n + 15)  # live again after the outage
+        shown = output(page, tid)
+        assert TOKENS_TEXT.startswith(shown) and still_same(page), shown  # every word once, in order
+        wait_status(page, tid, 'completed')
+        assert output(page, tid) == TOKENS_TEXT and still_same(page)
+    finally:
+        proxy.close()

@@ -195,9 +195,11 @@ def LiveUpdates(url:str, # the SSE stream to connect to
                )->Div:
     "Hidden element that connects to an SSE stream and applies the out-of-band fragments it receives."
     return Div(hx_ext='sse', sse_connect=url, sse_swap=f"{event_name},{RESET}", hx_swap='none', id=id, cls='job-live',
-               hidden=True, hx_on__sse_message=_RELOAD_ON_RESET)
+               hidden=True, hx_on__sse_message=_ON_SSE_MESSAGE)
 
-_RELOAD_ON_RESET = f"if(event.detail.type==='{RESET}')setTimeout(function(){{location.reload()}},500)"
+_ON_SSE_MESSAGE = (f"if(event.detail.type==='{RESET}')setTimeout(function(){{location.reload()}},500);"
+                   "else if(event.detail.lastEventId){var u=new URL(this.getAttribute('sse-connect'),location.href);"
+                   "u.searchParams.set('after',event.detail.lastEventId);this.setAttribute('sse-connect',u.href)}")
 
 # %% ../../nbs/fasthtml/components.ipynb #3250966c
 _TERMINAL_EVENTS = ('completed', 'failed', 'cancelled')
