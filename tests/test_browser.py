@@ -323,7 +323,7 @@ def test_a_page_behind_a_proxy_that_answers_502_for_a_moment_applies_nothing_twi
         jid = start_job(page, 'Transcribe a meeting')  # a row that the list had before the outage
         tid = start_job(page, 'Generate text')
         wait_status(page, jid, 'running')
-        proxy.outage(1.0)
+        proxy.outage(2.0)  # longer than the stream's retry (1 s): the reconnect gets the 502
         later = start_job(page, 'Slow job')  # once the list is live again
         assert sorted(row_ids(page)) == sorted(set(row_ids(page))) and still_same(page), row_ids(page)  # each row once
         assert later in row_ids(page) and app.state.manager.get_job(later) is not None
@@ -334,7 +334,7 @@ def test_a_page_behind_a_proxy_that_answers_502_for_a_moment_applies_nothing_twi
         mark(page)
         wait_output_longer(page, tid, 0)
         n = len(output(page, tid))
-        proxy.outage(1.0)
+        proxy.outage(2.0)  # longer than the stream's retry (1 s): the reconnect gets the 502
         wait_output_longer(page, tid, n + 15)  # live again after the outage
         shown = output(page, tid)
         assert TOKENS_TEXT.startswith(shown) and still_same(page), shown  # every word once, in order
