@@ -544,3 +544,34 @@ def test_an_api_client_follows_a_job_it_started_in_json_and_gets_json_errors():
         assert r.status_code == 409 and r.json() == {'error': f'job {jid} has already ended (completed)'}
         assert cli.get(f'/alpha/{jid}/stream?after=0&format=xml', headers=J).json()['error'].startswith("format must be")
         cli.portal.call(alpha.cancel_job, slow)
+
+
+def test_bad_json_bodies_and_a_huge_offset_are_400s_that_say_why(tmp_path):
+    """Acceptance findings: FastHTML answered a JSON body that is not an object in plain text (and one nested deeply
+    with a 500, its parser's RecursionError); an offset past SQLite's integers was a 500."""
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(event_broadcaster=bc, worker_type='bodies', job_store=SQLiteJobStore(tmp_path / 'j.db'))
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix='/b')
+    js = {'content-type': 'application/json', 'accept': 'application/json'}
+    with TestClient(app) as cli:
+        for body, why in [(b'', 'the JSON body is empty'), (b'{not json', 'the body is not valid JSON'),
+                          (b'[1,2]', 'the JSON body must be an object, got list'),
+                          (b'[' * 100_000 + b']' * 100_000, 'the JSON body is nested too deeply')]:
+            r = cli.post('/b/start', content=body, headers=js)
+            assert r.status_code == 400 and r.json()['error'].startswith(why), (r.status_code, r.text[:200])
+        r = cli.post('/b/start', content=b'[1]', headers={'content-type': 'application/json'})  # a browser-like client
+        assert (r.status_code, r.headers['content-type'].split(';')[0], r.text) == (400, 'text/plain', 'the JSON body must be an object, got list')
+        ok = cli.post('/b/start', json={'plugin_id': 'echo', 'text': 'hi'}, headers={'accept': 'application/json'})
+        assert ok.status_code == 201, ok.text
+        cli.portal.call(mgr.wait_for_job, ok.json()['id'], 30)
+        for accept in ('application/json', 'text/html'):
+            for offset in ('9223372036854775807', '99999999999999999999'):
+                r = cli.get(f'/b?offset={offset}', headers={'accept': accept})
+                assert r.status_code == 400 and 'offset must be an integer from 0 to' in r.text, (r.status_code, r.text[:200])
+        assert cli.get('/b?offset=4611686018427387904', headers={'accept': 'application/json'}).json() == []  # the largest allowed

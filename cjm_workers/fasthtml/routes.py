@@ -19,8 +19,8 @@ from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, Jo
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'mount_job_assets', 'BodyTooLarge',
-           'limit_body', 'JobRoutes', 'mount_job_routes']
+__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'MAX_OFFSET', 'mount_job_assets',
+           'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body', 'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
 _ASSETS = {HTMX_JS: 'text/javascript', SSE_JS: 'text/javascript'}
@@ -247,6 +247,34 @@ class JobRoutes:
         render.__qualname__ = f"JobRoutes.render_{view if new_rows else 'rows'}[{self.prefix}]"
         return render
 
+# %% ../../nbs/fasthtml/routes.ipynb #2ac37606
+def _json_body_problem(body:bytes)->Optional[str]:
+    "What is wrong with a JSON request body, or None if it is a JSON object."
+    if not body.strip(): return "the JSON body is empty"
+    try: value = json.loads(body)
+    except RecursionError: return "the JSON body is nested too deeply"
+    except ValueError as e: return f"the body is not valid JSON ({e})"
+    return None if isinstance(value, dict) else f"the JSON body must be an object, got {type(value).__name__}"
+
+def check_json_body(app # an ASGI app, e.g. a Starlette route's `app`
+                   ):
+    "Wrap `app` so that a JSON request body that is not a JSON object is answered 400 (naming why) before `app` runs."
+    async def checked(scope, receive, send):
+        ctype = dict(scope.get('headers') or []).get(b'content-type', b'')
+        if scope.get('type') != 'http' or b'application/json' not in ctype.lower(): return await app(scope, receive, send)
+        msgs, body = [], bytearray()
+        while True:
+            msg = await receive()
+            msgs.append(msg)
+            if msg.get('type') != 'http.request': break
+            body += msg.get('body', b'')
+            if not msg.get('more_body'): break
+        if (problem := _json_body_problem(bytes(body))) is not None:
+            return await _error(Request(scope), problem, 400)(scope, receive, send)
+        async def replay(): return msgs.pop(0) if msgs else await receive()
+        await app(scope, replay, send)
+    return checked
+
 # %% ../../nbs/fasthtml/routes.ipynb #ea63ed77
 from fastcore.basics import patch
 
@@ -335,6 +363,8 @@ async def _job_or_error(self:JobRoutes, request, job_id:str):
     if not await self.allowed(request, job): return None, _FORBIDDEN(request)
     return job, None
 
+MAX_OFFSET = 2**62  # offset + limit must fit SQLite's 64-bit integers
+
 def _int_param(q, name:str, default:int, lo:int, hi:Optional[int]=None)->int:
     v = q.get(name)
     if v in (None, ''): return default
@@ -350,7 +380,7 @@ def page_args(self:JobRoutes, request)->tuple:
     q = request.query_params
     status = q.get('status') or None
     if status is not None: statuses(status)
-    return status, _int_param(q, 'limit', self.page_size, 1, MAX_PAGE_SIZE), _int_param(q, 'offset', 0, 0)
+    return status, _int_param(q, 'limit', self.page_size, 1, MAX_PAGE_SIZE), _int_param(q, 'offset', 0, 0, MAX_OFFSET)
 
 @patch
 async def list_page(self:JobRoutes, request):
@@ -470,7 +500,7 @@ def mount_job_routes(app, # the FastHTML app
         before = set(map(id, app.router.routes))
         app.route(path, methods=methods)(fn)
         for route in app.router.routes:  # the body bound goes around FastHTML's handler, which reads the whole body
-            if id(route) not in before and hasattr(route, 'app'): route.app = limit_body(route.app, r.max_body_bytes)
+            if id(route) not in before and hasattr(route, 'app'): route.app = limit_body(check_json_body(route.app), r.max_body_bytes)
     async def start(request): return await r.start(request)
     async def stream_all(request): return await r.stream_all(request)
     async def list_page(request): return await r.list_page(request)
