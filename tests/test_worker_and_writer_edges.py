@@ -299,3 +299,34 @@ async def test_a_database_file_moved_away_is_named_so(mk, tmp_path):
     await wait_until(lambda: store.failing, T)
     problem = mgr.get_health()['problems'][0]
     assert f"the database file {db} was deleted or moved away while the job store was using it" in problem, problem
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. what a plugin started ends with its worker, with no manager to kill the worker's process group
+
+def _child_of(req, res, jid):
+    "Start a `slow` job that spawns a `sleep` child; the child's pid (from the job's progress message)."
+    req.put({'type': 'execute', 'job_id': jid, 'plugin_name': 'slow', 'seconds': 60, 'spawn_child': True})
+    msgs = read_until(res, lambda ms: any(m.get('type') == 'progress' for m in ms))
+    return int(next(m for m in msgs if m.get('type') == 'progress')['message'].split(':')[1])
+
+
+@pytest.mark.parametrize('how', ['stop', 'sigkill'])
+def test_a_plugins_child_ends_with_its_worker_without_a_manager(by_hand, how):
+    """Acceptance finding (Ray): the worker leads its own process group, so Ray's cleanup of an actor's group missed
+    what plugins started; only the local manager's group kill ended it. Now a worker that stops kills its descendants,
+    and the backstop of a worker that died kills the rest of its group."""
+    p, req, res, resp = by_hand(reference_worker)
+    assert res.get(timeout=60)['type'] == 'ready'
+    child = _child_of(req, res, 'j')
+    assert wait_gone([child], 0) == [child]  # it runs
+    if how == 'stop':
+        req.control.put({'type': 'stop', 'cancel': True})  # cancel the job and stop, as a manager's shutdown does
+        req.put({'type': 'stop'})
+        p.join(T)
+        assert p.exitcode == 0, p.exitcode
+    else:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(T)
+    assert not wait_gone([child], 5), f"the plugin's child {child} outlived its worker ({how})"
+

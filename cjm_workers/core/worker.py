@@ -558,11 +558,11 @@ def _backstop(app:int, # pidfd of the app
     for fd in (app, worker): poller.register(fd, select.POLLIN)
     while True:
         ready = [fd for fd, _ in poller.poll()]
-        if worker in ready: return  # the worker ended first: nothing to do
-        if app in ready: break
-    poller.unregister(app)
-    poller.poll(BACKSTOP_GRACE * 1000)  # the watchdog thread, if it can run, ends the worker (and its children) first
-    os.killpg(pgid, signal.SIGKILL)  # the worker, the rest of its group, and this process
+        if worker in ready or app in ready: break
+    if worker not in ready:  # the app died: the watchdog thread, if it can run, ends the worker (and its children) first
+        poller.unregister(app)
+        poller.poll(BACKSTOP_GRACE * 1000)
+    os.killpg(pgid, signal.SIGKILL)  # the worker, the rest of its group (what its plugins started), and this process
 
 # %% ../../nbs/core/worker.ipynb #e45545fe
 def _close_unused_ends(requests, results, responses):
@@ -614,13 +614,16 @@ def base_worker_process(
 )->None:
     "Generic long-lived worker process that handles job execution."
     _close_unused_ends(request_queue, result_queue, response_queue)
-    if threading.current_thread() is threading.main_thread():  # a process of its own (not hosted in a thread of
+    own = threading.current_thread() is threading.main_thread()
+    if own:  # a process of its own (not hosted in a thread of
         become_group_leader()                                  # another runtime, e.g. a Ray actor, whose process
         signal.signal(signal.SIGINT, signal.SIG_IGN)           # group and signals are not ours to change)
         _start_backstop(mp.parent_process())                   # before any thread starts
         _setup_logging()
     try: _serve(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
-    finally: _end_backstop()
+    finally:
+        _end_backstop()
+        if own: kill_own_children()  # what the plugins started and left running ends with the worker, wherever it runs
 
 def _serve(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming):
     "The worker's life once its process is set up: build the plugin manager, say `ready`, run the loop."
