@@ -522,9 +522,10 @@ async def main():
     how = sys.argv[3]
     if how == 'wait': await mgr.start(wait=True)
     elif how == 'start': await mgr.start()  # what `lifespan` and `async with` do
-    up = (store.writer_pid is not None, store.committed >= 1) if how != 'lazy' else (True, True)  # its writer answered
-    ids = [(await mgr.start_job('echo', text=str(i))).id for i in range(20)]  # 'lazy': the first one starts it
-    await asyncio.sleep(0.05)
+    ids = [(await mgr.start_job('echo', text='0')).id]  # 'lazy': it starts the manager
+    up = (store.writer_pid is not None, store.committed >= 1)  # the writer answered before the first job was queued
+    ids += [(await mgr.start_job('echo', text=str(i))).id for i in range(1, 20)]
+    await asyncio.to_thread(store.flush, 10)  # what a few milliseconds of a running app do (a loaded machine: more)
     print(json.dumps({'up': up, 'ids': ids}), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 if __name__ == '__main__': asyncio.run(main())
