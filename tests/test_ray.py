@@ -97,6 +97,7 @@ def test_actor_death_ends_the_worker_too(cluster):
     assert w.ended(30)
     assert w.p.exitcode == -9 and 'with its Ray actor, which died' in w.p.death_reason and w.p.start_may_be_lost, w.p.death_reason
     assert '\x1b' not in w.p.death_reason and 'repr=<' not in w.p.death_reason  # no terminal colours, no object repr
+    assert 'The actor is dead because it was killed by `ray.kill`.' in w.p.death_reason, w.p.death_reason  # and Ray's why
     if psutil.pid_exists(pid): psutil.wait_procs([psutil.Process(pid)], timeout=10)  # its parent watchdog ends it
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -314,3 +315,174 @@ async def test_a_worker_start_that_ray_holds_up_blocks_neither_the_event_loop_no
     await asyncio.wait_for(m.ashutdown(), 20)  # the kill of a worker whose actor Ray has not made yet: at once
     gate.set()  # Ray makes the actor now: the creating thread ends it
     await wait_until(lambda: ours() == [], 30)
+
+
+def _gone(pid, timeout=5.0):
+    "Has process `pid` ended (or is it a zombie) within `timeout` seconds?"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE: return True
+        except psutil.NoSuchProcess: return True
+        time.sleep(0.05)
+    return False
+
+
+async def _child_of_a_running_job(m):
+    "Start a `slow` job whose plugin starts a `sleep` subprocess: (job, the subprocess's pid)."
+    job = await m.start_job('slow', seconds=120, spawn_child=True)
+    await wait_until(lambda: (m.get_job(job.id).progress_message or '').startswith('child:'), timeout=60)
+    return m.get_job(job.id), int(m.get_job(job.id).progress_message.split(':')[1])
+
+
+async def test_a_plugins_subprocess_ends_with_its_worker_on_ray(track, cluster):
+    """UAT finding: a plugin's subprocess outlived its worker on Ray (clean shutdown, worker SIGKILLed, ...): the
+    worker leads a process group of its own, which Ray's cleanup of the actor's group misses. Now the actor kills
+    what is left of the worker's group once the worker has ended."""
+    import signal
+    m, _ = manager(track, 'ray', restart_policy=RestartPolicy.ALWAYS, restart_backoff_base_seconds=0.0)
+    await m.start(wait=True)
+    job, child = await _child_of_a_running_job(m)
+    os.kill(job.worker_pid, signal.SIGKILL)  # the worker dies first: its plugin's subprocess must not outlive it
+    assert (await m.wait_for_job(job.id, timeout=60)).status == 'failed'
+    assert _gone(child), f"the plugin's subprocess {child} outlived its SIGKILLed worker"
+    assert await m.wait_until_ready(60)
+    job, child = await _child_of_a_running_job(m)
+    await m.ashutdown()  # the worker cancels the job and exits normally
+    assert _gone(child), f"the plugin's subprocess {child} outlived its worker's clean exit"
+
+
+def test_connecting_to_an_address_where_no_ray_listens_gives_up_after_connect_timeout_seconds(tmp_path):
+    """UAT finding: a wrong Ray address hung `start()` forever (`ray.init` never gives up), and with it the app's exit.
+    Now `prepare` gives up after `connect_timeout_seconds` with a ConnectionError naming the address; a second
+    `prepare` meanwhile waits for the same connection attempt rather than starting another. In a process of its
+    own: this one's Ray is connected already (and a failed `ray.init` is not something to leave behind here)."""
+    import subprocess, sys
+    script = tmp_path / 'connect.py'
+    script.write_text(
+        "import socket, threading, time\n"
+        "from cjm_workers.backends.ray import RayBackend\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()  # nothing listens there\n"
+        "b = RayBackend(address=f'127.0.0.1:{port}', connect_timeout_seconds=2)\n"
+        "for attempt in (1, 2):\n"
+        "    t = time.monotonic()\n"
+        "    try: b.prepare(); print('connected')\n"
+        "    except ConnectionError as e: print(f'{time.monotonic() - t:.1f}', e.args[0].replace(str(port), 'PORT'))\n"
+        "print(sum(t.name == 'cjm-ray-init' for t in threading.enumerate()), 'init thread(s)', flush=True)\n")
+    import cjm_workers
+    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))  # the package this process tests
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')]))}
+    t = time.monotonic()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    took = time.monotonic() - t
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and len(lines) == 3, (out.returncode, out.stdout, out.stderr[-2000:])
+    for line in lines[:2]:
+        secs, msg = line.split(' ', 1)
+        assert 1.5 <= float(secs) < 5, line
+        assert msg == ("could not connect to the Ray cluster at '127.0.0.1:PORT' within 2s: is it running, and is the "
+                       "address right?"), msg
+    assert lines[2] == '1 init thread(s)'  # the second `prepare` waited for the first one's attempt
+    assert took < 60, took  # and the process exited: the attempt still under way does not hold it
+
+
+def test_a_manager_whose_ray_cannot_be_reached_starts_and_fails_its_jobs_with_the_reason(tmp_path):
+    """`start()` logs a backend that cannot be prepared and goes on: the app comes up, its health says why nothing runs,
+    and its jobs fail naming the connection error (before: `start()` hung in `ray.init`). In a process of its own."""
+    import subprocess, sys
+    script = tmp_path / 'app.py'
+    script.write_text(
+        "import asyncio, json, socket\n"
+        "from cjm_workers.backends.ray import RayBackend\n"
+        "from cjm_workers.core.config import WorkerConfig\n"
+        "from cjm_workers.testing import ReferenceJobManager\n"
+        "async def main():\n"
+        "    s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "    cfg = WorkerConfig(backend=RayBackend(address=f'127.0.0.1:{port}', connect_timeout_seconds=1.5))\n"
+        "    async with ReferenceJobManager(worker_config=cfg) as mgr:\n"
+        "        job = await mgr.wait_for_job((await mgr.start_job('echo', text='x')).id, timeout=60)\n"
+        "        health = mgr.get_health()\n"
+        "    print(json.dumps({'status': job.status, 'error': job.error, 'ok': health['ok']}), flush=True)\n"
+        "if __name__ == '__main__': asyncio.run(main())\n")
+    import cjm_workers
+    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')]))}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    import json
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info['status'] == 'failed' and 'could not connect to the Ray cluster' in info['error'], info
+    assert info['ok'] is False
+    assert 'its backend could not be prepared (ConnectionError: could not connect' in out.stderr, out.stderr[-2000:]
+
+
+async def test_a_hard_cancel_of_an_unresponsive_ray_worker_does_not_block_the_event_loop(track, cluster):
+    """UAT finding: killing an unresponsive Ray worker (a hard cancel) blocked the event loop for 1-2 s: the manager
+    holds its lock while it kills a worker, and `kill_tree` waited for the actor to answer and end. Now `kill_tree`
+    returns at once and the actor is ended from a thread of its own; no actor of the manager is left once it has
+    shut down. Here the worker and its actor are both stopped (SIGSTOP), as a hung or overloaded node would be."""
+    import asyncio, signal
+    m, _ = manager(track, 'ray', cancel_grace_seconds=0.2)
+    await m.start(wait=True)
+    job = await m.start_job('slow', seconds=120)
+    await wait_until(lambda: m.get_job(job.id).status == 'running', timeout=60)
+    pid = m.get_worker_stats()[0]['pid']
+    stopped = [pid, psutil.Process(pid).ppid()]  # the worker and its actor
+    for p in stopped: os.kill(p, signal.SIGSTOP)
+    try:
+        gaps, stop = [], asyncio.Event()
+        async def ticker():  # what a page showing the workers does meanwhile (it takes the manager's lock)
+            last = time.monotonic()
+            while not stop.is_set():
+                m.get_worker_stats()
+                await asyncio.sleep(0.01)
+                now = time.monotonic(); gaps.append(now - last); last = now
+        t = asyncio.create_task(ticker())
+        await m.cancel_job(job.id)
+        done = await m.wait_for_job(job.id, timeout=30)
+        await asyncio.sleep(0.5)
+        stop.set(); await t
+        assert done.status == 'cancelled' and 'ignored the cooperative cancel' in done.reason, done.reason
+        assert max(gaps) < 0.5, f"the event loop was blocked for {max(gaps):.2f}s"
+    finally:
+        for p in stopped:
+            try: os.kill(p, signal.SIGKILL); os.kill(p, signal.SIGCONT)
+            except ProcessLookupError: pass
+    again = await m.wait_for_job((await m.start_job('echo', text='back')).id, timeout=60)
+    assert again.status == 'completed' and again.worker_pid != pid  # a fresh worker (and actor) took over
+    ours = lambda: [n for n in ray.util.list_named_actors() if n.startswith(f"cjm-worker-{m.worker_type}-0-{os.getpid()}-")]
+    await m.ashutdown()
+    await wait_until(lambda: ours() == [], 10)
+
+
+import subprocess  # noqa: E402
+from cjm_workers.core.worker import base_worker_process  # noqa: E402
+from cjm_workers.testing import REFERENCE_PLUGINS, ReferencePlugin, ReferencePluginManager  # noqa: E402
+
+
+class DaemonPlugin(ReferencePlugin):
+    "Starts `sleep` in the background of a shell that exits at once: a daemon, in the worker's process group but no longer its descendant."
+    name = 'daemon'
+    def execute(self, **kwargs):
+        out = subprocess.run(['sh', '-c', 'sleep 300 >/dev/null 2>&1 & echo $!'], capture_output=True, text=True, check=True)
+        return {'text': out.stdout.strip(), 'metadata': {}}
+
+def _daemon_plugin_manager(): return ReferencePluginManager({**REFERENCE_PLUGINS, 'daemon': DaemonPlugin})
+
+def daemon_worker(requests, results, responses):
+    "Worker entry point: the reference plugins and `daemon` (importable by the actors: tests/ is on their path)."
+    base_worker_process(requests, results, responses, plugin_manager_factory=_daemon_plugin_manager, supports_streaming=True)
+
+
+@pytest.mark.backends('local', 'ray')
+async def test_a_daemon_a_plugin_started_ends_with_its_worker(track, backend):
+    """What a plugin started and let go of (a shell's `cmd &`: no longer the worker's descendant, still in its process
+    group) ends with the worker: a local worker's group is killed by the manager after the worker ends, a Ray worker's
+    by its actor (the manager cannot: the worker may be on another machine)."""
+    m = track(ReferenceJobManager(worker_config=WorkerConfig(backend=backend), entry_point=daemon_worker))
+    job = await m.wait_for_job((await m.start_job('daemon')).id, timeout=60)
+    assert job.status == 'completed', job.error
+    pid = int(job.result['text'])
+    assert psutil.Process(pid).ppid() != job.worker_pid and os.getpgid(pid) == job.worker_pid
+    await m.ashutdown()  # the worker exits normally
+    assert _gone(pid), f"the daemon {pid} a plugin started outlived its worker"

@@ -4,13 +4,14 @@
 
 # %% ../../nbs/backends/ray.ipynb #3d701ffa
 from __future__ import annotations
-import logging, os, pickle, queue, re, signal, threading, types, weakref
+import logging, os, pickle, queue, re, select, signal, threading, types, weakref
+import psutil
 from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 from ..core.channel import PipeChannel, dumps
-from ..core.process import kill_process_tree
+from ..core.process import kill_process_group, kill_process_tree
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class WorkerActor:
                 if ch.eof: poller.unregister(fd); del open_[fd]  # closed: stop waking on it
             if self.proc.sentinel in ready:
                 self.proc.join()
+                kill_process_group(self.proc.pid)  # what its plugins started and left in its group (before the end is told)
                 batch += [('results', f) for f in _raw_frames(self.res)] + [('responses', f) for f in _raw_frames(self.resp)]
                 batch.append(('exit', self.proc.exitcode))
                 yield batch
@@ -101,8 +103,8 @@ class WorkerActor:
             if batch: yield batch
 
     def terminate(self):
-        "Kill the worker's whole process tree, then end this actor's process."
-        kill_process_tree(self.proc, timeout=1.0)
+        "Kill the worker's whole process tree (its descendants and what is left of its group), then end this actor's process."
+        kill_process_tree(self.proc, timeout=1.0)  # ends with `kill_process_group(self.proc.pid)`, as `pump` does
         os._exit(0)
 
 # %% ../../nbs/backends/ray.ipynb #95f7d77c
@@ -151,7 +153,7 @@ class RayActorProcess:
         self._sentinel_r, self._sentinel_w = os.pipe()
         weakref.finalize(self, os.close, self._sentinel_r)  # as multiprocessing does for its sentinels: at collection
         self._ended = threading.Event()
-        self._killed = self._started = False
+        self._killed = self._started = self._receiving = False
         self._state = threading.Lock()  # `_killed`, `actor` and the end: the creating, receiving and manager's threads
 
     @property
@@ -192,7 +194,8 @@ RayActorProcess.start = _start
 
 def _create(self:RayActorProcess)->None:
     """Connect to Ray if needed, create the actor, start the bridges. In a thread of its own: the manager calls
-    `start()` holding its lock, and Ray blocks here for up to a minute when the cluster cannot be reached."""
+    `start()` holding its lock, and Ray blocks here while the cluster cannot be reached (`RayBackend.prepare` gives up
+    after `connect_timeout_seconds`; creating an actor, after Ray's own minute)."""
     import ray
     try:
         if self.prepare is not None: self.prepare()
@@ -205,6 +208,7 @@ def _create(self:RayActorProcess)->None:
         return self._ended_as(1, f"could not get a Ray actor ({ray_error_text(e)})")
     with self._state:
         self.actor, killed = actor, self._killed
+        self._receiving = not killed  # from now on the receiving thread closes the worker's writer ends
     if killed:  # `kill_tree` ran while Ray was creating it (and ended this handle): end the actor too
         self._close_request_ends()
         return _kill_quietly(actor)
@@ -226,26 +230,45 @@ def _kill_quietly(actor)->None:
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 _CAUSE = re.compile(r'^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$')
+_WHY_DEAD = ('The actor is dead because', 'The actor died because')  # Ray's sentence saying why an actor died
+
+def _short(text:str, limit:int=200)->str:
+    "The whole sentences of `text` that fit in `limit` characters (at least the first one, cut if it is longer)."
+    out = ''
+    for s in re.split(r'(?<=\.) +', text):
+        if out and len(out) + 1 + len(s) > limit: break
+        out = f"{out} {s}" if out else s
+    return out if len(out) <= limit else out[:limit - 1].rstrip() + '…'
 
 def ray_error_text(e:BaseException)->str:
     """One line for an error Ray raised: its type and first line without terminal colour codes or the actor's repr,
-    and the root cause when Ray buried it further down its text (e.g. the `ModuleNotFoundError` of a creation task)."""
+    why the actor died when Ray says it further down (e.g. "killed by `ray.kill`"), and the root cause when Ray
+    buried it in its text (e.g. the `ModuleNotFoundError` of a creation task)."""
     lines = [l.strip() for l in _ANSI.sub('', str(e)).splitlines() if l.strip()]
     head = re.sub(r', repr=<[^>]*>', '', lines[0]) if lines else ''
+    why = next((l for l in lines[1:] if l.startswith(_WHY_DEAD[0]) or _WHY_DEAD[1] in l), None)
     causes = [m for l in lines[1:] if (m := _CAUSE.match(l)) and m.group(2) not in head]
     text = f"{type(e).__name__}: {head}" if head else type(e).__name__
+    if why and _WHY_DEAD[1] not in head: text += (' ' if text.endswith('.') else '; ') + _short(why)
     if causes: text += f"; cause: {causes[-1].group(1)}: {causes[-1].group(2)}"
     return text
 
-def _ended_as(self:RayActorProcess, code:int, reason:Optional[str])->None:
+def _ended_as(self:RayActorProcess, code:int, reason:Optional[str], receiving:bool=False)->None:
+    "Record how the worker ended and close the sentinel (`receiving`: called by the receiving thread)."
     with self._state:
         if self._ended.is_set(): return
         self.exitcode = -signal.SIGKILL if self._killed else code
         self.death_reason = None if self._killed else reason
-        for ch in (self._res, self._resp): ch.close_writer()
+        # the receiving thread may be writing to them now (and a closed descriptor's number is reused at once): it
+        # closes them itself when it stops; the manager needs no end-of-file (it drains, then closes its own ends)
+        if receiving or not self._receiving: self._close_writers()
         self._ended.set()
         os.close(self._sentinel_w)
 RayActorProcess._ended_as = _ended_as
+
+def _close_writers(self:RayActorProcess)->None:
+    for ch in (self._res, self._resp): ch.close_writer()
+RayActorProcess._close_writers = _close_writers
 
 def _receive(self:RayActorProcess)->None:
     import ray
@@ -266,7 +289,8 @@ def _receive(self:RayActorProcess)->None:
         reason = f"ended with its Ray actor, which died ({ray_error_text(e)})"  # as `describe_exit` says it
         code = -signal.SIGKILL
     finally:
-        self._ended_as(code, reason)
+        self._ended_as(code, reason, receiving=True)
+        self._close_writers()  # if `kill_tree` ended the handle first, they were left to this thread
         if code is not None and not self._killed:
             try: ray.kill(self.actor)  # a worker that stopped leaves no idle actor behind
             except Exception: pass
@@ -293,24 +317,69 @@ RayActorProcess._send_control = lambda self: self._forward(self._req.control, 'c
 RayActorProcess._forward = _forward
 
 # %% ../../nbs/backends/ray.ipynb #358aac5f
-def kill_tree(self:RayActorProcess, timeout:float=1.0)->None:
-    "Kill the worker's children and the actor; the handle counts as ended when this returns (within about twice `timeout`)."
+def _end_actor(actor, timeout:float)->None:
+    "Ask `actor` to kill the worker's tree and end (for up to `timeout` seconds), then `ray.kill` it."
     import ray
+    try: ray.get(actor.terminate.remote(), timeout=timeout)
+    except Exception: pass  # it ended itself (the expected outcome), or it did not answer in time
+    _kill_quietly(actor)  # `ray.kill` asks the cluster: it may hang too
+
+def _kill_worker_here(pid:int, actor_pid:Optional[int], wait:float=0.2)->None:
+    "SIGKILL a worker that runs on this machine and the rest of its process group (its plugins' subprocesses); wait up to `wait` seconds for it to end."
+    try:
+        if psutil.Process(pid).ppid() != actor_pid: return  # it ended already: its pid may be another process's now
+        fd = os.pidfd_open(pid) if hasattr(os, 'pidfd_open') else None
+    except (psutil.Error, OSError): return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        kill_process_group(pid)  # it leads a group of its own
+        if fd is not None: select.select([fd], [], [], wait)  # readable once it has ended (a few milliseconds after SIGKILL)
+    except OSError: pass
+    finally:
+        if fd is not None: os.close(fd)
+
+def kill_tree(self:RayActorProcess, timeout:float=1.0)->None:
+    "Kill the worker's tree (at once if on this machine) and its actor (from a thread of its own), without waiting: the handle has ended (killed) when this returns."
     with self._state:
         if not self._started or self._ended.is_set(): return
         self._killed, actor = True, self.actor
-    if actor is None:  # Ray is still creating it: this handle ends now, the creating thread kills the actor later
-        return self._ended_as(-signal.SIGKILL, None)
-    try: ray.get(actor.terminate.remote(), timeout=timeout)
-    except Exception: pass  # it ended itself (the expected outcome), or it did not answer in time
-    threading.Thread(target=_kill_quietly, args=(actor,), daemon=True).start()  # `ray.kill` asks the cluster: it may hang
-    if not self._ended.wait(timeout): self._ended_as(-signal.SIGKILL, None)  # unreachable: counted as ended all the same
+    self._ended_as(-signal.SIGKILL, None)
+    if self.local and self.pid is not None: _kill_worker_here(self.pid, self.actor_pid)  # no wait for the actor here
+    if actor is not None:  # (else Ray is still creating it: the creating thread kills the actor when Ray hands it over)
+        threading.Thread(target=_end_actor, args=(actor, timeout), name=f"cjm-ray-kill-{self.name}", daemon=True).start()
 
 RayActorProcess.kill_tree = kill_tree
 RayActorProcess.kill = lambda self: self.kill_tree()
 RayActorProcess.terminate = lambda self: self.kill_tree()
 
 # %% ../../nbs/backends/ray.ipynb #292bb085
+_CONNECTING = threading.Lock()  # one connection attempt at a time, in this process
+_attempt: Optional[threading.Thread] = None  # the attempt under way, or the last one
+
+def _attempt_body(init:Callable[[], None])->None:
+    try: init()
+    except BaseException as e: threading.current_thread().error = e
+
+def _connect(init:Callable[[], None], # connects (`ray.init(...)`): run in a daemon thread of its own
+             connected:Callable[[], bool], # is Ray connected (`ray.is_initialized`)?
+             address:Optional[str], # for the error message
+             timeout:float # seconds to wait
+            )->None:
+    "Run `init` in a thread, or wait for the attempt under way, for up to `timeout` seconds: `init`'s error, or a ConnectionError."
+    global _attempt
+    with _CONNECTING:
+        if connected(): return
+        t = _attempt
+        if t is None or not t.is_alive():
+            t = _attempt = threading.Thread(target=_attempt_body, args=(init,), name='cjm-ray-init', daemon=True)
+            t.error = None
+            t.start()
+    t.join(timeout)
+    if connected(): return
+    if not t.is_alive() and t.error is not None: raise t.error
+    where = f"the Ray cluster at {address!r}" if address else "Ray (a local one, or the one RAY_ADDRESS names)"
+    raise ConnectionError(f"could not connect to {where} within {timeout:g}s: is it running, and is the address right?")
+
 @dataclass
 class RayBackend:
     "Run a manager's workers as Ray actors (`WorkerConfig(backend=RayBackend(...))`)."
@@ -321,12 +390,14 @@ class RayBackend:
     runtime_env: Optional[Dict[str, Any]] = None  # Ray runtime environment of the actors (pip, env_vars, working_dir)
     actor_options: Dict[str, Any] = field(default_factory=dict)  # any other `.options(...)` for the actor
     init_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to `ray.init` when this backend starts Ray
+    connect_timeout_seconds: float = 60.0  # `prepare` gives up connecting (a ConnectionError) after this long
 
     def prepare(self)->None:
-        "Connect to Ray (blocking: the manager calls it off the event loop in `start()`); a no-op once connected."
+        "Connect to Ray (blocking for up to `connect_timeout_seconds`: the manager calls it off the event loop in `start()`); a no-op once connected."
         import ray
-        if not ray.is_initialized():
-            ray.init(address=self.address, **{'include_dashboard': False, **self.init_kwargs})
+        if ray.is_initialized(): return
+        kw = {'include_dashboard': False, **self.init_kwargs}
+        _connect(lambda: ray.init(address=self.address, **kw), ray.is_initialized, self.address, self.connect_timeout_seconds)
 
     def options(self)->Dict[str, Any]:
         "The actor options of one worker."
