@@ -14,12 +14,14 @@ HAVE_RAY = importlib.util.find_spec('ray') is not None
 
 def pytest_configure(config):
     config.addinivalue_line('markers', "backends(*names): run the test once per worker backend ('local', 'ray')")
+    config.addinivalue_line('markers', "xdist_group(name): pytest-xdist runs a group's tests in one process (--dist loadgroup)")
 
 
 def pytest_generate_tests(metafunc):
     m = metafunc.definition.get_closest_marker('backends')
-    if m is not None and 'backend' in metafunc.fixturenames:
-        metafunc.parametrize('backend', list(m.args), indirect=True)
+    if m is not None and 'backend' in metafunc.fixturenames:  # (under pytest-xdist, one process runs every Ray test)
+        metafunc.parametrize('backend', [pytest.param(b, marks=pytest.mark.xdist_group('ray')) if b == 'ray' else b
+                                         for b in m.args], indirect=True)
 
 
 @pytest.fixture(scope='session')

@@ -12,6 +12,8 @@ from cjm_workers.backends.ray import RayActorProcess  # noqa: E402
 from cjm_workers.core.channel import PipeChannel  # noqa: E402
 from cjm_workers.testing import failing_factory_worker, reference_worker  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group('ray')  # under pytest-xdist, the process that runs every Ray test (one cluster)
+
 
 @pytest.fixture
 def cluster(ray_cluster):
