@@ -35,6 +35,20 @@ def build(authorize=None, shared_broadcaster=True, routes=None, **config):
     return app, alpha, beta, ra, rb
 
 
+def sqlite_app(tmp_path, worker_type, prefix=None):
+    "An app with one reference manager on a SQLite store in `tmp_path`, mounted at `prefix` (default `/<worker_type>`)."
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(event_broadcaster=bc, worker_type=worker_type, job_store=SQLiteJobStore(tmp_path / 'j.db'))
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix=prefix or f'/{worker_type}')
+    return app, mgr
+
+
 def start(cli, prefix, plugin_id, **params):
     "Start a job with a plain form post; its id (from the 303 to its page)."
     r = cli.post(f'{prefix}/start', data={'plugin_id': plugin_id, 'params': json.dumps(params)}, follow_redirects=False)
@@ -248,15 +262,7 @@ def test_page_and_stream_join_without_gaps_or_repeats():
 
 def test_the_table_comes_a_page_at_a_time_and_only_the_first_page_takes_new_rows(tmp_path):
     "Over a real SQLite store: 50 rows a page, newest first; new jobs appear at the top of page 1, not of page 2."
-    from cjm_workers.stores.sqlite import SQLiteJobStore
-    bc = SSEBroadcaster(heartbeat_seconds=0)
-    mgr = ReferenceJobManager(event_broadcaster=bc, worker_type='paged', job_store=SQLiteJobStore(tmp_path / 'j.db'))
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    mount_job_routes(app, mgr, bc, prefix='/paged')
+    app, mgr = sqlite_app(tmp_path, 'paged')
     rows = lambda html: re.findall(r'data-job-id="([^"]+)"', html)
     with TestClient(app) as cli:
         async def burst():
@@ -549,15 +555,7 @@ def test_an_api_client_follows_a_job_it_started_in_json_and_gets_json_errors():
 def test_bad_json_bodies_and_a_huge_offset_are_400s_that_say_why(tmp_path):
     """Acceptance findings: FastHTML answered a JSON body that is not an object in plain text (and one nested deeply
     with a 500, its parser's RecursionError); an offset past SQLite's integers was a 500."""
-    from cjm_workers.stores.sqlite import SQLiteJobStore
-    bc = SSEBroadcaster(heartbeat_seconds=0)
-    mgr = ReferenceJobManager(event_broadcaster=bc, worker_type='bodies', job_store=SQLiteJobStore(tmp_path / 'j.db'))
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    mount_job_routes(app, mgr, bc, prefix='/b')
+    app, mgr = sqlite_app(tmp_path, 'bodies', prefix='/b')
     js = {'content-type': 'application/json', 'accept': 'application/json'}
     with TestClient(app) as cli:
         for body, why in [(b'', 'the JSON body is empty'), (b'{not json', 'the body is not valid JSON'),
