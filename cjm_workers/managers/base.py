@@ -537,9 +537,8 @@ def _recycling(self:BaseJobManager)->bool:
 
 _RSS_CHECK_SECONDS = 0.2  # a worker's memory is measured after a job at most this often (a process-tree scan costs ~1 ms)
 
-def _tree_rss(ps, slot=None, now:float=0.0)->Optional[int]:
+def _tree_rss(ps)->Optional[int]:
     "Bytes of resident memory of a worker and its descendants, its backstop left out (None if it is gone)."
-    if slot is not None: slot.rss_checked_at = now
     if ps is None: return None
     try: kids = ps.children(recursive=True)
     except psutil.Error: return None
@@ -558,9 +557,10 @@ def _check_recycle(self:BaseJobManager, slot:_Slot):
     if slot.recycle is None and slot.state == 'ready':
         if cfg.max_jobs_per_worker and slot.jobs_since_spawn >= cfg.max_jobs_per_worker:
             slot.recycle = f"recycle: it ran {slot.jobs_since_spawn} jobs (max_jobs_per_worker={cfg.max_jobs_per_worker})"
-        elif (cfg.max_worker_rss_mb and (now := time.monotonic()) - slot.rss_checked_at >= _RSS_CHECK_SECONDS
-              and (rss := _tree_rss(slot.ps, slot, now)) is not None and rss > cfg.max_worker_rss_mb * 2**20):
-            slot.recycle = f"recycle: its processes use {rss / 2**20:.0f} MB (max_worker_rss_mb={cfg.max_worker_rss_mb})"
+        elif cfg.max_worker_rss_mb and (now := time.monotonic()) - slot.rss_checked_at >= _RSS_CHECK_SECONDS:
+            slot.rss_checked_at = now
+            if (rss := _tree_rss(slot.ps)) is not None and rss > cfg.max_worker_rss_mb * 2**20:
+                slot.recycle = f"recycle: its processes use {rss / 2**20:.0f} MB (max_worker_rss_mb={cfg.max_worker_rss_mb})"
     if slot.recycle is not None and not slot.inflight and slot.alive and slot.kill_reason is None:
         slot.kill_reason, slot.stop_deadline = 'recycle', time.monotonic() + cfg.shutdown_timeout_seconds
         self._note_deadline(slot.stop_deadline)
@@ -804,11 +804,11 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
             self._emit('worker_restarting', {'worker': slot.index, 'attempt': 0, 'delay': 0.0, 'reason': 'hard cancel'})
             return self._restart_worker(slot)
         return self._fail_slot(slot, f"the worker was killed to cancel a job and restart policy {policy.value} does not restart it")
-    if slot.ready_at is not None and time.monotonic() - slot.ready_at >= cfg.healthy_after_seconds: slot.crashes = 0
-    slot.crashes += 1
     if cancelling and not policy.restarts_after_crash and policy.restarts_after_cancel:  # as a hard cancel would have
         self._emit('worker_restarting', {'worker': slot.index, 'attempt': 0, 'delay': 0.0, 'reason': f"{how} during a cancel"})
         return self._restart_worker(slot)
+    if slot.ready_at is not None and time.monotonic() - slot.ready_at >= cfg.healthy_after_seconds: slot.crashes = 0
+    slot.crashes += 1
     if not policy.restarts_after_crash and not (retry and policy is not RestartPolicy.NEVER):
         return self._fail_slot(slot, f"the worker process {how}; restart policy {policy.value} does not restart after a crash")
     if retry and not policy.restarts_after_crash: how += " (restarted to retry the job it was running)"
@@ -1108,9 +1108,8 @@ def _run_timers(self:BaseJobManager):
                 if jid in s.cancel_deadlines: continue  # the app's cancel is under way: it decides how the job ends
                 self._timed_out.add(jid)
                 log.warning("%s job %s ran out of time: cancelling it", self.worker_type, jid)
-                if jid not in s.cancel_deadlines:
-                    s.cancel_deadlines[jid] = now + cfg.cancel_grace_seconds
-                    self._outbox.append((s, [{'type': 'cancel', 'job_id': jid}], True, s.gen))
+                s.cancel_deadlines[jid] = now + cfg.cancel_grace_seconds
+                self._outbox.append((s, [{'type': 'cancel', 'job_id': jid}], True, s.gen))
         if s.alive and any(d <= now for d in s.cancel_deadlines.values()):
             s.kill_reason = 'cancel'
             kill_worker_tree(s.process, timeout=1.0)
