@@ -11,6 +11,7 @@
   seconds: on after the job has returned.
 - `gil`: reports progress 'holding', then holds the GIL in one C call of `n` steps (minutes).
 - `exitcancel`: runs until its job is cancelled (it polls the job's flag), but its `cancel()` hook calls `sys.exit(0)`.
+- `surrogate`: streams, returns and (with `fail=True`) raises text with a lone surrogate, which UTF-8 cannot encode.
 
 `m_worker` runs them beside the reference plugins; `gil_app` is an app process for the parent-death test.
 """
@@ -94,8 +95,18 @@ class ExitCancelPlugin(ReferencePlugin):
             time.sleep(0.005)
 
 
+class SurrogatePlugin(ReferencePlugin):
+    name, streams = 'surrogate', True
+    def execute_stream(self, fail:bool=False, **kwargs):
+        yield 'one \ud800 '
+        if fail: raise ValueError('bad \udc80 text')
+        yield 'two'
+    def execute(self, **kwargs): return {'text': ''.join(self.execute_stream(**kwargs)), 'metadata': {'odd': '\ud800'}}
+
+
 M_PLUGINS = {**REFERENCE_PLUGINS, **{c.name: c for c in (BadStrPlugin, BailPlugin, BailStreamPlugin, ForkerPlugin,
-                                                         GiveUpPlugin, ChattyPlugin, GilPlugin, ExitCancelPlugin)}}
+                                                         GiveUpPlugin, ChattyPlugin, GilPlugin, ExitCancelPlugin,
+                                                         SurrogatePlugin)}}
 
 
 def _pm(): return ReferencePluginManager(M_PLUGINS)

@@ -573,3 +573,97 @@ def test_bad_json_bodies_and_a_huge_offset_are_400s_that_say_why(tmp_path):
                 r = cli.get(f'/b?offset={offset}', headers={'accept': accept})
                 assert r.status_code == 400 and 'offset must be an integer from 0 to' in r.text, (r.status_code, r.text[:200])
         assert cli.get('/b?offset=4611686018427387904', headers={'accept': 'application/json'}).json() == []  # the largest allowed
+
+
+def test_text_that_utf8_cannot_encode_and_a_client_chosen_plugin_name_are_400s():
+    """Acceptance findings: a lone surrogate in a parameter (valid JSON: "\\ud800") made a job whose pages, JSON and
+    streams then failed for everyone (500s, streams cut), even after a restart; `params.plugin_name` ran a plugin that
+    `plugins=` does not allow."""
+    app = FastHTML(default_hdrs=False, secret_key='tests')
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(worker_type='odd', event_broadcaster=bc)
+    mount_job_routes(app, mgr, bc, prefix='/odd', plugins=['tokens'])
+    js = {'content-type': 'application/json', 'accept': 'application/json'}
+    with TestClient(app) as cli:
+        r = cli.post('/odd/start', content=b'{"plugin_id": "tokens", "params": {"text": "hi \\ud800 there"}}', headers=js)
+        assert r.status_code == 400 and "parameter 'text' is not valid Unicode text (a lone surrogate at position 3)" in r.json()['error'], r.text
+        r = cli.post('/odd/start', json={'plugin_id': 'tokens', 'params': {'plugin_name': 'echo', 'text': 'x'}}, headers=js)
+        assert r.status_code == 400 and r.json()['error'].startswith("plugin_name is the app's to set"), r.text
+        assert mgr.get_all_jobs() == [] and cli.get('/odd', headers={'accept': 'application/json'}).json() == []
+    with pytest.raises(ValueError, match=r"parameter 'opts'\['k'\]\[1\] is not valid Unicode"):
+        asyncio.run(mgr.start_job('tokens', opts={'k': ['ok', 'bad \udc80']}))
+    mgr.shutdown()
+
+
+def test_a_plugins_text_that_utf8_cannot_encode_shows_as_a_question_mark_everywhere():
+    "A plugin that streams, returns and raises lone surrogates: pages, JSON and streams still work (with '?')."
+    from _m_plugins import m_worker
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(worker_type='sur', event_broadcaster=bc, entry_point=m_worker)
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix='/sur')
+    with TestClient(app) as cli:
+        ok, bad = start(cli, '/sur', 'surrogate'), start(cli, '/sur', 'surrogate', fail=True)
+        done = [cli.portal.call(mgr.wait_for_job, j, 30) for j in (ok, bad)]
+        assert [j.status for j in done] == ['completed', 'failed'] and done[0].output == 'one ? two', done[0].output
+        assert done[1].error == 'ValueError: bad ? text', done[1].error
+        for j in (ok, bad):
+            page = cli.get(f'/sur/{j}')
+            assert page.status_code == 200 and 'one ? ' in page.text
+            assert cli.get(f'/sur/{j}', headers={'accept': 'application/json'}).status_code == 200
+            replay = cli.get(f'/sur/{j}/stream?after=0')
+            assert replay.status_code == 200 and ('one ? two' in replay.text or 'bad ? text' in replay.text), replay.text[-500:]
+        listing = cli.get('/sur', headers={'accept': 'application/json'})
+        assert listing.status_code == 200 and {j['id'] for j in listing.json()} == {ok, bad}
+        assert listing.json()[0]['result'] is None or '?' in json.dumps(listing.json())
+
+
+def test_start_and_cancel_from_a_page_of_another_origin_are_refused():
+    """Acceptance finding (CSRF): a page of another origin could start and cancel a signed-in user's jobs (its form post
+    carries the user's cookie). Browsers say where a request comes from (`Sec-Fetch-Site`); API clients send nothing."""
+    app, alpha, *_ = build(cancel_grace_seconds=0.2)
+    app2, alpha2, *_ = build(routes={'cross_site': True})
+    with TestClient(app) as cli, TestClient(app2) as cli2:
+        for site in ('cross-site', 'same-site'):
+            r = cli.post('/alpha/start', data={'plugin_id': 'echo'}, headers={'sec-fetch-site': site})
+            assert r.status_code == 403 and f'Sec-Fetch-Site: {site}' in r.text, r.text
+        assert alpha.get_all_jobs() == []
+        jid = start(cli, '/alpha', 'slow', seconds=30)  # no header (an API client), or one from the app's own pages:
+        assert cli.post('/alpha/start', data={'plugin_id': 'echo'}, headers={'sec-fetch-site': 'same-origin'},
+                        follow_redirects=False).status_code == 303
+        assert cli.post(f'/alpha/{jid}/cancel', headers={'sec-fetch-site': 'cross-site'}).status_code == 403
+        assert alpha.get_job(jid).status in ('pending', 'running')
+        assert cli.post(f'/alpha/{jid}/cancel', headers={'sec-fetch-site': 'same-origin'}, follow_redirects=False).status_code == 303
+        r = cli2.post('/alpha/start', data={'plugin_id': 'echo'}, headers={'sec-fetch-site': 'cross-site'}, follow_redirects=False)
+        assert r.status_code == 303  # the app said cross_site=True
+
+
+def test_a_per_job_authorize_also_filters_the_list_and_the_table_streams():
+    """Acceptance finding: with an `authorize` that decides per job, the list (HTML and JSON) and the table's streams
+    showed every job — its params, its streamed text, its result — to anyone admitted to the list."""
+    def own(request, job): return job is None or job.params.get('owner') == request.headers.get('x-user')
+    app, alpha, beta, ra, rb = build(authorize=own)
+    alice, bob = {'x-user': 'alice'}, {'x-user': 'bob'}
+    with TestClient(app) as cli:
+        after = ra.broadcaster.last_id
+        a = cli.post('/alpha/start', data={'plugin_id': 'tokens', 'params': json.dumps({'owner': 'alice', 'text': 'secret words', 'delay': 0})},
+                     headers=alice, follow_redirects=False).headers['location'].rsplit('/', 1)[1]
+        b = cli.post('/alpha/start', data={'plugin_id': 'echo', 'params': json.dumps({'owner': 'bob', 'text': 'mine'})},
+                     headers=bob, follow_redirects=False).headers['location'].rsplit('/', 1)[1]
+        for j in (a, b): cli.portal.call(alpha.wait_for_job, j, 30)
+        js = lambda who: {**who, 'accept': 'application/json'}
+        assert [j['id'] for j in cli.get('/alpha', headers=js(bob)).json()] == [b]
+        assert {j['id'] for j in cli.get('/alpha', headers=js(alice)).json()} == {a}
+        html = cli.get('/alpha', headers=bob).text
+        assert f'data-job-id="{b}"' in html and f'data-job-id="{a}"' not in html
+        for fmt in ('json', 'html'):  # the table's stream, replayed from the start: bob sees his job's events only
+            with cli.stream('GET', f'/alpha/stream?format={fmt}&after={after}', headers=bob) as resp:
+                text = ''
+                for line in resp.iter_lines():
+                    text += line + '\n'
+                    if b in line and 'completed' in line: break
+            assert b in text and a not in text and 'secret' not in text, text[:2000]

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional
 from fasthtml.common import (A, Button, Dd, Details, Div, Dl, Dt, Form, Input, Link, Pre, Progress, Script, Small, Span, Style,
                              Summary, Table, Tbody, Td, Th, Thead, Time, Tr, to_xml)
 from .sse import RESET
+from ..managers.base import _valid_text
 
 # %% auto #0
 __all__ = ['SSE_EVENT', 'STATIC_DIR', 'ASSETS_PATH', 'HTMX_JS', 'SSE_JS', 'JOB_CSS', 'dom_id', 'ns_id', 'StatusBadge',
@@ -93,7 +94,7 @@ def WorkerPid(job:BaseJob)->Span:
                 id=dom_id(job.id, 'worker'))
 
 def _result_text(result:Any)->str:
-    if isinstance(result, dict) and isinstance(result.get('text'), str): return result['text']
+    if isinstance(result, dict) and isinstance(result.get('text'), str): return _valid_text(result['text'])
     try: return json.dumps(result, indent=2, default=str)
     except (TypeError, ValueError): return repr(result)
 

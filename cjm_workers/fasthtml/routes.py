@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 from ..stores.base import job_seq, statuses
+from ..managers.base import _valid_text
 from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
                          dom_id, job_hdrs, ns_id, render_event, JobActions, StatusBadge, ProgressBar)
 
@@ -113,6 +114,8 @@ def _start_args(fields:dict, # the form fields (or JSON body)
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"params must be a JSON object, got {type(params).__name__}")
     kwargs, scheduling = {**fields, **(params or {})}, scheduling or {}
+    if 'plugin_name' in kwargs:  # passed on by prepare_execute_request, it would pick the plugin that runs, past `plugins`
+        raise ValueError("plugin_name is the app's to set (prepare_execute_request); clients choose the plugin with plugin_id")
     for name in SCHEDULING_OPTIONS:
         if name not in kwargs: continue
         if name not in scheduling:
@@ -186,7 +189,7 @@ def _job_json(job, traceback:bool=False)->dict:
     "The job as JSON-safe data; without the worker's `traceback` unless asked."
     d = asdict(job) if is_dataclass(job) else dict(vars(job))
     if not traceback: d.pop('traceback', None)
-    return json.loads(json.dumps(d, default=str))
+    return json.loads(_valid_text(json.dumps(d, default=str, ensure_ascii=False)))  # (a plugin's lone surrogate: '?')
 
 MAX_PAGE_SIZE = 1000  # the most jobs one page of the list (HTML or JSON) holds
 
@@ -205,13 +208,14 @@ class JobRoutes:
                  scheduling:Any=None, # scheduling options clients may set: names, or {name: (lowest, highest)}; None: none
                  max_body_bytes:int=MAX_BODY_BYTES, # largest request body the routes accept (bigger: 413, unread)
                  show_traceback:bool=False, # show clients the worker's traceback of a failed job (JSON and pages)
+                 cross_site:bool=False, # accept start and cancel from pages of other origins (browsers' Sec-Fetch-Site)
                 ):
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be an int from 1 to {MAX_PAGE_SIZE}, got {page_size!r}")
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
         self.scheduling, self.max_body_bytes = _scheduling_bounds(scheduling), max_body_bytes
-        self.show_traceback = bool(show_traceback)
+        self.show_traceback, self.cross_site = bool(show_traceback), bool(cross_site)
         if not isinstance(prefix, str) or not prefix.startswith('/') or prefix.endswith('/'):
             raise ValueError(f"prefix must start with '/' and not end with '/', got {prefix!r}")
         self.manager, self.broadcaster, self.prefix, self.authorize = manager, broadcaster, prefix, authorize
@@ -292,7 +296,8 @@ THREAD_ROWS = 200  # tables with more rows than this are rendered off the event 
 async def live_table(self:JobRoutes,
                      status:Optional[str]=None, # only jobs in this status
                      limit:Optional[int]=None, # jobs per page (default: `page_size`)
-                     offset:int=0 # skip this many of the newest
+                     offset:int=0, # skip this many of the newest
+                     request=None # the page's request: with `authorize`, only the jobs it admits for it are shown
                     )->tuple:
     "A page of the job table (newest first), its pager, and its sink: from now on live."
     limit = limit or self.page_size
@@ -303,6 +308,7 @@ async def live_table(self:JobRoutes,
     if new_rows:  # jobs started while the store was read: their `pending` events are before `after`
         top = max(map(job_seq, jobs), default=-1)
         jobs = sorted((j for j in list(self.manager.jobs.values()) if job_seq(j) > top), key=job_seq, reverse=True) + jobs
+    if request is not None: jobs = await self.admitted(request, jobs)
     stream = f"{self.url(action='stream')}?after={after}" + ('' if new_rows else '&rows=fixed')
     if len(jobs) <= THREAD_ROWS: table = JobTable(jobs, self.prefix)
     else:  # a big page: built and rendered in a thread (about 0.4 ms a row), so the loop keeps serving streams
@@ -327,6 +333,24 @@ async def allowed(self:JobRoutes, request, job=None)->bool:
     if inspect.isawaitable(ok): ok = await ok
     return bool(ok)
 
+@patch
+async def admitted(self:JobRoutes, request, jobs:list)->list:
+    "The jobs `authorize` admits for this request (all of them without `authorize`)."
+    if self.authorize is None: return jobs
+    return [j for j in jobs if await self.allowed(request, j)]
+
+@patch
+def keeper(self:JobRoutes, request)->Optional[Callable]:
+    "For a stream of all jobs: an event filter that passes only the events of jobs `authorize` admits (asked once a job)."
+    if self.authorize is None: return None
+    seen = {}
+    async def keep(ev)->bool:
+        jid = ev.data.get('job_id') if isinstance(ev.data, dict) else None
+        if jid is None: return True  # not about one job (a worker's start, a reset)
+        if jid not in seen: seen[jid] = await self.allowed(request, await self.manager.aget_job(jid))
+        return seen[jid]
+    return keep
+
 def _resume_after(request, after:Optional[str]):
     "The request, with `after` as its Last-Event-ID unless it has one."
     if after is None or request.headers.get('last-event-id'): return request
@@ -343,16 +367,24 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
     fmt = request.query_params.get('format', 'html')
     if fmt not in ('html', 'json'): return _error(request, f"format must be 'html' (htmx fragments) or 'json', got {fmt!r}", 400)
     if fmt == 'json':  # the events themselves, for API clients: data {"type": "<worker_type>:<event>", "data": {...}}
-        return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json,
+        return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json, keep=self.keeper(request),
                                        until=None if job_id is None else (lambda ev: ev.type in self._job_ends))
     if job_id is None:
         render = self.render_rows if request.query_params.get('rows') == 'fixed' else self.render_list
-        return self.broadcaster.stream(req, render=render, event_name=SSE_EVENT)
+        return self.broadcaster.stream(req, render=render, event_name=SSE_EVENT, keep=self.keeper(request))
     return self.broadcaster.stream(req, job_id=job_id, render=self.render_detail, event_name=SSE_EVENT, live=live,
                                    until=lambda ev: ev.type in self._job_ends)  # a job's stream ends with the job
 
 # %% ../../nbs/fasthtml/routes.ipynb #d785e4f0
 _FORBIDDEN = lambda request: _error(request, 'forbidden', 403)
+
+@patch
+def refuse_cross_site(self:JobRoutes, request)->Optional[Response]:
+    "A 403 for a state change a browser sent from a page of another origin (`Sec-Fetch-Site`), unless `cross_site`."
+    site = request.headers.get('sec-fetch-site')
+    if self.cross_site or site in (None, 'same-origin', 'none'): return None  # (API clients send no such header)
+    return _error(request, f"refused: a request from a page of another origin (Sec-Fetch-Site: {site}); "
+                           f"mount_job_routes(..., cross_site=True) accepts them", 403)
 
 @patch
 async def _job_or_error(self:JobRoutes, request, job_id:str):
@@ -389,12 +421,12 @@ async def list_page(self:JobRoutes, request):
     try: status, limit, offset = self.page_args(request)
     except ValueError as e: return _error(request, str(e), 400)
     if _wants_json(request):
-        jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True)
+        jobs = await self.admitted(request, await self.manager.aget_all_jobs(status, limit, offset, newest_first=True))
         total = await self.manager.acount_jobs(status)
         return JSONResponse([self.job_json(j) for j in jobs], headers={'X-Total-Count': str(total)})
     c = self.controls
     controls = c(request) if callable(c) and not isinstance(c, FT) else c  # an FT is callable too (it adds children)
-    return self.page(self.title, *([controls] if controls is not None else []), *await self.live_table(status, limit, offset))
+    return self.page(self.title, *([controls] if controls is not None else []), *await self.live_table(status, limit, offset, request))
 
 @patch
 async def detail_page(self:JobRoutes, request, job_id:str):
@@ -409,6 +441,7 @@ async def detail_page(self:JobRoutes, request, job_id:str):
 async def start(self:JobRoutes, request):
     "POST {prefix}/start: start a job from the submitted fields."
     if request.method != 'POST': return _error(request, 'use POST', 405, {'Allow': 'POST'})
+    if (refused := self.refuse_cross_site(request)) is not None: return refused
     if not await self.allowed(request, None): return _FORBIDDEN(request)
     try:  # the body is at most `max_body_bytes` (`limit_body`), and FastHTML has read it already
         if 'application/json' in request.headers.get('content-type', ''):
@@ -430,6 +463,7 @@ async def start(self:JobRoutes, request):
 @patch
 async def cancel(self:JobRoutes, request, job_id:str):
     "POST {prefix}/{job_id}/cancel: cancel the job (409 if it had already ended)."
+    if (refused := self.refuse_cross_site(request)) is not None: return refused
     job, err = await self._job_or_error(request, job_id)
     if err is not None: return err
     if job.is_terminal: return _error(request, f"job {job_id} has already ended ({job.status})", 409)
@@ -486,10 +520,11 @@ def mount_job_routes(app, # the FastHTML app
                      max_body_bytes:int=MAX_BODY_BYTES, # largest request body the routes accept (bigger: 413, unread)
                      show_traceback:bool=False, # show clients the worker's traceback of a failed job (JSON and pages)
                      assets_path:str=ASSETS_PATH, # URL folder the scripts are served from (with `hdrs`)
+                     cross_site:bool=False, # accept start and cancel from pages of other origins (default: 403, against CSRF)
                     )->JobRoutes:
     "Add list, detail, start, cancel, stream and health routes for `manager` under `prefix`."
     r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title, page_size=page_size,
-                  scheduling=scheduling, max_body_bytes=max_body_bytes, show_traceback=show_traceback)
+                  scheduling=scheduling, max_body_bytes=max_body_bytes, show_traceback=show_traceback, cross_site=cross_site)
     if getattr(manager, 'event_broadcaster', None) is None: manager.event_broadcaster = broadcaster
     if hdrs:
         mount_job_assets(app, assets_path)

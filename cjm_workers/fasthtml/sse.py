@@ -4,7 +4,7 @@
 
 # %% ../../nbs/fasthtml/sse.ipynb #524a05f5
 from __future__ import annotations
-import asyncio, itertools, json, logging, re, threading, time
+import asyncio, inspect, itertools, json, logging, re, threading, time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -273,7 +273,7 @@ def sse_frame(data:str, # the data; several lines become several `data:` lines
     out = [] if id is None else [f"id: {id}"]
     if event and event != 'message': out.append(f"event: {_LINES.sub('', event)}")
     out += [f"data: {l}" for l in _LINES.split(data)]
-    return ('\n'.join(out) + '\n\n').encode()
+    return ('\n'.join(out) + '\n\n').encode('utf-8', 'replace')  # a lone surrogate (UTF-8 has none) becomes '?'
 
 def _render(ev:SSEEvent, render:Optional[Callable], event_name:Optional[str])->Optional[bytes]:
     "The frame for `ev` (None: send nothing), cached on the event for the next stream."
@@ -303,8 +303,12 @@ def _last_event_id(request)->tuple: # (id or None, error message or None)
     try: return int(q), None
     except ValueError: return None, f"last_event_id must be an integer, got {q!r}"
 
+async def _kept(keep, ev)->bool:
+    ok = keep(ev)
+    return bool(await ok if inspect.isawaitable(ok) else ok)
+
 @patch
-async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None):
+async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None, keep=None):
     "Encoded chunks for one stream; unsubscribes when the stream ends for any reason."
     with _closing(sub):
         if self.retry_ms is not None: yield f"retry: {int(self.retry_ms)}\n\n".encode()
@@ -317,8 +321,9 @@ async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, unt
                 end = next((i for i, ev in enumerate(batch) if until(ev)), None)
                 if end is not None: batch = batch[:end + 1]
             else: end = None
-            chunk = b''.join(f for ev in batch if (f := _render(ev, render, event_name)) is not None)
             sent = next((ev.id for ev in reversed(batch) if ev.id), sent)
+            if keep is not None: batch = [ev for ev in batch if await _kept(keep, ev)]  # (`sent` counts the others too)
+            chunk = b''.join(f for ev in batch if (f := _render(ev, render, event_name)) is not None)
             if chunk: yield chunk
             if end is not None: return
         if sub.dropped:  # say why the stream ends before it ends: an API client knows to resume (a browser does anyway)
@@ -333,13 +338,14 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
            event_name:Optional[str]=None, # SSE event name of rendered events (default 'message')
            until:Optional[Callable]=None, # event -> bool: the stream ends after the first event it accepts
            live:bool=True, # False: only what the client missed, then the end (204 when it missed nothing)
+           keep:Optional[Callable]=None, # event -> bool (or an awaitable bool): events it rejects are not sent
           ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`, 204 for nothing to send)
     "An SSE response streaming this broadcaster's events from the client's last seen id."
     last, err = _last_event_id(request)
     if err: return PlainTextResponse(err, status_code=400)
     sub = self.subscribe(job_id, last, live=live)
     if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
-    return EventSourceResponse(self._frames(sub, render, event_name, until), ping=self.heartbeat_seconds, sep='\n',
+    return EventSourceResponse(self._frames(sub, render, event_name, until, keep), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
                                send_timeout=self.send_timeout, shutdown_event=_EndOnShutdown(sub),
                                shutdown_grace_period=1.0)

@@ -33,6 +33,22 @@ TERMINAL_STATES = frozenset({'completed', 'failed', 'cancelled'})
 
 def _now()->str: return datetime.now(timezone.utc).isoformat()
 
+def _valid_text(s:str)->str:
+    "`s`, with what UTF-8 cannot encode (a lone surrogate) replaced by '?': text that pages, JSON and SQLite can take."
+    return s if s.isascii() else s.encode('utf-8', 'replace').decode('utf-8')
+
+def _check_text(value, where:str):
+    "Raise a ValueError naming `where` if a string in `value` (or in its dicts, lists and tuples) is not valid Unicode."
+    if isinstance(value, str):
+        if not value.isascii():
+            try: value.encode('utf-8')
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{where} is not valid Unicode text (a lone surrogate at position {e.start})") from None
+    elif isinstance(value, dict):
+        for k, v in value.items(): _check_text(k, where); _check_text(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value): _check_text(v, f"{where}[{i}]")
+
 @dataclass
 class BaseJob:
     "Base class for all job types."
@@ -414,6 +430,7 @@ def _commit_callback(ref):
 def _terminal(self:BaseJobManager, job, status:str, reason:Optional[str]=None, error:Optional[str]=None,
               tb:Optional[str]=None)->bool:
     if job.is_terminal: return False
+    if error is not None and not error.isascii(): error, tb = _valid_text(error), tb and _valid_text(tb)  # a plugin's message
     job.status, job.completed_at, job.reason, job.error, job.traceback = status, _now(), reason, error, tb
     self._requests.pop(job.id, None)
     job._ticket = t = self._store.save(job)
@@ -573,6 +590,7 @@ def _handle_stream_chunk(self:BaseJobManager, slot:_Slot, msg:dict):
     job = self.jobs.get(msg.get('job_id'))
     if job is None or job.is_terminal: return
     chunk = msg.get('chunk', '')
+    if not chunk.isascii(): chunk = _valid_text(chunk)  # a plugin's text that UTF-8 cannot encode would break pages and the store
     job.output += chunk
     self._store.save(job)
     self._emit('chunk', {'job_id': job.id, 'chunk': chunk})
@@ -1335,6 +1353,8 @@ async def start_job(self:BaseJobManager,
     "Start a new job."
     self._bind_loop()
     _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds, _KEPT_NAME)
+    _check_text(plugin_id, 'plugin_id')
+    for k, v in kwargs.items(): _check_text(v, f"parameter {k!r}")  # the pages, the store and JSON need valid text
     job = self.create_job(plugin_id, **kwargs)
     job.priority, job.timeout_seconds, job.max_retries, job.retry_backoff_seconds = priority, timeout_seconds, max_retries, retry_backoff_seconds
     config, err, tb, request, plugin_name = {}, None, None, {}, None
