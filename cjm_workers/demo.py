@@ -4,7 +4,7 @@
 
 # %% ../nbs/demo.ipynb #32ad8f28
 from __future__ import annotations
-import argparse, secrets, signal, sys, threading
+import argparse, logging, os, secrets, signal, sys, threading
 from typing import Optional, Sequence
 
 from fasthtml.common import Div, FastHTML, Link, P, RedirectResponse, Style
@@ -16,8 +16,10 @@ from .fasthtml.sse import SSEBroadcaster
 from .stores.sqlite import SQLiteJobStore
 from .testing import ReferenceJobManager
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['DEMO_JOBS', 'DEMO_CSS', 'create_demo_app', 'demo_parser', 'main']
+__all__ = ['log', 'DEMO_JOBS', 'DEMO_CSS', 'create_demo_app', 'demo_parser', 'main']
 
 # %% ../nbs/demo.ipynb #fff70b1c
 DEMO_JOBS = (
@@ -93,6 +95,11 @@ def main(argv=None)->int:
     import uvicorn
     if threading.current_thread() is threading.main_thread():  # uvicorn re-raises the signal it shut down for:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM then ends the process with code 0 too
+        if hasattr(signal, 'SIGHUP'):  # its terminal closed: shut down as for SIGTERM (uvicorn handles only INT and TERM)
+            signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    if args.host not in ('127.0.0.1', 'localhost', '::1'):
+        log.warning("the demo listens on %s: anyone who reaches it can start jobs (one crashes a worker) and read "
+                    "tracebacks; it has no authorization", args.host)
     try: uvicorn.run(create_demo_app(max_workers=args.workers, db=args.db or None), host=args.host, port=args.port,
                      timeout_graceful_shutdown=10)
     except KeyboardInterrupt: pass  # uvicorn re-raises the Ctrl-C it handled, after shutting down cleanly

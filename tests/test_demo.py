@@ -119,3 +119,23 @@ def test_a_port_out_of_range_is_an_error():
         out = cli('demo', '--port', port, '--db', '')
         assert out.returncode == 2, (port, out.stdout, out.stderr)
         assert f"argument --port: must be a port from 0 to 65535, got '{port}'" in out.stderr and 'Uvicorn' not in out.stderr
+
+
+def test_sighup_shuts_the_demo_down_cleanly(demo_cmd):
+    """Acceptance finding: SIGHUP (its terminal closed) killed the demo without a shutdown: a running job stayed
+    'running' in the file (then 'interrupted'). Now it shuts down as for SIGTERM: code 0, the job cancelled."""
+    demo = demo_cmd('--workers', '1')
+    r = httpx.post(f'{demo.url}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
+                   headers={'accept': 'application/json'}, timeout=30)
+    assert r.status_code == 201, r.text
+    jid = r.json()['id']
+    deadline = time.monotonic() + 30
+    while httpx.get(f'{demo.url}/jobs/{jid}', headers={'accept': 'application/json'}, timeout=30).json()['status'] != 'running':
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.05)
+    demo.proc.send_signal(signal.SIGHUP)
+    assert demo.proc.wait(30) == 0, ''.join(demo.lines)
+    import sqlite3
+    with sqlite3.connect(demo.db) as db:
+        (status, reason), = db.execute("SELECT status, reason FROM jobs_demo WHERE id = ?", (jid,)).fetchall()
+    assert (status, reason) == ('cancelled', 'the manager shut down'), (status, reason)
