@@ -672,3 +672,21 @@ async def test_a_long_job_does_not_hold_the_journal_back(mk, tmp_path):
         sizes.append(sum(os.path.getsize(p) for p in (m._journal.path, m._journal.old) if os.path.exists(p)))
     assert long.status == 'running' and max(sizes) < 8_000, sizes  # rotated and retired while the long job runs (else ~37 B a job)
     await m.cancel_job(long.id)
+
+
+@pytest.mark.parametrize('rows', [0, 1])
+async def test_a_table_of_another_program_is_named_and_left_as_it_is(mk, tmp_path, rows):
+    """Acceptance finding: a file whose table of the manager's name was made by something else gave a cryptic TypeError
+    (with a row), or (empty) got 22 columns added and then failed every write."""
+    import sqlite3
+    from cjm_workers.stores.base import JobStoreError
+    db = tmp_path / 'shared.db'
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE jobs_reference (name TEXT, size INTEGER)")
+        c.executemany("INSERT INTO jobs_reference VALUES (?, ?)", [('a', 1)] * rows)
+    m = mk(SQLiteJobStore(db))
+    with pytest.raises(JobStoreError, match=r"the table 'jobs_reference' was not made by cjm_workers \(it has no id, _seq, _type, status column\)"):
+        await m.start()
+    with sqlite3.connect(db) as c:
+        assert [r[1] for r in c.execute("PRAGMA table_info(jobs_reference)")] == ['name', 'size']
+        assert c.execute("SELECT count(*) FROM jobs_reference").fetchone()[0] == rows

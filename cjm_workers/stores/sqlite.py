@@ -471,6 +471,18 @@ def _codec(self:SQLiteJobStore, cls)->_Codec:
         self._by_name.setdefault(c.type_name, c)
     return c
 
+_OUR_COLUMNS = ('id', '_seq', '_type', 'status')  # what every table this store made has
+
+@patch
+def _check_ours(self:SQLiteJobStore, t)->set:
+    "The columns of the existing table `t`; a `JobStoreError` if this store did not make it (a table of another program)."
+    have = {c.name for c in t.columns}
+    if missing := [c for c in _OUR_COLUMNS if c not in have]:
+        raise JobStoreError(f"job store {self.path}: the table {t.name!r} was not made by cjm_workers (it has no "
+                            f"{', '.join(missing)} column): give the store another table (SQLiteJobStore(path, "
+                            f"table=...)) or another file; the table is left as it is")
+    return have
+
 @patch
 def _ensure_schema(self:SQLiteJobStore, db, codec:_Codec):
     "Create the table, its indexes and any column the class needs (idempotent)."
@@ -480,7 +492,7 @@ def _ensure_schema(self:SQLiteJobStore, db, codec:_Codec):
     py = {'str': str, 'int': int, 'float': float, 'bool': int, 'bytes': bytes, 'timedelta': float}  # the others: text
     for name, kind, _ in codec.fields: types_[name] = py.get(kind, str)
     if not t.exists(): t.create(columns=types_, pk='_seq', if_not_exists=True)  # rows in creation order (`_seq` is the rowid)
-    have = {c.name for c in t.columns}
+    have = self._check_ours(t)  # (another program's table of that name is left as it is)
     for name, typ in types_.items():
         if name not in have: t.add_column(name, typ)
     t.create_index(['id'], unique=True, if_not_exists=True)  # the job id is unique (what the upsert relies on);
@@ -817,7 +829,9 @@ def max_seq(self:SQLiteJobStore)->int:
     "The highest job sequence number in the file (0 if none)."
     with self._rlock, self._failing('reading the jobs'):
         t, db = self._table(), self._reader()
-        return (db.execute(f'SELECT max("_seq") FROM "{t}"').fetchone()[0] or 0) if db is not None and db[t].exists() else 0
+        if db is None or not db[t].exists(): return 0
+        self._check_ours(db[t])
+        return db.execute(f'SELECT max("_seq") FROM "{t}"').fetchone()[0] or 0
 
 # %% ../../nbs/stores/sqlite.ipynb #7d03eb28
 @patch
