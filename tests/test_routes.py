@@ -667,3 +667,13 @@ def test_a_per_job_authorize_also_filters_the_list_and_the_table_streams():
                     text += line + '\n'
                     if b in line and 'completed' in line: break
             assert b in text and a not in text and 'secret' not in text, text[:2000]
+
+
+def test_a_full_queue_is_a_503_that_says_so():
+    app, alpha, *_ = build(prefetch=1, max_waiting_jobs=1)
+    with TestClient(app) as cli:
+        start(cli, '/alpha', 'slow', seconds=30)
+        cli.portal.call(wait_until, lambda: any(j.status == 'running' for j in alpha.get_all_jobs()), 30)
+        start(cli, '/alpha', 'echo', text='waits')
+        r = cli.post('/alpha/start', json={'plugin_id': 'echo'}, headers={'accept': 'application/json'})
+        assert r.status_code == 503 and 'max_waiting_jobs' in r.json()['error'], r.text

@@ -230,6 +230,22 @@ async def test_a_retrys_backoff_is_kept_across_a_restart(mk, tmp_path):
     assert (started - ended).total_seconds() >= 2.9, (started - ended)  # the backoff counted from the failed run
 
 
+async def test_max_waiting_jobs_bounds_the_queue(mk):
+    """Acceptance finding: nothing bounded the jobs a client could queue (3,300 jobs of 1 MB params: +610 MB). With
+    `max_waiting_jobs`, `start_job` raises `QueueFull` (the routes answer 503) and takes jobs again once some left."""
+    from cjm_workers.managers.base import QueueFull
+    mgr = mk(config=dict(prefetch=1, max_waiting_jobs=2))
+    b = await _blocked(mgr)  # running: not waiting
+    waiting = [await mgr.start_job('echo', text=str(i)) for i in range(2)]
+    with pytest.raises(QueueFull, match=r"has 2 jobs waiting, its limit \(WorkerConfig.max_waiting_jobs\)"):
+        await mgr.start_job('echo', text='one too many')
+    assert len(mgr.get_all_jobs()) == 3  # the refused job was not kept
+    assert await mgr.cancel_job(waiting[0].id)
+    again = await mgr.start_job('echo', text='room again')
+    assert await mgr.cancel_job(b.id)
+    assert (await mgr.wait_for_job(again.id, timeout=T)).status == 'completed'
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 4. stored jobs before `start`
 

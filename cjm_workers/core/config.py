@@ -54,6 +54,7 @@ class WorkerConfig:
     job_timeout_seconds: Optional[float] = None  # default limit on a job's running time (None: none); per job: `start_job(timeout_seconds=)`
     retry_backoff_max_seconds: float = 300.0  # longest delay before a retry of a job that opted into retries
     max_jobs_per_worker: int = 0  # recycle (restart) a worker between jobs after this many jobs (0: never)
+    max_waiting_jobs: int = 0  # jobs that may wait (queued, sent ahead, or waiting for a retry); `start_job` then raises `QueueFull` (0: no limit)
     max_worker_rss_mb: float = 0.0  # recycle a worker between jobs once its process tree uses more (0: never)
     worker_env: Any = None  # extra environment per worker: a list of dicts (one per worker) or a callable index → dict
     job_cache_size: int = 1000  # finished jobs the manager keeps in memory (the rest are read from the job store)

@@ -26,7 +26,7 @@ from ..stores.journal import StartJournal
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TERMINAL_STATES', 'JobType', 'BaseJob', 'BaseJobManager', 'managers_lifespan']
+__all__ = ['log', 'TERMINAL_STATES', 'JobType', 'BaseJob', 'BaseJobManager', 'QueueFull', 'managers_lifespan']
 
 # %% ../../nbs/managers/base.ipynb #1316ded0
 TERMINAL_STATES = frozenset({'completed', 'failed', 'cancelled'})
@@ -1373,6 +1373,9 @@ async def start_job(self:BaseJobManager,
     if not self._started: await self.start()  # (a durable store's writer is up before the first job is queued)
     with self._lock:
         if self._closed: raise RuntimeError(f"the {self.worker_type} job manager has been shut down")
+        if (cap := self.worker_config.max_waiting_jobs) and self._waiting() >= cap:
+            raise QueueFull(f"the {self.worker_type} job manager has {cap} jobs waiting, its limit "
+                            f"(WorkerConfig.max_waiting_jobs): try again later")
         job._seq, self._next_seq = self._next_seq, self._next_seq + 1
         self.jobs[job.id] = job
         job.plugin_name = plugin_name
@@ -1402,6 +1405,15 @@ async def start_job(self:BaseJobManager,
 
 # %% ../../nbs/managers/base.ipynb #2e8cff3f
 _KEPT_NAME = " (start_job keeps this keyword for scheduling; if you meant a job field of this name, rename the field)"
+
+class QueueFull(RuntimeError):
+    "`start_job` refused a job: `WorkerConfig.max_waiting_jobs` jobs wait already (the routes answer 503)."
+
+@patch
+def _waiting(self:BaseJobManager)->int:
+    "Jobs that wait to run (under the lock): queued, sent ahead to a worker, or waiting for their retry."
+    ahead = sum(1 for s in self._slots for j in s.inflight.values() if j is not None and j.status == 'pending')
+    return len(self._pending) + len(self._retries) + ahead
 
 def _check_job_options(priority, timeout_seconds, max_retries, retry_backoff_seconds, hint:str=''):
     "Raise a clear error for a bad scheduling option of `start_job` (`hint` ends the message)."
