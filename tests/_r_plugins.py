@@ -1,7 +1,9 @@
 """Plugins for tests/test_remote_worker.py, imported by name by the worker subprocess (tests/ is on its PYTHONPATH)."""
-import time
+import os, time
 from cjm_workers.core.worker import cancel_requested, check_cancelled, report_progress
 from cjm_workers.remote.plugin import PluginInterface
+
+if os.environ.get('R_IMPORT_SECONDS'): time.sleep(float(os.environ['R_IMPORT_SECONDS']))  # a plugin module slow to import
 
 
 class FlakyPlugin:
@@ -92,3 +94,22 @@ class Journaled(SoftStop):
         self._note('stopped early' if out['metadata']['partial'] else 'finished')
         return out
     def cleanup(self): self._note('cleanup')
+
+
+def _raised(what):
+    "What `Unruly` raises, by name: BaseExceptions that are not Exceptions, and text UTF-8 cannot encode."
+    return {'sysexit': SystemExit(4), 'kbint': KeyboardInterrupt(), 'genexit': GeneratorExit(),
+            'surrogate': RuntimeError('bad \udcff')}[what]
+
+
+class Unruly:
+    "Raises what it is told to (`sys.exit()` deep in a library, ...); its stream yields `items` and returns `ret`."
+    name, version = 'unruly', '0.1'
+    def execute(self, raise_=None, **kw):
+        if raise_: raise _raised(raise_)
+        return {'pid': os.getpid()}
+    def execute_stream(self, items=('a', 'b'), raise_=None, ret=None, **kw):
+        for i, item in enumerate(items):
+            if raise_ and i == 1: raise _raised(raise_)
+            yield item
+        return ret

@@ -489,3 +489,84 @@ async def test_stream_items_and_errors_as_with_a_local_plugin(track):
     assert [d['chunk'] for t, d in events.events if t == 'reference:chunk'] == ['first', str({'second': 2})]
     assert job.status == 'failed' and 'RuntimeError: broke after two items' in job.error, job.error
     assert 'raise RuntimeError("broke after two items")' in job.traceback  # a line of the plugin-side traceback
+
+
+# ---------------------------------------------------------------- unruly plugins, stream return values, cancels at start
+
+
+def unruly_spec(**kw):
+    return RemotePluginSpec('unruly', '_r_plugins', 'Unruly', cwd=TESTS, **{'env': {'PYTHONPATH': TESTS}, **kw})
+
+
+def test_what_a_plugin_raises_is_its_error_and_the_next_call_works():
+    "SystemExit, KeyboardInterrupt, a message UTF-8 cannot encode: each a RemotePluginError with the plugin's traceback; every next call succeeds."
+    texts = {'sysexit': 'SystemExit: 4 (the plugin called sys.exit; the worker serves on)',
+             'kbint': 'KeyboardInterrupt (raised by the plugin; the worker serves on)',
+             'surrogate': 'RuntimeError: bad ?'}
+    with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS}) as p:
+        pid = p.execute()['pid']
+        for i in range(12):
+            what = list(texts)[i % 3]
+            with pytest.raises(RemotePluginError) as e: p.execute(raise_=what)
+            assert str(e.value) == texts[what] and 'raise _raised(raise_)' in e.value.remote_traceback
+            assert p.execute() == {'pid': pid}  # the same worker, its plugin still loaded; no connection reset
+        with pytest.raises(RemotePluginError, match='SystemExit: 4'): list(p.execute_stream(raise_='sysexit'))
+        assert p.execute() == {'pid': pid} and p.alive
+
+
+def test_execute_stream_returns_the_plugins_return_value():
+    items = ['a', {'return': 1}, {'item': 2}, {'error': 'not one'}]  # items shaped like the protocol's own lines
+    with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS}) as p:
+        stream, got = p.execute_stream(items=items, ret={'finish_reason': 'length', 'tokens': 4}), []
+        while True:
+            try: got.append(next(stream))
+            except StopIteration as stop: returned = stop.value; break
+        assert got == items and returned == {'finish_reason': 'length', 'tokens': 4}
+
+        async def in_async(): return [x async for x in p.aexecute_stream(items=items, ret=1)]
+        assert asyncio.run(in_async()) == items  # the return line is not an item
+
+
+async def test_a_streams_return_value_is_the_jobs_result_as_locally(track):
+    "As docs/plugins.md says of a local plugin: the returned dict is the result, its `text` the whole stream; no `metadata` added."
+    events = RecordingBroadcaster()
+    mgr = track(ReferenceJobManager(event_broadcaster=events, entry_point=remote_worker_entry([unruly_spec(streams=True)])))
+    await mgr.start()
+    job = await mgr.wait_for_job((await mgr.start_job('unruly', items=['tok0 ', 'tok1 ', {'return': 1}],
+                                                      ret={'finish_reason': 'length', 'tokens': 3})).id, timeout=60)
+    await mgr.flush_events()
+    assert job.status == 'completed', (job.status, job.error)
+    assert job.result == {'finish_reason': 'length', 'tokens': 3, 'text': "tok0 tok1 {'return': 1}"}, job.result
+    assert [d['chunk'] for t, d in events.events if t == 'reference:chunk'] == ['tok0 ', 'tok1 ', "{'return': 1}"]
+    plain = await mgr.wait_for_job((await mgr.start_job('unruly', items=['x', 'y'])).id, timeout=60)  # returns nothing
+    assert plain.result == {'text': 'xy', 'metadata': {}}, plain.result
+
+
+async def test_a_cancel_while_the_universal_worker_starts_kills_it_at_once(track):
+    "The plugin module takes 60 s to import: a cancel does not wait for it; the starting Universal Worker is killed."
+    spec = unruly_spec(env={'PYTHONPATH': TESTS, 'R_IMPORT_SECONDS': '60'}, start_timeout=120)
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=60), entry_point=remote_worker_entry([spec])))
+    await mgr.start()
+    job = await mgr.start_job('unruly')
+    starting = lambda: [p for p in descendants() if '_r_plugins' in p.cmdline() and 'Unruly' in p.cmdline()]
+    await wait_until(lambda: starting(), timeout=60)
+    uw = starting()
+    worker = mgr.jobs[job.id].worker_pid
+    await mgr.cancel_job(job.id)
+    job = await mgr.wait_for_job(job.id, timeout=15)  # far less than the import
+    assert job.status == 'cancelled' and job.reason == 'cancelled on request', (job.status, job.reason, job.error)
+    assert wait_gone([p.pid for p in uw]) == []
+    assert [s['pid'] for s in mgr.get_worker_stats()] == [worker]  # only the starting Universal Worker was killed
+
+
+def test_proxy_cancel_during_start_stops_the_start():
+    p = RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_IMPORT_SECONDS': '60'},
+                          start_timeout=120)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(p.start)
+        assert wait_until_sync(lambda: p._starting is not None)
+        assert p.cancel() == {'status': 'cancelled', 'running': False}
+        with pytest.raises(RemoteCancelledError, match=r'the start of the worker for _r_plugins.Unruly was cancelled'):
+            fut.result(10)
+    assert not p.alive
+    p.stop()

@@ -389,3 +389,76 @@ def test_unknown_paths_wrong_methods_and_the_bearer_scheme_over_http(workers):
         r = c.get('/execute', headers=AUTH)
         assert r.status_code == 405 and r.headers['content-type'] == 'application/json'
         assert r.json() == {'error': 'GET is not allowed on /execute; use POST'} and r.headers['allow'] == 'POST'
+
+
+# ---------------------------------------------------------------- what a plugin raises never costs the worker
+
+@pytest.fixture(scope='module')
+def unruly():
+    w = Worker('Unruly', '_r_plugins')
+    try: yield w.ready()
+    finally: w.stop()
+
+
+def test_a_plugins_base_exception_fails_its_call_and_the_worker_serves_on(unruly):
+    "SystemExit / KeyboardInterrupt / GeneratorExit from the plugin: the call fails naming it, with the plugin's traceback; the worker lives on."
+    texts = {'sysexit': 'SystemExit: 4 (the plugin called sys.exit; the worker serves on)',
+             'kbint': 'KeyboardInterrupt (raised by the plugin; the worker serves on)',
+             'genexit': 'GeneratorExit (raised by the plugin; the worker serves on)'}
+    with unruly.client() as c:
+        pid = c.post('/execute', json={}).json()['pid']
+        for what, text in texts.items():
+            r = c.post('/execute', json={'kwargs': {'raise_': what}})
+            assert r.status_code == 500 and r.json()['error'] == text, r.text
+            assert 'raise _raised(raise_)' in r.json()['traceback']
+            lines = [json.loads(l) for l in c.post('/execute_stream', json={'kwargs': {'raise_': what}}).text.splitlines()]
+            assert lines[0] == 'a' and len(lines) == 2 and lines[1]['error'] == text, lines
+            assert 'raise _raised(raise_)' in lines[1]['traceback']
+            assert c.post('/execute', json={}).json() == {'pid': pid}  # the same worker, on the same connection
+    assert unruly.proc.poll() is None
+
+
+def test_error_text_utf8_cannot_encode_still_reaches_the_client(unruly):
+    "RuntimeError('bad \\udcff'): the error and its traceback arrive ('?' for the surrogate); the connection stays usable."
+    with httpx.Client(base_url=unruly.url, timeout=10, limits=httpx.Limits(max_connections=1)) as c:
+        for _ in range(3):
+            r = c.post('/execute', json={'kwargs': {'raise_': 'surrogate'}})
+            assert r.status_code == 500 and r.json()['error'] == 'RuntimeError: bad ?', r.text
+            assert r.json()['traceback'].endswith('RuntimeError: bad ?\n') and r.headers.get('connection') != 'close'
+            lines = [json.loads(l) for l in c.post('/execute_stream', json={'kwargs': {'raise_': 'surrogate'}}).text.splitlines()]
+            assert lines[0] == 'a' and lines[1]['error'] == 'RuntimeError: bad ?', lines
+            assert c.post('/execute', json={}).status_code == 200  # the one kept-alive connection was not dropped
+
+
+def test_an_idle_connection_is_kept_longer_than_the_proxy_keeps_it():
+    "The worker keeps an idle connection 60 s, the proxy 30 s: no request meets a connection the worker is closing."
+    from cjm_workers.remote.proxy import _LIMITS
+    from cjm_workers.remote.worker import KEEP_ALIVE_SECONDS
+    assert _LIMITS.keepalive_expiry < KEEP_ALIVE_SECONDS
+    w = Worker('EchoPlugin').ready()
+    try:
+        import http.client
+        conn = http.client.HTTPConnection('127.0.0.1', w.info['port'], timeout=10)  # one connection, never reopened
+        try:
+            for wait in (0, 6):  # 6 s: longer than uvicorn's default keep-alive (5 s), which would have closed it
+                time.sleep(wait)
+                conn.request('GET', '/health')
+                r = conn.getresponse()
+                assert r.status == 200 and json.loads(r.read())['status'] == 'ok'
+        finally: conn.close()
+    finally: w.stop()
+
+
+def test_a_streams_return_value_is_its_last_line_for_a_client_that_asks(unruly):
+    body = {'kwargs': {'items': ['a', {'return': 1}, {'item': 2}, {'error': 'not one'}], 'ret': {'tokens': 4}}}
+    with unruly.client() as c:
+        r = c.post('/execute_stream', json=body)  # a client that does not know the return line: the lines it knows
+        assert 'x-stream-return' not in r.headers
+        assert [json.loads(l) for l in r.text.splitlines()] == body['kwargs']['items']
+        r = c.post('/execute_stream', json=body, headers={'X-Stream-Return': '1'})
+        assert r.headers['x-stream-return'] == '1'
+        assert [json.loads(l) for l in r.text.splitlines()] == [
+            'a', {'item': {'return': 1}}, {'item': {'item': 2}}, {'item': {'error': 'not one'}}, {'return': {'tokens': 4}}]
+        r = c.post('/execute_stream', json={'kwargs': {'raise_': 'sysexit'}}, headers={'X-Stream-Return': '1'})
+        lines = [json.loads(l) for l in r.text.splitlines()]  # a failed stream has no return line
+        assert lines[0] == 'a' and len(lines) == 2 and lines[1]['error'].startswith('SystemExit: 4'), lines

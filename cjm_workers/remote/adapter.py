@@ -142,11 +142,11 @@ def execute_plugin(self:RemotePluginManager, plugin_name:str, **params)->Any:
             raise
 
 def execute_plugin_stream(self:RemotePluginManager, plugin_name:str, **params)->Iterator[Any]:
-    "Yield the plugin's stream items as they arrive."
+    "Yield the plugin's stream items as they arrive; return what the plugin's generator returned."
     _stop_if_cancelled(plugin_name)
     proxy = self._live(plugin_name)
     with _ProgressForwarder(proxy, self.specs[plugin_name].progress_wait, self.specs[plugin_name].progress_after):
-        yield from proxy.execute_stream(**params)
+        return (yield from proxy.execute_stream(**params))
 
 def cancel_plugin(self:RemotePluginManager, plugin_name:str)->None:
     "Cooperative cancel of the plugin's calls in flight (`/cancel`), loading or running; called from the worker's control thread."

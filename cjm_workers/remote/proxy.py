@@ -14,7 +14,7 @@ from fastcore.basics import patch, store_attr
 from contextlib import contextmanager
 from ..core.process import describe_exit
 from ..core.worker import JobCancelledError, current_job
-from .worker import CALL_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, dumps_json
+from .worker import CALL_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class RemotePluginProxy:
         self._calls: set = set()  # ids of this proxy's calls in flight (what `cancel()` names)
         self._calls_lock = threading.Lock()
         self._stops = 0  # counts `stop()`s: a call that sees it change was interrupted by one
+        self._starting: Optional[subprocess.Popen] = None  # the worker `start()` waits for (a `cancel()` kills it)
+        self._start_cancelled = False
 
     @property
     def label(self)->str: return f"{self.module}.{self.class_name}"
@@ -161,10 +163,17 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         except OSError as e:
             raise RemoteWorkerError(f"cannot launch the worker for {self.label} with {self.python!r}: {e}") from e
         self.process, self.pid = proc, proc.pid
+        with self._calls_lock: self._starting, self._start_cancelled = proc, False
         self._reader = threading.Thread(target=self._read_output, args=(proc,), daemon=True,
                                         name=f"cjm-proxy-output-{proc.pid}")
         self._reader.start()
         self._ready.wait(self.start_timeout)
+        with self._calls_lock: self._starting, cancelled = None, self._start_cancelled  # a cancel() from now on finds no start
+        if cancelled:
+            self._kill_tree(proc); self._reader.join(2)
+            job = current_job()
+            raise RemoteCancelledError((f"job {job.job_id}: " if job is not None else '') +
+                                       f"the start of the worker for {self.label} was cancelled")
         info = self._ready_info
         if info is None:
             if not self._reader.is_alive():  # its output closed: the worker is exiting, let it finish
@@ -180,8 +189,10 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
                                     f"ready.{self._stderr_text()}")
         self.port = int(info['port'])
         self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout(),
-                                    trust_env=False)
+                                    limits=_LIMITS, trust_env=False)
         return self
+
+_LIMITS = httpx.Limits(keepalive_expiry=30.0)  # idle connections dropped well before the worker drops them (60 s)
 
 @patch(as_prop=True)
 def _headers(self:RemotePluginProxy)->dict: return {'Authorization': f"Bearer {self.token}"}
@@ -385,8 +396,20 @@ def _cancel_body(self:RemotePluginProxy)->Optional[bytes]:
     return dumps_json({'calls': calls}) if calls else None
 
 @patch
+def _cancel_start(self:RemotePluginProxy)->bool:
+    "Kill the worker `start()` is waiting for, if it is; True if there was one (`start()` then raises `RemoteCancelledError`)."
+    with self._calls_lock:
+        proc = self._starting
+        if proc is not None: self._start_cancelled = True
+    if proc is None: return False
+    log.info("worker %s: cancelled while it started; killing it (pid %d)", self.label, proc.pid)
+    self._kill_tree(proc)
+    return True
+
+@patch
 def cancel(self:RemotePluginProxy)->dict:
-    "Ask this proxy's calls in flight to stop (cooperative): `{status: cancelled | pending | not_running | not_supported | error, running}`."
+    "Ask this proxy's calls in flight to stop (cooperative), or kill a worker still starting: `{status: cancelled | pending | not_running | not_supported | error, running}`."
+    if self._cancel_start(): return {'status': 'cancelled', 'running': False}
     body = self._cancel_body
     if body is None: return {'status': 'not_running', 'running': False}  # nothing of ours to cancel (no request)
     return self._request('POST', '/cancel', body, timeout=self._timeout(10.0))
@@ -416,29 +439,46 @@ def cleanup(self:RemotePluginProxy)->None:
     self.stop(cleanup=True)
 
 # %% ../../nbs/remote/proxy.ipynb #dc721716
-_ERROR_KEYS = {'error', 'cancelled', 'traceback'}
+class _Return:
+    "The stream's return line (`{'return': value}`)."
+    def __init__(self, value): self.value = value
 
 @patch
-def _stream_item(self:RemotePluginProxy, line:str)->Any:
+def _stream_item(self:RemotePluginProxy, line:str,
+                 framed:bool=False # the worker answered `X-Stream-Return: 1`: `{return}` and `{item}` lines are its own
+                )->Any:
+    "The item of an NDJSON line, a `_Return` for the return line; raises for an `{error}` line."
     item = json.loads(line)
-    if isinstance(item, dict) and 'error' in item and set(item) <= _ERROR_KEYS:
-        if item.get('cancelled'): raise self._cancelled(str(item['error']))
-        raise RemotePluginError(str(item['error']), 500, item.get('traceback'))
+    if isinstance(item, dict):
+        keys = set(item)
+        if 'error' in keys and keys <= _ERROR_KEYS:
+            if item.get('cancelled'): raise self._cancelled(str(item['error']))
+            raise RemotePluginError(str(item['error']), 500, item.get('traceback'))
+        if framed and keys == {'return'}: return _Return(item['return'])
+        if framed and keys == {'item'}: return item['item']
     return item
+
+def _stream_headers(body:bytes, call:str)->dict: return {**_headers_for(body, call), STREAM_RETURN_HEADER: '1'}
 
 @patch
 def execute_stream(self:RemotePluginProxy, *args, **kwargs)->Iterator[Any]:
-    "Yield the plugin's stream items as they arrive."
+    "Yield the plugin's stream items as they arrive; the generator returns what the plugin's returned (`yield from` gives it)."
     if self._client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
     with self._call() as call:
+        ret = None
         try:
             body = self._body(args, kwargs)
-            with self._client.stream('POST', '/execute_stream', content=body, headers=_headers_for(body, call)) as r:
+            with self._client.stream('POST', '/execute_stream', content=body, headers=_stream_headers(body, call)) as r:
                 if r.status_code >= 400:
                     r.read(); self._decode(r)
+                framed = r.headers.get(STREAM_RETURN_HEADER) == '1'
                 for line in r.iter_lines():
-                    if line: yield self._stream_item(line)
+                    if not line: continue
+                    item = self._stream_item(line, framed)
+                    if isinstance(item, _Return): ret = item.value
+                    else: yield item
         except httpx.TransportError as e: raise self._unreachable(e) from e
+        return ret
 
 # %% ../../nbs/remote/proxy.ipynb #da4788c2
 @patch
@@ -448,7 +488,7 @@ def _aclient(self:RemotePluginProxy)->httpx.AsyncClient:
     c = self._aclients.get(key)
     if c is None:
         c = self._aclients[key] = httpx.AsyncClient(base_url=self.base_url, headers=self._headers,
-                                                    timeout=self._timeout(), trust_env=False)
+                                                    timeout=self._timeout(), limits=_LIMITS, trust_env=False)
     return c
 
 @patch
@@ -468,6 +508,7 @@ async def aexecute(self:RemotePluginProxy, *args, **kwargs)->Any:
 @patch
 async def acancel(self:RemotePluginProxy)->dict:
     "Async `cancel`."
+    if await asyncio.to_thread(self._cancel_start): return {'status': 'cancelled', 'running': False}
     body = self._cancel_body
     if body is None: return {'status': 'not_running', 'running': False}
     return await self._arequest('POST', '/cancel', body, timeout=self._timeout(10.0))
@@ -492,9 +533,12 @@ async def aexecute_stream(self:RemotePluginProxy, *args, **kwargs)->AsyncIterato
     with self._call() as call:
         try:
             body = self._body(args, kwargs)
-            async with self._aclient().stream('POST', '/execute_stream', content=body, headers=_headers_for(body, call)) as r:
+            async with self._aclient().stream('POST', '/execute_stream', content=body, headers=_stream_headers(body, call)) as r:
                 if r.status_code >= 400:
                     await r.aread(); self._decode(r)
+                framed = r.headers.get(STREAM_RETURN_HEADER) == '1'
                 async for line in r.aiter_lines():
-                    if line: yield self._stream_item(line)
+                    if not line: continue
+                    item = self._stream_item(line, framed)
+                    if not isinstance(item, _Return): yield item  # an async generator cannot return it
         except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e

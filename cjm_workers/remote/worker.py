@@ -25,9 +25,10 @@ from .plugin import PluginInterface
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'REQUIRED_METHODS', 'MAX_REMEMBERED_CANCELS', 'DEFAULT_MAX_BODY_BYTES', 'MAX_PROGRESS_WAIT', 'CALL_HEADER',
-           'READY_PREFIX', 'EnhancedJSONEncoder', 'dumps_json', 'parent_monitor', 'WorkerStartupError',
-           'load_plugin_class', 'instantiate_plugin', 'PluginHost', 'create_app', 'run_worker']
+__all__ = ['log', 'REQUIRED_METHODS', 'MAX_REMEMBERED_CANCELS', 'STREAM_RETURN_HEADER', 'DEFAULT_MAX_BODY_BYTES',
+           'MAX_PROGRESS_WAIT', 'CALL_HEADER', 'KEEP_ALIVE_SECONDS', 'READY_PREFIX', 'EnhancedJSONEncoder',
+           'dumps_json', 'parent_monitor', 'WorkerStartupError', 'load_plugin_class', 'instantiate_plugin',
+           'PluginHost', 'create_app', 'run_worker']
 
 # %% ../../nbs/remote/worker.ipynb #105345a2
 class EnhancedJSONEncoder(json.JSONEncoder):
@@ -262,19 +263,26 @@ def cancel(self:PluginHost,
     fn = getattr(self.plugin, 'cancel', None)  # called without holding the lock: it may report progress
     if not callable(fn): return {'status': 'not_supported', 'running': running}
     try: fn()
-    except Exception as e:
+    except BaseException as e:  # a SystemExit too
         log.exception("plugin %s: cancel() raised", self.name)
-        return {'status': 'error', 'error': _error_text(e), 'running': running}
+        return {'status': 'error', 'error': _failure_text(e), 'running': running}
     return {'status': 'cancelled', 'running': running}
 
 # %% ../../nbs/remote/worker.ipynb #6099aa39
+_failure_text = _core._failure_text  # what the plugin raised: "Type: message", a SystemExit saying the worker serves on
+
 def _error_body(e:BaseException, **extra)->dict:
-    return {'error': _error_text(e), 'traceback': ''.join(traceback.format_exception(e)), **extra}
+    return {'error': _failure_text(e), 'traceback': ''.join(traceback.format_exception(e)), **extra}
+
+def _dumps_lenient(obj:Any)->bytes:
+    "`dumps_json`, with '?' for text UTF-8 cannot encode (a lone surrogate): for answers that must always go out."
+    return json.dumps(obj, cls=EnhancedJSONEncoder, separators=(',', ':'), ensure_ascii=False).encode('utf-8', 'replace')
 
 def _encoded(status:int, body:Any)->Tuple[int, bytes]:
-    try: return status, dumps_json(body)
+    "A result (2xx) encoded exactly, an error body leniently; what cannot be encoded becomes a 500 saying why."
+    try: return status, (dumps_json(body) if status < 400 else _dumps_lenient(body))
     except Exception as e:
-        return 500, dumps_json(_error_body(e, error=f"the result could not be encoded as JSON ({_error_text(e)})"))
+        return 500, _dumps_lenient(_error_body(e, error=f"the result could not be encoded as JSON ({_error_text(e)})"))
 
 def _cancel_text(e:Optional[BaseException], ctx:JobContext)->str:
     "The `error` of a cancelled call: 'cancelled', or the plugin's own words (never the host's internal run id)."
@@ -292,7 +300,7 @@ def execute(self:PluginHost, args:list, kwargs:dict,
         try:
             if ctx.cancelled: return _encoded(409, {'error': 'cancelled before it started', 'cancelled': True, 'result': None})
             try: result = self.plugin.execute(*args, **kwargs)
-            except Exception as e:
+            except BaseException as e:  # a plugin's SystemExit / KeyboardInterrupt too: its call fails, the worker serves on
                 if ctx.cancelled or isinstance(e, JobCancelledError):
                     return _encoded(409, {'error': _cancel_text(e, ctx), 'cancelled': True, 'result': None})
                 log.debug("plugin %s: execute raised", self.name, exc_info=True)
@@ -302,40 +310,56 @@ def execute(self:PluginHost, args:list, kwargs:dict,
         finally: self._end(ctx)
 
 # %% ../../nbs/remote/worker.ipynb #8432d23a
+STREAM_RETURN_HEADER = 'X-Stream-Return'  # a client sending it ('1') gets the stream's return value as its last line
+_ERROR_KEYS = {'error', 'cancelled', 'traceback'}  # the keys of an `{error}` line
+
+def _misreadable(item:Any)->bool:
+    "Would a client that asked for the return line read this item as a line of its own? (it is sent as `{item}` then)"
+    if not isinstance(item, dict): return False
+    keys = set(item)
+    return keys in ({'item'}, {'return'}) or ('error' in keys and keys <= _ERROR_KEYS)
+
 @patch
 def stream_lines(self:PluginHost, args:list, kwargs:dict,
-                 call:Optional[str]=None # the call's id (`X-Call-Id`)
+                 call:Optional[str]=None, # the call's id (`X-Call-Id`)
+                 returns:bool=False # end a normal stream with `{"return": value}` (the client sent `X-Stream-Return: 1`)
                 )->Iterator[bytes]:
     "NDJSON lines of `plugin.execute_stream(*args, **kwargs)`; a failure or cancel ends it with an `{error}` line."
     with self.lock:
-        ctx, gen = self._begin(call), None
+        ctx, gen, end, ret = self._begin(call), None, None, None
         try:
-            fn = getattr(self.plugin, 'execute_stream', None)
-            try:
-                if ctx.cancelled:
-                    yield dumps_json({'error': 'cancelled before it started', 'cancelled': True}) + b'\n'
-                    return
-                gen = iter(fn(*args, **kwargs)) if callable(fn) else iter([self.plugin.execute(*args, **kwargs)])
-                n = 0
-                while not ctx.cancelled:
-                    item = next(gen, _DONE)
-                    if item is _DONE: break
-                    try: line = dumps_json(item)
+            if ctx.cancelled:
+                yield _dumps_lenient({'error': 'cancelled before it started', 'cancelled': True}) + b'\n'
+                return
+            fn, n = getattr(self.plugin, 'execute_stream', None), 0
+            while not ctx.cancelled:
+                try:  # the plugin's code runs only in here: whatever it raises (a SystemExit too) ends the stream, not the worker
+                    if gen is None: gen = iter(fn(*args, **kwargs)) if callable(fn) else iter([self.plugin.execute(*args, **kwargs)])
+                    try: item = next(gen)
+                    except StopIteration as stop:
+                        ret = stop.value
+                        break
+                    try: line = dumps_json({'item': item} if returns and _misreadable(item) else item)
                     except Exception as e:
                         raise TypeError(f"item {n} of the stream could not be encoded as JSON ({_error_text(e)})") from e
-                    n += 1
-                    yield line + b'\n'
-            except Exception as e:
-                cancelled = ctx.cancelled or isinstance(e, JobCancelledError)
-                body = {'error': _cancel_text(e, ctx), 'cancelled': True} if cancelled else _error_body(e)
-                yield dumps_json(body) + b'\n'
-                return
-            if ctx.cancelled: yield dumps_json({'error': 'cancelled', 'cancelled': True}) + b'\n'
+                except BaseException as e:
+                    cancelled = ctx.cancelled or isinstance(e, JobCancelledError)
+                    end = {'error': _cancel_text(e, ctx), 'cancelled': True} if cancelled else _error_body(e)
+                    break
+                n += 1
+                yield line + b'\n'  # outside the try: a GeneratorExit here is the response closing, not the plugin
+            if end is None and ctx.cancelled: end = {'error': 'cancelled', 'cancelled': True}
+            if end is None and returns:
+                try: line = dumps_json({'return': ret})
+                except Exception as e:
+                    end = _error_body(e, error=f"the stream's return value could not be encoded as JSON ({_error_text(e)})")
+                else: yield line + b'\n'
+            if end is not None: yield _dumps_lenient(end) + b'\n'
         finally:
             close = getattr(gen, 'close', None)
             if callable(close):
                 try: close()
-                except Exception: log.exception("plugin %s: closing its stream raised", self.name)
+                except BaseException: log.exception("plugin %s: closing its stream raised", self.name)  # a SystemExit too
             self._end(ctx)
 
 # %% ../../nbs/remote/worker.ipynb #702cc5d2
@@ -356,7 +380,7 @@ def initialize(self:PluginHost, config:Optional[dict],
         try:
             if ctx.cancelled: return _encoded(409, {'error': 'cancelled before it started', 'cancelled': True})
             try: fn(config)
-            except Exception as e:
+            except BaseException as e:  # a SystemExit too: the load fails, the worker serves on
                 if ctx.cancelled or isinstance(e, JobCancelledError):
                     return _encoded(409, {'error': _cancel_text(e, ctx), 'cancelled': True})
                 return _encoded(422, _error_body(e))
@@ -373,7 +397,7 @@ def cleanup(self:PluginHost)->Tuple[int, bytes]:
     if not callable(fn): return _encoded(200, {'status': 'not_supported'})
     with self.lock:
         try: fn()
-        except Exception as e: return _encoded(500, _error_body(e))
+        except BaseException as e: return _encoded(500, _error_body(e))
     return _encoded(200, {'status': 'cleaned_up'})
 
 # %% ../../nbs/remote/worker.ipynb #55b40b82
@@ -383,7 +407,7 @@ def call_getter(self:PluginHost, method:str)->Tuple[int, bytes]:
     fn = getattr(self.plugin, method, None)
     if not callable(fn): return _encoded(200, {})
     try: return _encoded(200, fn())
-    except Exception as e: return _encoded(500, _error_body(e))
+    except BaseException as e: return _encoded(500, _error_body(e))
 
 @patch
 def stats(self:PluginHost)->dict:
@@ -406,6 +430,7 @@ def stats(self:PluginHost)->dict:
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 MAX_PROGRESS_WAIT = 30.0  # longest `/progress?wait=` long poll, in seconds
 CALL_HEADER = 'X-Call-Id'  # names a call, so a `/cancel` can name it too
+KEEP_ALIVE_SECONDS = 60  # an idle connection is closed after this; a client must drop it sooner (the proxy: 30 s)
 
 class _HTTPError(Exception):
     def __init__(self, status:int, message:str): super().__init__(message); self.status = status
@@ -413,7 +438,7 @@ class _HTTPError(Exception):
 _EMPTY = object()
 
 def _json_response(body:Any, status:int=200, headers:Optional[dict]=None)->Response:
-    content = body if isinstance(body, bytes) else dumps_json(body)
+    content = body if isinstance(body, bytes) else _dumps_lenient(body)  # a progress message with a lone surrogate too
     return Response(content, status_code=status, media_type='application/json', headers=headers)
 
 # %% ../../nbs/remote/worker.ipynb #948867ec
@@ -481,9 +506,9 @@ async def _in_threads(lines:Iterator[bytes]):
 
 class _NDJSONResponse(StreamingResponse):
     "Streams a blocking iterator of lines off the event loop, and always closes it (releasing the plugin)."
-    def __init__(self, lines:Iterator[bytes]):
+    def __init__(self, lines:Iterator[bytes], headers:Optional[dict]=None):
         self._lines = lines
-        super().__init__(_in_threads(lines), media_type='application/x-ndjson')
+        super().__init__(_in_threads(lines), media_type='application/x-ndjson', headers=headers)
     async def __call__(self, scope, receive, send):
         try: await super().__call__(scope, receive, send)
         finally:
@@ -507,6 +532,9 @@ def create_app(module_name:str, # module to import the plugin class from
                     return _json_response({'error': 'missing or wrong bearer token'}, 401, {'WWW-Authenticate': 'Bearer'})
             try: return await fn(request)
             except _HTTPError as e: return _json_response({'error': str(e)}, e.status)
+            except Exception as e:  # a bug of the worker's own: answered too, so uvicorn does not close the connection
+                log.exception("worker %d: %s %s failed", os.getpid(), request.method, request.url.path)
+                return _json_response(_error_body(e, error=f"the worker failed ({_error_text(e)})"), 500)
         return handler
 
     def threaded(call, *args)->Callable:
@@ -530,7 +558,9 @@ def create_app(module_name:str, # module to import the plugin class from
         return await threaded(host.execute, args, kwargs, _call_id(request))()
     async def execute_stream(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
-        return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request)))
+        returns = request.headers.get(STREAM_RETURN_HEADER) == '1'
+        return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request), returns),
+                               {STREAM_RETURN_HEADER: '1'} if returns else None)
     async def cancel(request):
         calls = _cancel_calls(await _read_json(request, max_body_bytes))
         return _json_response(await anyio.to_thread.run_sync(host.cancel, calls))
@@ -665,7 +695,8 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
                 return
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level=level, access_log=False, lifespan='off', timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, log_level=level, access_log=False, lifespan='off', timeout_graceful_shutdown=3,
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS)
     server = ReadyServer(config)
     app.state.on_stop_request = lambda: setattr(server, 'should_exit', True)  # POST /shutdown: stop as on SIGTERM
     try: server.run(sockets=[sock])  # on SIGTERM uvicorn shuts down (≤ 3 s), then re-raises the signal
