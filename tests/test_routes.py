@@ -638,6 +638,11 @@ def test_start_and_cancel_from_a_page_of_another_origin_are_refused():
         assert cli.post(f'/alpha/{jid}/cancel', headers={'sec-fetch-site': 'cross-site'}).status_code == 403
         assert alpha.get_job(jid).status in ('pending', 'running')
         assert cli.post(f'/alpha/{jid}/cancel', headers={'sec-fetch-site': 'same-origin'}, follow_redirects=False).status_code == 303
+        # a browser that sends no Sec-Fetch-Site: its Origin is compared with the Host it asked
+        r = cli.post('/alpha/start', data={'plugin_id': 'echo'}, headers={'origin': 'http://evil.example'})
+        assert r.status_code == 403 and 'Origin http://evil.example' in r.text, r.text
+        assert cli.post('/alpha/start', data={'plugin_id': 'echo'}, headers={'origin': 'http://testserver'},
+                        follow_redirects=False).status_code == 303
         r = cli2.post('/alpha/start', data={'plugin_id': 'echo'}, headers={'sec-fetch-site': 'cross-site'}, follow_redirects=False)
         assert r.status_code == 303  # the app said cross_site=True
 

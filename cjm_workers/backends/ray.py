@@ -393,7 +393,7 @@ class RayBackend:
     connect_timeout_seconds: float = 60.0  # `prepare` gives up connecting (a ConnectionError) after this long
 
     def prepare(self)->None:
-        "Connect to Ray (blocking for up to `connect_timeout_seconds`: the manager calls it off the event loop in `start()`); a no-op once connected."
+        "Connect to Ray (blocking for up to `connect_timeout_seconds`: each worker's start thread calls it); a no-op once connected."
         import ray
         if ray.is_initialized(): return
         kw = {'include_dashboard': False, **self.init_kwargs}

@@ -5,6 +5,7 @@
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
 import asyncio, inspect, json, logging, math
+from urllib.parse import urlsplit
 from dataclasses import asdict, is_dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -381,8 +382,10 @@ _FORBIDDEN = lambda request: _error(request, 'forbidden', 403)
 @patch
 def refuse_cross_site(self:JobRoutes, request)->Optional[Response]:
     "A 403 for a state change a browser sent from a page of another origin (`Sec-Fetch-Site`), unless `cross_site`."
-    site = request.headers.get('sec-fetch-site')
-    if self.cross_site or site in (None, 'same-origin', 'none'): return None  # (API clients send no such header)
+    site, origin = request.headers.get('sec-fetch-site'), request.headers.get('origin')
+    if site is None and origin is not None:  # a browser without Sec-Fetch-Site: its Origin, against the Host it asked
+        site = 'same-origin' if urlsplit(origin).netloc == request.headers.get('host') else f"cross-site, Origin {origin}"
+    if self.cross_site or site in (None, 'same-origin', 'none'): return None  # (API clients send neither header)
     return _error(request, f"refused: a request from a page of another origin (Sec-Fetch-Site: {site}); "
                            f"mount_job_routes(..., cross_site=True) accepts them", 403)
 

@@ -1301,13 +1301,7 @@ async def start(self:BaseJobManager,
                 timeout:Optional[float]=None # seconds to wait (default: twice worker_start_timeout_seconds)
                )->None:
     "Start the workers and the management thread (idempotent). Jobs started earlier start it too."
-    self._bind_loop()
-    prepare = getattr(self.worker_config.backend, 'prepare', None)
-    if callable(prepare):
-        try: await asyncio.to_thread(prepare)  # e.g. connect to Ray: seconds, so off the event loop
-        except Exception as e:  # the workers' own start then fails with the reason, and their jobs per the restart policy
-            log.error("%s job manager: its backend could not be prepared (%s); its workers will say why they cannot start",
-                      self.worker_type, f"{type(e).__name__}: {e}")
+    self._bind_loop()  # (a backend connects in its workers' own start threads, e.g. to Ray: nothing here waits for it)
     first = not self._started
     self._ensure_started()
     if first and self._store.durable:  # its writer is up (a fraction of a second) before any job: jobs are in the file at once
