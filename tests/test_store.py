@@ -690,3 +690,17 @@ async def test_a_table_of_another_program_is_named_and_left_as_it_is(mk, tmp_pat
     with sqlite3.connect(db) as c:
         assert [r[1] for r in c.execute("PRAGMA table_info(jobs_reference)")] == ['name', 'size']
         assert c.execute("SELECT count(*) FROM jobs_reference").fetchone()[0] == rows
+
+
+async def test_a_start_job_beside_the_first_start_waits_for_the_writer_too(mk, tmp_path):
+    """A `start_job` running while the first `start()` waits for the durable store's writer (programmatic use, outside a
+    lifespan) saw the manager started and queued its job before the writer had answered: it waits for it too now."""
+    store = SQLiteJobStore(tmp_path / 'jobs.db')
+    m = mk(store)
+    seen = {}
+    async def first_job():
+        await asyncio.sleep(0)  # `start()` has begun (the manager counts as started) and waits for the writer
+        await m.start_job('echo', text='x')
+        seen['up'] = (store.writer_pid is not None, store.committed >= 1)
+    await asyncio.gather(m.start(), first_job())
+    assert seen['up'] == (True, True)
