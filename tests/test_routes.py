@@ -682,3 +682,4 @@ def test_a_full_queue_is_a_503_that_says_so():
         start(cli, '/alpha', 'echo', text='waits')
         r = cli.post('/alpha/start', json={'plugin_id': 'echo'}, headers={'accept': 'application/json'})
         assert r.status_code == 503 and 'max_waiting_jobs' in r.json()['error'], r.text
+        assert r.headers['retry-after'] == '5'

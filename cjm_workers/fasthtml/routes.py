@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 from ..stores.base import job_seq, statuses
-from ..managers.base import _valid_text
+from ..managers.base import QueueFull, _valid_text
 from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
                          dom_id, job_hdrs, ns_id, render_event, JobActions, StatusBadge, ProgressBar)
 
@@ -455,6 +455,7 @@ async def start(self:JobRoutes, request):
     except ValueError as e: return _error(request, str(e), 400)
     try: job = await self.manager.start_job(plugin_id, **kwargs)
     except (TypeError, ValueError) as e: return _error(request, f"cannot create the job: {e}", 400)  # e.g. an unexpected argument
+    except QueueFull as e: return _error(request, str(e), 503, {'Retry-After': '5'})  # (jobs leave the queue as they run)
     except RuntimeError as e: return _error(request, str(e), 503)
     after = self.broadcaster.last_id  # none of the job's events is broadcast yet (the manager's pump sends them later)
     if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})
