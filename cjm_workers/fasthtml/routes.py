@@ -368,7 +368,8 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
     fmt = request.query_params.get('format', 'html')
     if fmt not in ('html', 'json'): return _error(request, f"format must be 'html' (htmx fragments) or 'json', got {fmt!r}", 400)
     if fmt == 'json':  # the events themselves, for API clients: data {"type": "<worker_type>:<event>", "data": {...}}
-        return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json, keep=self.keeper(request),
+        keep = self.keeper(request) if job_id is None else None  # (a job's own stream was authorized for that job)
+        return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json, keep=keep,
                                        until=None if job_id is None else (lambda ev: ev.type in self._job_ends))
     if job_id is None:
         render = self.render_rows if request.query_params.get('rows') == 'fixed' else self.render_list

@@ -33,12 +33,6 @@ TERMINAL_STATES = frozenset({'completed', 'failed', 'cancelled'})
 
 def _now()->str: return datetime.now(timezone.utc).isoformat()
 
-class _Done:
-    "A future that has finished (what a manager's `_writer_up` is until a start waits for a durable store's writer)."
-    @staticmethod
-    def done()->bool: return True
-_DONE_FUTURE = _Done()
-
 def _valid_text(s:str)->str:
     "`s`, with what UTF-8 cannot encode (a lone surrogate) replaced by '?': text that pages, JSON and SQLite can take."
     return s if s.isascii() else s.encode('utf-8', 'replace').decode('utf-8')
@@ -234,7 +228,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._sleep_until = math.inf  # the nearest deadline the management thread is waiting for
         self._purge_at, self._purger = 0.0, None  # retention (`keep_finished_seconds`): next purge, the thread doing one
         self._started = self._thread_stop = self._draining = False
-        self._writer_up: asyncio.Future = _DONE_FUTURE  # the first start's wait for a durable store's writer
+        self._writer_up: Optional[asyncio.Future] = None  # the first start's wait for a durable store's writer
         self._stop_reason = 'the manager shut down'  # why shutdown cancels a job
         self._flags = {'closed': False}  # shared with the finalizer, which may close the manager at exit
         self._finalizer = None
@@ -1373,7 +1367,7 @@ async def start_job(self:BaseJobManager,
             config = self._config_overrides.get(plugin_name, config)
     except Exception as e:
         err, tb = f"{type(e).__name__} while preparing the job: {e}", traceback.format_exc()
-    if not self._started or not self._writer_up.done(): await self.start()  # (a durable store's writer is up before the first job is queued)
+    if not self._started or (self._writer_up is not None and not self._writer_up.done()): await self.start()  # (a durable store's writer is up before the first job is queued)
     with self._lock:
         if self._closed: raise RuntimeError(f"the {self.worker_type} job manager has been shut down")
         if (cap := self.worker_config.max_waiting_jobs) and self._waiting() >= cap:
