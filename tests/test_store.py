@@ -704,3 +704,74 @@ async def test_a_start_job_beside_the_first_start_waits_for_the_writer_too(mk, t
         seen['up'] = (store.writer_pid is not None, store.committed >= 1)
     await asyncio.gather(m.start(), first_job())
     assert seen['up'] == (True, True)
+
+
+_AHEAD_APP = r"""
+import asyncio, json, os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from cjm_workers.stores.sqlite import SQLiteJobStore
+from _d_helpers import StoreJobManager
+async def main(db, log):
+    mgr = StoreJobManager(SQLiteJobStore(db), config=dict(max_workers=2))  # quick jobs: up to 16 sent ahead to each
+    await mgr.start(wait=True)
+    ids = [(await mgr.start_job('runlog', log=log, sleep=0.004)).id for i in range(300)]
+    print(json.dumps(ids), flush=True)
+    await asyncio.sleep(0.15)
+    os.kill(os.getpid(), signal.SIGKILL)
+if __name__ == '__main__': asyncio.run(main(sys.argv[1], sys.argv[3]))
+"""
+
+
+async def test_jobs_sent_ahead_that_never_started_run_after_a_sigkill(mk, tmp_path):
+    """Known rough edge until 2026-12-07: after a SIGKILL of the app, every job a worker held sent ahead (up to
+    `prefetch` per worker) was failed `interrupted`, though most had never started: the journal says only that they
+    were sent. Each local worker now keeps a start log (a line per job before it runs); a job sent to a worker whose
+    log does not have it is queued again, and still no job runs twice."""
+    db, log = tmp_path / 'jobs.db', tmp_path / 'runs.log'
+    p = subprocess.run([sys.executable, '-c', _AHEAD_APP, str(db), str(Path(__file__).parent), str(log)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    ids = json.loads(p.stdout.strip().splitlines()[-1])
+    ran_before = set(log.read_text().split())
+    assert 0 < len(ran_before) < len(ids) - 40, len(ran_before)  # killed mid-burst, with jobs out with the workers
+    m = mk(SQLiteJobStore(db), config=dict(max_workers=2))
+    await m.start(wait=True)
+    jobs = [await m.wait_for_job(i, timeout=T) for i in ids]
+    runs = {}
+    for jid in log.read_text().split(): runs[jid] = runs.get(jid, 0) + 1
+    assert all(n == 1 for n in runs.values()), sorted(runs.values())[-3:]  # none ran twice
+    lost = [j for j in jobs if j.status == 'failed' and runs.get(j.id, 0) == 0]
+    assert len(lost) <= 2, [(j.id[:8], j.reason) for j in lost]  # at most one per worker: killed between log and run
+    assert all(j.status == 'completed' or (j.reason == 'interrupted' and j.id in ran_before | {l.id for l in lost})
+               for j in jobs), [(j.status, j.reason) for j in jobs if j.status != 'completed'][:5]
+    journal = Path(m.job_store.journal_path)
+    assert (await run_job(m, 'echo', text='x')).status == 'completed'  # a dispatch after recovery was committed ...
+    assert not list(tmp_path.glob('jobs.db-journal-*.started-*')) or all(  # ... retires the dead workers' start logs
+        m._run_token in p.name for p in tmp_path.glob('jobs.db-journal-*.started-*'))
+    await m.ashutdown()
+    assert list(tmp_path.glob('jobs.db-journal*')) == []  # a clean shutdown leaves no journal and no start log
+
+
+async def test_a_workers_start_log_stays_short_and_ends_with_its_worker(mk, tmp_path):
+    """The start log gets a line per job; once the manager has saved the starts, the worker rewrites it without them
+    (every 256 lines), so it stays short however many jobs run. A worker that ends leaves its log until what the
+    manager decided for its jobs is in the file, and the log goes then."""
+    import psutil
+    db = tmp_path / 'jobs.db'
+    from cjm_workers.core.config import RestartPolicy
+    mgr = mk(SQLiteJobStore(db), config=dict(restart_policy=RestartPolicy.ALWAYS))
+    jobs = [await mgr.start_job('echo', text=str(i)) for i in range(1500)]
+    for j in jobs: await mgr.wait_for_job(j.id, timeout=T)
+    [path] = tmp_path.glob('jobs.db-journal-*.started-*')
+    lines = path.read_text().splitlines()
+    assert 0 < len(lines) < 600 and lines[-1] == jobs[-1].id, (len(lines), lines[-1:])
+    assert lines == [j.id for j in jobs[-len(lines):]]  # the latest starts, in order
+    pid = mgr.get_worker_stats()[0]['pid']
+    worker = psutil.Process(pid)
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: gone(worker) and mgr.get_worker_stats()[0]['pid'] not in (None, pid), T)
+    await run_job(mgr, 'echo', text='after')
+    await wait_until(lambda: not path.exists(), T)  # ... retired by a later dispatch once the states were committed
+    logs = list(tmp_path.glob('jobs.db-journal-*.started-*'))
+    assert len(logs) == 1 and logs[0] != path
+    await mgr.ashutdown()

@@ -5,7 +5,7 @@ reports progress, honours cooperative cancels, and dies with its parent."""
 
 # %% ../../nbs/core/worker.ipynb #ea1d32d2
 from __future__ import annotations
-import gc, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
+import fcntl, gc, json, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
 from collections import deque
 import multiprocessing as mp
 from collections import OrderedDict
@@ -116,7 +116,8 @@ def check_cancelled()->None:
 
 # %% ../../nbs/core/worker.ipynb #7f1654ef
 _RESERVED = {'type', 'job_id', 'plugin_name', 'plugin_config', 'stream', 'request_id', 'max_loaded_plugins'}  # not passed to plugins
-_KNOWN = {t.value for t in WorkerRequestType}
+_START_LOG = 'start_log'  # a request (internal): keep a start log in this file (see "The start log" below)
+_KNOWN = {t.value for t in WorkerRequestType} | {_START_LOG}
 
 def _plugin_name_of(data)->Optional[str]:
     return data.get('name') if isinstance(data, dict) else getattr(data, 'name', None)
@@ -154,6 +155,9 @@ class _Worker:
         self.pm = None
         self.jobs_done = 0
         self.pid = os.getpid()  # a process running this loop with another pid is a copy a plugin forked (`_leave_if_copy`)
+        self.start_log: Optional[int] = None  # fd of the start log, when the app asked for one
+        self.start_path, self.start_n, self.start_lines = None, 0, deque()  # its path, lines written, lines kept
+        self.forget_upto = self.forgotten = 0  # the app has saved the starts up to line `forget_upto`
 
 # %% ../../nbs/core/worker.ipynb #6b2b6f3d
 def _put(q, msg):
@@ -202,6 +206,7 @@ def _control(self:_Worker, msg:dict):
             self.stopping = True
             if msg.get('cancel', True): hit = self.ctx
         elif msg.get('request_id') is not None: _remember(self.withdrawn, msg['request_id'])
+        elif t == 'forget_starts' and isinstance(msg.get('upto'), int): self.forget_upto = max(self.forget_upto, msg['upto'])
         elif t != 'cancel' or (jid := msg.get('job_id')) is None:
             log.warning("worker %d: ignoring control message %r (neither a stop nor a cancel of a job or command)", os.getpid(), msg)
         elif self.ctx is not None and self.ctx.job_id == jid: hit = self.ctx
@@ -301,13 +306,18 @@ def _loop(self:_Worker):
             except Exception: log.exception("worker %d: cancel %r failed", os.getpid(), req)
             continue
         if t == 'stop': break
+        if t == _START_LOG:
+            self._open_start_log(req.get('path'))
+            continue
         if t == 'execute':
             jid = req.get('job_id')
             with self.lock:
                 skip = self.stopping or self.tombstones.pop(jid, None)
                 if not skip: self.ctx = ctx = JobContext(jid, req.get('plugin_name'), self._send)
             if skip: continue  # cancelled before it started (the control thread answered), or the worker is stopping
-            held = self._flush(held, {'type': 'started', 'job_id': jid, 'pid': os.getpid()})
+            started = {'type': 'started', 'job_id': jid, 'pid': os.getpid()}
+            if self.start_log is not None and (n := self._log_start(jid)): started['n'] = n  # before the job can run
+            held = self._flush(held, started)
             held = self._execute(req, ctx)
             with self.lock: self.ctx, self.unsent = None, jid
             continue
@@ -491,6 +501,76 @@ def _cleanup(self:_Worker):
         try: self.pm.unload_plugin(name)
         except BaseException: log.exception("worker %d: unloading %r at stop failed", os.getpid(), name)  # the others still unload
     self.loaded.clear()
+
+# %% ../../nbs/core/worker.ipynb #a12bebc6
+def _start_line(jid)->bytes:
+    "A job's line in the start log: its id, or `?` for an id that cannot be a line of text (readers then know nothing)."
+    return (jid + '\n').encode() if isinstance(jid, str) and jid.isprintable() and jid and jid != '?' else b'?\n'
+
+def _lock_file(path:str, flags:int)->int:
+    "Open `path` and take an exclusive `flock` on it without waiting (`OSError` if another process holds it)."
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+@patch
+def _open_start_log(self:_Worker, path):
+    "Start the start log at `path` (created, locked for this process's life); without it nothing is claimed."
+    if not isinstance(path, str) or self.start_log is not None: return
+    try: self.start_log = _lock_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as e:
+        log.warning("worker %d: no start log at %s (%s: %s); after a crash of the app, the jobs sent to this worker "
+                    "count as interrupted", os.getpid(), path, type(e).__name__, e)
+        return
+    self.start_path = path
+
+@patch
+def _log_start(self:_Worker, jid)->Optional[int]:
+    "Append `jid` to the start log before the job runs; its line number (None once the log is given up)."
+    if self.forget_upto > self.forgotten: self._compact_start_log()
+    line = _start_line(jid)
+    try: os.write(self.start_log, line)  # a short O_APPEND write: all of it or nothing
+    except OSError as e:
+        self._drop_start_log(e)
+        return None
+    self.start_n += 1
+    self.start_lines.append((self.start_n, line))
+    return self.start_n
+
+@patch
+def _drop_start_log(self:_Worker, e:OSError):
+    "A write failed: delete the file, so that no reader takes an incomplete log for a complete one."
+    log.error("worker %d: the start log %s cannot be written (%s: %s); after a crash of the app, the jobs sent to this "
+              "worker count as interrupted", os.getpid(), self.start_path, type(e).__name__, e)
+    try: os.unlink(self.start_path)
+    except FileNotFoundError: pass
+    except OSError:  # a stale log would say a job never started: leave rather than risk that
+        log.critical("worker %d: the start log %s can be neither written nor deleted: exiting", os.getpid(), self.start_path)
+        os._exit(70)
+    os.close(self.start_log)
+    self.start_log = None
+
+@patch
+def _compact_start_log(self:_Worker):
+    "Replace the start log with a new file holding only the lines after `forget_upto` (locked before it is renamed in)."
+    upto, lines = self.forget_upto, self.start_lines
+    while lines and lines[0][0] <= upto: lines.popleft()
+    tmp, fd = f"{self.start_path}.tmp", None
+    try:
+        fd = _lock_file(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
+        data = memoryview(b''.join(l for _, l in lines))
+        while data: data = data[os.write(fd, data):]
+        os.replace(tmp, self.start_path)
+    except OSError as e:  # the old, longer log stays: it is complete
+        log.warning("worker %d: could not shorten the start log %s (%s)", os.getpid(), self.start_path, e)
+        if fd is not None: os.close(fd)
+        self.forgotten = upto
+        return
+    os.close(self.start_log)
+    self.start_log, self.forgotten = fd, upto
 
 # %% ../../nbs/core/worker.ipynb #1a89fabc
 def _watch_parent():

@@ -112,6 +112,8 @@ class _Slot:
         self.gen = 0  # counts the worker processes this slot has started (tells stale loop readers apart)
         self.loop_fds: list = []  # duplicates of the results and responses fds the event loop watches
         self.loop_reads = None  # the event loop that reads this worker's pipes (None: the management thread does)
+        self.start_log: Optional[str] = None  # token of its start log (a local worker with a durable store; see stores/journal)
+        self.start_marks: deque = deque()  # (ticket, n): once `ticket` is committed, its start log may forget lines up to n
 
     @property
     def alive(self)->bool: return self.process is not None
@@ -234,6 +236,8 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._finalizer = None
         self._journal: Optional[StartJournal] = None  # a durable store's start journal (which jobs went to a worker)
         self._old_journal: Optional[dict] = None  # while an old journal file waits to be retired: {'wait', 'ticket'}
+        self._dead_logs: deque = deque()  # (ticket, path): start logs of ended workers, deleted once `ticket` is committed
+        self._run_token = uuid.uuid4().hex[:12]  # this manager's part of its workers' start log names
 
     @abstractmethod
     def create_job(self,
@@ -611,7 +615,10 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
     if limit:
         slot.timeouts[jid] = t = time.monotonic() + limit
         self._note_deadline(t)
-    self._store.save(job)
+    ticket = self._store.save(job)
+    if slot.start_log is not None and (n := msg.get('n')):  # now and then, its start log may forget what is saved
+        if not n % 256: slot.start_marks.append((ticket, n))
+        if slot.start_marks and slot.start_marks[0][0] <= self._store.committed: self._forget_starts(slot)
     if self.event_broadcaster is not None:
         self._emit('started', {'job_id': jid, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name, 'worker_pid': slot.pid})
     cfg = (self._requests.get(jid) or (None, {}))[1]
@@ -622,6 +629,14 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
         self._safe_resource_call('update_worker_state', slot.pid, status='running', job_id=jid, plugin_name=job.plugin_name,
                                  plugin_id=job.plugin_id, loaded_plugin_resource=self._extract_plugin_resource_identifier(cfg),
                                  config=cfg)
+
+# %% ../../nbs/managers/base.ipynb #514e229f
+@patch
+def _forget_starts(self:BaseJobManager, slot:_Slot):
+    "Tell a worker (on its control channel) that its start log may drop the lines whose `running` states are in the file."
+    committed, upto = self._store.committed, 0
+    while slot.start_marks and slot.start_marks[0][0] <= committed: upto = slot.start_marks.popleft()[1]
+    self._outbox.append((slot, [{'type': 'forget_starts', 'upto': upto}], True, slot.gen))
 
 # %% ../../nbs/managers/base.ipynb #c91accb7
 @patch
@@ -690,6 +705,10 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     slot.jobs_since_spawn, slot.plugins, slot.timeouts, slot.quick, slot.run_t0 = 0, {}, {}, False, None
     slot.rss_checked_at = -math.inf  # a new process: measured after its first job
     slot.ps = None
+    slot.start_log, slot.start_marks = None, deque()
+    if self._journal is not None and backend is None:  # its first request: keep a start log (see stores/journal)
+        slot.start_log = f"{self._run_token}-{slot.index}-{slot.gen}"
+        slot.requests.put_pickled_many([dumps({'type': 'start_log', 'path': self._journal.start_log_path(slot.start_log)})])
     if p.pid is not None:  # a Ray actor's pid is known once it is ready
         try: slot.ps = psutil.Process(p.pid)
         except psutil.Error: pass
@@ -800,6 +819,9 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
             retry = retry or job.status == 'pending'  # it will run again: it needs a worker
     for job in requeue: self._pending.push(job.id, job.priority)  # back at their places: ahead of younger jobs
     if requeue and self._journal is not None: self._note_sent([('-', j.attempts + 1, j.id) for j in requeue])  # not started
+    if slot.start_log is not None:  # needed until the states decided above are in the file
+        self._dead_logs.append((self._store.saved, self._journal.start_log_path(slot.start_log)))
+        slot.start_log = None
     for fut in slot.commands.values():
         if not fut.done(): fut.set_result({'success': False, 'error': f"the worker process {how}"})
     slot.commands.clear(); slot.inflight.clear(); slot.cancel_deadlines.clear(); slot.loaded.clear()
@@ -872,7 +894,8 @@ def _dispatch(self:BaseJobManager)->list:
         if limit: _touch(s.plugins, job.plugin_name, None, limit)
         else: s.plugins[job.plugin_name] = None
         out.setdefault(s.index, (s, []))[1].append(self._requests[jid][0])
-        if journal is not None: sent.append(('+', job.attempts + 1, jid))
+        if journal is not None:
+            sent.append(('+', job.attempts + 1, jid) if s.start_log is None else ('>', job.attempts + 1, jid, s.start_log))
     if sent: self._note_sent(sent)  # in the journal before any of them reaches a worker
     return list(out.values())
 
@@ -911,6 +934,8 @@ def _send(sends:list, control:bool=False)->bool: # True if a request pipe now ha
 def _note_sent(self:BaseJobManager, entries:list):
     "Append (sign, attempt, job id) entries to the start journal (under the lock), then retire or rotate its files."
     self._journal.write(entries)
+    dead = self._dead_logs
+    while dead and dead[0][0] <= self._store.committed: self._journal.retire_log(dead.popleft()[1])
     old = self._old_journal
     if old is None:
         if self._journal.rotate():  # the jobs out with workers now may have lines in the old file
@@ -1247,13 +1272,16 @@ def _backoff_left(job, backoff_max:float)->float:
 @patch
 def _recover(self:BaseJobManager):
     "Take over the jobs an earlier process left unfinished in the store (under the lock, at start)."
-    queued = interrupted = 0
+    queued = interrupted = unstarted = 0
     sent = self._journal.recover() if self._journal is not None else {}  # job id → the last attempt sent to a worker
     for job, request in self._store.unfinished():
         if job.id in self.jobs: continue
         self.jobs[job.id] = job
         later = sent.get(job.id, 0) > job.attempts  # the journal knows of a later attempt than the file (states lag behind)
         maybe = job.status == 'pending' and later  # sent: it may have run (state not written)
+        if maybe and sent[job.id] == job.attempts + 1 and self._journal.never_started(job.id):
+            maybe = later = False  # its worker's start log shows it never started: queued again as it was
+            unstarted += 1
         if job.status == 'running' or maybe or request is None: interrupted += 1
         else: queued += 1
         if request is not None:
@@ -1279,8 +1307,9 @@ def _recover(self:BaseJobManager):
             self._emit('pending', {'job_id': job.id, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name,
                                    'priority': job.priority, 'position': self._queue_position(job.id), 'recovered': True})
     if queued or interrupted:
-        log.info("%s job manager: took over %d waiting jobs from the store (queued again) and %d that an earlier process "
-                 "left running (interrupted: failed, or retried if they opted in)", self.worker_type, queued, interrupted)
+        log.info("%s job manager: took over %d waiting jobs from the store (queued again; %d of them had been sent to a "
+                 "worker that never started them) and %d that an earlier process left running (interrupted: failed, or "
+                 "retried if they opted in)", self.worker_type, queued, unstarted, interrupted)
     if self._journal is not None:  # the old journal goes once what recovery decided is in the file
         self._old_journal = {'wait': set(), 'ticket': self._store.saved}
 

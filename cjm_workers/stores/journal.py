@@ -4,7 +4,7 @@
 
 # %% ../../nbs/stores/journal.ipynb #0e85e25f
 from __future__ import annotations
-import json, logging, os
+import fcntl, glob, json, logging, os
 from fastcore.basics import patch
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -16,25 +16,36 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'replay', 'StartJournal']
 
 # %% ../../nbs/stores/journal.ipynb #404f0524
-def _line(e:Tuple[str, int, str])->str:
+def _line(e:tuple)->str:
     "One entry as a line: plain for a printable id, else JSON."
-    sign, attempt, jid = e
-    return f"{sign} {attempt} {jid}\n" if isinstance(jid, str) and jid.isprintable() and jid else json.dumps(e) + '\n'
+    sign, attempt, jid, *where = e
+    if not (isinstance(jid, str) and jid.isprintable() and jid): return json.dumps(e) + '\n'
+    return f"{sign} {attempt} {where[0]} {jid}\n" if where else f"{sign} {attempt} {jid}\n"
+
+def _parse(line:str)->tuple:
+    "(sign, attempt, job id, start log or None) of a line (`ValueError`/`TypeError` for a torn one)."
+    if line.startswith('['): sign, attempt, jid, *where = json.loads(line)
+    elif line.startswith('>'): sign, attempt, *where, jid = line.split(' ', 3)
+    else: sign, attempt, jid, where = *line.split(' ', 2), ()
+    if len(where) > 1 or not isinstance(jid, str): raise ValueError(line)
+    return sign, int(attempt), jid, (where[0] if where else None)
 
 def replay(lines:Iterable[str], # lines of a journal, oldest first
-           sent:Optional[Dict[str, int]]=None # what earlier lines gave (updated in place)
+           sent:Optional[Dict[str, int]]=None, # what earlier lines gave (updated in place)
+           sent_to:Optional[Dict[str, Optional[str]]]=None # filled in place: job id → the start log of its last send
           )->Dict[str, int]: # job id → the highest attempt sent to a worker and not taken back
     "Replay journal lines."
     sent = {} if sent is None else sent
+    sent_to = {} if sent_to is None else sent_to
     for line in lines:
-        try:
-            if line.startswith('['): sign, attempt, jid = json.loads(line)
-            else:
-                sign, attempt, jid = line.split(' ', 2)
-                attempt = int(attempt)
+        try: sign, attempt, jid, where = _parse(line)
         except (ValueError, TypeError): continue  # a torn last line
-        if sign == '+': sent[jid] = max(attempt, sent.get(jid, 0))
-        elif sign == '-' and sent.get(jid) == attempt: del sent[jid]
+        if sign in '+>':
+            if attempt >= sent.get(jid, 0): sent_to[jid] = where
+            sent[jid] = max(attempt, sent.get(jid, 0))
+        elif sign == '-' and sent.get(jid) == attempt:
+            del sent[jid]
+            sent_to.pop(jid, None)
     return sent
 
 # %% ../../nbs/stores/journal.ipynb #a2ff6430
@@ -48,6 +59,9 @@ class StartJournal:
         self.fd: Optional[int] = None
         self.size = 0
         self._warned = False
+        self.sent_to: Dict[str, Optional[str]] = {}  # from `recover`: job id → the start log of its last send
+        self.start_logs: Dict[str, Optional[set]] = {}  # from `recover`: start log → the job ids in it (None: unknown)
+        self.recovered_logs: list = []  # start log files `recover` read: deleted with the old journal
 
     def __repr__(self): return f"StartJournal({self.path!r})"
 
@@ -72,12 +86,48 @@ def recover(self:StartJournal)->Dict[str, int]:
 @patch
 def _recover(self:StartJournal)->Dict[str, int]:
     old, cur = _read_lines(self.old), _read_lines(self.path)
-    sent = replay(cur, replay(old))
+    self.sent_to = {}
+    sent = replay(cur, replay(old, sent_to=self.sent_to), self.sent_to)
+    self._read_start_logs()
     if cur:
         with open(self.old, 'a', encoding='utf-8') as f: f.write(''.join(l + '\n' for l in cur))
     if os.path.exists(self.path): os.remove(self.path)
     self._open()
     return sent
+
+# %% ../../nbs/stores/journal.ipynb #b95f3270
+_LOGS = '.started-'  # a start log is `<journal><_LOGS><token>`
+
+@patch
+def start_log_path(self:StartJournal, token:str # names one worker process of one manager (no spaces)
+                  )->str:
+    "Where the worker `token` keeps its start log."
+    return f"{self.path}{_LOGS}{token}"
+
+def _read_log(path:str)->Optional[set]:
+    "The job ids in a start log whose writer is gone (None if it lives on, or the log is unknown or unreadable)."
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its worker still runs
+            if os.fstat(fd).st_ino != os.stat(path).st_ino: return None  # replaced meanwhile: its writer runs
+            with os.fdopen(os.dup(fd), encoding='utf-8', errors='replace') as f: ids = set(f.read().splitlines())
+        finally: os.close(fd)
+    except OSError: return None
+    return None if '?' in ids else ids
+
+@patch
+def _read_start_logs(self:StartJournal):
+    paths = glob.glob(glob.escape(self.path + _LOGS) + '*')
+    self.recovered_logs += [p for p in paths if p not in self.recovered_logs]
+    self.start_logs = {p[len(self.path + _LOGS):]: _read_log(p) for p in paths if not p.endswith('.tmp')}
+
+@patch
+def never_started(self:StartJournal, jid:str # a job `recover` says was sent to a worker
+                 )->bool:
+    "Does the complete start log of the worker it was last sent to show that the job never started there?"
+    ids = self.start_logs.get(self.sent_to.get(jid))
+    return ids is not None and jid not in ids
 
 # %% ../../nbs/stores/journal.ipynb #566792b1
 @patch
@@ -112,9 +162,16 @@ def rotate(self:StartJournal)->bool:
 
 @patch
 def retire_old(self:StartJournal)->None:
-    "Delete the old file: what it says is in the store now."
-    try: os.remove(self.old)
+    "Delete the old file (and the start logs `recover` read): what they say is in the store now."
+    for p in [self.old, *self.recovered_logs]: self.retire_log(p)
+    self.recovered_logs = []
+
+@patch
+def retire_log(self:StartJournal, path:str)->None:
+    "Delete a file the journal no longer needs (e.g. the start log of a worker whose jobs' states are all saved)."
+    try: os.remove(path)
     except FileNotFoundError: pass
+    except OSError as e: log.warning("start journal %s: could not delete %s (%s)", self.path, path, e)
 
 @patch
 def close(self:StartJournal,
@@ -124,6 +181,4 @@ def close(self:StartJournal,
     if self.fd is not None: os.close(self.fd)
     self.fd = None
     if clean:
-        for p in (self.path, self.old):
-            try: os.remove(p)
-            except FileNotFoundError: pass
+        for p in (self.path, self.old, *glob.glob(glob.escape(self.path + _LOGS) + '*')): self.retire_log(p)
