@@ -527,6 +527,27 @@ def test_execute_stream_returns_the_plugins_return_value():
         assert asyncio.run(in_async()) == items  # the return line is not an item
 
 
+
+async def test_aexecute_stream_gives_the_plugins_return_value_to_its_caller():
+    "As `execute_stream` returns it: the `RemoteStream` has it as `value` once the stream has ended; the items stay the plugin's alone."
+    from collections.abc import AsyncGenerator
+    items = ['a', {'return': 1}, {'item': 2}, {'error': 'not one'}]  # items shaped like the protocol's own lines
+    async with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS}) as p:
+        stream = p.aexecute_stream(items=items, ret={'finish_reason': 'length', 'tokens': 4})
+        assert isinstance(stream, AsyncGenerator) and stream.value is None  # nothing sent yet
+        assert [x async for x in stream] == items
+        assert stream.value == {'finish_reason': 'length', 'tokens': 4}
+        plain = p.aexecute_stream(items=['x'])  # its generator returns nothing
+        assert [x async for x in plain] == ['x'] and plain.value is None
+        failing, got = p.aexecute_stream(items=['x', 'y'], raise_='sysexit', ret=5), []
+        with pytest.raises(RemotePluginError, match='SystemExit: 4'):
+            async for x in failing: got.append(x)
+        assert got == ['x'] and failing.value is None  # a failed stream returned nothing
+        early = p.aexecute_stream(items=['x', 'y', 'z'], ret=7)
+        assert await anext(early) == 'x'
+        await early.aclose()  # closed before its end: no value, and the plugin is free again
+        assert early.value is None and await p.aexecute() == {'pid': p.pid}
+
 async def test_a_streams_return_value_is_the_jobs_result_as_locally(track):
     "As docs/plugins.md says of a local plugin: the returned dict is the result, its `text` the whole stream; no `metadata` added."
     events = RecordingBroadcaster()
@@ -570,3 +591,44 @@ def test_proxy_cancel_during_start_stops_the_start():
             fut.result(10)
     assert not p.alive
     p.stop()
+
+
+QUITTERS = '''
+import sys
+class Raises:
+    def __init__(self): raise ValueError("no GPU")
+    def execute(self): return {}
+class Exits:
+    def __init__(self): sys.exit(4)  # a library giving up deep inside the constructor
+    def execute(self): return {}
+class Interrupted:
+    def __init__(self): raise KeyboardInterrupt
+    def execute(self): return {}
+'''
+
+
+async def test_a_constructor_that_exits_fails_the_start_and_the_job_like_one_that_raises(tmp_path, track):
+    """sys.exit(4) or a KeyboardInterrupt in the plugin's constructor: the proxy's RemoteWorkerError and the job's error
+    are those of a constructor raising ValueError (exit code 2, the worker's message naming the exception and the
+    class); the job manager's worker process is unharmed and serves the next job."""
+    (tmp_path / '_r_quitters.py').write_text(QUITTERS)
+    path = os.pathsep.join([str(tmp_path), TESTS])
+    for cls, why in (('Raises', 'ValueError: no GPU'), ('Exits', 'SystemExit: 4; the plugin called sys.exit'),
+                     ('Interrupted', 'KeyboardInterrupt')):
+        p = RemotePluginProxy('_r_quitters', cls, cwd=TESTS, env={'PYTHONPATH': path})
+        with pytest.raises(RemoteWorkerError) as e: await p.astart()
+        assert f"the worker for _r_quitters.{cls} exited with code 2 before it was ready" in str(e.value), str(e.value)
+        assert f"error: creating _r_quitters.{cls}() failed ({why})" in str(e.value), str(e.value)
+        assert not p.alive
+    specs = [RemotePluginSpec('exits', '_r_quitters', 'Exits', cwd=TESTS, env={'PYTHONPATH': path}), unruly_spec()]
+    mgr = track(ReferenceJobManager(entry_point=remote_worker_entry(specs)))
+    await mgr.start()
+    for _ in range(2):  # the start is tried again for the next job, and fails the same way
+        job = await mgr.wait_for_job((await mgr.start_job('exits')).id, timeout=60)
+        assert job.status == 'failed' and 'RemoteWorkerError' in job.error, (job.status, job.error)
+        assert 'exited with code 2 before it was ready' in job.error, job.error
+        assert 'creating _r_quitters.Exits() failed (SystemExit: 4; the plugin called sys.exit)' in job.error, job.error
+    worker = mgr.jobs[job.id].worker_pid
+    assert worker is not None
+    ok = await mgr.wait_for_job((await mgr.start_job('unruly')).id, timeout=60)
+    assert ok.status == 'completed' and mgr.jobs[ok.id].worker_pid == worker, (ok.status, ok.error)

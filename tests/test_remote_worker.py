@@ -462,3 +462,51 @@ def test_a_streams_return_value_is_its_last_line_for_a_client_that_asks(unruly):
         r = c.post('/execute_stream', json={'kwargs': {'raise_': 'sysexit'}}, headers={'X-Stream-Return': '1'})
         lines = [json.loads(l) for l in r.text.splitlines()]  # a failed stream has no return line
         assert lines[0] == 'a' and len(lines) == 2 and lines[1]['error'].startswith('SystemExit: 4'), lines
+
+
+QUITTERS = '''
+import sys
+class Raises:
+    def __init__(self): raise ValueError("no GPU")
+    def execute(self): return {}
+class Exits:
+    def __init__(self): sys.exit(4)  # a library giving up deep inside the constructor
+    def execute(self): return {}
+class ExitsSaying:
+    def __init__(self): sys.exit("no CUDA device")
+    def execute(self): return {}
+class ExitsQuietly:
+    def __init__(self): sys.exit()
+    def execute(self): return {}
+class Interrupted:
+    def __init__(self): raise KeyboardInterrupt
+    def execute(self): return {}
+'''
+
+
+def test_a_constructor_that_exits_or_is_interrupted_fails_the_start_like_one_that_raises(tmp_path):
+    """SystemExit / KeyboardInterrupt from the plugin's constructor (or its module) take the path of a ValueError: exit
+    code 2 (not the plugin's own), no ready line, and stderr naming the exception and the class, without a traceback."""
+    (tmp_path / '_r_quitters.py').write_text(QUITTERS)
+    (tmp_path / '_r_exits_on_import.py').write_text('import sys\nsys.exit(3)\n')
+    cases = [('_r_quitters', 'Raises', "creating _r_quitters.Raises() failed (ValueError: no GPU)"),  # the path all take
+             ('_r_quitters', 'Exits', "creating _r_quitters.Exits() failed (SystemExit: 4; the plugin called sys.exit)"),
+             ('_r_quitters', 'ExitsSaying',
+              "creating _r_quitters.ExitsSaying() failed (SystemExit: no CUDA device; the plugin called sys.exit)"),
+             ('_r_quitters', 'ExitsQuietly', "creating _r_quitters.ExitsQuietly() failed (SystemExit; the plugin called sys.exit)"),
+             ('_r_quitters', 'Interrupted', "creating _r_quitters.Interrupted() failed (KeyboardInterrupt)"),
+             ('_r_exits_on_import', 'Plugin',
+              "cannot import plugin module '_r_exits_on_import' (SystemExit: 3; the plugin called sys.exit)")]
+    env = worker_env()
+    env['PYTHONPATH'] = os.pathsep.join([str(tmp_path), env['PYTHONPATH']])
+    procs = [subprocess.Popen([sys.executable, '-m', 'cjm_workers.remote.worker', '--module', mod, '--class', cls,
+                               '--port', '0', '--ppid', str(os.getpid())], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=str(TESTS)) for mod, cls, _ in cases]
+    try:
+        for p, (mod, cls, expected) in zip(procs, cases):
+            out, err = p.communicate(timeout=30)
+            assert (p.returncode, READY in out) == (2, False), (cls, p.returncode, out, err)
+            assert f"python -m cjm_workers.remote.worker: error: {expected}\n" in err and 'Traceback' not in err, (cls, err)
+    finally:
+        for p in procs:
+            if p.poll() is None: p.kill(); p.wait(10)

@@ -35,7 +35,7 @@ def build(authorize=None, shared_broadcaster=True, routes=None, **config):
     return app, alpha, beta, ra, rb
 
 
-def sqlite_app(tmp_path, worker_type, prefix=None):
+def sqlite_app(tmp_path, worker_type, prefix=None, **routes):
     "An app with one reference manager on a SQLite store in `tmp_path`, mounted at `prefix` (default `/<worker_type>`)."
     from cjm_workers.stores.sqlite import SQLiteJobStore
     bc = SSEBroadcaster(heartbeat_seconds=0)
@@ -45,7 +45,7 @@ def sqlite_app(tmp_path, worker_type, prefix=None):
         try: yield
         finally: bc.close(); await mgr.ashutdown()
     app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    mount_job_routes(app, mgr, bc, prefix=prefix or f'/{worker_type}')
+    mount_job_routes(app, mgr, bc, prefix=prefix or f'/{worker_type}', **routes)
     return app, mgr
 
 
@@ -672,6 +672,101 @@ def test_a_per_job_authorize_also_filters_the_list_and_the_table_streams():
                     text += line + '\n'
                     if b in line and 'completed' in line: break
             assert b in text and a not in text and 'secret' not in text, text[:2000]
+
+
+def owner_of(request, job):
+    "An `authorize` deciding per job: a job is its owner's (`params['owner']`), the user is the `x-user` header."
+    return job is None or job.params.get('owner') == request.headers.get('x-user')
+
+
+def test_a_per_job_authorize_pages_over_the_jobs_the_request_may_see(tmp_path, monkeypatch):
+    """Acceptance finding: with a per-job `authorize` the list filtered each page after paging all the jobs, so alice's
+    pages came out short or empty while older pages held her jobs, `offset` skipped jobs she may see, and the total
+    and the "older" link counted bob's jobs (telling alice how many he has). Now the pages are pages of her jobs, read
+    from a real SQLite store a chunk at a time (at most `SCAN_CHUNK` jobs) and only as far as the page needs."""
+    import cjm_workers.fasthtml.routes as routes_mod
+    monkeypatch.setattr(routes_mod, 'SCAN_CHUNK', 8, raising=False)
+    app, mgr = sqlite_app(tmp_path, 'owned', authorize=owner_of)
+    reads = []
+    real_read = mgr.aget_all_jobs
+    async def read(status=None, limit=None, offset=0, newest_first=False):
+        reads.append((limit, offset))
+        return await real_read(status, limit, offset, newest_first)
+    mgr.aget_all_jobs = read
+    mine = {0, 3, 11, 19, 27, 33, 36}  # alice's: none among the 3 newest, then a few here and there
+    with TestClient(app) as cli:
+        async def burst():
+            jobs = [await mgr.start_job('echo', text=str(i), owner='alice' if i in mine else 'bob') for i in range(40)]
+            for j in jobs: await mgr.wait_for_job(j.id, timeout=60)
+            return [j.id for j in jobs]
+        ids = cli.portal.call(burst)
+        alices = [ids[i] for i in sorted(mine, reverse=True)]  # newest first
+        rows = lambda html: re.findall(r'data-job-id="([^"]+)"', html)
+        js = lambda who: {'x-user': who, 'accept': 'application/json'}
+        reads.clear()
+        r = cli.get('/owned?limit=3', headers=js('alice'))
+        assert [j['id'] for j in r.json()] == alices[:3], r.json()
+        assert 'x-total-count' not in r.headers and r.headers['link'] == '</owned?offset=3&limit=3>; rel="next"'
+        assert reads and all(limit <= 8 for limit, _ in reads), reads  # a chunk at a time ...
+        assert sum(limit for limit, _ in reads) < 40, reads           # ... and no further than the page needs
+        r = cli.get('/owned?offset=3&limit=3', headers=js('alice'))
+        assert [j['id'] for j in r.json()] == alices[3:6] and 'x-total-count' not in r.headers
+        assert r.headers['link'] == '</owned?offset=6&limit=3>; rel="next", </owned?limit=3>; rel="prev"'
+        r = cli.get('/owned?offset=6&limit=3', headers=js('alice'))  # the last page: the read reached the oldest job
+        assert [j['id'] for j in r.json()] == alices[6:] and r.headers['x-total-count'] == '7'
+        assert r.headers['link'] == '</owned?offset=3&limit=3>; rel="prev"'
+        # following the links walks through her jobs, each once; bob's are all his
+        url, walked = '/owned?limit=3', []
+        while url:
+            r = cli.get(url, headers=js('alice'))
+            walked += [j['id'] for j in r.json()]
+            url = (re.findall(r'<([^>]+)>; rel="next"', r.headers.get('link', '')) or [None])[0]
+        assert walked == alices
+        bobs = cli.get('/owned?limit=1000', headers=js('bob'))
+        assert [j['id'] for j in bobs.json()] == [i for i in ids[::-1] if i not in alices] and bobs.headers['x-total-count'] == '33'
+        assert (cli.get('/owned', headers=js('carol')).json(), cli.get('/owned', headers=js('carol')).headers['x-total-count']) == ([], '0')
+        # the HTML pages alike: full pages of her jobs, "Jobs 1–3" (no total counted), links to her next page
+        first = cli.get('/owned?limit=3', headers={'x-user': 'alice'}).text
+        assert rows(first) == alices[:3] and 'Jobs 1–3</span>' in first and 'href="/owned?offset=3&amp;limit=3" rel="next"' in first
+        last = cli.get('/owned?offset=6&limit=3', headers={'x-user': 'alice'}).text
+        assert rows(last) == alices[6:] and 'Jobs 7–7 of 7' in last and 'rel="next"' not in last and 'rel="prev"' in last
+        assert 'No jobs' in cli.get('/owned', headers={'x-user': 'carol'}).text
+    # without a per-job authorize the list is paged by the store as before, with the exact total
+    (tmp_path / 'all').mkdir()
+    app2, mgr2 = sqlite_app(tmp_path / 'all', 'all')
+    with TestClient(app2) as cli2:
+        jobs = cli2.portal.call(lambda: asyncio.gather(*[mgr2.start_job('echo', text=str(i)) for i in range(5)]))
+        for j in jobs: cli2.portal.call(mgr2.wait_for_job, j.id, 30)
+        r = cli2.get('/all?offset=2&limit=2', headers={'accept': 'application/json'})
+        assert len(r.json()) == 2 and r.headers['x-total-count'] == '5'
+        assert r.headers['link'] == '</all?offset=4&limit=2>; rel="next", </all?limit=2>; rel="prev"'
+
+
+def test_a_job_started_while_the_list_is_read_does_not_repeat_or_hide_a_row(monkeypatch):
+    """The list reads the store in chunks by position, newest first; a job started between two reads moves every job
+    down one place. A job at the end of one chunk then comes again at the top of the next: it is shown once, and the
+    job started meanwhile is on the first page only if the request may see it."""
+    import cjm_workers.fasthtml.routes as routes_mod
+    monkeypatch.setattr(routes_mod, 'SCAN_CHUNK', 2, raising=False)
+    started = []
+    async def own_and_start(request, job):
+        if job is not None and request.headers.get('x-start') and not started:  # a job starts mid-read, once a request
+            started.append((await alpha.start_job('echo', text='meanwhile', owner='bob')).id)
+        return owner_of(request, job)
+    app, alpha, *_ = build(authorize=own_and_start)
+    with TestClient(app) as cli:
+        owners = ['alice', 'bob', 'alice', 'bob', 'bob', 'alice', 'alice', 'bob']  # oldest first
+        jobs = [cli.portal.call(lambda o=o: alpha.start_job('echo', text='x', owner=o)) for o in owners]
+        for j in jobs: cli.portal.call(alpha.wait_for_job, j.id, 30)
+        alices = [j.id for j, o in zip(jobs[::-1], owners[::-1]) if o == 'alice']
+        for accept in ('application/json', 'text/html'):
+            started.clear()
+            r = cli.get('/alpha?limit=3', headers={'x-user': 'alice', 'x-start': '1', 'accept': accept})
+            got = [j['id'] for j in r.json()] if accept == 'application/json' else re.findall(r'data-job-id="([^"]+)"', r.text)
+            assert started and got == alices[:3], (accept, got, alices)
+            cli.portal.call(alpha.wait_for_job, started[0], 30)
+        r = cli.get('/alpha?offset=3&limit=3', headers={'x-user': 'alice', 'accept': 'application/json'})
+        assert [j['id'] for j in r.json()] == alices[3:] and r.headers['x-total-count'] == '4'
 
 
 def test_a_full_queue_is_a_503_that_says_so():

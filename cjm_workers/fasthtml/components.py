@@ -160,19 +160,22 @@ def JobTable(jobs:Iterable[BaseJob], # the jobs to list (shown newest first)
 def JobPager(prefix:str, # where the job routes are mounted
              offset:int, # index of the first job shown (0: the newest)
              shown:int, # how many jobs the page shows
-             total:int, # how many jobs there are (with this status)
+             total:Optional[int], # how many jobs there are (with this status); None: not known
              limit:int, # jobs per page
-             status:Optional[str]=None # the page's status filter, if any
+             status:Optional[str]=None, # the page's status filter, if any
+             more:Optional[bool]=None # whether older jobs follow (default: offset + shown < total)
             )->Div:
-    "'Jobs 51–100 of 2,000', with links to the newer and older pages."
+    "'Jobs 51–100 of 2,000' ('Jobs 51–100' when the total is not known), with links to the newer and older pages."
     def link(text, off, rel):
         q = {'status': status, 'offset': off or None, 'limit': limit}
         return A(text, href=f"{prefix}?{urlencode({k: v for k, v in q.items() if v is not None})}", rel=rel, cls=f'job-page-{rel}')
     what = f"{status} jobs" if status else 'jobs'
-    text = f"No {what}" if not shown else f"{what.capitalize()} {offset + 1:,}–{offset + shown:,} of {max(total, offset + shown):,}"
+    if more is None: more = total is not None and offset + shown < total
+    of = '' if total is None else f" of {max(total, offset + shown):,}"
+    text = f"No {what}" if not shown else f"{what.capitalize()} {offset + 1:,}–{offset + shown:,}{of}"
     parts = [Span(text, cls='job-page-range')]
     if offset > 0: parts.append(link('← newer', max(offset - limit, 0), 'prev'))
-    if offset + shown < total: parts.append(link('older →', offset + limit, 'next'))
+    if more: parts.append(link('older →', offset + limit, 'next'))
     return Div(*sum(([' · ', p] for p in parts[1:]), [parts[0]]), cls='job-pager', id=ns_id(prefix, 'pager'))  # readable without CSS
 
 # %% ../../nbs/fasthtml/components.ipynb #36b2a2b9

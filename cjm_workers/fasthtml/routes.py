@@ -5,7 +5,7 @@
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
 import asyncio, inspect, json, logging, math
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 from dataclasses import asdict, is_dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -21,8 +21,8 @@ from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, Jo
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'MAX_OFFSET', 'mount_job_assets',
-           'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body', 'mount_job_routes']
+__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'SCAN_CHUNK', 'MAX_OFFSET',
+           'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body', 'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
 _ASSETS = {HTMX_JS: 'text/javascript', SSE_JS: 'text/javascript'}
@@ -302,19 +302,17 @@ async def live_table(self:JobRoutes,
                     )->tuple:
     "A page of the job table (newest first), its pager, and its sink: from now on live."
     limit = limit or self.page_size
-    jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True)
-    total = await self.manager.acount_jobs(status)
+    jobs, total, more, newest = await self.job_page(status, limit, offset, request)
     after = await self.snapshot()
     new_rows = offset == 0 and status is None
     if new_rows:  # jobs started while the store was read: their `pending` events are before `after`
-        top = max(map(job_seq, jobs), default=-1)
-        jobs = sorted((j for j in list(self.manager.jobs.values()) if job_seq(j) > top), key=job_seq, reverse=True) + jobs
-    if request is not None: jobs = await self.admitted(request, jobs)
+        started = sorted((j for j in list(self.manager.jobs.values()) if job_seq(j) > newest), key=job_seq, reverse=True)
+        jobs = (started if request is None else await self.admitted(request, started)) + jobs
     stream = f"{self.url(action='stream')}?after={after}" + ('' if new_rows else '&rows=fixed')
     if len(jobs) <= THREAD_ROWS: table = JobTable(jobs, self.prefix)
     else:  # a big page: built and rendered in a thread (about 0.4 ms a row), so the loop keeps serving streams
         table = NotStr(await asyncio.to_thread(lambda: to_xml(JobTable(jobs, self.prefix), indent=False)))
-    return (table, JobPager(self.prefix, offset, len(jobs), total, limit, status),
+    return (table, JobPager(self.prefix, offset, len(jobs), total, limit, status, more),
             LiveUpdates(stream, ns_id(self.prefix, 'live')))
 
 @patch
@@ -339,6 +337,43 @@ async def admitted(self:JobRoutes, request, jobs:list)->list:
     "The jobs `authorize` admits for this request (all of them without `authorize`)."
     if self.authorize is None: return jobs
     return [j for j in jobs if await self.allowed(request, j)]
+
+SCAN_CHUNK = 1000  # with a per-job `authorize`: the most jobs the list reads from the store at once
+
+@patch
+async def job_page(self:JobRoutes,
+                   status:Optional[str]=None, # only jobs in this status
+                   limit:Optional[int]=None, # jobs per page (default: `page_size`)
+                   offset:int=0, # skip this many of the newest (with `authorize` and `request`: of those it admits)
+                   request=None # the page's request: with `authorize`, only the jobs it admits for it count
+                  )->tuple: # (jobs, total or None if not counted, whether older jobs follow, `job_seq` of the store's newest)
+    "A page of the jobs, newest first; with `authorize`, of those it admits for `request` (read from the store in chunks)."
+    limit = limit or self.page_size
+    if self.authorize is None or request is None:
+        jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True)
+        total = await self.manager.acount_jobs(status)
+        return jobs, total, offset + len(jobs) < total, max(map(job_seq, jobs), default=-1)
+    page, seen, pos, newest, last = [], 0, 0, None, set()
+    chunk = min(offset + limit + 1, SCAN_CHUNK)  # enough if every job is admitted; more (up to SCAN_CHUNK) if not
+    while True:
+        jobs = await self.manager.aget_all_jobs(status, chunk, pos, newest_first=True)
+        if newest is None: newest = job_seq(jobs[0]) if jobs else -1
+        pos += len(jobs)
+        for j in jobs:  # (a job of the chunk before: moved down by a job started meanwhile, seen already)
+            if j.id in last or not await self.allowed(request, j): continue
+            if seen >= offset:
+                if len(page) == limit: return page, None, True, newest  # one more: older jobs follow, not counted
+                page.append(j)
+            seen += 1
+        if len(jobs) < chunk: return page, seen, False, newest  # the oldest job read: `seen` is the total
+        last, chunk = {j.id for j in jobs}, min(chunk * 2, SCAN_CHUNK)
+        await asyncio.sleep(0)  # (a store in memory is read on the loop: let it serve others between chunks)
+
+@patch
+def page_url(self:JobRoutes, offset:int=0, limit:Optional[int]=None, status:Optional[str]=None)->str:
+    "URL of a page of the list (as `JobPager` links it)."
+    q = {'status': status, 'offset': offset or None, 'limit': limit}
+    return f"{self.prefix}?{urlencode({k: v for k, v in q.items() if v is not None})}"
 
 @patch
 def keeper(self:JobRoutes, request)->Optional[Callable]:
@@ -425,9 +460,11 @@ async def list_page(self:JobRoutes, request):
     try: status, limit, offset = self.page_args(request)
     except ValueError as e: return _error(request, str(e), 400)
     if _wants_json(request):
-        jobs = await self.admitted(request, await self.manager.aget_all_jobs(status, limit, offset, newest_first=True))
-        total = await self.manager.acount_jobs(status)
-        return JSONResponse([self.job_json(j) for j in jobs], headers={'X-Total-Count': str(total)})
+        jobs, total, more, _ = await self.job_page(status, limit, offset, request)
+        links = ([f'<{self.page_url(offset + limit, limit, status)}>; rel="next"'] if more else []) + \
+                ([f'<{self.page_url(max(offset - limit, 0), limit, status)}>; rel="prev"'] if offset > 0 else [])
+        headers = {**({'X-Total-Count': str(total)} if total is not None else {}), **({'Link': ', '.join(links)} if links else {})}
+        return JSONResponse([self.job_json(j) for j in jobs], headers=headers)
     c = self.controls
     controls = c(request) if callable(c) and not isinstance(c, FT) else c  # an FT is callable too (it adds children)
     return self.page(self.title, *([controls] if controls is not None else []), *await self.live_table(status, limit, offset, request))

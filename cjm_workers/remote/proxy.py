@@ -6,6 +6,7 @@
 from __future__ import annotations
 import asyncio, json, logging, os, secrets, selectors, signal, subprocess, sys, threading, time
 from collections import deque
+from collections.abc import AsyncGenerator
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 
 import httpx, psutil
@@ -19,7 +20,7 @@ from .worker import CALL_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RemoteWorkerError', 'RemotePluginError', 'RemoteCancelledError', 'RemotePluginProxy']
+__all__ = ['log', 'RemoteWorkerError', 'RemotePluginError', 'RemoteCancelledError', 'RemotePluginProxy', 'RemoteStream']
 
 # %% ../../nbs/remote/proxy.ipynb #3ed4fdff
 class RemoteWorkerError(RuntimeError):
@@ -527,9 +528,30 @@ async def acleanup(self:RemotePluginProxy)->None:
     "Async `cleanup` (= `astop()`)."
     await self.astop(cleanup=True)
 
+# %% ../../nbs/remote/proxy.ipynb #7de6c50f
+class RemoteStream(AsyncGenerator):
+    "What `aexecute_stream` returns: an async generator of the plugin's stream items; once it has ended, `value` is what the plugin's generator returned."
+    def __init__(self, proxy:RemotePluginProxy, # the proxy to call
+                 args:tuple, # the plugin's positional arguments
+                 kwargs:dict # its keyword arguments
+                ):
+        self.value: Any = None  # set by the stream's return line, just before the stream ends
+        self._agen = proxy._astream(self, args, kwargs)
+    def __anext__(self): return self._agen.__anext__()
+    def asend(self, value):
+        "The next item (the value sent is ignored), as `anext()`."
+        return self._agen.asend(value)
+    def athrow(self, *args):
+        "Raise an exception where the stream waits (as for any async generator)."
+        return self._agen.athrow(*args)
+    def aclose(self):
+        "Stop early: the response is closed, and the worker stops asking the plugin for items (a stream stopped before its end has no `value`)."
+        return self._agen.aclose()
+    def __repr__(self): return f"RemoteStream(value={self.value!r})"
+
 @patch
-async def aexecute_stream(self:RemotePluginProxy, *args, **kwargs)->AsyncIterator[Any]:
-    "Async `execute_stream`: an async generator of the plugin's stream items."
+async def _astream(self:RemotePluginProxy, out:RemoteStream, args:tuple, kwargs:dict)->AsyncIterator[Any]:
+    "The items of one `/execute_stream` call; its return line goes to `out.value`."
     with self._call() as call:
         try:
             body = self._body(args, kwargs)
@@ -540,5 +562,11 @@ async def aexecute_stream(self:RemotePluginProxy, *args, **kwargs)->AsyncIterato
                 async for line in r.aiter_lines():
                     if not line: continue
                     item = self._stream_item(line, framed)
-                    if not isinstance(item, _Return): yield item  # an async generator cannot return it
+                    if isinstance(item, _Return): out.value = item.value
+                    else: yield item
         except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
+
+@patch
+def aexecute_stream(self:RemotePluginProxy, *args, **kwargs)->RemoteStream:
+    "Async `execute_stream`: a `RemoteStream` of the plugin's items (`async for`); after it, its `value` is what the plugin's generator returned."
+    return RemoteStream(self, args, kwargs)

@@ -108,13 +108,19 @@ REQUIRED_METHODS = ('execute',)  # everything else is optional
 
 _error_text = _core._error_text  # "Type: message", safe from an exception whose str() raises
 
+def _startup_text(e:BaseException)->str:
+    "What the plugin's module or constructor raised, as 'Type: message'; a `SystemExit` adds that the plugin called sys.exit."
+    if isinstance(e, Exception): return _error_text(e)
+    text = _error_text(e).removesuffix(': ')  # `sys.exit()` and `KeyboardInterrupt()` have no message
+    return f"{text}; the plugin called sys.exit" if isinstance(e, SystemExit) else text
+
 def load_plugin_class(module_name:str, # importable module, e.g. "my_package.plugin"
                       class_name:str # class in that module, e.g. "WhisperPlugin"
                      )->type:
     "Import `module_name` and return its class `class_name`, checked to be hostable (else `WorkerStartupError`)."
     try: module = importlib.import_module(module_name)
-    except Exception as e:
-        raise WorkerStartupError(f"cannot import plugin module {module_name!r} ({_error_text(e)})") from e
+    except BaseException as e:  # a module that calls sys.exit() too: the worker says so, rather than exit with its code
+        raise WorkerStartupError(f"cannot import plugin module {module_name!r} ({_startup_text(e)})") from e
     cls = getattr(module, class_name, None)
     if cls is None:
         classes = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__)
@@ -132,11 +138,11 @@ def load_plugin_class(module_name:str, # importable module, e.g. "my_package.plu
 def instantiate_plugin(module_name:str, # importable module
                        class_name:str # class in it
                       )->Any: # the plugin instance
-    "Load the class (see `load_plugin_class`) and create the plugin; a constructor that raises is a `WorkerStartupError`."
+    "Load the class (see `load_plugin_class`) and create the plugin; a constructor that raises (anything) is a `WorkerStartupError`."
     cls = load_plugin_class(module_name, class_name)
     try: return cls()
-    except Exception as e:
-        raise WorkerStartupError(f"creating {module_name}.{class_name}() failed ({_error_text(e)})") from e
+    except BaseException as e:  # a SystemExit / KeyboardInterrupt too: the same failure as a ValueError, naming it
+        raise WorkerStartupError(f"creating {module_name}.{class_name}() failed ({_startup_text(e)})") from e
 
 # %% ../../nbs/remote/worker.ipynb #281b161f
 _DONE = object()

@@ -789,13 +789,43 @@ def _list(self:SQLiteJobStore, status=None, limit=None, offset=0, newest_first=F
     "Jobs in creation order, filtered by status, paged (unwritten changes included)."
     st, over = statuses(status), self._overlay()
     where, params = (_in('status', st), st) if st else ('', ())
-    n = None if limit is None else offset + limit + len(over)
-    rows = [r for r in self._rows(where, params, f'"_seq" {"DESC" if newest_first else "ASC"}', n) if r['id'] not in over]
     live = [j for j in over.values() if st is None or j.status in st]
-    items = [(r['_seq'], r, None) for r in rows] + [(job_seq(j), None, j) for j in live]
+    # Unwritten jobs move a page by at most len(live) + len(over) places: the rows above that are skipped in SQL.
+    start = max(0, offset - len(live) - len(over))
+    n = None if limit is None else offset - start + limit + 2 * len(over)
+    rows, stale = self._page_rows(where, params, f'"_seq" {"DESC" if newest_first else "ASC"}', start, n,
+                                  tuple(over) if start else ())
+    base = 0  # the place (among all matching jobs) of the first row read, or of the first job before it
+    if start:
+        if not rows: return []  # the table ends above the page
+        q = rows[0]['_seq']
+        above = (lambda s: s > q) if newest_first else (lambda s: s < q)
+        base = start - sum(map(above, stale)) + sum(above(job_seq(j)) for j in live)  # the skipped rows, as they read now
+        live = [j for j in live if not above(job_seq(j))]
+    items = [(r['_seq'], r, None) for r in rows if r['id'] not in over] + [(job_seq(j), None, j) for j in live]
     items.sort(key=lambda x: x[0], reverse=newest_first)
-    items = items[offset:None if limit is None else offset + limit]
+    lo = offset - base
+    items = items[lo:None if limit is None else lo + limit]
     return [j if j is not None else self._decode(r) for _, r, j in items]
+
+@patch
+def _page_rows(self:SQLiteJobStore, where:str, params:tuple, order:str, start:int, n:Optional[int], ids:tuple)->tuple:
+    "Rows `start`… (at most `n`) matching `where` in `order`, and the stored `_seq`s of the rows of `ids` that match, from one snapshot."
+    with self._rlock:
+        t, db = self._table(), self._reader()
+        if db is None or not db[t].exists(): return [], []
+        w = f' WHERE {where}' if where else ''
+        db.execute('BEGIN')  # one read transaction: both answers see the same commits
+        try:
+            rows = list(db.query(f'SELECT * FROM "{t}"{w} ORDER BY {order} LIMIT {-1 if n is None else int(n)} '
+                                 f'OFFSET {int(start)}', params))
+            seqs = []
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                seqs += [s for (s,) in db.execute(f'SELECT "_seq" FROM "{t}" WHERE {_in("id", chunk)}'
+                                                   + (f' AND {where}' if where else ''), chunk + params).fetchall()]
+        finally: db.execute('COMMIT')
+    return rows, seqs
 
 @patch
 def _count(self:SQLiteJobStore, status=None)->int:
