@@ -754,17 +754,18 @@ async def test_jobs_sent_ahead_that_never_started_run_after_a_sigkill(mk, tmp_pa
 
 async def test_a_workers_start_log_stays_short_and_ends_with_its_worker(mk, tmp_path):
     """The start log gets a line per job; once the manager has saved the starts, the worker rewrites it without them
-    (every 256 lines), so it stays short however many jobs run. A worker that ends leaves its log until what the
+    (once it has `START_LOG_LINES` lines), so it stays short however many jobs run. A worker that ends leaves its log until what the
     manager decided for its jobs is in the file, and the log goes then."""
     import psutil
     db = tmp_path / 'jobs.db'
     from cjm_workers.core.config import RestartPolicy
     mgr = mk(SQLiteJobStore(db), config=dict(restart_policy=RestartPolicy.ALWAYS))
-    jobs = [await mgr.start_job('echo', text=str(i)) for i in range(1500)]
+    from cjm_workers.core.worker import START_LOG_LINES
+    jobs = [await mgr.start_job('echo', text=str(i)) for i in range(2 * START_LOG_LINES + 500)]
     for j in jobs: await mgr.wait_for_job(j.id, timeout=T)
     [path] = tmp_path.glob('jobs.db-journal-*.started-*')
     lines = path.read_text().splitlines()
-    assert 0 < len(lines) < 600 and lines[-1] == jobs[-1].id, (len(lines), lines[-1:])
+    assert 0 < len(lines) < START_LOG_LINES + 1500 and lines[-1] == jobs[-1].id, (len(lines), lines[-1:])
     assert lines == [j.id for j in jobs[-len(lines):]]  # the latest starts, in order
     pid = mgr.get_worker_stats()[0]['pid']
     worker = psutil.Process(pid)

@@ -20,9 +20,9 @@ from .protocol import PluginManagerAdapter, WorkerRequestType
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROGRESS_INTERVAL', 'BACKSTOP_GRACE', 'BACKSTOP_NAME', 'LOG_LEVEL_ENV', 'LOG_FORMAT', 'JobCancelledError',
-           'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested', 'check_cancelled',
-           'base_worker_process']
+__all__ = ['log', 'PROGRESS_INTERVAL', 'START_LOG_LINES', 'BACKSTOP_GRACE', 'BACKSTOP_NAME', 'LOG_LEVEL_ENV', 'LOG_FORMAT',
+           'JobCancelledError', 'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested',
+           'check_cancelled', 'base_worker_process']
 
 # %% ../../nbs/core/worker.ipynb #dcfafc9a
 PROGRESS_INTERVAL = 0.05  # seconds between two progress messages with the same text
@@ -156,7 +156,7 @@ class _Worker:
         self.jobs_done = 0
         self.pid = os.getpid()  # a process running this loop with another pid is a copy a plugin forked (`_leave_if_copy`)
         self.start_log: Optional[int] = None  # fd of the start log, when the app asked for one
-        self.start_path, self.start_n, self.start_lines = None, 0, deque()  # its path, lines written, lines kept
+        self.start_path, self.start_n, self.start_base = None, 0, 0  # its path, lines written, lines dropped from it
         self.forget_upto = self.forgotten = 0  # the app has saved the starts up to line `forget_upto`
 
 # %% ../../nbs/core/worker.ipynb #6b2b6f3d
@@ -316,7 +316,7 @@ def _loop(self:_Worker):
                 if not skip: self.ctx = ctx = JobContext(jid, req.get('plugin_name'), self._send)
             if skip: continue  # cancelled before it started (the control thread answered), or the worker is stopping
             started = {'type': 'started', 'job_id': jid, 'pid': os.getpid()}
-            if self.start_log is not None and (n := self._log_start(jid)): started['n'] = n  # before the job can run
+            if self.start_log is not None: started['n'] = self._log_start(jid)  # before the job can run
             held = self._flush(held, started)
             held = self._execute(req, ctx)
             with self.lock: self.ctx, self.unsent = None, jid
@@ -503,6 +503,8 @@ def _cleanup(self:_Worker):
     self.loaded.clear()
 
 # %% ../../nbs/core/worker.ipynb #a12bebc6
+START_LOG_LINES = 4096  # a start log is rewritten without what the app has saved once it has this many lines
+
 def _start_line(jid)->bytes:
     "A job's line in the start log: its id, or `?` for an id that cannot be a line of text (readers then know nothing)."
     return (jid + '\n').encode() if isinstance(jid, str) and jid.isprintable() and jid and jid != '?' else b'?\n'
@@ -530,14 +532,12 @@ def _open_start_log(self:_Worker, path):
 @patch
 def _log_start(self:_Worker, jid)->Optional[int]:
     "Append `jid` to the start log before the job runs; its line number (None once the log is given up)."
-    if self.forget_upto > self.forgotten: self._compact_start_log()
-    line = _start_line(jid)
-    try: os.write(self.start_log, line)  # a short O_APPEND write: all of it or nothing
+    if self.forget_upto > self.forgotten and self.start_n - self.start_base >= START_LOG_LINES: self._compact_start_log()
+    try: os.write(self.start_log, _start_line(jid))  # a short O_APPEND write: all of it or nothing
     except OSError as e:
         self._drop_start_log(e)
         return None
     self.start_n += 1
-    self.start_lines.append((self.start_n, line))
     return self.start_n
 
 @patch
@@ -556,12 +556,12 @@ def _drop_start_log(self:_Worker, e:OSError):
 @patch
 def _compact_start_log(self:_Worker):
     "Replace the start log with a new file holding only the lines after `forget_upto` (locked before it is renamed in)."
-    upto, lines = self.forget_upto, self.start_lines
-    while lines and lines[0][0] <= upto: lines.popleft()
+    upto = min(self.forget_upto, self.start_n)
     tmp, fd = f"{self.start_path}.tmp", None
     try:
+        with open(self.start_path, 'rb') as f: lines = f.read().splitlines(keepends=True)  # line i is start number base+1+i
         fd = _lock_file(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC)
-        data = memoryview(b''.join(l for _, l in lines))
+        data = memoryview(b''.join(lines[upto - self.start_base:]))
         while data: data = data[os.write(fd, data):]
         os.replace(tmp, self.start_path)
     except OSError as e:  # the old, longer log stays: it is complete
@@ -570,7 +570,7 @@ def _compact_start_log(self:_Worker):
         self.forgotten = upto
         return
     os.close(self.start_log)
-    self.start_log, self.forgotten = fd, upto
+    self.start_log, self.forgotten, self.start_base = fd, upto, upto
 
 # %% ../../nbs/core/worker.ipynb #1a89fabc
 def _watch_parent():

@@ -617,7 +617,7 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
         self._note_deadline(t)
     ticket = self._store.save(job)
     if slot.start_log is not None and (n := msg.get('n')):  # now and then, its start log may forget what is saved
-        if not n % 256: slot.start_marks.append((ticket, n))
+        if not n % 1024: slot.start_marks.append((ticket, n))
         if slot.start_marks and slot.start_marks[0][0] <= self._store.committed: self._forget_starts(slot)
     if self.event_broadcaster is not None:
         self._emit('started', {'job_id': jid, 'plugin_id': job.plugin_id, 'plugin_name': job.plugin_name, 'worker_pid': slot.pid})
