@@ -9,12 +9,13 @@ import sys
 def main(argv=None)->int:
     "`cjm-workers demo [...]`: run the demo."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ('-h', '--help'):
+    if not argv or argv[0] in ('-h', '--help'):  # help asked for: stdout, 0; no command: stderr, 2 (as argparse does)
         from cjm_workers.demo import demo_parser  # its usage line: the options cannot drift from the demo's
-        print(demo_parser().format_usage().rstrip() + "\n\n"
+        print("usage: cjm-workers COMMAND [options]\n\ncommands:\n"
               "  demo   serve a FastHTML app running real jobs in real worker processes, with live job pages\n"
-              "         (cjm-workers demo --help for its options)")
-        return 0
+              "         " + demo_parser().format_usage().strip().replace('usage: ', '') + "\n"
+              "         (cjm-workers demo --help says what each option does)", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     if argv[0] == 'demo':
         from cjm_workers.demo import main as demo_main
         return demo_main(argv[1:])

@@ -108,9 +108,12 @@ def cli(*args):
 def test_cli_help():
     out = subprocess.run([sys.executable, '-m', 'cjm_workers.demo', '--help'], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and '--port' in out.stdout and '--host' in out.stdout
-    out = cli('--help')  # the top command's usage line names every option of the demo
+    out = cli('--help')  # the top command's usage names every option of the demo
     assert out.returncode == 0
-    assert out.stdout.startswith('usage: cjm-workers demo [-h] [--port N] [--host H] [--workers N] [--db PATH]'), out.stdout
+    assert out.stdout.startswith('usage: cjm-workers COMMAND [options]'), out.stdout
+    assert 'cjm-workers demo [-h] [--port N] [--host H] [--workers N] [--db PATH]' in out.stdout, out.stdout
+    out = cli()  # no command: an error (exit code 2, as argparse), the usage on stderr
+    assert out.returncode == 2 and out.stderr.startswith('usage: cjm-workers COMMAND') and not out.stdout, out
 
 
 def test_a_port_out_of_range_is_an_error():

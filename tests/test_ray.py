@@ -422,6 +422,39 @@ def test_a_manager_whose_ray_cannot_be_reached_starts_and_fails_its_jobs_with_th
     assert info['queued'] < 4, info  # the start and the first job did not wait for the connection (5 s timeout)
 
 
+def test_the_short_form_starts_a_local_ray_that_runs_jobs():
+    """Newcomer finding (2026-12-07): docs/ray.md's short form, `WorkerConfig(backend='ray')` with no Ray running,
+    started a local Ray and then no actor ever ran: `ray.init` ran in a thread that ended after connecting, and Ray
+    starts its processes with a parent-death signal that Linux sends when the parent *thread* ends. Every job failed
+    30 s later (the tests had called `ray.init` on the main thread). In a process of its own, with its own Ray."""
+    import json, subprocess, sys, tempfile
+    tmp = tempfile.mkdtemp(prefix='rs', dir='/tmp')  # (Ray's socket paths must stay short)
+    script = os.path.join(tmp, 'app.py')
+    with open(script, 'w') as f: f.write(
+        "import asyncio, json, time\n"
+        "from cjm_workers.backends.ray import RayBackend\n"
+        "from cjm_workers.core.config import WorkerConfig\n"
+        "from cjm_workers.testing import ReferenceJobManager\n"
+        "async def main(tmp):\n"
+        "    be = RayBackend(init_kwargs=dict(num_cpus=1, _temp_dir=tmp, logging_level='warning', log_to_driver=False))\n"
+        "    async with ReferenceJobManager(worker_config=WorkerConfig(backend=be, worker_start_timeout_seconds=60)) as mgr:\n"
+        "        await asyncio.sleep(3)  # the connecting thread has long returned from ray.init\n"
+        "        t = time.monotonic()\n"
+        "        job = await mgr.wait_for_job((await mgr.start_job('echo', text='hi')).id, timeout=90)\n"
+        "        print(json.dumps({'status': job.status, 'error': job.error, 'secs': time.monotonic() - t}), flush=True)\n"
+        "if __name__ == '__main__':\n"
+        "    import sys; asyncio.run(main(sys.argv[1]))\n")
+    import cjm_workers
+    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != 'RAY_ADDRESS'}  # a Ray of its own, not the session's
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')]))
+    out = subprocess.run([sys.executable, script, os.path.join(tmp, 'r')], capture_output=True, text=True,
+                         timeout=240, env=env)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info['status'] == 'completed', (info, out.stderr[-3000:])
+
+
 async def test_a_hard_cancel_of_an_unresponsive_ray_worker_does_not_block_the_event_loop(track, cluster):
     """UAT finding: killing an unresponsive Ray worker (a hard cancel) blocked the event loop for 1-2 s: the manager
     holds its lock while it kills a worker, and `kill_tree` waited for the actor to answer and end. Now `kill_tree`

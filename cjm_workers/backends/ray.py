@@ -356,9 +356,16 @@ RayActorProcess.terminate = lambda self: self.kill_tree()
 _CONNECTING = threading.Lock()  # one connection attempt at a time, in this process
 _attempt: Optional[threading.Thread] = None  # the attempt under way, or the last one
 
+_FOREVER = threading.Event()  # never set: what a connecting thread waits on once it has connected
+
 def _attempt_body(init:Callable[[], None])->None:
+    me = threading.current_thread()
     try: init()
-    except BaseException as e: threading.current_thread().error = e
+    except BaseException as e:
+        me.error = e
+        return me.done.set()
+    me.done.set()
+    _FOREVER.wait()  # a local Ray this thread started dies with it (its processes' parent-death signal is per thread)
 
 def _connect(init:Callable[[], None], # connects (`ray.init(...)`): run in a daemon thread of its own
              connected:Callable[[], bool], # is Ray connected (`ray.is_initialized`)?
@@ -370,13 +377,13 @@ def _connect(init:Callable[[], None], # connects (`ray.init(...)`): run in a dae
     with _CONNECTING:
         if connected(): return
         t = _attempt
-        if t is None or not t.is_alive():
+        if t is None or t.done.is_set():  # none yet, or the last one ended (failed, or Ray was shut down since)
             t = _attempt = threading.Thread(target=_attempt_body, args=(init,), name='cjm-ray-init', daemon=True)
-            t.error = None
+            t.error, t.done = None, threading.Event()
             t.start()
-    t.join(timeout)
+    t.done.wait(timeout)
     if connected(): return
-    if not t.is_alive() and t.error is not None: raise t.error
+    if t.done.is_set() and t.error is not None: raise t.error
     where = f"the Ray cluster at {address!r}" if address else "Ray (a local one, or the one RAY_ADDRESS names)"
     raise ConnectionError(f"could not connect to {where} within {timeout:g}s: is it running, and is the address right?")
 
