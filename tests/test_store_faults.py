@@ -282,3 +282,29 @@ async def test_a_database_file_deleted_or_replaced_while_in_use_makes_the_store_
     else: assert db.read_bytes() == Path(__file__).read_bytes()  # the other file is left as it is
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any('while the job store was using it' in e for e in errors), errors[:3]
+
+
+def test_taking_over_does_not_wait_for_a_dead_writer_to_be_reaped():
+    """Acceptance finding (2026-12-07): a standby manager taking over right after a crash waited for the dead app's
+    writer process to *disappear*; but it stays a zombie until whoever adopted it reaps it (the sandbox's init every
+    ~2 s; a subreaper that never reaps: `JobStoreLocked` after 10 s). A process that has ended writes nothing more:
+    the wait now ends when it ends (a pidfd)."""
+    import socket, subprocess, sys, time
+    import psutil
+    from cjm_workers.stores.sqlite import _wait_for_writer
+    # a "writer" that ends 0.5 s from now, as a child of a process that never reaps it
+    mid = subprocess.Popen([sys.executable, '-c', "import os, sys, time\n"
+                            "pid = os.fork()\n"
+                            "if pid == 0: time.sleep(0.5); os._exit(0)\n"
+                            "print(pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(mid.stdout.readline())
+        w = psutil.Process(pid)
+        row = {'host': socket.gethostname(), 'pid': 1, 'writer_pid': pid, 'writer_started': w.create_time()}
+        t = time.monotonic()
+        _wait_for_writer(row, 5)
+        took = time.monotonic() - t
+        assert 0.3 < took < 2, took
+        assert w.status() == psutil.STATUS_ZOMBIE  # ended, not reaped: what the wait used to wait for
+    finally:
+        mid.kill(); mid.wait()

@@ -115,7 +115,7 @@ def check_cancelled()->None:
     if cancel_requested(): raise JobCancelledError(f"job {_current.job_id} was cancelled")
 
 # %% ../../nbs/core/worker.ipynb #7f1654ef
-_RESERVED = {'type', 'job_id', 'plugin_name', 'plugin_config', 'stream', 'request_id', 'max_loaded_plugins'}  # not passed to plugins
+_RESERVED = {'type', 'job_id', 'plugin_name', 'plugin_config', 'stream', 'request_id', 'max_loaded_plugins', '_cjm_attempt'}  # not passed to plugins
 _START_LOG = 'start_log'  # a request (internal): keep a start log in this file (see "The start log" below)
 _KNOWN = {t.value for t in WorkerRequestType} | {_START_LOG}
 
@@ -316,8 +316,9 @@ def _loop(self:_Worker):
                 if not skip: self.ctx = ctx = JobContext(jid, req.get('plugin_name'), self._send)
             if skip: continue  # cancelled before it started (the control thread answered), or the worker is stopping
             started = {'type': 'started', 'job_id': jid, 'pid': os.getpid()}
-            if self.start_log is not None: started['n'] = self._log_start(jid)  # before the job can run
-            held = self._flush(held, started)
+            if self.start_log is not None: started['n'] = self.start_n + 1
+            held = self._flush(held, started)  # (an app that is gone shows here: the job is then neither logged nor run)
+            if self.start_log is not None: self._log_start(jid, req.get('_cjm_attempt', 1))  # before the job can run
             held = self._execute(req, ctx)
             with self.lock: self.ctx, self.unsent = None, jid
             continue
@@ -505,9 +506,10 @@ def _cleanup(self:_Worker):
 # %% ../../nbs/core/worker.ipynb #a12bebc6
 START_LOG_LINES = 4096  # a start log is rewritten without what the app has saved once it has this many lines
 
-def _start_line(jid)->bytes:
-    "A job's line in the start log: its id, or `?` for an id that cannot be a line of text (readers then know nothing)."
-    return (jid + '\n').encode() if isinstance(jid, str) and jid.isprintable() and jid and jid != '?' else b'?\n'
+def _start_line(jid, attempt=1)->bytes:
+    "A job's line in the start log: its id (a tab and the attempt, for a retry), or `?` for an id that cannot be a line of text (readers then know nothing)."
+    if not (isinstance(jid, str) and jid.isprintable() and jid and jid != '?'): return b'?\n'
+    return (jid + '\n').encode() if attempt == 1 else f"{jid}\t{attempt}\n".encode()
 
 def _lock_file(path:str, flags:int)->int:
     "Open `path` and take an exclusive `flock` on it without waiting (`OSError` if another process holds it)."
@@ -530,10 +532,10 @@ def _open_start_log(self:_Worker, path):
     self.start_path = path
 
 @patch
-def _log_start(self:_Worker, jid)->Optional[int]:
-    "Append `jid` to the start log before the job runs; its line number (None once the log is given up)."
+def _log_start(self:_Worker, jid, attempt=1)->Optional[int]:
+    "Append `jid` (and its `attempt`, the manager's `_cjm_attempt`) to the start log before the job runs; its line number (None once the log is given up)."
     if self.forget_upto > self.forgotten and self.start_n - self.start_base >= START_LOG_LINES: self._compact_start_log()
-    try: os.write(self.start_log, _start_line(jid))  # a short O_APPEND write: all of it or nothing
+    try: os.write(self.start_log, _start_line(jid, attempt))  # a short O_APPEND write: all of it or nothing
     except OSError as e:
         self._drop_start_log(e)
         return None

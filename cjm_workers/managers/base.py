@@ -893,7 +893,10 @@ def _dispatch(self:BaseJobManager)->list:
         s.inflight[jid] = job
         if limit: _touch(s.plugins, job.plugin_name, None, limit)
         else: s.plugins[job.plugin_name] = None
-        out.setdefault(s.index, (s, []))[1].append(self._requests[jid][0])
+        data = self._requests[jid][0]
+        if job.attempts and s.start_log is not None:  # a retry: its start log line names the attempt (rare: pickled again)
+            data = dumps({**pickle.loads(data), '_cjm_attempt': job.attempts + 1})
+        out.setdefault(s.index, (s, []))[1].append(data)
         if journal is not None:
             sent.append(('+', job.attempts + 1, jid) if s.start_log is None else ('>', job.attempts + 1, jid, s.start_log))
     if sent: self._note_sent(sent)  # in the journal before any of them reaches a worker

@@ -59,6 +59,7 @@ class StartJournal:
         self.fd: Optional[int] = None
         self.size = 0
         self._warned = False
+        self.sent: Dict[str, int] = {}  # from `recover`: job id → the attempt last sent (what `recover` returns)
         self.sent_to: Dict[str, Optional[str]] = {}  # from `recover`: job id → the start log of its last send
         self.start_logs: Dict[str, Optional[set]] = {}  # from `recover`: start log → the job ids in it (None: unknown)
         self.recovered_logs: list = []  # start log files `recover` read: deleted with the old journal
@@ -87,7 +88,7 @@ def recover(self:StartJournal)->Dict[str, int]:
 def _recover(self:StartJournal)->Dict[str, int]:
     old, cur = _read_lines(self.old), _read_lines(self.path)
     self.sent_to = {}
-    sent = replay(cur, replay(old, sent_to=self.sent_to), self.sent_to)
+    self.sent = sent = replay(cur, replay(old, sent_to=self.sent_to), self.sent_to)
     self._read_start_logs()
     if cur:
         with open(self.old, 'a', encoding='utf-8') as f: f.write(''.join(l + '\n' for l in cur))
@@ -105,16 +106,21 @@ def start_log_path(self:StartJournal, token:str # names one worker process of on
     return f"{self.path}{_LOGS}{token}"
 
 def _read_log(path:str)->Optional[set]:
-    "The job ids in a start log whose writer is gone (None if it lives on, or the log is unknown or unreadable)."
+    "The (job id, attempt) pairs in a start log whose writer is gone (None if it lives on, or the log is unknown or unreadable)."
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its worker still runs
             if os.fstat(fd).st_ino != os.stat(path).st_ino: return None  # replaced meanwhile: its writer runs
-            with os.fdopen(os.dup(fd), encoding='utf-8', errors='replace') as f: ids = set(f.read().splitlines())
+            with os.fdopen(os.dup(fd), encoding='utf-8', errors='replace') as f: lines = f.read().splitlines()
         finally: os.close(fd)
     except OSError: return None
-    return None if '?' in ids else ids
+    if '?' in lines: return None
+    started = set()
+    for line in lines:  # `<id>` (a first attempt) or `<id>\t<attempt>`; a torn last line names no job that ran
+        jid, _, attempt = line.partition('\t')
+        started.add((jid, int(attempt) if attempt.isdigit() else 1))
+    return started
 
 @patch
 def _read_start_logs(self:StartJournal):
@@ -125,9 +131,9 @@ def _read_start_logs(self:StartJournal):
 @patch
 def never_started(self:StartJournal, jid:str # a job `recover` says was sent to a worker
                  )->bool:
-    "Does the complete start log of the worker it was last sent to show that the job never started there?"
-    ids = self.start_logs.get(self.sent_to.get(jid))
-    return ids is not None and jid not in ids
+    "Does the complete start log of the worker it was last sent to show that this attempt never started there?"
+    started = self.start_logs.get(self.sent_to.get(jid))
+    return started is not None and (jid, self.sent.get(jid)) not in started
 
 # %% ../../nbs/stores/journal.ipynb #566792b1
 @patch

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/stores/sqlite.ipynb #d82f097c
 from __future__ import annotations
-import base64, fcntl, importlib, itertools, json, logging, math, operator, os, re, socket, sys, threading, time, types, typing, uuid
+import base64, fcntl, importlib, itertools, json, logging, math, operator, os, re, select, socket, sys, threading, time, types, typing, uuid
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from datetime import date, datetime, time as dtime, timedelta
@@ -538,7 +538,7 @@ def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict, odd:Optional[set]=No
 @patch
 def _write_loop(self:SQLiteJobStore):
     "Body of the sender thread: hand every dirty job to the writer process, wait for the commit, repeat; exit when stopped and nothing is left (or the time to write it is up)."
-    w, sent, err, gave_up = None, 0.0, None, False
+    w, sent, err, gave_up, gone = None, 0.0, None, False, 0
     while True:
         with self._cv:
             while not self._dirty and not self._stopping and not self._opening: self._cv.wait()
@@ -549,7 +549,7 @@ def _write_loop(self:SQLiteJobStore):
             while not self._stopping and (left := sent + self.commit_interval - time.monotonic()) > 0:
                 self._cv.wait(left)  # the previous batch started moments ago: let this one grow
         sent = time.monotonic()
-        odd, lost, exc = set(), [], None
+        odd, lost, exc, died = set(), [], None, False
         with self._wlock:
             with self._cv:
                 batch, self._dirty, upto = self._dirty, {}, self._ticket
@@ -561,14 +561,16 @@ def _write_loop(self:SQLiteJobStore):
                     self.writer_pid = w.pid
                     if w.pid: self._record_writer(w.pid)  # before it gets a batch
                 err = self._send(w, batch, odd, lost)
-            except WriterGone as e: err = str(e)
+            except WriterGone as e: err, died = str(e), True
             except Exception as e: err, exc = _reason(e), e
+            gone = gone + 1 if died else 0  # batches in a row whose writer process died (killed, OOM, …)
             if err is not None:  # whatever failed, a new writer process writes the batch again (below: `w` is dropped)
                 self.failures += 1
                 self.stats['failed'] += 1
                 if self.failures == 1: self._failing_since = time.monotonic()
                 self._last_error = err
                 delay = min(self.retry_interval * 2 ** (self.failures - 1), 20 * self.retry_interval)
+                if 0 < gone <= 3: delay = 0.0  # a dead writer: a new one at once (a few times; then as for a failing disk)
                 if self._stopping: delay = self.retry_interval  # closing: try again soon, until `close_timeout` is up
                 if self._abort: pass  # `close` ended the writer: reported below
                 elif self.failures == 1:
@@ -918,11 +920,25 @@ def _holder_alive(row:dict, lease_free:bool=False)->bool:
 def _wait_for_writer(row:dict, timeout:float)->None:
     "The holder is dead: let its writer process finish the batches it received (it ends on its own) before taking over."
     w = _proc(row.get('writer_pid'), row.get('writer_started')) if row.get('host') == socket.gethostname() else None
-    if w is None: return
-    try: w.wait(timeout)
-    except psutil.TimeoutExpired:
-        raise JobStoreLocked(f"the writer process {w.pid} of the dead manager {row['pid']} is still writing after {timeout}s") from None
-    except psutil.Error: pass
+    if w is not None and not _ended_within(w, timeout):
+        raise JobStoreLocked(f"the writer process {w.pid} of the dead manager {row['pid']} is still writing after {timeout}s")
+
+def _ended_within(p:psutil.Process, timeout:float)->bool:
+    """Wait until `p` has ended, up to `timeout` seconds. A zombie has ended: it writes nothing more, though its pid
+    stays until its parent (here: whoever adopted the dead app's children) reaps it, which may be never."""
+    try: fd = os.pidfd_open(p.pid)  # readable once the process has ended, zombie or not (Linux 5.3 and later)
+    except ProcessLookupError: return True
+    except (AttributeError, OSError): fd = None
+    if fd is not None:
+        try: return bool(select.select([fd], [], [], timeout)[0])
+        finally: os.close(fd)
+    end = time.monotonic() + timeout
+    while True:  # elsewhere: its status, every 10 ms
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE: return True
+        except psutil.Error: return True
+        if time.monotonic() >= end: return False
+        time.sleep(0.01)
 
 # %% ../../nbs/stores/sqlite.ipynb #f4bc7d98
 _OWNER_COLUMNS = {'namespace': 'TEXT PRIMARY KEY', 'owner': 'TEXT', 'pid': 'INTEGER', 'host': 'TEXT', 'pid_started': 'REAL',
