@@ -206,3 +206,29 @@ async def test_read_settled_pairs_a_state_with_exactly_the_events_that_made_it(m
         reads += 1; bad += output != upto
         await asyncio.sleep(0)
     assert reads > 10 and bad == 0, (reads, bad)
+
+
+class _Stuck:
+    "A broadcaster whose broadcasts never finish until released."
+    def __init__(self): self.release, self.got = asyncio.Event(), 0
+    async def broadcast(self, event_type, data):
+        self.got += 1
+        await self.release.wait()
+
+
+async def test_a_full_event_queue_drops_the_oldest_and_says_so_once_not_per_event(track, monkeypatch, caplog):
+    """Acceptance finding (2026-12-07): the manager logged one WARNING per event dropped from a full queue (about
+    40 MB of log in one run). It now logs one line every 5 s at most, with the count; jobs never wait for events."""
+    import cjm_workers.managers.base as base
+    from cjm_workers.core.config import WorkerConfig
+    from cjm_workers.testing import ReferenceJobManager
+    monkeypatch.setattr(base, '_MAX_QUEUED_EVENTS', 50)
+    stuck = _Stuck()
+    mgr = track(ReferenceJobManager(event_broadcaster=stuck, worker_config=WorkerConfig(event_timeout_seconds=3600)))
+    try:
+        with caplog.at_level(logging.WARNING, logger='cjm_workers.managers.base'):
+            job = await mgr.wait_for_job((await mgr.start_job('tokens', text=' '.join(['w'] * 400), delay=0)).id, timeout=30)
+        assert job.status == 'completed' and len(job.output.split()) == 400  # the job never waited for its events
+        full = [r.getMessage() for r in caplog.records if 'event queue full' in r.getMessage()]
+        assert len(full) == 1 and 'dropped so far' in full[0], full
+    finally: stuck.release.set()

@@ -874,3 +874,21 @@ async def test_a_retry_sent_ahead_to_the_worker_of_its_first_run_runs_after_a_si
     x = await m.wait_for_job(info['x'], timeout=T)
     assert (x.status, x.attempts, counter.read_text()) == ('completed', 2, '2'), (x.status, x.reason, x.attempt_log)
     assert [a['reason'] for a in x.attempt_log] != ['interrupted'] and len(x.attempt_log) == 1, x.attempt_log
+
+
+async def test_a_streaming_job_does_not_rewrite_its_growing_output_in_every_batch(mk, tmp_path):
+    """Acceptance finding (2026-12-07): every chunk saved the job, so the SQLite store rewrote a streaming job's whole
+    output in every batch (one 2 MB output streamed over 20 s: 3.35 GB handed to the writer). A durable store now
+    gets a running job's output at most twice a second; its final state as always (and a crash keeps at most the
+    last half second less of a partial output)."""
+    store = SQLiteJobStore(tmp_path / 'jobs.db')
+    mgr = mk(store)
+    await run_job(mgr, 'echo', text='warm')
+    before = store.stats['rows']
+    text = ' '.join(f"w{i}" for i in range(1500))
+    job = await mgr.wait_for_job((await mgr.start_job('tokens', text=text, delay=0.001)).id, timeout=T)  # ~1.5 s
+    assert job.status == 'completed' and job.output == text
+    rows = store.stats['rows'] - before
+    assert rows <= 12, rows  # queued, running, ~3 partial outputs, final (was one per batch: hundreds)
+    await mgr.ashutdown()
+    assert StoreJobManager(SQLiteJobStore(tmp_path / 'jobs.db')).get_job(job.id).output == text

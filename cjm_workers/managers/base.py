@@ -238,6 +238,7 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._old_journal: Optional[dict] = None  # while an old journal file waits to be retired: {'wait', 'ticket'}
         self._dead_logs: deque = deque()  # (ticket, path): start logs of ended workers, deleted once `ticket` is committed
         self._run_token = uuid.uuid4().hex[:12]  # this manager's part of its workers' start log names
+        self._dropped_events, self._drop_logged_at = 0, -math.inf  # events dropped from a full queue; its last warning
 
     @abstractmethod
     def create_job(self,
@@ -332,8 +333,10 @@ async def broadcast_event(self:BaseJobManager,
                          ):
     "Broadcast an event to all connected SSE clients (requires event broadcaster)."
     if self.event_broadcaster is None: return
-    try: await asyncio.wait_for(self.event_broadcaster.broadcast(event_type, data), self.worker_config.event_timeout_seconds)
-    except asyncio.TimeoutError: log.warning("broadcast of %s took longer than %ss; skipped", event_type, self.worker_config.event_timeout_seconds)
+    try:  # (no task per event, as `wait_for` makes on Python 3.11: a broadcast that finishes at once costs no loop turn)
+        async with asyncio.timeout(self.worker_config.event_timeout_seconds):
+            await self.event_broadcaster.broadcast(event_type, data)
+    except TimeoutError: log.warning("broadcast of %s took longer than %ss; skipped", event_type, self.worker_config.event_timeout_seconds)
     except Exception: log.exception("event broadcaster raised on %s", event_type)
 
 @patch
@@ -341,12 +344,20 @@ def _emit(self:BaseJobManager, name:str, data:Dict[str, Any]):
     if self.event_broadcaster is None: return
     if len(self._events) >= _MAX_QUEUED_EVENTS:
         self._events.popleft()
-        log.warning("event queue full (the broadcaster is too slow): dropping the oldest event")
+        self._dropped_events += 1
+        if (now := time.monotonic()) >= self._drop_logged_at + 5:  # one line every 5 s at most, with the count
+            self._drop_logged_at = now
+            log.warning("event queue full (%d events; the event pump or the broadcaster cannot keep up): dropped the "
+                        "oldest event (%d dropped so far)", _MAX_QUEUED_EVENTS, self._dropped_events)
     self._events.append((f"{self.worker_type}:{name}", data))
 
 @patch
 async def _pump(self:BaseJobManager):
-    while self._events: await self.broadcast_event(*self._events.popleft())
+    n = 0
+    while self._events:
+        await self.broadcast_event(*self._events.popleft())
+        n += 1
+        if not n % 256: await asyncio.sleep(0)  # a broadcast may finish without yielding: a burst must not hold the loop
 
 # %% ../../nbs/managers/base.ipynb #c0ffd296
 @patch
@@ -589,6 +600,8 @@ def _check_recycle(self:BaseJobManager, slot:_Slot):
         self._outbox.append((slot, [{'type': 'stop'}], False, slot.gen))  # after the commands it still has, then it exits
 
 # %% ../../nbs/managers/base.ipynb #1a41b8b3
+_OUTPUT_SAVE_INTERVAL = 0.5  # seconds: how often a durable store is given a streaming job's output (its end: always)
+
 @patch
 def _handle_stream_chunk(self:BaseJobManager, slot:_Slot, msg:dict):
     "Handle a streaming chunk from the worker."
@@ -597,7 +610,9 @@ def _handle_stream_chunk(self:BaseJobManager, slot:_Slot, msg:dict):
     chunk = msg.get('chunk', '')
     if not chunk.isascii(): chunk = _valid_text(chunk)  # a plugin's text that UTF-8 cannot encode would break pages and the store
     job.output += chunk
-    self._store.save(job)
+    if not self._store.durable or (now := time.monotonic()) >= getattr(job, '_output_saved_at', 0) + _OUTPUT_SAVE_INTERVAL:
+        if self._store.durable: job._output_saved_at = now
+        self._store.save(job)  # a durable store gets a running job's growing output at most twice a second
     self._emit('chunk', {'job_id': job.id, 'chunk': chunk})
 
 @patch
