@@ -113,3 +113,24 @@ class Unruly:
             if raise_ and i == 1: raise _raised(raise_)
             yield item
         return ret
+
+
+# The text of a plugin module whose classes give up in their constructors (tests write it to a file of their own).
+QUITTERS = '''
+import sys
+class Raises:
+    def __init__(self): raise ValueError("no GPU")
+    def execute(self): return {}
+class Exits:
+    def __init__(self): sys.exit(4)  # a library giving up deep inside the constructor
+    def execute(self): return {}
+class ExitsSaying:
+    def __init__(self): sys.exit("no CUDA device")
+    def execute(self): return {}
+class ExitsQuietly:
+    def __init__(self): sys.exit()
+    def execute(self): return {}
+class Interrupted:
+    def __init__(self): raise KeyboardInterrupt
+    def execute(self): return {}
+'''

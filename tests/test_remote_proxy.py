@@ -593,18 +593,7 @@ def test_proxy_cancel_during_start_stops_the_start():
     p.stop()
 
 
-QUITTERS = '''
-import sys
-class Raises:
-    def __init__(self): raise ValueError("no GPU")
-    def execute(self): return {}
-class Exits:
-    def __init__(self): sys.exit(4)  # a library giving up deep inside the constructor
-    def execute(self): return {}
-class Interrupted:
-    def __init__(self): raise KeyboardInterrupt
-    def execute(self): return {}
-'''
+from _r_plugins import QUITTERS  # noqa: E402  (the plugin module the Universal Worker tests write)
 
 
 async def test_a_constructor_that_exits_fails_the_start_and_the_job_like_one_that_raises(tmp_path, track):

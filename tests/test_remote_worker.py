@@ -464,24 +464,7 @@ def test_a_streams_return_value_is_its_last_line_for_a_client_that_asks(unruly):
         assert lines[0] == 'a' and len(lines) == 2 and lines[1]['error'].startswith('SystemExit: 4'), lines
 
 
-QUITTERS = '''
-import sys
-class Raises:
-    def __init__(self): raise ValueError("no GPU")
-    def execute(self): return {}
-class Exits:
-    def __init__(self): sys.exit(4)  # a library giving up deep inside the constructor
-    def execute(self): return {}
-class ExitsSaying:
-    def __init__(self): sys.exit("no CUDA device")
-    def execute(self): return {}
-class ExitsQuietly:
-    def __init__(self): sys.exit()
-    def execute(self): return {}
-class Interrupted:
-    def __init__(self): raise KeyboardInterrupt
-    def execute(self): return {}
-'''
+from _r_plugins import QUITTERS  # noqa: E402
 
 
 def test_a_constructor_that_exits_or_is_interrupted_fails_the_start_like_one_that_raises(tmp_path):
