@@ -5,7 +5,7 @@ reports progress, honours cooperative cancels, and dies with its parent."""
 
 # %% ../../nbs/core/worker.ipynb #ea1d32d2
 from __future__ import annotations
-import fcntl, gc, json, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
+import fcntl, gc, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
 from collections import deque
 import multiprocessing as mp
 from collections import OrderedDict

@@ -4,10 +4,11 @@
 
 # %% ../../nbs/stores/journal.ipynb #0e85e25f
 from __future__ import annotations
-import fcntl, glob, json, logging, os
+import glob, json, logging, os
 from fastcore.basics import patch
 from typing import Dict, Iterable, Optional, Tuple
 
+from ..core.worker import _lock_file
 from .base import JobStoreError
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,8 @@ def start_log_path(self:StartJournal, token:str # names one worker process of on
 def _read_log(path:str)->Optional[set]:
     "The (job id, attempt) pairs in a start log whose writer is gone (None if it lives on, or the log is unknown or unreadable)."
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _lock_file(path, os.O_RDONLY)  # (the worker's own helper) an OSError if held: its worker still runs
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its worker still runs
             if os.fstat(fd).st_ino != os.stat(path).st_ino: return None  # replaced meanwhile: its writer runs
             with os.fdopen(os.dup(fd), encoding='utf-8', errors='replace') as f: lines = f.read().splitlines()
         finally: os.close(fd)
