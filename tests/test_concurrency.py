@@ -154,3 +154,25 @@ async def test_two_managers_in_one_process_are_independent(make_manager):
     jb2 = await b.wait_for_job((await b.start_job('echo', text='still here')).id, timeout=T)
     assert jb2.status == 'completed' and jb2.result['text'] == 'still here'
     assert jb2.worker_pid == b.worker_process.pid != a_pid
+
+
+@pytest.mark.backends('local')
+async def test_reading_a_streaming_jobs_output_from_another_thread_loses_no_chunk(make_manager):
+    "A sync route runs in a thread: its reads of `job.output` join the pending chunks while the loop appends more."
+    import threading
+    mgr = make_manager()
+    await mgr.start(wait=True)
+    text = ' '.join(f"w{i}" for i in range(60_000))
+    job = await mgr.start_job('tokens', text=text, delay=0)
+    seen, done = [], threading.Event()
+    def reader():
+        while not done.is_set(): seen.append(job.output)
+    t = threading.Thread(target=reader)
+    t.start()
+    try: job = await mgr.wait_for_job(job.id, timeout=T)
+    finally:
+        done.set()
+        await asyncio.to_thread(t.join)
+    assert (job.status, job.output == text, job.result['text'] == text) == ('completed', True, True)
+    assert len(seen) > 10 and all(text.startswith(s) for s in seen[::max(1, len(seen) // 200)])
+    assert all(len(a) <= len(b) for a, b in zip(seen, seen[1:]))  # it only grows
