@@ -12,6 +12,7 @@
 - `gil`: reports progress 'holding', then holds the GIL in one C call of `n` steps (minutes).
 - `exitcancel`: runs until its job is cancelled (it polls the job's flag), but its `cancel()` hook calls `sys.exit(0)`.
 - `surrogate`: streams, returns and (with `fail=True`) raises text with a lone surrogate, which UTF-8 cannot encode.
+- `nan`: returns numbers JSON cannot hold (NaN, ±infinity), as a model's metrics may be.
 
 `m_worker` runs them beside the reference plugins; `gil_app` is an app process for the parent-death test.
 """
@@ -104,9 +105,14 @@ class SurrogatePlugin(ReferencePlugin):
     def execute(self, **kwargs): return {'text': ''.join(self.execute_stream(**kwargs)), 'metadata': {'odd': '\ud800'}}
 
 
+class NanPlugin(ReferencePlugin):
+    name = 'nan'
+    def execute(self, **kwargs): return {'text': 'scored', 'metadata': {'score': float('nan'), 'range': [float('-inf'), float('inf')]}}
+
+
 M_PLUGINS = {**REFERENCE_PLUGINS, **{c.name: c for c in (BadStrPlugin, BailPlugin, BailStreamPlugin, ForkerPlugin,
                                                          GiveUpPlugin, ChattyPlugin, GilPlugin, ExitCancelPlugin,
-                                                         SurrogatePlugin)}}
+                                                         SurrogatePlugin, NanPlugin)}}
 
 
 def _pm(): return ReferencePluginManager(M_PLUGINS)

@@ -622,6 +622,52 @@ def test_a_plugins_text_that_utf8_cannot_encode_shows_as_a_question_mark_everywh
         assert listing.json()[0]['result'] is None or '?' in json.dumps(listing.json())
 
 
+def test_nan_and_infinity_in_a_result_or_a_parameter_reach_json_clients_as_null():
+    """A plugin's `float('nan')` made the JSON list and detail answer 500 (Starlette's JSONResponse refuses NaN) for
+    every job on the page, and the JSON stream sent `NaN`, which a browser's JSON.parse rejects."""
+    from _m_plugins import m_worker
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(worker_type='nan', event_broadcaster=bc, entry_point=m_worker)
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix='/nan')
+    J = {'accept': 'application/json'}
+    def strict(text):  # what a browser accepts: no NaN or Infinity tokens
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    with TestClient(app) as cli:
+        jid = cli.portal.call(lambda: mgr.start_job('nan', weight=float('inf'))).id
+        assert cli.portal.call(mgr.wait_for_job, jid, 30).status == 'completed'
+        r = cli.get(f'/nan/{jid}', headers=J)
+        assert r.status_code == 200 and strict(r.text)['result']['metadata'] == {'score': None, 'range': [None, None]}
+        assert strict(r.text)['params'] == {'weight': None}
+        r = cli.get('/nan', headers=J)
+        assert r.status_code == 200 and [j['id'] for j in strict(r.text)] == [jid]
+        r = cli.get(f'/nan/{jid}/stream?after=0&format=json')
+        done = [strict(m) for m in sse_messages(r.text.splitlines(), until=lambda d: '"nan:completed"' in d)][-1]
+        assert done['type'] == 'nan:completed' and done['data']['result']['metadata']['score'] is None
+
+
+def test_a_long_json_list_comes_in_parts_and_whole(monkeypatch):
+    """A page of jobs with long outputs is encoded off the event loop, item by item, and sent in parts (chunked)
+    once it is longer than `_JSON_PART_BYTES`; a short one in one body with its length. Both hold the same jobs."""
+    import cjm_workers.fasthtml.routes as routes_mod
+    app, alpha, *_ = build()
+    J = {'accept': 'application/json'}
+    with TestClient(app) as cli:
+        for i in range(6): start(cli, '/alpha', 'tokens', text=' '.join([f'w{i}'] * 20_000), delay=0)
+        cli.portal.call(wait_until, lambda: all(j.status == 'completed' for j in alpha.get_all_jobs()), 60)
+        whole = cli.get('/alpha', headers=J)
+        monkeypatch.setattr(routes_mod, '_JSON_PART_BYTES', 100_000)  # each job is about 200 kB of JSON
+        parts = cli.get('/alpha', headers=J)
+    assert 'content-length' in whole.headers and 'content-length' not in parts.headers  # (sent in parts: no length)
+    assert whole.json() == parts.json() and len(parts.json()) == 6
+    assert [j['output'] for j in parts.json()] == [' '.join([f'w{i}'] * 20_000) for i in reversed(range(6))]
+    assert parts.headers['x-total-count'] == '6'
+
+
 def test_start_and_cancel_from_a_page_of_another_origin_are_refused():
     """Acceptance finding (CSRF): a page of another origin could start and cancel a signed-in user's jobs (its form post
     carries the user's cookie). Browsers say where a request comes from (`Sec-Fetch-Site`); API clients send nothing."""

@@ -6,15 +6,16 @@
 from __future__ import annotations
 import asyncio, inspect, json, logging, math
 from urllib.parse import urlencode, urlsplit
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields as dataclass_fields, is_dataclass
 from typing import Any, Callable, Iterable, Optional
 
 from fasthtml.common import A, FT, H1, Main, NotStr, Title, to_xml
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 
 from ..stores.base import job_seq, statuses
-from ..managers.base import QueueFull, _valid_text
+from ..managers.base import QueueFull
+from .sse import json_text
 from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
                          dom_id, job_hdrs, ns_id, render_event, JobActions, StatusBadge, ProgressBar)
 
@@ -186,11 +187,51 @@ def _error(request, text:str, status:int, headers:Optional[dict]=None):
     if _wants_json(request): return JSONResponse({'error': text}, status_code=status, headers=headers)
     return PlainTextResponse(text, status_code=status, headers=headers)
 
+def _json_default(o):
+    "What the JSON answers write for what JSON cannot hold: a dataclass as its fields, anything else as its text."
+    return asdict(o) if is_dataclass(o) and not isinstance(o, type) else str(o)
+
+def _job_fields(job, traceback:bool=False)->dict:
+    """The job's fields as they are now, without the worker's `traceback` unless asked. Read on the event loop; dicts
+    and lists are copied one level deep, so that encoding them on another thread sees this moment."""
+    d = {f.name: getattr(job, f.name) for f in dataclass_fields(job)} if is_dataclass(job) else dict(vars(job))
+    if not traceback: d.pop('traceback', None)
+    return {k: v.copy() if type(v) in (dict, list) else v for k, v in d.items()}
+
+def _json_bytes(data)->bytes:
+    "`data` as UTF-8 JSON: NaN and infinities as null, a plugin's lone surrogate as '?'."
+    return json_text(data, _json_default, ensure_ascii=False).encode('utf-8', 'replace')
+
+_JSON_PART_BYTES = 1 << 20  # a JSON list answer is encoded and sent in parts of about this size
+
+def _json_items(items:list, i:int)->tuple:
+    "The JSON of `items[i:]`, comma-separated, up to about `_JSON_PART_BYTES`; and the index of the first item left."
+    part, size = [], 0
+    while i < len(items) and size < _JSON_PART_BYTES:
+        part.append(b := _json_bytes(items[i]))
+        size, i = size + len(b), i + 1
+    return b','.join(part), i
+
+async def _json_answer(data, status_code:int=200, headers:Optional[dict]=None)->Response:
+    """A JSON answer, encoded on a thread. A page of jobs with long outputs can be a hundred megabytes of JSON: encoded
+    on the loop, or in one `json.dumps` call (which holds the GIL until it is done), it would hold up the event loop,
+    and every live page with it, for most of a second. So a list is encoded item by item, and a long one is sent in
+    parts as they are encoded (chunked, without a Content-Length)."""
+    if type(data) is not list:
+        return Response(await asyncio.to_thread(_json_bytes, data), status_code=status_code, headers=headers, media_type='application/json')
+    first, i = await asyncio.to_thread(_json_items, data, 0)
+    if i == len(data): return Response(b'[' + first + b']', status_code=status_code, headers=headers, media_type='application/json')
+    async def parts(first=first, i=i):
+        yield b'[' + first
+        while i < len(data):
+            part, i = await asyncio.to_thread(_json_items, data, i)
+            yield b',' + part
+        yield b']'
+    return StreamingResponse(parts(), status_code=status_code, headers=headers, media_type='application/json')
+
 def _job_json(job, traceback:bool=False)->dict:
     "The job as JSON-safe data; without the worker's `traceback` unless asked."
-    d = asdict(job) if is_dataclass(job) else dict(vars(job))
-    if not traceback: d.pop('traceback', None)
-    return json.loads(_valid_text(json.dumps(d, default=str, ensure_ascii=False)))  # (a plugin's lone surrogate: '?')
+    return json.loads(_json_bytes(_job_fields(job, traceback)))
 
 MAX_PAGE_SIZE = 1000  # the most jobs one page of the list (HTML or JSON) holds
 
@@ -229,12 +270,16 @@ class JobRoutes:
         self.render_rows = self._renderer('list', new_rows=False)  # a later or filtered page: no new rows at its top
         self.render_detail = self._renderer('detail')
         prefix_ = self._type_prefix
-        self.render_json = lambda ev: (json.dumps({'type': ev.type, 'data': ev.data}, default=str, separators=(',', ':'))
+        self.render_json = lambda ev: (json_text({'type': ev.type, 'data': ev.data})
                                        if ev.type.startswith(prefix_) else None)  # this manager's events only
 
     def job_json(self, job)->dict:
         "A job as the JSON routes give it: its fields (no traceback unless `show_traceback`), and `position` while it waits."
-        d = _job_json(job, self.show_traceback)
+        return json.loads(_json_bytes(self._job_data(job)))
+
+    def _job_data(self, job)->dict:
+        "What `job_json` encodes, read now (on the loop)."
+        d = _job_fields(job, self.show_traceback)
         if job.status == 'pending': d['position'] = self.manager.get_queue_position(job.id)
         return d
 
@@ -464,7 +509,7 @@ async def list_page(self:JobRoutes, request):
         links = ([f'<{self.page_url(offset + limit, limit, status)}>; rel="next"'] if more else []) + \
                 ([f'<{self.page_url(max(offset - limit, 0), limit, status)}>; rel="prev"'] if offset > 0 else [])
         headers = {**({'X-Total-Count': str(total)} if total is not None else {}), **({'Link': ', '.join(links)} if links else {})}
-        return JSONResponse([self.job_json(j) for j in jobs], headers=headers)
+        return await _json_answer([self._job_data(j) for j in jobs], headers=headers)
     c = self.controls
     controls = c(request) if callable(c) and not isinstance(c, FT) else c  # an FT is callable too (it adds children)
     return self.page(self.title, *([controls] if controls is not None else []), *await self.live_table(status, limit, offset, request))
@@ -474,7 +519,7 @@ async def detail_page(self:JobRoutes, request, job_id:str):
     "GET {prefix}/{job_id}: the job's live page (JSON with Accept: application/json)."
     job, err = await self._job_or_error(request, job_id)
     if err is not None: return err
-    if _wants_json(request): return JSONResponse(self.job_json(job))
+    if _wants_json(request): return await _json_answer(self._job_data(job))
     return self.page(f"{job.plugin_name or job.plugin_id} job", A('← all jobs', href=self.prefix, cls='job-back'),
                      *await self.live_detail(job))
 
@@ -498,7 +543,7 @@ async def start(self:JobRoutes, request):
     after = self.broadcaster.last_id  # none of the job's events is broadcast yet (the manager's pump sends them later)
     if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})
     if _wants_json(request):  # `stream`: the job's events from its very first, with no race between this answer and the stream
-        return JSONResponse({**self.job_json(job), 'stream': f"{self.url(job.id, 'stream')}?after={after}"}, status_code=201,
+        return await _json_answer({**self._job_data(job), 'stream': f"{self.url(job.id, 'stream')}?after={after}"}, status_code=201,
                             headers={'Location': self.url(job.id)})
     return RedirectResponse(self.url(job.id), status_code=303)
 
@@ -515,7 +560,7 @@ async def cancel(self:JobRoutes, request, job_id:str):
         # the parts both views have (the detail's outcome arrives with the `cancelled` event)
         html = to_xml(_oob(StatusBadge(job)), _oob(ProgressBar(job)), _oob(JobActions(job, self.prefix)), indent=False)
         return Response(html, media_type='text/html')
-    if _wants_json(request): return JSONResponse(self.job_json(job))
+    if _wants_json(request): return await _json_answer(self._job_data(job))
     return RedirectResponse(self.url(job_id), status_code=303)
 
 def _oob(ft):

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/fasthtml/sse.ipynb #524a05f5
 from __future__ import annotations
-import asyncio, inspect, itertools, json, logging, re, threading, time
+import asyncio, inspect, itertools, json, logging, math, re, threading, time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -22,7 +22,7 @@ def _running_loop():
     except RuntimeError: return None
 
 # %% auto #0
-__all__ = ['log', 'RESET', 'DROPPED', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame']
+__all__ = ['log', 'RESET', 'DROPPED', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame', 'json_text']
 
 # %% ../../nbs/fasthtml/sse.ipynb #bb966305
 RESET = 'reset'  # type of the marker that starts a subscription which could not replay everything it asked for
@@ -275,14 +275,32 @@ def sse_frame(data:str, # the data; several lines become several `data:` lines
     out += [f"data: {l}" for l in _LINES.split(data)]
     return ('\n'.join(out) + '\n\n').encode('utf-8', 'replace')  # a lone surrogate (UTF-8 has none) becomes '?'
 
+def _finite(o, default:Callable):
+    "`o` with every float JSON cannot hold (NaN, ±infinity) made None, in dicts, lists, tuples and what `default` makes."
+    if isinstance(o, float): return o if math.isfinite(o) else None
+    if isinstance(o, dict): return {k: _finite(v, default) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_finite(v, default) for v in o]
+    return o
+
+def json_text(data, # what to encode: dicts, lists, text, numbers, None
+              default:Callable=str, # makes what JSON cannot hold into what it can (default: its text)
+              ensure_ascii:bool=True # escape non-ASCII text (False: write it as it is)
+             )->str: # compact JSON
+    """JSON that every parser reads. Python's `json` writes NaN and infinities as `NaN` and `Infinity`, which browsers'
+    `JSON.parse` and Starlette's `JSONResponse` refuse: a plugin returning `float('nan')` would break a client's whole
+    stream or page. They become `null`; the data is walked for them only if there are any."""
+    kw = dict(ensure_ascii=ensure_ascii, allow_nan=False, separators=(',', ':'))
+    try: return json.dumps(data, default=default, **kw)
+    except ValueError:  # (NaN or an infinity somewhere, or a circular reference: which the second try raises again)
+        return json.dumps(_finite(data, default), default=lambda o: _finite(default(o), default), **kw)
+
 def _render(ev:SSEEvent, render:Optional[Callable], event_name:Optional[str])->Optional[bytes]:
     "The frame for `ev` (None: send nothing), cached on the event for the next stream."
     key = (render, event_name)
     try: return ev._frames[key]
     except KeyError: pass
-    if ev.type == RESET: frame = sse_frame(json.dumps({'type': RESET, 'data': ev.data}), event=RESET)
-    elif render is None:
-        frame = sse_frame(json.dumps({'type': ev.type, 'data': ev.data}, default=str, separators=(',', ':')), ev.type, ev.id)
+    if ev.type == RESET: frame = sse_frame(json_text({'type': RESET, 'data': ev.data}), event=RESET)
+    elif render is None: frame = sse_frame(json_text({'type': ev.type, 'data': ev.data}), ev.type, ev.id)
     else:
         try: out = render(ev)
         except Exception:
