@@ -650,6 +650,42 @@ def test_nan_and_infinity_in_a_result_or_a_parameter_reach_json_clients_as_null(
         assert done['type'] == 'nan:completed' and done['data']['result']['metadata']['score'] is None
 
 
+def test_a_json_client_that_missed_events_rebuilds_the_text_from_the_chunk_offsets():
+    """A stream opened after the broadcaster's history moved past its start begins with `reset`: the client reads the
+    job and takes from each later chunk only what its `offset` says the text does not have yet (docs/fasthtml.md)."""
+    bc = SSEBroadcaster(heartbeat_seconds=0, history_size=16)
+    mgr = ReferenceJobManager(worker_type='off', event_broadcaster=bc)
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix='/off')
+    J = {'accept': 'application/json'}
+    text = ' '.join(f"t{i}" for i in range(400))
+    with TestClient(app) as cli:
+        jid = cli.post('/off/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0.004}}, headers=J).json()['id']
+        cli.portal.call(wait_until, lambda: len(mgr.get_job(jid).output) > 300, 30)  # far more than 16 events ago
+        got, n, reset, late = None, 0, False, 0
+        with cli.stream('GET', f'/off/{jid}/stream?after=0&format=json') as resp:
+            buf = []
+            for line in resp.iter_lines():
+                if line.startswith('data: '): buf.append(line[6:])
+                if line or not buf: continue
+                m, buf = json.loads('\n'.join(buf)), []
+                if m['type'] == 'reset':
+                    reset, got = True, cli.get(f'/off/{jid}', headers=J).json()['output']
+                    n = len(got)
+                elif m['type'] == 'off:chunk':
+                    d = m['data']
+                    if d['offset'] + len(d['chunk']) > n:
+                        got += d['chunk'][n - d['offset']:]
+                        n, late = len(got), late + 1
+                elif m['type'] == 'off:completed': break
+    assert reset and late > 10, (reset, late)  # it did miss the start, and did follow the rest live
+    assert got == text == mgr.get_job(jid).output
+
+
 def test_a_long_json_list_comes_in_parts_and_whole(monkeypatch):
     """A page of jobs with long outputs is encoded off the event loop, item by item, and sent in parts (chunked)
     once it is longer than `_JSON_PART_BYTES`; a short one in one body with its length. Both hold the same jobs."""

@@ -53,7 +53,8 @@ class _StreamedText:
     """`BaseJob.output`, the text a job streamed so far. Its chunks are kept in a list and joined only when the text is
     read: `job.output += chunk` would copy the whole text for every chunk, which for a long LLM answer (2 MB in 300,000
     tokens) costs the app more CPU than everything else it does. Appends and joins take one lock, so a chunk that
-    arrives while another thread reads is never lost. Setting `job.output` replaces the text."""
+    arrives while another thread reads is never lost. Setting `job.output` replaces the text. The text's length is kept
+    as it grows (`_output_len`): each chunk event says where its chunk starts."""
     _lock = threading.Lock()
     def __set_name__(self, owner, name): self.name = name
     def __get__(self, job, owner=None):
@@ -67,20 +68,28 @@ class _StreamedText:
         return d.get(self.name, '')
     def __set__(self, job, text:str):
         with self._lock:
-            job.__dict__[self.name] = text
+            job.__dict__[self.name], job.__dict__['_output_len'] = text, len(text)
             job.__dict__.pop('_output_parts', None)
 
 _lazy_output: dict = {}  # job class → whether its `output` is BaseJob's `_StreamedText`
 
-def _append_output(job, chunk:str):
-    "Add `chunk` to `job.output`, in constant time unless a subclass declared a plain `output` field of its own."
+def _append_output(job, chunk:str)->int:
+    """Add `chunk` to `job.output`, in constant time unless a subclass declared a plain `output` field of its own;
+    return where it starts in the text (its length before, in characters)."""
     cls = type(job)
     if (lazy := _lazy_output.get(cls)) is None:
         lazy = _lazy_output[cls] = isinstance(inspect.getattr_static(cls, 'output', None), _StreamedText)
     if not lazy:
+        at = len(job.output)
         job.output += chunk
-        return
-    with _StreamedText._lock: job.__dict__.setdefault('_output_parts', []).append(chunk)
+        return at
+    with _StreamedText._lock:
+        d = job.__dict__
+        at = d.get('_output_len')
+        if at is None: at = len(d.get('output', '')) + sum(map(len, d.get('_output_parts', ())))  # (an object made without __init__)
+        d.setdefault('_output_parts', []).append(chunk)
+        d['_output_len'] = at + len(chunk)
+    return at
 
 @dataclass
 class BaseJob:
@@ -642,11 +651,11 @@ def _handle_stream_chunk(self:BaseJobManager, slot:_Slot, msg:dict):
     if job is None or job.is_terminal: return
     chunk = msg.get('chunk', '')
     if not chunk.isascii(): chunk = _valid_text(chunk)  # a plugin's text that UTF-8 cannot encode would break pages and the store
-    _append_output(job, chunk)
+    at = _append_output(job, chunk)
     if not self._store.durable or (now := time.monotonic()) >= getattr(job, '_output_saved_at', 0) + _OUTPUT_SAVE_INTERVAL:
         if self._store.durable: job._output_saved_at = now
         self._store.save(job)  # a durable store gets a running job's growing output at most twice a second
-    self._emit('chunk', {'job_id': job.id, 'chunk': chunk})
+    self._emit('chunk', {'job_id': job.id, 'chunk': chunk, 'offset': at})  # where it starts in `job.output`
 
 @patch
 def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
