@@ -15,7 +15,7 @@ from .core.worker import base_worker_process, check_cancelled, report_progress, 
 # %% auto #0
 __all__ = ['REFERENCE_PLUGINS', 'ReferencePlugin', 'EchoPlugin', 'TranscribePlugin', 'TokenStreamPlugin', 'SlowPlugin',
            'CrashPlugin', 'NoLoadPlugin', 'ReferencePluginManager', 'reference_plugin_manager', 'reference_worker',
-           'failing_factory_worker', 'echo_channel', 'sleep_with_child', 'RecordingBroadcaster',
+           'failing_factory_worker', 'echo_channel', 'sleep_with_child', 'hold_memory', 'RecordingBroadcaster',
            'RecordingResourceManager', 'PluginMeta', 'ReferenceRegistry', 'ReferenceJob', 'ReferenceJobManager',
            'wait_until']
 
@@ -147,6 +147,13 @@ def sleep_with_child(q):
     "Child process: start a `sleep` grandchild, report its pid on `q`, then sleep."
     child = subprocess.Popen(['sleep', '300'])
     q.put(child.pid)
+    time.sleep(300)
+
+def hold_memory(mb:int, q):
+    "Child process: fill `mb` MB of memory (as a loaded model does), say so on `q`, then sleep. Killed, it takes a while to end."
+    buf = bytearray(mb * 2**20)
+    for i in range(0, len(buf), 4096): buf[i] = 1
+    q.put(len(buf))
     time.sleep(300)
 
 # %% ../nbs/testing.ipynb #650d5375

@@ -138,6 +138,7 @@ class _Slot:
         self.loaded: Dict[str, dict] = {}  # plugin name → config, as far as the manager knows
         self.spawned_at = self.ready_at = self.start_deadline = self.restart_at = None
         self.kill_reason: Optional[str] = None  # 'cancel' | 'start_timeout' | 'recycle' while the manager stops it
+        self.killed_at: Optional[float] = None  # monotonic time it was sent SIGKILL (its end not handled yet)
         self.startup_error: Optional[str] = None
         self.failure: Optional[str] = None
         self.jobs_done, self.crashes, self.restarts, self.recycles = 0, 0, 0, 0
@@ -165,8 +166,8 @@ class _Slot:
         return self.state
     @property
     def open(self)->bool:
-        "Can take jobs now (ready, not being recycled)."
-        return self.state == 'ready' and self.recycle is None
+        "Can take jobs now (ready, not being recycled or killed)."
+        return self.state == 'ready' and self.recycle is None and self.killed_at is None
 
 # %% ../../nbs/managers/base.ipynb #73a6f8d9
 class _PendingQueue:
@@ -758,7 +759,7 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     slot.process, slot.pid, slot.state, slot.eof = p, p.pid, 'starting', False
     slot.spawned_at, slot.ready_at, slot.restart_at = now, None, None
     slot.start_deadline = now + cfg.worker_start_timeout_seconds
-    slot.kill_reason = slot.startup_error = slot.failure = slot.recycle = slot.stop_deadline = None
+    slot.kill_reason = slot.startup_error = slot.failure = slot.recycle = slot.stop_deadline = slot.killed_at = None
     slot.jobs_since_spawn, slot.plugins, slot.timeouts, slot.quick, slot.run_t0 = 0, {}, {}, False, None
     slot.rss_checked_at = -math.inf  # a new process: measured after its first job
     slot.ps = None
@@ -833,8 +834,9 @@ def _failed_reason(self:BaseJobManager)->Optional[str]:
 def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     "Handle the end of a worker process (crash, kill or stop) according to the restart policy."
     cfg, p = self.worker_config, slot.process
-    p.join(1)
-    if p.is_alive(): kill_worker_tree(p, timeout=1.0)  # it closed its pipes but did not exit: finish it
+    wait = 0 if slot.killed_at is not None and time.monotonic() >= slot.killed_at + _KILL_WAIT_SECONDS else 1
+    p.join(wait)
+    if p.is_alive(): kill_worker_tree(p, timeout=wait)  # it closed its pipes but did not exit: finish it
     self._drain(slot)
     if not hasattr(p, 'kill_tree'): kill_process_group(slot.pid)  # a local process's group (never a remote pid)
     self._release_loop(slot)
@@ -1201,6 +1203,16 @@ def _catch_up(self:BaseJobManager):
     if loop is not None and not loop.is_running() and any(s.loop_fds for s in self._slots): self._wake()
 
 # %% ../../nbs/managers/base.ipynb #44da117c
+_KILL_WAIT_SECONDS = 5.0  # a killed worker that has not ended by then is handled as ended anyway
+
+@patch
+def _kill(self:BaseJobManager, s:_Slot, reason:Optional[str]=None):
+    "SIGKILL a worker's processes without waiting for them to end (see above)."
+    if reason is not None: s.kill_reason = reason
+    s.killed_at = now = time.monotonic()
+    self._note_deadline(now + _KILL_WAIT_SECONDS)
+    kill_worker_tree(s.process, timeout=1.0 if hasattr(s.process, 'kill_tree') else 0)  # (a Ray actor's own waits are short)
+
 @patch
 def _run_timers(self:BaseJobManager):
     now, cfg = time.monotonic(), self.worker_config
@@ -1214,17 +1226,15 @@ def _run_timers(self:BaseJobManager):
                 log.warning("%s job %s ran out of time: cancelling it", self.worker_type, jid)
                 s.cancel_deadlines[jid] = now + cfg.cancel_grace_seconds
                 self._outbox.append((s, [{'type': 'cancel', 'job_id': jid}], True, s.gen))
-        if s.alive and any(d <= now for d in s.cancel_deadlines.values()):
-            s.kill_reason = 'cancel'
-            kill_worker_tree(s.process, timeout=1.0)
-            self._handle_worker_error(s)
+        if s.alive and s.killed_at is not None:  # killed, its end not seen yet
+            if now >= s.killed_at + _KILL_WAIT_SECONDS:
+                log.warning("%s worker %d (pid %s) has not ended %ss after SIGKILL (stuck in the kernel?): handled as ended",
+                            self.worker_type, s.index, s.pid, _KILL_WAIT_SECONDS)
+                self._handle_worker_error(s)
+        elif s.alive and any(d <= now for d in s.cancel_deadlines.values()): self._kill(s, 'cancel')
         elif s.alive and s.start_deadline is not None and s.start_deadline <= now and s.state == 'starting':
-            s.kill_reason = 'start_timeout'
-            kill_worker_tree(s.process, timeout=1.0)
-            self._handle_worker_error(s)
-        elif s.alive and s.stop_deadline is not None and s.stop_deadline <= now:  # a recycled worker that did not exit
-            kill_worker_tree(s.process, timeout=1.0)
-            self._handle_worker_error(s)
+            self._kill(s, 'start_timeout')
+        elif s.alive and s.stop_deadline is not None and s.stop_deadline <= now: self._kill(s)  # a recycled worker that did not exit
         elif not s.alive and s.restart_at is not None and s.restart_at <= now and not self._closed:
             self._restart_worker(s)
     while self._retries and self._retries[0][0] <= now:  # retries that are due go back to the queue
