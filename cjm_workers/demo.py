@@ -8,6 +8,7 @@ import argparse, logging, os, secrets, signal, sys, threading
 from typing import Optional, Sequence
 
 from fasthtml.common import Div, FastHTML, Link, P, RedirectResponse, Style
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .core.config import RestartPolicy, WorkerConfig
 from .fasthtml.components import StartButton, job_hdrs
@@ -100,8 +101,10 @@ def main(argv=None)->int:
     if args.host not in ('127.0.0.1', 'localhost', '::1'):
         log.warning("the demo listens on %s: anyone who reaches it can start jobs (one crashes a worker) and read "
                     "tracebacks; it has no authorization", args.host)
-    try: uvicorn.run(create_demo_app(max_workers=args.workers, db=args.db or None), host=args.host, port=args.port,
-                     timeout_graceful_shutdown=10)
+    app = create_demo_app(max_workers=args.workers, db=args.db or None)
+    if args.host in ('127.0.0.1', 'localhost', '::1'):  # a page of another site whose DNS name is rebound to this
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=['127.0.0.1', 'localhost', '[::1]'])  # machine: refused
+    try: uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=10)
     except KeyboardInterrupt: pass  # uvicorn re-raises the Ctrl-C it handled, after shutting down cleanly
     return 0
 

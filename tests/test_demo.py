@@ -92,6 +92,8 @@ def test_python_m_demo_and_sigterm(demo_cmd):
     "`python -m cjm_workers.demo` works too, and SIGTERM stops it with code 0."
     demo = demo_cmd('--workers', '1', module=True)
     assert httpx.get(f'{demo.url}/jobs', timeout=30).status_code == 200
+    # on loopback it answers only to its own names: a page whose DNS name was rebound to this machine is refused
+    assert httpx.get(f'{demo.url}/jobs', headers={'Host': 'rebound.evil.example'}, timeout=30).status_code == 400
     workers = demo.workers()
     assert len(workers) >= 1
     demo.proc.send_signal(signal.SIGTERM)

@@ -446,6 +446,20 @@ async def test_universal_worker_crash_fails_the_job_then_recovers(track):
     assert wait_gone(tree) == []  # shutdown leaves no Universal Worker behind
 
 
+async def test_a_remote_workers_stderr_stays_out_of_the_job_error_clients_see(track, tmp_path):
+    """Security review: when a Universal Worker died, the job's `error` (which pages and JSON show to clients even
+    without `show_traceback`) carried its stderr: what the plugin printed, tracebacks with the app's paths. The
+    stderr now goes to the job's server-side `traceback`; the worker's own error line stays in the error."""
+    (tmp_path / 'leaky_plugin.py').write_text(
+        'import sys\nsys.stderr.write("API_KEY=sk-secret-123\\n")\nraise RuntimeError("CUDA not available")\n')
+    spec = RemotePluginSpec('leaky', 'leaky_plugin', 'Plugin', cwd=str(tmp_path), env={'PYTHONPATH': str(tmp_path)})
+    mgr = track(ReferenceJobManager(entry_point=remote_worker_entry([spec])))
+    await mgr.start()
+    job = await mgr.wait_for_job((await mgr.start_job('leaky')).id, timeout=60)
+    assert job.status == 'failed' and 'CUDA not available' in job.error, job.error
+    assert 'sk-secret' not in job.error and 'sk-secret' in job.traceback, (job.error, job.traceback)
+    await mgr.ashutdown()
+
 async def test_cancel_while_the_plugin_loads_stops_the_load(track, tmp_path):
     "A cancel that arrives while the Universal Worker runs initialize() reaches it: the load stops, nothing is killed."
     journal = tmp_path / 'journal'

@@ -231,6 +231,26 @@ def test_token_is_required_except_for_health(workers):
         assert r.status_code == 200 and r.json()['text'].endswith('let in')
 
 
+
+def test_requests_from_web_pages_and_rebound_host_names_are_refused(workers):
+    """A page of any site can POST to a worker on this machine (a no-cors fetch needs no preflight), and a DNS-rebinding
+    page can even read the answers: requests a browser marks as sent by a page are refused, and a worker without a
+    token takes only IP addresses and localhost as its Host. (A client with the token may name any host.)"""
+    tokenless, with_token = workers['transcribe'], workers['echo']
+    body = {'kwargs': {'steps': 1, 'delay': 0}}
+    with tokenless.client() as c:
+        assert c.post('/execute', json=body).status_code == 200  # an ordinary client
+        assert c.post('/execute', json=body, headers={'Host': 'localhost'}).status_code == 200
+        for headers in ({'Origin': 'https://evil.example'}, {'Sec-Fetch-Site': 'cross-site'}, {'Origin': 'null'},
+                        {'Host': 'rebound.evil.example'}, {'Host': 'rebound.evil.example:80'}):
+            r = c.post('/execute', json=body, headers=headers)
+            assert r.status_code == 403 and ('refused' in r.text or 'not a name' in r.text), (headers, r.text)
+        assert c.post('/shutdown', headers={'Origin': 'https://evil.example'}).status_code == 403
+        assert c.get('/health').status_code == 200  # still serving
+    with with_token.client(auth=True) as c:
+        assert c.post('/execute', json={'kwargs': {'text': 'x'}}, headers={'Host': 'worker.internal'}).status_code == 200
+        assert c.post('/execute', json={'kwargs': {'text': 'x'}}, headers={'Origin': 'https://evil.example'}).status_code == 403
+
 def test_oversized_and_malformed_bodies(workers):
     with workers['echo'].client(auth=True) as c:  # --max-body-bytes 4096
         r = c.post('/execute', json={'kwargs': {'text': 'x' * 8000}})
@@ -249,7 +269,7 @@ def test_oversized_and_malformed_bodies(workers):
     # default limit (16 MiB): a declared 64 MiB body is refused from its headers, before any of it is sent
     w = workers['transcribe']
     with socket.create_connection(('127.0.0.1', w.info['port']), timeout=5) as s:
-        s.sendall(b'POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+        s.sendall(b'POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
                   b'Content-Length: 67108864\r\n\r\n')
         t, data = time.monotonic(), b''
         while b'\r\n\r\n' not in data:

@@ -756,6 +756,46 @@ def test_a_per_job_authorize_also_filters_the_list_and_the_table_streams():
             assert b in text and a not in text and 'secret' not in text, text[:2000]
 
 
+
+def test_the_events_of_a_purged_job_are_nobodys_on_the_table_stream():
+    """Security review: once a job was purged, the table's stream asked `authorize(request, None)` about its events
+    (None means "may this client see the table"), so a replay from an old event id gave anyone its params, its
+    streamed text and its result."""
+    def own(request, job): return job is None or job.params.get('owner') == request.headers.get('x-user')
+    app, alpha, beta, ra, rb = build(authorize=own)
+    alice, bob = {'x-user': 'alice'}, {'x-user': 'bob'}
+    with TestClient(app) as cli:
+        after = ra.broadcaster.last_id
+        a = start(cli, '/alpha', 'tokens', owner='alice', text='secret words', delay=0)
+        cli.portal.call(alpha.wait_for_job, a, 30)
+        assert cli.portal.call(alpha.apurge_jobs) == 1 and alpha.get_job(a) is None
+        b = cli.post('/alpha/start', data={'plugin_id': 'echo', 'params': json.dumps({'owner': 'bob', 'text': 'mine'})},
+                     headers=bob, follow_redirects=False).headers['location'].rsplit('/', 1)[1]
+        cli.portal.call(alpha.wait_for_job, b, 30)
+        with cli.stream('GET', f'/alpha/stream?format=json&after={after}', headers=bob) as resp:
+            text = ''
+            for line in resp.iter_lines():
+                text += line + '\n'
+                if b in line and 'completed' in line: break
+        assert b in text and a not in text and 'secret' not in text, text[:2000]
+
+
+def test_a_client_cannot_set_the_worker_protocols_own_keys():
+    """Security review: job parameters sit beside the worker's own keys in its execute request, so a client's
+    `request_id` made the worker drop the request (the job stayed pending and the worker took no other job), and
+    `max_loaded_plugins` or `_cjm_attempt` reached the worker too. The routes refuse them; `start_job` leaves them out."""
+    app, alpha, *_ = build()
+    J = {'accept': 'application/json'}
+    with TestClient(app) as cli:
+        for key, value in [('request_id', [1]), ('max_loaded_plugins', 1), ('_cjm_attempt', '1\nforged'), ('type', 'x')]:
+            r = cli.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'x', key: value}}, headers=J)
+            assert r.status_code == 400 and key in r.json()['error'] and 'reserved' in r.json()['error'], r.text
+        job = cli.portal.call(lambda: alpha.start_job('echo', text='still runs', request_id=[1], max_loaded_plugins=-5))
+        job = cli.portal.call(alpha.wait_for_job, job.id, 30)
+        assert (job.status, job.result['text']) == ('completed', 'still runs')
+        after = cli.portal.call(lambda: alpha.start_job('echo', text='and so does the next'))
+        assert cli.portal.call(alpha.wait_for_job, after.id, 30).status == 'completed'
+
 def owner_of(request, job):
     "An `authorize` deciding per job: a job is its owner's (`params['owner']`), the user is the `x-user` header."
     return job is None or job.params.get('owner') == request.headers.get('x-user')

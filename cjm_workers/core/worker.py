@@ -115,7 +115,8 @@ def check_cancelled()->None:
     if cancel_requested(): raise JobCancelledError(f"job {_current.job_id} was cancelled")
 
 # %% ../../nbs/core/worker.ipynb #7f1654ef
-_RESERVED = {'type', 'job_id', 'plugin_name', 'plugin_config', 'stream', 'request_id', 'max_loaded_plugins', '_cjm_attempt'}  # not passed to plugins
+_RESERVED = {'type', 'job_id', 'plugin_name', 'plugin_config', 'stream', 'request_id', 'max_loaded_plugins', '_cjm_attempt',
+             '_unreadable'}  # the protocol's keys of an execute request: not passed to plugins
 _START_LOG = 'start_log'  # a request (internal): keep a start log in this file (see "The start log" below)
 _KNOWN = {t.value for t in WorkerRequestType} | {_START_LOG}
 
@@ -509,6 +510,7 @@ START_LOG_LINES = 4096  # a start log is rewritten without what the app has save
 def _start_line(jid, attempt=1)->bytes:
     "A job's line in the start log: its id (a tab and the attempt, for a retry), or `?` for an id that cannot be a line of text (readers then know nothing)."
     if not (isinstance(jid, str) and jid.isprintable() and jid and jid != '?'): return b'?\n'
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1: attempt = 1  # a line of text, always
     return (jid + '\n').encode() if attempt == 1 else f"{jid}\t{attempt}\n".encode()
 
 def _lock_file(path:str, flags:int)->int:

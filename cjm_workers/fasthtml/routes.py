@@ -15,6 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 
 from ..stores.base import job_seq, statuses
 from ..managers.base import QueueFull
+from ..core.worker import _RESERVED
 from .sse import json_text
 from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
                          dom_id, job_hdrs, ns_id, render_event, JobActions, StatusBadge, ProgressBar)
@@ -113,11 +114,14 @@ def _start_args(fields:dict, # the form fields (or JSON body)
         else:
             try: params = json.loads(params)
             except json.JSONDecodeError as e: raise ValueError(f"params must be a JSON object: {e}") from None
+            except RecursionError: raise ValueError("params is nested too deeply") from None
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"params must be a JSON object, got {type(params).__name__}")
     kwargs, scheduling = {**fields, **(params or {})}, scheduling or {}
     if 'plugin_name' in kwargs:  # passed on by prepare_execute_request, it would pick the plugin that runs, past `plugins`
         raise ValueError("plugin_name is the app's to set (prepare_execute_request); clients choose the plugin with plugin_id")
+    if reserved := sorted(k for k in kwargs if k in _RESERVED):  # the worker's own message keys
+        raise ValueError(f"{', '.join(reserved)}: reserved by the worker protocol, not a job parameter")
     for name in SCHEDULING_OPTIONS:
         if name not in kwargs: continue
         if name not in scheduling:
@@ -428,7 +432,9 @@ def keeper(self:JobRoutes, request)->Optional[Callable]:
     async def keep(ev)->bool:
         jid = ev.data.get('job_id') if isinstance(ev.data, dict) else None
         if jid is None: return True  # not about one job (a worker's start, a reset)
-        if jid not in seen: seen[jid] = await self.allowed(request, await self.manager.aget_job(jid))
+        if jid not in seen:  # a job that is gone (purged) is nobody's: authorize(request, None) admits to the table, not to it
+            job = await self.manager.aget_job(jid)
+            seen[jid] = job is not None and await self.allowed(request, job)
         return seen[jid]
     return keep
 

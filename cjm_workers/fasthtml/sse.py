@@ -275,32 +275,32 @@ def sse_frame(data:str, # the data; several lines become several `data:` lines
     out += [f"data: {l}" for l in _LINES.split(data)]
     return ('\n'.join(out) + '\n\n').encode('utf-8', 'replace')  # a lone surrogate (UTF-8 has none) becomes '?'
 
-def _finite(o, default:Callable):
-    "`o` with every float JSON cannot hold (NaN, ±infinity) made None, in dicts, lists, tuples and what `default` makes."
-    if isinstance(o, float): return o if math.isfinite(o) else None
-    if isinstance(o, dict): return {k: _finite(v, default) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_finite(v, default) for v in o]
-    return o
-
 def json_text(data, # what to encode: dicts, lists, text, numbers, None
               default:Callable=str, # makes what JSON cannot hold into what it can (default: its text)
               ensure_ascii:bool=True # escape non-ASCII text (False: write it as it is)
              )->str: # compact JSON
     """JSON that every parser reads. Python's `json` writes NaN and infinities as `NaN` and `Infinity`, which browsers'
     `JSON.parse` and Starlette's `JSONResponse` refuse: a plugin returning `float('nan')` would break a client's whole
-    stream or page. They become `null`; the data is walked for them only if there are any."""
+    stream or page. They become `null`, by a round trip through the C codec, only if there are any (a Python walk of
+    the data hit the recursion limit for a client's NaN 600 lists deep)."""
     kw = dict(ensure_ascii=ensure_ascii, allow_nan=False, separators=(',', ':'))
     try: return json.dumps(data, default=default, **kw)
     except ValueError:  # (NaN or an infinity somewhere, or a circular reference: which the second try raises again)
-        return json.dumps(_finite(data, default), default=lambda o: _finite(default(o), default), **kw)
+        text = json.dumps(data, default=default, allow_nan=True, separators=(',', ':'))
+        return json.dumps(json.loads(text, parse_constant=lambda _: None), **kw)
+
+def _inert(text:str)->str:
+    "JSON text in which no HTML parser finds markup: `<`, `>` and `&` as \\u escapes (the same JSON)."
+    return text.replace('&', '\\u0026').replace('<', '\\u003c').replace('>', '\\u003e')
 
 def _render(ev:SSEEvent, render:Optional[Callable], event_name:Optional[str])->Optional[bytes]:
     "The frame for `ev` (None: send nothing), cached on the event for the next stream."
     key = (render, event_name)
     try: return ev._frames[key]
     except KeyError: pass
-    if ev.type == RESET: frame = sse_frame(json_text({'type': RESET, 'data': ev.data}), event=RESET)
-    elif render is None: frame = sse_frame(json_text({'type': ev.type, 'data': ev.data}), ev.type, ev.id)
+    # (job pages hand `reset` to htmx, whose out-of-band swaps would take markup in a job id into the page)
+    if ev.type == RESET: frame = sse_frame(_inert(json_text({'type': RESET, 'data': ev.data})), event=RESET)
+    elif render is None: frame = sse_frame(_inert(json_text({'type': ev.type, 'data': ev.data})), ev.type, ev.id)
     else:
         try: out = render(ev)
         except Exception:

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.process import describe_exit, kill_process_group, kill_worker_tree, process_ended, wait_ended
-from ..core.worker import BACKSTOP_NAME, LOG_LEVEL_ENV
+from ..core.worker import BACKSTOP_NAME, LOG_LEVEL_ENV, _RESERVED
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
 from ..stores.base import JobStore, MemoryJobStore
 from ..stores.journal import StartJournal
@@ -1479,7 +1479,8 @@ async def start_job(self:BaseJobManager,
         backlog = False
         if not err:
             request.setdefault('stream', self.supports_streaming)
-            msg = {**request, 'type': 'execute', 'job_id': job.id, 'plugin_name': plugin_name, 'plugin_config': config}
+            params = {k: v for k, v in request.items() if k not in _PROTOCOL_KEYS}  # (a client's `request_id` made the
+            msg = {**params, 'type': 'execute', 'job_id': job.id, 'plugin_name': plugin_name, 'plugin_config': config}  # worker drop the job)
             if self.worker_config.max_loaded_plugins: msg['max_loaded_plugins'] = self.worker_config.max_loaded_plugins
             try: data = dumps(msg)
             except Exception as e:
@@ -1501,6 +1502,8 @@ async def start_job(self:BaseJobManager,
 
 # %% ../../nbs/managers/base.ipynb #2e8cff3f
 _KEPT_NAME = " (start_job keeps this keyword for scheduling; if you meant a job field of this name, rename the field)"
+_PROTOCOL_KEYS = _RESERVED - {'plugin_name', 'stream'}  # the worker's own keys in an execute request: never from a job's
+                                                        # parameters (`prepare_execute_request` may set these two)
 
 class QueueFull(RuntimeError):
     "`start_job` refused a job: `WorkerConfig.max_waiting_jobs` jobs wait already (the routes answer 503)."

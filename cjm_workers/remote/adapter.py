@@ -4,7 +4,7 @@
 
 # %% ../../nbs/remote/adapter.ipynb #4b43ad5b
 from __future__ import annotations
-import functools, logging, threading
+import contextlib, functools, logging, threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
@@ -39,6 +39,22 @@ class RemotePluginSpec:
                                  start_timeout=self.start_timeout, stop_timeout=self.stop_timeout)
 
 # %% ../../nbs/remote/adapter.ipynb #40595982
+_STDERR, _OWN = '\n--- worker stderr (last lines) ---\n', 'cjm_workers.remote.worker: error: '
+
+@contextlib.contextmanager
+def _stderr_off_the_job():
+    """A `RemoteWorkerError` as a job shows it to clients: the worker's stderr (what the plugin printed, tracebacks it
+    logged: file paths, perhaps secrets) moves to `remote_traceback`, which ends up in the job's server-side
+    `traceback`; the worker's own error line (e.g. `No module named 'whisper'`) stays in the message."""
+    try: yield
+    except RemoteWorkerError as e:
+        head, sep, tail = str(e).partition(_STDERR)
+        if not sep: raise
+        own = [l[l.index(_OWN) + len(_OWN):] for l in tail.splitlines() if _OWN in l]
+        out = RemoteWorkerError(head + (f" ({own[-1]})" if own else " (its stderr is in the job's traceback)"))
+        out.remote_traceback = sep.lstrip('\n') + tail
+        raise out from e
+
 class RemotePluginManager:
     "Plugin manager (`PluginManagerAdapter`) running each plugin in its own Universal Worker."
     def __init__(self, plugins:Iterable[RemotePluginSpec] # the plugins this manager offers
@@ -62,10 +78,11 @@ class RemotePluginManager:
         if old is not None: old.stop()
         proxy = self.loading[name] = plugin_data.proxy()
         try:
-            proxy.start()
-            try: proxy.initialize(config or {})
-            except BaseException:
-                proxy.stop(cleanup=False); raise
+            with _stderr_off_the_job():
+                proxy.start()
+                try: proxy.initialize(config or {})
+                except BaseException:
+                    proxy.stop(cleanup=False); raise
         finally: self.loading.pop(name, None)
         self.proxies[name], self.configs[name] = proxy, dict(config or {})
         return True
@@ -133,20 +150,22 @@ def _stop_if_cancelled(plugin_name:str)->None:
 def execute_plugin(self:RemotePluginManager, plugin_name:str, **params)->Any:
     "Run the plugin once (keyword arguments = the job's parameters) and return its JSON result."
     _stop_if_cancelled(plugin_name)
-    proxy = self._live(plugin_name)
-    with _ProgressForwarder(proxy, self.specs[plugin_name].progress_wait, self.specs[plugin_name].progress_after):
-        try: return proxy.execute(**params)
-        except RemoteCancelledError as e:
-            job = current_job()
-            if e.result is not None and job is not None and job.cancelled: return e.result  # the job ends cancelled, with it
-            raise
+    with _stderr_off_the_job():
+        proxy = self._live(plugin_name)
+        with _ProgressForwarder(proxy, self.specs[plugin_name].progress_wait, self.specs[plugin_name].progress_after):
+            try: return proxy.execute(**params)
+            except RemoteCancelledError as e:
+                job = current_job()
+                if e.result is not None and job is not None and job.cancelled: return e.result  # the job ends cancelled, with it
+                raise
 
 def execute_plugin_stream(self:RemotePluginManager, plugin_name:str, **params)->Iterator[Any]:
     "Yield the plugin's stream items as they arrive; return what the plugin's generator returned."
     _stop_if_cancelled(plugin_name)
-    proxy = self._live(plugin_name)
-    with _ProgressForwarder(proxy, self.specs[plugin_name].progress_wait, self.specs[plugin_name].progress_after):
-        return (yield from proxy.execute_stream(**params))
+    with _stderr_off_the_job():
+        proxy = self._live(plugin_name)
+        with _ProgressForwarder(proxy, self.specs[plugin_name].progress_wait, self.specs[plugin_name].progress_after):
+            return (yield from proxy.execute_stream(**params))
 
 def cancel_plugin(self:RemotePluginManager, plugin_name:str)->None:
     "Cooperative cancel of the plugin's calls in flight (`/cancel`), loading or running; called from the worker's control thread."

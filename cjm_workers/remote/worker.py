@@ -5,10 +5,11 @@
 # %% ../../nbs/remote/worker.ipynb #658ab806
 from __future__ import annotations
 import argparse, base64, dataclasses, datetime, enum, hmac, importlib, inspect, json, logging, os, select
-import signal, socket, sys, threading, time, traceback, uuid
+import ipaddress, signal, socket, sys, threading, time, traceback, uuid
 from collections import OrderedDict
 from pathlib import PurePath
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from urllib.parse import urlsplit
 
 import anyio, psutil
 from starlette.applications import Starlette
@@ -502,6 +503,22 @@ def _bearer(header:bytes)->Optional[bytes]:
 def _call_id(request:Request)->Optional[str]:
     return request.headers.get(CALL_HEADER) or None
 
+def _refusal(request:Request, hosts:Optional[frozenset])->Optional[str]:
+    """Why a request is refused (None: it is not). A browser marks what a web page sends (`Origin`, `Sec-Fetch-Site`);
+    the worker has no browser clients, and a page of any site can POST to it (a `no-cors` fetch needs no preflight),
+    so such requests are refused. With `hosts` (a worker without a token), the `Host` must also be an IP address or
+    one of them: a DNS-rebinding page, same-origin to the browser, names its own domain there."""
+    h = request.headers
+    if h.get('origin') is not None or h.get('sec-fetch-site') not in (None, 'none'):
+        return "requests sent by web pages are refused (the Universal Worker takes no browser requests)"
+    if hosts is not None:
+        try: name = urlsplit('//' + h.get('host', '')).hostname or ''
+        except ValueError: name = ''
+        try: ipaddress.ip_address(name)
+        except ValueError:
+            if name not in hosts: return f"Host {name!r} is not a name of this worker"
+    return None
+
 # %% ../../nbs/remote/worker.ipynb #8762a85a
 async def _in_threads(lines:Iterator[bytes]):
     "Iterate a blocking iterator with every `next()` in a worker thread."
@@ -524,14 +541,17 @@ class _NDJSONResponse(StreamingResponse):
 def create_app(module_name:str, # module to import the plugin class from
                class_name:str, # plugin class; any class with `execute` (a `PluginInterface` or duck-typed)
                token:Optional[str]=None, # if set, every endpoint but /health needs `Authorization: Bearer <token>`
-               max_body_bytes:int=DEFAULT_MAX_BODY_BYTES # larger request bodies are refused with 413
+               max_body_bytes:int=DEFAULT_MAX_BODY_BYTES, # larger request bodies are refused with 413
+               hosts:Optional[Iterable[str]]=None # host names requests may name besides IP addresses (None: any; against DNS rebinding)
               )->Starlette: # the app; `app.state.host` is its `PluginHost`
     "Create the Starlette app hosting one instance of `module_name.class_name` (raises `WorkerStartupError`)."
     host = PluginHost(instantiate_plugin(module_name, class_name))
     expected = token.encode() if token else None
+    allowed_hosts = None if hosts is None else frozenset(h.lower() for h in hosts)
 
     def endpoint(fn, open_:bool=False):
         async def handler(request:Request)->Response:
+            if (why := _refusal(request, allowed_hosts)) is not None: return _json_response({'error': why}, 403)
             if expected is not None and not open_:
                 got = _bearer(dict(request.scope['headers']).get(b'authorization', b''))
                 if not hmac.compare_digest(got or b'', expected):
@@ -676,7 +696,8 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
             parser.exit(2, f"{parser.prog}: error: argument --ppid: no process {args.ppid} (has the parent already exited?)\n")
         parent_monitor(args.ppid)  # first: importing a plugin can take long
     token = os.environ.get(args.token_env) or None
-    try: app = create_app(args.module, args.class_name, token=token, max_body_bytes=args.max_body_bytes)
+    hosts = None if token is not None else {'localhost', args.host.lower()}  # without a token: against DNS rebinding
+    try: app = create_app(args.module, args.class_name, token=token, max_body_bytes=args.max_body_bytes, hosts=hosts)
     except WorkerStartupError as e: parser.exit(2, f"{parser.prog}: error: {e}\n")
     try: sock = _bind(args.host, args.port)
     except OSError as e:
