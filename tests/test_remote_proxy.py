@@ -3,7 +3,7 @@
 The isolation test builds a tiny wheel, installs it into a second virtualenv the app's environment does not see, and
 runs the plugin it contains through the proxy and through a job manager.
 """
-import asyncio, os, signal, subprocess, sys, textwrap, threading, venv
+import asyncio, os, signal, site, subprocess, sys, sysconfig, textwrap, threading, venv
 from concurrent.futures import ThreadPoolExecutor
 from importlib.util import find_spec
 from pathlib import Path
@@ -82,6 +82,9 @@ def isolated_python(probe_wheel):
     env_dir = wheel.parent.parent / 'venv'
     # system site packages: the environment sees cjm_workers and its dependencies; what it installs stays its own
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    # ... which are the base interpreter's: when this test runs in a virtualenv, its packages are not among them
+    purelib = sysconfig.get_path('purelib', vars={'base': str(env_dir), 'platbase': str(env_dir)})
+    (Path(purelib) / '_cjm_app_env.pth').write_text(''.join(f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()))
     py = env_dir / 'bin' / 'python'
     subprocess.run([str(py), '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', str(wheel)],
                    check=True, capture_output=True)
@@ -393,9 +396,12 @@ async def test_progress_and_chunk_events_from_remote_plugins(track):
     s = await mgr.wait_for_job((await mgr.start_job('tokens', text='one two three', delay=0.01)).id, timeout=60)
     await mgr.flush_events()
     assert t.status == 'completed' and t.result['text'] == 'clip.wav: segment1 segment2 segment3 segment4'
-    assert events.of(t.id) == ['pending', 'started', 'progress', 'progress', 'progress', 'progress', 'completed'], events.of(t.id)
+    kinds = events.of(t.id)
+    assert kinds[:2] == ['pending', 'started'] and kinds[-1] == 'completed' and set(kinds[2:-1]) == {'progress'}, kinds
+    # the app polls a remote plugin's progress (the latest value, long-polled): on a busy machine two reports can fall
+    # between polls and arrive as one; the order holds, and the last one goes out before the result
     prog = [d['progress'] for k, d in events.events if k == 'reference:progress' and d['job_id'] == t.id]
-    assert prog == [0.25, 0.5, 0.75, 1.0]
+    assert prog == sorted(set(prog)) and set(prog) <= {0.25, 0.5, 0.75, 1.0} and prog[-1] == 1.0, prog
     assert s.status == 'completed' and s.result['text'] == 'one two three'
     assert [d['chunk'] for k, d in events.events if k == 'reference:chunk' and d['job_id'] == s.id] == ['one ', 'two ', 'three']
 

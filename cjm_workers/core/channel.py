@@ -20,7 +20,9 @@ _READ_SIZE = 1 << 16
 def dumps(obj:Any # a message: plain data
          )->bytes:
     "Pickle a message (raises if it cannot be pickled)."
-    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    try: return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except AttributeError as e:  # a local function or class: Python 3.13 raises "Can't get local object 'f.<locals>.g'"
+        raise pickle.PicklingError(f"cannot be pickled: {e}") from e
 
 def _header(n:int)->bytes: return _LEN.pack(n) if n < _BIG else _LEN.pack(_BIG) + _LEN64.pack(n)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import asyncio, bisect, concurrent.futures, heapq, inspect, logging, math, os, pickle, select, threading, time, traceback, uuid, weakref
 import multiprocessing as mp
+from multiprocessing.reduction import ForkingPickler
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -743,6 +744,9 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     env = {LOG_LEVEL_ENV: str(logging.getLogger().getEffectiveLevel()), **cfg.env_for(slot.index)}  # the app's log level
     name, backend = f"cjm-worker-{self.worker_type}-{slot.index}", cfg.backend
     try:
+        if backend is None and self._ctx.get_start_method() != 'fork':  # spawn pickles the entry point: say so if it cannot
+            try: ForkingPickler.dumps(target)                              # (Python 3.13 says only "Can't get local object")
+            except Exception as e: raise pickle.PicklingError(f"the entry point {target!r} cannot be pickled: {e}") from e
         p = (backend.process(target, args, name, env=env) if backend is not None  # e.g. a Ray actor (backends.ray)
              else self._ctx.Process(target=_worker_with_env, args=(target, env) + args, name=name))
         p.start()

@@ -157,6 +157,7 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
     with self._lock:
         if self.alive and self._ready_info is not None: return self
         self._close_clients()
+        if self.process is not None: self._close_output(self.process)  # a worker that died since it started
         self._ready.clear(); self._ready_info = None; self.stderr_tail.clear(); self.port = self.pid = None
         try:
             proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -168,30 +169,38 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         self._reader = threading.Thread(target=self._read_output, args=(proc,), daemon=True,
                                         name=f"cjm-proxy-output-{proc.pid}")
         self._reader.start()
-        self._ready.wait(self.start_timeout)
+        woken = self._ready.wait(self.start_timeout)  # by the ready line, or by the reader once the output closed
         with self._calls_lock: self._starting, cancelled = None, self._start_cancelled  # a cancel() from now on finds no start
         if cancelled:
-            self._kill_tree(proc); self._reader.join(2)
+            self._kill_tree(proc); self._reader.join(2); self._close_output(proc)
             job = current_job()
             raise RemoteCancelledError((f"job {job.job_id}: " if job is not None else '') +
                                        f"the start of the worker for {self.label} was cancelled")
         info = self._ready_info
         if info is None:
+            if woken: self._reader.join(1)  # `_ready` is set in the reader's `finally`: it may not have returned yet
             if not self._reader.is_alive():  # its output closed: the worker is exiting, let it finish
                 try: proc.wait(5)
                 except subprocess.TimeoutExpired: pass
             if proc.poll() is None:
                 self._kill_tree(proc)
-                self._reader.join(2)
+                self._reader.join(2); self._close_output(proc)
                 raise RemoteWorkerError(f"the worker for {self.label} did not start serving within "
                                         f"{self.start_timeout} s; it was killed.{self._stderr_text()}")
-            proc.wait(); self._reader.join(2)
+            proc.wait(); self._reader.join(2); self._close_output(proc)
             raise RemoteWorkerError(f"the worker for {self.label} {describe_exit(proc.returncode)} before it was "
                                     f"ready.{self._stderr_text()}")
         self.port = int(info['port'])
         self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout(),
                                     limits=_LIMITS, trust_env=False)
         return self
+
+@patch
+def _close_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
+    "Close the pipes of a worker that failed to start, once the reader is done with them (`stop` closes those of a started one)."
+    if self._reader is not None and self._reader.is_alive(): return
+    for f in (proc.stdout, proc.stderr):
+        if f is not None: f.close()
 
 _LIMITS = httpx.Limits(keepalive_expiry=30.0)  # idle connections dropped well before the worker drops them (60 s)
 
