@@ -748,12 +748,18 @@ def test_a_per_job_authorize_also_filters_the_list_and_the_table_streams():
         html = cli.get('/alpha', headers=bob).text
         assert f'data-job-id="{b}"' in html and f'data-job-id="{a}"' not in html
         for fmt in ('json', 'html'):  # the table's stream, replayed from the start: bob sees his job's events only
-            with cli.stream('GET', f'/alpha/stream?format={fmt}&after={after}', headers=bob) as resp:
-                text = ''
-                for line in resp.iter_lines():
-                    text += line + '\n'
-                    if b in line and 'completed' in line: break
+            text = replay_until_completed(cli, f'/alpha/stream?format={fmt}&after={after}', bob, b)
             assert b in text and a not in text and 'secret' not in text, text[:2000]
+
+
+def replay_until_completed(cli, url, headers, job_id):
+    "The text of a table stream read from `url` up to the line of `job_id`'s completion."
+    with cli.stream('GET', url, headers=headers) as resp:
+        text = ''
+        for line in resp.iter_lines():
+            text += line + '\n'
+            if job_id in line and 'completed' in line: return text
+    return text
 
 
 
@@ -761,8 +767,7 @@ def test_the_events_of_a_purged_job_are_nobodys_on_the_table_stream():
     """Security review: once a job was purged, the table's stream asked `authorize(request, None)` about its events
     (None means "may this client see the table"), so a replay from an old event id gave anyone its params, its
     streamed text and its result."""
-    def own(request, job): return job is None or job.params.get('owner') == request.headers.get('x-user')
-    app, alpha, beta, ra, rb = build(authorize=own)
+    app, alpha, beta, ra, rb = build(authorize=owner_of)
     alice, bob = {'x-user': 'alice'}, {'x-user': 'bob'}
     with TestClient(app) as cli:
         after = ra.broadcaster.last_id
@@ -772,11 +777,7 @@ def test_the_events_of_a_purged_job_are_nobodys_on_the_table_stream():
         b = cli.post('/alpha/start', data={'plugin_id': 'echo', 'params': json.dumps({'owner': 'bob', 'text': 'mine'})},
                      headers=bob, follow_redirects=False).headers['location'].rsplit('/', 1)[1]
         cli.portal.call(alpha.wait_for_job, b, 30)
-        with cli.stream('GET', f'/alpha/stream?format=json&after={after}', headers=bob) as resp:
-            text = ''
-            for line in resp.iter_lines():
-                text += line + '\n'
-                if b in line and 'completed' in line: break
+        text = replay_until_completed(cli, f'/alpha/stream?format=json&after={after}', bob, b)
         assert b in text and a not in text and 'secret' not in text, text[:2000]
 
 
