@@ -582,7 +582,12 @@ async def test_a_sigkilled_app_never_runs_a_job_twice_that_did_not_opt_into_retr
     assert before, "no job ran before the kill: the test proves nothing"
     m = mk(SQLiteJobStore(db), config=dict(max_workers=2))
     await m.start(wait=True)  # (the store's writer is up and what recovery decided is written)
-    jobs = [await m.wait_for_job(i, timeout=T) for i in ids]
+    kept = [await m.aget_job(i) is not None for i in ids]
+    # a kill within the store's group-commit window (milliseconds after the burst) may lose the newest jobs, whose
+    # queued rows had not reached the writer process yet (the file never heard of them: they cannot run again); what
+    # the file has is the oldest jobs, in order
+    assert kept == sorted(kept, reverse=True) and (all(kept) or delay < 0.05), kept
+    jobs = [await m.wait_for_job(i, timeout=T) for i, k in zip(ids, kept) if k]
     runs = {}
     for jid in log.read_text().split(): runs[jid] = runs.get(jid, 0) + 1
     once = [j for j in jobs if not j.max_retries]
