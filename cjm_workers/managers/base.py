@@ -53,24 +53,19 @@ def _check_text(value, where:str):
 class _StreamedText:
     """`BaseJob.output`, the text a job streamed so far. Its chunks are kept in a list and joined only when the text is
     read: `job.output += chunk` would copy the whole text for every chunk, which for a long LLM answer (2 MB in 300,000
-    tokens) costs the app more CPU than everything else it does. Appends and joins take one lock, so a chunk that
-    arrives while another thread reads is never lost. Setting `job.output` replaces the text. The text's length is kept
-    as it grows (`_output_len`): each chunk event says where its chunk starts."""
+    tokens) costs the app more CPU than everything else it does. The text is an ordinary attribute (reading and setting
+    it cost nothing extra); a chunk moves it out of the job's `__dict__` into `_output_text`, beside the list of chunks
+    (`_output_parts`), and this descriptor, which Python consults only then, joins them at the next read. Appends and
+    joins take one lock, so a chunk that arrives while another thread reads is never lost."""
     _lock = threading.Lock()
     def __set_name__(self, owner, name): self.name = name
     def __get__(self, job, owner=None):
         if job is None: return ''  # the dataclass field's default
-        d = job.__dict__
-        if d.get('_output_parts'):
-            with self._lock:
-                if parts := d.get('_output_parts'):
-                    d[self.name] = d.get(self.name, '') + ''.join(parts)
-                    parts.clear()
-        return d.get(self.name, '')
-    def __set__(self, job, text:str):
         with self._lock:
-            job.__dict__[self.name], job.__dict__['_output_len'] = text, len(text)
-            job.__dict__.pop('_output_parts', None)
+            d = job.__dict__
+            if (text := d.get(self.name)) is None:  # (another reader may have joined them meanwhile)
+                text = d[self.name] = d.pop('_output_text', '') + ''.join(d.pop('_output_parts', ()))
+        return text
 
 _lazy_output: dict = {}  # job class → whether its `output` is BaseJob's `_StreamedText`
 
@@ -86,9 +81,11 @@ def _append_output(job, chunk:str)->int:
         return at
     with _StreamedText._lock:
         d = job.__dict__
-        at = d.get('_output_len')
-        if at is None: at = len(d.get('output', '')) + sum(map(len, d.get('_output_parts', ())))  # (an object made without __init__)
-        d.setdefault('_output_parts', []).append(chunk)
+        if (text := d.pop('output', None)) is not None:  # read or set since the last chunk: the chunks start again
+            at, d['_output_text'], d['_output_parts'] = len(text), text, [chunk]
+        else:  # (chunks wait; or an object made without __init__, which has no text yet)
+            at = d.get('_output_len', 0)
+            d.setdefault('_output_parts', []).append(chunk)
         d['_output_len'] = at + len(chunk)
     return at
 
@@ -1483,7 +1480,7 @@ async def start_job(self:BaseJobManager,
         backlog = False
         if not err:
             request.setdefault('stream', self.supports_streaming)
-            params = {k: v for k, v in request.items() if k not in _PROTOCOL_KEYS}  # (a client's `request_id` made the
+            params = request if _PROTOCOL_KEYS.isdisjoint(request) else {k: v for k, v in request.items() if k not in _PROTOCOL_KEYS}  # (a client's `request_id` made the
             msg = {**params, 'type': 'execute', 'job_id': job.id, 'plugin_name': plugin_name, 'plugin_config': config}  # worker drop the job)
             if self.worker_config.max_loaded_plugins: msg['max_loaded_plugins'] = self.worker_config.max_loaded_plugins
             try: data = dumps(msg)
