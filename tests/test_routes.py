@@ -49,6 +49,20 @@ def sqlite_app(tmp_path, worker_type, prefix=None, **routes):
     return app, mgr
 
 
+def single_app(worker_type, entry_point=None, history_size=1024):
+    "An app with one reference manager (worker type and prefix `worker_type`) and its own broadcaster."
+    bc = SSEBroadcaster(heartbeat_seconds=0, history_size=history_size)
+    mgr = ReferenceJobManager(worker_type=worker_type, event_broadcaster=bc,
+                              **({'entry_point': entry_point} if entry_point is not None else {}))
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix=f'/{worker_type}')
+    return app, mgr
+
+
 def start(cli, prefix, plugin_id, **params):
     "Start a job with a plain form post; its id (from the 303 to its page)."
     r = cli.post(f'{prefix}/start', data={'plugin_id': plugin_id, 'params': json.dumps(params)}, follow_redirects=False)
@@ -598,14 +612,7 @@ def test_text_that_utf8_cannot_encode_and_a_client_chosen_plugin_name_are_400s()
 def test_a_plugins_text_that_utf8_cannot_encode_shows_as_a_question_mark_everywhere():
     "A plugin that streams, returns and raises lone surrogates: pages, JSON and streams still work (with '?')."
     from _m_plugins import m_worker
-    bc = SSEBroadcaster(heartbeat_seconds=0)
-    mgr = ReferenceJobManager(worker_type='sur', event_broadcaster=bc, entry_point=m_worker)
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    mount_job_routes(app, mgr, bc, prefix='/sur')
+    app, mgr = single_app('sur', m_worker)
     with TestClient(app) as cli:
         ok, bad = start(cli, '/sur', 'surrogate'), start(cli, '/sur', 'surrogate', fail=True)
         done = [cli.portal.call(mgr.wait_for_job, j, 30) for j in (ok, bad)]
@@ -626,14 +633,7 @@ def test_nan_and_infinity_in_a_result_or_a_parameter_reach_json_clients_as_null(
     """A plugin's `float('nan')` made the JSON list and detail answer 500 (Starlette's JSONResponse refuses NaN) for
     every job on the page, and the JSON stream sent `NaN`, which a browser's JSON.parse rejects."""
     from _m_plugins import m_worker
-    bc = SSEBroadcaster(heartbeat_seconds=0)
-    mgr = ReferenceJobManager(worker_type='nan', event_broadcaster=bc, entry_point=m_worker)
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    mount_job_routes(app, mgr, bc, prefix='/nan')
+    app, mgr = single_app('nan', m_worker)
     J = {'accept': 'application/json'}
     def strict(text):  # what a browser accepts: no NaN or Infinity tokens
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
@@ -653,14 +653,7 @@ def test_nan_and_infinity_in_a_result_or_a_parameter_reach_json_clients_as_null(
 def test_a_json_client_that_missed_events_rebuilds_the_text_from_the_chunk_offsets():
     """A stream opened after the broadcaster's history moved past its start begins with `reset`: the client reads the
     job and takes from each later chunk only what its `offset` says the text does not have yet (docs/fasthtml.md)."""
-    bc = SSEBroadcaster(heartbeat_seconds=0, history_size=16)
-    mgr = ReferenceJobManager(worker_type='off', event_broadcaster=bc)
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    mount_job_routes(app, mgr, bc, prefix='/off')
+    app, mgr = single_app('off', history_size=16)
     J = {'accept': 'application/json'}
     text = ' '.join(f"t{i}" for i in range(400))
     with TestClient(app) as cli:
