@@ -4,7 +4,7 @@
 
 # %% ../../nbs/fasthtml/sse.ipynb #524a05f5
 from __future__ import annotations
-import asyncio, inspect, itertools, json, logging, math, re, threading, time
+import asyncio, inspect, itertools, json, logging, re, threading, time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional

@@ -39,7 +39,7 @@ class RemotePluginSpec:
                                  start_timeout=self.start_timeout, stop_timeout=self.stop_timeout)
 
 # %% ../../nbs/remote/adapter.ipynb #40595982
-_STDERR, _OWN = '\n--- worker stderr (last lines) ---\n', 'cjm_workers.remote.worker: error: '
+_OWN = 'cjm_workers.remote.worker: error: '  # how the worker's own error line starts (its command line's error)
 
 @contextlib.contextmanager
 def _stderr_off_the_job():
@@ -48,11 +48,10 @@ def _stderr_off_the_job():
     `traceback`; the worker's own error line (e.g. `No module named 'whisper'`) stays in the message."""
     try: yield
     except RemoteWorkerError as e:
-        head, sep, tail = str(e).partition(_STDERR)
-        if not sep: raise
-        own = [l[l.index(_OWN) + len(_OWN):] for l in tail.splitlines() if _OWN in l]
-        out = RemoteWorkerError(head + (f" ({own[-1]})" if own else " (its stderr is in the job's traceback)"))
-        out.remote_traceback = sep.lstrip('\n') + tail
+        if not e.stderr: raise
+        own = [l[l.index(_OWN) + len(_OWN):] for l in e.stderr.splitlines() if _OWN in l]
+        out = RemoteWorkerError(e.summary + (f" ({own[-1]})" if own else " (its stderr is in the job's traceback)"))
+        out.remote_traceback = f"--- worker stderr (last lines) ---\n{e.stderr}"
         raise out from e
 
 class RemotePluginManager:

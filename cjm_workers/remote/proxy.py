@@ -26,6 +26,8 @@ __all__ = ['log', 'RemoteWorkerError', 'RemotePluginError', 'RemoteCancelledErro
 class RemoteWorkerError(RuntimeError):
     "The worker process could not start, died, was stopped mid-call, or cannot be reached."
     remote_traceback: Optional[str] = None  # the process's failure is in the message (with its stderr)
+    summary: Optional[str] = None  # the message without the worker's stderr (when it has some)
+    stderr: Optional[str] = None  # the worker's last lines of stderr, if the message carries them
 
 class RemotePluginError(RuntimeError):
     "The hosted plugin raised, or the worker refused the request."
@@ -146,9 +148,12 @@ def _on_line(self:RemotePluginProxy, is_stdout:bool, raw:bytes)->None:
     log.info("worker %s [%s] %s", self.label, 'stdout' if is_stdout else 'stderr', line)
 
 @patch
-def _stderr_text(self:RemotePluginProxy)->str:
+def _ended(self:RemotePluginProxy, what:str)->RemoteWorkerError:
+    "The error for a worker that ended or was killed: `what`, then its last lines of stderr (also kept apart)."
     text = '\n'.join(self.stderr_tail).strip()
-    return f"\n--- worker stderr (last lines) ---\n{text}" if text else " (no output on stderr)"
+    e = RemoteWorkerError(what + (f"\n--- worker stderr (last lines) ---\n{text}" if text else " (no output on stderr)"))
+    e.summary, e.stderr = what, text or None
+    return e
 
 # %% ../../nbs/remote/proxy.ipynb #b3b08e32
 @patch
@@ -185,11 +190,10 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
             if proc.poll() is None:
                 self._kill_tree(proc)
                 self._reader.join(2); self._close_output(proc)
-                raise RemoteWorkerError(f"the worker for {self.label} did not start serving within "
-                                        f"{self.start_timeout} s; it was killed.{self._stderr_text()}")
+                raise self._ended(f"the worker for {self.label} did not start serving within "
+                                  f"{self.start_timeout} s; it was killed.")
             proc.wait(); self._reader.join(2); self._close_output(proc)
-            raise RemoteWorkerError(f"the worker for {self.label} {describe_exit(proc.returncode)} before it was "
-                                    f"ready.{self._stderr_text()}")
+            raise self._ended(f"the worker for {self.label} {describe_exit(proc.returncode)} before it was ready.")
         self.port = int(info['port'])
         self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout(),
                                     limits=_LIMITS, trust_env=False)
@@ -342,8 +346,7 @@ def _unreachable(self:RemotePluginProxy, e:Exception)->RemoteWorkerError:
         return RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
     if proc.poll() is not None:
         if self._reader is not None: self._reader.join(1)
-        return RemoteWorkerError(f"the worker for {self.label} (pid {proc.pid}) {describe_exit(proc.returncode)}"
-                                 f"{self._stderr_text()}")
+        return self._ended(f"the worker for {self.label} (pid {proc.pid}) {describe_exit(proc.returncode)}")
     return RemoteWorkerError(f"the worker for {self.label} (pid {proc.pid}) cannot be reached: "
                              f"{type(e).__name__}: {e}")
 
