@@ -1,7 +1,8 @@
 """Compatibility with cjm-fasthtml-workers: an app's worker entry point, plugin manager and manager subclass written
 the predecessor's way still work; base_worker_process driven with plain multiprocessing queues; and the public
 names, fields, defaults and signatures of the seed."""
-import dataclasses, inspect, multiprocessing as mp, uuid
+import asyncio, dataclasses, inspect, multiprocessing as mp, re, uuid
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -11,7 +12,9 @@ import _b_entry
 from cjm_workers.core.worker import base_worker_process
 from cjm_workers.managers.base import BaseJob, BaseJobManager
 from cjm_workers.core.config import RestartPolicy, WorkerConfig
-from cjm_workers.testing import RecordingBroadcaster
+from cjm_workers.stores.sqlite import SQLiteJobStore
+from cjm_workers.testing import RecordingBroadcaster, wait_until
+from _d_helpers import StoreJobManager
 
 T = 30
 
@@ -103,6 +106,43 @@ def test_manager_subclass_can_subscript_base_job_manager_like_the_predecessor():
     assert isinstance(m, BaseJobManager) and m.worker_process is None
 
 
+class _HookedManager(StoreJobManager):
+    """Hooks written either way, as ported apps write them: a plain-def `_validate_resources` (the seed's is async) and
+    an async `_on_job_completed` that awaits something and then changes the job."""
+    def _validate_resources(self, plugin_id, plugin_config):
+        return 'no GPU is free' if plugin_id == 'slow' else None
+    async def _on_job_completed(self, job_id):
+        await asyncio.sleep(0.2)  # e.g. a notification sent to another service
+        self.jobs[job_id].params['notified'] = True
+
+
+async def test_hooks_may_be_plain_or_async_and_what_an_async_hook_changes_is_saved(mk, tmp_path):
+    db = str(tmp_path / 'jobs.db')
+    mgr = _HookedManager(SQLiteJobStore(db))
+    try:
+        refused = await mgr.start_job('slow', seconds=5)
+        assert (refused.status, refused.error) == ('failed', 'no GPU is free')  # refused before reaching a worker
+        done = await mgr.wait_for_job((await mgr.start_job('echo', text='a')).id, timeout=T)
+        assert done.status == 'completed' and 'notified' not in done.params  # the hook runs after, on the loop
+        await wait_until(lambda: done.params.get('notified'), T)
+        last = await mgr.start_job('echo', text='b', sleep=0.3)
+        await wait_until(lambda: last.status == 'running', T)
+    finally: await mgr.ashutdown(drain_timeout=T)  # `last` finishes, and its hook ends before the store closes
+    assert last.status == 'completed' and last.params.get('notified') is True
+    again = mk(SQLiteJobStore(db))
+    assert again.get_job(done.id).params == {'text': 'a', 'notified': True}  # the store kept what the hooks changed
+    assert again.get_job(last.id).params == {'text': 'b', 'sleep': 0.3, 'notified': True}
+    assert again.get_job(refused.id).error == 'no GPU is free'
+
+
+def test_an_async_def_where_the_manager_needs_a_plain_def_is_refused_at_once():
+    "An `async def extract_job_result` would make every result a coroutine: the class is refused when created."
+    class AsyncResults(TextProcessingManager):
+        async def extract_job_result(self, job, result_data): return result_data
+    with pytest.raises(TypeError, match=r"AsyncResults\.extract_job_result is an async def, but the job manager calls it as a plain function"):
+        AsyncResults()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 2. base_worker_process with plain multiprocessing queues
 
@@ -187,6 +227,16 @@ def test_config_names_fields_and_defaults():
     c = WorkerConfig()
     for name, default in SEED_CONFIG: assert getattr(c, name) == default, name
     assert WorkerConfig(*[d for _, d in SEED_CONFIG]) == c
+
+
+def test_the_porting_guide_lists_every_new_config_field_with_its_default():
+    "docs/porting.md's table of new `WorkerConfig` fields has a row for each field the seed did not have, with its default."
+    text = (Path(__file__).parent.parent / 'docs' / 'porting.md').read_text()
+    table = text.split('### `WorkerConfig`: new fields', 1)[1].split('\n\n`WorkerConfig` now validates', 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", table, re.M))
+    new = [f for f in dataclasses.fields(WorkerConfig) if f.name not in dict(SEED_CONFIG)]
+    assert sorted(rows) == sorted(f.name for f in new), set(rows) ^ {f.name for f in new}
+    for f in new: assert rows[f.name] == repr(getattr(WorkerConfig(), f.name)), (f.name, rows[f.name])
 
 
 def test_protocol_and_adapter_names():

@@ -141,6 +141,7 @@ def test_sighup_shuts_the_demo_down_cleanly(demo_cmd):
     demo.proc.send_signal(signal.SIGHUP)
     assert demo.proc.wait(30) == 0, ''.join(demo.lines)
     import sqlite3
-    with sqlite3.connect(demo.db) as db:
+    from contextlib import closing
+    with closing(sqlite3.connect(demo.db)) as db:
         (status, reason), = db.execute("SELECT status, reason FROM jobs_demo WHERE id = ?", (jid,)).fetchall()
     assert (status, reason) == ('cancelled', 'the manager shut down'), (status, reason)

@@ -4,11 +4,13 @@ import re, subprocess, sys, textwrap
 from pathlib import Path
 
 README = Path(__file__).parent.parent / 'README.md'
+PLUGINS_GUIDE = Path(__file__).parent.parent / 'docs' / 'plugins.md'
 
 
-def example_files() -> dict:
-    "The README's python code blocks whose first line is `# <path>.py`, by path."
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def example_files(doc: Path = README) -> dict:
+    "The python code blocks of `doc` whose first line is `# <path>.py`, by path (indented blocks dedented)."
+    blocks = re.findall(r"^( *)```python\n(.*?)^ *```", doc.read_text(), re.S | re.M)
+    blocks = [textwrap.dedent(''.join(indent + l for l in b.splitlines(True))) for indent, b in blocks]
     return {m.group(1): b for b in blocks if (m := re.match(r"# (\S+\.py)\n", b))}
 
 
@@ -35,3 +37,14 @@ def test_the_readme_example_runs_as_written(tmp_path):
         """)
     p = subprocess.run([sys.executable, '-c', check], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == 'ok', p.stdout + p.stderr[-3000:]
+
+
+def test_the_plugin_guide_script_runs_on_the_readme_module(tmp_path):
+    "docs/plugins.md's `# app.py` (a script driving the README's manager) runs as written: the job completes."
+    files = example_files()
+    (tmp_path / 'myapp').mkdir()
+    (tmp_path / 'myapp' / '__init__.py').write_text('')
+    (tmp_path / 'myapp' / 'jobs.py').write_text(files['myapp/jobs.py'])
+    (tmp_path / 'script.py').write_text(example_files(PLUGINS_GUIDE)['app.py'])
+    p = subprocess.run([sys.executable, 'script.py'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("completed {'text': 'transcript of talk.wav'"), p.stdout + p.stderr[-3000:]

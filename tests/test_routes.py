@@ -470,7 +470,7 @@ def test_a_too_big_body_is_a_413_before_it_is_read():
         body = json.dumps({'plugin_id': 'echo', 'params': {'text': 'x' * 30_000_000}}).encode()
         with httpx.Client(base_url=base, timeout=30) as c:
             r = c.post('/alpha/start', content=body, headers={'content-type': 'application/json', 'accept': 'application/json'})
-            assert (r.status_code, r.text) == (413, 'the request body is larger than 1,048,576 bytes')
+            assert (r.status_code, r.json()) == (413, {'error': 'the request body is larger than 1,048,576 bytes'})  # JSON, as it asked
             def chunks():  # no Content-Length: chunked
                 for i in range(300): yield b'x' * 100_000
             r = c.post('/alpha/start', content=chunks(), headers={'content-type': 'application/json'})

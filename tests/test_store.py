@@ -1,6 +1,7 @@
 """Job stores (issue 5): jobs written to SQLite and read back, paging, bounded memory, purging, recovery after the
 app process was SIGKILLed, clean shutdown keeping queued jobs, and two managers on one database file."""
 import asyncio, json, logging, os, signal, subprocess, sys, threading, uuid
+from contextlib import closing
 from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import date, datetime, time as dt_time, timedelta, timezone
@@ -178,7 +179,7 @@ async def test_sigkilled_app_then_a_new_manager_on_the_same_file(mk, tmp_path):
         except psutil.NoSuchProcess: pass
     await wait_until(lambda: all(gone(w) for w in workers), 15)  # the workers followed their app
     import sqlite3  # the app comes back in a re-created container: another host name than the dead holder's
-    with sqlite3.connect(db) as c: c.execute("UPDATE _cjm_owners SET host = 'old-container'")
+    with closing(sqlite3.connect(db)) as c, c: c.execute("UPDATE _cjm_owners SET host = 'old-container'")
 
     events = RecordingBroadcaster()
     mgr = mk(SQLiteJobStore(db), config=dict(prefetch=1), event_broadcaster=events)
@@ -500,7 +501,7 @@ async def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_not
         assert not h['ok'] and h['failures'] >= 4 and h['unsaved'] == 1 and h['failing_seconds'] > 0.3, h
         assert 'locked' in h['error'] or 'Busy' in h['error'], h
     finally:
-        blocker.stdin.close(); blocker.wait(T)  # the lock goes with the process
+        blocker.stdin.close(); blocker.wait(T); blocker.stdout.close()  # the lock goes with the process
     assert store.flush(T)
     assert store.failures == 0 and store.stats['failed'] >= 4
     h = store.health()
@@ -686,13 +687,13 @@ async def test_a_table_of_another_program_is_named_and_left_as_it_is(mk, tmp_pat
     import sqlite3
     from cjm_workers.stores.base import JobStoreError
     db = tmp_path / 'shared.db'
-    with sqlite3.connect(db) as c:
+    with closing(sqlite3.connect(db)) as c, c:
         c.execute("CREATE TABLE jobs_reference (name TEXT, size INTEGER)")
         c.executemany("INSERT INTO jobs_reference VALUES (?, ?)", [('a', 1)] * rows)
     m = mk(SQLiteJobStore(db))
     with pytest.raises(JobStoreError, match=r"the table 'jobs_reference' was not made by cjm_workers \(it has no id, _seq, _type, status column\)"):
         await m.start()
-    with sqlite3.connect(db) as c:
+    with closing(sqlite3.connect(db)) as c:
         assert [r[1] for r in c.execute("PRAGMA table_info(jobs_reference)")] == ['name', 'size']
         assert c.execute("SELECT count(*) FROM jobs_reference").fetchone()[0] == rows
 

@@ -130,42 +130,7 @@ def _start_args(fields:dict, # the form fields (or JSON body)
         kwargs[name] = _scheduling_value(name, kwargs[name], scheduling[name])
     return plugin_id, kwargs
 
-# %% ../../nbs/fasthtml/routes.ipynb #b62bc2e2
-MAX_BODY_BYTES = 1 << 20  # default limit on a request body for the job routes (1 MiB)
-
-class BodyTooLarge(Exception):
-    "A request body bigger than its route accepts (answered with a 413)."
-
-def limit_body(app, # an ASGI app, e.g. a Starlette route's `app`
-               limit:int=MAX_BODY_BYTES # the most body bytes a request may send
-              ):
-    "Wrap `app` so that a request body over `limit` bytes is answered with 413 before it is read (or read further)."
-    def too_large(): return PlainTextResponse(f"the request body is larger than {limit:,} bytes", status_code=413)
-    async def limited(scope, receive, send):
-        if scope.get('type') != 'http': return await app(scope, receive, send)
-        declared = dict(scope.get('headers') or []).get(b'content-length', b'').strip()
-        if declared.isdigit() and int(declared) > limit: return await too_large()(scope, receive, send)
-        size, started = 0, False
-        async def counted():
-            nonlocal size
-            msg = await receive()
-            if msg.get('type') == 'http.request':
-                size += len(msg.get('body', b''))
-                if size > limit: raise BodyTooLarge()
-            return msg
-        async def tracked(msg):
-            nonlocal started
-            started = started or msg.get('type') == 'http.response.start'
-            await send(msg)
-        try: await app(scope, counted, tracked)
-        except BodyTooLarge:
-            if started: raise
-            await too_large()(scope, receive, send)
-    return limited
-
-# %% ../../nbs/fasthtml/routes.ipynb #51e2d58c
-def _default_page(title:str, *content): return Title(title), Main(H1(title), *content, cls='container')
-
+# %% ../../nbs/fasthtml/routes.ipynb #d8c69d8a
 def _accept_q(accept:str, media:str)->float:
     "The quality the Accept header gives `media` (its own entry, else `type/*`, else `*/*`; 0 if none)."
     best, kind = {}, media.split('/')[0] + '/*'
@@ -190,6 +155,42 @@ def _error(request, text:str, status:int, headers:Optional[dict]=None):
     "An error answer: JSON `{\"error\": text}` for a client that prefers JSON, else plain text."
     if _wants_json(request): return JSONResponse({'error': text}, status_code=status, headers=headers)
     return PlainTextResponse(text, status_code=status, headers=headers)
+
+# %% ../../nbs/fasthtml/routes.ipynb #b62bc2e2
+MAX_BODY_BYTES = 1 << 20  # default limit on a request body for the job routes (1 MiB)
+
+class BodyTooLarge(Exception):
+    "A request body bigger than its route accepts (answered with a 413)."
+
+def limit_body(app, # an ASGI app, e.g. a Starlette route's `app`
+               limit:int=MAX_BODY_BYTES # the most body bytes a request may send
+              ):
+    "Wrap `app` so that a request body over `limit` bytes is answered with 413 before it is read (or read further)."
+    def too_large(scope): return _error(Request(scope), f"the request body is larger than {limit:,} bytes", 413)  # JSON for a JSON client
+    async def limited(scope, receive, send):
+        if scope.get('type') != 'http': return await app(scope, receive, send)
+        declared = dict(scope.get('headers') or []).get(b'content-length', b'').strip()
+        if declared.isdigit() and int(declared) > limit: return await too_large(scope)(scope, receive, send)
+        size, started = 0, False
+        async def counted():
+            nonlocal size
+            msg = await receive()
+            if msg.get('type') == 'http.request':
+                size += len(msg.get('body', b''))
+                if size > limit: raise BodyTooLarge()
+            return msg
+        async def tracked(msg):
+            nonlocal started
+            started = started or msg.get('type') == 'http.response.start'
+            await send(msg)
+        try: await app(scope, counted, tracked)
+        except BodyTooLarge:
+            if started: raise
+            await too_large(scope)(scope, receive, send)
+    return limited
+
+# %% ../../nbs/fasthtml/routes.ipynb #51e2d58c
+def _default_page(title:str, *content): return Title(title), Main(H1(title), *content, cls='container')
 
 def _json_default(o):
     "What the JSON answers write for what JSON cannot hold: a dataclass as its fields, anything else as its text."

@@ -237,6 +237,7 @@ class BaseJobManager(ABC, Generic[JobType]):
                  job_store:Optional[JobStore]=None, # where jobs are kept (default: a `MemoryJobStore`)
                 ):
         "Initialize the job manager."
+        _check_sync_methods(type(self))
         self.worker_type, self.category, self.supports_streaming = worker_type, category, supports_streaming
         self.worker_config = worker_config or WorkerConfig()
         self.plugin_registry, self.resource_manager, self.event_broadcaster = plugin_registry, resource_manager, event_broadcaster
@@ -261,6 +262,9 @@ class BaseJobManager(ABC, Generic[JobType]):
         self._waiters: Dict[str, list] = {}  # job id → futures of wait_for_job
         self._done: list = []  # terminal job ids whose waiters are to be resolved
         self._state_waiters: list = []  # futures woken when a worker's state changes
+        self._later_hooks: list = []  # (job id, awaitable) an `async def _on_job_completed` returned, for the loop to run
+        self._hook_tasks: set = set()  # those running on the loop
+        self._store_open = True  # until shutdown closes the store
         self._events: deque = deque()  # (event_type, data) for the pump
         self._pump_task = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -345,6 +349,24 @@ def _on_job_completed(self:BaseJobManager,
                      )->None:
     "Hook called when a job completes successfully (exceptions are logged; the job stays completed)."
 
+_PLAIN_METHODS = ('create_job', 'get_worker_entry_point', 'prepare_execute_request', 'extract_job_result',
+                  'get_plugin_name', '_extract_plugin_resource_identifier')
+
+def _check_sync_methods(cls:type):
+    "Raise a TypeError naming a method the manager calls as a plain function that `cls` made an `async def`."
+    bad = [n for n in _PLAIN_METHODS if inspect.iscoroutinefunction(getattr(cls, n, None))]
+    if bad: raise TypeError(f"{cls.__name__}.{bad[0]} is an async def, but the job manager calls it as a plain function "
+                            f"(its result is used at once, under the manager's lock): make it a plain def")
+
+async def _verdict(v)->Optional[str]:
+    "What `_validate_resources` returned (from a plain def or an async def): None lets the job run; else why not."
+    if inspect.isawaitable(v): v = await v
+    if v is None: return None
+    if isinstance(v, str): return v or "_validate_resources refused the job (with an empty message)"
+    return (f"_validate_resources returned {v!r}: it must return None to let the job run, "
+            f"or a message saying why it cannot")
+
+
 # %% ../../nbs/managers/base.ipynb #54dd6683
 @patch
 def get_plugin_name(self:BaseJobManager,
@@ -424,6 +446,8 @@ def _kick(self:BaseJobManager):
             else: done, self._done = [d for d in done if d[2] <= c], [d for d in done if d[2] > c]
         futs = [(f, job) for jid, job, _ in done for f in self._waiters.pop(jid, ())]
         states, self._state_waiters = self._state_waiters, []
+        hooks, self._later_hooks = self._later_hooks, []
+    for jid, aw in hooks: self._run_hook(jid, aw)
     for f, job in futs:
         if f.done(): continue
         if job is _KEPT: f.set_exception(RuntimeError("the manager shut down; the job stays pending in the job store "
@@ -433,6 +457,38 @@ def _kick(self:BaseJobManager):
         if not f.done(): f.set_result(None)
     if self._events and (self._pump_task is None or self._pump_task.done()):
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+
+@patch
+def _run_hook(self:BaseJobManager, jid:str, aw):
+    "On the loop: run what an `async def _on_job_completed` returned for job `jid` as a task of its own."
+    t = asyncio.ensure_future(aw)
+    self._hook_tasks.add(t)  # (the loop keeps only a weak reference to a task)
+    t.add_done_callback(lambda t: _hook_done(self._self_ref, jid, t))
+
+def _hook_done(ref, jid:str, t:asyncio.Future):
+    "An async `_on_job_completed` ended: log what it raised, or save what it changed on the job."
+    m = ref()
+    if m is not None: m._hook_tasks.discard(t)
+    if t.cancelled(): return
+    if (e := t.exception()) is not None:
+        return log.error("_on_job_completed(%r) raised; the job stays completed", jid, exc_info=e)
+    if m is None: return
+    with m._lock:
+        job = m.jobs.get(jid)
+        if job is None: return
+        if m._store_open: m._store.save(job)  # the store keeps what the hook changed on the job
+        else: log.warning("_on_job_completed(%r) ended after the job store closed: what it changed on the job is not saved", jid)
+
+@patch
+def _finish_hooks(self:BaseJobManager, timeout:float):
+    "At shutdown, from a thread other than the loop's: wait up to `timeout` s for the async `_on_job_completed` calls under way."
+    loop = self._loop
+    if not (self._later_hooks or self._hook_tasks) or loop is None or loop.is_closed() or _running_loop() is loop: return
+    async def settle():
+        self._kick()  # (hooks not yet started start now)
+        if self._hook_tasks: await asyncio.wait(set(self._hook_tasks), timeout=timeout)
+    try: asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout + 1)
+    except Exception as e: log.warning("waiting for _on_job_completed calls at shutdown: %s: %s", type(e).__name__, e)
 
 # %% ../../nbs/managers/base.ipynb #5ebd4d15
 @patch
@@ -456,7 +512,7 @@ async def read_settled(self:BaseJobManager,
 def _flush(self:BaseJobManager):
     "From any thread: have the event loop run `_kick` if there is anything for it."
     loop = self._loop
-    if loop is None or loop.is_closed() or not (self._events or self._done or self._state_waiters): return
+    if loop is None or loop.is_closed() or not (self._events or self._done or self._state_waiters or self._later_hooks): return
     if loop is _running_loop(): return self._kick()
     if self._kick_posted: return  # the queued `_kick` has not started yet, so it will see this work too
     self._kick_posted = True
@@ -582,8 +638,10 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
             else:
                 job.result = self.job_results[jid] = result
                 self._terminal(job, 'completed')
-                try: self._on_job_completed(jid)
+                try: later = self._on_job_completed(jid)
                 except Exception: log.exception("_on_job_completed(%r) raised; the job stays completed", jid)
+                else:
+                    if later is not None and inspect.isawaitable(later): self._later_hooks.append((jid, later))  # an async def
                 if type(self)._on_job_completed is not BaseJobManager._on_job_completed:
                     self._store.save(job)  # the store keeps what the hook changed on the job too
         elif timed_out and (not self._closed or self._draining):  # stopped (or failed) after its time ran out
@@ -1460,7 +1518,7 @@ async def start_job(self:BaseJobManager,
             if self.plugin_registry.get_plugin(plugin_id) is None:
                 err = f"unknown plugin {plugin_id!r}: the plugin registry has no such plugin"
             else: config = dict(self.plugin_registry.load_plugin_config(plugin_id) or {})
-        if err is None: err = await self._validate_resources(plugin_id, config)
+        if err is None: err = await _verdict(self._validate_resources(plugin_id, config))
         if err is None:
             request = dict(self.prepare_execute_request(job) or {})
             plugin_name = request.pop('plugin_name', None) or self.get_plugin_name(plugin_id) or plugin_id
@@ -1922,6 +1980,8 @@ def shutdown(self:BaseJobManager,
         for fd in self._wake_fds: os.close(fd)
         self._wake_fds.clear()
     if self._finalizer is not None: self._finalizer.detach()
+    self._finish_hooks(self.worker_config.event_timeout_seconds)  # what they change on their jobs is saved too,
+    with self._lock: self._store_open = False                    # before the store's lease goes
     if self._journal is not None:  # before the lease goes: the next manager may start at once and read the journal
         failing = self._store.failing  # then `release` below waits `close_timeout`: do not wait twice
         self._journal.close(clean=self._store.flush(0 if failing else getattr(self._store, 'close_timeout', 5.0)))
