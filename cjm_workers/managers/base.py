@@ -226,65 +226,7 @@ class _PendingQueue:
 # %% ../../nbs/managers/base.ipynb #539051ea
 class BaseJobManager(ABC, Generic[JobType]):
     "Abstract base class for managing jobs using worker processes."
-    def __init__(self,
-                 worker_type:str, # Type identifier (e.g., "transcription", "llm", "image-gen")
-                 category:Any, # Plugin category this manager handles
-                 supports_streaming:bool=False, # Whether this manager supports streaming jobs
-                 worker_config:Optional[WorkerConfig]=None, # Worker configuration (uses defaults if None)
-                 plugin_registry:Optional[PluginRegistryProtocol]=None, # Optional plugin registry integration
-                 resource_manager:Optional[ResourceManagerProtocol]=None, # Optional resource manager integration
-                 event_broadcaster:Optional[EventBroadcasterProtocol]=None, # Optional SSE event broadcaster
-                 job_store:Optional[JobStore]=None, # where jobs are kept (default: a `MemoryJobStore`)
-                ):
-        "Initialize the job manager."
-        _check_sync_methods(type(self))
-        self.worker_type, self.category, self.supports_streaming = worker_type, category, supports_streaming
-        self.worker_config = worker_config or WorkerConfig()
-        self.plugin_registry, self.resource_manager, self.event_broadcaster = plugin_registry, resource_manager, event_broadcaster
-        self.jobs: Dict[str, JobType] = {}  # active jobs and a cache of recently finished ones (the store has all)
-        self.job_results: Dict[str, Dict[str, Any]] = {}  # results of the completed jobs in `jobs`
-        self._store: JobStore = None
-        self.job_store = job_store if job_store is not None else MemoryJobStore()
-        self.restart_count, self.last_restart_time = 0, None
-        self._ctx = mp.get_context(self.worker_config.start_method)
-        self._lock = threading.RLock()
-        self._slots = [_Slot(i) for i in range(self.worker_config.max_workers)]
-        self._pending = _PendingQueue(self._seq_of)  # job ids waiting for a worker, by priority then age
-        self._next_seq = None  # sequence number of the next job (continues the store's)
-        self._finished: deque = deque()  # ids of finished jobs still cached in `jobs`, oldest first
-        self._retries: list = []  # heap of (when, seq, job id): failed jobs waiting for their retry
-        self._timed_out: set = set()  # running jobs whose time ran out (cancel under way)
-        self._kept: set = set()  # jobs left pending in a durable store at shutdown
-        self._outbox: list = []  # [(slot, [messages], control, its worker's gen)] decided under the lock, sent after it
-        self._owner = uuid.uuid4().hex  # this manager's id in the store's lease
-        self._config_overrides: Dict[str, dict] = {}  # plugin name → config from the last successful reload
-        self._requests: Dict[str, tuple] = {}  # job id → (pickled execute request, plugin config), until it ends
-        self._waiters: Dict[str, list] = {}  # job id → futures of wait_for_job
-        self._done: list = []  # terminal job ids whose waiters are to be resolved
-        self._state_waiters: list = []  # futures woken when a worker's state changes
-        self._later_hooks: list = []  # (job id, awaitable) an `async def _on_job_completed` returned, for the loop to run
-        self._hook_tasks: set = set()  # those running on the loop
-        self._store_open = True  # until shutdown closes the store
-        self._events: deque = deque()  # (event_type, data) for the pump
-        self._pump_task = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._kick_posted = False  # a `_kick` is already queued on the loop (one is enough)
-        self._self_ref = weakref.ref(self)  # what queued callbacks hold: a dropped manager must stay collectable
-        self._thread: Optional[threading.Thread] = None
-        self._wake_fds: list = []  # [read fd, write fd] of the management thread's wake-up pipe
-        self._sleep_until = math.inf  # the nearest deadline the management thread is waiting for
-        self._purge_at, self._purger = 0.0, None  # retention (`keep_finished_seconds`): next purge, the thread doing one
-        self._started = self._thread_stop = self._draining = False
-        self._writer_up: Optional[asyncio.Future] = None  # the first start's wait for a durable store's writer
-        self._stop_reason = 'the manager shut down'  # why shutdown cancels a job
-        self._flags = {'closed': False}  # shared with the finalizer, which may close the manager at exit
-        self._finalizer = None
-        self._journal: Optional[StartJournal] = None  # a durable store's start journal (which jobs went to a worker)
-        self._old_journal: Optional[dict] = None  # while an old journal file waits to be retired: {'wait', 'ticket'}
-        self._dead_logs: deque = deque()  # (ticket, path): start logs of ended workers, deleted once `ticket` is committed
-        self._run_token = uuid.uuid4().hex[:12]  # this manager's part of its workers' start log names
-        self._dropped_events, self._drop_logged_at = 0, -math.inf  # events dropped from a full queue; its last warning
-
+    # the four methods a subclass writes (see *Start here*)
     @abstractmethod
     def create_job(self,
                    plugin_id:str, # Plugin unique identifier
@@ -306,6 +248,28 @@ class BaseJobManager(ABC, Generic[JobType]):
                           )->Dict[str, Any]: # Formatted result for storage
         "Extract and format job result from worker response."
 
+    def __init__(self,
+                 worker_type:str, # Type identifier (e.g., "transcription", "llm", "image-gen")
+                 category:Any, # Plugin category this manager handles
+                 supports_streaming:bool=False, # Whether this manager supports streaming jobs
+                 worker_config:Optional[WorkerConfig]=None, # Worker configuration (uses defaults if None)
+                 plugin_registry:Optional[PluginRegistryProtocol]=None, # Optional plugin registry integration
+                 resource_manager:Optional[ResourceManagerProtocol]=None, # Optional resource manager integration
+                 event_broadcaster:Optional[EventBroadcasterProtocol]=None, # Optional SSE event broadcaster
+                 job_store:Optional[JobStore]=None, # where jobs are kept (default: a `MemoryJobStore`)
+                ):
+        "Initialize the job manager."
+        _check_sync_methods(type(self))
+        self.worker_type, self.category, self.supports_streaming = worker_type, category, supports_streaming
+        self.worker_config = worker_config or WorkerConfig()
+        self.plugin_registry, self.resource_manager, self.event_broadcaster = plugin_registry, resource_manager, event_broadcaster
+        self.jobs: Dict[str, JobType] = {}  # active jobs and a cache of recently finished ones (the store has all)
+        self.job_results: Dict[str, Dict[str, Any]] = {}  # results of the completed jobs in `jobs`
+        self._store: JobStore = None
+        self.job_store = job_store if job_store is not None else MemoryJobStore()
+        self.restart_count, self.last_restart_time = 0, None
+        self._init_state()  # the machinery's own state (the next cell)
+
     @property
     def worker_process(self):
         "The (first) worker's `multiprocessing.Process`, or None while it is not running."
@@ -324,6 +288,49 @@ class BaseJobManager(ABC, Generic[JobType]):
         store.bind(self.worker_type)
         self._store = store
     def _seq_of(self, jid:str)->int: return getattr(self.jobs.get(jid), '_seq', 0)
+
+# %% ../../nbs/managers/base.ipynb #d27acc83
+@patch
+def _init_state(self:BaseJobManager):
+    "The manager's private state: its lock, worker slots, queue, waiters, events and threads (set by `__init__`)."
+    self._ctx = mp.get_context(self.worker_config.start_method)
+    self._lock = threading.RLock()
+    self._slots = [_Slot(i) for i in range(self.worker_config.max_workers)]
+    self._pending = _PendingQueue(self._seq_of)  # job ids waiting for a worker, by priority then age
+    self._next_seq = None  # sequence number of the next job (continues the store's)
+    self._finished: deque = deque()  # ids of finished jobs still cached in `jobs`, oldest first
+    self._retries: list = []  # heap of (when, seq, job id): failed jobs waiting for their retry
+    self._timed_out: set = set()  # running jobs whose time ran out (cancel under way)
+    self._kept: set = set()  # jobs left pending in a durable store at shutdown
+    self._outbox: list = []  # [(slot, [messages], control, its worker's gen)] decided under the lock, sent after it
+    self._owner = uuid.uuid4().hex  # this manager's id in the store's lease
+    self._config_overrides: Dict[str, dict] = {}  # plugin name → config from the last successful reload
+    self._requests: Dict[str, tuple] = {}  # job id → (pickled execute request, plugin config), until it ends
+    self._waiters: Dict[str, list] = {}  # job id → futures of wait_for_job
+    self._done: list = []  # terminal job ids whose waiters are to be resolved
+    self._state_waiters: list = []  # futures woken when a worker's state changes
+    self._later_hooks: list = []  # (job id, awaitable) an `async def _on_job_completed` returned, for the loop to run
+    self._hook_tasks: set = set()  # those running on the loop
+    self._store_open = True  # until shutdown closes the store
+    self._events: deque = deque()  # (event_type, data) for the pump
+    self._pump_task = None
+    self._loop: Optional[asyncio.AbstractEventLoop] = None
+    self._kick_posted = False  # a `_kick` is already queued on the loop (one is enough)
+    self._self_ref = weakref.ref(self)  # what queued callbacks hold: a dropped manager must stay collectable
+    self._thread: Optional[threading.Thread] = None
+    self._wake_fds: list = []  # [read fd, write fd] of the management thread's wake-up pipe
+    self._sleep_until = math.inf  # the nearest deadline the management thread is waiting for
+    self._purge_at, self._purger = 0.0, None  # retention (`keep_finished_seconds`): next purge, the thread doing one
+    self._started = self._thread_stop = self._draining = False
+    self._writer_up: Optional[asyncio.Future] = None  # the first start's wait for a durable store's writer
+    self._stop_reason = 'the manager shut down'  # why shutdown cancels a job
+    self._flags = {'closed': False}  # shared with the finalizer, which may close the manager at exit
+    self._finalizer = None
+    self._journal: Optional[StartJournal] = None  # a durable store's start journal (which jobs went to a worker)
+    self._old_journal: Optional[dict] = None  # while an old journal file waits to be retired: {'wait', 'ticket'}
+    self._dead_logs: deque = deque()  # (ticket, path): start logs of ended workers, deleted once `ticket` is committed
+    self._run_token = uuid.uuid4().hex[:12]  # this manager's part of its workers' start log names
+    self._dropped_events, self._drop_logged_at = 0, -math.inf  # events dropped from a full queue; its last warning
 
 # %% ../../nbs/managers/base.ipynb #da94b39f
 @patch
