@@ -215,10 +215,15 @@ class ReferenceJob(BaseJob):
     params: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for the plugin
 
 class ReferenceJobManager(BaseJobManager):
-    "A complete `BaseJobManager` subclass running the reference plugins."
-    def __init__(self, worker_config:Optional[WorkerConfig]=None, event_broadcaster=None, resource_manager=None,
-                 plugin_registry=None, entry_point=reference_worker, worker_type:str='reference', supports_streaming:bool=True,
-                 job_store=None):
+    "A complete `BaseJobManager` subclass running the reference plugins (or, through `entry_point`, plugins of your own)."
+    def __init__(self,
+                 worker_config:Optional[WorkerConfig]=None, # as `BaseJobManager`'s
+                 event_broadcaster=None, resource_manager=None, plugin_registry=None, # as `BaseJobManager`'s
+                 entry_point=reference_worker, # the worker's entry point: a top-level function of an importable module calling `base_worker_process(..., plugin_manager_factory=...)`, e.g. with `ReferencePluginManager({name: plugin class})` of your plugins
+                 worker_type:str='reference', # its events are `f"{worker_type}:{event}"`
+                 supports_streaming:bool=True, # as `BaseJobManager`'s
+                 job_store=None # as `BaseJobManager`'s (default: a `MemoryJobStore`)
+                ):
         super().__init__(worker_type, 'reference', supports_streaming=supports_streaming, worker_config=worker_config,
                          plugin_registry=plugin_registry, resource_manager=resource_manager,
                          event_broadcaster=event_broadcaster, job_store=job_store)

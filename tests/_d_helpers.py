@@ -23,14 +23,15 @@ class EnvPlugin(ReferencePlugin):
 
 
 class FlakyPlugin(ReferencePlugin):
-    "Fails (ValueError) on its first `fail_times` runs for `counter` (a file path), then returns the run number."
+    "Fails (ValueError) on its first `fail_times` runs for `counter` (a file path), then returns the run number (and the job's attempt)."
     name = 'flaky'
     def execute(self, counter='', fail_times=1, **kwargs):
+        from cjm_workers.core.worker import current_job
         p = Path(counter)
         n = int(p.read_text()) + 1 if p.exists() else 1
         p.write_text(str(n))
         if n <= fail_times: raise ValueError(f"flaky run {n}")
-        return {'text': f"run {n}", 'metadata': {'pid': os.getpid()}}
+        return {'text': f"run {n}", 'metadata': {'pid': os.getpid(), 'attempt': current_job().attempt}}
 
 
 class RunLogPlugin(ReferencePlugin):

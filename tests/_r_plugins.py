@@ -1,6 +1,6 @@
 """Plugins for tests/test_remote_worker.py, imported by name by the worker subprocess (tests/ is on its PYTHONPATH)."""
 import os, time
-from cjm_workers.core.worker import cancel_requested, check_cancelled, report_progress
+from cjm_workers.core.worker import cancel_requested, check_cancelled, current_job, report_progress
 from cjm_workers.remote.plugin import PluginInterface
 
 if os.environ.get('R_IMPORT_SECONDS'): time.sleep(float(os.environ['R_IMPORT_SECONDS']))  # a plugin module slow to import
@@ -19,6 +19,15 @@ class FlakyPlugin:
         yield 'first'
         yield {'second': 2}
         raise RuntimeError("broke after two items")
+
+
+class Attempts:
+    "Fails its job's runs before attempt `succeed_at` (`current_job().attempt`, from the manager), then returns the attempt."
+    name, version = 'attempts', '0'
+    def execute(self, succeed_at=2, **kwargs):
+        attempt = current_job().attempt
+        if attempt < succeed_at: raise RuntimeError(f"attempt {attempt} fails")
+        return {'attempt': attempt}
 
 
 class NoExecute:

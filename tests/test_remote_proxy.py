@@ -498,6 +498,16 @@ async def test_a_partial_result_survives_the_cancel(track):
     assert job.result['metadata'] == {'partial': True} and job.result['text'].endswith(' of 3000'), job.result
 
 
+async def test_a_remote_plugin_sees_its_jobs_attempt_as_a_local_one_does(track):
+    "A retry's attempt reaches the plugin in its Universal Worker (`current_job().attempt`), as in a worker process."
+    spec = RemotePluginSpec('attempts', '_r_plugins', 'Attempts', cwd=TESTS, env={'PYTHONPATH': TESTS})
+    mgr = track(ReferenceJobManager(entry_point=remote_worker_entry([spec])))
+    job = await mgr.wait_for_job((await mgr.start_job('attempts', succeed_at=3, max_retries=3,
+                                                     retry_backoff_seconds=0.01)).id, timeout=60)
+    assert (job.status, job.attempts, job.result) == ('completed', 3, {'attempt': 3}), (job.status, job.error)
+    assert [a['error'] for a in job.attempt_log] == [f'RemotePluginError: RuntimeError: attempt {n} fails' for n in (1, 2)]
+
+
 async def test_stream_items_and_errors_as_with_a_local_plugin(track):
     "Items that are not strings become str(item), as the worker process does for local plugins; the plugin's own traceback reaches the job."
     events = RecordingBroadcaster()

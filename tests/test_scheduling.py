@@ -158,6 +158,7 @@ async def test_retries_with_backoff_record_each_attempt(mk, tmp_path):
                                 retry_backoff_seconds=0.05)
     flaky = await mgr.wait_for_job(flaky.id, timeout=T)
     assert (flaky.status, flaky.result['text'], flaky.attempts) == ('completed', 'run 3', 3)
+    assert flaky.result['metadata']['attempt'] == 3  # what the plugin saw: `current_job().attempt`
     assert [(a['attempt'], a['error']) for a in flaky.attempt_log] == [(1, 'ValueError: flaky run 1'),
                                                                         (2, 'ValueError: flaky run 2')]
     hopeless = await mgr.wait_for_job((await mgr.start_job('echo', fail='always', max_retries=2,

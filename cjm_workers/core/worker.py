@@ -35,9 +35,10 @@ class JobContext:
     def __init__(self,
                  job_id:str, # the job's id
                  plugin_name:str, # the plugin running it
-                 send:Callable[[dict], None] # sends a message to the manager
+                 send:Callable[[dict], None], # sends a message to the manager
+                 attempt:int=1 # which run of the job this is: 1, or 2 and up for a retry of a job that opted into retries
                 ):
-        self.job_id, self.plugin_name, self._send = job_id, plugin_name, send
+        self.job_id, self.plugin_name, self._send, self.attempt = job_id, plugin_name, send, attempt
         self.chunks: list[str] = []  # streamed output so far
         self._last = (0.0, None)
         self._cancelled, self._event = False, None  # the Event is made only if a plugin asks for it (most never do)
@@ -314,12 +315,12 @@ def _loop(self:_Worker):
             jid = req.get('job_id')
             with self.lock:
                 skip = self.stopping or self.tombstones.pop(jid, None)
-                if not skip: self.ctx = ctx = JobContext(jid, req.get('plugin_name'), self._send)
+                if not skip: self.ctx = ctx = JobContext(jid, req.get('plugin_name'), self._send, _attempt_of(req))
             if skip: continue  # cancelled before it started (the control thread answered), or the worker is stopping
             started = {'type': 'started', 'job_id': jid, 'pid': os.getpid()}
             if self.start_log is not None: started['n'] = self.start_n + 1
             held = self._flush(held, started)  # (an app that is gone shows here: the job is then neither logged nor run)
-            if self.start_log is not None: self._log_start(jid, req.get('_cjm_attempt', 1))  # before the job can run
+            if self.start_log is not None: self._log_start(jid, ctx.attempt)  # before the job can run
             held = self._execute(req, ctx)
             with self.lock: self.ctx, self.unsent = None, jid
             continue
@@ -507,10 +508,15 @@ def _cleanup(self:_Worker):
 # %% ../../nbs/core/worker.ipynb #a12bebc6
 START_LOG_LINES = 4096  # a start log is rewritten without what the app has saved once it has this many lines
 
+def _attempt_of(req:dict)->int:
+    "The run of the job an execute request starts: the manager's `_cjm_attempt` for a retry (an int >= 2), else 1."
+    a = req.get('_cjm_attempt', 1)
+    return a if isinstance(a, int) and not isinstance(a, bool) and a >= 1 else 1
+
 def _start_line(jid, attempt=1)->bytes:
     "A job's line in the start log: its id (a tab and the attempt, for a retry), or `?` for an id that cannot be a line of text (readers then know nothing)."
     if not (isinstance(jid, str) and jid.isprintable() and jid and jid != '?'): return b'?\n'
-    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1: attempt = 1  # a line of text, always
+    attempt = _attempt_of({'_cjm_attempt': attempt})  # a line of text, always
     return (jid + '\n').encode() if attempt == 1 else f"{jid}\t{attempt}\n".encode()
 
 def _lock_file(path:str, flags:int)->int:

@@ -1019,7 +1019,7 @@ def _dispatch(self:BaseJobManager)->list:
         if limit: _touch(s.plugins, job.plugin_name, None, limit)
         else: s.plugins[job.plugin_name] = None
         data = self._requests[jid][0]
-        if job.attempts and s.start_log is not None:  # a retry: its start log line names the attempt (rare: pickled again)
+        if job.attempts:  # a retry: the plugin sees its attempt (`current_job().attempt`), the start log names it (rare: pickled again)
             data = dumps({**pickle.loads(data), '_cjm_attempt': job.attempts + 1})
         out.setdefault(s.index, (s, []))[1].append(data)
         if journal is not None:

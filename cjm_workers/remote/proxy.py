@@ -15,7 +15,7 @@ from fastcore.basics import patch, store_attr
 from contextlib import contextmanager
 from ..core.process import describe_exit
 from ..core.worker import JobCancelledError, current_job
-from .worker import CALL_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
+from .worker import ATTEMPT_HEADER, CALL_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,7 @@ def _body(self:RemotePluginProxy, args:tuple, kwargs:dict)->bytes:
 def _headers_for(content:Optional[bytes], call:Optional[str])->Optional[dict]:
     h = {'Content-Type': 'application/json'} if content is not None else {}
     if call is not None: h[CALL_HEADER] = call
+    if (job := current_job()) is not None and job.attempt > 1: h[ATTEMPT_HEADER] = str(job.attempt)  # (a retry, in a worker)
     return h or None
 
 @patch

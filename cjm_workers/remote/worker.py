@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'REQUIRED_METHODS', 'MAX_REMEMBERED_CANCELS', 'STREAM_RETURN_HEADER', 'DEFAULT_MAX_BODY_BYTES',
-           'MAX_PROGRESS_WAIT', 'CALL_HEADER', 'KEEP_ALIVE_SECONDS', 'READY_PREFIX', 'EnhancedJSONEncoder',
-           'dumps_json', 'parent_monitor', 'WorkerStartupError', 'load_plugin_class', 'instantiate_plugin',
-           'PluginHost', 'create_app', 'run_worker']
+           'MAX_PROGRESS_WAIT', 'CALL_HEADER', 'ATTEMPT_HEADER', 'KEEP_ALIVE_SECONDS', 'READY_PREFIX',
+           'EnhancedJSONEncoder', 'dumps_json', 'parent_monitor', 'WorkerStartupError', 'load_plugin_class',
+           'instantiate_plugin', 'PluginHost', 'create_app', 'run_worker']
 
 # %% ../../nbs/remote/worker.ipynb #105345a2
 class EnhancedJSONEncoder(json.JSONEncoder):
@@ -193,10 +193,11 @@ def _was_cancelled(self:PluginHost, ctx:JobContext, call:Optional[str])->None:
     if call is not None and self.cancelled_calls.pop(call, None): ctx.cancel()
 
 @patch
-def _begin(self:PluginHost, call:Optional[str]=None # the call's id (`X-Call-Id`), if the client named it
+def _begin(self:PluginHost, call:Optional[str]=None, # the call's id (`X-Call-Id`), if the client named it
+           attempt:int=1 # the job's attempt (`X-Attempt`: 2 and up for a retry), what `current_job().attempt` says
           )->JobContext:
     "Start a run (the caller holds `self.lock`): a fresh job context, progress cleared, cancel flag reset."
-    ctx = JobContext(call or uuid.uuid4().hex, self.name, self._on_message)
+    ctx = JobContext(call or uuid.uuid4().hex, self.name, self._on_message, attempt)
     with self._state:
         if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
         self._was_cancelled(ctx, call)
@@ -299,11 +300,12 @@ def _cancel_text(e:Optional[BaseException], ctx:JobContext)->str:
 # %% ../../nbs/remote/worker.ipynb #09edf664
 @patch
 def execute(self:PluginHost, args:list, kwargs:dict,
-            call:Optional[str]=None # the call's id (`X-Call-Id`)
+            call:Optional[str]=None, # the call's id (`X-Call-Id`)
+            attempt:int=1 # the job's attempt (`X-Attempt`)
            )->Tuple[int, bytes]:
     "Run `plugin.execute(*args, **kwargs)`: 200 result, 409 cancelled, 500 error."
     with self.lock:
-        ctx = self._begin(call)
+        ctx = self._begin(call, attempt)
         try:
             if ctx.cancelled: return _encoded(409, {'error': 'cancelled before it started', 'cancelled': True, 'result': None})
             try: result = self.plugin.execute(*args, **kwargs)
@@ -329,11 +331,12 @@ def _misreadable(item:Any)->bool:
 @patch
 def stream_lines(self:PluginHost, args:list, kwargs:dict,
                  call:Optional[str]=None, # the call's id (`X-Call-Id`)
-                 returns:bool=False # end a normal stream with `{"return": value}` (the client sent `X-Stream-Return: 1`)
+                 returns:bool=False, # end a normal stream with `{"return": value}` (the client sent `X-Stream-Return: 1`)
+                 attempt:int=1 # the job's attempt (`X-Attempt`)
                 )->Iterator[bytes]:
     "NDJSON lines of `plugin.execute_stream(*args, **kwargs)`; a failure or cancel ends it with an `{error}` line."
     with self.lock:
-        ctx, gen, end, ret = self._begin(call), None, None, None
+        ctx, gen, end, ret = self._begin(call, attempt), None, None, None
         try:
             if ctx.cancelled:
                 yield _dumps_lenient({'error': 'cancelled before it started', 'cancelled': True}) + b'\n'
@@ -437,6 +440,7 @@ def stats(self:PluginHost)->dict:
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 MAX_PROGRESS_WAIT = 30.0  # longest `/progress?wait=` long poll, in seconds
 CALL_HEADER = 'X-Call-Id'  # names a call, so a `/cancel` can name it too
+ATTEMPT_HEADER = 'X-Attempt'  # which run of its job a call is (a retry: 2 and up); the plugin's `current_job().attempt`
 KEEP_ALIVE_SECONDS = 60  # an idle connection is closed after this; a client must drop it sooner (the proxy: 30 s)
 
 class _HTTPError(Exception):
@@ -502,6 +506,11 @@ def _bearer(header:bytes)->Optional[bytes]:
 
 def _call_id(request:Request)->Optional[str]:
     return request.headers.get(CALL_HEADER) or None
+
+def _attempt(request:Request)->int:
+    "The job's attempt an execute request names (`X-Attempt`; 1 if it names none, or not a whole number >= 1)."
+    a = request.headers.get(ATTEMPT_HEADER, '1')
+    return int(a) if a.isascii() and a.isdigit() and 1 <= int(a) < 1 << 31 else 1
 
 def _refusal(request:Request, hosts:Optional[frozenset])->Optional[str]:
     """Why a request is refused (None: it is not). A browser marks what a web page sends (`Origin`, `Sec-Fetch-Site`);
@@ -581,11 +590,11 @@ def create_app(module_name:str, # module to import the plugin class from
     async def config(request): return await threaded(host.call_getter, 'get_current_config')()
     async def execute(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
-        return await threaded(host.execute, args, kwargs, _call_id(request))()
+        return await threaded(host.execute, args, kwargs, _call_id(request), _attempt(request))()
     async def execute_stream(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
         returns = request.headers.get(STREAM_RETURN_HEADER) == '1'
-        return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request), returns),
+        return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request), returns, _attempt(request)),
                                {STREAM_RETURN_HEADER: '1'} if returns else None)
     async def cancel(request):
         calls = _cancel_calls(await _read_json(request, max_body_bytes))
