@@ -356,6 +356,7 @@ def _on_job_completed(self:BaseJobManager,
                      )->None:
     "Hook called when a job completes successfully (exceptions are logged; the job stays completed)."
 
+from types import CoroutineType as _Coroutine
 _PLAIN_METHODS = ('create_job', 'get_worker_entry_point', 'prepare_execute_request', 'extract_job_result',
                   'get_plugin_name', '_extract_plugin_resource_identifier')
 
@@ -368,6 +369,9 @@ def _check_sync_methods(cls:type):
 async def _verdict(v)->Optional[str]:
     "What `_validate_resources` returned (from a plain def or an async def): None lets the job run; else why not."
     if inspect.isawaitable(v): v = await v
+    return _refusal(v)
+
+def _refusal(v)->Optional[str]:
     if v is None: return None
     if isinstance(v, str): return v or "_validate_resources refused the job (with an empty message)"
     return (f"_validate_resources returned {v!r}: it must return None to let the job run, "
@@ -1525,7 +1529,9 @@ async def start_job(self:BaseJobManager,
             if self.plugin_registry.get_plugin(plugin_id) is None:
                 err = f"unknown plugin {plugin_id!r}: the plugin registry has no such plugin"
             else: config = dict(self.plugin_registry.load_plugin_config(plugin_id) or {})
-        if err is None: err = await _verdict(self._validate_resources(plugin_id, config))
+        if err is None:
+            v = self._validate_resources(plugin_id, config)  # (an async def, as the seed's, or a plain def)
+            err = _refusal(await v if type(v) is _Coroutine or inspect.isawaitable(v) else v)
         if err is None:
             request = dict(self.prepare_execute_request(job) or {})
             plugin_name = request.pop('plugin_name', None) or self.get_plugin_name(plugin_id) or plugin_id
