@@ -91,7 +91,7 @@ async def test_restarts_move_the_loop_readers_to_the_new_worker_without_leaking(
         slot = mgr._slots[0]
         assert slot.loop_reads is asyncio.get_running_loop() and len(slot.loop_fds) == 2
         await asyncio.sleep(0.1)  # the last dead worker's duplicates read end-of-file and are closed
-        assert resource_counts()[1] == fds
+        assert resource_counts()[1] <= fds  # (fewer, if something an earlier test left was collected meanwhile)
     finally: await mgr.ashutdown()
 
 
