@@ -651,3 +651,29 @@ async def test_a_constructor_that_exits_fails_the_start_and_the_job_like_one_tha
     assert worker is not None
     ok = await mgr.wait_for_job((await mgr.start_job('unruly')).id, timeout=60)
     assert ok.status == 'completed' and mgr.jobs[ok.id].worker_pid == worker, (ok.status, ok.error)
+
+
+def test_async_clients_close_on_their_own_event_loops():
+    """Each event loop that called the proxy gets an async HTTP client. It is closed when its loop shuts down (each
+    `asyncio.run` here), and `stop()` closes a running loop's on that loop; before, they were dropped open, and their
+    sockets leaked until garbage collection (ResourceWarning: unclosed transport)."""
+    import gc, warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', ResourceWarning)
+        p = RemotePluginProxy('_r_plugins', 'FlakyPlugin', cwd=TESTS, env={'PYTHONPATH': TESTS}).start()
+        try:
+            for _ in range(3): assert asyncio.run(p.aexecute(n=1)) == {'ok': True, 'kwargs': {'n': 1}}
+            assert p._aclients == {}  # each closed with its loop
+            loop = asyncio.new_event_loop()
+            t = threading.Thread(target=loop.run_forever)
+            t.start()
+            try:
+                assert asyncio.run_coroutine_threadsafe(p.aexecute(), loop).result(30) == {'ok': True, 'kwargs': {}}
+                (_, client, _), = p._aclients.values()
+                p.stop()  # from this thread, while that loop runs
+                assert client.is_closed
+            finally:
+                loop.call_soon_threadsafe(loop.stop); t.join(10); loop.close()
+        finally: p.stop()
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]

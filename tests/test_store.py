@@ -898,3 +898,31 @@ async def test_a_streaming_job_does_not_rewrite_its_growing_output_in_every_batc
     assert rows <= 12, rows  # queued, running, ~3 partial outputs, final (was one per batch: hundreds)
     await mgr.ashutdown()
     assert StoreJobManager(SQLiteJobStore(tmp_path / 'jobs.db')).get_job(job.id).output == text
+
+
+def test_count_is_right_when_a_commit_lands_while_it_reads(tmp_path):
+    """`count` reads the stored count and the stored states of the unwritten jobs: a commit between the two reads made
+    a job that had just finished count 0 times (found on Python 3.12). The reads share one snapshot now. The test
+    makes the commit land between them, every time, by waiting there until the store has written everything."""
+    s = SQLiteJobStore(tmp_path / 'jobs.db')
+    s.bind('demo')
+    job = ReferenceJob(id='c1', plugin_id='echo')
+    job._seq = 1
+    s.save(job)
+    assert s.flush(T) and (s.count('completed'), s.count('pending')) == (0, 1)
+    real = s._reader
+    class CommitBetweenReads:
+        "The store's reading connection, but the first read waits until the store has committed everything."
+        def __init__(self, db): self.db = db
+        def __getattr__(self, name): return getattr(self.db, name)
+        def __getitem__(self, name): return self.db[name]
+        def execute(self, sql, *args):
+            r = self.db.execute(sql, *args)
+            if 'count(*)' in sql: assert s.flush(T)  # the `completed` state is committed now, between the two reads
+            return r
+    job.status = 'completed'
+    s.save(job)
+    s._reader = lambda: CommitBetweenReads(real())
+    try: assert (s.count('completed'), s.count()) == (1, 1)
+    finally: s._reader = real
+    s.close()

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/remote/proxy.ipynb #4826fff8
 from __future__ import annotations
-import asyncio, json, logging, os, secrets, selectors, signal, subprocess, sys, threading, time
+import asyncio, json, logging, os, secrets, selectors, signal, subprocess, sys, threading, time, weakref
 from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
@@ -78,7 +78,7 @@ class RemotePluginProxy:
         self.stderr_tail: deque = deque(maxlen=stderr_lines)
         self._ready, self._ready_info, self._reader = threading.Event(), None, None
         self._client: Optional[httpx.Client] = None
-        self._aclients: Dict[int, httpx.AsyncClient] = {}  # one per event loop (keyed by id(loop))
+        self._aclients: Dict[int, tuple] = {}  # id(loop) → (loop, its httpx.AsyncClient, the generator that closes it)
         self._lock = threading.Lock()
         self._calls: set = set()  # ids of this proxy's calls in flight (what `cancel()` names)
         self._calls_lock = threading.Lock()
@@ -239,9 +239,27 @@ def _kill_tree(self:RemotePluginProxy, proc:subprocess.Popen, graceful:float=0.0
 
 @patch
 def _close_clients(self:RemotePluginProxy)->None:
+    "Close the sync client, and each event loop's async client on its own loop (waiting up to 1 s for another thread's)."
     if self._client is not None: self._client.close()
     self._client = None
-    self._aclients.clear()  # async clients hold no threads; their connections close when the worker goes
+    here = _running_loop()
+    for loop, _, closer in list(self._aclients.values()):
+        if loop.is_closed() or not loop.is_running(): continue  # (a stopped loop: its connections close with the worker)
+        if loop is here: _keep(loop.create_task(_aclose(closer)))  # `stop()` called on the loop's own thread: soon
+        else:
+            try: asyncio.run_coroutine_threadsafe(_aclose(closer), loop).result(1.0)
+            except Exception as e: log.debug("worker %s: closing an async client failed: %s", self.label, e)
+    self._aclients.clear()
+
+async def _aclose(agen): await agen.aclose()
+
+_TASKS = set()  # tasks started from sync code, kept until they are done (a loop keeps only weak references to tasks)
+def _keep(t):
+    _TASKS.add(t); t.add_done_callback(_TASKS.discard)
+
+def _running_loop():
+    try: return asyncio.get_running_loop()
+    except RuntimeError: return None
 
 @patch
 def _stop_calls(self:RemotePluginProxy, calls:List[str], deadline:float)->bool:
@@ -495,19 +513,33 @@ def execute_stream(self:RemotePluginProxy, *args, **kwargs)->Iterator[Any]:
         return ret
 
 # %% ../../nbs/remote/proxy.ipynb #da4788c2
+async def _closes_with_its_loop(proxy_ref, key:int, client:httpx.AsyncClient):
+    """Suspended at its `yield` for the life of an event loop. A loop closes the async generators still open when it
+    shuts down (`loop.shutdown_asyncgens()`, which `asyncio.run` calls): this one then closes `client`, whose
+    connections belong to that loop, while the loop can still run the close (after it, they could only leak)."""
+    try: yield
+    finally:
+        p = proxy_ref()
+        if p is not None and p._aclients.get(key, (None, None))[1] is client: del p._aclients[key]
+        await client.aclose()
+
 @patch
-def _aclient(self:RemotePluginProxy)->httpx.AsyncClient:
+async def _aclient(self:RemotePluginProxy)->httpx.AsyncClient:
+    "This event loop's async client (made at its first use here; closed by `stop()` or when the loop shuts down)."
     if self._client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
-    key = id(asyncio.get_running_loop())
-    c = self._aclients.get(key)
-    if c is None:
-        c = self._aclients[key] = httpx.AsyncClient(base_url=self.base_url, headers=self._headers,
-                                                    timeout=self._timeout(), limits=_LIMITS, trust_env=False)
-    return c
+    loop = asyncio.get_running_loop()
+    entry = self._aclients.get(id(loop))  # (an entry holds its loop: no other loop can have its id meanwhile)
+    if entry is None:
+        c = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout(), limits=_LIMITS,
+                              trust_env=False)
+        closer = _closes_with_its_loop(weakref.ref(self), id(loop), c)
+        await closer.__anext__()  # started: the loop now tracks it (through `sys.set_asyncgen_hooks`)
+        entry = self._aclients[id(loop)] = (loop, c, closer)
+    return entry[1]
 
 @patch
 async def _arequest(self:RemotePluginProxy, method:str, path:str, content:Optional[bytes]=None, call:Optional[str]=None, **kw)->Any:
-    try: r = await self._aclient().request(method, path, content=content, headers=_headers_for(content, call), **kw)
+    try: r = await (await self._aclient()).request(method, path, content=content, headers=_headers_for(content, call), **kw)
     except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
     return self._decode(r)
 
@@ -568,7 +600,7 @@ async def _astream(self:RemotePluginProxy, out:RemoteStream, args:tuple, kwargs:
     with self._call() as call:
         try:
             body = self._body(args, kwargs)
-            async with self._aclient().stream('POST', '/execute_stream', content=body, headers=_stream_headers(body, call)) as r:
+            async with (await self._aclient()).stream('POST', '/execute_stream', content=body, headers=_stream_headers(body, call)) as r:
                 if r.status_code >= 400:
                     await r.aread(); self._decode(r)
                 framed = r.headers.get(STREAM_RETURN_HEADER) == '1'

@@ -838,11 +838,14 @@ def _count(self:SQLiteJobStore, status=None)->int:
         if db is None or not db[t].exists(): n, stored = 0, {}
         else:
             where = f' WHERE {_in("status", st)}' if st else ''
-            n = db.execute(f'SELECT count(*) FROM "{t}"{where}', st or ()).fetchone()[0]
-            ids, stored = tuple(over), {}
-            for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                stored.update(db.execute(f'SELECT id, status FROM "{t}" WHERE {_in("id", chunk)}', chunk).fetchall())
+            db.execute('BEGIN')  # one read transaction: a commit between the two reads would count a job 0 or 2 times
+            try:
+                n = db.execute(f'SELECT count(*) FROM "{t}"{where}', st or ()).fetchone()[0]
+                ids, stored = tuple(over), {}
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i:i + 500]
+                    stored.update(db.execute(f'SELECT id, status FROM "{t}" WHERE {_in("id", chunk)}', chunk).fetchall())
+            finally: db.execute('COMMIT')
     for jid, job in over.items():
         if jid in stored and (st is None or stored[jid] in st): n -= 1
         if st is None or job.status in st: n += 1
