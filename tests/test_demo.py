@@ -27,6 +27,7 @@ class Demo:
             if m := re.search(r'Uvicorn running on http://127\.0\.0\.1:(\d+)', line):
                 self.port = int(m.group(1))
                 self._ready.set()
+        self.proc.stdout.close()  # end of its output: the demo has exited
         self._ready.set()
 
     def workers(self):
