@@ -4,7 +4,7 @@
 
 # %% ../../nbs/backends/ray.ipynb #3d701ffa
 from __future__ import annotations
-import logging, os, pickle, queue, re, select, signal, threading, types, weakref
+import logging, os, pickle, queue, re, signal, threading, types, weakref
 import psutil
 from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
@@ -324,19 +324,17 @@ def _end_actor(actor, timeout:float)->None:
     except Exception: pass  # it ended itself (the expected outcome), or it did not answer in time
     _kill_quietly(actor)  # `ray.kill` asks the cluster: it may hang too
 
-def _kill_worker_here(pid:int, actor_pid:Optional[int], wait:float=0.2)->None:
-    "SIGKILL a worker that runs on this machine and the rest of its process group (its plugins' subprocesses); wait up to `wait` seconds for it to end."
+def _kill_worker_here(pid:int, actor_pid:Optional[int])->None:
+    """SIGKILL a worker that runs on this machine and the rest of its process group (its plugins' subprocesses), without
+    waiting for it to end: the manager may hold its lock here, and a process in an uninterruptible wait (a GPU driver
+    call) can take a while to go; its actor reaps it."""
     try:
         if psutil.Process(pid).ppid() != actor_pid: return  # it ended already: its pid may be another process's now
-        fd = os.pidfd_open(pid) if hasattr(os, 'pidfd_open') else None
-    except (psutil.Error, OSError): return
+    except psutil.Error: return
     try:
         os.kill(pid, signal.SIGKILL)
         kill_process_group(pid)  # it leads a group of its own
-        if fd is not None: select.select([fd], [], [], wait)  # readable once it has ended (a few milliseconds after SIGKILL)
     except OSError: pass
-    finally:
-        if fd is not None: os.close(fd)
 
 def kill_tree(self:RayActorProcess, timeout:float=1.0)->None:
     "Kill the worker's tree (at once if on this machine) and its actor (from a thread of its own), without waiting: the handle has ended (killed) when this returns."
