@@ -47,6 +47,7 @@ def create_demo_app(max_workers:int=2, # worker processes
     bc = SSEBroadcaster()
     cfg = worker_config or WorkerConfig(max_workers=max_workers, prefetch=1, restart_policy=RestartPolicy.ALWAYS,
                                         cancel_grace_seconds=2.0, restart_backoff_base_seconds=0.5,
+                                        failed_retry_seconds=10.0,  # a burst of crash clicks does not stop it for good
                                         keep_finished_seconds=7 * 86400)  # the history: a week
     mgr = ReferenceJobManager(worker_config=cfg, event_broadcaster=bc, worker_type='demo',
                               job_store=SQLiteJobStore(db) if db else None)
@@ -86,6 +87,8 @@ def demo_parser()->argparse.ArgumentParser:
     ap.add_argument('--workers', type=int, default=2, metavar='N', help='worker processes (default 2)')
     ap.add_argument('--db', default='cjm_workers_demo.db', metavar='PATH', help="SQLite file keeping the job history "
                     "(default cjm_workers_demo.db in the current folder; '' keeps jobs in memory only)")
+    ap.add_argument('--log-level', default='info', choices=['debug', 'info', 'warning', 'error'],
+                    help="the app's and its workers' log level (default info)")
     return ap
 
 def main(argv=None)->int:
@@ -93,7 +96,8 @@ def main(argv=None)->int:
     ap = demo_parser()
     args = ap.parse_args(argv)
     if args.workers < 1: ap.error("--workers must be at least 1")
-    import uvicorn
+    logging.basicConfig(level=args.log_level.upper(), format='%(asctime)s %(levelname)s %(name)s: %(message)s')  # (the
+    import uvicorn                                                        # workers log at the same level, in this format)
     if threading.current_thread() is threading.main_thread():  # uvicorn re-raises the signal it shut down for:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM then ends the process with code 0 too
         if hasattr(signal, 'SIGHUP'):  # its terminal closed: shut down as for SIGTERM (uvicorn handles only INT and TERM)

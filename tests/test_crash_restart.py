@@ -202,6 +202,30 @@ async def test_restart_workers_brings_a_failed_worker_back(make_manager):
     assert mgr.get_worker_stats()[0]['failure'] is None
 
 
+async def test_a_failed_worker_is_started_again_after_failed_retry_seconds(make_manager):
+    """A burst of crashing jobs used up the crash limit and left the app without workers until someone called
+    `restart_workers()` (found by an operations review of the demo). With `failed_retry_seconds` the manager starts a
+    failed worker again by itself; meanwhile new jobs fail at once, saying when to try again."""
+    rec = TimedBroadcaster()
+    mgr = make_manager(dict(restart_policy=RestartPolicy.ALWAYS, max_restart_attempts=1, failed_retry_seconds=1.0),
+                       event_broadcaster=rec)
+    await mgr.start(wait=True)
+    crashes = [await mgr.start_job('crash', mode='sigkill') for _ in range(3)]
+    crashes = [await mgr.wait_for_job(j.id, timeout=30) for j in crashes]
+    assert [j.status for j in crashes] == ['failed'] * 3
+    assert worker_status(mgr) == 'failed' and not mgr.get_health()['ok']
+    refused = await mgr.start_job('echo', text='too soon')
+    assert refused.status == 'failed' and 'it is started again in' in refused.error, refused.error
+    await wait_until(lambda: worker_status(mgr) in ('idle', 'starting'), 30)  # by itself, about a second later
+    assert await mgr.wait_until_ready(30) is True
+    job = await mgr.wait_for_job((await mgr.start_job('echo', text='back')).id, timeout=30)
+    assert job.status == 'completed' and mgr.get_health()['ok']
+    stats = mgr.get_worker_stats()[0]
+    assert stats['failure'] is None and stats['consecutive_crashes'] == 0
+    await mgr.flush_events()
+    assert len(rec.named('worker_failed')) == 1
+
+
 async def test_a_worker_that_cannot_be_started_fails_with_the_reason_and_nothing_hangs(track, caplog):
     "An entry point spawn cannot pickle: start() does not raise half-way; the worker is failed with the error, jobs fail."
     from cjm_workers.testing import ReferenceJobManager

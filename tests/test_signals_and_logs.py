@@ -46,9 +46,19 @@ async def test_crashes_and_restarts_are_logged(track, caplog):
     await mgr.start(wait=True)
     job = await mgr.wait_for_job((await mgr.start_job('crash', mode='segfault')).id, timeout=T)
     assert job.status == 'failed'
-    text = '\n'.join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
-    assert f"reference worker 0 (pid {job.worker_pid}) was killed by SIGSEGV" in text, text
-    assert 'reference worker 0: restarting (consecutive crash 1 of at most 3)' in text, text
+    failed = await mgr.wait_for_job((await mgr.start_job('echo', fail='bad input')).id, timeout=T)
+    slow = await mgr.start_job('slow', seconds=30)
+    await wait_until(lambda: slow.status == 'running', T)
+    await mgr.cancel_job(slow.id)
+    text = '\n'.join(f"{r.levelname} {r.getMessage()}" for r in caplog.records)
+    # the crash names the job that was running; the restart says how many more the worker gets
+    assert (f"WARNING reference worker 0 (pid {job.worker_pid}) was killed by SIGSEGV (exit code -11) while running "
+            f"job {job.id}") in text, text
+    assert 'WARNING reference worker 0: restarting (restart 1 of at most 3 in a row)' in text, text
+    # each job that did not complete has a line: which job, which plugin, why
+    assert f"WARNING reference job {job.id} (crash) failed: WorkerDied: the worker process was killed by SIGSEGV" in text, text
+    assert f"WARNING reference job {failed.id} (echo) failed: ValueError: bad input" in text, text
+    assert f"INFO reference job {slow.id} (slow) cancelled: cancelled on request" in text, text
     await mgr.ashutdown()
 
 

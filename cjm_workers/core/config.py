@@ -62,6 +62,7 @@ class WorkerConfig:
     drain_timeout_seconds: float = 0.0  # at shutdown, how long running jobs may take to finish before they are cancelled (0: cancel at once; math.inf: no limit)
     keep_finished_seconds: Optional[float] = None  # finished jobs older than this are deleted from the job store, in the background (None: kept until `purge_jobs`)
     max_loaded_plugins: Optional[int] = None  # plugins one worker keeps loaded; loading one more unloads the least recently used first (None: no limit; 1: one model at a time)
+    failed_retry_seconds: Optional[float] = None  # a worker declared failed (its crash limit reached) is started again after this long, its crash count cleared (None: only `restart_workers()` does)
     prefetch_max_job_seconds: Optional[float] = 0.01  # jobs are sent ahead (up to `prefetch`) only to a worker whose last job ran shorter than this and whose current one has not run longer (None: whenever `prefetch` allows)
 
     def __post_init__(self):
@@ -84,7 +85,7 @@ class WorkerConfig:
         if self.start_method not in mp.get_all_start_methods():
             raise ValueError(f"WorkerConfig.start_method: {self.start_method!r} is not available here; "
                              f"choose one of {mp.get_all_start_methods()}")
-        for name in ('job_timeout_seconds', 'keep_finished_seconds'):
+        for name in ('job_timeout_seconds', 'keep_finished_seconds', 'failed_retry_seconds'):
             t = getattr(self, name)
             if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):  # (NaN too)
                 raise ValueError(f"WorkerConfig.{name} must be None or a number of seconds > 0, got {t!r}")

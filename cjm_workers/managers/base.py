@@ -550,12 +550,18 @@ def _commit_callback(ref):
     return cb
 
 # %% ../../nbs/managers/base.ipynb #9c3e937b
+def _log_end(worker_type:str, job):
+    "A log line for a job that failed (warning) or was cancelled (info): an operator sees which job ended how, and why."
+    if job.status == 'failed': log.warning("%s job %s (%s) failed: %s", worker_type, job.id, job.plugin_id, job.error or job.reason)
+    else: log.info("%s job %s (%s) cancelled: %s", worker_type, job.id, job.plugin_id, job.reason)
+
 @patch
 def _terminal(self:BaseJobManager, job, status:str, reason:Optional[str]=None, error:Optional[str]=None,
               tb:Optional[str]=None)->bool:
     if job.is_terminal: return False
     if error is not None and not error.isascii(): error, tb = _valid_text(error), tb and _valid_text(tb)  # a plugin's message
     job.status, job.completed_at, job.reason, job.error, job.traceback = status, _now(), reason, error, tb
+    if status != 'completed': _log_end(self.worker_type, job)
     self._requests.pop(job.id, None)
     job._ticket = t = self._store.save(job)
     if self.event_broadcaster is not None:
@@ -860,8 +866,10 @@ def _restart_worker(self:BaseJobManager, slot:_Slot):
 @patch
 def _fail_slot(self:BaseJobManager, slot:_Slot, reason:str):
     "Declare a worker failed; when no worker can run jobs any more, fail the pending ones with the reason."
-    slot.state, slot.failure, slot.restart_at = 'failed', reason, None
-    log.error("%s worker %d failed: %s", self.worker_type, slot.index, reason)
+    again = self.worker_config.failed_retry_seconds  # (None: it stays failed until `restart_workers()`)
+    slot.state, slot.failure, slot.restart_at = 'failed', reason, None if again is None else time.monotonic() + again
+    log.error("%s worker %d failed: %s%s", self.worker_type, slot.index, reason,
+              '' if again is None else f"; it is started again in {again:g}s (failed_retry_seconds)")
     self._emit('worker_failed', {'worker': slot.index, 'reason': reason})
     if all(s.state == 'failed' for s in self._slots):
         while self._pending:
@@ -897,7 +905,9 @@ def _failed_reason(self:BaseJobManager)->Optional[str]:
     "The reason when every worker has failed, else None."
     for s in self._slots:
         if s.state != 'failed': return None
-    return self._slots[0].failure
+    s = min(self._slots, key=lambda s: s.restart_at or math.inf)
+    if s.restart_at is None: return s.failure
+    return f"{s.failure} (it is started again in {max(s.restart_at - time.monotonic(), 0):.3g}s: try again then)"
 
 # %% ../../nbs/managers/base.ipynb #59b7c0d3
 @patch
@@ -955,12 +965,13 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
         if not fut.done(): fut.set_result({'success': False, 'error': f"the worker process {how}"})
     slot.commands.clear(); slot.inflight.clear(); slot.cancel_deadlines.clear(); slot.loaded.clear()
     slot.timeouts.clear(); slot.plugins.clear()
-    pid, slot.running, slot.process, slot.ps, slot.state = slot.pid, None, None, None, 'stopped'
+    pid, ran, slot.running, slot.process, slot.ps, slot.state = slot.pid, slot.running, None, None, None, 'stopped'
     if self._closed: log.debug("%s worker %d (pid %s) stopped: %s", self.worker_type, slot.index, pid, how)
     elif recycle: log.info("%s worker %d (pid %s) recycled: %s", self.worker_type, slot.index, pid, slot.recycle)
-    elif hard_cancel: log.warning("%s worker %d (pid %s) was killed: a job ignored its cancel for %ss", self.worker_type,
-                                  slot.index, pid, cfg.cancel_grace_seconds)
-    else: log.warning("%s worker %d (pid %s) %s", self.worker_type, slot.index, pid, how)
+    elif hard_cancel: log.warning("%s worker %d (pid %s) was killed: job %s ignored its cancel for %ss", self.worker_type,
+                                  slot.index, pid, ran, cfg.cancel_grace_seconds)
+    else: log.warning("%s worker %d (pid %s) %s%s", self.worker_type, slot.index, pid, how,
+                      f" while running job {ran}" if ran else '')
     self._safe_resource_call('unregister_worker', pid)
     self._emit('worker_stopped', {'worker': slot.index, 'pid': pid, 'exitcode': p.exitcode, 'reason': how})
     if self._closed: return
@@ -987,7 +998,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
                                      f"(max_restart_attempts={cfg.max_restart_attempts})")
     delay = cfg.backoff_delay(slot.crashes - 1) if policy is RestartPolicy.BACKOFF else 0.0
     self._emit('worker_restarting', {'worker': slot.index, 'attempt': slot.crashes, 'delay': delay, 'reason': how})
-    log.warning("%s worker %d: restarting%s (consecutive crash %d of at most %d)", self.worker_type, slot.index,
+    log.warning("%s worker %d: restarting%s (restart %d of at most %d in a row)", self.worker_type, slot.index,
                 f" in {delay:.3g}s" if delay > 0 else '', slot.crashes, cfg.max_restart_attempts)
     if delay <= 0: return self._restart_worker(slot)
     slot.state, slot.restart_at = 'restarting', time.monotonic() + delay
@@ -1306,6 +1317,9 @@ def _run_timers(self:BaseJobManager):
             self._kill(s, 'start_timeout')
         elif s.alive and s.stop_deadline is not None and s.stop_deadline <= now: self._kill(s)  # a recycled worker that did not exit
         elif not s.alive and s.restart_at is not None and s.restart_at <= now and not self._closed:
+            if s.state == 'failed':  # its `failed_retry_seconds` are up: a fresh start, as `restart_workers()` gives it
+                s.crashes = 0
+                log.warning("%s worker %d: starting it again after it failed (%s)", self.worker_type, s.index, s.failure)
             self._restart_worker(s)
     while self._retries and self._retries[0][0] <= now:  # retries that are due go back to the queue
         _, _, jid = heapq.heappop(self._retries)
@@ -2027,8 +2041,7 @@ def _stopped_at_shutdown(self:BaseJobManager, job,
         log.info("%s job %s stopped by the shutdown (%s): it runs again after the next start", self.worker_type, job.id, why)
     else:
         if partial is not None: job.result = partial
-        self._terminal(job, 'cancelled', reason=self._stop_reason)
-        if not asked: log.info("%s job %s cancelled: %s", self.worker_type, job.id, self._stop_reason)
+        self._terminal(job, 'cancelled', reason=self._stop_reason)  # (which logs it)
 
 # %% ../../nbs/managers/base.ipynb #9085445e
 @patch
