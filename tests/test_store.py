@@ -488,7 +488,7 @@ async def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_not
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert blocker.stdout.readline().strip() == 'locked'
-        caplog.set_level('ERROR', logger='cjm_workers.stores.sqlite')
+        caplog.set_level('WARNING', logger='cjm_workers.stores.sqlite')
         second = ReferenceJob(id='second', plugin_id='echo', status='completed', result={'text': 'kept'})
         second._seq = 2
         store.save(second)
@@ -504,6 +504,7 @@ async def test_a_batch_that_keeps_failing_is_retried_with_growing_delays_and_not
         blocker.stdin.close(); blocker.wait(T); blocker.stdout.close()  # the lock goes with the process
     assert store.flush(T)
     assert store.failures == 0 and store.stats['failed'] >= 4
+    assert any('writing works again, after' in r.getMessage() for r in caplog.records), "the recovery is logged too"
     h = store.health()
     assert (h['ok'], h['error'], h['failing_seconds'], h['unsaved']) == (True, None, None, 0), h
     back = store.get('second')

@@ -587,6 +587,9 @@ def _write_loop(self:SQLiteJobStore):
             with self._cv:
                 self._writing = {}
                 if err is None:
+                    if self.failures:
+                        log.warning("job store %s: writing works again, after %d failures in a row over %.1f s; every job "
+                                    "state waiting is written", self.path, self.failures, time.monotonic() - self._failing_since)
                     self.failures, self._failing_since = 0, None
                     self._committed = max(self._committed, upto)
                     if batch: self.stats['batches'] += 1; self.stats['rows'] += len(batch)
