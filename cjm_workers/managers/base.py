@@ -366,12 +366,8 @@ def _check_sync_methods(cls:type):
     if bad: raise TypeError(f"{cls.__name__}.{bad[0]} is an async def, but the job manager calls it as a plain function "
                             f"(its result is used at once, under the manager's lock): make it a plain def")
 
-async def _verdict(v)->Optional[str]:
-    "What `_validate_resources` returned (from a plain def or an async def): None lets the job run; else why not."
-    if inspect.isawaitable(v): v = await v
-    return _refusal(v)
-
-def _refusal(v)->Optional[str]:
+def _validation_error(v)->Optional[str]:
+    "What `_validate_resources` answered (awaited, if it is an async def): None lets the job run; else why not."
     if v is None: return None
     if isinstance(v, str): return v or "_validate_resources refused the job (with an empty message)"
     return (f"_validate_resources returned {v!r}: it must return None to let the job run, "
@@ -1545,7 +1541,7 @@ async def start_job(self:BaseJobManager,
             else: config = dict(self.plugin_registry.load_plugin_config(plugin_id) or {})
         if err is None:
             v = self._validate_resources(plugin_id, config)  # (an async def, as the seed's, or a plain def)
-            err = _refusal(await v if type(v) is _Coroutine or inspect.isawaitable(v) else v)
+            err = _validation_error(await v if type(v) is _Coroutine or inspect.isawaitable(v) else v)
         if err is None:
             request = dict(self.prepare_execute_request(job) or {})
             plugin_name = request.pop('plugin_name', None) or self.get_plugin_name(plugin_id) or plugin_id
