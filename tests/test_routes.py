@@ -894,3 +894,17 @@ def test_a_full_queue_is_a_503_that_says_so():
         r = cli.post('/alpha/start', json={'plugin_id': 'echo'}, headers={'accept': 'application/json'})
         assert r.status_code == 503 and 'max_waiting_jobs' in r.json()['error'], r.text
         assert r.headers['retry-after'] == '5'
+
+
+def test_a_json_start_that_no_worker_can_run_is_a_503():
+    """Every worker has failed (here: a crash, under a restart policy that does not restart after one): a JSON client's
+    start gets 503, not 201, with the job (already `failed`, saying why); a browser's form post still goes to its page."""
+    app, mgr = single_app('down')
+    with TestClient(app) as cli:
+        crash = start(cli, '/down', 'crash', mode='sigkill')
+        assert cli.portal.call(mgr.wait_for_job, crash, 30).status == 'failed'
+        r = cli.post('/down/start', json={'plugin_id': 'echo', 'params': {'text': 'x'}}, headers={'accept': 'application/json'})
+        assert r.status_code == 503 and 'Retry-After' not in r.headers, (r.status_code, r.text)  # (nothing restarts it by itself)
+        assert r.json()['status'] == 'failed' and r.json()['error'].startswith('WorkerFailed: no worker can run the job'), r.json()
+        assert r.headers['location'] == f"/down/{r.json()['id']}"
+        assert start(cli, '/down', 'echo', text='y')  # a form post: 303 to the failed job's page, as before

@@ -27,7 +27,7 @@ from ..stores.journal import StartJournal
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TERMINAL_STATES', 'JobType', 'BaseJob', 'BaseJobManager', 'QueueFull', 'managers_lifespan']
+__all__ = ['log', 'TERMINAL_STATES', 'JobType', 'NO_WORKER_ERROR', 'BaseJob', 'BaseJobManager', 'QueueFull', 'managers_lifespan']
 
 # %% ../../nbs/managers/base.ipynb #1316ded0
 TERMINAL_STATES = frozenset({'completed', 'failed', 'cancelled'})
@@ -894,7 +894,9 @@ def get_queue_position(self:BaseJobManager,
     with self._lock: return self._queue_position(job_id)
 
 # %% ../../nbs/managers/base.ipynb #cc647e77
-def _no_worker(reason:str)->str: return f"WorkerFailed: no worker can run the job: {reason}"
+NO_WORKER_ERROR = "WorkerFailed: no worker can run the job"  # how the error of a job that no worker can run begins
+
+def _no_worker(reason:str)->str: return f"{NO_WORKER_ERROR}: {reason}"
 
 @patch
 def _failed_reason(self:BaseJobManager)->Optional[str]:
