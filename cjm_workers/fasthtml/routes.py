@@ -549,14 +549,14 @@ async def start(self:JobRoutes, request):
     except RuntimeError as e: return _error(request, str(e), 503)
     after = self.broadcaster.last_id  # none of the job's events is broadcast yet (the manager's pump sends them later)
     if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})
-    if _wants_json(request) and job.status == 'failed' and (job.error or '').startswith(NO_WORKER_ERROR):
+    if not _wants_json(request): return RedirectResponse(self.url(job.id), status_code=303)
+    if job.status == 'failed' and (job.error or '').startswith(NO_WORKER_ERROR):
         again = self.manager.worker_config.failed_retry_seconds  # every worker has failed: a 503, as for a full queue
         return await _json_answer(self._job_data(job), status_code=503, headers={
             'Location': self.url(job.id), **({'Retry-After': str(math.ceil(again))} if again else {})})
-    if _wants_json(request):  # `stream`: the job's events from its very first, with no race between this answer and the stream
-        return await _json_answer({**self._job_data(job), 'stream': f"{self.url(job.id, 'stream')}?after={after}"}, status_code=201,
-                            headers={'Location': self.url(job.id)})
-    return RedirectResponse(self.url(job.id), status_code=303)
+    # `stream`: the job's events from its very first, with no race between this answer and the stream
+    return await _json_answer({**self._job_data(job), 'stream': f"{self.url(job.id, 'stream')}?after={after}"}, status_code=201,
+                              headers={'Location': self.url(job.id)})
 
 @patch
 async def cancel(self:JobRoutes, request, job_id:str):

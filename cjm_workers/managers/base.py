@@ -470,7 +470,8 @@ def _run_hook(self:BaseJobManager, jid:str, aw):
     "On the loop: run what an `async def _on_job_completed` returned for job `jid` as a task of its own."
     t = asyncio.ensure_future(aw)
     self._hook_tasks.add(t)  # (the loop keeps only a weak reference to a task)
-    t.add_done_callback(lambda t: _hook_done(self._self_ref, jid, t))
+    ref = self._self_ref  # (the callback holds no manager: a dropped one stays collectable)
+    t.add_done_callback(lambda t: _hook_done(ref, jid, t))
 
 def _hook_done(ref, jid:str, t:asyncio.Future):
     "An async `_on_job_completed` ended: log what it raised, or save what it changed on the job."
