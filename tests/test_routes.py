@@ -1,7 +1,9 @@
 """`mount_job_routes` against real managers and real workers: list, detail, start, cancel and stream routes through
 Starlette's TestClient and through a real uvicorn server; authorize → 403 on every route, GET on state changes → 405,
 unknown ids → 404, two managers in one app."""
-import asyncio, json, re, socket, threading
+import asyncio, json, re, socket, threading, uuid
+from dataclasses import dataclass
+from typing import Optional
 
 import httpx, pytest, uvicorn
 from fasthtml.common import FastHTML
@@ -11,7 +13,7 @@ from cjm_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_workers.fasthtml.components import dom_id
 from cjm_workers.fasthtml.routes import mount_job_routes
 from cjm_workers.fasthtml.sse import SSEBroadcaster
-from cjm_workers.testing import ReferenceJobManager, wait_until
+from cjm_workers.testing import ReferenceJob, ReferenceJobManager, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -908,3 +910,55 @@ def test_a_json_start_that_no_worker_can_run_is_a_503():
         assert r.json()['status'] == 'failed' and r.json()['error'].startswith('WorkerFailed: no worker can run the job'), r.json()
         assert r.headers['location'] == f"/down/{r.json()['id']}"
         assert start(cli, '/down', 'echo', text='y')  # a form post: 303 to the failed job's page, as before
+
+
+@dataclass
+class OwnedJob(ReferenceJob):
+    owner: Optional[str] = None  # the user who started it (the routes' `scope` sets it)
+
+class OwnedManager(ReferenceJobManager):
+    def create_job(self, plugin_id, owner=None, **kw):
+        return OwnedJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw, owner=owner)
+
+def scoped_app(db, **routes):
+    "An app whose users (the `x-user` header) each see their own jobs (`scope`), kept in a SQLite store indexed by owner."
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = OwnedManager(event_broadcaster=bc, worker_type='owned', job_store=SQLiteJobStore(db, index_fields=['owner']))
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    r = mount_job_routes(app, mgr, bc, prefix='/jobs', scope=lambda request: {'owner': request.headers.get('x-user', '')}, **routes)
+    return app, mgr, r
+
+
+def test_scope_gives_each_user_their_own_jobs_from_the_store(tmp_path):
+    """`scope` on a SQLite store: a user's jobs are listed and counted by the store (exact totals and pages, also after
+    a restart), another user's job is a 403 on its routes, and the table's streams leave its events out."""
+    db = tmp_path / 'j.db'
+    app, mgr, r = scoped_app(db, page_size=2)
+    alice, bob = {'x-user': 'alice'}, {'x-user': 'bob'}
+    J = lambda who: {**who, 'accept': 'application/json'}
+    with TestClient(app) as cli:
+        after, ids = r.broadcaster.last_id, {}
+        for who, text in [(alice, 'a1'), (bob, 'secret words'), (alice, 'a2'), (alice, 'a3')]:
+            ids[text] = cli.post('/jobs/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0}},
+                                 headers=J(who)).json()['id']
+        for j in ids.values(): cli.portal.call(mgr.wait_for_job, j, 30)
+        resp = cli.get('/jobs', headers=J(alice))
+        assert [j['id'] for j in resp.json()] == [ids['a3'], ids['a2']] and resp.headers['x-total-count'] == '3'
+        assert 'rel="next"' in resp.headers['link']
+        assert [j['id'] for j in cli.get('/jobs?offset=2', headers=J(alice)).json()] == [ids['a1']]
+        assert 'Jobs 1–2 of 3' in cli.get('/jobs', headers=alice).text
+        for url in (f"/jobs/{ids['secret words']}", f"/jobs/{ids['secret words']}/stream?format=json&after=0"):
+            assert cli.get(url, headers=J(alice)).status_code == 403, url
+        assert cli.post(f"/jobs/{ids['secret words']}/cancel", headers=J(alice)).status_code == 403
+        text = replay_until_completed(cli, f'/jobs/stream?format=json&after={after}', alice, ids['a3'])
+        assert ids['a1'] in text and ids['secret words'] not in text and 'secret' not in text, text[:2000]
+    app, mgr, r = scoped_app(db)  # the app restarted: the file has them
+    with TestClient(app) as cli:
+        resp = cli.get('/jobs', headers=J(bob))
+        assert [j['id'] for j in resp.json()] == [ids['secret words']] and resp.headers['x-total-count'] == '1'
+        assert resp.json()[0]['owner'] == 'bob' and resp.json()[0]['result']['text'] == 'secret words'

@@ -13,7 +13,7 @@ from fasthtml.common import A, FT, H1, Main, NotStr, Title, to_xml
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 
-from ..stores.base import job_seq, statuses
+from ..stores.base import job_seq, matches, statuses, where_items
 from ..managers.base import NO_WORKER_ERROR, QueueFull
 from ..core.worker import _RESERVED
 from .sse import json_text
@@ -256,6 +256,7 @@ class JobRoutes:
                  max_body_bytes:int=MAX_BODY_BYTES, # largest request body the routes accept (bigger: 413, unread)
                  show_traceback:bool=False, # show clients the worker's traceback of a failed job (JSON and pages)
                  cross_site:bool=False, # accept start and cancel from pages of other origins (browsers' Sec-Fetch-Site)
+                 scope:Optional[Callable]=None, # scope(request) -> {field: value} (sync or async): the request's jobs are those with these field values; None: all
                 ):
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be an int from 1 to {MAX_PAGE_SIZE}, got {page_size!r}")
@@ -265,7 +266,7 @@ class JobRoutes:
         self.show_traceback, self.cross_site = bool(show_traceback), bool(cross_site)
         if not isinstance(prefix, str) or not prefix.startswith('/') or prefix.endswith('/'):
             raise ValueError(f"prefix must start with '/' and not end with '/', got {prefix!r}")
-        self.manager, self.broadcaster, self.prefix, self.authorize = manager, broadcaster, prefix, authorize
+        self.manager, self.broadcaster, self.prefix, self.authorize, self.scope = manager, broadcaster, prefix, authorize, scope
         self.plugins = None if plugins is None else list(plugins)
         self.page, self.controls, self.flush_timeout, self.page_size = page or _default_page, controls, flush_timeout, page_size
         self.title = title or f"{manager.worker_type} jobs"
@@ -348,7 +349,7 @@ async def live_table(self:JobRoutes,
                      status:Optional[str]=None, # only jobs in this status
                      limit:Optional[int]=None, # jobs per page (default: `page_size`)
                      offset:int=0, # skip this many of the newest
-                     request=None # the page's request: with `authorize`, only the jobs it admits for it are shown
+                     request=None # the page's request: with `scope` or `authorize`, only the jobs it may see are shown
                     )->tuple:
     "A page of the job table (newest first), its pager, and its sink: from now on live."
     limit = limit or self.page_size
@@ -375,8 +376,20 @@ async def live_detail(self:JobRoutes, job)->tuple:
 
 # %% ../../nbs/fasthtml/routes.ipynb #204a7317
 @patch
-async def allowed(self:JobRoutes, request, job=None)->bool:
-    "Whether `authorize` admits this request (for this job)."
+async def scope_of(self:JobRoutes, request)->tuple:
+    "The field values (as `where_items`) of the jobs `scope` gives this request; () for all jobs."
+    if self.scope is None or request is None: return ()
+    w = self.scope(request)
+    if inspect.isawaitable(w): w = await w
+    return where_items(w)
+
+@patch
+async def allowed(self:JobRoutes, request, job=None,
+                  scope:Optional[tuple]=None # the request's `scope_of`, if known already
+                 )->bool:
+    "Whether this request may see this job (it is in the request's `scope`, and `authorize` admits it), or the list (no job)."
+    if job is not None and self.scope is not None:
+        if not matches(job, await self.scope_of(request) if scope is None else scope): return False
     if self.authorize is None: return True
     ok = self.authorize(request, job)
     if inspect.isawaitable(ok): ok = await ok
@@ -384,9 +397,10 @@ async def allowed(self:JobRoutes, request, job=None)->bool:
 
 @patch
 async def admitted(self:JobRoutes, request, jobs:list)->list:
-    "The jobs `authorize` admits for this request (all of them without `authorize`)."
-    if self.authorize is None: return jobs
-    return [j for j in jobs if await self.allowed(request, j)]
+    "The jobs this request may see (all of them without `authorize` and `scope`)."
+    if self.authorize is None and self.scope is None: return jobs
+    w = await self.scope_of(request)
+    return [j for j in jobs if await self.allowed(request, j, w)]
 
 SCAN_CHUNK = 1000  # with a per-job `authorize`: the most jobs the list reads from the store at once
 
@@ -394,23 +408,25 @@ SCAN_CHUNK = 1000  # with a per-job `authorize`: the most jobs the list reads fr
 async def job_page(self:JobRoutes,
                    status:Optional[str]=None, # only jobs in this status
                    limit:Optional[int]=None, # jobs per page (default: `page_size`)
-                   offset:int=0, # skip this many of the newest (with `authorize` and `request`: of those it admits)
-                   request=None # the page's request: with `authorize`, only the jobs it admits for it count
+                   offset:int=0, # skip this many of the newest (with `request`: of those it may see)
+                   request=None # the page's request: with `scope` or `authorize`, only the jobs it may see count
                   )->tuple: # (jobs, total or None if not counted, whether older jobs follow, `job_seq` of the store's newest)
-    "A page of the jobs, newest first; with `authorize`, of those it admits for `request` (read from the store in chunks)."
+    "A page of the jobs, newest first; of those in `request`'s scope (the store's filter), and with `authorize` of those it admits (read in chunks)."
     limit = limit or self.page_size
+    w = await self.scope_of(request)
+    where = {'where': dict(w)} if w else {}  # the request's jobs: the store picks them (SQL; an index with `index_fields`)
     if self.authorize is None or request is None:
-        jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True)
-        total = await self.manager.acount_jobs(status)
+        jobs = await self.manager.aget_all_jobs(status, limit, offset, newest_first=True, **where)
+        total = await self.manager.acount_jobs(status, **where)
         return jobs, total, offset + len(jobs) < total, max(map(job_seq, jobs), default=-1)
     page, seen, pos, newest, last = [], 0, 0, None, set()
     chunk = min(offset + limit + 1, SCAN_CHUNK)  # enough if every job is admitted; more (up to SCAN_CHUNK) if not
     while True:
-        jobs = await self.manager.aget_all_jobs(status, chunk, pos, newest_first=True)
+        jobs = await self.manager.aget_all_jobs(status, chunk, pos, newest_first=True, **where)
         if newest is None: newest = job_seq(jobs[0]) if jobs else -1
         pos += len(jobs)
         for j in jobs:  # (a job of the chunk before: moved down by a job started meanwhile, seen already)
-            if j.id in last or not await self.allowed(request, j): continue
+            if j.id in last or not await self.allowed(request, j, w): continue
             if seen >= offset:
                 if len(page) == limit: return page, None, True, newest  # one more: older jobs follow, not counted
                 page.append(j)
@@ -427,15 +443,16 @@ def page_url(self:JobRoutes, offset:int=0, limit:Optional[int]=None, status:Opti
 
 @patch
 def keeper(self:JobRoutes, request)->Optional[Callable]:
-    "For a stream of all jobs: an event filter that passes only the events of jobs `authorize` admits (asked once a job)."
-    if self.authorize is None: return None
-    seen = {}
+    "For a stream of all jobs: an event filter that passes only the events of the jobs the request may see (`allowed`, asked once a job)."
+    if self.authorize is None and self.scope is None: return None
+    seen, scope = {}, []
     async def keep(ev)->bool:
         jid = ev.data.get('job_id') if isinstance(ev.data, dict) else None
         if jid is None: return True  # not about one job (a worker's start, a reset)
         if jid not in seen:  # a job that is gone (purged) is nobody's: authorize(request, None) admits to the table, not to it
+            if not scope: scope.append(await self.scope_of(request))  # (the request's scope, asked once)
             job = await self.manager.aget_job(jid)
-            seen[jid] = job is not None and await self.allowed(request, job)
+            seen[jid] = job is not None and await self.allowed(request, job, scope[0])
         return seen[jid]
     return keep
 
@@ -542,11 +559,21 @@ async def start(self:JobRoutes, request):
             if not isinstance(fields, dict): raise ValueError("the JSON body must be an object")
         else: fields = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
         plugin_id, kwargs = _start_args(fields, self.plugins, self.scheduling)
+        scope = await self.scope_of(request)
+        for k, v in scope:  # the app's values for the request's jobs (e.g. its user as `owner`); a client's own must agree
+            if k in kwargs and kwargs[k] != v: raise ValueError(f"{k} is set by the app for this request; leave it out")
+            kwargs[k] = v
     except ValueError as e: return _error(request, str(e), 400)
     try: job = await self.manager.start_job(plugin_id, **kwargs)
     except (TypeError, ValueError) as e: return _error(request, f"cannot create the job: {e}", 400)  # e.g. an unexpected argument
     except QueueFull as e: return _error(request, str(e), 503, {'Retry-After': '5'})  # (jobs leave the queue as they run)
     except RuntimeError as e: return _error(request, str(e), 503)
+    if scope and not matches(job, scope):  # its creator could not see it: stop it, and say what the app must change
+        await self.manager.cancel_job(job.id)
+        why = (f"the job was created without the field values of mount_job_routes(scope=...) ({dict(scope)}): create_job "
+               "gets them as keyword arguments and must set them as fields of the job")
+        log.error("%s; job %s cancelled", why, job.id)
+        return _error(request, why, 500)
     after = self.broadcaster.last_id  # none of the job's events is broadcast yet (the manager's pump sends them later)
     if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})
     if not _wants_json(request): return RedirectResponse(self.url(job.id), status_code=303)
@@ -619,10 +646,12 @@ def mount_job_routes(app, # the FastHTML app
                      show_traceback:bool=False, # show clients the worker's traceback of a failed job (JSON and pages)
                      assets_path:str=ASSETS_PATH, # URL folder the scripts are served from (with `hdrs`)
                      cross_site:bool=False, # accept start and cancel from pages of other origins (default: 403, against CSRF)
+                     scope:Optional[Callable]=None, # scope(request) -> {field: value}, sync or async: the request's jobs (e.g. {'owner': user}); None: all
                     )->JobRoutes:
     "Add list, detail, start, cancel, stream and health routes for `manager` under `prefix`."
     r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title, page_size=page_size,
-                  scheduling=scheduling, max_body_bytes=max_body_bytes, show_traceback=show_traceback, cross_site=cross_site)
+                  scheduling=scheduling, max_body_bytes=max_body_bytes, show_traceback=show_traceback, cross_site=cross_site,
+                  scope=scope)
     if getattr(manager, 'event_broadcaster', None) is None: manager.event_broadcaster = broadcaster
     if hdrs:
         mount_job_assets(app, assets_path)

@@ -21,7 +21,7 @@ from ..core.config import RestartPolicy, WorkerConfig
 from ..core.process import describe_exit, kill_process_group, kill_worker_tree, process_ended, wait_ended
 from ..core.worker import BACKSTOP_NAME, LOG_LEVEL_ENV, _RESERVED
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
-from ..stores.base import JobStore, MemoryJobStore
+from ..stores.base import JobStore, MemoryJobStore, where_items
 from ..stores.journal import StartJournal
 
 log = logging.getLogger(__name__)
@@ -1795,20 +1795,26 @@ def get_all_jobs(self:BaseJobManager,
                  status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these statuses)
                  limit:Optional[int]=None, # at most this many
                  offset:int=0, # skip this many first
-                 newest_first:bool=False # newest first (default: in creation order)
+                 newest_first:bool=False, # newest first (default: in creation order)
+                 where:Optional[dict]=None # {field: value}: only jobs whose fields have these values, e.g. {'owner': 'alice'}
                 )->List[JobType]: # the jobs
-    "Get all jobs (or a page of them, filtered by status), from the job store."
+    "Get all jobs (or a page of them, filtered by status and field values), from the job store."
     _check_page(limit, offset)
     self._catch_up()
     live = self.jobs
-    return [live.get(j.id, j) for j in self._store.list(status, limit, offset, newest_first)]
+    return [live.get(j.id, j) for j in self._store.list(status, limit, offset, newest_first, **_where(where))]
 
 @patch
 def count_jobs(self:BaseJobManager,
-               status:Union[str, Iterable[str], None]=None # only jobs in this status (or these statuses)
+               status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these statuses)
+               where:Optional[dict]=None # {field: value}: only jobs whose fields have these values
               )->int:
-    "How many jobs the store holds (in this status)."
-    return self._store.count(status)
+    "How many jobs the store holds (in this status, with these field values)."
+    return self._store.count(status, **_where(where))
+
+def _where(where:Optional[dict])->dict:
+    "`where` as keyword arguments for the store: none when there is no filter (a store written before `where` works then)."
+    return {'where': dict(where_items(where))} if where else {}
 
 # %% ../../nbs/managers/base.ipynb #38344f1a
 @patch
@@ -1830,17 +1836,19 @@ async def aget_all_jobs(self:BaseJobManager,
                         status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these statuses)
                         limit:Optional[int]=None, # at most this many
                         offset:int=0, # skip this many first
-                        newest_first:bool=False # newest first (default: in creation order)
+                        newest_first:bool=False, # newest first (default: in creation order)
+                        where:Optional[dict]=None # {field: value}: only jobs whose fields have these values
                        )->List[JobType]: # the jobs
     "`get_all_jobs` for async code: the store is read without blocking the event loop."
-    return await self._off_loop(self.get_all_jobs, status, limit, offset, newest_first)
+    return await self._off_loop(self.get_all_jobs, status, limit, offset, newest_first, where)
 
 @patch
 async def acount_jobs(self:BaseJobManager,
-                      status:Union[str, Iterable[str], None]=None # only jobs in this status (or these statuses)
+                      status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these statuses)
+                      where:Optional[dict]=None # {field: value}: only jobs whose fields have these values
                      )->int:
     "`count_jobs` for async code."
-    return await self._off_loop(self.count_jobs, status)
+    return await self._off_loop(self.count_jobs, status, where)
 
 # %% ../../nbs/managers/base.ipynb #1551e0b8
 @patch

@@ -11,8 +11,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, List, Optional, Tuple, Union
 
 # %% auto #0
-__all__ = ['TERMINAL', 'UNFINISHED', 'JobStoreError', 'JobStoreLocked', 'statuses', 'cutoff', 'job_seq', 'JobStore',
-           'MemoryJobStore']
+__all__ = ['TERMINAL', 'UNFINISHED', 'JobStoreError', 'JobStoreLocked', 'statuses', 'cutoff', 'job_seq', 'where_items', 'matches',
+           'JobStore', 'MemoryJobStore']
 
 # %% ../../nbs/stores/base.ipynb #a3206aa1
 TERMINAL = ('completed', 'failed', 'cancelled')
@@ -43,6 +43,28 @@ def cutoff(older_than:Optional[float] # seconds, or None for no age limit
 def job_seq(job)->int:
     "The job's sequence number: the manager numbers jobs in creation order (0 if it has not)."
     return getattr(job, '_seq', 0)
+
+_FIELD_VALUES = (str, int, float, bool, type(None))
+
+def where_items(where:Optional[dict] # {field: value}: only jobs whose fields have these values; None or {}: all
+               )->Tuple[Tuple[str, Any], ...]: # the pairs, checked ((): no filter)
+    "Normalise a field filter (raises `ValueError` naming a bad field name or value)."
+    if not where: return ()
+    if not isinstance(where, dict):
+        raise TypeError(f"where must be a dict of job field names to values, got {type(where).__name__}")
+    for k, v in where.items():
+        if not isinstance(k, str) or not k.isidentifier() or k.startswith('_'):
+            raise ValueError(f"where: {k!r} is not a job field name (an identifier not starting with '_')")
+        if not isinstance(v, _FIELD_VALUES) or v != v:
+            raise ValueError(f"where: the value for {k!r} must be a str, int, float, bool or None, got {v!r:.60}")
+    return tuple(where.items())
+
+_MISSING = object()
+
+def matches(job, where:Tuple[Tuple[str, Any], ...] # from `where_items`
+           )->bool:
+    "Whether the job's fields have the values of `where` (a job without such a field does not match)."
+    return all((x := getattr(job, k, _MISSING)) is not _MISSING and x == v and (x is None) == (v is None) for k, v in where)
 
 # %% ../../nbs/stores/base.ipynb #02547ddd
 class JobStore(ABC):
@@ -92,12 +114,16 @@ class JobStore(ABC):
              status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these)
              limit:Optional[int]=None, # at most this many
              offset:int=0, # skip this many first
-             newest_first:bool=False # order by creation, newest first
+             newest_first:bool=False, # order by creation, newest first
+             where:Optional[dict]=None # {field: value}: only jobs whose fields have these values
             )->list: # the jobs
         "Jobs, in creation order."
     @abstractmethod
-    def count(self, status:Union[str, Iterable[str], None]=None)->int:
-        "How many jobs (in this status)."
+    def count(self,
+              status:Union[str, Iterable[str], None]=None, # only jobs in this status (or these)
+              where:Optional[dict]=None # {field: value}: only jobs whose fields have these values
+             )->int:
+        "How many jobs (in this status, with these field values)."
     @abstractmethod
     def purge(self,
               older_than:Optional[float]=None, # only jobs that finished more than this many seconds ago
@@ -145,18 +171,18 @@ class MemoryJobStore(JobStore):
 
     def get(self, job_id:str): return self._jobs.get(job_id)
 
-    def _select(self, status):
-        st = statuses(status)
+    def _select(self, status, where=None):
+        st, w = statuses(status), where_items(where)
         with self._lock: jobs = list(self._jobs.values())
-        if st is None: return jobs
-        return [j for j in jobs if j.status in st]
+        if st is None and not w: return jobs
+        return [j for j in jobs if (st is None or j.status in st) and matches(j, w)]
 
-    def list(self, status=None, limit=None, offset=0, newest_first=False)->list:
-        jobs = self._select(status)
+    def list(self, status=None, limit=None, offset=0, newest_first=False, where=None)->list:
+        jobs = self._select(status, where)
         jobs.sort(key=job_seq, reverse=newest_first)
         return jobs[offset:None if limit is None else offset + limit]
 
-    def count(self, status=None)->int: return len(self._select(status))
+    def count(self, status=None, where=None)->int: return len(self._select(status, where))
 
     def purge(self, older_than=None, status=TERMINAL)->List[str]:
         st, before = statuses(status), cutoff(older_than)

@@ -18,7 +18,7 @@ import apsw, psutil
 from fastcore.basics import patch
 from fastlite import Database
 
-from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq
+from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq, where_items, matches
 from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_process, check_file, _file_id, rollback, safe_repr,
                                               TAG, _PLAIN, _TAGGERS)
 
@@ -220,6 +220,7 @@ class SQLiteJobStore(JobStore):
                  retry_interval:float=0.5, # seconds before a batch that failed (a locked or full database) is tried again; doubling after each further failure, up to 20 times this
                  close_timeout:float=5.0, # seconds `close` (and `release`) wait for the last writes; what is still unwritten then is logged as lost
                  worker_type:Optional[str]=None, # the manager whose jobs this store holds, to read them without that manager (a manager binds its own)
+                 index_fields:Iterable[str]=(), # job fields that `list(where=...)` filters on often (e.g. 'owner'): each gets an index
                 ):
         "A store in `path`; nothing is opened until the store is used."
         if not isinstance(path, (str, os.PathLike)):
@@ -243,6 +244,8 @@ class SQLiteJobStore(JobStore):
         self.path, self.table, self.busy_timeout, self.synchronous = p, table, busy_timeout, str(synchronous).upper()
         self.commit_interval, self.retry_interval, self.close_timeout = commit_interval, retry_interval, close_timeout
         if worker_type is not None: self.namespace = worker_type
+        self.index_fields = tuple(index_fields) if not isinstance(index_fields, str) else (index_fields,)
+        where_items(dict.fromkeys(self.index_fields))  # each a field name (a ValueError names one that is not)
         self.failures = 0  # batches that failed in a row (0 once one is committed)
         self._failing_since: Optional[float] = None  # when the current series of failures began (monotonic)
         self.unwritten: List[str] = []  # ids of the jobs whose last state could not be written when the store last stopped writing
@@ -281,12 +284,12 @@ class SQLiteJobStore(JobStore):
     def get(self, job_id:str):
         "The job (the live object if it is not written yet), or None."
         with self._failing('reading a job'): return self._get(job_id)
-    def list(self, status=None, limit=None, offset=0, newest_first=False)->list:
-        "Jobs in creation order, filtered by status, paged (unwritten changes included)."
-        with self._failing('reading the jobs'): return self._list(status, limit, offset, newest_first)
-    def count(self, status=None)->int:
-        "How many jobs (in this status), unwritten changes included."
-        with self._failing('counting the jobs'): return self._count(status)
+    def list(self, status=None, limit=None, offset=0, newest_first=False, where=None)->list:
+        "Jobs in creation order, filtered by status (and field values), paged (unwritten changes included)."
+        with self._failing('reading the jobs'): return self._list(status, limit, offset, newest_first, where)
+    def count(self, status=None, where=None)->int:
+        "How many jobs (in this status, with these field values), unwritten changes included."
+        with self._failing('counting the jobs'): return self._count(status, where)
     def purge(self, older_than:Optional[float]=None, status=TERMINAL)->List[str]:
         "Delete finished jobs (those that finished more than `older_than` seconds ago); returns their ids."
         with self._failing('purging jobs'): return self._purge(older_than, status)
@@ -497,7 +500,9 @@ def _ensure_schema(self:SQLiteJobStore, db, codec:_Codec):
         if name not in have: t.add_column(name, typ)
     t.create_index(['id'], unique=True, if_not_exists=True)  # the job id is unique (what the upsert relies on);
     t.create_index(['status', '_seq'], if_not_exists=True)   # made here every time, so a retry completes a schema
-    self._schema |= set(types_)                              # that an earlier attempt left half made
+    for f in self.index_fields:                              # that an earlier attempt left half made
+        if f in types_ or f in have: t.create_index([f, '_seq'], if_not_exists=True)  # (once a job class has the field)
+    self._schema |= set(types_)
 
 # %% ../../nbs/stores/sqlite.ipynb #68de36ac
 @patch
@@ -790,11 +795,11 @@ def _get(self:SQLiteJobStore, job_id:str):
 
 # %% ../../nbs/stores/sqlite.ipynb #07cf3a08
 @patch
-def _list(self:SQLiteJobStore, status=None, limit=None, offset=0, newest_first=False)->list:
-    "Jobs in creation order, filtered by status, paged (unwritten changes included)."
-    st, over = statuses(status), self._overlay()
-    where, params = (_in('status', st), st) if st else ('', ())
-    live = [j for j in over.values() if st is None or j.status in st]
+def _list(self:SQLiteJobStore, status=None, limit=None, offset=0, newest_first=False, where=None)->list:
+    "Jobs in creation order, filtered by status (and field values), paged (unwritten changes included)."
+    st, w, over = statuses(status), where_items(where), self._overlay()
+    where, params = self._filter(st, w)
+    live = [j for j in over.values() if (st is None or j.status in st) and matches(j, w)]
     # Unwritten jobs move a page by at most len(live) + len(over) places: the rows above that are skipped in SQL.
     start = max(0, offset - len(live) - len(over))
     n = None if limit is None else offset - start + limit + 2 * len(over)
@@ -833,26 +838,49 @@ def _page_rows(self:SQLiteJobStore, where:str, params:tuple, order:str, start:in
     return rows, seqs
 
 @patch
-def _count(self:SQLiteJobStore, status=None)->int:
-    "How many jobs (in this status), unwritten changes included."
-    st, over = statuses(status), self._overlay()
+def _count(self:SQLiteJobStore, status=None, where=None)->int:
+    "How many jobs (in this status, with these field values), unwritten changes included."
+    st, w, over = statuses(status), where_items(where), self._overlay()
+    where, params = self._filter(st, w)
+    and_where = f' AND {where}' if where else ''
     with self._rlock:
         t, db = self._table(), self._reader()
-        if db is None or not db[t].exists(): n, stored = 0, {}
+        if db is None or not db[t].exists(): n, stored = 0, set()
         else:
-            where = f' WHERE {_in("status", st)}' if st else ''
             db.execute('BEGIN')  # one read transaction: a commit between the two reads would count a job 0 or 2 times
             try:
-                n = db.execute(f'SELECT count(*) FROM "{t}"{where}', st or ()).fetchone()[0]
-                ids, stored = tuple(over), {}
+                n = db.execute(f'SELECT count(*) FROM "{t}"' + (f' WHERE {where}' if where else ''), params).fetchone()[0]
+                ids, stored = tuple(over), set()  # the overlay's jobs whose stored rows were counted
                 for i in range(0, len(ids), 500):
                     chunk = ids[i:i + 500]
-                    stored.update(db.execute(f'SELECT id, status FROM "{t}" WHERE {_in("id", chunk)}', chunk).fetchall())
+                    stored.update(r for (r,) in db.execute(f'SELECT id FROM "{t}" WHERE {_in("id", chunk)}{and_where}',
+                                                          chunk + params).fetchall())
             finally: db.execute('COMMIT')
-    for jid, job in over.items():
-        if jid in stored and (st is None or stored[jid] in st): n -= 1
-        if st is None or job.status in st: n += 1
+    for jid, job in over.items():  # counted as they are now
+        n += ((st is None or job.status in st) and matches(job, w)) - (jid in stored)
     return n
+
+@patch
+def _filter(self:SQLiteJobStore, st:Optional[tuple], w:tuple)->Tuple[str, tuple]:
+    "SQL and its parameters for a status filter and a field filter (`where_items`); '0' (no row) for a column the table lacks."
+    parts, params = ([_in('status', st)], st) if st else ([], ())
+    if w:
+        cols = self._schema if all(k in self._schema for k, _ in w) else self._columns()
+        for k, v in w:  # (`where_items` checked that each name is an identifier: safe to quote)
+            if any(k in c.json for c in list(self._codecs.values())):
+                raise ValueError(f"where: the job field {k!r} is stored as JSON, not as a plain value: only fields of "
+                                 "plain values (str, int, float, bool, None) can filter")
+            if k not in cols: return '0', ()  # no stored job has the field
+            if v is None: parts.append(f'"{k}" IS NULL')
+            else: parts.append(f'"{k}" = ?'); params += (int(v) if isinstance(v, bool) else v,)
+    return ' AND '.join(parts), params
+
+@patch
+def _columns(self:SQLiteJobStore)->set:
+    "The job table's columns (none while it does not exist)."
+    with self._rlock:
+        t, db = self._table(), self._reader()
+        return {c.name for c in db[t].columns} if db is not None and db[t].exists() else set()
 
 # %% ../../nbs/stores/sqlite.ipynb #21242311
 @patch
