@@ -513,3 +513,34 @@ def test_a_constructor_that_exits_or_is_interrupted_fails_the_start_like_one_tha
     finally:
         for p in procs:
             if p.poll() is None: p.kill(); p.wait(10)
+
+
+def test_many_waiting_calls_hold_up_neither_a_running_stream_nor_a_cancel(workers):
+    """Remote review: plugin calls waited for the plugin's lock in anyio's 40 shared threads, so 45 calls queued behind a
+    stream took every thread: the stream never got one for its next item, a /cancel none to run in, and nothing moved
+    again. Calls now wait for their turn on the event loop, and /cancel has threads of its own."""
+    import asyncio
+    w = workers['tokens']
+    async def run(words, cancel):
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        async with httpx.AsyncClient(base_url=w.url, timeout=30, limits=limits) as c:
+            async with c.stream('POST', '/execute_stream', json={'kwargs': {'text': ' '.join(words), 'delay': 0.05}}) as r:
+                lines = r.aiter_lines()
+                got = [json.loads(await lines.__anext__())]
+                calls = [asyncio.create_task(c.post('/execute', json={'kwargs': {'text': f'c{i}', 'delay': 0}})) for i in range(45)]
+                await asyncio.sleep(0.3)  # all 45 wait for the plugin now
+                if cancel:
+                    t = time.monotonic()
+                    answer = (await asyncio.wait_for(c.post('/cancel'), 5)).json()
+                    assert answer['status'] == 'cancelled' and time.monotonic() - t < 2, answer
+                async def rest():
+                    async for line in lines:
+                        if line: got.append(json.loads(line))
+                await asyncio.wait_for(rest(), 15)
+            answers = await asyncio.wait_for(asyncio.gather(*calls), 15)
+        assert sorted(a.json()['text'] for a in answers) == sorted(f'c{i}' for i in range(45))
+        return got
+    words = [f'w{i}' for i in range(20)]
+    assert asyncio.run(run(words, cancel=False)) == [f'{x} ' for x in words[:-1]] + [words[-1]]
+    got = asyncio.run(run([f'w{i}' for i in range(200)], cancel=True))
+    assert got[-1] == {'error': 'cancelled', 'cancelled': True} and len(got) < 100, got

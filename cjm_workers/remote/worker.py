@@ -529,22 +529,28 @@ def _refusal(request:Request, hosts:Optional[frozenset])->Optional[str]:
     return None
 
 # %% ../../nbs/remote/worker.ipynb #8762a85a
-async def _in_threads(lines:Iterator[bytes]):
-    "Iterate a blocking iterator with every `next()` in a worker thread."
+async def _in_threads(lines:Iterator[bytes], limiter=None):
+    "Iterate a blocking iterator with every `next()` in a worker thread (of `limiter`'s, if given)."
     while True:
-        item = await anyio.to_thread.run_sync(next, lines, _DONE)
+        item = await anyio.to_thread.run_sync(next, lines, _DONE, limiter=limiter)
         if item is _DONE: return
         yield item
 
 class _NDJSONResponse(StreamingResponse):
-    "Streams a blocking iterator of lines off the event loop, and always closes it (releasing the plugin)."
-    def __init__(self, lines:Iterator[bytes], headers:Optional[dict]=None):
-        self._lines = lines
-        super().__init__(_in_threads(lines), media_type='application/x-ndjson', headers=headers)
+    "Streams a blocking iterator of lines off the event loop, and always closes it (releasing the plugin), then calls `release`."
+    def __init__(self, lines:Iterator[bytes], headers:Optional[dict]=None,
+                 limiter=None, # the threads to call the iterator in (None: anyio's default ones)
+                 release:Optional[Callable[[], None]]=None # called once the stream has ended and the iterator is closed
+                ):
+        self._lines, self._limiter, self._release = lines, limiter, release
+        super().__init__(_in_threads(lines, limiter), media_type='application/x-ndjson', headers=headers)
     async def __call__(self, scope, receive, send):
         try: await super().__call__(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True): await anyio.to_thread.run_sync(self._lines.close)
+            try:
+                with anyio.CancelScope(shield=True): await anyio.to_thread.run_sync(self._lines.close, limiter=self._limiter)
+            finally:
+                if self._release is not None: self._release()
 
 # %% ../../nbs/remote/worker.ipynb #f82981e6
 def create_app(module_name:str, # module to import the plugin class from
@@ -572,9 +578,17 @@ def create_app(module_name:str, # module to import the plugin class from
                 return _json_response(_error_body(e, error=f"the worker failed ({_error_text(e)})"), 500)
         return handler
 
-    def threaded(call, *args)->Callable:
+    limits = {}  # made on first use, on the event loop (an older anyio makes a limiter only there)
+    def limit(name:str):
+        if not limits: limits.update(turn=anyio.Semaphore(1), plugin=anyio.CapacityLimiter(2), control=anyio.CapacityLimiter(8))
+        return limits[name]
+
+    def threaded(call, *args, plugin:bool=True)->Callable:
+        "Run a host method in a thread; a call of the plugin (`plugin`) after waiting for its turn."
         async def run()->Response:
-            status, body = await anyio.to_thread.run_sync(call, *args)
+            if not plugin: status, body = await anyio.to_thread.run_sync(call, *args)
+            else:
+                async with limit('turn'): status, body = await anyio.to_thread.run_sync(call, *args, limiter=limit('plugin'))
             return _json_response(body, status)
         return run
 
@@ -586,19 +600,24 @@ def create_app(module_name:str, # module to import the plugin class from
         if body is not _EMPTY and body is not None and not isinstance(body, dict):
             raise _HTTPError(400, f"the configuration must be a JSON object, not a JSON {type(body).__name__}")
         return await threaded(host.initialize, None if body is _EMPTY else body, _call_id(request))()
-    async def config_schema(request): return await threaded(host.call_getter, 'get_config_schema')()
-    async def config(request): return await threaded(host.call_getter, 'get_current_config')()
+    async def config_schema(request): return await threaded(host.call_getter, 'get_config_schema', plugin=False)()
+    async def config(request): return await threaded(host.call_getter, 'get_current_config', plugin=False)()
     async def execute(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
         return await threaded(host.execute, args, kwargs, _call_id(request), _attempt(request))()
     async def execute_stream(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
         returns = request.headers.get(STREAM_RETURN_HEADER) == '1'
-        return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request), returns, _attempt(request)),
-                               {STREAM_RETURN_HEADER: '1'} if returns else None)
+        turn = limit('turn')
+        await turn.acquire()  # held until the stream has ended (`_NDJSONResponse` releases it)
+        try: return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request), returns, _attempt(request)),
+                                    {STREAM_RETURN_HEADER: '1'} if returns else None, limit('plugin'), turn.release)
+        except BaseException:
+            turn.release()
+            raise
     async def cancel(request):
         calls = _cancel_calls(await _read_json(request, max_body_bytes))
-        return _json_response(await anyio.to_thread.run_sync(host.cancel, calls))
+        return _json_response(await anyio.to_thread.run_sync(host.cancel, calls, limiter=limit('control')))
     async def progress(request):
         q = request.query_params
         if 'since' not in q and 'wait' not in q: return _json_response(host.progress())
