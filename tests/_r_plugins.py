@@ -22,12 +22,12 @@ class FlakyPlugin:
 
 
 class Attempts:
-    "Fails its job's runs before attempt `succeed_at` (`current_job().attempt`, from the manager), then returns the attempt."
+    "Fails its job's runs before attempt `succeed_at` (`current_job().attempt`, from the manager), then returns the attempt and the job's id."
     name, version = 'attempts', '0'
     def execute(self, succeed_at=2, **kwargs):
-        attempt = current_job().attempt
-        if attempt < succeed_at: raise RuntimeError(f"attempt {attempt} fails")
-        return {'attempt': attempt}
+        job = current_job()
+        if job.attempt < succeed_at: raise RuntimeError(f"attempt {job.attempt} of job {job.job_id} fails")
+        return {'attempt': job.attempt, 'job_id': job.job_id}
 
 
 class NoExecute:

@@ -13,7 +13,7 @@ from cjm_workers.core.config import WorkerConfig
 from cjm_workers.remote.adapter import RemotePluginSpec, remote_worker_entry
 from cjm_workers.remote.proxy import (RemoteCancelledError, RemotePluginError, RemotePluginProxy,
                                       RemoteWorkerError)
-from cjm_workers.testing import RecordingBroadcaster, ReferenceJobManager, wait_until
+from cjm_workers.testing import RecordingBroadcaster, ReferenceJob, ReferenceJobManager, wait_until
 from conftest import descendants
 from _a_helpers import gone, wait_gone
 
@@ -499,13 +499,18 @@ async def test_a_partial_result_survives_the_cancel(track):
 
 
 async def test_a_remote_plugin_sees_its_jobs_attempt_as_a_local_one_does(track):
-    "A retry's attempt reaches the plugin in its Universal Worker (`current_job().attempt`), as in a worker process."
+    """A retry's attempt and its job's id reach the plugin in its Universal Worker (`current_job()`), as in a worker
+    process. (Remote review: `current_job().job_id` was the proxy's id of the call, another one each attempt, so a
+    plugin had no key to find what an earlier run of its job left.)"""
     spec = RemotePluginSpec('attempts', '_r_plugins', 'Attempts', cwd=TESTS, env={'PYTHONPATH': TESTS})
-    mgr = track(ReferenceJobManager(entry_point=remote_worker_entry([spec])))
+    class OddIds(ReferenceJobManager):  # an id that is no plain header value
+        def create_job(self, plugin_id, **kw): return ReferenceJob(id='job/ü 1\t%', plugin_id=plugin_id, params=kw)
+    mgr = track(OddIds(entry_point=remote_worker_entry([spec])))
     job = await mgr.wait_for_job((await mgr.start_job('attempts', succeed_at=3, max_retries=3,
                                                      retry_backoff_seconds=0.01)).id, timeout=60)
-    assert (job.status, job.attempts, job.result) == ('completed', 3, {'attempt': 3}), (job.status, job.error)
-    assert [a['error'] for a in job.attempt_log] == [f'RemotePluginError: RuntimeError: attempt {n} fails' for n in (1, 2)]
+    assert (job.status, job.attempts, job.result) == ('completed', 3, {'attempt': 3, 'job_id': job.id}), (job.status, job.error)
+    assert [a['error'] for a in job.attempt_log] == [f'RemotePluginError: RuntimeError: attempt {n} of job {job.id} fails'
+                                                     for n in (1, 2)]
 
 
 async def test_stream_items_and_errors_as_with_a_local_plugin(track):

@@ -8,6 +8,7 @@ import asyncio, json, logging, os, secrets, selectors, signal, subprocess, sys, 
 from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
+from urllib.parse import quote
 
 import httpx, psutil
 from fastcore.basics import patch, store_attr
@@ -15,7 +16,7 @@ from fastcore.basics import patch, store_attr
 from contextlib import contextmanager
 from ..core.process import describe_exit
 from ..core.worker import JobCancelledError, current_job
-from .worker import ATTEMPT_HEADER, CALL_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
+from .worker import ATTEMPT_HEADER, CALL_HEADER, JOB_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,9 @@ def _body(self:RemotePluginProxy, args:tuple, kwargs:dict)->bytes:
 def _headers_for(content:Optional[bytes], call:Optional[str])->Optional[dict]:
     h = {'Content-Type': 'application/json'} if content is not None else {}
     if call is not None: h[CALL_HEADER] = call
-    if (job := current_job()) is not None and job.attempt > 1: h[ATTEMPT_HEADER] = str(job.attempt)  # (a retry, in a worker)
+    if (job := current_job()) is not None:  # a call for a job, in a worker process: the plugin sees the job's id and attempt
+        h[JOB_HEADER] = quote(str(job.job_id), safe='')
+        if job.attempt > 1: h[ATTEMPT_HEADER] = str(job.attempt)
     return h or None
 
 @patch

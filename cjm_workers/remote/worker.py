@@ -9,7 +9,7 @@ import ipaddress, signal, socket, sys, threading, time, traceback, uuid
 from collections import OrderedDict
 from pathlib import PurePath
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio, psutil
 from starlette.applications import Starlette
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'REQUIRED_METHODS', 'MAX_REMEMBERED_CANCELS', 'STREAM_RETURN_HEADER', 'DEFAULT_MAX_BODY_BYTES',
-           'MAX_PROGRESS_WAIT', 'CALL_HEADER', 'ATTEMPT_HEADER', 'KEEP_ALIVE_SECONDS', 'READY_PREFIX',
+           'MAX_PROGRESS_WAIT', 'CALL_HEADER', 'ATTEMPT_HEADER', 'JOB_HEADER', 'KEEP_ALIVE_SECONDS', 'READY_PREFIX',
            'EnhancedJSONEncoder', 'dumps_json', 'parent_monitor', 'WorkerStartupError', 'load_plugin_class',
            'instantiate_plugin', 'PluginHost', 'create_app', 'run_worker']
 
@@ -187,6 +187,12 @@ from fastcore.basics import patch
 
 MAX_REMEMBERED_CANCELS = 4096  # ids of calls cancelled before they began, kept until they begin (oldest dropped first)
 
+def _context(job_id:str, call:Optional[str], plugin_name:str, send, attempt:int=1)->JobContext:
+    "A job context for a call: `job_id` is what the plugin sees, `call` (the call's id) what a `/cancel` names."
+    ctx = JobContext(job_id, plugin_name, send, attempt)
+    ctx.call = call
+    return ctx
+
 @patch
 def _was_cancelled(self:PluginHost, ctx:JobContext, call:Optional[str])->None:
     "Flag `ctx` if a `/cancel` named `call` before it began (the caller holds `self._state`)."
@@ -194,10 +200,11 @@ def _was_cancelled(self:PluginHost, ctx:JobContext, call:Optional[str])->None:
 
 @patch
 def _begin(self:PluginHost, call:Optional[str]=None, # the call's id (`X-Call-Id`), if the client named it
-           attempt:int=1 # the job's attempt (`X-Attempt`: 2 and up for a retry), what `current_job().attempt` says
+           attempt:int=1, # the job's attempt (`X-Attempt`: 2 and up for a retry), what `current_job().attempt` says
+           job:Optional[str]=None # the job's id (`X-Job-Id`), what `current_job().job_id` says (default: the call's id)
           )->JobContext:
     "Start a run (the caller holds `self.lock`): a fresh job context, progress cleared, cancel flag reset."
-    ctx = JobContext(call or uuid.uuid4().hex, self.name, self._on_message, attempt)
+    ctx = _context(job or call or uuid.uuid4().hex, call, self.name, self._on_message, attempt)
     with self._state:
         if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
         self._was_cancelled(ctx, call)
@@ -260,9 +267,9 @@ def cancel(self:PluginHost,
     "Cancel the run in progress, or the named calls (flag + the plugin's `cancel()`): `{status, running}`."
     with self._state:
         now = [c for c in (self.ctx, self.init_ctx) if c is not None]
-        hit = [c for c in now if calls is None or c.job_id in calls]
+        hit = [c for c in now if calls is None or c.call in calls]
         for c in hit: c.cancel()
-        later = [] if calls is None else [c for c in dict.fromkeys(calls) if c not in {h.job_id for h in hit}]
+        later = [] if calls is None else [c for c in dict.fromkeys(calls) if c not in {h.call for h in hit}]
         for c in later:
             self.cancelled_calls[c] = True
             while len(self.cancelled_calls) > MAX_REMEMBERED_CANCELS: self.cancelled_calls.popitem(last=False)
@@ -294,18 +301,19 @@ def _encoded(status:int, body:Any)->Tuple[int, bytes]:
 
 def _cancel_text(e:Optional[BaseException], ctx:JobContext)->str:
     "The `error` of a cancelled call: 'cancelled', or the plugin's own words (never the host's internal run id)."
-    if e is None or ctx.job_id in str(e) or not str(e): return 'cancelled'
+    if e is None or not str(e) or any(i and i in str(e) for i in (ctx.job_id, getattr(ctx, 'call', None))): return 'cancelled'
     return _error_text(e)
 
 # %% ../../nbs/remote/worker.ipynb #09edf664
 @patch
 def execute(self:PluginHost, args:list, kwargs:dict,
             call:Optional[str]=None, # the call's id (`X-Call-Id`)
-            attempt:int=1 # the job's attempt (`X-Attempt`)
+            attempt:int=1, # the job's attempt (`X-Attempt`)
+            job:Optional[str]=None # the job's id (`X-Job-Id`)
            )->Tuple[int, bytes]:
     "Run `plugin.execute(*args, **kwargs)`: 200 result, 409 cancelled, 500 error."
     with self.lock:
-        ctx = self._begin(call, attempt)
+        ctx = self._begin(call, attempt, job)
         try:
             if ctx.cancelled: return _encoded(409, {'error': 'cancelled before it started', 'cancelled': True, 'result': None})
             try: result = self.plugin.execute(*args, **kwargs)
@@ -332,11 +340,12 @@ def _misreadable(item:Any)->bool:
 def stream_lines(self:PluginHost, args:list, kwargs:dict,
                  call:Optional[str]=None, # the call's id (`X-Call-Id`)
                  returns:bool=False, # end a normal stream with `{"return": value}` (the client sent `X-Stream-Return: 1`)
-                 attempt:int=1 # the job's attempt (`X-Attempt`)
+                 attempt:int=1, # the job's attempt (`X-Attempt`)
+                 job:Optional[str]=None # the job's id (`X-Job-Id`)
                 )->Iterator[bytes]:
     "NDJSON lines of `plugin.execute_stream(*args, **kwargs)`; a failure or cancel ends it with an `{error}` line."
     with self.lock:
-        ctx, gen, end, ret = self._begin(call, attempt), None, None, None
+        ctx, gen, end, ret = self._begin(call, attempt, job), None, None, None
         try:
             if ctx.cancelled:
                 yield _dumps_lenient({'error': 'cancelled before it started', 'cancelled': True}) + b'\n'
@@ -381,7 +390,7 @@ def initialize(self:PluginHost, config:Optional[dict],
     fn = getattr(self.plugin, 'initialize', None)
     if not callable(fn): return _encoded(200, {'status': 'not_supported'})
     with self.lock:
-        ctx = JobContext(call or uuid.uuid4().hex, self.name, self._on_message)
+        ctx = _context(call or uuid.uuid4().hex, call, self.name, self._on_message)
         with self._state:
             if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
             self._was_cancelled(ctx, call)
@@ -441,6 +450,7 @@ DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 MAX_PROGRESS_WAIT = 30.0  # longest `/progress?wait=` long poll, in seconds
 CALL_HEADER = 'X-Call-Id'  # names a call, so a `/cancel` can name it too
 ATTEMPT_HEADER = 'X-Attempt'  # which run of its job a call is (a retry: 2 and up); the plugin's `current_job().attempt`
+JOB_HEADER = 'X-Job-Id'  # the job a call runs for (percent-encoded); the plugin's `current_job().job_id`
 KEEP_ALIVE_SECONDS = 60  # an idle connection is closed after this; a client must drop it sooner (the proxy: 30 s)
 
 class _HTTPError(Exception):
@@ -506,6 +516,11 @@ def _bearer(header:bytes)->Optional[bytes]:
 
 def _call_id(request:Request)->Optional[str]:
     return request.headers.get(CALL_HEADER) or None
+
+def _job_id(request:Request)->Optional[str]:
+    "The id of the job a call runs for (`X-Job-Id`, percent-encoded), if the client named it."
+    v = request.headers.get(JOB_HEADER)
+    return unquote(v) if v else None
 
 def _attempt(request:Request)->int:
     "The job's attempt an execute request names (`X-Attempt`; 1 if it names none, or not a whole number >= 1)."
@@ -604,13 +619,13 @@ def create_app(module_name:str, # module to import the plugin class from
     async def config(request): return await threaded(host.call_getter, 'get_current_config', plugin=False)()
     async def execute(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
-        return await threaded(host.execute, args, kwargs, _call_id(request), _attempt(request))()
+        return await threaded(host.execute, args, kwargs, _call_id(request), _attempt(request), _job_id(request))()
     async def execute_stream(request):
         args, kwargs = _call_args(await _read_json(request, max_body_bytes))
         returns = request.headers.get(STREAM_RETURN_HEADER) == '1'
         turn = limit('turn')
         await turn.acquire()  # held until the stream has ended (`_NDJSONResponse` releases it)
-        try: return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request), returns, _attempt(request)),
+        try: return _NDJSONResponse(host.stream_lines(args, kwargs, _call_id(request), returns, _attempt(request), _job_id(request)),
                                     {STREAM_RETURN_HEADER: '1'} if returns else None, limit('plugin'), turn.release)
         except BaseException:
             turn.release()
