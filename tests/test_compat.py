@@ -95,6 +95,26 @@ async def test_predecessor_style_app_normal_streaming_reload_unload(compat_manag
     assert bad.status == 'failed' and 'unknown plugin' in bad.error
 
 
+async def test_a_manager_whose_methods_are_added_with_fastcores_patch_runs_jobs():
+    """Porting review: an app in the fastcore style (the class, then `@patch def create_job(self:MyManager, ...)`)
+    could not create its manager: ABC had counted the four methods missing when the class was made."""
+    from fastcore.basics import patch
+    class PatchedManager(BaseJobManager): "Its methods follow, fastcore style."
+    @patch
+    def create_job(self:PatchedManager, plugin_id:str, **kwargs): return TextProcessingJob(id=uuid.uuid4().hex, plugin_id=plugin_id, **kwargs)
+    @patch
+    def get_worker_entry_point(self:PatchedManager): return _b_entry.entry
+    @patch
+    def prepare_execute_request(self:PatchedManager, job): return {'text': job.text}
+    @patch
+    def extract_job_result(self:PatchedManager, job, result_data): return result_data
+    mgr = PatchedManager('patched', 'processing')
+    try:
+        job = await mgr.wait_for_job((await mgr.start_job('upper', text='patched')).id, timeout=T)
+        assert (job.status, job.result['text']) == ('completed', 'PATCHED'), job.error
+    finally: await mgr.ashutdown()
+
+
 def test_manager_subclass_can_subscript_base_job_manager_like_the_predecessor():
     "The predecessor's BaseJobManager was Generic[JobType]; apps wrote `class M(BaseJobManager[MyJob])`."
     class TypedManager(BaseJobManager[TextProcessingJob]):

@@ -248,6 +248,10 @@ class BaseJobManager(ABC, Generic[JobType]):
                           )->Dict[str, Any]: # Formatted result for storage
         "Extract and format job result from worker response."
 
+    def __new__(cls, *args, **kwargs):
+        _settle_abstract(cls)  # methods a subclass was given with fastcore's `@patch` count (ABC saw the class before them)
+        return super().__new__(cls)
+
     def __init__(self,
                  worker_type:str, # Type identifier (e.g., "transcription", "llm", "image-gen")
                  category:Any, # Plugin category this manager handles
@@ -288,6 +292,13 @@ class BaseJobManager(ABC, Generic[JobType]):
         store.bind(self.worker_type)
         self._store = store
     def _seq_of(self, jid:str)->int: return getattr(self.jobs.get(jid), '_seq', 0)
+
+def _settle_abstract(cls:type):
+    """Forget the abstract methods `cls` has been given since it was made. `ABC` works out what is missing when a class
+    is created; a subclass written in the fastcore style (the class, then `@patch def create_job(self:MyManager, ...)`)
+    gets its methods afterwards, and would otherwise still count as missing them."""
+    left = frozenset(n for n in cls.__abstractmethods__ if getattr(getattr(cls, n, None), '__isabstractmethod__', False))
+    if left != cls.__abstractmethods__: cls.__abstractmethods__ = left
 
 # %% ../../nbs/managers/base.ipynb #d27acc83
 @patch
