@@ -3,7 +3,7 @@
 The isolation test builds a tiny wheel, installs it into a second virtualenv the app's environment does not see, and
 runs the plugin it contains through the proxy and through a job manager.
 """
-import asyncio, os, signal, site, subprocess, sys, sysconfig, textwrap, threading, venv
+import asyncio, os, signal, site, subprocess, sys, sysconfig, textwrap, threading, time, venv
 from concurrent.futures import ThreadPoolExecutor
 from importlib.util import find_spec
 from pathlib import Path
@@ -682,3 +682,25 @@ def test_async_clients_close_on_their_own_event_loops():
         finally: p.stop()
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
+def test_a_call_the_caller_gives_up_on_is_cancelled_on_the_worker():
+    """Remote review: a call that hit `request_timeout` went on running on the worker, and so did the calls queued
+    behind it, for nobody, after their callers had failed (and the timeout read "cannot be reached"). The proxy now
+    cancels a call it stops waiting for, and says it timed out."""
+    with RemotePluginProxy('cjm_workers.testing', 'SlowPlugin', request_timeout=1.0) as p:
+        t = time.monotonic()
+        with pytest.raises(RemoteWorkerError, match=r'did not answer in time \(request_timeout=1.0\); it was cancelled'):
+            p.execute(seconds=30)
+        prog = p.get_progress()
+        while prog['running']: prog = p.get_progress(since=prog['seq'], wait=5)  # the plugin stopped...
+        assert time.monotonic() - t < 5
+        assert p.execute(seconds=0.1)['text'] == 'slept 0.1s'  # ...and the next call runs at once
+
+    async def main():
+        async with RemotePluginProxy('cjm_workers.testing', 'SlowPlugin') as p:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(p.aexecute(seconds=30), 0.5)  # a cancelled task
+            t = time.monotonic()
+            assert (await p.aexecute(seconds=0.1))['text'] == 'slept 0.1s' and time.monotonic() - t < 5
+    asyncio.run(main())

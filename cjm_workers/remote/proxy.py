@@ -64,7 +64,7 @@ class RemotePluginProxy:
                  host:str='127.0.0.1', # address the worker binds
                  inherit_env:bool=True, # start from this process's environment (else only `env` and PATH)
                  start_timeout:float=60.0, # seconds for the worker to import the plugin and start serving
-                 request_timeout:Optional[float]=None, # limit for one plugin call (None: as long as it takes)
+                 request_timeout:Optional[float]=None, # limit for one plugin call, which is then cancelled on the worker (None: as long as it takes)
                  stop_timeout:float=5.0, # graceful stop time (`/cleanup`, then SIGTERM) before SIGKILL
                  max_body_bytes:Optional[int]=None, # the worker's request size limit (None: its default, 16 MiB)
                  log_level:str='warning', # the worker's log level (its log lines come here via `logging`)
@@ -366,6 +366,9 @@ def _unreachable(self:RemotePluginProxy, e:Exception)->RemoteWorkerError:
     if proc.poll() is not None:
         if self._reader is not None: self._reader.join(1)
         return self._ended(f"the worker for {self.label} (pid {proc.pid}) {describe_exit(proc.returncode)}")
+    if isinstance(e, httpx.ReadTimeout):  # it runs, but the call took longer than allowed: it is cancelled (`_call`)
+        return RemoteWorkerError(f"the call to {self.label} (worker pid {proc.pid}) did not answer in time "
+                                 f"(request_timeout={self.request_timeout}); it was cancelled")
     return RemoteWorkerError(f"the worker for {self.label} (pid {proc.pid}) cannot be reached: "
                              f"{type(e).__name__}: {e}")
 
@@ -397,14 +400,35 @@ def _call(self:RemotePluginProxy):
         job = current_job()
         if job is not None and job.cancelled: raise self._cancelled('cancelled before it was sent')
         try: yield call
-        except Exception as e:
-            if self._stops != stops:
+        except BaseException as e:
+            if not isinstance(e, (RemotePluginError, RemoteCancelledError, GeneratorExit)): self._abandon(call)  # no answer came
+            if self._stops != stops and isinstance(e, Exception):
                 raise RemoteWorkerError(f"the worker for {self.label} was stopped (stop() was called) while this "
                                         f"call ran") from e
             raise
     finally:
         with self._calls_lock: self._calls.discard(call)
 RemotePluginProxy._call = _call
+
+_ABANDONED: set = set()  # the tasks cancelling abandoned calls (a reference each, until they end)
+
+@patch
+def _abandon(self:RemotePluginProxy, call:str)->None:
+    """The caller gave up on `call` without its answer (a timeout, a cancelled task, a stream closed early): cancel it
+    on the worker, where it may still run or wait for its turn, so that it does not run on for nobody. Best effort."""
+    if self._client is None or self.process is None or self.process.poll() is not None: return
+    body = dumps_json({'calls': [call]})
+    try: loop = asyncio.get_running_loop()
+    except RuntimeError: loop = None
+    if loop is None:
+        try: self._client.post('/cancel', content=body, headers=_headers_for(body, None), timeout=self._timeout(2.0))
+        except Exception as e: log.debug("worker %s: cancelling the abandoned call %s failed: %s", self.label, call, e)
+        return
+    async def cancel():
+        try: await self._arequest('POST', '/cancel', body, timeout=self._timeout(2.0))
+        except Exception as e: log.debug("worker %s: cancelling the abandoned call %s failed: %s", self.label, call, e)
+    t = loop.create_task(cancel())
+    _ABANDONED.add(t); t.add_done_callback(_ABANDONED.discard)
 
 # %% ../../nbs/remote/proxy.ipynb #f14b66a1
 @patch
