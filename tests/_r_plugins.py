@@ -1,5 +1,5 @@
 """Plugins for tests/test_remote_worker.py, imported by name by the worker subprocess (tests/ is on its PYTHONPATH)."""
-import os, time
+import os, sys, time
 from cjm_workers.core.worker import cancel_requested, check_cancelled, current_job, report_progress
 from cjm_workers.remote.plugin import PluginInterface
 
@@ -143,3 +143,13 @@ class Interrupted:
     def __init__(self): raise KeyboardInterrupt
     def execute(self): return {}
 '''
+
+
+class BarThenCrash:
+    "Draws a progress bar on stderr `n` times (each redraw after a carriage return, as tqdm does), prints one long line, then ends its worker."
+    name, version = 'bar', '0'
+    def execute(self, n=80_000, long_line=1_000_000, **kwargs):
+        for i in range(1, n + 1): sys.stderr.write(f"\rloading: {i}/{n} |{'#' * (i * 20 // n):<20}|")
+        sys.stderr.write('\n' + 'x' * long_line + '\n' + f"\rloading: done")
+        sys.stderr.flush()
+        os._exit(3)

@@ -704,3 +704,16 @@ def test_a_call_the_caller_gives_up_on_is_cancelled_on_the_worker():
             t = time.monotonic()
             assert (await p.aexecute(seconds=0.1))['text'] == 'slept 0.1s' and time.monotonic() - t < 5
     asyncio.run(main())
+
+
+def test_a_progress_bar_on_stderr_is_kept_as_its_last_state_and_long_lines_are_cut():
+    """Remote review: the proxy kept a stderr "line" until its newline, so a tqdm-style bar (redrawn after '\\r')
+    80,000 times made a 6.6 MB line that a crash then pasted into its error message (and a job's traceback)."""
+    tests = str(Path(__file__).parent)
+    with RemotePluginProxy('_r_plugins', 'BarThenCrash', cwd=tests, env={'PYTHONPATH': tests}) as p:
+        with pytest.raises(RemoteWorkerError) as e:
+            p.execute()
+    msg, tail = str(e.value), e.value.stderr
+    assert 'exited with code 3' in msg and len(msg) < 20_000, (len(msg), msg[:300])
+    assert 'loading: 80000/80000 |####################|' in tail and 'loading: 1/' not in tail  # what a terminal showed
+    assert 'xxxx [... 991,808 more bytes]' in tail and tail.rstrip().endswith('loading: done'), tail[-300:]

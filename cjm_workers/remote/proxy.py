@@ -21,7 +21,8 @@ from .worker import ATTEMPT_HEADER, CALL_HEADER, JOB_HEADER, MAX_PROGRESS_WAIT, 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RemoteWorkerError', 'RemotePluginError', 'RemoteCancelledError', 'RemotePluginProxy', 'RemoteStream']
+__all__ = ['log', 'MAX_LINE_BYTES', 'RemoteWorkerError', 'RemotePluginError', 'RemoteCancelledError', 'RemotePluginProxy',
+           'RemoteStream']
 
 # %% ../../nbs/remote/proxy.ipynb #3ed4fdff
 class RemoteWorkerError(RuntimeError):
@@ -120,7 +121,8 @@ def _environment(self:RemotePluginProxy)->Dict[str, str]:
 def _read_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
     "Runs in the output thread: ready line, stderr tail, logging; returns when both pipes are closed."
     sel = selectors.DefaultSelector()
-    bufs = {proc.stdout: b'', proc.stderr: b''}
+    bufs = {proc.stdout: b'', proc.stderr: b''}  # each pipe's line so far (at most MAX_LINE_BYTES of it)
+    over = dict.fromkeys(bufs, 0)  # bytes of that line left out (beyond MAX_LINE_BYTES)
     for f in bufs: sel.register(f, selectors.EVENT_READ)
     try:
         while bufs:
@@ -128,18 +130,35 @@ def _read_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
                 f = key.fileobj
                 data = os.read(f.fileno(), 65536)
                 if not data:
-                    if bufs[f]: self._on_line(f is proc.stdout, bufs[f])
+                    if bufs[f]: self._on_line(f is proc.stdout, bufs[f], over[f])
                     sel.unregister(f); del bufs[f]
                     continue
-                *lines, bufs[f] = (bufs[f] + data).split(b'\n')
-                for line in lines: self._on_line(f is proc.stdout, line)
+                *lines, rest = (bufs[f] + data).split(b'\n')
+                for line in lines:
+                    self._on_line(f is proc.stdout, line, over[f])
+                    over[f] = 0
+                if (cr := rest.rfind(b'\r', 0, len(rest) - 1)) >= 0:  # a progress bar redrawn after '\r': its last state
+                    rest, over[f] = rest[cr + 1:], 0
+                if len(rest) > MAX_LINE_BYTES:  # a line with no end in sight: its start is kept, the rest counted
+                    over[f] += len(rest) - MAX_LINE_BYTES
+                    rest = rest[:MAX_LINE_BYTES]
+                bufs[f] = rest
     finally:
         sel.close()
         self._ready.set()  # the worker is gone: wake anyone still waiting for the ready line
 
+MAX_LINE_BYTES = 8192  # a longer line of the worker's output is cut to this (and a line with no end yet is passed on)
+
 @patch
-def _on_line(self:RemotePluginProxy, is_stdout:bool, raw:bytes)->None:
-    line = raw.decode('utf-8', 'replace').rstrip('\r')
+def _on_line(self:RemotePluginProxy, is_stdout:bool, raw:bytes,
+             left_out:int=0 # bytes of the line already left out (`_read_output` keeps at most MAX_LINE_BYTES of one)
+            )->None:
+    "A line of the worker's output: the ready line, or one for the log (and, from stderr, for `stderr_tail`)."
+    raw = raw.rstrip(b'\r')
+    if (cr := raw.rfind(b'\r')) >= 0: raw, left_out = raw[cr + 1:], 0  # what a terminal shows: the text after the last '\r'
+    left_out += max(0, len(raw) - MAX_LINE_BYTES)
+    if left_out: raw = raw[:MAX_LINE_BYTES] + f" [... {left_out:,} more bytes]".encode()
+    line = raw.decode('utf-8', 'replace')
     if is_stdout and self._ready_info is None and line.startswith(READY_PREFIX + ' '):
         try: self._ready_info = json.loads(line[len(READY_PREFIX) + 1:])
         except ValueError: log.warning("worker %s: unreadable ready line %r", self.label, line)
