@@ -717,3 +717,15 @@ def test_a_progress_bar_on_stderr_is_kept_as_its_last_state_and_long_lines_are_c
     assert 'exited with code 3' in msg and len(msg) < 20_000, (len(msg), msg[:300])
     assert 'loading: 80000/80000 |####################|' in tail and 'loading: 1/' not in tail  # what a terminal showed
     assert 'xxxx [... 991,808 more bytes]' in tail and tail.rstrip().endswith('loading: done'), tail[-300:]
+
+
+async def test_a_spec_sets_the_universal_workers_limits(track):
+    """Remote review: `RemotePluginSpec` had no way to raise the Universal Worker's 16 MiB request limit (nor to set a
+    call's timeout, the environment it starts from, or its log level), so a job with 17 MB of parameters could not run."""
+    spec = RemotePluginSpec('echo', 'cjm_workers.testing', 'EchoPlugin', max_body_bytes=40 * 2**20, request_timeout=30,
+                            inherit_env=False, log_level='info')
+    p = spec.proxy()
+    assert (p.max_body_bytes, p.request_timeout, p.inherit_env, p.log_level) == (40 * 2**20, 30, False, 'info')
+    mgr = track(ReferenceJobManager(entry_point=remote_worker_entry([spec])))
+    job = await mgr.wait_for_job((await mgr.start_job('echo', text='x' * 17_000_000)).id, timeout=60)
+    assert job.status == 'completed' and len(job.result['text']) == 17_000_000, (job.status, (job.error or '')[:300])

@@ -32,11 +32,17 @@ class RemotePluginSpec:
     stop_timeout: float = 5.0  # graceful stop time before SIGKILL
     progress_wait: float = 5.0  # longest single `/progress` long poll
     progress_after: float = 0.01  # follow progress only once a call has run this long
+    max_body_bytes: Optional[int] = None  # the Universal Worker's request size limit: a job's parameters, as JSON (None: 16 MiB)
+    request_timeout: Optional[float] = None  # limit for one call of the plugin, which is then cancelled (None: none; see also `WorkerConfig.job_timeout_seconds`)
+    inherit_env: bool = True  # start from the app's environment (else only `env` and PATH)
+    log_level: str = 'warning'  # the Universal Worker's log level
 
     def proxy(self)->RemotePluginProxy:
         "A (not yet started) proxy for this plugin."
         return RemotePluginProxy(self.module, self.class_name, python=self.python, env=dict(self.env), cwd=self.cwd,
-                                 start_timeout=self.start_timeout, stop_timeout=self.stop_timeout)
+                                 start_timeout=self.start_timeout, stop_timeout=self.stop_timeout,
+                                 max_body_bytes=self.max_body_bytes, request_timeout=self.request_timeout,
+                                 inherit_env=self.inherit_env, log_level=self.log_level)
 
 # %% ../../nbs/remote/adapter.ipynb #40595982
 _OWN = 'cjm_workers.remote.worker: error: '  # how the worker's own error line starts (its command line's error)
