@@ -153,3 +153,12 @@ class BarThenCrash:
         sys.stderr.write('\n' + 'x' * long_line + '\n' + f"\rloading: done")
         sys.stderr.flush()
         os._exit(3)
+
+
+class Burn:
+    "Burns CPU for `seconds` (checking for a cancel)."
+    name, version = 'burn', '0'
+    def execute(self, seconds=2.0, **kwargs):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end: check_cancelled()
+        return {'burnt': seconds}

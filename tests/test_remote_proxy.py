@@ -729,3 +729,18 @@ async def test_a_spec_sets_the_universal_workers_limits(track):
     mgr = track(ReferenceJobManager(entry_point=remote_worker_entry([spec])))
     job = await mgr.wait_for_job((await mgr.start_job('echo', text='x' * 17_000_000)).id, timeout=60)
     assert job.status == 'completed' and len(job.result['text']) == 17_000_000, (job.status, (job.error or '')[:300])
+
+
+async def test_a_workers_cpu_counts_its_universal_worker(track):
+    """Remote review: `get_worker_stats()` gave the CPU % of the worker process alone (a plugin burning a core in its
+    Universal Worker showed as 1.6 %), while the RSS was the whole tree's. Both are the tree's now."""
+    spec = RemotePluginSpec('burn', '_r_plugins', 'Burn', cwd=TESTS, env={'PYTHONPATH': TESTS})
+    mgr = track(ReferenceJobManager(entry_point=remote_worker_entry([spec])))
+    job = await mgr.start_job('burn', seconds=30)
+    await wait_until(lambda: mgr.get_job(job.id).status == 'running', 30)
+    await asyncio.sleep(0.5)  # the Universal Worker has started and burns
+    mgr.get_worker_stats()  # the first look starts the measurement of processes seen for the first time
+    await asyncio.sleep(1.0)
+    cpu = mgr.get_worker_stats()[0]['cpu_percent']
+    assert cpu > 30, cpu
+    await mgr.cancel_job(job.id)

@@ -127,6 +127,7 @@ class _Slot:
     "One worker process, its channels and its state, as the manager sees them (guarded by the manager's lock)."
     def __init__(self, index:int):
         self.index, self.process, self.pid, self.ps = index, None, None, None
+        self.kids: dict = {}  # pid → psutil.Process of the worker's descendants, kept so their CPU % counts between two stats
         self.requests = self.results = self.responses = None
         self.state = 'stopped'  # starting | ready | restarting | failed | stopped
         self.inflight: OrderedDict = OrderedDict()  # job id → job: sent to this worker, not finished
@@ -1936,6 +1937,19 @@ def _purge_old(ref, keep:float):
     except Exception: log.exception("%s job manager: deleting finished jobs older than %ss failed", m.worker_type, keep)
 
 # %% ../../nbs/managers/base.ipynb #f47a1048
+def _tree_cpu(slot:_Slot)->float:
+    """CPU % of a worker and its descendants (e.g. a Universal Worker running its plugin) since the last call; a process
+    seen for the first time counts from then. Raises `psutil.Error` if the worker is gone."""
+    total, kids = slot.ps.cpu_percent(None), {}
+    for k in slot.ps.children(recursive=True):
+        p = slot.kids.get(k.pid)
+        if p is None or not p.is_running(): p = k  # (a pid used again by a new process is a new process)
+        try: total += p.cpu_percent(None)
+        except psutil.Error: continue
+        kids[k.pid] = p
+    slot.kids = kids
+    return total
+
 @patch
 def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
     "Telemetry per worker: pid, node (a Ray worker's), status, CPU %, RSS of its process tree, uptime, jobs done, restarts."
@@ -1945,7 +1959,7 @@ def get_worker_stats(self:BaseJobManager)->List[Dict[str, Any]]:
             cpu = rss = None
             if s.ps is not None:
                 try:
-                    cpu = s.ps.cpu_percent(None)
+                    cpu = _tree_cpu(s)
                     rss = _tree_rss(s.ps)
                 except psutil.Error: pass
             out.append({'worker': s.index, 'pid': s.pid, 'node': getattr(s.process, 'node_ip', None),  # a Ray actor's node
