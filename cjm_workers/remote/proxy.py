@@ -437,9 +437,7 @@ def _abandon(self:RemotePluginProxy, call:str)->None:
     on the worker, where it may still run or wait for its turn, so that it does not run on for nobody. Best effort."""
     if self._client is None or self.process is None or self.process.poll() is not None: return
     body = dumps_json({'calls': [call]})
-    try: loop = asyncio.get_running_loop()
-    except RuntimeError: loop = None
-    if loop is None:
+    if (loop := _running_loop()) is None:
         try: self._client.post('/cancel', content=body, headers=_headers_for(body, None), timeout=self._timeout(2.0))
         except Exception as e: log.debug("worker %s: cancelling the abandoned call %s failed: %s", self.label, call, e)
         return
