@@ -192,6 +192,19 @@ def test_reload_mid_job_resumes(page, server):
     assert output(page, tid) == TOKENS_TEXT and still_same(page)  # nothing missed, nothing repeated
 
 
+def test_a_double_click_on_a_start_button_starts_one_job(page, server):
+    """Browser review: the button carried `hx-disabled-elt`, which htmx reads on the element that posts (the form), so
+    it was never disabled, and a double click started the job twice."""
+    base, app = server
+    mgr = app.state.manager
+    page.goto(f'{base}/jobs')
+    before = mgr.count_jobs()
+    page.dblclick('button:has-text("Transcribe a meeting")')
+    page.wait_for_function('() => !document.querySelector(\'form[data-plugin-id="transcribe"] button\').disabled')  # answered
+    time.sleep(0.5)  # (a second request, had there been one, would have arrived by now)
+    assert mgr.count_jobs() == before + 1
+
+
 def test_a_refused_start_shows_its_reason(page, server):
     "A start the server refuses (400) shows the reason next to the button."
     from fasthtml.common import to_xml

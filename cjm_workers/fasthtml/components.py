@@ -72,8 +72,8 @@ def CancelButton(job:BaseJob, # the job
                 )->Form:
     "A POST form (htmx in the background) that cancels the job."
     url = f"{prefix}/{job.id}/cancel"
-    return Form(Button('Cancel', type='submit', cls='job-cancel', hx_disabled_elt='this'), _error_slot(),
-                method='post', action=url, hx_post=url, hx_swap='none', hx_on__after_request=_SHOW_ERROR, cls='job-cancel-form')
+    return Form(Button('Cancel', type='submit', cls='job-cancel'), _error_slot(), method='post', action=url, hx_post=url,
+                hx_swap='none', hx_disabled_elt='find button', hx_on__after_request=_SHOW_ERROR, cls='job-cancel-form')
 
 def JobActions(job:BaseJob, prefix:str='/jobs')->Span:
     "The job's actions: a cancel button unless the job has ended."
@@ -120,10 +120,11 @@ def StartButton(label:str, # the button's text
                )->Form:
     "A button that starts a job."
     url = f"{prefix}/start"
-    hx = dict(hx_post=url, hx_swap='none', hx_on__after_request=_SHOW_ERROR) if background else {}
+    hx = dict(hx_post=url, hx_swap='none', hx_on__after_request=_SHOW_ERROR,
+              hx_disabled_elt='find button') if background else {}  # (htmx looks for it on the form that posts)
     return Form(Input(type='hidden', name='plugin_id', value=plugin_id),
                 Input(type='hidden', name='params', value=json.dumps(params or {})),
-                Button(label, type='submit', hx_disabled_elt='this', **kwargs), *([_error_slot()] if background else []),
+                Button(label, type='submit', **kwargs), *([_error_slot()] if background else []),
                 method='post', action=url, cls='job-start-form', data_plugin_id=plugin_id, **hx)
 
 # %% ../../nbs/fasthtml/components.ipynb #03749bf6
