@@ -205,6 +205,34 @@ def test_a_double_click_on_a_start_button_starts_one_job(page, server):
     assert mgr.count_jobs() == before + 1
 
 
+def test_a_later_page_gets_only_its_jobs_events_and_the_first_pages_count_follows_its_new_rows(page, server):
+    """Browser review: a later page's stream carried the fragments of every job, so htmx logged an
+    `htmx:oobErrorNoTarget` error for each fragment of a job not on the page (hundreds a job); and the first page's
+    pager kept its count ("No jobs" above rows that came live)."""
+    import httpx
+    from cjm_workers.fasthtml.components import ns_id
+    base, app = server
+    with httpx.Client(base_url=base, headers={'accept': 'application/json'}, timeout=30) as c:
+        for i in range(3):  # enough older jobs for a second page of two
+            jid = c.post('/jobs/start', json={'plugin_id': 'tokens', 'params': {'text': f'job {i}', 'delay': 0}}).json()['id']
+            while c.get(f'/jobs/{jid}').json()['status'] != 'completed': time.sleep(0.02)
+    later = page.context.new_page()
+    errors = []
+    later.on('console', lambda m: errors.append(m.text) if m.type == 'error' else None)
+    later.goto(f'{base}/jobs?limit=2&offset=2')
+    later.wait_for_selector('tr.job-row')
+    page.goto(f'{base}/jobs?limit=2')
+    rng = f'#{ns_id("/jobs", "pager")} .job-page-range'
+    total = int(page.text_content(rng).split(' of ')[1].replace(',', ''))
+    jid = start_job(page, 'Transcribe a meeting')  # 20 progress events, while the later page is open
+    page.wait_for_function('([sel, t]) => document.querySelector(sel).textContent === t',
+                           arg=[rng, f'Jobs 1–3 of {total + 1:,}'])  # the new row counted
+    wait_status(page, jid, 'completed')
+    time.sleep(0.3)  # (the later page's stream had the same events)
+    assert not [e for e in errors if 'oobErrorNoTarget' in e], errors[:5]
+    later.close()
+
+
 def test_a_refused_start_shows_its_reason(page, server):
     "A start the server refuses (400) shows the reason next to the button."
     from fasthtml.common import to_xml

@@ -47,7 +47,7 @@ def sqlite_app(tmp_path, worker_type, prefix=None, **routes):
         try: yield
         finally: bc.close(); await mgr.ashutdown()
     app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    mount_job_routes(app, mgr, bc, prefix=prefix or f'/{worker_type}', **routes)
+    app.state.routes = mount_job_routes(app, mgr, bc, prefix=prefix or f'/{worker_type}', **routes)
     return app, mgr
 
 
@@ -294,10 +294,18 @@ def test_the_table_comes_a_page_at_a_time_and_only_the_first_page_takes_new_rows
         new = start(cli, '/paged', 'echo', text='new')
         cli.portal.call(mgr.wait_for_job, new, 30)
         done = lambda d: f'id="{dom_id(new, "status")}"' in d and 'completed' in d
-        for url, inserted in ((url1, True), (url2, False)):
+        unnamed = re.sub(r'&page=[^&]+', '', url2)  # a page the routes do not know (e.g. from before a restart)
+        for url, inserted in ((url1, True), (unnamed, False)):
             with cli.stream('GET', url) as resp:
                 msgs = sse_messages(resp.iter_lines(), until=done)
             assert any(f'data-job-id="{new}"' in m and 'afterbegin' in m for m in msgs) is inserted, (url, msgs)
+        from urllib.parse import urlsplit
+        from starlette.requests import Request
+        from cjm_workers.fasthtml.sse import SSEEvent
+        wants = app.state.routes.page_wants(Request({'type': 'http', 'headers': [], 'query_string': urlsplit(url2).query.encode()}),
+                                            new_rows=False)
+        assert not wants(SSEEvent(1, 'paged:completed', {'job_id': new}))  # page 2 (rows=fixed) is not sent the new job
+        assert wants(SSEEvent(1, 'paged:progress', {'job_id': ids[-51]}))  # its own jobs' events, yes
         js = cli.get('/paged?limit=1000', headers={'accept': 'application/json'})
         assert [j['id'] for j in js.json()] == [new] + ids[::-1] and js.headers['x-total-count'] == '121'
         assert cli.get('/paged?offset=-1').status_code == 400 and cli.get('/paged?limit=1001').status_code == 400

@@ -164,7 +164,8 @@ def JobPager(prefix:str, # where the job routes are mounted
              total:Optional[int], # how many jobs there are (with this status); None: not known
              limit:int, # jobs per page
              status:Optional[str]=None, # the page's status filter, if any
-             more:Optional[bool]=None # whether older jobs follow (default: offset + shown < total)
+             more:Optional[bool]=None, # whether older jobs follow (default: offset + shown < total)
+             live:bool=False # the page takes new jobs at its top as they start: its count follows them (`LiveUpdates(pager=...)`)
             )->Div:
     "'Jobs 51–100 of 2,000' ('Jobs 51–100' when the total is not known), with links to the newer and older pages."
     def link(text, off, rel):
@@ -177,7 +178,9 @@ def JobPager(prefix:str, # where the job routes are mounted
     parts = [Span(text, cls='job-page-range')]
     if offset > 0: parts.append(link('← newer', max(offset - limit, 0), 'prev'))
     if more: parts.append(link('older →', offset + limit, 'next'))
-    return Div(*sum(([' · ', p] for p in parts[1:]), [parts[0]]), cls='job-pager', id=ns_id(prefix, 'pager'))  # readable without CSS
+    counts = dict(data_shown=shown, data_total='' if total is None else max(total, offset + shown)) if live else {}
+    return Div(*sum(([' · ', p] for p in parts[1:]), [parts[0]]), cls='job-pager', id=ns_id(prefix, 'pager'),  # readable
+               **counts)  # without CSS
 
 # %% ../../nbs/fasthtml/components.ipynb #36b2a2b9
 def JobDetail(job:BaseJob, # the job
@@ -196,15 +199,22 @@ SSE_EVENT = 'jobs'  # the SSE event name job pages listen to
 
 def LiveUpdates(url:str, # the SSE stream to connect to
                 id:str, # the element's id (the terminal event of a job page replaces it, which closes the stream)
-                event_name:str=SSE_EVENT # the SSE event carrying the fragments
+                event_name:str=SSE_EVENT, # the SSE event carrying the fragments
+                pager:Optional[str]=None # the mount prefix of a table page whose `JobPager(live=True)` counts its new rows
                )->Div:
     "Hidden element that connects to an SSE stream and applies the out-of-band fragments it receives."
+    js = _ON_SSE_MESSAGE + ('' if pager is None else _COUNT_ROWS.replace('PAGER', ns_id(pager, 'pager')).replace('BODY', ns_id(pager, 'body')))
     return Div(hx_ext='sse', sse_connect=url, sse_swap=f"{event_name},{RESET}", hx_swap='none', id=id, cls='job-live',
-               hidden=True, hx_on__sse_message=_ON_SSE_MESSAGE)
+               hidden=True, hx_on__sse_message=js)
 
 _ON_SSE_MESSAGE = (f"if(event.detail.type==='{RESET}')setTimeout(function(){{location.reload()}},500);"
                    "else if(event.detail.lastEventId){var u=new URL(this.getAttribute('sse-connect'),location.href);"
                    "u.searchParams.set('after',event.detail.lastEventId);this.setAttribute('sse-connect',u.href)}")
+# the first page's pager, after new rows came: 'Jobs 1–n of t' (the total grows by the rows added since the page was made)
+_COUNT_ROWS = (";var p=document.getElementById('PAGER'),b=document.getElementById('BODY');"
+               "if(p&&b&&p.dataset.shown!==undefined&&b.rows.length){var n=b.rows.length,f=function(x){return x.toLocaleString('en-US')},"
+               "t=p.dataset.total===''?'':' of '+f(+p.dataset.total+n-(+p.dataset.shown)),r=p.querySelector('.job-page-range');"
+               "if(r)r.textContent='Jobs 1–'+f(n)+t}")
 
 # %% ../../nbs/fasthtml/components.ipynb #3250966c
 _TERMINAL_EVENTS = ('completed', 'failed', 'cancelled')

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
-import asyncio, inspect, json, logging, math
+import asyncio, inspect, json, logging, math, secrets
+from collections import OrderedDict
 from urllib.parse import urlencode, urlsplit
 from dataclasses import asdict, fields as dataclass_fields, is_dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -23,8 +24,9 @@ from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, Jo
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'SCAN_CHUNK', 'MAX_OFFSET',
-           'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body', 'mount_job_routes']
+__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'MAX_PAGE_IDS', 'SCAN_CHUNK',
+           'MAX_OFFSET', 'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body',
+           'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
 _ASSETS = {HTMX_JS: 'text/javascript', SSE_JS: 'text/javascript'}
@@ -272,6 +274,7 @@ class JobRoutes:
         self.title = title or f"{manager.worker_type} jobs"
         self._type_prefix = f"{manager.worker_type}:"
         self._job_ends = {f"{self._type_prefix}{s}" for s in ('completed', 'failed', 'cancelled')}
+        self._pages, self._page_ids = OrderedDict(), 0  # token → ids of the jobs a table page shows (`remember_page`)
         self.render_list = self._renderer('list')
         self.render_rows = self._renderer('list', new_rows=False)  # a later or filtered page: no new rows at its top
         self.render_detail = self._renderer('detail')
@@ -359,12 +362,43 @@ async def live_table(self:JobRoutes,
     if new_rows:  # jobs started while the store was read: their `pending` events are before `after`
         started = sorted((j for j in list(self.manager.jobs.values()) if job_seq(j) > newest), key=job_seq, reverse=True)
         jobs = (started if request is None else await self.admitted(request, started)) + jobs
-    stream = f"{self.url(action='stream')}?after={after}" + ('' if new_rows else '&rows=fixed')
+    stream = (f"{self.url(action='stream')}?after={after}&page={self.remember_page(jobs)}"
+              + ('' if new_rows else '&rows=fixed'))
     if len(jobs) <= THREAD_ROWS: table = JobTable(jobs, self.prefix)
     else:  # a big page: built and rendered in a thread (about 0.4 ms a row), so the loop keeps serving streams
         table = NotStr(await asyncio.to_thread(lambda: to_xml(JobTable(jobs, self.prefix), indent=False)))
-    return (table, JobPager(self.prefix, offset, len(jobs), total, limit, status, more),
-            LiveUpdates(stream, ns_id(self.prefix, 'live')))
+    return (table, JobPager(self.prefix, offset, len(jobs), total, limit, status, more, live=new_rows),
+            LiveUpdates(stream, ns_id(self.prefix, 'live'), pager=self.prefix if new_rows else None))
+
+MAX_PAGE_IDS = 100_000  # job ids of the table pages served that the routes remember (the oldest pages are forgotten first)
+
+@patch
+def remember_page(self:JobRoutes, jobs:list)->str:
+    "A token naming the jobs a table page shows: its stream (`page=`) then sends their events only (`page_wants`)."
+    token = secrets.token_urlsafe(9)
+    self._pages[token] = ids = frozenset(j.id for j in jobs)
+    self._page_ids += len(ids)
+    while self._page_ids > MAX_PAGE_IDS and len(self._pages) > 1: self._page_ids -= len(self._pages.popitem(last=False)[1])
+    return token
+
+@patch
+def page_wants(self:JobRoutes, request, new_rows:bool)->Callable:
+    """What a table's stream queues (the broadcaster's `wants`): no `chunk` events (a table shows no text), and for a
+    page it knows (`page=`), only the events of its jobs, and on the first page those of jobs started since (their
+    rows are added at its top). A page it has forgotten (or one from before a restart) gets every job's events."""
+    chunk, pending, token = f"{self._type_prefix}chunk", f"{self._type_prefix}pending", request.query_params.get('page')
+    ids = self._pages.get(token) if token else None
+    if ids is not None: self._pages.move_to_end(token)
+    jobs = None if ids is None else set(ids)
+    def wants(ev)->bool:
+        if ev.type == chunk: return False
+        jid = ev.data.get('job_id')
+        if jobs is None or jid is None or jid in jobs: return True
+        if new_rows and ev.type == pending:
+            jobs.add(jid)
+            return True
+        return False
+    return wants
 
 @patch
 async def live_detail(self:JobRoutes, job)->tuple:
@@ -476,8 +510,9 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
         return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json, keep=keep,
                                        until=None if job_id is None else (lambda ev: ev.type in self._job_ends))
     if job_id is None:
-        render = self.render_rows if request.query_params.get('rows') == 'fixed' else self.render_list
-        return self.broadcaster.stream(req, render=render, event_name=SSE_EVENT, keep=self.keeper(request))
+        fixed = request.query_params.get('rows') == 'fixed'
+        return self.broadcaster.stream(req, render=self.render_rows if fixed else self.render_list, event_name=SSE_EVENT,
+                                       keep=self.keeper(request), wants=self.page_wants(request, new_rows=not fixed))
     return self.broadcaster.stream(req, job_id=job_id, render=self.render_detail, event_name=SSE_EVENT, live=live,
                                    until=lambda ev: ev.type in self._job_ends)  # a job's stream ends with the job
 

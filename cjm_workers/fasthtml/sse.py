@@ -43,9 +43,10 @@ class Subscription:
                  job_id:Optional[str], # only events whose data['job_id'] equals this (None: every event)
                  maxsize:int, # live events that may wait in the queue; one more and the subscriber is dropped
                  backlog:list, # events queued at once (a reset marker and the replay), beyond `maxsize`
-                 reset:bool=False # True when events after the requested id were lost
+                 reset:bool=False, # True when events after the requested id were lost
+                 wants:Optional[Callable[[SSEEvent], bool]]=None # asked as each event is published: False, and it is not queued here
                 ):
-        store_attr('broadcaster,job_id,reset')
+        store_attr('broadcaster,job_id,reset,wants')
         self.maxsize = maxsize + len(backlog)
         self.ended = self.dropped = False
         self._q = deque(backlog)
@@ -76,6 +77,15 @@ def _wake(self:Subscription, here):
     else:
         try: loop.call_soon_threadsafe(self._wake_here)
         except RuntimeError: pass  # the reader's loop is closed: nothing left to wake
+
+@patch
+def _wanted(self:Subscription, ev:SSEEvent)->bool:
+    "Does `wants` (if any) take `ev`? (A `wants` that raises takes it: nothing is lost to a bug in a filter.)"
+    if self.wants is None: return True
+    try: return bool(self.wants(ev))
+    except Exception:
+        log.exception("SSE subscription filter %r raised on event %s (%s); the event is queued", self.wants, ev.id, ev.type)
+        return True
 
 @patch
 def _push(self:Subscription, ev:SSEEvent, here)->bool:
@@ -191,6 +201,7 @@ def publish(self:SSEBroadcaster, event_type:str, # event type, e.g. 'transcripti
         jid = data.get('job_id')
         subs = self._all if jid is None else itertools.chain(self._all, self._by_job.get(jid, ()))
         for sub in subs:
+            if not sub._wanted(ev): continue
             if sub._push(ev, here): reached += 1
             else: full.append(sub)
         for sub in full: self._discard(sub)
@@ -234,14 +245,17 @@ def _replay(self:SSEBroadcaster, job_id, last_event_id):
 @patch
 def subscribe(self:SSEBroadcaster, job_id:Optional[str]=None, # only this job's events (None: all events)
               last_event_id:Optional[int]=None, # replay buffered events after this id (None: live events only)
-              live:bool=True # False: the replay only (the subscription has ended once it is read)
+              live:bool=True, # False: the replay only (the subscription has ended once it is read)
+              wants:Optional[Callable[[SSEEvent], bool]]=None # event -> bool, asked as each is published (and replayed): only those it takes are queued
              )->Subscription:
     "A new subscription: replayed events (if asked for) and then live ones."
     if last_event_id is not None and (not isinstance(last_event_id, int) or isinstance(last_event_id, bool)):
         raise TypeError(f"last_event_id must be an int or None, got {last_event_id!r}")
     with self._lock:
         backlog, reset = self._replay(job_id, last_event_id)
-        sub = Subscription(self, job_id, self.max_queue_size, backlog, reset)
+        sub = Subscription(self, job_id, self.max_queue_size, [], reset, wants)
+        sub._q.extend(ev for ev in backlog if ev.type == RESET or sub._wanted(ev))
+        sub.maxsize = self.max_queue_size + len(sub._q)
         if self._closed or not live: sub.ended = True
         elif job_id is None: self._all.add(sub)
         else: self._by_job.setdefault(job_id, set()).add(sub)
@@ -357,11 +371,12 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
            until:Optional[Callable]=None, # event -> bool: the stream ends after the first event it accepts
            live:bool=True, # False: only what the client missed, then the end (204 when it missed nothing)
            keep:Optional[Callable]=None, # event -> bool (or an awaitable bool): events it rejects are not sent
+           wants:Optional[Callable]=None, # event -> bool, asked as each event is published (quick, no I/O): others are never queued for this stream
           ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`, 204 for nothing to send)
     "An SSE response streaming this broadcaster's events from the client's last seen id."
     last, err = _last_event_id(request)
     if err: return PlainTextResponse(err, status_code=400)
-    sub = self.subscribe(job_id, last, live=live)
+    sub = self.subscribe(job_id, last, live=live, wants=wants)
     if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
     return EventSourceResponse(self._frames(sub, render, event_name, until, keep), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
