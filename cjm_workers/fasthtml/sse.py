@@ -22,7 +22,7 @@ def _running_loop():
     except RuntimeError: return None
 
 # %% auto #0
-__all__ = ['log', 'RESET', 'DROPPED', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame', 'json_text']
+__all__ = ['log', 'RESET', 'DROPPED', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame', 'json_text', 'merge_chunks']
 
 # %% ../../nbs/fasthtml/sse.ipynb #bb966305
 RESET = 'reset'  # type of the marker that starts a subscription which could not replay everything it asked for
@@ -335,12 +335,31 @@ def _last_event_id(request)->tuple: # (id or None, error message or None)
     try: return int(q), None
     except ValueError: return None, f"last_event_id must be an integer, got {q!r}"
 
+def merge_chunks(batch:List[SSEEvent], # the events of one write, oldest first
+                 suffix:str=':chunk' # the type ending of text-chunk events (a manager's are '<worker_type>:chunk')
+                )->List[SSEEvent]: # the same events, each run of one job's consecutive chunks joined into one
+    """Join consecutive text chunks of the same job into one event (a `merge` for `stream`). The joined event has the
+    last one's id (a client resuming after it has seen them all) and the first one's data, with the texts joined."""
+    out, run = [], []
+    def flush():
+        if len(run) > 1:
+            ev = SSEEvent(run[-1].id, run[0].type, {**run[0].data, 'chunk': ''.join(e.data['chunk'] for e in run)})
+            out.append(ev)
+        else: out.extend(run)
+        run.clear()
+    for ev in batch:
+        joinable = ev.type.endswith(suffix) and isinstance(ev.data.get('chunk'), str)
+        if run and not (joinable and ev.type == run[0].type and ev.data.get('job_id') == run[0].data.get('job_id')): flush()
+        (run if joinable else out).append(ev)
+    flush()
+    return out
+
 async def _kept(keep, ev)->bool:
     ok = keep(ev)
     return bool(await ok if inspect.isawaitable(ok) else ok)
 
 @patch
-async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None, keep=None):
+async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None, keep=None, merge=None):
     "Encoded chunks for one stream; unsubscribes when the stream ends for any reason."
     with _closing(sub):
         if self.retry_ms is not None: yield f"retry: {int(self.retry_ms)}\n\n".encode()
@@ -355,6 +374,7 @@ async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, unt
             else: end = None
             sent = next((ev.id for ev in reversed(batch) if ev.id), sent)
             if keep is not None: batch = [ev for ev in batch if await _kept(keep, ev)]  # (`sent` counts the others too)
+            if merge is not None: batch = merge(batch)
             chunk = b''.join(f for ev in batch if (f := _render(ev, render, event_name)) is not None)
             if chunk: yield chunk
             if end is not None: return
@@ -372,13 +392,14 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
            live:bool=True, # False: only what the client missed, then the end (204 when it missed nothing)
            keep:Optional[Callable]=None, # event -> bool (or an awaitable bool): events it rejects are not sent
            wants:Optional[Callable]=None, # event -> bool, asked as each event is published (quick, no I/O): others are never queued for this stream
+           merge:Optional[Callable]=None, # events -> events, for each write (e.g. `merge_chunks`: a job's consecutive text chunks as one)
           ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`, 204 for nothing to send)
     "An SSE response streaming this broadcaster's events from the client's last seen id."
     last, err = _last_event_id(request)
     if err: return PlainTextResponse(err, status_code=400)
     sub = self.subscribe(job_id, last, live=live, wants=wants)
     if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
-    return EventSourceResponse(self._frames(sub, render, event_name, until, keep), ping=self.heartbeat_seconds, sep='\n',
+    return EventSourceResponse(self._frames(sub, render, event_name, until, keep, merge), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
                                send_timeout=self.send_timeout, shutdown_event=_EndOnShutdown(sub),
                                shutdown_grace_period=1.0)
