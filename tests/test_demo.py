@@ -60,20 +60,27 @@ def test_demo_serves_and_exits_cleanly_on_ctrl_c_with_a_stream_open(demo_cmd):
         assert len(workers) >= 2, workers  # the lifespan started them
         # an open page: its stream, read in a thread
         after = re.search(r'after=(\d+)', page.text).group(1)
-        lines, ended = [], threading.Event()
-        def follow():
-            try:
-                with httpx.stream('GET', f'{demo.url}/jobs/stream?after={after}', timeout=None) as resp:
-                    for line in resp.iter_lines(): lines.append(line)
-            except httpx.HTTPError as e: lines.append(f'error: {e!r}')
-            ended.set()
-        threading.Thread(target=follow, daemon=True).start()
+        def follow(url):
+            lines, ended = [], threading.Event()
+            def read():
+                try:
+                    with httpx.stream('GET', demo.url + url, timeout=None) as resp:
+                        for line in resp.iter_lines(): lines.append(line)
+                except httpx.HTTPError as e: lines.append(f'error: {e!r}')
+                ended.set()
+            threading.Thread(target=read, daemon=True).start()
+            return lines, ended
+        lines, ended = follow(f'/jobs/stream?after={after}')
         # a job running on a worker when Ctrl-C comes
         r = c.post('/jobs/start', data={'plugin_id': 'slow', 'params': json.dumps({'seconds': 60})})
         assert r.status_code == 303
         jid = r.headers['location'].rsplit('/', 1)[1]
         while not any('data-status="running"' in l and jid in l for l in lines):
             assert not ended.is_set() and demo.proc.poll() is None, lines
+            time.sleep(0.01)
+        api, api_ended = follow(f'/jobs/{jid}/stream?after={after}&format=json')  # an API client following the job
+        while not any(l.startswith('data: ') and ':started"' in l for l in api):
+            assert not api_ended.is_set(), '\n'.join(api)
             time.sleep(0.01)
     workers = demo.workers()
     t0 = time.monotonic()
@@ -82,7 +89,11 @@ def test_demo_serves_and_exits_cleanly_on_ctrl_c_with_a_stream_open(demo_cmd):
     took = time.monotonic() - t0
     print(f"\ndemo exit after SIGINT with a stream open and a job running: {took:.2f} s")
     assert code == 0, ''.join(demo.lines)
-    assert ended.wait(10), "the SSE stream was not ended"
+    assert ended.wait(10) and api_ended.wait(10), "the SSE streams were not ended"
+    # each says the server ended it: the API client is not left to take the stream's end for the job's
+    last = [l for l in api if l.startswith('data: ')][-1]
+    assert json.loads(last[6:])['type'] == 'closed' and json.loads(last[6:])['data']['job_id'] == jid, api
+    assert 'event: closed' in lines, lines[-5:]
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"worker processes left behind: {alive}"
     out = ''.join(demo.lines)

@@ -284,7 +284,9 @@ async def test_server_shutdown_with_open_streams_finishes(sig):
                 async with asyncio.timeout(STEP):
                     while (await cli.get('/clients')).text != '3': await asyncio.sleep(0.01)
                 proc.send_signal(getattr(signal, sig))
-                for r in (a, b, c): assert await r.next() is None  # each stream ends
+                for r in (a, b, c):  # each stream says the server ended it, then ends
+                    assert (await r.next())['event'] == 'closed'
+                    assert await r.next() is None
         async with asyncio.timeout(STEP): out, err = await proc.communicate()
         # uvicorn shuts down gracefully (the lifespan shutdown ran), then re-raises the signal it caught
         assert out.decode().split() == ['LIFESPAN-SHUTDOWN'], err.decode()

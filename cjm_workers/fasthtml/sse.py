@@ -22,11 +22,13 @@ def _running_loop():
     except RuntimeError: return None
 
 # %% auto #0
-__all__ = ['log', 'RESET', 'DROPPED', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame', 'json_text', 'merge_chunks']
+__all__ = ['log', 'RESET', 'DROPPED', 'CLOSED', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame', 'json_text',
+           'merge_chunks']
 
 # %% ../../nbs/fasthtml/sse.ipynb #bb966305
 RESET = 'reset'  # type of the marker that starts a subscription which could not replay everything it asked for
 DROPPED = 'dropped'  # type of the marker that ends a stream whose client read too slowly (its queue filled up)
+CLOSED = 'closed'  # type of the marker that ends a stream the server ended (shutting down, or the broadcaster closed)
 
 @dataclass
 class SSEEvent:
@@ -48,7 +50,7 @@ class Subscription:
                 ):
         store_attr('broadcaster,job_id,reset,wants')
         self.maxsize = maxsize + len(backlog)
-        self.ended = self.dropped = False
+        self.ended = self.dropped = self.closed = False  # closed: ended by the server (not by the reader or a slow read)
         self._q = deque(backlog)
         self._waiter: Optional[asyncio.Future] = None
         self._loop = _running_loop()  # None: bound on the first read
@@ -99,8 +101,9 @@ def _push(self:Subscription, ev:SSEEvent, here)->bool:
     return True
 
 @patch
-def _end(self:Subscription, here, dropped:bool=False):
+def _end(self:Subscription, here, dropped:bool=False, closed:bool=False):
     self.dropped |= dropped and not self.ended
+    self.closed |= closed and not self.ended
     self.ended = True
     self._wake(here)
 
@@ -256,7 +259,7 @@ def subscribe(self:SSEBroadcaster, job_id:Optional[str]=None, # only this job's 
         sub = Subscription(self, job_id, self.max_queue_size, [], reset, wants)
         sub._q.extend(ev for ev in backlog if ev.type == RESET or sub._wanted(ev))
         sub.maxsize = self.max_queue_size + len(sub._q)
-        if self._closed or not live: sub.ended = True
+        if self._closed or not live: sub.ended, sub.closed = True, self._closed
         elif job_id is None: self._all.add(sub)
         else: self._by_job.setdefault(job_id, set()).add(sub)
     return sub
@@ -269,7 +272,7 @@ def close(self:SSEBroadcaster)->None:
         self._closed = True
         subs = list(itertools.chain(self._all, *self._by_job.values()))
         self._all, self._by_job = set(), {}
-    for sub in subs: sub._end(here)
+    for sub in subs: sub._end(here, closed=True)
 
 @patch
 def reopen(self:SSEBroadcaster)->None:
@@ -382,6 +385,10 @@ async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, unt
             yield sse_frame(json.dumps({'type': DROPPED, 'data': {'last_event_id': sent, 'job_id': sub.job_id,
                             'reason': f"the client read too slowly: more than {sub.maxsize} events waited for it; "
                                       f"reconnect with Last-Event-ID to resume"}}), event=DROPPED)
+        elif sub.closed:  # the server ends it (shutting down): not the end of the job, which an API client must not assume
+            yield sse_frame(json.dumps({'type': CLOSED, 'data': {'last_event_id': sent, 'job_id': sub.job_id,
+                            'reason': "the server closed the stream (it is shutting down): no job ended with it; "
+                                      "read their state once the server is back"}}), event=CLOSED)
 
 @patch
 def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for Last-Event-ID and `last_event_id`)
@@ -407,7 +414,10 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
 class _EndOnShutdown:
     "Given to sse-starlette as `shutdown_event`: on server shutdown it ends the subscription, so the stream finishes cleanly."
     def __init__(self, sub): self.sub, self._set = sub, False
-    def set(self): self._set = True; self.sub.close()
+    def set(self):
+        self._set, sub = True, self.sub
+        sub.broadcaster._remove(sub)
+        sub._end(_running_loop(), closed=True)
     def is_set(self)->bool: return self._set
 
 class _closing:
