@@ -162,3 +162,25 @@ class Burn:
         end = time.monotonic() + seconds
         while time.monotonic() < end: check_cancelled()
         return {'burnt': seconds}
+
+
+class Gate:
+    "Runs `seconds` (or streams `n` items, each followed by a wait of `gap` seconds), checking for a cancel; notes each call in $R_JOURNAL."
+    name, version = 'gate', '1'
+    def execute(self, tag='', seconds=0.0, **kwargs):
+        _journal(f'start {tag}')
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end: check_cancelled(); time.sleep(0.005)
+        except BaseException as e: _journal(f'stopped {tag} {type(e).__name__}'); raise
+        _journal(f'done {tag}')
+        return {'tag': tag}
+    def execute_stream(self, tag='', n=10, gap=0.1, **kwargs):
+        _journal(f'start {tag}')
+        try:
+            for i in range(n):
+                yield i
+                end = time.monotonic() + gap
+                while time.monotonic() < end: check_cancelled(); time.sleep(0.005)
+        except BaseException as e: _journal(f'stopped {tag} {type(e).__name__}'); raise
+        _journal(f'done {tag}')

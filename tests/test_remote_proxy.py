@@ -690,7 +690,7 @@ def test_a_call_the_caller_gives_up_on_is_cancelled_on_the_worker():
     cancels a call it stops waiting for, and says it timed out."""
     with RemotePluginProxy('cjm_workers.testing', 'SlowPlugin', request_timeout=1.0) as p:
         t = time.monotonic()
-        with pytest.raises(RemoteWorkerError, match=r'did not answer in time \(request_timeout=1.0\); it was cancelled'):
+        with pytest.raises(RemoteWorkerError, match=r'did not answer in time \(request_timeout=1.0\); the worker was told to cancel it'):
             p.execute(seconds=30)
         prog = p.get_progress()
         while prog['running']: prog = p.get_progress(since=prog['seq'], wait=5)  # the plugin stopped...
@@ -744,3 +744,45 @@ async def test_a_workers_cpu_counts_its_universal_worker(track):
     cpu = mgr.get_worker_stats()[0]['cpu_percent']
     assert cpu > 30, cpu
     await mgr.cancel_job(job.id)
+
+
+def test_a_call_that_times_out_while_it_waits_its_turn_never_runs(tmp_path):
+    """Newest-features review: a call that timed out while queued behind another still ran later, for nobody: the proxy
+    waited half a second (for a worker that might be dying) before it sent the call's cancel, and by then the call had
+    had its turn. Also: its error said "it was cancelled" of a call the worker was only asked to cancel."""
+    journal = tmp_path / 'journal'
+    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)},
+                           request_timeout=1.0) as p:
+        out = {}
+        def call(tag, seconds):
+            try: out[tag] = p.execute(tag=tag, seconds=seconds)
+            except RemoteWorkerError as e: out[tag] = e
+        items = p.execute_stream(tag='A', n=12, gap=0.1)  # 1.2 s in all, an item every 0.1 s: never a timeout
+        assert next(items) == 0
+        time.sleep(0.05)
+        b = threading.Thread(target=call, args=('B', 0.2))  # its turn comes at 1.1 s, after its timeout
+        b.start()
+        assert list(items) == list(range(1, 12))
+        b.join()
+        assert isinstance(out['B'], RemoteWorkerError) and 'the worker was told to cancel it' in str(out['B']), out['B']
+        time.sleep(0.5)  # (B, had it run, would have ended by now)
+        assert p.execute(tag='C') == {'tag': 'C'}
+    assert journal.read_text().split('\n')[:-1] == ['start A', 'done A', 'start C', 'done C']
+
+
+async def test_a_stream_closed_early_is_cancelled_on_the_worker(tmp_path):
+    """Newest-features review: closing a remote stream before its end stopped the reading, but the plugin went on to
+    its next item (4 s away), holding up the next call that long: the proxy now cancels the call, as for a timeout."""
+    journal = tmp_path / 'journal'
+    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)}) as p:
+        s = p.execute_stream(tag='sync', n=5, gap=2)  # closed while the plugin waits 2 s before its next item
+        assert next(s) == 0
+        s.close()
+        assert p.execute(tag='after') == {'tag': 'after'}
+        s = p.aexecute_stream(tag='async', n=5, gap=2)
+        async for item in s: break
+        await s.aclose()
+        assert await p.aexecute(tag='after2') == {'tag': 'after2'}
+    lines = journal.read_text().split('\n')[:-1]
+    assert lines == ['start sync', 'stopped sync JobCancelledError', 'start after', 'done after',  # (not closed at its
+                     'start async', 'stopped async JobCancelledError', 'start after2', 'done after2'], lines  # next yield)

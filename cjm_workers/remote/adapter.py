@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 from ..core.worker import base_worker_process, current_job
-from .proxy import RemoteCancelledError, RemotePluginProxy, RemoteWorkerError
+from .proxy import RemoteCancelledError, RemotePluginProxy, RemoteWorkerError, check_worker_options
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ class RemotePluginSpec:
     request_timeout: Optional[float] = None  # limit for one call of the plugin, which is then cancelled (None: none; see also `WorkerConfig.job_timeout_seconds`)
     inherit_env: bool = True  # start from the app's environment (else only `env` and PATH)
     log_level: str = 'warning'  # the Universal Worker's log level
+
+    def __post_init__(self):  # a bad limit is named when the spec is made, not at a job's first call
+        check_worker_options(self.start_timeout, self.stop_timeout, self.request_timeout, self.max_body_bytes, self.log_level)
 
     def proxy(self)->RemotePluginProxy:
         "A (not yet started) proxy for this plugin."

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/remote/proxy.ipynb #4826fff8
 from __future__ import annotations
-import asyncio, json, logging, os, secrets, selectors, signal, subprocess, sys, threading, time, weakref
+import asyncio, json, logging, math, os, secrets, selectors, signal, subprocess, sys, threading, time, weakref
 from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
@@ -21,8 +21,8 @@ from .worker import ATTEMPT_HEADER, CALL_HEADER, JOB_HEADER, MAX_PROGRESS_WAIT, 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MAX_LINE_BYTES', 'RemoteWorkerError', 'RemotePluginError', 'RemoteCancelledError', 'RemotePluginProxy',
-           'RemoteStream']
+__all__ = ['log', 'LOG_LEVELS', 'MAX_LINE_BYTES', 'RemoteWorkerError', 'RemotePluginError', 'RemoteCancelledError',
+           'check_worker_options', 'RemotePluginProxy', 'RemoteStream']
 
 # %% ../../nbs/remote/proxy.ipynb #3ed4fdff
 class RemoteWorkerError(RuntimeError):
@@ -54,6 +54,24 @@ class RemoteCancelledError(JobCancelledError):
 # %% ../../nbs/remote/proxy.ipynb #5cb39a0c
 def _endpoint_host(host:str)->str: return f"[{host}]" if ':' in host else host
 
+LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')  # what a Universal Worker's `log_level` may be
+
+def check_worker_options(start_timeout:float=60.0, # each as `RemotePluginProxy` takes it
+                         stop_timeout:float=5.0, request_timeout:Optional[float]=None,
+                         max_body_bytes:Optional[int]=None, log_level:str='warning')->None:
+    "Raise a `ValueError` naming the first option a Universal Worker cannot run with."
+    def positive(name, v, none:Optional[str]=None, integer=False):  # none: what None means (None: not allowed)
+        if v is None and none: return
+        kinds = (int,) if integer else (int, float)
+        if isinstance(v, kinds) and not isinstance(v, bool) and 0 < v < math.inf: return
+        what = 'a whole number of bytes' if integer else 'a number of seconds'
+        raise ValueError(f"{name} must be {what} above 0{f' (or None: {none})' if none else ''}, got {v!r}")
+    positive('start_timeout', start_timeout); positive('stop_timeout', stop_timeout)
+    positive('request_timeout', request_timeout, none='no limit')
+    positive('max_body_bytes', max_body_bytes, none="the worker's default, 16 MiB", integer=True)
+    if not isinstance(log_level, str) or log_level.lower() not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+
 class RemotePluginProxy:
     "Launches a Universal Worker for `module.class_name` under `python` and drives its plugin over HTTP."
     def __init__(self,
@@ -71,6 +89,7 @@ class RemotePluginProxy:
                  log_level:str='warning', # the worker's log level (its log lines come here via `logging`)
                  stderr_lines:int=200 # how many of the worker's last stderr lines to keep for error messages
                 ):
+        check_worker_options(start_timeout, stop_timeout, request_timeout, max_body_bytes, log_level)
         store_attr()
         self.python = python or sys.executable
         self.token = secrets.token_urlsafe(32)
@@ -376,8 +395,8 @@ def _decode(self:RemotePluginProxy, r:httpx.Response)->Any:
 @patch
 def _unreachable(self:RemotePluginProxy, e:Exception)->RemoteWorkerError:
     "The error to raise when a request to the worker fails at the transport level."
-    proc = self.process
-    if proc is not None:
+    proc, timed_out = self.process, isinstance(e, httpx.ReadTimeout)
+    if proc is not None and not (timed_out and proc.poll() is None):  # (a call that timed out is cancelled at once: `_call`)
         try: proc.wait(0.5)  # a dying worker closes its socket a moment before it is reaped
         except subprocess.TimeoutExpired: pass
     if proc is None or self._client is None and not self._aclients:
@@ -385,9 +404,10 @@ def _unreachable(self:RemotePluginProxy, e:Exception)->RemoteWorkerError:
     if proc.poll() is not None:
         if self._reader is not None: self._reader.join(1)
         return self._ended(f"the worker for {self.label} (pid {proc.pid}) {describe_exit(proc.returncode)}")
-    if isinstance(e, httpx.ReadTimeout):  # it runs, but the call took longer than allowed: it is cancelled (`_call`)
+    if timed_out:  # it runs, but the call took longer than allowed: it is cancelled (`_call`)
         return RemoteWorkerError(f"the call to {self.label} (worker pid {proc.pid}) did not answer in time "
-                                 f"(request_timeout={self.request_timeout}); it was cancelled")
+                                 f"(request_timeout={self.request_timeout}); the worker was told to cancel it (a "
+                                 f"plugin that ignores cancels runs on, and holds up the calls after it)")
     return RemoteWorkerError(f"the worker for {self.label} (pid {proc.pid}) cannot be reached: "
                              f"{type(e).__name__}: {e}")
 
@@ -412,7 +432,7 @@ def _request(self:RemotePluginProxy, method:str, path:str, content:Optional[byte
 
 # %% ../../nbs/remote/proxy.ipynb #dca8476e
 @contextmanager
-def _call(self:RemotePluginProxy):
+def _call(self:RemotePluginProxy, sync:bool=True):  # sync: for a blocking method (an abandoned call is cancelled before it returns)
     call, stops = secrets.token_hex(8), self._stops
     with self._calls_lock: self._calls.add(call)
     try:
@@ -420,7 +440,7 @@ def _call(self:RemotePluginProxy):
         if job is not None and job.cancelled: raise self._cancelled('cancelled before it was sent')
         try: yield call
         except BaseException as e:
-            if not isinstance(e, (RemotePluginError, RemoteCancelledError, GeneratorExit)): self._abandon(call)  # no answer came
+            if not isinstance(e, (RemotePluginError, RemoteCancelledError)): self._abandon(call, sync)  # no answer, or a stream closed early
             if self._stops != stops and isinstance(e, Exception):
                 raise RemoteWorkerError(f"the worker for {self.label} was stopped (stop() was called) while this "
                                         f"call ran") from e
@@ -432,12 +452,13 @@ RemotePluginProxy._call = _call
 _ABANDONED: set = set()  # the tasks cancelling abandoned calls (a reference each, until they end)
 
 @patch
-def _abandon(self:RemotePluginProxy, call:str)->None:
+def _abandon(self:RemotePluginProxy, call:str, sync:bool=True # False: from a coroutine (the cancel is sent by a task)
+            )->None:
     """The caller gave up on `call` without its answer (a timeout, a cancelled task, a stream closed early): cancel it
     on the worker, where it may still run or wait for its turn, so that it does not run on for nobody. Best effort."""
     if self._client is None or self.process is None or self.process.poll() is not None: return
     body = dumps_json({'calls': [call]})
-    if (loop := _running_loop()) is None:
+    if sync or (loop := _running_loop()) is None:  # (a blocking method called on an event loop's thread blocks it anyway)
         try: self._client.post('/cancel', content=body, headers=_headers_for(body, None), timeout=self._timeout(2.0))
         except Exception as e: log.debug("worker %s: cancelling the abandoned call %s failed: %s", self.label, call, e)
         return
@@ -590,11 +611,11 @@ async def _arequest(self:RemotePluginProxy, method:str, path:str, content:Option
 @patch
 async def ainitialize(self:RemotePluginProxy, config:Optional[Dict[str, Any]]=None)->dict:
     "Async `initialize`."
-    with self._call() as call: return await self._arequest('POST', '/initialize', dumps_json(config or {}), call)
+    with self._call(sync=False) as call: return await self._arequest('POST', '/initialize', dumps_json(config or {}), call)
 @patch
 async def aexecute(self:RemotePluginProxy, *args, **kwargs)->Any:
     "Async `execute`."
-    with self._call() as call: return await self._arequest('POST', '/execute', self._body(args, kwargs), call)
+    with self._call(sync=False) as call: return await self._arequest('POST', '/execute', self._body(args, kwargs), call)
 @patch
 async def acancel(self:RemotePluginProxy)->dict:
     "Async `cancel`."
@@ -641,7 +662,7 @@ class RemoteStream(AsyncGenerator):
 @patch
 async def _astream(self:RemotePluginProxy, out:RemoteStream, args:tuple, kwargs:dict)->AsyncIterator[Any]:
     "The items of one `/execute_stream` call; its return line goes to `out.value`."
-    with self._call() as call:
+    with self._call(sync=False) as call:
         try:
             body = self._body(args, kwargs)
             async with (await self._aclient()).stream('POST', '/execute_stream', content=body, headers=_stream_headers(body, call)) as r:
