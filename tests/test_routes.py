@@ -991,3 +991,25 @@ def test_a_fast_streams_text_reaches_its_page_in_few_swaps_and_adds_up():
         swaps = [t for m in msgs for t in re.findall(pat, m)]
         assert shown + html.unescape(''.join(swaps)) == text
         assert len(swaps) <= len(words) // 4, f"{len(swaps)} swaps for {len(words)} words"
+
+
+def test_the_pages_a_server_remembers_are_bounded_even_when_empty_and_a_forgotten_one_reloads(tmp_path, monkeypatch):
+    """Newest-features review: a token was remembered for every table page served, and a page of no jobs counted for
+    nothing against the limit: 5,000 loads of an empty page kept 5,000 tokens (20,000 added 40 MB). The same jobs now
+    get the same token, each page counts one more than its jobs, and a stream whose page was forgotten gets a `reset`
+    (the page reloads) instead of every job's events."""
+    import cjm_workers.fasthtml.routes as routes_mod
+    monkeypatch.setattr(routes_mod, 'MAX_PAGE_IDS', 12)
+    app, mgr = sqlite_app(tmp_path, 'mem')
+    pages = app.state.routes._pages
+    token = lambda html: re.search(r'page=([\w-]+)', html)[1]
+    with TestClient(app) as cli:
+        empty = {token(cli.get(f'/mem?offset={i}').text) for i in range(1, 200)}
+        assert len(empty) == 1 and len(pages) == 1  # 199 loads of pages of no jobs: one token
+        for i in range(8): cli.portal.call(mgr.wait_for_job, start(cli, '/mem', 'echo', text=str(i)), 30)
+        seen = [token(cli.get(f'/mem?offset={i}&limit=1').text) for i in range(8)]  # 8 pages of one job: 2 each
+        assert len(set(seen)) == 8 and len(pages) == 6 and sum(len(v) + 1 for v in pages.values()) <= 12
+        assert seen[0] not in pages and seen[-1] in pages  # the oldest forgotten first
+        with cli.stream('GET', f'/mem/stream?after=0&page={seen[0]}') as resp:
+            body = resp.read().decode()
+        assert body.startswith('event: reset') and 'reload it' in body, body

@@ -17,7 +17,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from ..stores.base import job_seq, matches, statuses, where_items
 from ..managers.base import NO_WORKER_ERROR, QueueFull
 from ..core.worker import _RESERVED
-from .sse import json_text, merge_chunks
+from .sse import RESET, json_text, merge_chunks, sse_frame
 from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
                          dom_id, job_hdrs, ns_id, render_event, JobActions, StatusBadge, ProgressBar)
 
@@ -275,6 +275,7 @@ class JobRoutes:
         self._type_prefix = f"{manager.worker_type}:"
         self._job_ends = {f"{self._type_prefix}{s}" for s in ('completed', 'failed', 'cancelled')}
         self._pages, self._page_ids = OrderedDict(), 0  # token → ids of the jobs a table page shows (`remember_page`)
+        self._page_tokens = {}  # those ids → the token (a page served again with the same jobs gets the same token)
         self.render_list = self._renderer('list')
         self.render_rows = self._renderer('list', new_rows=False)  # a later or filtered page: no new rows at its top
         self.render_detail = self._renderer('detail')
@@ -374,18 +375,26 @@ MAX_PAGE_IDS = 100_000  # job ids of the table pages served that the routes reme
 
 @patch
 def remember_page(self:JobRoutes, jobs:list)->str:
-    "A token naming the jobs a table page shows: its stream (`page=`) then sends their events only (`page_wants`)."
+    """A token naming the jobs a table page shows: its stream (`page=`) then sends their events only (`page_wants`).
+    The same jobs get the same token; each page counts as its jobs plus one against `MAX_PAGE_IDS` (so empty pages too)."""
+    ids = frozenset(j.id for j in jobs)
+    if (token := self._page_tokens.get(ids)) is not None:
+        self._pages.move_to_end(token)
+        return token
     token = secrets.token_urlsafe(9)
-    self._pages[token] = ids = frozenset(j.id for j in jobs)
-    self._page_ids += len(ids)
-    while self._page_ids > MAX_PAGE_IDS and len(self._pages) > 1: self._page_ids -= len(self._pages.popitem(last=False)[1])
+    self._pages[token], self._page_tokens[ids] = ids, token
+    self._page_ids += len(ids) + 1
+    while self._page_ids > MAX_PAGE_IDS and len(self._pages) > 1:
+        old = self._pages.popitem(last=False)[1]
+        del self._page_tokens[old]
+        self._page_ids -= len(old) + 1
     return token
 
 @patch
 def page_wants(self:JobRoutes, request, new_rows:bool)->Callable:
     """What a table's stream queues (the broadcaster's `wants`): no `chunk` events (a table shows no text), and for a
     page it knows (`page=`), only the events of its jobs, and on the first page those of jobs started since (their
-    rows are added at its top). A page it has forgotten (or one from before a restart) gets every job's events."""
+    rows are added at its top). (A page it has forgotten, or one from before a restart, gets a `reset`: `_stream`.)"""
     chunk, pending, token = f"{self._type_prefix}chunk", f"{self._type_prefix}pending", request.query_params.get('page')
     ids = self._pages.get(token) if token else None
     if ids is not None: self._pages.move_to_end(token)
@@ -499,6 +508,12 @@ def _resume_after(request, after:Optional[str]):
     scope['headers'] = [*request.scope['headers'], (b'last-event-id', after.encode())]
     return Request(scope, request.receive)
 
+def _forgotten_page()->Response:
+    "The stream of a table page the routes no longer know: a `reset`, which makes the page reload (`LiveUpdates`)."
+    data = {'type': RESET, 'data': {'reason': "this page is no longer known here (the server restarted, or served "
+                                              "many pages since): reload it"}}
+    return Response(sse_frame(json_text(data), event=RESET), media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
+
 @patch
 def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
     req = _resume_after(request, request.query_params.get('after'))
@@ -510,6 +525,8 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
         return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json, keep=keep,
                                        until=None if job_id is None else (lambda ev: ev.type in self._job_ends))
     if job_id is None:
+        token = request.query_params.get('page')
+        if token is not None and token not in self._pages: return _forgotten_page()  # the page reloads, with a new token
         fixed = request.query_params.get('rows') == 'fixed'
         return self.broadcaster.stream(req, render=self.render_rows if fixed else self.render_list, event_name=SSE_EVENT,
                                        keep=self.keeper(request), wants=self.page_wants(request, new_rows=not fixed))
