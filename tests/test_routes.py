@@ -928,7 +928,7 @@ class OwnedManager(ReferenceJobManager):
     def create_job(self, plugin_id, owner=None, **kw):
         return OwnedJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw, owner=owner)
 
-def scoped_app(db, **routes):
+def scoped_app(db, scope=lambda request: {'owner': request.headers.get('x-user', '')}, **routes):
     "An app whose users (the `x-user` header) each see their own jobs (`scope`), kept in a SQLite store indexed by owner."
     from cjm_workers.stores.sqlite import SQLiteJobStore
     bc = SSEBroadcaster(heartbeat_seconds=0)
@@ -938,13 +938,13 @@ def scoped_app(db, **routes):
         try: yield
         finally: bc.close(); await mgr.ashutdown()
     app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-    r = mount_job_routes(app, mgr, bc, prefix='/jobs', scope=lambda request: {'owner': request.headers.get('x-user', '')}, **routes)
+    r = mount_job_routes(app, mgr, bc, prefix='/jobs', scope=scope, **routes)
     return app, mgr, r
 
 
 def test_scope_gives_each_user_their_own_jobs_from_the_store(tmp_path):
     """`scope` on a SQLite store: a user's jobs are listed and counted by the store (exact totals and pages, also after
-    a restart), another user's job is a 403 on its routes, and the table's streams leave its events out."""
+    a restart), another user's job is a 404 on its routes (as an unknown one), and the table's streams leave its events out."""
     db = tmp_path / 'j.db'
     app, mgr, r = scoped_app(db, page_size=2)
     alice, bob = {'x-user': 'alice'}, {'x-user': 'bob'}
@@ -961,8 +961,8 @@ def test_scope_gives_each_user_their_own_jobs_from_the_store(tmp_path):
         assert [j['id'] for j in cli.get('/jobs?offset=2', headers=J(alice)).json()] == [ids['a1']]
         assert 'Jobs 1–2 of 3' in cli.get('/jobs', headers=alice).text
         for url in (f"/jobs/{ids['secret words']}", f"/jobs/{ids['secret words']}/stream?format=json&after=0"):
-            assert cli.get(url, headers=J(alice)).status_code == 403, url
-        assert cli.post(f"/jobs/{ids['secret words']}/cancel", headers=J(alice)).status_code == 403
+            assert cli.get(url, headers=J(alice)).status_code == 404, url  # as if it did not exist
+        assert cli.post(f"/jobs/{ids['secret words']}/cancel", headers=J(alice)).status_code == 404
         text = replay_until_completed(cli, f'/jobs/stream?format=json&after={after}', alice, ids['a3'])
         assert ids['a1'] in text and ids['secret words'] not in text and 'secret' not in text, text[:2000]
     app, mgr, r = scoped_app(db)  # the app restarted: the file has them
@@ -1013,3 +1013,28 @@ def test_the_pages_a_server_remembers_are_bounded_even_when_empty_and_a_forgotte
         with cli.stream('GET', f'/mem/stream?after=0&page={seen[0]}') as resp:
             body = resp.read().decode()
         assert body.startswith('event: reset') and 'reload it' in body, body
+
+
+def test_a_scope_whose_values_are_numbers_still_admits_its_users_to_their_jobs_after_a_restart(tmp_path):
+    """Newest-features review: a `scope` giving `{'owner': 5}` (a user id) for a job class whose `owner` is a `str`:
+    after a restart the SQLite store gave the field back as '5', the list (SQLite: '5' = 5) still showed the job, but
+    its page, stream and cancel were 403 (Python: '5' != 5). Fields now compare as SQLite compares them, everywhere."""
+    from cjm_workers.stores.base import MemoryJobStore
+    db, J = tmp_path / 'j.db', lambda user: {'x-user': user, 'accept': 'application/json'}
+    scope = lambda request: {'owner': int(request.headers.get('x-user', '0'))}
+    app, mgr, r = scoped_app(db, scope=scope)
+    with TestClient(app) as cli:
+        jid = cli.post('/jobs/start', json={'plugin_id': 'tokens', 'params': {'text': 'mine'}}, headers=J('5')).json()['id']
+        cli.portal.call(mgr.wait_for_job, jid, 30)
+    app, mgr, r = scoped_app(db, scope=scope)  # restarted: the job comes back from the file
+    with TestClient(app) as cli:
+        assert mgr.get_job(jid).owner == '5'
+        assert [j['id'] for j in cli.get('/jobs', headers=J('5')).json()] == [jid]
+        assert cli.get(f'/jobs/{jid}', headers=J('5')).status_code == 200
+        assert cli.get(f'/jobs/{jid}/stream?format=json&after=0', headers=J('5')).status_code in (200, 204)
+        assert cli.post(f'/jobs/{jid}/cancel', headers=J('5')).status_code != 403
+        assert cli.get(f'/jobs/{jid}', headers=J('6')).status_code == 404 and cli.get('/jobs', headers=J('6')).json() == []
+        # the memory store answers as the file does
+        mem = MemoryJobStore()
+        mem.save(mgr.get_job(jid))
+        assert [j.id for j in mem.list(where={'owner': 5})] == [jid] == [j.id for j in mgr.get_all_jobs(where={'owner': 5})]

@@ -550,6 +550,8 @@ def refuse_cross_site(self:JobRoutes, request)->Optional[Response]:
 @patch
 async def _job_or_error(self:JobRoutes, request, job_id:str):
     job = await self.manager.aget_job(job_id)
+    if job is not None and self.scope is not None and not matches(job, await self.scope_of(request)):
+        job = None  # another user's job: unknown to this one (a 403 would say that it exists)
     if job is None:
         if not await self.allowed(request, None): return None, _FORBIDDEN(request)
         return None, _error(request, f"unknown job {job_id!r}", 404)

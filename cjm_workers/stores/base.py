@@ -4,15 +4,15 @@
 
 # %% ../../nbs/stores/base.ipynb #8a9578b5
 from __future__ import annotations
-import threading
+import math, re, threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, List, Optional, Tuple, Union
 
 # %% auto #0
-__all__ = ['TERMINAL', 'UNFINISHED', 'JobStoreError', 'JobStoreLocked', 'statuses', 'cutoff', 'job_seq', 'where_items', 'matches',
-           'JobStore', 'MemoryJobStore']
+__all__ = ['TERMINAL', 'UNFINISHED', 'JobStoreError', 'JobStoreLocked', 'statuses', 'cutoff', 'job_seq', 'where_items',
+           'same_value', 'matches', 'JobStore', 'MemoryJobStore']
 
 # %% ../../nbs/stores/base.ipynb #a3206aa1
 TERMINAL = ('completed', 'failed', 'cancelled')
@@ -57,14 +57,41 @@ def where_items(where:Optional[dict] # {field: value}: only jobs whose fields ha
             raise ValueError(f"where: {k!r} is not a job field name (an identifier not starting with '_')")
         if not isinstance(v, _FIELD_VALUES) or v != v:
             raise ValueError(f"where: the value for {k!r} must be a str, int, float, bool or None, got {v!r:.60}")
+        if isinstance(v, int) and not -2**63 <= v < 2**63 or isinstance(v, float) and v in (math.inf, -math.inf):
+            raise ValueError(f"where: the value for {k!r} is out of the range a stored number can have, got {v!r:.60}")
     return tuple(where.items())
 
 _MISSING = object()
+_NUMBER = re.compile(r'\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*')  # text SQLite reads as a number
+
+def _text(v)->str: return str(int(v)) if isinstance(v, bool) else str(v)  # (SQLite stores a bool as 0 or 1)
+
+def same_value(x, # a job's field value (a plain value: str, int, float, bool or None)
+               v # the value asked for (`where_items` checked it)
+              )->bool:
+    """Whether a field holding `x` matches `v`, as SQLite compares a column with a value: text with text, numbers with
+    numbers, text in a text field against a number's text, a number field against text that reads as a number, None
+    only with None. So a filter answers the same in every store, and whether a job was read back from a file or not
+    (a SQLite store gives a field back typed by the job class's annotation: `owner: str` set to 5 comes back `'5'`)."""
+    if x is None or v is None: return x is None and v is None
+    xs, vs = isinstance(x, str), isinstance(v, str)
+    if xs == vs: return x == v
+    if xs: return x == _text(v)
+    if not _NUMBER.fullmatch(v): return False
+    try: return int(v) == x
+    except ValueError: return float(v) == x
 
 def matches(job, where:Tuple[Tuple[str, Any], ...] # from `where_items`
            )->bool:
-    "Whether the job's fields have the values of `where` (a job without such a field does not match)."
-    return all((x := getattr(job, k, _MISSING)) is not _MISSING and x == v and (x is None) == (v is None) for k, v in where)
+    "Whether the job's fields have the values of `where` (`same_value`; a job without such a field does not match)."
+    for k, v in where:
+        x = getattr(job, k, _MISSING)
+        if x is _MISSING: return False
+        if not isinstance(x, _FIELD_VALUES):  # (a SQLite store keeps such a field as JSON, and refuses the filter too)
+            raise ValueError(f"where: the job field {k!r} holds a {type(x).__name__}, not a plain value: only fields of "
+                             "plain values (str, int, float, bool, None) can filter")
+        if not same_value(x, v): return False
+    return True
 
 # %% ../../nbs/stores/base.ipynb #02547ddd
 class JobStore(ABC):
