@@ -506,7 +506,17 @@ class DaemonPlugin(ReferencePlugin):
         out = subprocess.run(['sh', '-c', 'sleep 300 >/dev/null 2>&1 & echo $!'], capture_output=True, text=True, check=True)
         return {'text': out.stdout.strip(), 'metadata': {}}
 
-def _daemon_plugin_manager(): return ReferencePluginManager({**REFERENCE_PLUGINS, 'daemon': DaemonPlugin})
+class SessionChildPlugin(ReferencePlugin):
+    "Starts `sleep` in a session of its own (in no process group of the worker's), reports its pid, and ignores cancels."
+    name = 'session_child'
+    def execute(self, **kwargs):
+        from cjm_workers.core.worker import report_progress
+        child = subprocess.Popen(['sleep', '300'], start_new_session=True)
+        report_progress(0.5, f"child:{child.pid}")
+        while True: time.sleep(0.05)
+
+def _daemon_plugin_manager():
+    return ReferencePluginManager({**REFERENCE_PLUGINS, 'daemon': DaemonPlugin, 'session_child': SessionChildPlugin})
 
 def daemon_worker(requests, results, responses):
     "Worker entry point: the reference plugins and `daemon` (importable by the actors: tests/ is on their path)."
@@ -525,3 +535,22 @@ async def test_a_daemon_a_plugin_started_ends_with_its_worker(track, backend):
     assert psutil.Process(pid).ppid() != job.worker_pid and os.getpgid(pid) == job.worker_pid
     await m.ashutdown()  # the worker exits normally
     assert _gone(pid), f"the daemon {pid} a plugin started outlived its worker"
+
+
+@pytest.mark.backends('local', 'ray')
+async def test_a_hard_cancel_kills_a_plugins_child_in_a_session_of_its_own(track, backend):
+    """Ray review: on the app's own node, a hard cancel of a Ray worker left its plugin's `start_new_session` child
+    running (ppid 1) in 4 of 4 tries: the manager SIGKILLed the worker at once, and the actor listed the worker's
+    children only afterwards, when that child (in no group of the worker's) was no longer one. The manager now lists
+    them first, as for a local worker."""
+    m = track(ReferenceJobManager(worker_config=WorkerConfig(backend=backend, cancel_grace_seconds=0.2), entry_point=daemon_worker))
+    job = await m.start_job('session_child')
+    await wait_until(lambda: (m.get_job(job.id).progress_message or '').startswith('child:'), timeout=60)
+    child = int(m.get_job(job.id).progress_message.split(':')[1])
+    assert os.getsid(child) == child
+    await m.cancel_job(job.id)  # it ignores the cooperative cancel: killed after 0.2 s
+    assert (await m.wait_for_job(job.id, timeout=60)).status == 'cancelled'
+    try: assert _gone(child), f"the plugin's child {child} in a session of its own outlived its hard-cancelled worker"
+    finally:
+        try: os.kill(child, 9)
+        except OSError: pass

@@ -16,7 +16,7 @@ from ..core.process import kill_process_group, kill_process_tree
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'WorkerActor', 'RayActorProcess', 'ray_error_text', 'kill_tree', 'RayBackend']
+__all__ = ['log', 'MIN_ACTOR_CONCURRENCY', 'WorkerActor', 'RayActorProcess', 'ray_error_text', 'kill_tree', 'RayBackend']
 
 # %% ../../nbs/backends/ray.ipynb #eb6d68fb
 def _raw_frames(ch:PipeChannel)->list:
@@ -200,7 +200,7 @@ def _create(self:RayActorProcess)->None:
     try:
         if self.prepare is not None: self.prepare()
         elif not ray.is_initialized(): ray.init(include_dashboard=False)
-        opts = {'max_concurrency': 4, 'max_restarts': 0, **self.actor_options}
+        opts = {'max_concurrency': MIN_ACTOR_CONCURRENCY, 'max_restarts': 0, **self.actor_options}
         if self.name and 'name' not in opts: opts['name'] = f"{self.name}-{os.getpid()}-{id(self):x}"
         actor = _actor_class().options(**opts).remote(self.target, self.env)
     except Exception as e:
@@ -329,12 +329,17 @@ def _kill_worker_here(pid:int, actor_pid:Optional[int])->None:
     waiting for it to end: the manager may hold its lock here, and a process in an uninterruptible wait (a GPU driver
     call) can take a while to go; its actor reaps it."""
     try:
-        if psutil.Process(pid).ppid() != actor_pid: return  # it ended already: its pid may be another process's now
+        p = psutil.Process(pid)
+        if p.ppid() != actor_pid: return  # it ended already: its pid may be another process's now
+        kids = p.children(recursive=True)  # listed before it goes: a child in a session of its own is in no group of its
     except psutil.Error: return
     try:
         os.kill(pid, signal.SIGKILL)
         kill_process_group(pid)  # it leads a group of its own
     except OSError: pass
+    for k in kids:
+        try: k.kill()
+        except psutil.Error: pass
 
 def kill_tree(self:RayActorProcess, timeout:float=1.0)->None:
     "Kill the worker's tree (at once if on this machine) and its actor (from a thread of its own), without waiting: the handle has ended (killed) when this returns."
@@ -352,6 +357,7 @@ RayActorProcess.terminate = lambda self: self.kill_tree()
 
 # %% ../../nbs/backends/ray.ipynb #292bb085
 _CONNECTING = threading.Lock()  # one connection attempt at a time, in this process
+MIN_ACTOR_CONCURRENCY = 4  # calls a worker actor must be able to run at once (`max_concurrency`; the default is 4)
 _attempt: Optional[threading.Thread] = None  # the attempt under way, or the last one
 
 _FOREVER = threading.Event()  # never set: what a connecting thread waits on once it has connected
@@ -388,7 +394,7 @@ def _connect(init:Callable[[], None], # connects (`ray.init(...)`): run in a dae
 @dataclass
 class RayBackend:
     "Run a manager's workers as Ray actors (`WorkerConfig(backend=RayBackend(...))`)."
-    address: Optional[str] = None  # cluster to join ('auto', 'ray://head:10001'); None: a local Ray, unless `ray.init` ran
+    address: Optional[str] = None  # cluster to join ('auto', 'head:6379'; not Ray Client's 'ray://'); None: a local Ray, unless `ray.init` ran
     num_cpus: float = 1  # CPUs each worker actor reserves
     num_gpus: float = 0  # GPUs each worker actor reserves (Ray sets CUDA_VISIBLE_DEVICES in the actor)
     resources: Dict[str, float] = field(default_factory=dict)  # custom resources per actor, e.g. {'whisper_node': 1}
@@ -396,6 +402,18 @@ class RayBackend:
     actor_options: Dict[str, Any] = field(default_factory=dict)  # any other `.options(...)` for the actor
     init_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to `ray.init` when this backend starts Ray
     connect_timeout_seconds: float = 60.0  # `prepare` gives up connecting (a ConnectionError) after this long
+
+    def __post_init__(self):  # what cannot work is refused here, not found out by every job failing
+        if isinstance(self.address, str) and self.address.strip().lower().startswith('ray://'):
+            raise ValueError(f"RayBackend(address={self.address!r}): Ray Client (ray://) cannot run cjm_workers' actors, "
+                             "which send their worker's output as a Ray streaming generator, and Ray Client has none "
+                             "(ray-project/ray#43357). Run the app on a node of the cluster: address='auto', or the "
+                             "head's 'host:6379'")
+        mc = self.actor_options.get('max_concurrency')
+        if mc is not None and (not isinstance(mc, int) or mc < MIN_ACTOR_CONCURRENCY):
+            raise ValueError(f"RayBackend(actor_options={{'max_concurrency': {mc!r}}}): a worker actor runs at least "
+                             f"{MIN_ACTOR_CONCURRENCY} calls at once (its output stream, requests, cancels, its stop); "
+                             f"with fewer its jobs would wait for ever")
 
     def prepare(self)->None:
         "Connect to Ray (blocking for up to `connect_timeout_seconds`: each worker's start thread calls it); a no-op once connected."
