@@ -1038,3 +1038,27 @@ def test_a_scope_whose_values_are_numbers_still_admits_its_users_to_their_jobs_a
         mem = MemoryJobStore()
         mem.save(mgr.get_job(jid))
         assert [j.id for j in mem.list(where={'owner': 5})] == [jid] == [j.id for j in mgr.get_all_jobs(where={'owner': 5})]
+
+
+class StrictManager(ReferenceJobManager):
+    "A `create_job` that takes only what its plugins need (no `owner`)."
+    def create_job(self, plugin_id, text=''): return ReferenceJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params={'text': text})
+
+
+def test_a_create_job_that_does_not_take_the_scopes_field_is_a_500_naming_scope(tmp_path):
+    """App-builder review: with `scope={'owner': ...}` and a `create_job` without `owner`, a start was a 400 "cannot
+    create the job: ... unexpected keyword argument 'owner'", which blames the client for the app's mistake."""
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = StrictManager(event_broadcaster=bc, worker_type='strict')
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix='/jobs', scope=lambda request: {'owner': 'alice'})
+    with TestClient(app) as cli:
+        r = cli.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'text': 'hi'}}, headers={'accept': 'application/json'})
+        assert r.status_code == 500 and 'create_job does not take owner' in r.json()['error'], r.text
+        r = cli.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'txt': 'hi'}}, headers={'accept': 'application/json'})
+        assert r.status_code == 400 and "unexpected keyword argument 'txt'" in r.json()['error'], r.text  # the client's
+        assert mgr.get_all_jobs() == []

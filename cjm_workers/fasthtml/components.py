@@ -54,11 +54,15 @@ def _fraction(job:BaseJob)->Optional[float]:
     if p < 0: return None if not job.is_terminal else 0.0
     return min(float(p), 1.0)
 
+def _unmeasured(job:BaseJob)->bool:
+    "A job that failed or was cancelled without ever reporting a progress: its bar shows no percentage (not '0%')."
+    return job.status in ('failed', 'cancelled') and (job.progress is None or job.progress < 0)
+
 def ProgressBar(job:BaseJob)->Div:
     "Determinate or indeterminate progress bar with its percentage and message."
     f = _fraction(job)
     bar = Progress(max='1') if f is None else Progress(value=f"{f:.4g}", max='1')
-    label = ('…' if f is None else f"{f:.0%}") + (f" {job.progress_message}" if job.progress_message else '')
+    label = ('…' if f is None else '—' if _unmeasured(job) else f"{f:.0%}") + (f" {job.progress_message}" if job.progress_message else '')
     return Div(bar, Span(label, cls='job-progress-label'), cls='job-progress', id=dom_id(job.id, 'progress'))
 
 # %% ../../nbs/fasthtml/components.ipynb #49df476e

@@ -620,7 +620,13 @@ async def start(self:JobRoutes, request):
             kwargs[k] = v
     except ValueError as e: return _error(request, str(e), 400)
     try: job = await self.manager.start_job(plugin_id, **kwargs)
-    except (TypeError, ValueError) as e: return _error(request, f"cannot create the job: {e}", 400)  # e.g. an unexpected argument
+    except (TypeError, ValueError) as e:
+        if isinstance(e, TypeError) and (names := [k for k, _ in scope if f"'{k}'" in str(e)]):  # the app's bug, not the client's
+            why = (f"create_job does not take {', '.join(names)}, which mount_job_routes(scope=...) gives it for this "
+                   f"request ({dict(scope)}): your job class needs the field(s), and create_job must set them ({e})")
+            log.error(why)
+            return _error(request, why, 500)
+        return _error(request, f"cannot create the job: {e}", 400)  # e.g. an unexpected argument
     except QueueFull as e: return _error(request, str(e), 503, {'Retry-After': '5'})  # (jobs leave the queue as they run)
     except RuntimeError as e: return _error(request, str(e), 503)
     if scope and not matches(job, scope):  # its creator could not see it: stop it, and say what the app must change
