@@ -110,7 +110,10 @@ def JobOutcome(job:BaseJob, # the job
     elif job.status == 'failed':
         body = (Pre(job.error or job.reason or 'failed', cls='job-error'),)
         if traceback and job.traceback: body += (Details(Summary('Traceback'), Pre(job.traceback, cls='job-traceback')),)
-    elif job.status == 'cancelled': body = Span(job.reason or 'cancelled', cls='job-reason')
+    elif job.status == 'cancelled':  # and what the plugin returned when it stopped, if anything (a stream's return value)
+        body = (Span(job.reason or 'cancelled', cls='job-reason'),)
+        if job.result is not None and (said := _result_text(job.result)) and said != (job.output or ''):
+            body += (Pre(said, cls='job-result'),)
     else: body = ()
     return Div(body, cls='job-outcome', id=dom_id(job.id, 'outcome'))
 
