@@ -6,13 +6,14 @@ The demo app under uvicorn on 127.0.0.1, Debian's Chromium driven by playwright.
 `completed` (both from the job's start), the worst lag in characters, and whether the final text is the job's.
 
 Run from the repository root: `python bench/page_stream.py [N delay ...]` (default: 2000 0.001 20000 0.0001)."""
-import json, socket, sys, threading, time
+import json, sys, time
 from datetime import datetime
 
-import httpx, uvicorn
+import httpx
 from playwright.sync_api import sync_playwright
 
 from cjm_workers.demo import create_demo_app
+from cjm_workers.testing import serve_in_thread
 
 CHROMIUM = '/usr/bin/chromium'
 JSON = {'accept': 'application/json', 'sec-fetch-site': 'same-origin'}
@@ -21,14 +22,7 @@ JSON = {'accept': 'application/json', 'sec-fetch-site': 'same-origin'}
 def serve():
     "The demo app (one worker) under uvicorn in a thread; (server, thread, base url, app)."
     app = create_demo_app(max_workers=1)
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started: time.sleep(0.01)
-    return srv, t, f'http://127.0.0.1:{port}', app
+    return (*serve_in_thread(app), app)
 
 
 def follow(page, base, app, n:int, delay:float)->dict:

@@ -1872,5 +1872,6 @@ d = { 'settings': { 'branch': 'main',
                                      'cjm_workers.testing.reference_plugin_manager': ( 'testing.html#reference_plugin_manager',
                                                                                        'cjm_workers/testing.py'),
                                      'cjm_workers.testing.reference_worker': ('testing.html#reference_worker', 'cjm_workers/testing.py'),
+                                     'cjm_workers.testing.serve_in_thread': ('testing.html#serve_in_thread', 'cjm_workers/testing.py'),
                                      'cjm_workers.testing.sleep_with_child': ('testing.html#sleep_with_child', 'cjm_workers/testing.py'),
                                      'cjm_workers.testing.wait_until': ('testing.html#wait_until', 'cjm_workers/testing.py')}}}

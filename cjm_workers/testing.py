@@ -17,7 +17,7 @@ __all__ = ['REFERENCE_PLUGINS', 'ReferencePlugin', 'EchoPlugin', 'TranscribePlug
            'CrashPlugin', 'NoLoadPlugin', 'ReferencePluginManager', 'reference_plugin_manager', 'reference_worker',
            'failing_factory_worker', 'echo_channel', 'sleep_with_child', 'hold_memory', 'RecordingBroadcaster',
            'RecordingResourceManager', 'PluginMeta', 'ReferenceRegistry', 'ReferenceJob', 'ReferenceJobManager',
-           'wait_until']
+           'wait_until', 'serve_in_thread']
 
 # %% ../nbs/testing.ipynb #e0bc1b0c
 class ReferencePlugin:
@@ -241,3 +241,20 @@ async def wait_until(predicate, timeout:float=30.0, interval:float=0.005):
     while not predicate():
         if time.monotonic() > end: raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval)
+
+# %% ../nbs/testing.ipynb #e9d5d84b
+def serve_in_thread(app, # an ASGI app (FastHTML, Starlette)
+                    log_level:str='warning' # uvicorn's
+                   )->tuple: # (uvicorn server, its thread, base URL), once it serves
+    "Run uvicorn for `app` on a free port of 127.0.0.1 in a daemon thread; stop it with `server.should_exit = True`."
+    import socket, uvicorn
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level=log_level))
+    t = threading.Thread(target=server.run, name='uvicorn', daemon=True)
+    t.start()
+    while not server.started:
+        if not t.is_alive(): raise RuntimeError("uvicorn did not start (see its log above)")
+        time.sleep(0.01)
+    return server, t, f'http://127.0.0.1:{port}'

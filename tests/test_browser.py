@@ -11,8 +11,8 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is not installed (.ci/run installs it with apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip('playwright.sync_api', reason="playwright is not installed (pip install -e '.[dev]')")
 
-import uvicorn
 from cjm_workers.demo import DEMO_JOBS, create_demo_app
+from cjm_workers.testing import serve_in_thread
 
 pytestmark = pytest.mark.timeout(180)
 ARTIFACTS = Path(__file__).parent / '_artifacts'
@@ -24,16 +24,8 @@ WAIT_MS = 60_000  # upper bound for any one condition to come true
 def server():
     "The demo app under uvicorn in a thread; stopped (streams closed, workers shut down) at the end."
     app = create_demo_app(max_workers=2)
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=port, log_level='warning'))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    while not srv.started:
-        assert t.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    yield f'http://127.0.0.1:{port}', app
+    srv, t, base = serve_in_thread(app)
+    yield base, app
     srv.should_exit = True
     app.state.broadcaster.close()  # a server in a thread gets no signal: end the streams ourselves
     t.join(30)

@@ -1,11 +1,11 @@
 """`mount_job_routes` against real managers and real workers: list, detail, start, cancel and stream routes through
 Starlette's TestClient and through a real uvicorn server; authorize → 403 on every route, GET on state changes → 405,
 unknown ids → 404, two managers in one app."""
-import asyncio, json, re, socket, threading, uuid
+import asyncio, json, re, threading, uuid
 from dataclasses import dataclass
 from typing import Optional
 
-import httpx, pytest, uvicorn
+import httpx, pytest
 from fasthtml.common import FastHTML
 from starlette.testclient import TestClient
 
@@ -13,7 +13,7 @@ from cjm_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_workers.fasthtml.components import dom_id
 from cjm_workers.fasthtml.routes import mount_job_routes
 from cjm_workers.fasthtml.sse import SSEBroadcaster
-from cjm_workers.testing import ReferenceJob, ReferenceJobManager, wait_until
+from cjm_workers.testing import ReferenceJob, ReferenceJobManager, serve_in_thread, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -323,23 +323,6 @@ def test_a_retried_job_shows_pending_again_with_a_fresh_output_pane():
         assert any(empty in m and 'data-status="pending"' in m for m in msgs), msgs
         job = cli.portal.call(alpha.wait_for_job, jid, 30)
         assert job.status == 'failed' and job.attempts == 2
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def serve_in_thread(app):
-    "Run uvicorn for `app` on a free port of 127.0.0.1 in a thread: (server, thread, base URL), once it serves."
-    server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=free_port(), log_level='warning'))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    while not server.started:
-        assert t.is_alive(), "uvicorn did not start"
-        threading.Event().wait(0.01)
-    return server, t, f'http://127.0.0.1:{server.config.port}'
 
 
 def test_over_real_http_and_close_ends_streams():
