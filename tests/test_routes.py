@@ -1045,3 +1045,49 @@ def test_a_create_job_that_does_not_take_the_scopes_field_is_a_500_naming_scope(
         r = cli.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'txt': 'hi'}}, headers={'accept': 'application/json'})
         assert r.status_code == 400 and "unexpected keyword argument 'txt'" in r.json()['error'], r.text  # the client's
         assert mgr.get_all_jobs() == []
+
+
+@dataclass
+class IntOwnedJob(ReferenceJob):
+    owner: Optional[int] = None  # a numeric user id
+
+class IntOwnedManager(ReferenceJobManager):
+    def create_job(self, plugin_id, owner=None, **kw):
+        return IntOwnedJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw, owner=owner)
+
+
+def test_users_whose_ids_read_as_the_same_number_never_see_each_others_jobs(tmp_path):
+    """Review of the day's fix: with `owner: int` and a `scope` giving the user id as text (as auth layers do), users
+    '05', '5.0', '+5' and '5e0' saw user '5's jobs in the list (SQLite reads '05' = 5 in an integer column), and
+    after a restart on their pages (as the SQLite-like comparison then said). A filter now never makes two different
+    texts equal: only '5' finds 5."""
+    from cjm_workers.stores.sqlite import SQLiteJobStore
+    db = tmp_path / 'j.db'
+    def app_():
+        bc = SSEBroadcaster(heartbeat_seconds=0)
+        mgr = IntOwnedManager(event_broadcaster=bc, worker_type='ids', job_store=SQLiteJobStore(db, index_fields=['owner']))
+        async def lifespan(app):
+            await mgr.start()
+            try: yield
+            finally: bc.close(); await mgr.ashutdown()
+        app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+        mount_job_routes(app, mgr, bc, prefix='/jobs', scope=lambda request: {'owner': request.headers.get('x-user', '')})
+        return app, mgr
+    J = lambda user: {'x-user': user, 'accept': 'application/json'}
+    others = ['05', '5.0', '+5', '5e0', '0x5']  # (HTTP headers are ASCII; the notebook of stores/base tries '５' and more)
+    def check(cli, jid):
+        assert [j['id'] for j in cli.get('/jobs', headers=J('5')).json()] == [jid]
+        assert cli.get(f'/jobs/{jid}', headers=J('5')).status_code == 200
+        for who in others:
+            assert cli.get('/jobs', headers=J(who)).json() == [], who
+            assert cli.get(f'/jobs/{jid}', headers=J(who)).status_code == 404, who
+    app, mgr = app_()
+    with TestClient(app) as cli:
+        jid = cli.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'text': 'mine'}}, headers=J('5')).json()['id']
+        cli.portal.call(mgr.wait_for_job, jid, 30)
+        assert mgr.job_store.flush(30)
+        check(cli, jid)
+    app, mgr = app_()  # restarted: the job comes back with owner 5 (an int, by the annotation)
+    with TestClient(app) as cli:
+        assert mgr.get_job(jid).owner == 5
+        check(cli, jid)

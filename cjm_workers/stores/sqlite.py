@@ -18,7 +18,7 @@ import apsw, psutil
 from fastcore.basics import patch
 from fastlite import Database
 
-from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq, where_items, matches
+from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq, where_items, matches, candidates, STORAGE
 from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_process, check_file, _file_id, rollback, safe_repr,
                                               TAG, _PLAIN, _TAGGERS)
 
@@ -871,8 +871,11 @@ def _filter(self:SQLiteJobStore, st:Optional[tuple], w:tuple)->Tuple[str, tuple]
                 raise ValueError(f"where: the job field {k!r} is stored as JSON, not as a plain value: only fields of "
                                  "plain values (str, int, float, bool, None) can filter")
             if k not in cols: return '0', ()  # no stored job has the field
-            if v is None: parts.append(f'"{k}" IS NULL')
-            else: parts.append(f'"{k}" = ?'); params += (int(v) if isinstance(v, bool) else v,)
+            if v is None: parts.append(f'"{k}" IS NULL'); continue
+            cs = candidates(v)  # exact, as `same_value` (a plain `= ?` would let SQLite read '05' as 5 in an integer column)
+            parts.append('(' + ' OR '.join(f'"{k}" = ? AND typeof("{k}") IN ({", ".join(repr(s) for s in STORAGE[kind])})'
+                                           for kind, _ in cs) + ')')
+            params += tuple(c for _, c in cs)
     return ' AND '.join(parts), params
 
 @patch
