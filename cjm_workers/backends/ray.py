@@ -403,9 +403,15 @@ class RayBackend:
     init_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to `ray.init` when this backend starts Ray
     connect_timeout_seconds: float = 60.0  # `prepare` gives up connecting (a ConnectionError) after this long
 
-    def __post_init__(self):  # what cannot work is refused here, not found out by every job failing
-        if isinstance(self.address, str) and self.address.strip().lower().startswith('ray://'):
-            raise ValueError(f"RayBackend(address={self.address!r}): Ray Client (ray://) cannot run cjm_workers' actors, "
+    def __post_init__(self): self._check()  # what cannot work is refused here, not found out by every job failing
+
+    def _check(self)->None:
+        "Refuse a Ray Client address (given, or in RAY_ADDRESS where Ray would read it) and too small a `max_concurrency`."
+        addr = self.address
+        if addr in (None, 'auto'): addr = os.environ.get('RAY_ADDRESS') or addr  # (what `ray.init` connects to then)
+        if isinstance(addr, str) and '://' in addr:  # (Ray takes any 'scheme://' address for Ray Client)
+            where = f"address={self.address!r}" + (f" with RAY_ADDRESS={addr!r}" if addr != self.address else '')
+            raise ValueError(f"RayBackend({where}): Ray Client ({addr.split('://')[0]}://) cannot run cjm_workers' actors, "
                              "which send their worker's output as a Ray streaming generator, and Ray Client has none "
                              "(ray-project/ray#43357). Run the app on a node of the cluster: address='auto', or the "
                              "head's 'host:6379'")
@@ -419,11 +425,13 @@ class RayBackend:
         "Connect to Ray (blocking for up to `connect_timeout_seconds`: each worker's start thread calls it); a no-op once connected."
         import ray
         if ray.is_initialized(): return
+        self._check()  # (RAY_ADDRESS may have changed since)
         kw = {'include_dashboard': False, **self.init_kwargs}
         _connect(lambda: ray.init(address=self.address, **kw), ray.is_initialized, self.address, self.connect_timeout_seconds)
 
     def options(self)->Dict[str, Any]:
         "The actor options of one worker."
+        self._check()  # (`actor_options` may have changed since)
         opts = {'num_cpus': self.num_cpus, 'num_gpus': self.num_gpus, **self.actor_options}
         if self.resources: opts['resources'] = dict(self.resources)
         if self.runtime_env is not None: opts['runtime_env'] = self.runtime_env
