@@ -786,3 +786,25 @@ async def test_a_stream_closed_early_is_cancelled_on_the_worker(tmp_path):
     lines = journal.read_text().split('\n')[:-1]
     assert lines == ['start sync', 'stopped sync JobCancelledError', 'start after', 'done after',  # (not closed at its
                      'start async', 'stopped async JobCancelledError', 'start after2', 'done after2'], lines  # next yield)
+
+
+def test_an_async_call_that_times_out_is_cancelled_even_if_its_event_loop_ends_at_once(tmp_path):
+    """Review of the day's fix: an async call's cancel was sent by a task of its event loop, which never ran when the
+    loop ended with the timeout's error (`asyncio.run` returning): the call queued behind a stream ran later, for nobody."""
+    journal = tmp_path / 'journal'
+    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)},
+                           request_timeout=1.0) as p:
+        items = p.execute_stream(tag='A', n=14, gap=0.1)  # 1.4 s, an item every 0.1 s
+        assert next(items) == 0
+        out = {}
+        def call():
+            try: out['B'] = asyncio.run(p.aexecute(tag='B', seconds=0.2))  # the loop ends with the error
+            except RemoteWorkerError as e: out['B'] = e
+        t = threading.Thread(target=call)
+        t.start()
+        assert list(items) == list(range(1, 14))
+        t.join()
+        assert isinstance(out['B'], RemoteWorkerError), out['B']
+        time.sleep(0.6)  # (B, had it run, would have ended by now)
+        assert p.execute(tag='C') == {'tag': 'C'}
+    assert journal.read_text().split('\n')[:-1] == ['start A', 'done A', 'start C', 'done C']

@@ -362,11 +362,12 @@ async def _kept(keep, ev)->bool:
     return bool(await ok if inspect.isawaitable(ok) else ok)
 
 @patch
-async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None, keep=None, merge=None):
+async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None, keep=None, merge=None,
+                  after:Optional[int]=None): # the id the client resumes after (None: none)
     "Encoded chunks for one stream; unsubscribes when the stream ends for any reason."
     with _closing(sub):
         if self.retry_ms is not None: yield f"retry: {int(self.retry_ms)}\n\n".encode()
-        sent = None  # the id of the last event sent
+        sent = after if after is not None and after >= 0 else None  # the id of the last event the client has
         while batch := await sub.next_batch():
             if self.flush_interval:  # let the rest of a burst arrive: it goes out in this same write
                 await asyncio.sleep(self.flush_interval)
@@ -406,7 +407,7 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
     if err: return PlainTextResponse(err, status_code=400)
     sub = self.subscribe(job_id, last, live=live, wants=wants)
     if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
-    return EventSourceResponse(self._frames(sub, render, event_name, until, keep, merge), ping=self.heartbeat_seconds, sep='\n',
+    return EventSourceResponse(self._frames(sub, render, event_name, until, keep, merge, last), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
                                send_timeout=self.send_timeout, shutdown_event=_EndOnShutdown(sub),
                                shutdown_grace_period=1.0)

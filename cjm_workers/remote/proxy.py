@@ -449,24 +449,21 @@ def _call(self:RemotePluginProxy, sync:bool=True):  # sync: for a blocking metho
         with self._calls_lock: self._calls.discard(call)
 RemotePluginProxy._call = _call
 
-_ABANDONED: set = set()  # the tasks cancelling abandoned calls (a reference each, until they end)
 
 @patch
-def _abandon(self:RemotePluginProxy, call:str, sync:bool=True # False: from a coroutine (the cancel is sent by a task)
+def _abandon(self:RemotePluginProxy, call:str, sync:bool=True # False: from a coroutine (the cancel is sent by a thread)
             )->None:
     """The caller gave up on `call` without its answer (a timeout, a cancelled task, a stream closed early): cancel it
     on the worker, where it may still run or wait for its turn, so that it does not run on for nobody. Best effort."""
     if self._client is None or self.process is None or self.process.poll() is not None: return
-    body = dumps_json({'calls': [call]})
-    if sync or (loop := _running_loop()) is None:  # (a blocking method called on an event loop's thread blocks it anyway)
-        try: self._client.post('/cancel', content=body, headers=_headers_for(body, None), timeout=self._timeout(2.0))
+    body, client = dumps_json({'calls': [call]}), self._client
+    def cancel():
+        try: client.post('/cancel', content=body, headers=_headers_for(body, None), timeout=self._timeout(2.0))
         except Exception as e: log.debug("worker %s: cancelling the abandoned call %s failed: %s", self.label, call, e)
-        return
-    async def cancel():
-        try: await self._arequest('POST', '/cancel', body, timeout=self._timeout(2.0))
-        except Exception as e: log.debug("worker %s: cancelling the abandoned call %s failed: %s", self.label, call, e)
-    t = loop.create_task(cancel())
-    _ABANDONED.add(t); t.add_done_callback(_ABANDONED.discard)
+    if sync: return cancel()  # (a blocking method called on an event loop's thread blocks it anyway)
+    # a coroutine must not block its loop; nor may the cancel wait for that loop, which may end at once (`asyncio.run`
+    # returning the timeout's error): the blocking client sends it from a thread
+    threading.Thread(target=cancel, name=f"cjm-remote-abandon-{call}", daemon=True).start()
 
 # %% ../../nbs/remote/proxy.ipynb #f14b66a1
 @patch
