@@ -46,9 +46,10 @@ class Subscription:
                  maxsize:int, # live events that may wait in the queue; one more and the subscriber is dropped
                  backlog:list, # events queued at once (a reset marker and the replay), beyond `maxsize`
                  reset:bool=False, # True when events after the requested id were lost
-                 wants:Optional[Callable[[SSEEvent], bool]]=None # asked as each event is published: False, and it is not queued here
+                 wants:Optional[Callable[[SSEEvent], bool]]=None, # asked as each event is published: False, and it is not queued here
+                 merge:Optional[Callable[[list], list]]=None # asked to shorten a full queue (e.g. `merge_chunks`) before the subscriber is dropped
                 ):
-        store_attr('broadcaster,job_id,reset,wants')
+        store_attr('broadcaster,job_id,reset,wants,merge')
         self.maxsize = maxsize + len(backlog)
         self.ended = self.dropped = self.closed = False  # closed: ended by the server (not by the reader or a slow read)
         self._q = deque(backlog)
@@ -93,6 +94,9 @@ def _wanted(self:Subscription, ev:SSEEvent)->bool:
 def _push(self:Subscription, ev:SSEEvent, here)->bool:
     "Queue `ev`; False (and the subscription ends, dropped) when the queue is full."
     if self.ended: return False
+    if len(self._q) >= self.maxsize and self.merge is not None:  # a burst of text: joined, it may fit
+        merged = self.merge(list(self._q))
+        self._q.clear(); self._q.extend(merged)
     if len(self._q) >= self.maxsize:
         self._end(here, dropped=True)
         return False
@@ -125,8 +129,9 @@ async def next_batch(self:Subscription, limit:Optional[int]=None # most events t
 def take(self:Subscription, limit:Optional[int]=None # most events to return (None: all queued)
         )->List[SSEEvent]: # the events queued now, oldest first (maybe none)
     "Events queued now, without waiting."
-    n = len(self._q) if limit is None else min(limit, len(self._q))
-    return [self._q.popleft() for _ in range(n)]
+    with self.broadcaster._lock:  # (a producer in another thread may be merging the queue)
+        n = len(self._q) if limit is None else min(limit, len(self._q))
+        return [self._q.popleft() for _ in range(n)]
 
 @patch
 def __aiter__(self:Subscription): return self
@@ -249,14 +254,15 @@ def _replay(self:SSEBroadcaster, job_id, last_event_id):
 def subscribe(self:SSEBroadcaster, job_id:Optional[str]=None, # only this job's events (None: all events)
               last_event_id:Optional[int]=None, # replay buffered events after this id (None: live events only)
               live:bool=True, # False: the replay only (the subscription has ended once it is read)
-              wants:Optional[Callable[[SSEEvent], bool]]=None # event -> bool, asked as each is published (and replayed): only those it takes are queued
+              wants:Optional[Callable[[SSEEvent], bool]]=None, # event -> bool, asked as each is published (and replayed): only those it takes are queued
+              merge:Optional[Callable[[list], list]]=None # events -> fewer events, asked when the queue is full (e.g. `merge_chunks`)
              )->Subscription:
     "A new subscription: replayed events (if asked for) and then live ones."
     if last_event_id is not None and (not isinstance(last_event_id, int) or isinstance(last_event_id, bool)):
         raise TypeError(f"last_event_id must be an int or None, got {last_event_id!r}")
     with self._lock:
         backlog, reset = self._replay(job_id, last_event_id)
-        sub = Subscription(self, job_id, self.max_queue_size, [], reset, wants)
+        sub = Subscription(self, job_id, self.max_queue_size, [], reset, wants, merge)
         sub._q.extend(ev for ev in backlog if ev.type == RESET or sub._wanted(ev))
         sub.maxsize = self.max_queue_size + len(sub._q)
         if self._closed or not live: sub.ended, sub.closed = True, self._closed
@@ -400,12 +406,12 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
            live:bool=True, # False: only what the client missed, then the end (204 when it missed nothing)
            keep:Optional[Callable]=None, # event -> bool (or an awaitable bool): events it rejects are not sent
            wants:Optional[Callable]=None, # event -> bool, asked as each event is published (quick, no I/O): others are never queued for this stream
-           merge:Optional[Callable]=None, # events -> events, for each write (e.g. `merge_chunks`: a job's consecutive text chunks as one)
+           merge:Optional[Callable]=None, # events -> events, for each write and for a full queue (e.g. `merge_chunks`: a job's consecutive text chunks as one)
           ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`, 204 for nothing to send)
     "An SSE response streaming this broadcaster's events from the client's last seen id."
     last, err = _last_event_id(request)
     if err: return PlainTextResponse(err, status_code=400)
-    sub = self.subscribe(job_id, last, live=live, wants=wants)
+    sub = self.subscribe(job_id, last, live=live, wants=wants, merge=merge)
     if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
     return EventSourceResponse(self._frames(sub, render, event_name, until, keep, merge, last), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
