@@ -424,7 +424,12 @@ class RayBackend:
     def prepare(self)->None:
         "Connect to Ray (blocking for up to `connect_timeout_seconds`: each worker's start thread calls it); a no-op once connected."
         import ray
-        if ray.is_initialized(): return
+        if ray.is_initialized():
+            from ray.util.client import ray as client
+            if client.is_connected():  # the app connected with `ray.init('ray://...')` itself
+                raise ValueError("Ray is connected through Ray Client (ray://), which cannot run cjm_workers' actors "
+                                 "(ray-project/ray#43357): run the app on a node of the cluster")
+            return
         self._check()  # (RAY_ADDRESS may have changed since)
         kw = {'include_dashboard': False, **self.init_kwargs}
         _connect(lambda: ray.init(address=self.address, **kw), ray.is_initialized, self.address, self.connect_timeout_seconds)

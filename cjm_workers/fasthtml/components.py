@@ -112,8 +112,10 @@ def JobOutcome(job:BaseJob, # the job
         if traceback and job.traceback: body += (Details(Summary('Traceback'), Pre(job.traceback, cls='job-traceback')),)
     elif job.status == 'cancelled':  # and what the plugin returned when it stopped, if anything (a stream's return value)
         body = (Span(job.reason or 'cancelled', cls='job-reason'),)
-        if job.result is not None and (said := _result_text(job.result)) and said != (job.output or ''):
-            body += (Pre(said, cls='job-result'),)
+        r = job.result
+        if isinstance(r, dict) and r.get('text') == (job.output or ''):  # (the worker adds the text streamed so far)
+            r = {k: v for k, v in r.items() if k != 'text' and v not in (None, {}, [], '')} or None
+        if r is not None and (said := _result_text(r)) and said != (job.output or ''): body += (Pre(said, cls='job-result'),)
     else: body = ()
     return Div(body, cls='job-outcome', id=dom_id(job.id, 'outcome'))
 

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
-import asyncio, inspect, json, logging, math, secrets
+import asyncio, inspect, json, logging, math, secrets, types, typing
 from collections import OrderedDict
 from urllib.parse import urlencode, urlsplit
 from dataclasses import asdict, fields as dataclass_fields, is_dataclass
@@ -14,7 +14,7 @@ from fasthtml.common import A, FT, H1, Main, NotStr, Title, to_xml
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 
-from ..stores.base import job_seq, matches, statuses, where_items
+from ..stores.base import job_seq, matches, statuses, value_kind, where_items
 from ..managers.base import NO_WORKER_ERROR, QueueFull
 from ..core.worker import _RESERVED
 from .sse import RESET, json_text, merge_chunks, sse_frame
@@ -602,6 +602,32 @@ async def detail_page(self:JobRoutes, request, job_id:str):
     return self.page(f"{job.plugin_name or job.plugin_id} job", A('← all jobs', href=self.prefix, cls='job-back'),
                      *await self.live_detail(job))
 
+def _annotated(cls, name:str)->Optional[type]:
+    "The plain type (str, int, float, bool) a job class annotates field `name` with, `Optional` or not; None for others."
+    try: tp = typing.get_type_hints(cls).get(name)
+    except Exception: return None
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
+    return tp if tp in (str, int, float, bool) else None
+
+def _scope_problem(job, scope:tuple)->Optional[str]:
+    "Why the request that made `job` could not see it (None: it can, also once the job is read back from a store)."
+    if not matches(job, scope):
+        return (f"the job was created without the field values of mount_job_routes(scope=...) ({dict(scope)}): "
+                "create_job gets them as keyword arguments and must set them as fields of the job")
+    return _scope_type_problem(job, scope)
+
+def _scope_type_problem(job, scope:tuple)->Optional[str]:
+    "Why a scope value cannot find the job it was set on once the job is read back from a store (None: it can)."
+    for k, v in scope:
+        tp = _annotated(type(job), k)
+        if tp is None or v is None or value_kind(v) == ('text' if tp is str else 'number'): continue
+        return (f"mount_job_routes(scope=...) gives {k}={v!r} (a {type(v).__name__}), but {type(job).__name__}.{k} is "
+                f"a {tp.__name__}: a store keeps it as one, and filters compare text only with text, numbers only with "
+                f"numbers (so that no two user ids are the same); make scope return a {tp.__name__}")
+    return None
+
 @patch
 async def start(self:JobRoutes, request):
     "POST {prefix}/start: start a job from the submitted fields."
@@ -619,7 +645,11 @@ async def start(self:JobRoutes, request):
             if k in kwargs and kwargs[k] != v: raise ValueError(f"{k} is set by the app for this request; leave it out")
             kwargs[k] = v
     except ValueError as e: return _error(request, str(e), 400)
-    try: job = await self.manager.start_job(plugin_id, **kwargs)
+    try:
+        if scope and (why := _scope_problem(self.manager.create_job(plugin_id, **kwargs), scope)):  # a trial job, not
+            log.error(why)                                                                           # started: none is
+            return _error(request, why, 500)                                                         # made to be wrong
+        job = await self.manager.start_job(plugin_id, **kwargs)
     except (TypeError, ValueError) as e:
         if isinstance(e, TypeError) and (names := [k for k, _ in scope if f"'{k}'" in str(e)]):  # the app's bug, not the client's
             why = (f"create_job does not take {', '.join(names)}, which mount_job_routes(scope=...) gives it for this "
@@ -629,10 +659,8 @@ async def start(self:JobRoutes, request):
         return _error(request, f"cannot create the job: {e}", 400)  # e.g. an unexpected argument
     except QueueFull as e: return _error(request, str(e), 503, {'Retry-After': '5'})  # (jobs leave the queue as they run)
     except RuntimeError as e: return _error(request, str(e), 503)
-    if scope and not matches(job, scope):  # its creator could not see it: stop it, and say what the app must change
-        await self.manager.cancel_job(job.id)
-        why = (f"the job was created without the field values of mount_job_routes(scope=...) ({dict(scope)}): create_job "
-               "gets them as keyword arguments and must set them as fields of the job")
+    if scope and (why := _scope_problem(job, scope)):  # (a create_job that made the trial job right but not this one)
+        await self.manager.cancel_job(job.id)            # its creator could not see it: stop it, say what to change
         log.error("%s; job %s cancelled", why, job.id)
         return _error(request, why, 500)
     after = self.broadcaster.last_id  # none of the job's events is broadcast yet (the manager's pump sends them later)

@@ -22,13 +22,14 @@ def _running_loop():
     except RuntimeError: return None
 
 # %% auto #0
-__all__ = ['log', 'RESET', 'DROPPED', 'CLOSED', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame', 'json_text',
-           'merge_chunks']
+__all__ = ['log', 'RESET', 'DROPPED', 'CLOSED', 'MAX_MERGES', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame',
+           'json_text', 'merge_chunks']
 
 # %% ../../nbs/fasthtml/sse.ipynb #bb966305
 RESET = 'reset'  # type of the marker that starts a subscription which could not replay everything it asked for
 DROPPED = 'dropped'  # type of the marker that ends a stream whose client read too slowly (its queue filled up)
 CLOSED = 'closed'  # type of the marker that ends a stream the server ended (shutting down, or the broadcaster closed)
+MAX_MERGES = 16  # a full queue is shortened by its `merge` at most this often between two reads; then its reader is dropped
 
 @dataclass
 class SSEEvent:
@@ -52,6 +53,7 @@ class Subscription:
         store_attr('broadcaster,job_id,reset,wants,merge')
         self.maxsize = maxsize + len(backlog)
         self.ended = self.dropped = self.closed = False  # closed: ended by the server (not by the reader or a slow read)
+        self._merges = 0  # times `merge` shortened the queue since the reader last took from it
         self._q = deque(backlog)
         self._waiter: Optional[asyncio.Future] = None
         self._loop = _running_loop()  # None: bound on the first read
@@ -94,9 +96,12 @@ def _wanted(self:Subscription, ev:SSEEvent)->bool:
 def _push(self:Subscription, ev:SSEEvent, here)->bool:
     "Queue `ev`; False (and the subscription ends, dropped) when the queue is full."
     if self.ended: return False
-    if len(self._q) >= self.maxsize and self.merge is not None:  # a burst of text: joined, it may fit
-        merged = self.merge(list(self._q))
-        self._q.clear(); self._q.extend(merged)
+    if len(self._q) >= self.maxsize and self.merge is not None and self._merges < MAX_MERGES:  # a burst of text:
+        self._merges += 1                                                                       # joined, it may fit
+        try: merged = self.merge(list(self._q))
+        except Exception:  # (a bug in a merge ends its own subscription, as a full queue would, and nobody else's)
+            log.exception("SSE subscription merge %r raised; the subscriber is dropped", self.merge)
+        else: self._q.clear(); self._q.extend(merged)
     if len(self._q) >= self.maxsize:
         self._end(here, dropped=True)
         return False
@@ -130,6 +135,7 @@ def take(self:Subscription, limit:Optional[int]=None # most events to return (No
         )->List[SSEEvent]: # the events queued now, oldest first (maybe none)
     "Events queued now, without waiting."
     with self.broadcaster._lock:  # (a producer in another thread may be merging the queue)
+        self._merges = 0
         n = len(self._q) if limit is None else min(limit, len(self._q))
         return [self._q.popleft() for _ in range(n)]
 

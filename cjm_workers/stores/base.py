@@ -12,7 +12,7 @@ from typing import Any, Iterable, List, Optional, Tuple, Union
 
 # %% auto #0
 __all__ = ['TERMINAL', 'UNFINISHED', 'STORAGE', 'JobStoreError', 'JobStoreLocked', 'statuses', 'cutoff', 'job_seq', 'where_items',
-           'candidates', 'same_value', 'matches', 'JobStore', 'MemoryJobStore']
+           'value_kind', 'same_value', 'matches', 'JobStore', 'MemoryJobStore']
 
 # %% ../../nbs/stores/base.ipynb #a3206aa1
 TERMINAL = ('completed', 'failed', 'cancelled')
@@ -63,44 +63,22 @@ def where_items(where:Optional[dict] # {field: value}: only jobs whose fields ha
 
 _MISSING = object()
 
-def _number_text(v)->str:
-    "A number's one text: '5' for 5 and True, '5.0' for 5.0 (`repr`)."
-    return repr(float(v)) if isinstance(v, float) else str(int(v))
+STORAGE = {'text': ('text',), 'number': ('integer', 'real')}  # a value's kind → the SQLite `typeof`s it matches
 
-STORAGE = {'text': ('text',), 'number': ('integer', 'real'), 'real': ('real',)}  # candidate kind → SQLite `typeof`s
-
-def candidates(v # a value asked for (`where_items` checked it; not None)
-              )->Tuple[Tuple[str, Any], ...]: # (kind, value) pairs; a kind names storage classes (`STORAGE`)
-    """The stored values that match `v`: `v` itself (a number as any number), the one text of a number (`'5'` for 5),
-    and the number a text is the one text of (5 for `'5'`, 5.0 for `'5.0'`, stored as a float; nothing for `'05'`,
-    `'+5'`, `' 5'` or `'５'`). So a filter never makes two different texts equal, as SQLite's numeric conversions
-    would (`'05' = 5` in an integer column), and `'5.0'` does not find the 5 of an integer field."""
-    if isinstance(v, str):
-        out = [('text', v)]
-        try:
-            if _number_text(n := int(v)) == v: out.append(('number', n))
-        except ValueError: pass
-        try:
-            if _number_text(f := float(v)) == v: out.append(('real', f))
-        except ValueError: pass
-        return tuple(out)
-    n = v if isinstance(v, float) else int(v)  # (a bool is stored as 0 or 1)
-    return (('number', n), ('text', _number_text(n)))
-
-def _kinds(x)->Tuple[str, ...]:
-    "The candidate kinds a plain value (not None) can match."
-    return ('text',) if isinstance(x, str) else ('number', 'real') if isinstance(x, float) else ('number',)
+def value_kind(v # a plain value, not None
+              )->str: # 'text' or 'number'
+    "What a value is compared as: text only with text, numbers (int, float, bool) only with numbers."
+    return 'text' if isinstance(v, str) else 'number'
 
 def same_value(x, # a job's field value (a plain value: str, int, float, bool or None)
                v # the value asked for (`where_items` checked it)
               )->bool:
-    """Whether a field holding `x` matches `v`: `x` is one of `v`'s `candidates` (the SQLite store asks the same in
-    SQL), or both are None. So a filter answers the same in every store, and whether a job was read back from a file
-    or not (a SQLite store gives a field back typed by the job class's annotation: `owner: str` set to 5 comes back
-    `'5'`, which still matches 5)."""
+    """Whether a field holding `x` matches `v`: text equal to text, a number equal to a number (5 and 5.0, 1 and
+    True), None to None; never text to a number, so that no two user ids are the same (`'05'`, `'5.0'`, `'+5'` and
+    5 are four). The SQLite store asks the same in SQL (`"owner" = ? AND typeof("owner") IN (...)`), where a column's
+    affinity alone would read `'05'` as 5."""
     if x is None or v is None: return x is None and v is None
-    kinds = _kinds(x)
-    return any(k in kinds and x == c for k, c in candidates(v))
+    return value_kind(x) == value_kind(v) and x == v
 
 def matches(job, where:Tuple[Tuple[str, Any], ...] # from `where_items`
            )->bool:

@@ -18,7 +18,7 @@ import apsw, psutil
 from fastcore.basics import patch
 from fastlite import Database
 
-from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq, where_items, matches, candidates, STORAGE
+from .base import JobStore, JobStoreError, JobStoreLocked, TERMINAL, UNFINISHED, statuses, cutoff, job_seq, where_items, matches, value_kind, STORAGE
 from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_process, check_file, _file_id, rollback, safe_repr,
                                               TAG, _PLAIN, _TAGGERS)
 
@@ -872,10 +872,9 @@ def _filter(self:SQLiteJobStore, st:Optional[tuple], w:tuple)->Tuple[str, tuple]
                                  "plain values (str, int, float, bool, None) can filter")
             if k not in cols: return '0', ()  # no stored job has the field
             if v is None: parts.append(f'"{k}" IS NULL'); continue
-            cs = candidates(v)  # exact, as `same_value` (a plain `= ?` would let SQLite read '05' as 5 in an integer column)
-            parts.append('(' + ' OR '.join(f'"{k}" = ? AND typeof("{k}") IN ({", ".join(repr(s) for s in STORAGE[kind])})'
-                                           for kind, _ in cs) + ')')
-            params += tuple(c for _, c in cs)
+            kinds = ', '.join(repr(s) for s in STORAGE[value_kind(v)])  # as `same_value` (a plain `= ?` would let
+            parts.append(f'"{k}" = ? AND typeof("{k}") IN ({kinds})')    # SQLite read '05' as 5 in an integer column)
+            params += (int(v) if isinstance(v, bool) else v,)
     return ' AND '.join(parts), params
 
 @patch
