@@ -911,11 +911,11 @@ class OwnedManager(ReferenceJobManager):
     def create_job(self, plugin_id, owner=None, **kw):
         return OwnedJob(id=uuid.uuid4().hex, plugin_id=plugin_id, params=kw, owner=owner)
 
-def scoped_app(db, scope=lambda request: {'owner': request.headers.get('x-user', '')}, **routes):
+def scoped_app(db, scope=lambda request: {'owner': request.headers.get('x-user', '')}, manager_cls=None, **routes):
     "An app whose users (the `x-user` header) each see their own jobs (`scope`), kept in a SQLite store indexed by owner."
     from cjm_workers.stores.sqlite import SQLiteJobStore
     bc = SSEBroadcaster(heartbeat_seconds=0)
-    mgr = OwnedManager(event_broadcaster=bc, worker_type='owned', job_store=SQLiteJobStore(db, index_fields=['owner']))
+    mgr = (manager_cls or OwnedManager)(event_broadcaster=bc, worker_type='owned', job_store=SQLiteJobStore(db, index_fields=['owner']))
     async def lifespan(app):
         await mgr.start()
         try: yield
@@ -1061,18 +1061,8 @@ def test_users_whose_ids_read_as_the_same_number_never_see_each_others_jobs(tmp_
     '05', '5.0', '+5' and '5e0' saw user '5's jobs in the list (SQLite's integer affinity reads '05' as 5, and stored
     user '05's job as 5). Such a scope is now refused at the start (500), and a store filter never compares text with
     a number; with the ids made numbers by the app, each number is one user, before and after a restart."""
-    from cjm_workers.stores.sqlite import SQLiteJobStore
     db = tmp_path / 'j.db'
-    def app_(scope):
-        bc = SSEBroadcaster(heartbeat_seconds=0)
-        mgr = IntOwnedManager(event_broadcaster=bc, worker_type='ids', job_store=SQLiteJobStore(db, index_fields=['owner']))
-        async def lifespan(app):
-            await mgr.start()
-            try: yield
-            finally: bc.close(); await mgr.ashutdown()
-        app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
-        mount_job_routes(app, mgr, bc, prefix='/jobs', scope=scope)
-        return app, mgr
+    app_ = lambda scope: scoped_app(db, scope=scope, manager_cls=IntOwnedManager)[:2]
     J = lambda user: {'x-user': user, 'accept': 'application/json'}
     app, mgr = app_(lambda request: {'owner': request.headers.get('x-user', '')})  # text for an int field
     with TestClient(app) as cli:
