@@ -4,7 +4,7 @@
 
 # %% ../../nbs/stores/base.ipynb #8a9578b5
 from __future__ import annotations
-import math, re, threading
+import math, threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
