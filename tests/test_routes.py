@@ -1079,3 +1079,36 @@ def test_users_whose_ids_read_as_the_same_number_never_see_each_others_jobs(tmp_
             assert [j['id'] for j in cli.get('/jobs', headers=J('5')).json()] == [jid]
             assert cli.get(f'/jobs/{jid}', headers=J('6')).status_code == 404 and cli.get('/jobs', headers=J('6')).json() == []
             assert mgr.get_all_jobs(where={'owner': '5'}) == [] and len(mgr.get_all_jobs(where={'owner': 5})) == 1
+
+class ExplicitManager(ReferenceJobManager):
+    "A `create_job` naming its parameters, with the owner's type taken from `job_cls`."
+    job_cls = OwnedJob
+    def create_job(self, plugin_id, owner=None, text=''):
+        return self.job_cls(id=uuid.uuid4().hex, plugin_id=plugin_id, params={'text': text}, owner=owner)
+
+
+def test_the_scope_check_passes_scheduling_options_by_and_reads_annotations_as_the_store_does(tmp_path):
+    """Final review of the trial job: it passed an allowed `priority` to `create_job` (a 400, "unexpected keyword
+    argument 'priority'", where the start had worked); it skipped the type check when `typing.get_type_hints` failed
+    (a name only a type checker imports), so text reached an int field and SQLite stored user '05' as 5; and it took
+    an int for a bool field (stored as True: user 1's)."""
+    from _h_jobs import HintedJob
+    from dataclasses import make_dataclass
+    J = lambda user: {'x-user': user, 'accept': 'application/json'}
+    start_ = lambda cli, who, **p: cli.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'text': 'x', **p}}, headers=J(who))
+    class Explicit(ExplicitManager): job_cls = OwnedJob
+    app, mgr, r = scoped_app(tmp_path / 'a.db', manager_cls=Explicit, scheduling={'priority': (0, 10)})
+    with TestClient(app) as cli:
+        r = start_(cli, 'alice', priority=3)
+        assert r.status_code == 201 and mgr.get_job(r.json()['id']).priority == 3, r.text
+    class Hinted(ExplicitManager): job_cls = HintedJob
+    app, mgr, r = scoped_app(tmp_path / 'b.db', manager_cls=Hinted)  # text for an int field the hints hide
+    with TestClient(app) as cli:
+        r = start_(cli, '05')
+        assert r.status_code == 500 and 'HintedJob.owner is a int' in r.json()['error'] and mgr.get_all_jobs() == [], r.text
+    BoolJob = make_dataclass('BoolJob', [('owner', Optional[bool], None)], bases=(ReferenceJob,))
+    class Flagged(ExplicitManager): job_cls = BoolJob
+    app, mgr, r = scoped_app(tmp_path / 'c.db', manager_cls=Flagged, scope=lambda request: {'owner': int(request.headers['x-user'])})
+    with TestClient(app) as cli:
+        r = start_(cli, '5')
+        assert r.status_code == 500 and 'BoolJob.owner is a bool' in r.json()['error'] and mgr.get_all_jobs() == [], r.text

@@ -14,7 +14,7 @@ from fasthtml.common import A, FT, H1, Main, NotStr, Title, to_xml
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 
-from ..stores.base import job_seq, matches, statuses, value_kind, where_items
+from ..stores.base import job_seq, matches, statuses, where_items
 from ..managers.base import NO_WORKER_ERROR, QueueFull
 from ..core.worker import _RESERVED
 from .sse import RESET, json_text, merge_chunks, sse_frame
@@ -602,14 +602,23 @@ async def detail_page(self:JobRoutes, request, job_id:str):
     return self.page(f"{job.plugin_name or job.plugin_id} job", A('← all jobs', href=self.prefix, cls='job-back'),
                      *await self.live_detail(job))
 
+_PLAIN = {'str': str, 'int': int, 'float': float, 'bool': bool}
+
 def _annotated(cls, name:str)->Optional[type]:
-    "The plain type (str, int, float, bool) a job class annotates field `name` with, `Optional` or not; None for others."
+    """The plain type (str, int, float, bool) a job class annotates field `name` with, `Optional` or not, read as the
+    SQLite store reads it (its column's type); None for others."""
+    from cjm_workers.stores.sqlite import _kind  # (imported here: the routes do not need SQLite otherwise)
     try: tp = typing.get_type_hints(cls).get(name)
-    except Exception: return None
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0] if len(args) == 1 else None
-    return tp if tp in (str, int, float, bool) else None
+    except Exception:  # (names only a type checker imports): the annotation's text, as the store falls back to
+        tp = next((f.type for f in dataclass_fields(cls) if f.name == name), None) if is_dataclass(cls) else None
+    return None if tp is None else _PLAIN.get(_kind(tp))
+
+def _of_type(v, tp:type)->bool:
+    "Is `v` what a field of plain type `tp` holds (a bool only for a bool, an int for an int, any number for a float)?"
+    if tp is str: return isinstance(v, str)
+    if tp is bool: return isinstance(v, bool)
+    if isinstance(v, bool): return False
+    return isinstance(v, int) if tp is int else isinstance(v, (int, float))
 
 def _scope_problem(job, scope:tuple)->Optional[str]:
     "Why the request that made `job` could not see it (None: it can, also once the job is read back from a store)."
@@ -622,7 +631,7 @@ def _scope_type_problem(job, scope:tuple)->Optional[str]:
     "Why a scope value cannot find the job it was set on once the job is read back from a store (None: it can)."
     for k, v in scope:
         tp = _annotated(type(job), k)
-        if tp is None or v is None or value_kind(v) == ('text' if tp is str else 'number'): continue
+        if tp is None or v is None or _of_type(v, tp): continue
         return (f"mount_job_routes(scope=...) gives {k}={v!r} (a {type(v).__name__}), but {type(job).__name__}.{k} is "
                 f"a {tp.__name__}: a store keeps it as one, and filters compare text only with text, numbers only with "
                 f"numbers (so that no two user ids are the same); make scope return a {tp.__name__}")
@@ -646,7 +655,8 @@ async def start(self:JobRoutes, request):
             kwargs[k] = v
     except ValueError as e: return _error(request, str(e), 400)
     try:
-        if scope and (why := _scope_problem(self.manager.create_job(plugin_id, **kwargs), scope)):  # a trial job, not
+        trial = {k: v for k, v in kwargs.items() if k not in SCHEDULING_OPTIONS}  # (start_job's own: not create_job's)
+        if scope and (why := _scope_problem(self.manager.create_job(plugin_id, **trial), scope)):  # a trial job, not
             log.error(why)                                                                           # started: none is
             return _error(request, why, 500)                                                         # made to be wrong
         job = await self.manager.start_job(plugin_id, **kwargs)
