@@ -655,8 +655,8 @@ async def start(self:JobRoutes, request):
             kwargs[k] = v
     except ValueError as e: return _error(request, str(e), 400)
     try:
-        trial = {k: v for k, v in kwargs.items() if k not in SCHEDULING_OPTIONS}  # (start_job's own: not create_job's)
-        if scope and (why := _scope_problem(self.manager.create_job(plugin_id, **trial), scope)):  # a trial job, not
+        trial = lambda: self.manager.create_job(plugin_id, **{k: v for k, v in kwargs.items() if k not in SCHEDULING_OPTIONS})
+        if scope and (why := _scope_problem(trial(), scope)):  # a trial job (without start_job's own options), not
             log.error(why)                                                                           # started: none is
             return _error(request, why, 500)                                                         # made to be wrong
         job = await self.manager.start_job(plugin_id, **kwargs)
