@@ -788,6 +788,37 @@ async def test_a_stream_closed_early_is_cancelled_on_the_worker(tmp_path):
                      'start async', 'stopped async JobCancelledError', 'start after2', 'done after2'], lines  # next yield)
 
 
+DROPPED_STREAMS = """
+import asyncio, gc, logging, sys
+logging.basicConfig()
+from cjm_workers.remote.proxy import RemotePluginProxy
+KEEP = []
+async def main(p):
+    s = p.aexecute_stream(tag='timed', n=5, gap=2)
+    await s.__anext__()
+    try: await asyncio.wait_for(s.__anext__(), 0.3)  # times out: the stream is left mid-item
+    except asyncio.TimeoutError: pass
+    del s; gc.collect(); await asyncio.sleep(0.5)
+    s = p.aexecute_stream(tag='kept', n=5, gap=2)
+    async for item in s: break
+    KEEP.append(s)  # still open when the loop ends: asyncio.run closes it
+with RemotePluginProxy('_r_plugins', 'Gate', cwd=sys.argv[1], env={'PYTHONPATH': sys.argv[1], 'R_JOURNAL': sys.argv[2]}) as p:
+    asyncio.run(main(p))
+"""
+
+def test_an_async_stream_dropped_without_aclose_is_cancelled_quietly(tmp_path):
+    """Last session's leftover: a `RemoteStream` dropped unclosed (after a timed-out `anext`, or still open when its
+    loop ends) was cancelled on the worker, but asyncio logged "Task exception was never retrieved ... already
+    running" or "error occurred during closing of asynchronous generator" (httpx's stream context manager)."""
+    journal = tmp_path / 'journal'
+    r = subprocess.run([sys.executable, '-c', DROPPED_STREAMS, TESTS, str(journal)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'Traceback' not in r.stderr and 'never retrieved' not in r.stderr, r.stderr
+    assert journal.read_text().split('\n')[:-1] == ['start timed', 'stopped timed JobCancelledError',
+                                                     'start kept', 'stopped kept JobCancelledError']
+
+
 def test_an_async_call_that_times_out_is_cancelled_even_if_its_event_loop_ends_at_once(tmp_path):
     """Review of the day's fix: an async call's cancel was sent by a task of its event loop, which never ran when the
     loop ended with the timeout's error (`asyncio.run` returning): the call queued behind a stream ran later, for nobody."""

@@ -662,7 +662,10 @@ async def _astream(self:RemotePluginProxy, out:RemoteStream, args:tuple, kwargs:
     with self._call(sync=False) as call:
         try:
             body = self._body(args, kwargs)
-            async with (await self._aclient()).stream('POST', '/execute_stream', content=body, headers=_stream_headers(body, call)) as r:
+            client = await self._aclient()  # (no `async with client.stream()`: a stream dropped unclosed made
+            r = await client.send(client.build_request(  # its context manager's generator log errors as it closed)
+                'POST', '/execute_stream', content=body, headers=_stream_headers(body, call)), stream=True)
+            try:
                 if r.status_code >= 400:
                     await r.aread(); self._decode(r)
                 framed = r.headers.get(STREAM_RETURN_HEADER) == '1'
@@ -671,6 +674,7 @@ async def _astream(self:RemotePluginProxy, out:RemoteStream, args:tuple, kwargs:
                     item = self._stream_item(line, framed)
                     if isinstance(item, _Return): out.value = item.value
                     else: yield item
+            finally: await r.aclose()
         except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
 
 @patch
