@@ -273,6 +273,27 @@ def test_stop_kills_the_whole_tree_even_mid_call():
     p.stop()  # idempotent
 
 
+def test_health_says_a_run_ignores_its_cancel():
+    """Last session's leftover: a plugin that ignores cancels kept `/health` at a plain ok while later calls timed out.
+    `/health` now says a run is in progress, for how long, and since when it was told to cancel."""
+    with RemotePluginProxy('cjm_workers.testing', 'SlowPlugin', stop_timeout=1.0) as p, ThreadPoolExecutor(1) as pool:
+        idle = p.health()
+        assert (idle['status'], idle['running'], idle['run_seconds'], idle['cancel_pending_seconds']) == ('ok', False, None, None)
+        prog = p.get_progress()
+        fut = pool.submit(p.execute, seconds=30, ignore_cancel=True)
+        while not prog['running']: prog = p.get_progress(since=prog['seq'], wait=5)
+        busy = p.health()
+        assert busy['running'] and busy['run_seconds'] >= 0 and busy['cancel_pending_seconds'] is None, busy
+        p.cancel()
+        time.sleep(0.3)
+        stuck = p.health()
+        assert stuck['running'] and 0.3 <= stuck['cancel_pending_seconds'] <= stuck['run_seconds'], stuck
+        p.cancel()  # a second cancel does not restart the count
+        assert p.health()['cancel_pending_seconds'] >= stuck['cancel_pending_seconds']
+        p.stop()
+        with pytest.raises(RemoteWorkerError): fut.result(10)
+
+
 TESTS = str(Path(__file__).parent)
 
 

@@ -102,7 +102,8 @@ def test_ready_line_health_and_process_group(workers):
         assert w.info['pid'] == w.proc.pid and w.info['port'] > 0 and w.info['host'] == '127.0.0.1'
         with w.client() as c: h = c.get('/health').json()
         assert h == {'status': 'ok', 'pid': w.proc.pid, 'name': names[key],
-                     'version': '0.1' if key in ('flaky', 'slowload') else '1.0.0'}
+                     'version': '0.1' if key in ('flaky', 'slowload') else '1.0.0',
+                     'running': False, 'run_seconds': None, 'cancel_pending_seconds': None}
         assert os.getpgid(w.proc.pid) == w.proc.pid  # a group leader: a proxy can kill its whole tree
     assert len({w.info['port'] for w in workers.values()}) == len(workers)
 

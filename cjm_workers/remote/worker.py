@@ -161,6 +161,7 @@ class PluginHost:
         self.init_ctx: Optional[JobContext] = None  # the `initialize` in progress
         self.cancelled_calls: OrderedDict = OrderedDict()  # ids of named calls cancelled before they began
         self.run_started = 0.0
+        self.cancel_sent: Optional[float] = None  # when the run in progress was first told to cancel (monotonic)
         self.executions = 0
         self._progress: Tuple[float, Optional[float], str] = (0.0, None, '')  # (monotonic time, progress, message)
         self.proc = psutil.Process()
@@ -208,7 +209,7 @@ def _begin(self:PluginHost, call:Optional[str]=None, # the call's id (`X-Call-Id
     with self._state:
         if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
         self._was_cancelled(ctx, call)
-        self.ctx, self.run_started, self._progress = ctx, time.monotonic(), (0.0, None, '')
+        self.ctx, self.run_started, self._progress, self.cancel_sent = ctx, time.monotonic(), (0.0, None, ''), None
         self._bump()
         _core.set_current_job(ctx)  # as in cjm_workers' worker process: report_progress / check_cancelled see this run
     return ctx
@@ -216,7 +217,7 @@ def _begin(self:PluginHost, call:Optional[str]=None, # the call's id (`X-Call-Id
 @patch
 def _end(self:PluginHost, ctx:JobContext)->None:
     with self._state:
-        if self.ctx is ctx: self.ctx = None
+        if self.ctx is ctx: self.ctx, self.cancel_sent = None, None
         if _core.current_job() is ctx: _core.set_current_job(None)
         self.executions += 1
         self._bump()
@@ -269,6 +270,7 @@ def cancel(self:PluginHost,
         now = [c for c in (self.ctx, self.init_ctx) if c is not None]
         hit = [c for c in now if calls is None or c.call in calls]
         for c in hit: c.cancel()
+        if self.ctx in hit and self.cancel_sent is None: self.cancel_sent = time.monotonic()
         later = [] if calls is None else [c for c in dict.fromkeys(calls) if c not in {h.call for h in hit}]
         for c in later:
             self.cancelled_calls[c] = True
@@ -445,6 +447,19 @@ def stats(self:PluginHost)->dict:
             'uptime_seconds': round(time.time() - p.create_time(), 3), 'running': self.running,
             'executions': self.executions}
 
+@patch
+def health(self:PluginHost)->dict:
+    """`/health`: the process answers (`status` ok), and what it is doing: `running`, `run_seconds` (how long the run
+    in progress has taken), `cancel_pending_seconds` (how long ago that run was told to cancel; None if it was not).
+    A plugin that ignores cancels keeps the worker busy, and later calls time out: a supervisor that restarts such a
+    worker watches `cancel_pending_seconds` grow."""
+    now = time.monotonic()
+    with self._state:
+        running, started, sent = self.ctx is not None, self.run_started, self.cancel_sent
+    return {'status': 'ok', 'pid': os.getpid(), 'name': self.name, 'version': self.version, 'running': running,
+            'run_seconds': round(now - started, 3) if running else None,
+            'cancel_pending_seconds': round(now - sent, 3) if running and sent is not None else None}
+
 # %% ../../nbs/remote/worker.ipynb #4e693d64
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 MAX_PROGRESS_WAIT = 30.0  # longest `/progress?wait=` long poll, in seconds
@@ -607,8 +622,7 @@ def create_app(module_name:str, # module to import the plugin class from
             return _json_response(body, status)
         return run
 
-    async def health(request):
-        return _json_response({'status': 'ok', 'pid': os.getpid(), 'name': host.name, 'version': host.version})
+    async def health(request): return _json_response(host.health())
     async def stats(request): return _json_response(host.stats())
     async def initialize(request):
         body = await _read_json(request, max_body_bytes)
