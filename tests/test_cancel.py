@@ -59,6 +59,24 @@ async def test_cancel_pending_jobs_in_manager_queue_and_in_worker(make_manager):
     assert stats['jobs_done'] == 1 + len(others)
 
 
+async def test_cancelling_a_job_sent_ahead_never_kills_the_worker_running_another(make_manager):
+    """Race review (2026-12-07): a job sent ahead got a kill deadline as a running one does; when it passed before the
+    worker's answer came (at once with `cancel_grace_seconds=0`; after the grace period when the running job held the
+    GIL), the worker was killed and the job it was running failed. Only the running job's deadline kills now."""
+    mgr = make_manager(dict(prefetch=4, prefetch_max_job_seconds=None, cancel_grace_seconds=0))
+    await mgr.start(wait=True)
+    pid0 = worker_pid(mgr)
+    for i in range(5):
+        running = await mgr.start_job('slow', seconds=0.5)
+        await wait_until(lambda: running.status == 'running', 30)
+        ahead = await mgr.start_job('echo', text=f"ahead {i}")
+        assert await mgr.cancel_job(ahead.id) is True
+        assert (ahead.status, ahead.reason) == ('cancelled', 'cancelled before it started')
+        done = await mgr.wait_for_job(running.id, timeout=30)
+        assert done.status == 'completed', (i, done.status, done.reason)
+    assert worker_pid(mgr) == pid0 and mgr.get_worker_stats()[0]['restarts'] == 0
+
+
 async def test_cooperative_cancel_of_running_job_keeps_worker(make_manager):
     mgr = make_manager(dict(cancel_grace_seconds=20.0))  # a hard kill would show as a changed pid (and take 20 s)
     await mgr.start(wait=True)

@@ -212,6 +212,23 @@ async def test_timeouts_count_as_failures_for_retries(mk):
     assert [a['reason'] for a in job.attempt_log] == ['timeout', 'timeout']
 
 
+async def test_a_timeout_that_meets_the_runs_own_failure_never_strands_or_cancels_the_retry(mk):
+    """Race review (2026-12-07): when a job's timeout fired just as its run failed, the worker left a tombstone for
+    the job and the retry, sent to the same worker, was skipped silently (the job and every later one stayed
+    `pending`), or the late cancel's answer was taken for the retry's end (`cancelled before it started`, though
+    nobody cancelled it). Runs whose failure lands within milliseconds of their time limit, many times over."""
+    mgr = mk()
+    T0 = 0.04
+    for i in range(40):
+        d = (i % 7 - 3) / 1000  # -3 to +3 ms around the limit
+        job = await mgr.start_job('echo', text='x', sleep=T0 + d, fail='boom', timeout_seconds=T0, max_retries=1,
+                                  retry_backoff_seconds=0)
+        job = await mgr.wait_for_job(job.id, timeout=10)  # (stranded: a TimeoutError)
+        assert job.status == 'failed' and job.reason in ('timeout', 'ValueError: boom'), (i, job.status, job.reason)
+        assert job.attempts == 2, (i, job.attempts, job.attempt_log)
+    assert (await mgr.wait_for_job((await mgr.start_job('echo', text='after')).id, timeout=10)).status == 'completed'
+
+
 async def test_a_retrys_backoff_is_kept_across_a_restart(mk, tmp_path):
     """UAT note: a job waiting out its retry backoff when the app shut down ran at once after the next start. It waits
     for the rest of its backoff now; a run stopped by the shutdown itself runs again at once."""

@@ -86,6 +86,35 @@ def test_a_cancel_of_a_job_queued_behind_a_long_one_is_answered_at_once_and_the_
     assert resp.get(timeout=10)['data']['jobs_done'] == 2  # 'long' and 'next': the skipped job never ran
 
 
+def test_a_cancel_naming_a_run_that_has_ended_does_not_skip_or_stop_the_jobs_retry(by_hand):
+    """Race review (2026-12-07): a timeout's cancel that met the run's own failure left a tombstone for the job id; the
+    manager retried the job on the same worker, which skipped the retry without a word (the job stayed `pending` for
+    good), or stopped it if it had started. A cancel now names its run (`attempt`): only that run is skipped, and its
+    answer names the run too, so the manager can ignore it."""
+    p, req, res, resp = by_hand()
+    assert res.get(timeout=60)['type'] == 'ready'
+    req.put({'type': 'execute', 'job_id': 'j', 'plugin_name': 'echo', 'text': 'first'})
+    msgs = read_until(res, lambda ms: results_of(ms, 'j'))
+    assert results_of(msgs, 'j')[0]['status'] == 'success'
+    req.control.put({'type': 'cancel', 'job_id': 'j', 'attempt': 1})  # late: run 1 has ended
+    answer = res.get(timeout=10)
+    assert answer == {'type': 'result', 'job_id': 'j', 'status': 'cancelled', 'data': None, 'error': None,
+                      'traceback': None, 'started': False, 'attempt': 1}, answer
+    req.put({'type': 'execute', 'job_id': 'j', 'plugin_name': 'echo', 'text': 'retry', '_cjm_attempt': 2})
+    msgs = read_until(res, lambda ms: results_of(ms, 'j'))
+    assert [(m['type'], m.get('status')) for m in msgs] == [('started', None), ('result', 'success')], msgs
+    assert results_of(msgs, 'j')[0]['data']['text'] == 'retry'
+    # a late cancel of run 1 while run 2 runs leaves run 2 alone; a cancel of run 2 (or of any run) stops it
+    req.put({'type': 'execute', 'job_id': 'k', 'plugin_name': 'slow', 'seconds': 30, '_cjm_attempt': 2})
+    assert res.get(timeout=10) == {'type': 'started', 'job_id': 'k', 'pid': p.pid}
+    req.control.put({'type': 'cancel', 'job_id': 'k', 'attempt': 1})
+    assert res.get(timeout=10)['attempt'] == 1  # answered as a run that is not running here
+    with pytest.raises(queue.Empty): res.get(timeout=0.5)  # and run 2 runs on
+    req.control.put({'type': 'cancel', 'job_id': 'k', 'attempt': 2})
+    msgs = read_until(res, lambda ms: results_of(ms, 'k'))
+    assert [m['status'] for m in results_of(msgs, 'k')] == ['cancelled']
+
+
 def test_an_in_band_cancel_on_plain_queues_is_answered_once(by_hand):
     "Plain `multiprocessing.Queue`s (no control pipe): the main thread handles the cancel itself, with the same code."
     p, req, res, resp = by_hand(reference_worker, plain=True)

@@ -146,7 +146,7 @@ class _Worker:
         self.supports_streaming = supports_streaming
         self.lock = threading.Lock()  # guards ctx, tombstones, withdrawn, stopping
         self.ctx: Optional[JobContext] = None  # the running job
-        self.tombstones: OrderedDict = OrderedDict()  # jobs cancelled before they started
+        self.tombstones: OrderedDict = OrderedDict()  # (job id, run or None) of jobs cancelled before they started
         self.withdrawn: OrderedDict = OrderedDict()  # request ids of commands the manager stopped waiting for
         self.stopping = False
         self.unsent = None  # the job whose result the main thread holds back (not written yet): a cancel of it is not answered
@@ -181,6 +181,11 @@ def _more_waiting(q)->bool:
 # %% ../../nbs/core/worker.ipynb #d88727ee
 from fastcore.basics import patch
 
+def _run_named(msg:dict)->Optional[int]:
+    "The run of its job a cancel names (`attempt`: 1, or 2 and up for a retry), or None: whichever run it meets."
+    a = msg.get('attempt')
+    return a if isinstance(a, int) and not isinstance(a, bool) and a >= 1 else None
+
 def _remember(ids:OrderedDict, key, limit:int=4096):
     "Add `key` to a bounded set (the oldest entries go first)."
     ids[key] = True
@@ -211,11 +216,13 @@ def _control(self:_Worker, msg:dict):
         elif t == 'forget_starts' and isinstance(msg.get('upto'), int): self.forget_upto = max(self.forget_upto, msg['upto'])
         elif t != 'cancel' or (jid := msg.get('job_id')) is None:
             log.warning("worker %d: ignoring control message %r (neither a stop nor a cancel of a job or command)", os.getpid(), msg)
-        elif self.ctx is not None and self.ctx.job_id == jid: hit = self.ctx
-        elif jid != self.unsent and jid not in self.tombstones:  # not started: skipped by the main thread, answered now
-            _remember(self.tombstones, jid)
+        elif self.ctx is not None and self.ctx.job_id == jid and _run_named(msg) in (None, self.ctx.attempt):
+            hit = self.ctx  # (a cancel naming another run of the job, one that has ended, must not stop this one)
+        elif jid != self.unsent and (key := (jid, _run_named(msg))) not in self.tombstones:  # not started: skipped by the
+            _remember(self.tombstones, key)  # main thread (that run, or any run if the cancel names none), answered now
             answer = {'type': 'result', 'job_id': jid, 'status': 'cancelled', 'data': None, 'error': None,
                       'traceback': None, 'started': False}
+            if key[1] is not None: answer['attempt'] = key[1]  # the manager ignores an answer meant for an earlier run
     if answer is not None: self._send(answer)
     if hit is not None:
         hit.cancel()
@@ -314,8 +321,9 @@ def _loop(self:_Worker):
         if t == 'execute':
             jid = req.get('job_id')
             with self.lock:
-                skip = self.stopping or self.tombstones.pop(jid, None)
-                if not skip: self.ctx = ctx = JobContext(jid, req.get('plugin_name'), self._send, _attempt_of(req))
+                attempt = _attempt_of(req)
+                skip = self.stopping or self.tombstones.pop((jid, attempt), None) or self.tombstones.pop((jid, None), None)
+                if not skip: self.ctx = ctx = JobContext(jid, req.get('plugin_name'), self._send, attempt)
             if skip: continue  # cancelled before it started (the control thread answered), or the worker is stopping
             started = {'type': 'started', 'job_id': jid, 'pid': os.getpid()}
             if self.start_log is not None: started['n'] = self.start_n + 1

@@ -636,12 +636,24 @@ def _safe_resource_call(self:BaseJobManager, method:str, *args, **kwargs):
     except Exception: log.exception("resource manager %s%r raised", method, args)
 
 # %% ../../nbs/managers/base.ipynb #2c68f8f4
+def _run_of(job)->int:
+    "Which run of `job` a worker holds: the one running, else the next one (1, or 2 and up for a retry)."
+    return job.attempts if job.status == 'running' else job.attempts + 1
+
+def _cancel_msg(jid:str, job)->dict:
+    "The cancel of the run of a job that a worker holds (any run, if the job is unknown)."
+    return {'type': 'cancel', 'job_id': jid} if job is None else {'type': 'cancel', 'job_id': jid, 'attempt': _run_of(job)}
+
 @patch
 def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
     "Handle a job result from the worker."
     jid = msg.get('job_id')
     if jid not in slot.inflight:  # a second answer (a cancel's verdict sent after the result): the first one decided
         log.debug("%s worker %d: ignored a second answer for job %r", self.worker_type, slot.index, jid)
+        return
+    if (run := msg.get('attempt')) is not None and (job := self.jobs.get(jid)) is not None and run != _run_of(job):
+        log.debug("%s worker %d: ignored the answer to a cancel of run %r of job %r, which had ended: its retry is out",
+                  self.worker_type, slot.index, run, jid)  # (a timeout's cancel that met the run's own failure)
         return
     del slot.inflight[jid]
     asked = slot.cancel_deadlines.pop(jid, None) is not None  # a cancel was requested (by the app, or a timeout)
@@ -748,6 +760,10 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
     if job is None or job.is_terminal:  # cancelled while it was on its way: make sure it stops
         self._note_deadline(slot.cancel_deadlines.setdefault(jid, time.monotonic() + self.worker_config.cancel_grace_seconds))
         return
+    if (d := slot.cancel_deadlines.get(jid)) is not None:  # cancelled while it was sent ahead, and it started before the
+        slot.cancel_deadlines[jid] = d = max(d, time.monotonic() + self.worker_config.cancel_grace_seconds)  # worker read
+        self._note_deadline(d)  # the cancel: its grace period counts from now (the deadline of a job that has not
+                                # started kills nothing: see `_run_timers`)
     job.status, job.started_at, job.worker_pid = 'running', _now(), slot.pid
     job.attempts += 1
     slot.run_t0 = time.monotonic()
@@ -1317,13 +1333,14 @@ def _run_timers(self:BaseJobManager):
                 self._timed_out.add(jid)
                 log.warning("%s job %s ran out of time: cancelling it", self.worker_type, jid)
                 s.cancel_deadlines[jid] = now + cfg.cancel_grace_seconds
-                self._outbox.append((s, [{'type': 'cancel', 'job_id': jid}], True, s.gen))
+                job = self.jobs.get(jid)
+                self._outbox.append((s, [_cancel_msg(jid, job)], True, s.gen))
         if s.alive and s.killed_at is not None:  # killed, its end not seen yet
             if now >= s.killed_at + _KILL_WAIT_SECONDS:
                 log.warning("%s worker %d (pid %s) has not ended %ss after SIGKILL (stuck in the kernel?): handled as ended",
                             self.worker_type, s.index, s.pid, _KILL_WAIT_SECONDS)
                 self._handle_worker_error(s)
-        elif s.alive and any(d <= now for d in s.cancel_deadlines.values()): self._kill(s, 'cancel')
+        elif s.alive and (d := s.cancel_deadlines.get(s.running)) is not None and d <= now: self._kill(s, 'cancel')
         elif s.alive and s.start_deadline is not None and s.start_deadline <= now and s.state == 'starting':
             self._kill(s, 'start_timeout')
         elif s.alive and s.stop_deadline is not None and s.stop_deadline <= now: self._kill(s)  # a recycled worker that did not exit
@@ -1701,7 +1718,7 @@ async def cancel_job(self:BaseJobManager,
         else:  # a cancel is already under way; if a timeout's, the app's cancel decides the outcome from now on
             if slot is not None: self._timed_out.discard(job_id)
             slot = None
-    if slot is not None: _send([(slot, [{'type': 'cancel', 'job_id': job_id}])], control=True)
+    if slot is not None: _send([(slot, [_cancel_msg(job_id, job)])], control=True)
     self._wake()
     self._flush()
     return (await self.wait_for_job(job_id)).status == 'cancelled'
