@@ -112,6 +112,31 @@ def fill(path: Path):
     finally: os.close(fd)
 
 
+async def test_a_waiter_added_later_never_releases_an_earlier_waiter_before_its_job_is_written(mk, tmp_path):
+    """Race review (2026-12-07): `wait_for_job` promises a finished job only once its final state is written. A waiter
+    added for a job that had finished earlier went to the end of the list with its older ticket, and the manager,
+    seeing that last entry written, released every waiter, including one whose job's state was still unwritten."""
+    db = tmp_path / 'jobs.db'
+    store = SQLiteJobStore(db, commit_interval=0.5, busy_timeout=20)
+    mgr = mk(store, config=dict(max_workers=2, prefetch=1))
+    await mgr.start(wait=True)
+    await asyncio.to_thread(store.flush, 5)
+    a = await mgr.start_job('echo', text='A', sleep=0.8)
+    wa = asyncio.ensure_future(mgr.wait_for_job(a.id))  # waits for A from before A ends
+    b = await mgr.start_job('echo', text='B')
+    await wait_until(lambda: b.status == 'completed', T)  # B's final state waits for the next batch...
+    lock = Locker(db)  # ...which another process's write lock holds up
+    try:
+        await wait_until(lambda: a.status == 'completed', T)  # A finishes after B: a newer ticket
+        wb = asyncio.ensure_future(mgr.wait_for_job(b.id))  # added after A's waiter, with B's older ticket
+        await asyncio.sleep(0.05)
+        assert not wa.done() and not wb.done() and store.committed < b._ticket < a._ticket
+    finally: lock.release()
+    await wb
+    assert store.committed >= b._ticket
+    assert (await wa) is a and store.committed >= a._ticket, (store.committed, a._ticket)
+
+
 async def test_a_full_disk_reads_go_on_the_real_cause_is_logged_and_shutdown_is_bounded(mk, small_disk, caplog):
     """Findings 1 and 2 on a real full disk. Reads failed (FullError: opening the reading connection ran
     `PRAGMA optimize`, which writes), the first error logged was "cannot rollback - no transaction is active" (the

@@ -461,7 +461,7 @@ def _kick(self:BaseJobManager):
         done = self._done
         if done:  # jobs whose final state is written (a durable store writes behind; tickets say how far)
             c = self._store.committed if not self._store.failing else math.inf  # a failing store: do not hold them
-            if done[-1][2] <= c: self._done = []
+            if max(d[2] for d in done) <= c: self._done = []  # (not in ticket order: `wait_for_job` adds older ones)
             else: done, self._done = [d for d in done if d[2] <= c], [d for d in done if d[2] > c]
         futs = [(f, job) for jid, job, _ in done for f in self._waiters.pop(jid, ())]
         states, self._state_waiters = self._state_waiters, []
