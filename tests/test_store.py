@@ -98,6 +98,29 @@ async def test_clear_and_purge_by_age_work_on_the_store(mk, tmp_path):
     assert StoreJobManager(SQLiteJobStore(db)).count_jobs() == 0  # gone from the file too
 
 
+async def test_purging_the_memory_store_from_a_thread_while_jobs_start(mk):
+    """Race review (2026-12-07): `MemoryJobStore.purge` walked the jobs in Python while `start_job` added jobs from the
+    event loop: "dictionary changed size during iteration", from `purge_jobs()` in a thread (a sync FastHTML route)
+    or from the retention thread (`keep_finished_seconds`) on its own."""
+    mgr = mk(MemoryJobStore(), config=dict(prefetch=16))
+    for _ in range(6): await mgr.wait_for_job((await asyncio.gather(*[mgr.start_job('echo', text='x') for _ in range(500)]))[-1].id, timeout=T)
+    errors, stop = [], threading.Event()
+    def purger():
+        while not stop.is_set():
+            try: mgr.purge_jobs(older_than=3600)  # nothing is that old: it only walks the jobs
+            except Exception as e: errors.append(e)
+    t = threading.Thread(target=purger)
+    t.start()
+    try:
+        for _ in range(15):
+            for _ in range(200): await mgr.start_job('echo', text='y')
+            await asyncio.sleep(0)
+    finally:
+        stop.set(); t.join()
+    assert errors == [], errors[:1]
+    assert mgr.purge_jobs(older_than=0) >= 3000  # (and it still purges)
+
+
 class ThreadNotingStore(SQLiteJobStore):
     "A real SQLite store that notes which thread each read and purge ran on."
     def __init__(self, *a, **kw):

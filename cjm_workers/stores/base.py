@@ -214,8 +214,9 @@ class MemoryJobStore(JobStore):
         st, before = statuses(status), cutoff(older_than)
         if any(s not in TERMINAL for s in st): raise ValueError(f"only finished jobs can be purged, not {st}")
         with self._lock:
-            ids = [j.id for j in self._jobs.values() if j.status in st and (before is None or (j.completed_at or '') < before)]
+            jobs = list(self._jobs.values())  # (a snapshot: `save` adds jobs from other threads without the lock)
+            ids = [j.id for j in jobs if j.status in st and (before is None or (j.completed_at or '') < before)]
             for i in ids:
-                del self._jobs[i]
+                self._jobs.pop(i, None)
                 self._finished.pop(i, None)
         return ids
