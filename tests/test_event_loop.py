@@ -62,6 +62,27 @@ def test_a_stopped_loop_hands_the_pipes_to_the_management_thread():
     assert resource_counts()[1] <= fds0 + 1  # +1: multiprocessing's resource tracker, started by the first spawn
 
 
+def test_a_sync_shutdown_while_the_loop_is_stopped_leaves_no_descriptor_when_the_loop_then_closes():
+    """Race review (2026-12-07): `run_until_complete`, then `shutdown()`, then `loop.close()` (the loop never ran
+    again) left the loop's duplicates of each worker's pipes open: 4 descriptors per cycle with two workers."""
+    from cjm_workers.core.config import WorkerConfig
+    def cycle():
+        loop = asyncio.new_event_loop()
+        mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=2))
+        async def use():
+            await mgr.start(wait=True)
+            await mgr.wait_for_job((await mgr.start_job('echo', text='x')).id, timeout=T)
+            assert all(s.loop_fds for s in mgr._slots)  # the loop holds each worker's pipes
+        loop.run_until_complete(use())
+        mgr.shutdown()
+        loop.close()
+    cycle(); gc.collect()
+    fds = resource_counts()[1]
+    for _ in range(3): cycle()
+    gc.collect()
+    assert resource_counts()[1] <= fds
+
+
 def test_a_manager_outlives_its_first_event_loop():
     "asyncio.run twice: the first loop closes with a job in flight; the second loop picks up its result."
     mgr = ThreadRecordingManager()

@@ -1223,9 +1223,9 @@ def _on_wake(self:BaseJobManager, ready:list):
     self._flush()
 
 # %% ../../nbs/managers/base.ipynb #d1382da8
-def _unwatch(fds:list):
-    "On the loop that watches them: stop watching the duplicated descriptors in `fds` and close them (once)."
-    loop = _running_loop()
+def _unwatch(fds:list, loop=None):
+    "On the loop that watches them (or with that `loop` stopped): stop watching the duplicated descriptors in `fds` and close them (once)."
+    loop = loop or _running_loop()
     while fds:
         d = fds.pop()
         if loop is not None:
@@ -1282,7 +1282,8 @@ def _take_back(slot:_Slot):
     if not fds: return
     if loop.is_closed(): return _unwatch(fds)  # a closed loop's selector is gone: only the descriptors are left
     if _running_loop() is loop: return _unwatch(fds)
-    try: loop.call_soon_threadsafe(_unwatch, fds)
+    if not loop.is_running(): return _unwatch(fds, loop)  # a stopped loop (`run_until_complete` returned): it may never run
+    try: loop.call_soon_threadsafe(_unwatch, fds)          # again to close them, and nothing else touches it meanwhile
     except RuntimeError: _unwatch(fds)  # it closed meanwhile
 
 # %% ../../nbs/managers/base.ipynb #4a458350
