@@ -182,3 +182,26 @@ async def test_registry_and_resource_adapters_with_a_real_manager(make_manager):
 
     await mgr.ashutdown()
     assert up.get_all_workers() == [] and live in up.unregistered
+
+
+async def test_a_raising_resource_identifier_hook_loses_no_message_of_its_batch(track, caplog):
+    """Race review (2026-12-07): `_extract_plugin_resource_identifier` that raised (a subclass's bug: a plugin whose
+    configuration lacks the key it reads) ended the handling of the worker's messages read with the `started` that
+    called it: a quick job's result, read in the same batch, was dropped, and the job stayed `running` for good.
+    The hook's error is logged; the resource manager hears of the job without a resource; every message is handled."""
+    from cjm_workers.testing import RecordingResourceManager, ReferenceJobManager, ReferenceRegistry
+
+    class ModelKeyManager(ReferenceJobManager):
+        def _extract_plugin_resource_identifier(self, config): return str(config['model'])  # KeyError for echo
+
+    rm = RecordingResourceManager()
+    mgr = track(ModelKeyManager(resource_manager=rm, plugin_registry=ReferenceRegistry(configs={'reference_transcribe': {'model': 'm1'}})))
+    await mgr.start(wait=True)
+    for i in range(6):
+        job = await mgr.wait_for_job((await mgr.start_job('reference_echo', text=f'x{i}')).id, timeout=10)
+        assert (job.status, job.result['text']) == ('completed', f'x{i}')
+    ok = await mgr.wait_for_job((await mgr.start_job('reference_transcribe', steps=1, delay=0.0)).id, timeout=10)
+    assert ok.status == 'completed'
+    running = [f for c, _, f in rm.calls if c == 'update' and f.get('status') == 'running']
+    assert [f['loaded_plugin_resource'] for f in running] == [None] * 6 + ['m1']
+    assert sum('_extract_plugin_resource_identifier raised' in r.getMessage() for r in caplog.records) == 6

@@ -782,9 +782,12 @@ def _handle_started(self:BaseJobManager, slot:_Slot, msg:dict):
     if limit: _touch(slot.loaded, job.plugin_name, slot.loaded.get(job.plugin_name, cfg), limit)  # as the worker's list
     else: slot.loaded.setdefault(job.plugin_name, cfg)
     if self.resource_manager is not None:
+        try: resource = self._extract_plugin_resource_identifier(cfg)
+        except Exception:  # a subclass's hook: logged, and the job goes on
+            log.exception("%s job %s: _extract_plugin_resource_identifier raised", self.worker_type, jid)
+            resource = None
         self._safe_resource_call('update_worker_state', slot.pid, status='running', job_id=jid, plugin_name=job.plugin_name,
-                                 plugin_id=job.plugin_id, loaded_plugin_resource=self._extract_plugin_resource_identifier(cfg),
-                                 config=cfg)
+                                 plugin_id=job.plugin_id, loaded_plugin_resource=resource, config=cfg)
 
 # %% ../../nbs/managers/base.ipynb #514e229f
 @patch
@@ -1179,7 +1182,11 @@ def _drain(self:BaseJobManager, slot:_Slot, ready=None):
         except (OSError, ValueError): msgs, slot.eof = [], True
         for msg in msgs:
             if isinstance(msg, UndecodableMessage): msg = _unreadable_reply(slot, msg)
-            if msg is not None: self._handle_message(slot, msg)
+            if msg is None: continue
+            try: self._handle_message(slot, msg)
+            except Exception:  # a bug, or a subclass's code that raised: the messages after it are still handled
+                log.exception("%s worker %d: handling its %r message failed", self.worker_type, slot.index,
+                              msg.get('type') if isinstance(msg, dict) else type(msg).__name__)
         if ch.eof: slot.eof = True
 
 def _unreadable_reply(slot:_Slot, e:UndecodableMessage)->Optional[dict]:
