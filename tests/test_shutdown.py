@@ -325,3 +325,15 @@ def test_import_has_no_global_side_effects():
     assert out['start_method'] is None
     assert out['threads'] == out['threads0'], out['thread_names']
     assert out['children'] == [] and out['mp_children'] == 0
+
+
+async def test_a_worker_waiting_out_its_backoff_at_shutdown_is_stopped_not_restarting(make_manager):
+    "Race review (2026-12-07): it stayed `restarting` after shutdown, a restart that would never come."
+    mgr = make_manager(dict(restart_policy=RestartPolicy.BACKOFF, restart_backoff_base_seconds=30))
+    await mgr.start(wait=True)
+    crashed = await mgr.wait_for_job((await mgr.start_job('crash', mode='sigkill')).id, timeout=30)
+    assert crashed.status == 'failed'
+    await wait_until(lambda: mgr.get_worker_stats()[0]['status'] == 'restarting', 10)
+    await mgr.ashutdown()
+    assert mgr.get_worker_stats()[0]['status'] == 'stopped'
+    with pytest.raises(RuntimeError, match='has been shut down'): await mgr.restart_workers()

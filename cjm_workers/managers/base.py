@@ -1804,6 +1804,7 @@ async def restart_workers(self:BaseJobManager)->None:
     self._bind_loop()
     self._ensure_started()
     with self._lock:
+        if self._closed: raise RuntimeError(f"the {self.worker_type} job manager has been shut down")  # (meanwhile)
         for s in self._slots:
             if not s.alive:
                 s.crashes = 0
@@ -2059,6 +2060,7 @@ def shutdown(self:BaseJobManager,
         for s in self._slots:
             if s.alive: self._handle_worker_error(s)
             s.restart_at = None
+            if s.state == 'restarting': s.state = 'stopped'  # its restart, waiting out a backoff, will not come
         for job in list(self.jobs.values()):
             if not job.is_terminal: self._shelve(job)
         for fd in self._wake_fds: os.close(fd)
