@@ -1066,7 +1066,7 @@ def _dispatch(self:BaseJobManager)->list:
         data = self._requests[jid][0]
         if job.attempts:  # a retry: the plugin sees its attempt (`current_job().attempt`), the start log names it (rare: pickled again)
             data = dumps({**pickle.loads(data), '_cjm_attempt': job.attempts + 1})
-        out.setdefault(s.index, (s, []))[1].append(data)
+        out.setdefault(s.index, (s.requests, []))[1].append(data)  # (this worker's pipe, not whichever the slot has when sent)
         if journal is not None:
             sent.append(('+', job.attempts + 1, jid) if s.start_log is None else ('>', job.attempts + 1, jid, s.start_log))
     if sent: self._note_sent(sent)  # in the journal before any of them reaches a worker
@@ -1082,24 +1082,26 @@ def _touch(lru:dict, name, value, limit:int):
 def _take_outbox(self:BaseJobManager)->list:
     "The outbox's messages (under the lock), without those for a worker that has ended since: a replacement is not its target."
     out, self._outbox = self._outbox, []
-    return [(s, msgs, control) for s, msgs, control, gen in out if s.gen == gen and s.alive]
+    return [(s.requests, msgs, control) for s, msgs, control, gen in out if s.gen == gen and s.alive]
 
 def _send_decided(sends:list, out:list)->bool: # True if a request pipe now has a backlog
     "Send, outside the lock, what a round of message handling decided: the outbox's messages, then the dispatched requests."
     backlog = False
-    for slot, msgs, control in out: backlog |= _send([(slot, msgs)], control=control)
+    for req, msgs, control in out: backlog |= _send([(req, msgs)], control=control)
     return _send(sends) or backlog
 
 def _send(sends:list, control:bool=False)->bool: # True if a request pipe now has a backlog (to flush when writable)
-    "Send [(slot, [message or pickled bytes])] outside the lock, on the request or the control channel."
+    """Send [(a worker's request channel, [message or pickled bytes])] outside the lock, on that channel or its control
+    channel. The channel is the one the slot had when the lock was held: if the worker has died and been replaced since,
+    its closed pipe refuses the messages (the replacement must not get a job the death handler has requeued)."""
     backlog = False
-    for slot, msgs in sends:
-        ch = slot.requests.control if control and slot.requests is not None else slot.requests
+    for req, msgs in sends:
+        ch = req.control if control and req is not None else req
         try:
             ch.put_pickled_many([m if isinstance(m, bytes) else dumps(m) for m in msgs])
             backlog = backlog or ch.backlog > 0
         except (OSError, ValueError, AttributeError) as e:  # the worker is going away; its exit handler requeues
-            log.debug("could not send to worker %s: %s", slot.pid, e)
+            log.debug("could not send to a worker: %s", e)
     return backlog
 
 # %% ../../nbs/managers/base.ipynb #307a9828
@@ -1723,10 +1725,11 @@ async def cancel_job(self:BaseJobManager,
             self._terminal(job, 'cancelled', reason='cancelled while waiting for its retry' if job.attempts else 'cancelled before it started')
         elif slot is not None and job_id not in slot.cancel_deadlines:
             slot.cancel_deadlines[job_id] = time.monotonic() + self.worker_config.cancel_grace_seconds
+            req = slot.requests
         else:  # a cancel is already under way; if a timeout's, the app's cancel decides the outcome from now on
             if slot is not None: self._timed_out.discard(job_id)
             slot = None
-    if slot is not None: _send([(slot, [_cancel_msg(job_id, job)])], control=True)
+    if slot is not None: _send([(req, [_cancel_msg(job_id, job)])], control=True)
     self._wake()
     self._flush()
     return (await self.wait_for_job(job_id)).status == 'cancelled'
@@ -1747,15 +1750,15 @@ async def _command(self:BaseJobManager, type_:str, data:dict, timeout:float)->Li
                 rid = uuid.uuid4().hex
                 fut = concurrent.futures.Future()
                 s.commands[rid] = fut
-                targets.append((s, rid, fut))
+                targets.append((s, rid, fut, s.requests))
     if not targets: return [{'success': False, 'error': 'no worker is running'}]
-    for s, rid, _ in targets:
-        if _send([(s, [{**data, 'type': type_, 'request_id': rid}])]): self._wake()
-    async def one(s, rid, fut):
+    for s, rid, _, req in targets:
+        if _send([(req, [{**data, 'type': type_, 'request_id': rid}])]): self._wake()
+    async def one(s, rid, fut, req):
         try: return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except asyncio.TimeoutError:
             with self._lock: s.commands.pop(rid, None)
-            _send([(s, [{'type': 'cancel', 'request_id': rid}])], control=True)
+            _send([(req, [{'type': 'cancel', 'request_id': rid}])], control=True)
             return {'success': False, 'error': f"no reply within {timeout}s"}
     return list(await asyncio.gather(*(one(*t) for t in targets)))
 
@@ -2033,8 +2036,9 @@ def shutdown(self:BaseJobManager,
             job = self.jobs.get(self._pending.popleft())
             if job is not None: self._shelve(job)
         procs = [(s, s.process) for s in self._slots if s.alive]
-        stops = [(s, [{'type': 'stop', 'cancel': not drain}]) for s, _ in procs]
-        sends = [(s, [{'type': 'stop'}]) for s, _ in procs]
+        reqs = {s.index: s.requests for s, _ in procs}
+        stops = [(reqs[s.index], [{'type': 'stop', 'cancel': not drain}]) for s, _ in procs]
+        sends = [(reqs[s.index], [{'type': 'stop'}]) for s, _ in procs]
         self._draining = bool(drain and procs)
         for s in self._slots: self._release_loop(s)  # the management thread reads the last results, even if
     self._wake()                                     # this call blocks the event loop
@@ -2046,7 +2050,7 @@ def shutdown(self:BaseJobManager,
             for s, p in procs:
                 if s.process is p and process_ended(p): self._handle_worker_error(s)
             self._draining = False
-        late = [(s, [{'type': 'stop'}]) for s, p in procs if not process_ended(p)]
+        late = [(reqs[s.index], [{'type': 'stop'}]) for s, p in procs if not process_ended(p)]
         if late: self._stop_reason = f"the manager shut down: the job did not finish within the drain timeout ({drain}s)"
         _send(late, control=True)  # time is up: cancel what still runs
     wait_ended([p for _, p in procs], self.worker_config.shutdown_timeout_seconds)
