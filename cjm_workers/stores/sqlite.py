@@ -247,6 +247,7 @@ class SQLiteJobStore(JobStore):
         self.index_fields = tuple(index_fields) if not isinstance(index_fields, str) else (index_fields,)
         where_items(dict.fromkeys(self.index_fields))  # each a field name (a ValueError names one that is not)
         self.failures = 0  # batches that failed in a row (0 once one is committed)
+        self._writer_deaths = 0  # batches in a row whose writer process died (killed, OOM, …)
         self._failing_since: Optional[float] = None  # when the current series of failures began (monotonic)
         self.unwritten: List[str] = []  # ids of the jobs whose last state could not be written when the store last stopped writing
         self.on_commit = None  # called (from the sender thread) after each batch: committed, or failed (see `failing`)
@@ -454,9 +455,11 @@ def open(self:SQLiteJobStore)->int:
 @patch(as_prop=True)
 def failing(self:SQLiteJobStore)->bool:
     """Do the writes keep failing (a full disk, a lock held too long): did a batch fail, and its retry too? Until one
-    is committed again, `committed` does not move. (A single failure, such as a writer process that was killed, is
-    not counted: the retry by a new writer usually succeeds at once.)"""
-    return self.failures > 1
+    is committed again, `committed` does not move. (A single failure is not counted, nor are up to
+    `_QUICK_REPLACEMENTS` writer processes in a row that died, killed or out of memory: each is replaced at once,
+    and the retry by a new writer usually succeeds. While the store is failing, the manager stops holding
+    `wait_for_job` until a commit, so a dead writer must not count as a failing disk too soon.)"""
+    return self.failures > 1 and not (self.failures == self._writer_deaths <= _QUICK_REPLACEMENTS)
 
 @patch
 def _start_writer(self:SQLiteJobStore):
@@ -540,10 +543,12 @@ def _send(self:SQLiteJobStore, w:WriterProcess, batch:dict, odd:Optional[set]=No
     return w.commit(schemas, {k: rows for k, (_, rows) in groups.items()}, odd, lost)
 
 # %% ../../nbs/stores/sqlite.ipynb #0607a891
+_QUICK_REPLACEMENTS = 3  # writer processes in a row that died and are replaced at once, before the store is `failing`
+
 @patch
 def _write_loop(self:SQLiteJobStore):
     "Body of the sender thread: hand every dirty job to the writer process, wait for the commit, repeat; exit when stopped and nothing is left (or the time to write it is up)."
-    w, sent, err, gave_up, gone = None, 0.0, None, False, 0
+    w, sent, err, gave_up = None, 0.0, None, False
     while True:
         with self._cv:
             while not self._dirty and not self._stopping and not self._opening: self._cv.wait()
@@ -568,14 +573,14 @@ def _write_loop(self:SQLiteJobStore):
                 err = self._send(w, batch, odd, lost)
             except WriterGone as e: err, died = str(e), True
             except Exception as e: err, exc = _reason(e), e
-            gone = gone + 1 if died else 0  # batches in a row whose writer process died (killed, OOM, …)
+            gone = self._writer_deaths = self._writer_deaths + 1 if died else 0
             if err is not None:  # whatever failed, a new writer process writes the batch again (below: `w` is dropped)
                 self.failures += 1
                 self.stats['failed'] += 1
                 if self.failures == 1: self._failing_since = time.monotonic()
                 self._last_error = err
                 delay = min(self.retry_interval * 2 ** (self.failures - 1), 20 * self.retry_interval)
-                if 0 < gone <= 3: delay = 0.0  # a dead writer: a new one at once (a few times; then as for a failing disk)
+                if 0 < gone <= _QUICK_REPLACEMENTS: delay = 0.0  # a dead writer: a new one at once (a few times; then as for a failing disk)
                 if self._stopping: delay = self.retry_interval  # closing: try again soon, until `close_timeout` is up
                 if self._abort: pass  # `close` ended the writer: reported below
                 elif self.failures == 1:
