@@ -651,7 +651,8 @@ def _handle_job_result(self:BaseJobManager, slot:_Slot, msg:dict):
     if jid not in slot.inflight:  # a second answer (a cancel's verdict sent after the result): the first one decided
         log.debug("%s worker %d: ignored a second answer for job %r", self.worker_type, slot.index, jid)
         return
-    if (run := msg.get('attempt')) is not None and (job := self.jobs.get(jid)) is not None and run != _run_of(job):
+    if ((run := msg.get('attempt')) is not None and (job := self.jobs.get(jid)) is not None and not job.is_terminal
+            and run != _run_of(job)):
         log.debug("%s worker %d: ignored the answer to a cancel of run %r of job %r, which had ended: its retry is out",
                   self.worker_type, slot.index, run, jid)  # (a timeout's cancel that met the run's own failure)
         return
