@@ -1,7 +1,7 @@
 """`mount_job_routes` against real managers and real workers: list, detail, start, cancel and stream routes through
 Starlette's TestClient and through a real uvicorn server; authorize → 403 on every route, GET on state changes → 405,
 unknown ids → 404, two managers in one app."""
-import asyncio, json, re, threading, uuid
+import asyncio, json, re, threading, time, uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -1112,3 +1112,44 @@ def test_the_scope_check_passes_scheduling_options_by_and_reads_annotations_as_t
     with TestClient(app) as cli:
         r = start_(cli, '5')
         assert r.status_code == 500 and 'BoolJob.owner is a bool' in r.json()['error'] and mgr.get_all_jobs() == [], r.text
+
+
+def _sse_until(client, url, headers, done, timeout=10.0):
+    "The lines of an SSE stream over real HTTP, read until `done(lines)` or `timeout` seconds without it."
+    lines = []
+    try:
+        with client.stream('GET', url, headers=headers, timeout=httpx.Timeout(timeout)) as resp:
+            for line in resp.iter_lines():
+                lines.append(line)
+                if done(lines): break
+    except httpx.ReadTimeout: pass
+    return lines
+
+
+def test_a_first_pages_stream_resumed_after_a_drop_still_follows_the_rows_it_added():
+    """SSE review (2026-12-07): the first table page adds a row for each job started after it was made (its `pending`
+    event), and its stream follows that row. A stream that reconnected (a drop, a network blip: the browser's
+    EventSource resumes with `Last-Event-ID`) forgot those rows, which then stayed `pending` or `running` for good."""
+    app, alpha, beta, ra, rb = build()
+    server, t, base = serve_in_thread(app)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            url = page_stream_url(c.get('/alpha').text)
+            got = {}
+            def first():
+                got['lines'] = _sse_until(c, url, {}, lambda ls: any('badge-running' in l for l in ls))
+            reader = threading.Thread(target=first)
+            reader.start()
+            time.sleep(0.5)  # (the stream is open)
+            jid = c.post('/alpha/start', json={'plugin_id': 'slow', 'params': {'seconds': 1.0}},
+                         headers={'accept': 'application/json'}).json()['id']
+            reader.join(30)
+            lines = got['lines']
+            assert any(f'job-{jid}-row' in l for l in lines) and any('badge-running' in l for l in lines), lines
+            last = [l[4:] for l in lines if l.startswith('id: ')][-1]
+            again = _sse_until(c, url, {'Last-Event-ID': last}, lambda ls: any('badge-completed' in l for l in ls))
+            assert any('badge-completed' in l and jid in l for l in again), again
+    finally:
+        server.should_exit = True
+        ra.broadcaster.close()
+        t.join(30)

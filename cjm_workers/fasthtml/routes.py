@@ -276,6 +276,7 @@ class JobRoutes:
         self._job_ends = {f"{self._type_prefix}{s}" for s in ('completed', 'failed', 'cancelled')}
         self._pages, self._page_ids = OrderedDict(), 0  # token → ids of the jobs a table page shows (`remember_page`)
         self._page_tokens = {}  # those ids → the token (a page served again with the same jobs gets the same token)
+        self._page_newest = {}  # token of a first page → `job_seq` of its newest job: newer jobs are its new rows
         self.render_list = self._renderer('list')
         self.render_rows = self._renderer('list', new_rows=False)  # a later or filtered page: no new rows at its top
         self.render_detail = self._renderer('detail')
@@ -363,7 +364,8 @@ async def live_table(self:JobRoutes,
     if new_rows:  # jobs started while the store was read: their `pending` events are before `after`
         started = sorted((j for j in list(self.manager.jobs.values()) if job_seq(j) > newest), key=job_seq, reverse=True)
         jobs = (started if request is None else await self.admitted(request, started)) + jobs
-    stream = (f"{self.url(action='stream')}?after={after}&page={self.remember_page(jobs)}"
+    token = self.remember_page(jobs, max(newest, max(map(job_seq, jobs), default=-1)) if new_rows else None)
+    stream = (f"{self.url(action='stream')}?after={after}&page={token}"
               + ('' if new_rows else '&rows=fixed'))
     if len(jobs) <= THREAD_ROWS: table = JobTable(jobs, self.prefix)
     else:  # a big page: built and rendered in a thread (about 0.4 ms a row), so the loop keeps serving streams
@@ -374,20 +376,23 @@ async def live_table(self:JobRoutes,
 MAX_PAGE_IDS = 100_000  # job ids of the table pages served that the routes remember (the oldest pages are forgotten first)
 
 @patch
-def remember_page(self:JobRoutes, jobs:list)->str:
+def remember_page(self:JobRoutes, jobs:list,
+                  newest:Optional[int]=None # for a first page: the `job_seq` above which jobs are its new rows
+                 )->str:
     """A token naming the jobs a table page shows: its stream (`page=`) then sends their events only (`page_wants`).
     The same jobs get the same token; each page counts as its jobs plus one against `MAX_PAGE_IDS` (so empty pages too)."""
     ids = frozenset(j.id for j in jobs)
-    if (token := self._page_tokens.get(ids)) is not None:
-        self._pages.move_to_end(token)
-        return token
-    token = secrets.token_urlsafe(9)
-    self._pages[token], self._page_tokens[ids] = ids, token
-    self._page_ids += len(ids) + 1
-    while self._page_ids > MAX_PAGE_IDS and len(self._pages) > 1:
-        old = self._pages.popitem(last=False)[1]
-        del self._page_tokens[old]
-        self._page_ids -= len(old) + 1
+    if (token := self._page_tokens.get(ids)) is None:
+        token = secrets.token_urlsafe(9)
+        self._pages[token], self._page_tokens[ids] = ids, token
+        self._page_ids += len(ids) + 1
+        while self._page_ids > MAX_PAGE_IDS and len(self._pages) > 1:
+            gone, old = self._pages.popitem(last=False)
+            del self._page_tokens[old]
+            self._page_newest.pop(gone, None)
+            self._page_ids -= len(old) + 1
+    else: self._pages.move_to_end(token)
+    if newest is not None: self._page_newest[token] = max(newest, self._page_newest.get(token, -1))
     return token
 
 @patch
@@ -398,12 +403,15 @@ def page_wants(self:JobRoutes, request, new_rows:bool)->Callable:
     chunk, pending, token = f"{self._type_prefix}chunk", f"{self._type_prefix}pending", request.query_params.get('page')
     ids = self._pages.get(token) if token else None
     if ids is not None: self._pages.move_to_end(token)
-    jobs = None if ids is None else set(ids)
+    jobs, newest, live = None if ids is None else set(ids), self._page_newest.get(token), self.manager.jobs
     def wants(ev)->bool:
         if ev.type == chunk: return False
         jid = ev.data.get('job_id')
         if jobs is None or jid is None or jid in jobs: return True
-        if new_rows and ev.type == pending:
+        if not new_rows: return False
+        # a job started since the page was made: its `pending` event, or (on a stream resumed after that event:
+        # a reconnect) any event of a job newer than the page's newest
+        if ev.type == pending or (newest is not None and (j := live.get(jid)) is not None and job_seq(j) > newest):
             jobs.add(jid)
             return True
         return False
