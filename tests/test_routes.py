@@ -1153,3 +1153,19 @@ def test_a_first_pages_stream_resumed_after_a_drop_still_follows_the_rows_it_add
         server.should_exit = True
         ra.broadcaster.close()
         t.join(30)
+
+
+def test_head_requests_on_the_streams_leave_no_subscription_behind():
+    """SSE review (2026-12-07): Starlette answers HEAD on every GET route; on a stream it subscribed, sent the headers,
+    and never read the body, whose generator was what closed the subscription: each HEAD left one for good (and every
+    event was then offered to it)."""
+    app, alpha, beta, ra, rb = build()
+    with TestClient(app) as cli:
+        bc = ra.broadcaster
+        jid = start(cli, '/alpha', 'slow', seconds=0.3)
+        for _ in range(20):
+            assert cli.head('/alpha/stream').status_code == 200
+            assert cli.head(f'/alpha/{jid}/stream?after=0').status_code == 200
+        assert bc.clients == 0, bc.clients
+        cli.portal.call(alpha.wait_for_job, jid, 30)
+        assert bc.clients == 0 and not bc._by_job and not bc._all

@@ -419,10 +419,21 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
     if err: return PlainTextResponse(err, status_code=400)
     sub = self.subscribe(job_id, last, live=live, wants=wants, merge=merge)
     if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
-    return EventSourceResponse(self._frames(sub, render, event_name, until, keep, merge, last), ping=self.heartbeat_seconds, sep='\n',
+    return _SubscribedResponse(sub, self._frames(sub, render, event_name, until, keep, merge, last), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
                                send_timeout=self.send_timeout, shutdown_event=_EndOnShutdown(sub),
                                shutdown_grace_period=1.0)
+
+class _SubscribedResponse(EventSourceResponse):
+    """An `EventSourceResponse` that closes its subscription however the response ends, also when its body is never
+    read: a `HEAD` request (Starlette answers it on every GET route) gets the headers only, and the stream's generator,
+    which would have closed it, never starts."""
+    def __init__(self, sub:Subscription, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sub = sub
+    async def __call__(self, scope, receive, send):
+        try: await super().__call__(scope, receive, send)
+        finally: self.sub.close()
 
 class _EndOnShutdown:
     "Given to sse-starlette as `shutdown_event`: on server shutdown it ends the subscription, so the stream finishes cleanly."
