@@ -1169,3 +1169,40 @@ def test_head_requests_on_the_streams_leave_no_subscription_behind():
         assert bc.clients == 0, bc.clients
         cli.portal.call(alpha.wait_for_job, jid, 30)
         assert bc.clients == 0 and not bc._by_job and not bc._all
+
+
+def test_a_json_content_type_without_a_body_is_fine_where_no_body_is_read():
+    """SSE review (2026-12-07): an API client that sets `Content-Type: application/json` on every request (an axios
+    instance, a shared httpx client) got `400 the JSON body is empty` from the list, a job's page, /health and cancel."""
+    app, alpha, beta, ra, rb = build()
+    h = {'content-type': 'application/json', 'accept': 'application/json'}
+    with TestClient(app) as cli:
+        jid = start(cli, '/alpha', 'slow', seconds=30)
+        for url in ('/alpha', f'/alpha/{jid}', '/alpha/health'):
+            assert cli.get(url, headers=h).status_code == 200, url
+        assert cli.post(f'/alpha/{jid}/cancel', headers=h).status_code == 200
+        assert cli.portal.call(alpha.wait_for_job, jid, 30).status == 'cancelled'
+        r = cli.post('/alpha/start', headers=h)  # where a body is needed, its absence is named
+        assert (r.status_code, r.json()['error']) == (400, 'the JSON body is empty')
+
+
+def test_a_blank_last_event_id_does_not_hide_the_events_since_the_page_was_made():
+    """SSE review (2026-12-07): a blank `Last-Event-ID` header (sent by some clients and proxies) counted as one, so
+    the stream ignored its URL's `after` and the events since then were lost (here: all of a job that has ended)."""
+    app, alpha, beta, ra, rb = build()
+    server, t, base = serve_in_thread(app)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            j = c.post('/alpha/start', json={'plugin_id': 'tokens', 'params': {'text': 'alpha beta gamma delta', 'delay': 0.2}},
+                       headers={'accept': 'application/json'}).json()
+            end = time.monotonic() + 30
+            while alpha.get_job(j['id']).status != 'completed' and time.monotonic() < end: time.sleep(0.01)
+            lines = _sse_until(c, j['stream'] + '&format=json', {'Last-Event-ID': ''},  # opened after the job's end
+                               lambda ls: any(':completed' in l for l in ls), timeout=3)
+            events = [json.loads(l[6:]) for l in lines if l.startswith('data: ')]
+            assert ''.join(e['data']['chunk'] for e in events if e['type'].endswith(':chunk')).split() == \
+                   ['alpha', 'beta', 'gamma', 'delta'], events
+    finally:
+        server.should_exit = True
+        ra.broadcaster.close()
+        t.join(30)

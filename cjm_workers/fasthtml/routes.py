@@ -319,7 +319,7 @@ def _json_body_problem(body:bytes)->Optional[str]:
 
 def check_json_body(app # an ASGI app, e.g. a Starlette route's `app`
                    ):
-    "Wrap `app` so that a JSON request body that is not a JSON object is answered 400 (naming why) before `app` runs."
+    "Wrap `app` so that a JSON request body that is not a JSON object is answered 400 (naming why) before `app` runs (an empty one goes on)."
     async def checked(scope, receive, send):
         ctype = dict(scope.get('headers') or []).get(b'content-type', b'')
         if scope.get('type') != 'http' or b'application/json' not in ctype.lower(): return await app(scope, receive, send)
@@ -330,7 +330,8 @@ def check_json_body(app # an ASGI app, e.g. a Starlette route's `app`
             if msg.get('type') != 'http.request': break
             body += msg.get('body', b'')
             if not msg.get('more_body'): break
-        if (problem := _json_body_problem(bytes(body))) is not None:
+        if body.strip() and (problem := _json_body_problem(bytes(body))) is not None:  # (no body: the route's to judge;
+            # a client that sets the header on every request also sends it with a GET or a cancel)
             return await _error(Request(scope), problem, 400)(scope, receive, send)
         async def replay(): return msgs.pop(0) if msgs else await receive()
         await app(scope, replay, send)
@@ -509,11 +510,11 @@ def keeper(self:JobRoutes, request)->Optional[Callable]:
 
 def _resume_after(request, after:Optional[str]):
     "The request, with `after` as its Last-Event-ID unless it has one."
-    if after is None or request.headers.get('last-event-id'): return request
+    if after is None or (request.headers.get('last-event-id') or '').strip(): return request  # (a blank one: none)
     try: int(after)
     except ValueError: return None
     scope = dict(request.scope)
-    scope['headers'] = [*request.scope['headers'], (b'last-event-id', after.encode())]
+    scope['headers'] = [*((k, v) for k, v in request.scope['headers'] if k != b'last-event-id'), (b'last-event-id', after.encode())]
     return Request(scope, request.receive)
 
 def _forgotten_page()->Response:
@@ -653,6 +654,7 @@ async def start(self:JobRoutes, request):
     if not await self.allowed(request, None): return _FORBIDDEN(request)
     try:  # the body is at most `max_body_bytes` (`limit_body`), and FastHTML has read it already
         if 'application/json' in request.headers.get('content-type', ''):
+            if not (await request.body()).strip(): raise ValueError("the JSON body is empty")
             fields = await request.json()
             if not isinstance(fields, dict): raise ValueError("the JSON body must be an object")
         else: fields = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
