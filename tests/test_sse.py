@@ -295,3 +295,28 @@ async def test_server_shutdown_with_open_streams_finishes(sig):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_long_replay_is_rendered_in_slices_that_let_the_loop_serve_others():
+    """SSE review (2026-12-07): a stream resuming from an old id rendered its whole replay in one go on the event loop
+    (1,000 events with a store read each held a health check up for a third of a second). It renders a slice at a
+    time now: here a task ticking on the same loop moves on while the replay is rendered."""
+    bc = SSEBroadcaster(history_size=2000)
+    ticks, seen = [0], []
+    def render(ev):
+        seen.append(ticks[0])
+        return P(str(ev.data['i']))
+    async def ticker():
+        while True:
+            await asyncio.sleep(0)
+            ticks[0] += 1
+    first = bc.last_id + 1
+    for i in range(1000): await bc.broadcast('demo:progress', {'job_id': 'j', 'i': i})
+    tick = asyncio.ensure_future(ticker())
+    try:
+        async with serve(make_app(bc, render=render), bc) as url, httpx.AsyncClient(base_url=url, timeout=STEP) as cli:
+            async with sse(cli, '/events', headers={'Last-Event-ID': str(first - 1)}) as r:
+                evs = await r.take(1000)
+        assert [int(e['id']) for e in evs] == list(range(first, first + 1000))
+        assert len(set(seen[:1000])) >= 10, sorted(set(seen[:1000]))  # (one go: the same tick for all of them)
+    finally: tick.cancel()

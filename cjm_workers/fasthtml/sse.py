@@ -22,8 +22,8 @@ def _running_loop():
     except RuntimeError: return None
 
 # %% auto #0
-__all__ = ['log', 'RESET', 'DROPPED', 'CLOSED', 'MAX_MERGES', 'SSEEvent', 'Subscription', 'SSEBroadcaster', 'sse_frame',
-           'json_text', 'merge_chunks']
+__all__ = ['log', 'RESET', 'DROPPED', 'CLOSED', 'MAX_MERGES', 'RENDER_SLICE', 'SSEEvent', 'Subscription', 'SSEBroadcaster',
+           'sse_frame', 'json_text', 'merge_chunks']
 
 # %% ../../nbs/fasthtml/sse.ipynb #bb966305
 RESET = 'reset'  # type of the marker that starts a subscription which could not replay everything it asked for
@@ -369,6 +369,8 @@ def merge_chunks(batch:List[SSEEvent], # the events of one write, oldest first
     flush()
     return out
 
+RENDER_SLICE = 64  # events rendered in one go: a stream replaying a thousand lets the event loop serve others between slices
+
 async def _kept(keep, ev)->bool:
     ok = keep(ev)
     return bool(await ok if inspect.isawaitable(ok) else ok)
@@ -391,8 +393,11 @@ async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, unt
             sent = next((ev.id for ev in reversed(batch) if ev.id), sent)
             if keep is not None: batch = [ev for ev in batch if await _kept(keep, ev)]  # (`sent` counts the others too)
             if merge is not None: batch = merge(batch)
-            chunk = b''.join(f for ev in batch if (f := _render(ev, render, event_name)) is not None)
-            if chunk: yield chunk
+            frames = []
+            for i, ev in enumerate(batch):
+                if i and not i % RENDER_SLICE: await asyncio.sleep(0)  # a long replay: other requests go on meanwhile
+                if (f := _render(ev, render, event_name)) is not None: frames.append(f)
+            if frames: yield b''.join(frames)
             if end is not None: return
         if sub.dropped:  # say why the stream ends before it ends: an API client knows to resume (a browser does anyway)
             yield sse_frame(json.dumps({'type': DROPPED, 'data': {'last_event_id': sent, 'job_id': sub.job_id,
