@@ -151,3 +151,28 @@ async def test_a_second_running_event_loop_is_refused_with_a_clear_error():
         assert (await mgr.wait_for_job(job.id, timeout=T)).status == 'completed'
         assert [j.params['text'] for j in mgr.get_all_jobs()] == ['first']  # the refused call made no job
     finally: await mgr.ashutdown()
+
+
+async def test_a_job_that_stopped_in_time_is_not_killed_because_a_busy_loop_had_not_read_its_end():
+    """Ray review (2026-12-07): at a cancel's deadline the management thread killed the worker without reading what it
+    had sent: with the event loop busy (a long synchronous call in a route), a job that had stopped well within its
+    grace period still had its worker killed and restarted. The thread now reads the pipes before it decides."""
+    from cjm_workers.core.config import WorkerConfig
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=0.3))
+    try:
+        await mgr.start(wait=True)
+        pid = mgr.get_worker_stats()[0]['pid']
+        job = await mgr.start_job('slow', seconds=30)
+        await asyncio.wait_for(_until(lambda: job.status == 'running'), T)
+        cancel = asyncio.ensure_future(mgr.cancel_job(job.id))
+        await asyncio.sleep(0)  # the cancel is sent (before cancel_job first waits)
+        time.sleep(0.8)  # the event loop is busy past the deadline; the job stops within milliseconds, its end unread
+        assert await cancel is True
+        assert job.reason == 'cancelled on request', job.reason
+        st = mgr.get_worker_stats()[0]
+        assert (st['pid'], st['restarts']) == (pid, 0), st
+    finally: await mgr.ashutdown()
+
+
+async def _until(predicate):
+    while not predicate(): await asyncio.sleep(0.01)

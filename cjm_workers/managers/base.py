@@ -1351,7 +1351,9 @@ def _run_timers(self:BaseJobManager):
                 log.warning("%s worker %d (pid %s) has not ended %ss after SIGKILL (stuck in the kernel?): handled as ended",
                             self.worker_type, s.index, s.pid, _KILL_WAIT_SECONDS)
                 self._handle_worker_error(s)
-        elif s.alive and (d := s.cancel_deadlines.get(s.running)) is not None and d <= now: self._kill(s, 'cancel')
+        elif s.alive and (d := s.cancel_deadlines.get(s.running)) is not None and d <= now:
+            self._drain(s)  # first what the worker has sent and nobody has read yet: the job may have wound down in time
+            if s.alive and (d := s.cancel_deadlines.get(s.running)) is not None and d <= now: self._kill(s, 'cancel')
         elif s.alive and s.start_deadline is not None and s.start_deadline <= now and s.state == 'starting':
             self._kill(s, 'start_timeout')
         elif s.alive and s.stop_deadline is not None and s.stop_deadline <= now: self._kill(s)  # a recycled worker that did not exit
