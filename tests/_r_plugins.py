@@ -184,3 +184,22 @@ class Gate:
                 while time.monotonic() < end: check_cancelled(); time.sleep(0.005)
         except BaseException as e: _journal(f'stopped {tag} {type(e).__name__}'); raise
         _journal(f'done {tag}')
+
+
+class SlowCancel(PluginInterface):
+    "Checks `self.cancelled` (the documented pattern); its `cancel()` takes 50 ms before it sets the flag (it first stops a helper)."
+    name, version = 'slowcancel', '0'
+    def initialize(self, config=None): pass
+    def get_config_schema(self): return {}
+    def get_current_config(self): return {}
+    def cleanup(self): pass
+    def cancel(self):
+        time.sleep(0.05)
+        super().cancel()
+    def execute(self, tag='', seconds=0.0, stop_on_ctx=False, **kw):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.cancelled: return {'tag': tag, 'stopped_by': 'self.cancelled'}
+            if stop_on_ctx and cancel_requested(): return {'tag': tag, 'stopped_by': 'ctx'}
+            time.sleep(0.001)
+        return {'tag': tag, 'stopped_by': None}

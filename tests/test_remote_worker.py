@@ -545,3 +545,24 @@ def test_many_waiting_calls_hold_up_neither_a_running_stream_nor_a_cancel(worker
     assert asyncio.run(run(words, cancel=False)) == [f'{x} ' for x in words[:-1]] + [words[-1]]
     got = asyncio.run(run([f'w{i}' for i in range(200)], cancel=True))
     assert got[-1] == {'error': 'cancelled', 'cancelled': True} and len(got) < 100, got
+
+
+def test_a_plugins_slow_cancel_of_one_call_does_not_stop_the_call_after_it():
+    """Race review (2026-12-07): a `/cancel` of call A ran the plugin's `cancel()` after releasing the host's state; A
+    ended meanwhile, B began (resetting `self.cancelled`), then the late `cancel()` set the flag and stopped B; now a
+    run begins only once the plugin's `cancel()` has returned, and B runs to its end."""
+    w = Worker('SlowCancel', '_r_plugins').ready()
+    try:
+        with w.client() as c, ThreadPoolExecutor(2) as pool:
+            for i in range(3):
+                def call(name, **kw):
+                    with w.client() as cc: return cc.post('/execute', json={'kwargs': kw}, headers={'X-Call-Id': name})
+                a = pool.submit(call, f'A{i}', tag='A', seconds=10, stop_on_ctx=True)  # stops at the context's flag, at once
+                assert wait_for(lambda: c.get('/health').json()['running'], 10)
+                b = pool.submit(call, f'B{i}', tag='B', seconds=0.3)  # waits its turn behind A
+                time.sleep(0.05)
+                assert c.post('/cancel', json={'calls': [f'A{i}']}).json()['status'] == 'cancelled'
+                assert a.result(10).status_code == 409
+                r = b.result(10)
+                assert (r.status_code, r.json()) == (200, {'tag': 'B', 'stopped_by': None})
+    finally: w.stop()

@@ -155,6 +155,7 @@ class PluginHost:
         self.plugin = plugin
         self.lock = threading.Lock()  # one initialize / execute / execute_stream / cleanup at a time
         self._state = threading.RLock()  # guards the fields below
+        self._cancelling = threading.Lock()  # held through the plugin's `cancel()`: a run begins (resetting its flag) only after it
         self._changed = threading.Condition(self._state)  # notified on each progress report and run start/end
         self.seq = 0  # counts those changes: a `/progress?since=seq` long poll waits for the next one
         self.ctx: Optional[JobContext] = None  # the run in progress (its `job_id` is the call's id)
@@ -206,7 +207,7 @@ def _begin(self:PluginHost, call:Optional[str]=None, # the call's id (`X-Call-Id
           )->JobContext:
     "Start a run (the caller holds `self.lock`): a fresh job context, progress cleared, cancel flag reset."
     ctx = _context(job or call or uuid.uuid4().hex, call, self.name, self._on_message, attempt)
-    with self._state:
+    with self._cancelling, self._state:  # a cancel() of the run before this one ends first: it cannot set the flag of this one
         if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
         self._was_cancelled(ctx, call)
         self.ctx, self.run_started, self._progress, self.cancel_sent = ctx, time.monotonic(), (0.0, None, ''), None
@@ -266,6 +267,12 @@ def cancel(self:PluginHost,
            calls:Optional[List[str]]=None # ids of the calls to cancel (None: whatever runs now)
           )->dict:
     "Cancel the run in progress, or the named calls (flag + the plugin's `cancel()`): `{status, running}`."
+    with self._cancelling:  # until the plugin's cancel() returns: a late one would set the flag of the next run
+        return self._cancel(calls)
+
+@patch
+def _cancel(self:PluginHost, calls:Optional[List[str]])->dict:
+    "`cancel`, the caller holding `self._cancelling`."
     with self._state:
         now = [c for c in (self.ctx, self.init_ctx) if c is not None]
         hit = [c for c in now if calls is None or c.call in calls]
@@ -393,7 +400,7 @@ def initialize(self:PluginHost, config:Optional[dict],
     if not callable(fn): return _encoded(200, {'status': 'not_supported'})
     with self.lock:
         ctx = _context(call or uuid.uuid4().hex, call, self.name, self._on_message)
-        with self._state:
+        with self._cancelling, self._state:  # (as `_begin`)
             if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
             self._was_cancelled(ctx, call)
             self.init_ctx = ctx
