@@ -1,5 +1,5 @@
 """Plugins for tests/test_remote_worker.py, imported by name by the worker subprocess (tests/ is on its PYTHONPATH)."""
-import os, sys, time
+import os, signal, subprocess, sys, time
 from cjm_workers.core.worker import cancel_requested, check_cancelled, current_job, report_progress
 from cjm_workers.remote.plugin import PluginInterface
 
@@ -203,3 +203,13 @@ class SlowCancel(PluginInterface):
             if stop_on_ctx and cancel_requested(): return {'tag': tag, 'stopped_by': 'ctx'}
             time.sleep(0.001)
         return {'tag': tag, 'stopped_by': None}
+
+
+class SpawnThenDie:
+    "Starts a child (`sleep 300`; its pid in $R_JOURNAL) that keeps the worker's stdout/stderr, then its worker is SIGKILLed (an OOM kill) if `die`."
+    name, version = 'spawn', '0'
+    def execute(self, die=True, **kw):
+        child = subprocess.Popen(['sleep', '300'])  # a plain Popen: the worker's group, and its pipes
+        _journal(str(child.pid))
+        if die: os.kill(os.getpid(), signal.SIGKILL)
+        return {'child': child.pid}

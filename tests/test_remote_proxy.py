@@ -860,3 +860,27 @@ def test_an_async_call_that_times_out_is_cancelled_even_if_its_event_loop_ends_a
         time.sleep(0.6)  # (B, had it run, would have ended by now)
         assert p.execute(tag='C') == {'tag': 'C'}
     assert journal.read_text().split('\n')[:-1] == ['start A', 'done A', 'start C', 'done C']
+
+
+def test_a_restart_after_the_worker_died_mid_call_ends_what_its_plugin_started(tmp_path):
+    """Race review (2026-12-07): a worker killed mid-call (an OOM kill) and started again by `start()` left its plugin's
+    children running for good, and with them the old output reader and its pipes; now `start()` first kills what
+    remains of the dead worker's process group, then ends its reader and closes its pipes."""
+    journal = tmp_path / 'journal'
+    p = RemotePluginProxy('_r_plugins', 'SpawnThenDie', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)},
+                          stop_timeout=1)
+    try:
+        p.start()
+        with pytest.raises(RemoteWorkerError, match='killed by SIGKILL'): p.execute(die=True)
+        child = int(journal.read_text().split()[0])
+        assert not gone(child)
+        old_reader, old_out = p._reader, p.process.stdout
+        p.start()
+        assert not wait_gone([child], 5), "the dead worker's child outlived the restart"
+        assert not old_reader.is_alive() and old_out.closed
+        assert p.execute(die=False)['child'] > 0  # the new worker serves
+    finally:
+        p.stop()
+        for pid in map(int, journal.read_text().split()):
+            try: os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError: pass

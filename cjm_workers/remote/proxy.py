@@ -201,7 +201,7 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
     with self._lock:
         if self.alive and self._ready_info is not None: return self
         self._close_clients()
-        if self.process is not None: self._close_output(self.process)  # a worker that died since it started
+        if self.process is not None: self._reap(self.process)  # a worker that died since it started (an OOM kill mid-call)
         self._ready.clear(); self._ready_info = None; self.stderr_tail.clear(); self.port = self.pid = None
         try:
             proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -237,6 +237,18 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout(),
                                     limits=_LIMITS, trust_env=False)
         return self
+
+@patch
+def _reap(self:RemotePluginProxy, proc:subprocess.Popen)->None:
+    """Before a new worker starts: kill what remains of the old one's process group (what its plugin started: a worker
+    killed mid-call leaves its children running), then end its output reader and close its pipes."""
+    if proc.poll() is None: self._kill_tree(proc)
+    else:  # reaped: its pid is not looked up (it may be reused), only its group, which keeps the id while a member lives
+        try:
+            if proc.pid != os.getpgrp(): os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError): pass
+    if self._reader is not None: self._reader.join(2)  # the pipes close with the group; its end must not wake the new start
+    self._close_output(proc)
 
 @patch
 def _close_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
