@@ -884,3 +884,22 @@ def test_a_restart_after_the_worker_died_mid_call_ends_what_its_plugin_started(t
         for pid in map(int, journal.read_text().split()):
             try: os.kill(pid, signal.SIGKILL)
             except ProcessLookupError: pass
+
+
+@pytest.mark.parametrize('how', ['kill', 'stop'])
+def test_kill_and_stop_do_not_wait_for_a_slow_start(how):
+    """Race review (2026-12-07): `kill()` and `stop()` from another thread waited for the lock `start()` holds until
+    the worker is ready (a slow import: as long as `start_timeout`); now they end the start in progress at once, and
+    `start()` raises `RemoteWorkerError` saying which of them was called."""
+    p = RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_IMPORT_SECONDS': '60'},
+                          start_timeout=120, stop_timeout=1)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(p.start)
+        assert wait_until_sync(lambda: p._starting is not None)
+        pid, t = p.pid, time.monotonic()
+        getattr(p, how)()
+        assert time.monotonic() - t < 5
+        with pytest.raises(RemoteWorkerError, match=rf'was stopped \({how}\(\) was called\) while it started'):
+            fut.result(10)
+    assert not p.alive and not wait_gone([pid], 5)
+    p.stop()

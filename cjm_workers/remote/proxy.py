@@ -105,7 +105,7 @@ class RemotePluginProxy:
         self._calls_lock = threading.Lock()
         self._stops = 0  # counts `stop()`s: a call that sees it change was interrupted by one
         self._starting: Optional[subprocess.Popen] = None  # the worker `start()` waits for (a `cancel()` kills it)
-        self._start_cancelled = False
+        self._start_cancelled: Optional[str] = None  # what ended the start in progress: 'cancel()', 'stop()' or 'kill()'
 
     @property
     def label(self)->str: return f"{self.module}.{self.class_name}"
@@ -209,7 +209,7 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         except OSError as e:
             raise RemoteWorkerError(f"cannot launch the worker for {self.label} with {self.python!r}: {e}") from e
         self.process, self.pid = proc, proc.pid
-        with self._calls_lock: self._starting, self._start_cancelled = proc, False
+        with self._calls_lock: self._starting, self._start_cancelled = proc, None
         self._reader = threading.Thread(target=self._read_output, args=(proc,), daemon=True,
                                         name=f"cjm-proxy-output-{proc.pid}")
         self._reader.start()
@@ -217,6 +217,8 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         with self._calls_lock: self._starting, cancelled = None, self._start_cancelled  # a cancel() from now on finds no start
         if cancelled:
             self._kill_tree(proc); self._reader.join(2); self._close_output(proc)
+            if cancelled != 'cancel()':
+                raise RemoteWorkerError(f"the worker for {self.label} was stopped ({cancelled} was called) while it started")
             job = current_job()
             raise RemoteCancelledError((f"job {job.job_id}: " if job is not None else '') +
                                        f"the start of the worker for {self.label} was cancelled")
@@ -334,6 +336,7 @@ def stop(self:RemotePluginProxy,
          cleanup:bool=True # call `/cleanup` first (skipped if the worker is gone)
         )->None:
     "Stop the worker within `stop_timeout`: cancel a running call, `/cleanup`, SIGTERM, then SIGKILL its whole tree. Idempotent."
+    self._cancel_start('stop()')  # a start in progress holds the lock until the worker is ready: it is ended first
     with self._lock:
         proc = self.process
         if proc is None: return
@@ -357,7 +360,8 @@ def stop(self:RemotePluginProxy,
 
 @patch
 def kill(self:RemotePluginProxy)->None:
-    "Kill the worker's whole process tree now (no cleanup)."
+    "Kill the worker's whole process tree now (no cleanup); a start in progress is ended (`start()` raises `RemoteWorkerError`)."
+    self._cancel_start('kill()')  # else the lock, held by `start()` until the worker is ready, would hold this up
     with self._lock:
         if self.process is not None: self._kill_tree(self.process)
 
@@ -502,11 +506,12 @@ def _cancel_body(self:RemotePluginProxy)->Optional[bytes]:
     return dumps_json({'calls': calls}) if calls else None
 
 @patch
-def _cancel_start(self:RemotePluginProxy)->bool:
-    "Kill the worker `start()` is waiting for, if it is; True if there was one (`start()` then raises `RemoteCancelledError`)."
+def _cancel_start(self:RemotePluginProxy, by:str='cancel()' # who: `start()` raises `RemoteCancelledError` for 'cancel()', else `RemoteWorkerError`
+                 )->bool:
+    "Kill the worker `start()` is waiting for, if it is; True if there was one (`start()` then raises)."
     with self._calls_lock:
         proc = self._starting
-        if proc is not None: self._start_cancelled = True
+        if proc is not None: self._start_cancelled = by
     if proc is None: return False
     log.info("worker %s: cancelled while it started; killing it (pid %d)", self.label, proc.pid)
     self._kill_tree(proc)
