@@ -903,3 +903,31 @@ def test_kill_and_stop_do_not_wait_for_a_slow_start(how):
             fut.result(10)
     assert not p.alive and not wait_gone([pid], 5)
     p.stop()
+
+
+def test_a_job_cancelled_just_before_its_worker_starts_does_not_wait_for_the_start():
+    """Race review (2026-12-07): a job cancelled while its Universal Worker was being launched (before `start()` had
+    registered the process it waits for) was not stopped: `cancel()` found neither a start nor a call, and `start()`
+    never looked at the job's flag, so the job waited out the whole start (a slow import); now `start()` checks the
+    job's flag once a cancel can find it, and `load_plugin` / a restart check it before they start a worker."""
+    from cjm_workers.core.worker import JobContext, set_current_job
+    from cjm_workers.remote.adapter import RemotePluginManager
+    env = {'PYTHONPATH': TESTS, 'R_IMPORT_SECONDS': '8'}
+    ctx = JobContext('job-1', 'unruly', lambda m: None)
+    ctx.cancel()  # what the control thread does first, before it calls the plugin manager's cancel hook
+    set_current_job(ctx)
+    try:
+        p = RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env=env, start_timeout=60)
+        t = time.monotonic()
+        with pytest.raises(RemoteCancelledError, match='job job-1: the start of the worker for _r_plugins.Unruly was cancelled'):
+            p.start()
+        assert time.monotonic() - t < 4 and not p.alive
+        p.stop()
+        spec = RemotePluginSpec('unruly', '_r_plugins', 'Unruly', cwd=TESTS, env=env)
+        pm = RemotePluginManager([spec])
+        t = time.monotonic()
+        with pytest.raises(RemoteCancelledError, match="job job-1: cancelled before remote plugin 'unruly' was loaded"):
+            pm.load_plugin(spec, {})
+        assert time.monotonic() - t < 4 and not pm.proxies
+        pm.close()
+    finally: set_current_job(None)

@@ -63,6 +63,12 @@ def _stderr_off_the_job():
         out.remote_traceback = f"--- worker stderr (last lines) ---\n{e.stderr}"
         raise out from e
 
+def _stop_if_cancelled(plugin_name:str, what:str='called')->None:
+    "Raise `RemoteCancelledError` if the current job has been asked to stop (nothing is sent, no worker started then)."
+    job = current_job()
+    if job is not None and job.cancelled:
+        raise RemoteCancelledError(f"job {job.job_id}: cancelled before remote plugin {plugin_name!r} was {what}")
+
 class RemotePluginManager:
     "Plugin manager (`PluginManagerAdapter`) running each plugin in its own Universal Worker."
     def __init__(self, plugins:Iterable[RemotePluginSpec] # the plugins this manager offers
@@ -82,6 +88,7 @@ class RemotePluginManager:
                    )->bool:
         "Start the plugin's Universal Worker and initialize the plugin with `config` (raises with the reason)."
         name = plugin_data.name
+        _stop_if_cancelled(name, 'loaded')  # a job cancelled already: no worker is started for it
         old = self.proxies.pop(name, None)
         if old is not None: old.stop()
         proxy = self.loading[name] = plugin_data.proxy()
@@ -105,6 +112,7 @@ class RemotePluginManager:
 
 # %% ../../nbs/remote/adapter.ipynb #2f9553bb
 def _live(self:RemotePluginManager, plugin_name:str)->RemotePluginProxy:
+    _stop_if_cancelled(plugin_name)  # (a dead worker is not started again for a job cancelled already)
     proxy = self.proxies.get(plugin_name)
     if proxy is None: raise LookupError(f"remote plugin {plugin_name!r} is not loaded")
     if not proxy.alive:
@@ -149,12 +157,6 @@ class _ProgressForwarder:
             if not self.done.is_set(): log.debug("remote progress of %s stopped: %s", self.proxy.label, e)
 
 # %% ../../nbs/remote/adapter.ipynb #48aec9cc
-def _stop_if_cancelled(plugin_name:str)->None:
-    "Raise `RemoteCancelledError` if the current job has been asked to stop (nothing is sent then)."
-    job = current_job()
-    if job is not None and job.cancelled:
-        raise RemoteCancelledError(f"job {job.job_id}: cancelled before remote plugin {plugin_name!r} was called")
-
 def execute_plugin(self:RemotePluginManager, plugin_name:str, **params)->Any:
     "Run the plugin once (keyword arguments = the job's parameters) and return its JSON result."
     _stop_if_cancelled(plugin_name)

@@ -209,11 +209,14 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         except OSError as e:
             raise RemoteWorkerError(f"cannot launch the worker for {self.label} with {self.python!r}: {e}") from e
         self.process, self.pid = proc, proc.pid
-        with self._calls_lock: self._starting, self._start_cancelled = proc, None
+        with self._calls_lock:
+            self._starting, self._start_cancelled = proc, None
+            job = current_job()  # a job cancelled before this start could be found (`_starting` was not set): it ends now
+            if job is not None and job.cancelled: self._start_cancelled = 'cancel()'
         self._reader = threading.Thread(target=self._read_output, args=(proc,), daemon=True,
                                         name=f"cjm-proxy-output-{proc.pid}")
         self._reader.start()
-        woken = self._ready.wait(self.start_timeout)  # by the ready line, or by the reader once the output closed
+        woken = self._start_cancelled is None and self._ready.wait(self.start_timeout)  # by the ready line, or by the reader once the output closed
         with self._calls_lock: self._starting, cancelled = None, self._start_cancelled  # a cancel() from now on finds no start
         if cancelled:
             self._kill_tree(proc); self._reader.join(2); self._close_output(proc)
