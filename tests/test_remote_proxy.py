@@ -931,3 +931,23 @@ def test_a_job_cancelled_just_before_its_worker_starts_does_not_wait_for_the_sta
         assert time.monotonic() - t < 4 and not pm.proxies
         pm.close()
     finally: set_current_job(None)
+
+
+def test_a_call_whose_client_stop_closed_fails_with_a_remote_worker_error():
+    """Race review (2026-12-07): a call made while another thread ran `stop()` read the proxy's HTTP client just before
+    `stop()` closed it, and failed with httpx's bare `RuntimeError: Cannot send a request, as the client has been
+    closed`; now it fails with `RemoteWorkerError` saying the worker was stopped. The clients are closed here as `stop()`
+    closes them first, at the moment such a call has already picked them up."""
+    stopped = r'was stopped \(stop\(\) was called, or it was restarted\) before this request was sent'
+    with RemotePluginProxy('cjm_workers.testing', 'EchoPlugin', stop_timeout=1) as p:
+        async def main():
+            assert (await p.aexecute(text='x'))['text']  # this loop's client, now made
+            await (await p._aclient()).aclose()
+            with pytest.raises(RemoteWorkerError, match=stopped): await p.aexecute(text='x')
+            with pytest.raises(RemoteWorkerError, match=stopped): await p.aget_progress()
+            with pytest.raises(RemoteWorkerError, match=stopped): [i async for i in p.aexecute_stream(text='x')]
+        asyncio.run(main())
+        p._client.close()
+        for call in (lambda: p.execute(text='x'), p.get_progress, p.get_stats, lambda: list(p.execute_stream(text='x'))):
+            with pytest.raises(RemoteWorkerError, match=stopped): call()
+        p._client = None  # as `stop()` leaves it, once it has closed it

@@ -444,10 +444,21 @@ def _headers_for(content:Optional[bytes], call:Optional[str])->Optional[dict]:
 
 @patch
 def _request(self:RemotePluginProxy, method:str, path:str, content:Optional[bytes]=None, call:Optional[str]=None, **kw)->Any:
-    if self._client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
-    try: r = self._client.request(method, path, content=content, headers=_headers_for(content, call), **kw)
+    client = self._client
+    if client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
+    try: r = client.request(method, path, content=content, headers=_headers_for(content, call), **kw)
     except httpx.TransportError as e: raise self._unreachable(e) from e
+    except RuntimeError as e:
+        if (err := self._closed(e)) is e: raise
+        raise err from e
     return self._decode(r)
+
+@patch
+def _closed(self:RemotePluginProxy, e:RuntimeError)->RuntimeError:
+    "What to raise for `e`: a `RemoteWorkerError` if it is httpx refusing a client `stop()` (or a restart) closed meanwhile, else `e`."
+    if type(e) is not RuntimeError or 'client has been closed' not in str(e): return e  # (ours are subclasses)
+    return RemoteWorkerError(f"the worker for {self.label} was stopped (stop() was called, or it was restarted) "
+                             f"before this request was sent")
 
 # %% ../../nbs/remote/proxy.ipynb #dca8476e
 @contextmanager
@@ -577,12 +588,13 @@ def _stream_headers(body:bytes, call:str)->dict: return {**_headers_for(body, ca
 @patch
 def execute_stream(self:RemotePluginProxy, *args, **kwargs)->Iterator[Any]:
     "Yield the plugin's stream items as they arrive; the generator returns what the plugin's returned (`yield from` gives it)."
-    if self._client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
+    client = self._client
+    if client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
     with self._call() as call:
         ret = None
         try:
             body = self._body(args, kwargs)
-            with self._client.stream('POST', '/execute_stream', content=body, headers=_stream_headers(body, call)) as r:
+            with client.stream('POST', '/execute_stream', content=body, headers=_stream_headers(body, call)) as r:
                 if r.status_code >= 400:
                     r.read(); self._decode(r)
                 framed = r.headers.get(STREAM_RETURN_HEADER) == '1'
@@ -592,6 +604,9 @@ def execute_stream(self:RemotePluginProxy, *args, **kwargs)->Iterator[Any]:
                     if isinstance(item, _Return): ret = item.value
                     else: yield item
         except httpx.TransportError as e: raise self._unreachable(e) from e
+        except RuntimeError as e:
+            if (err := self._closed(e)) is e: raise
+            raise err from e
         return ret
 
 # %% ../../nbs/remote/proxy.ipynb #da4788c2
@@ -621,8 +636,12 @@ async def _aclient(self:RemotePluginProxy)->httpx.AsyncClient:
 
 @patch
 async def _arequest(self:RemotePluginProxy, method:str, path:str, content:Optional[bytes]=None, call:Optional[str]=None, **kw)->Any:
-    try: r = await (await self._aclient()).request(method, path, content=content, headers=_headers_for(content, call), **kw)
+    client = await self._aclient()
+    try: r = await client.request(method, path, content=content, headers=_headers_for(content, call), **kw)
     except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
+    except RuntimeError as e:
+        if (err := self._closed(e)) is e: raise
+        raise err from e
     return self._decode(r)
 
 @patch
@@ -696,6 +715,9 @@ async def _astream(self:RemotePluginProxy, out:RemoteStream, args:tuple, kwargs:
                     else: yield item
             finally: await r.aclose()
         except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
+        except RuntimeError as e:
+            if (err := self._closed(e)) is e: raise
+            raise err from e
 
 @patch
 def aexecute_stream(self:RemotePluginProxy, *args, **kwargs)->RemoteStream:
