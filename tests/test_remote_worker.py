@@ -566,3 +566,22 @@ def test_a_plugins_slow_cancel_of_one_call_does_not_stop_the_call_after_it():
                 r = b.result(10)
                 assert (r.status_code, r.json()) == (200, {'tag': 'B', 'stopped_by': None})
     finally: w.stop()
+
+
+def test_sigterm_during_a_call_ends_what_the_plugin_started_and_the_worker_dies_of_it():
+    """Race review (2026-12-07): a SIGTERM to a standalone worker (no --managed) during a call left the plugin's child
+    processes running: uvicorn re-raised the signal after its graceful shutdown, and the default handler ended the
+    process before `run_worker` killed them; now they are killed, and the worker still ends as killed by SIGTERM."""
+    w, child = Worker('SlowPlugin').ready(), None
+    try:
+        with w.client() as c, ThreadPoolExecutor(1) as pool:
+            pool.submit(lambda: httpx.post(w.url + '/execute', json={'kwargs': {'seconds': 30, 'spawn_child': True}},
+                                           timeout=60))
+            assert wait_for(lambda: c.get('/progress').json()['message'].startswith('child:'), 10)
+            child = psutil.Process(int(c.get('/progress').json()['message'].split(':')[1]))
+            w.proc.send_signal(signal.SIGTERM)
+            assert w.proc.wait(15) == -signal.SIGTERM
+            assert wait_for(lambda: gone(child), 5), "the plugin's child outlived its worker"
+    finally:
+        if child is not None and not gone(child): child.kill()  # first: it holds the worker's stdout open
+        w.stop()

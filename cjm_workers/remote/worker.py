@@ -790,7 +790,11 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
                             timeout_keep_alive=KEEP_ALIVE_SECONDS)
     server = ReadyServer(config)
     app.state.on_stop_request = lambda: setattr(server, 'should_exit', True)  # POST /shutdown: stop as on SIGTERM
-    try: server.run(sockets=[sock])  # on SIGTERM uvicorn shuts down (≤ 3 s), then re-raises the signal
+    # on SIGTERM uvicorn shuts down (≤ 3 s), then re-raises the signal to the handler it found: with the default one the
+    # process would die right there, before the `finally` below kills what a running call started; this one notes it
+    terminated = []
+    signal.signal(signal.SIGTERM, lambda sig, frame: terminated.append(sig))
+    try: server.run(sockets=[sock])
     except KeyboardInterrupt: sys.exit(130)
     finally:
         sock.close()
@@ -798,7 +802,12 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
             log.warning("worker %d: stopping with an execution still running", os.getpid())
             kill_own_children()
             sys.stdout.flush(); sys.stderr.flush()
-            os._exit(1)
+            if not terminated: os._exit(1)
+        if terminated:  # end as the signal ends a process (exit status: killed by SIGTERM), as uvicorn meant to
+            sys.stdout.flush(); sys.stderr.flush()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(128 + signal.SIGTERM)  # (not reached)
 
 # %% ../../nbs/remote/worker.ipynb #1536a78d
 if __name__ == "__main__": run_worker()
