@@ -585,3 +585,22 @@ def test_sigterm_during_a_call_ends_what_the_plugin_started_and_the_worker_dies_
     finally:
         if child is not None and not gone(child): child.kill()  # first: it holds the worker's stdout open
         w.stop()
+
+
+def test_shutdown_during_a_long_initialize_does_not_wait_for_the_load():
+    """Race review (2026-12-07): POST /shutdown while the plugin's `initialize` ran (a model loading) let the worker
+    exit only once the load had ended: its exit skipped waiting only for an execution, not for an `initialize` (or a
+    `cleanup`); now it does not wait for any call of the plugin, and exits within the graceful shutdown (3 s)."""
+    w = Worker('SlowPlugin').ready()
+    try:
+        with w.client() as c, ThreadPoolExecutor(1) as pool:
+            load = pool.submit(lambda: httpx.post(w.url + '/initialize', json={'load_seconds': 30}, timeout=60))
+            time.sleep(0.5)  # the load has begun
+            assert c.post('/shutdown').json() == {'status': 'stopping'}
+            t = time.monotonic()
+            assert w.proc.wait(10) == 1  # (1: it stopped with a call of the plugin running)
+            assert time.monotonic() - t < 8
+            try: r = load.result(10)
+            except httpx.HTTPError: r = None
+            assert r is None or r.status_code != 200, r.text  # the load never finished
+    finally: w.stop()

@@ -184,6 +184,11 @@ class PluginHost:
         "Is an execution in progress?"
         return self.ctx is not None
 
+    @property
+    def busy(self)->bool:
+        "Is the plugin in a call: an execution, or `initialize` / `cleanup` (which `running` does not count)?"
+        return self.lock.locked()
+
 # %% ../../nbs/remote/worker.ipynb #ac4aa0cf
 from fastcore.basics import patch
 
@@ -798,8 +803,8 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
     except KeyboardInterrupt: sys.exit(130)
     finally:
         sock.close()
-        if app.state.host.running:  # a plugin call still runs in a thread: do not wait for it at exit
-            log.warning("worker %d: stopping with an execution still running", os.getpid())
+        if app.state.host.busy:  # a plugin call (a long `initialize` too) still runs in a thread: do not wait for it at exit
+            log.warning("worker %d: stopping with a call of the plugin still running", os.getpid())
             kill_own_children()
             sys.stdout.flush(); sys.stderr.flush()
             if not terminated: os._exit(1)
