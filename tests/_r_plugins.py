@@ -213,3 +213,13 @@ class SpawnThenDie:
         _journal(str(child.pid))
         if die: os.kill(os.getpid(), signal.SIGKILL)
         return {'child': child.pid}
+
+
+class Stubborn:
+    "Reports progress '<tag> i/steps' every `delay` seconds and ignores cancels (a model call that cannot be interrupted)."
+    name, version = 'stubborn', '0'
+    def execute(self, tag='', steps=10, delay=0.2, **kw):
+        for i in range(steps):
+            time.sleep(delay)
+            report_progress((i + 1) / steps, f"{tag} {i + 1}/{steps}")
+        return {'tag': tag}

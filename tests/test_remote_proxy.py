@@ -951,3 +951,28 @@ def test_a_call_whose_client_stop_closed_fails_with_a_remote_worker_error():
         for call in (lambda: p.execute(text='x'), p.get_progress, p.get_stats, lambda: list(p.execute_stream(text='x'))):
             with pytest.raises(RemoteWorkerError, match=stopped): call()
         p._client = None  # as `stop()` leaves it, once it has closed it
+
+
+def test_a_job_is_not_shown_the_progress_of_an_earlier_call_that_runs_on():
+    """Race review (2026-12-07): job 1's call timed out but ran on in the worker (its plugin ignores cancels), and job 2,
+    whose call waited its turn behind it, was shown job 1's progress as its own: `/progress` did not say which call it
+    described; now it names the call (`call`), and a job relays only its own call's reports."""
+    from cjm_workers.core.worker import JobContext, set_current_job
+    from cjm_workers.remote.adapter import RemotePluginManager
+    env = {'PYTHONPATH': os.pathsep.join(p for p in (TESTS, os.environ.get('PYTHONPATH')) if p)}  # (this cjm_workers)
+    spec = RemotePluginSpec('stub', '_r_plugins', 'Stubborn', cwd=TESTS, env=env, request_timeout=0.5, stop_timeout=1)
+    pm = RemotePluginManager([spec]); pm.load_plugin(spec, {})
+    got = {1: [], 2: []}
+    try:
+        for job in (1, 2):
+            ctx = JobContext(f'job{job}', 'stub', lambda m, job=job: got[job].append(m['message']))
+            set_current_job(ctx)
+            try:
+                with pytest.raises(RemoteWorkerError, match='did not answer in time'):
+                    pm.execute_plugin('stub', tag=f'job{job}', steps=8 if job == 1 else 2, delay=0.15)
+            finally: ctx.end(); set_current_job(None)
+        assert got[1] and all(m.startswith('job1') for m in got[1]), got
+        assert not [m for m in got[2] if 'job1' in m], got
+        p = pm.proxies['stub'].get_progress()
+        assert set(p) == {'progress', 'message', 'running', 'seq', 'call'} and p['call']
+    finally: pm.close()

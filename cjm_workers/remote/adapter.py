@@ -128,6 +128,7 @@ class _ProgressForwarder:
     def __init__(self, proxy:RemotePluginProxy, wait:float, after:float):
         self.proxy, self.wait, self.after, self.job = proxy, wait, after, current_job()
         self.done, self.thread, self.following = threading.Event(), None, False
+        self.call = None  # the id of this forwarder's call, once `/progress` names it (a call in flight of the proxy)
 
     def __enter__(self):
         if self.job is not None:
@@ -147,11 +148,14 @@ class _ProgressForwarder:
             p = self.proxy.get_progress()
             while True:
                 cur = (p['progress'], p['message'])
-                if p['running']: self.following = True
-                if cur[0] is not None and cur != last and (p['running'] or last is not None):
+                if self.call is None and p['running'] and self.proxy._in_flight(p.get('call')): self.call = p['call']
+                # only this call's progress: an earlier call that timed out may run on, while this one waits its turn
+                ours = 'call' not in p or p['call'] == self.call is not None  # (a worker too old to say: any)
+                if ours and p['running']: self.following = True
+                if ours and cur[0] is not None and cur != last and (p['running'] or last is not None):
                     self.job.report_progress(float(cur[0]), cur[1])
                     last = cur
-                if self.done.is_set() or (not p['running'] and last is not None): return  # the call has ended
+                if self.done.is_set() or (ours and not p['running'] and last is not None): return  # the call has ended
                 p = self.proxy.get_progress(since=p['seq'], wait=self.wait)
         except Exception as e:  # the call itself reports what went wrong; progress is best effort
             if not self.done.is_set(): log.debug("remote progress of %s stopped: %s", self.proxy.label, e)

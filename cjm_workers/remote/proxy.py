@@ -520,6 +520,11 @@ def _cancel_body(self:RemotePluginProxy)->Optional[bytes]:
     return dumps_json({'calls': calls}) if calls else None
 
 @patch
+def _in_flight(self:RemotePluginProxy, call:Optional[str])->bool:
+    "Is `call` (a call id, as `/progress` names it) one of this proxy's calls in flight?"
+    with self._calls_lock: return call is not None and call in self._calls
+
+@patch
 def _cancel_start(self:RemotePluginProxy, by:str='cancel()' # who: `start()` raises `RemoteCancelledError` for 'cancel()', else `RemoteWorkerError`
                  )->bool:
     "Kill the worker `start()` is waiting for, if it is; True if there was one (`start()` then raises)."

@@ -159,6 +159,7 @@ class PluginHost:
         self._changed = threading.Condition(self._state)  # notified on each progress report and run start/end
         self.seq = 0  # counts those changes: a `/progress?since=seq` long poll waits for the next one
         self.ctx: Optional[JobContext] = None  # the run in progress (its `job_id` is the call's id)
+        self.last_call: Optional[str] = None  # the id of the run in progress, or of the last one: whose progress `/progress` shows
         self.init_ctx: Optional[JobContext] = None  # the `initialize` in progress
         self.cancelled_calls: OrderedDict = OrderedDict()  # ids of named calls cancelled before they began
         self.run_started = 0.0
@@ -216,6 +217,7 @@ def _begin(self:PluginHost, call:Optional[str]=None, # the call's id (`X-Call-Id
         if isinstance(self.plugin, PluginInterface): self.plugin.cancelled = False
         self._was_cancelled(ctx, call)
         self.ctx, self.run_started, self._progress, self.cancel_sent = ctx, time.monotonic(), (0.0, None, ''), None
+        self.last_call = call
         self._bump()
         _core.set_current_job(ctx)  # as in cjm_workers' worker process: report_progress / check_cancelled see this run
     return ctx
@@ -246,7 +248,7 @@ def _on_message(self:PluginHost, msg:dict)->None:
 
 @patch
 def progress(self:PluginHost)->dict:
-    "`{progress, message, running, seq}`: the newest report of the current (or last) run; progress None if none."
+    "`{progress, message, running, seq, call}`: the newest report of the current (or last) run, whose id is `call`; progress None if none."
     with self._state:
         cands = [self._progress]
         at = getattr(self.plugin, 'progress_at', None)
@@ -254,7 +256,8 @@ def progress(self:PluginHost)->dict:
             cands.append((at, getattr(self.plugin, 'progress', None), getattr(self.plugin, 'progress_message', '')))
         at, p, msg = max(cands, key=lambda c: c[0])
         if at < self.run_started or p is None: p, msg = None, ''
-        return {'progress': p, 'message': str(msg or ''), 'running': self.ctx is not None, 'seq': self.seq}
+        return {'progress': p, 'message': str(msg or ''), 'running': self.ctx is not None, 'seq': self.seq,
+                'call': self.last_call}  # a client tells its own call's progress from an earlier one's that runs on
 
 @patch
 def wait_progress(self:PluginHost,
