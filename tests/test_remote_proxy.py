@@ -976,3 +976,12 @@ def test_a_job_is_not_shown_the_progress_of_an_earlier_call_that_runs_on():
         p = pm.proxies['stub'].get_progress()
         assert set(p) == {'progress', 'message', 'running', 'seq', 'call'} and p['call']
     finally: pm.close()
+
+
+def test_a_spec_refuses_a_progress_wait_the_worker_would_refuse():
+    """Race review (2026-12-07): `RemotePluginSpec(progress_wait=60)` was accepted, then the worker refused every long
+    poll (at most 30 s) and the job's progress silently never arrived; now the spec refuses it with a `ValueError`."""
+    for bad in (60, 30.5, 0, -1, True, '5', float('nan'), None):
+        with pytest.raises(ValueError, match=r'progress_wait must be a number of seconds above 0 and at most 30'):
+            RemotePluginSpec('t', 'cjm_workers.testing', 'TranscribePlugin', progress_wait=bad)
+    for good in (0.1, 5, 30): assert RemotePluginSpec('t', 'cjm_workers.testing', 'TranscribePlugin', progress_wait=good)

@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 from ..core.worker import base_worker_process, current_job
 from .proxy import RemoteCancelledError, RemotePluginProxy, RemoteWorkerError, check_worker_options
+from .worker import MAX_PROGRESS_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class RemotePluginSpec:
     streams: bool = False  # the plugin has a real `execute_stream` (jobs then stream by default)
     start_timeout: float = 60.0  # seconds to import the plugin and start serving
     stop_timeout: float = 5.0  # graceful stop time before SIGKILL
-    progress_wait: float = 5.0  # longest single `/progress` long poll
+    progress_wait: float = 5.0  # longest single `/progress` long poll (above 0, at most `MAX_PROGRESS_WAIT`, 30 s)
     progress_after: float = 0.01  # follow progress only once a call has run this long
     max_body_bytes: Optional[int] = None  # the Universal Worker's request size limit: a job's parameters, as JSON (None: 16 MiB)
     request_timeout: Optional[float] = None  # limit for one call of the plugin, which is then cancelled (None: none; see also `WorkerConfig.job_timeout_seconds`)
@@ -39,6 +40,10 @@ class RemotePluginSpec:
 
     def __post_init__(self):  # a bad limit is named when the spec is made, not at a job's first call
         check_worker_options(self.start_timeout, self.stop_timeout, self.request_timeout, self.max_body_bytes, self.log_level)
+        w = self.progress_wait  # the worker refuses a longer poll: the job's progress would silently never arrive
+        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= MAX_PROGRESS_WAIT):
+            raise ValueError(f"progress_wait must be a number of seconds above 0 and at most {MAX_PROGRESS_WAIT:g} "
+                             f"(the longest /progress long poll a Universal Worker answers), got {w!r}")
 
     def proxy(self)->RemotePluginProxy:
         "A (not yet started) proxy for this plugin."
