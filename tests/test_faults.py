@@ -154,3 +154,22 @@ def test_undecodable_frames_on_both_request_pipes_are_skipped():
         if p.is_alive(): p.kill(); p.join(10)
         for c in (req, res, resp): c.close()
     assert p.exitcode == 0
+
+
+class _Unreadable:
+    "Pickles in the app; unpickling it raises (as an object of a class only the app can import would)."
+    def __reduce__(self): return (int, ('not a number',))
+
+
+@pytest.mark.backends('local', 'ray')
+async def test_a_request_the_worker_cannot_read_fails_its_job_on_either_backend(make_manager):
+    """Ray review (2026-12-07): on Ray the bridge unpickled each request in the app, then the actor pickled it again:
+    a request that could not make that trip (unpicklable there, a class defined in the app's `__main__`, a module
+    only the app has) stopped the bridge, and that job and every later one stayed `pending` for good. Requests now go
+    to the worker as the manager pickled them, and the worker fails the job that it cannot read, as locally."""
+    mgr = make_manager()
+    await mgr.start(wait=True)
+    bad = await mgr.wait_for_job((await mgr.start_job('echo', text='x', payload=_Unreadable())).id, timeout=S.T)
+    assert bad.status == 'failed' and 'the worker cannot read the request' in bad.error, (bad.status, bad.error)
+    after = await mgr.wait_for_job((await mgr.start_job('echo', text='after')).id, timeout=S.T)
+    assert after.status == 'completed' and after.worker_pid == bad.worker_pid

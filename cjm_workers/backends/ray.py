@@ -4,7 +4,7 @@
 
 # %% ../../nbs/backends/ray.ipynb #3d701ffa
 from __future__ import annotations
-import logging, os, pickle, queue, re, signal, threading, types, weakref
+import logging, os, pickle, queue, re, select, signal, threading, types, weakref
 import psutil
 from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
@@ -66,7 +66,7 @@ class WorkerActor:
                 self._next[kind] += 1
                 if kind == 'put': self._requests.put(batch)
                 else:
-                    try: self.req.control.put_many(batch)  # the worker's control thread reads all the time
+                    try: self.req.control.put_pickled_many(batch)  # the worker's control thread reads all the time
                     except OSError: pass  # the worker is gone: `pump` reports how it ended
 
     def _write_requests(self):
@@ -75,7 +75,7 @@ class WorkerActor:
             batch = self._requests.get()
             try:
                 if batch is None: return self.req.close_writer()  # the manager is gone: the worker reads end-of-file
-                self.req.put_many(batch)
+                self.req.put_pickled_many(batch)  # as the manager pickled them: the worker judges what it cannot read
             except OSError: pass  # the worker is gone: `pump` reports how it ended
 
     def put(self, seq:int, msgs:Optional[list]): self._in_order('put', seq, msgs)
@@ -297,16 +297,22 @@ def _receive(self:RayActorProcess)->None:
 RayActorProcess._receive = _receive
 
 def _forward(self:RayActorProcess, ch:PipeChannel, method:str)->None:
-    "Move messages the manager writes to `ch` to the actor's `method`, until the manager closes `ch`."
+    """Move messages the manager writes to `ch` to the actor's `method`, until the manager closes `ch`. They go as the
+    manager pickled them, unread (as `pump` relays the worker's): a request the app can pickle but not unpickle, or
+    one holding a class only the app can import (one defined in its `__main__`), must fail its job in the worker, as it
+    does with a local worker, not stop this thread (or the actor's writer) and with it every later request."""
     call, seq = getattr(self.actor, method), 0
+    try: ch.set_nonblocking()
+    except OSError: return
     while not self._ended.is_set():
-        try: batch = [ch.get()]
-        except (EOFError, OSError): break
-        while len(batch) < 512:  # whatever else is already waiting goes in the same actor call
-            try: batch.append(ch.get(False))
-            except (queue.Empty, EOFError, OSError): break
-        call.remote(seq, batch)
-        seq += 1
+        try:
+            select.select([ch.reader_fd], [], [])  # frames, or the end
+            frames = _raw_frames(ch)
+        except (OSError, ValueError): break
+        for i in range(0, len(frames), 512):  # whatever is waiting goes in few actor calls
+            call.remote(seq, frames[i:i + 512])
+            seq += 1
+        if ch.eof: break
     if method == 'put' and not self._ended.is_set():
         try: call.remote(seq, None)  # after every request: the worker reads end-of-file and stops
         except Exception: pass
