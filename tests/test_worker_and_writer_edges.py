@@ -94,7 +94,8 @@ def test_a_cancel_naming_a_run_that_has_ended_does_not_skip_or_stop_the_jobs_ret
     p, req, res, resp = by_hand()
     assert res.get(timeout=60)['type'] == 'ready'
     req.put({'type': 'execute', 'job_id': 'j', 'plugin_name': 'echo', 'text': 'first'})
-    msgs = read_until(res, lambda ms: results_of(ms, 'j'))
+    req.put({'type': 'execute', 'job_id': 'spacer', 'plugin_name': 'echo', 'text': 'x'})  # (a cancel of the job whose
+    msgs = read_until(res, lambda ms: results_of(ms, 'spacer'))  # result was just written is left to that result)
     assert results_of(msgs, 'j')[0]['status'] == 'success'
     req.control.put({'type': 'cancel', 'job_id': 'j', 'attempt': 1})  # late: run 1 has ended
     answer = res.get(timeout=10)
