@@ -67,7 +67,7 @@ async def test_cancelling_a_job_sent_ahead_never_kills_the_worker_running_anothe
     await mgr.start(wait=True)
     pid0 = worker_pid(mgr)
     for i in range(5):
-        running = await mgr.start_job('slow', seconds=0.5)
+        running = await mgr.start_job('slow', seconds=0.8)
         await wait_until(lambda: running.status == 'running', 30)
         ahead = await mgr.start_job('echo', text=f"ahead {i}")
         assert await mgr.cancel_job(ahead.id) is True
