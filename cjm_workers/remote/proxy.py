@@ -448,17 +448,15 @@ def _request(self:RemotePluginProxy, method:str, path:str, content:Optional[byte
     if client is None: raise RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
     try: r = client.request(method, path, content=content, headers=_headers_for(content, call), **kw)
     except httpx.TransportError as e: raise self._unreachable(e) from e
-    except RuntimeError as e:
-        if (err := self._closed(e)) is e: raise
-        raise err from e
+    except RuntimeError as e: self._closed(e); raise  # (a `RemoteWorkerError` instead, if `stop()` closed the client)
     return self._decode(r)
 
 @patch
-def _closed(self:RemotePluginProxy, e:RuntimeError)->RuntimeError:
-    "What to raise for `e`: a `RemoteWorkerError` if it is httpx refusing a client `stop()` (or a restart) closed meanwhile, else `e`."
-    if type(e) is not RuntimeError or 'client has been closed' not in str(e): return e  # (ours are subclasses)
-    return RemoteWorkerError(f"the worker for {self.label} was stopped (stop() was called, or it was restarted) "
-                             f"before this request was sent")
+def _closed(self:RemotePluginProxy, e:RuntimeError)->None:
+    "Raise a `RemoteWorkerError` (from `e`) if `e` is httpx refusing a client that `stop()` (or a restart) closed meanwhile."
+    if type(e) is RuntimeError and 'client has been closed' in str(e):  # (ours are subclasses)
+        raise RemoteWorkerError(f"the worker for {self.label} was stopped (stop() was called, or it was restarted) "
+                                f"before this request was sent") from e
 
 # %% ../../nbs/remote/proxy.ipynb #dca8476e
 @contextmanager
@@ -609,9 +607,7 @@ def execute_stream(self:RemotePluginProxy, *args, **kwargs)->Iterator[Any]:
                     if isinstance(item, _Return): ret = item.value
                     else: yield item
         except httpx.TransportError as e: raise self._unreachable(e) from e
-        except RuntimeError as e:
-            if (err := self._closed(e)) is e: raise
-            raise err from e
+        except RuntimeError as e: self._closed(e); raise  # (a `RemoteWorkerError` instead, if `stop()` closed the client)
         return ret
 
 # %% ../../nbs/remote/proxy.ipynb #da4788c2
@@ -644,9 +640,7 @@ async def _arequest(self:RemotePluginProxy, method:str, path:str, content:Option
     client = await self._aclient()
     try: r = await client.request(method, path, content=content, headers=_headers_for(content, call), **kw)
     except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
-    except RuntimeError as e:
-        if (err := self._closed(e)) is e: raise
-        raise err from e
+    except RuntimeError as e: self._closed(e); raise  # (a `RemoteWorkerError` instead, if `stop()` closed the client)
     return self._decode(r)
 
 @patch
@@ -720,9 +714,7 @@ async def _astream(self:RemotePluginProxy, out:RemoteStream, args:tuple, kwargs:
                     else: yield item
             finally: await r.aclose()
         except httpx.TransportError as e: raise await asyncio.to_thread(self._unreachable, e) from e
-        except RuntimeError as e:
-            if (err := self._closed(e)) is e: raise
-            raise err from e
+        except RuntimeError as e: self._closed(e); raise  # (a `RemoteWorkerError` instead, if `stop()` closed the client)
 
 @patch
 def aexecute_stream(self:RemotePluginProxy, *args, **kwargs)->RemoteStream:
