@@ -375,3 +375,36 @@ def test_a_page_behind_a_proxy_that_answers_502_for_a_moment_applies_nothing_twi
         assert output(page, tid) == TOKENS_TEXT and still_same(page)
     finally:
         proxy.close()
+
+
+def test_a_job_page_whose_job_was_deleted_while_it_was_away_says_so_and_stops_reconnecting(page, server):
+    """SSE review (2026-12-07): a job page whose job was deleted (`purge_jobs`) before its stream delivered the job's
+    end kept reconnecting: the stream of a job that does not exist answered 404, and the htmx SSE extension opens a
+    new connection after every failed one, for as long as the page is open, while the page went on saying 'running'.
+    Now that stream tells the page the job is gone: the page says so, its sink is replaced, and it stops asking."""
+    import httpx
+    base, app = server
+    page.goto(f'{base}/jobs')
+    jid = start_job(page, 'Slow job')
+    wait_status(page, jid, 'running')
+    away = lambda url: f'/jobs/{jid}/stream' in url
+    asked = []
+    page.on('request', lambda r: asked.append(r.url) if away(r.url) else None)
+    page.route(away, lambda route: route.abort())  # the page's stream cannot get through for now (a network outage)
+    page.goto(f'{base}/jobs/{jid}')
+    mark(page)
+    page.wait_for_function('() => true')
+    assert httpx.post(f'{base}/jobs/{jid}/cancel', headers={'accept': 'application/json'}, timeout=30).status_code == 200
+    mgr = app.state.manager
+    end = time.monotonic() + 30
+    while not mgr.get_job(jid).is_terminal and time.monotonic() < end: time.sleep(0.01)
+    assert mgr.purge_jobs(status='cancelled') >= 1 and mgr.get_job(jid) is None  # deleted while the page was away
+    assert status(page, jid) == 'running'  # (the page never heard the cancel)
+    page.unroute(away)  # the outage ends: the page's next try reaches the server
+    wait_status(page, jid, 'deleted')
+    assert 'no longer exists' in page.text_content(f'#job-{jid}-outcome') and still_same(page)
+    assert page.get_attribute(f'#job-{jid}-live', 'sse-connect') is None  # the sink is gone, and its connection
+    n = len(asked)
+    page.wait_for_timeout(5000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
+    assert len(asked) == n, asked[n:]  # no more tries
+    shot(page, '8-deleted')

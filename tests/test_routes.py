@@ -1206,3 +1206,49 @@ def test_a_blank_last_event_id_does_not_hide_the_events_since_the_page_was_made(
         server.should_exit = True
         ra.broadcaster.close()
         t.join(30)
+
+
+def test_a_job_deleted_before_its_pages_heard_its_end_says_so_and_its_page_stops_listening():
+    """SSE review (2026-12-07): a job purged between its end and the rendering of its end event had nothing rendered
+    for it (the renderer found no job): its page and its table row stayed 'running', the job page's stream ended, and
+    the browser reconnected to a stream that answered 404, which the htmx SSE extension retries for as long as the
+    page is open. Now the page is told the job is gone (`JobGone`: a `deleted` badge, and on the job's page its outcome
+    and the sink replaced, which closes the stream), live and on a reconnect."""
+    bc = SSEBroadcaster(heartbeat_seconds=0, flush_interval=3.0)  # a woken stream renders 3 s later: the purge is first
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=1.0), event_broadcaster=bc, worker_type='gone')
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, mgr, bc, prefix='/gone')
+    server, t, base = serve_in_thread(app)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            jid = c.post('/gone/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
+                         headers={'accept': 'application/json'}).json()['id']
+            detail, table = page_stream_url(c.get(f'/gone/{jid}').text), page_stream_url(c.get('/gone').text)
+            got = {}
+            readers = [threading.Thread(target=lambda: got.update(detail=_sse_until(c, detail, {}, lambda ls: False, 20))),
+                       threading.Thread(target=lambda: got.update(table=_sse_until(
+                           c, table, {}, lambda ls: any('badge-deleted' in l for l in ls), 20)))]
+            for r in readers: r.start()
+            end = time.monotonic() + 30
+            while bc.clients < 2 and time.monotonic() < end: time.sleep(0.01)  # (both streams are open)
+            assert c.post(f'/gone/{jid}/cancel', headers={'accept': 'application/json'}).status_code == 200
+            while not mgr.get_job(jid).is_terminal and time.monotonic() < end: time.sleep(0.005)
+            assert mgr.purge_jobs() == 1 and mgr.get_job(jid) is None  # before the streams render the job's end
+            for r in readers: r.join(40)
+            live = '\n'.join(got['detail'])
+            assert 'badge-deleted' in live and 'no longer exists' in live and f'<div hidden id="job-{jid}-live"' in live, live
+            assert any('badge-deleted' in l and jid in l for l in got['table']), got['table']
+            # the job's page, back after that (a drop: its EventSource reconnects): told the same, not a 404
+            r = c.get(detail, headers={'accept': 'text/event-stream', 'last-event-id': detail.split('after=')[1]})
+            assert r.status_code == 200 and r.headers['content-type'].startswith('text/event-stream'), (r.status_code, r.text)
+            assert 'event: jobs' in r.text and f'<div hidden id="job-{jid}-live" hx-swap-oob="true"></div>' in r.text, r.text
+            assert c.get(detail).status_code == 404  # (an API client's request is still a 404)
+            assert c.get(f'{detail}&format=json', headers={'accept': 'text/event-stream'}).status_code == 404
+    finally:
+        server.should_exit = True
+        bc.close()
+        t.join(30)

@@ -19,7 +19,8 @@ from ..managers.base import _valid_text
 # %% auto #0
 __all__ = ['SSE_EVENT', 'STATIC_DIR', 'ASSETS_PATH', 'HTMX_JS', 'SSE_JS', 'JOB_CSS', 'dom_id', 'ns_id', 'StatusBadge',
            'ProgressBar', 'CancelButton', 'JobActions', 'OutputPane', 'WorkerPid', 'JobOutcome', 'StartButton',
-           'JobTime', 'JobRow', 'JobTable', 'JobPager', 'JobDetail', 'LiveUpdates', 'render_event', 'job_hdrs']
+           'JobTime', 'JobRow', 'JobTable', 'JobPager', 'JobDetail', 'LiveUpdates', 'render_event', 'JobGone',
+           'job_hdrs']
 
 # %% ../../nbs/fasthtml/components.ipynb #5e0dc23f
 _SAFE = re.compile(r'[A-Za-z0-9_-]+')
@@ -260,6 +261,20 @@ def render_event(event, # an event with `type` ("<worker_type>:<name>") and `dat
                       _oob(Div(id=dom_id(job.id, 'live'), hidden=True))]
     return tuple(parts)
 
+# %% ../../nbs/fasthtml/components.ipynb #74c96ee8
+def JobGone(job_id:str, # the id of the job that no longer exists
+            view:str='list' # 'list' (its row in the job table) or 'detail' (its own page, whose stream this ends)
+           )->tuple: # out-of-band fragments
+    "Out-of-band fragments for a job that no longer exists (deleted since the page showed it)."
+    if view not in ('list', 'detail'): raise ValueError(f"JobGone: view must be 'list' or 'detail', got {view!r}")
+    parts = [Span('deleted', cls='job-badge badge-deleted', data_status='deleted', id=dom_id(job_id, 'status')),
+             Div(cls='job-progress', id=dom_id(job_id, 'progress')), Span(cls='job-actions', id=dom_id(job_id, 'actions'))]
+    if view == 'detail':
+        parts += [Div(Span('This job no longer exists: it was deleted from the server.', cls='job-reason'),
+                      cls='job-outcome', id=dom_id(job_id, 'outcome')),
+                  Div(id=dom_id(job_id, 'live'), hidden=True)]  # the sink: the stream closes
+    return tuple(_oob(p) for p in parts)
+
 # %% ../../nbs/fasthtml/components.ipynb #9f1f8a9c
 STATIC_DIR = Path(cjm_workers.__file__).parent / 'fasthtml' / 'static'  # the vendored scripts
 ASSETS_PATH = '/_cjm_workers'  # where mount_job_assets serves them
@@ -268,7 +283,7 @@ HTMX_JS, SSE_JS = 'htmx-2.0.7.min.js', 'htmx-ext-sse-2.2.4.min.js'
 JOB_CSS = """
 .job-badge{display:inline-block;padding:.1em .6em;border-radius:1em;font-size:.85em;background:#ddd;color:#222}
 .badge-running{background:#cfe3ff}.badge-completed{background:#c8f0c8}.badge-failed{background:#f8c8c8}
-.badge-cancelled{background:#eee;color:#666}
+.badge-cancelled,.badge-deleted{background:#eee;color:#666}
 .job-progress{display:flex;gap:.5em;align-items:center}.job-progress progress{width:12em}
 .job-output{white-space:pre-wrap;min-height:3em;background:#f6f6f6;padding:.5em;max-height:30em;overflow:auto}
 .job-error{color:#900;white-space:pre-wrap}.job-traceback{font-size:.85em;white-space:pre-wrap}.job-table td,.job-table th{padding:.25em .75em;text-align:left}

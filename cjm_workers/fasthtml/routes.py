@@ -19,7 +19,7 @@ from ..managers.base import NO_WORKER_ERROR, QueueFull
 from ..core.worker import _RESERVED
 from .sse import RESET, json_text, merge_chunks, sse_frame
 from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
-                         dom_id, job_hdrs, ns_id, render_event, JobActions, StatusBadge, ProgressBar)
+                         dom_id, job_hdrs, ns_id, render_event, JobActions, JobGone, StatusBadge, ProgressBar)
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +300,14 @@ class JobRoutes:
         return f"{base}/{action}" if action else base
 
     def _renderer(self, view:str, new_rows:bool=True):
-        skip = None if new_rows else f"{self._type_prefix}pending"
+        pending = f"{self._type_prefix}pending"
+        skip = None if new_rows else pending
         def render(ev):
             if not ev.type.startswith(self._type_prefix) or ev.type == skip: return None
-            parts = render_event(ev, self.manager.get_job(ev.data.get('job_id')), self.prefix, view, self.show_traceback)
+            if (jid := ev.data.get('job_id')) is None: return None
+            if (job := self.manager.get_job(jid)) is None:  # deleted since (purged): the page says so (`JobGone`), and
+                parts = None if ev.type == pending else JobGone(jid, view)  # a job's page stops listening
+            else: parts = render_event(ev, job, self.prefix, view, self.show_traceback)
             return None if parts is None else to_xml(*parts, indent=False)
         render.__qualname__ = f"JobRoutes.render_{view if new_rows else 'rows'}[{self.prefix}]"
         return render
@@ -546,6 +550,17 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
 # %% ../../nbs/fasthtml/routes.ipynb #d785e4f0
 _FORBIDDEN = lambda request: _error(request, 'forbidden', 403)
 
+def _event_source(request)->bool:
+    "Is this a job page's sink asking for its fragments (a browser's EventSource, `Accept: text/event-stream`; format html)?"
+    return 'text/event-stream' in request.headers.get('accept', '') and request.query_params.get('format', 'html') == 'html'
+
+def _gone_stream(job_id:str)->Response:
+    """The stream of a job page whose job does not exist (deleted since the page was made): one message that says so
+    and replaces the page's sink (`JobGone`), which closes the EventSource. A 404 would not stop it: the htmx SSE
+    extension opens a new connection after every failed one, for as long as the page is open."""
+    frame = sse_frame(to_xml(*JobGone(job_id, 'detail'), indent=False), event=SSE_EVENT)
+    return Response(frame, media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
+
 @patch
 def refuse_cross_site(self:JobRoutes, request)->Optional[Response]:
     "A 403 for a state change a browser sent from a page of another origin (`Sec-Fetch-Site`), unless `cross_site`."
@@ -731,6 +746,8 @@ async def stream_all(self:JobRoutes, request):
 async def stream_job(self:JobRoutes, request, job_id:str):
     "GET {prefix}/{job_id}/stream: SSE for one job's page."
     job, err = await self._job_or_error(request, job_id)
+    if err is not None and err.status_code == 404 and _event_source(request):
+        return _gone_stream(job_id)  # its page, back after the job was deleted: told so, it stops reconnecting
     if err is not None: return err
     if not job.is_terminal: return self._stream(request, job.id)
     if request.query_params.get('after') is None and not request.headers.get('last-event-id'):
