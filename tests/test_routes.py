@@ -976,26 +976,60 @@ def test_a_fast_streams_text_reaches_its_page_in_few_swaps_and_adds_up():
         assert len(swaps) <= len(words) // 4, f"{len(swaps)} swaps for {len(words)} words"
 
 
-def test_the_pages_a_server_remembers_are_bounded_even_when_empty_and_a_forgotten_one_reloads(tmp_path, monkeypatch):
-    """Newest-features review: a token was remembered for every table page served, and a page of no jobs counted for
-    nothing against the limit: 5,000 loads of an empty page kept 5,000 tokens (20,000 added 40 MB). The same jobs now
-    get the same token, each page counts one more than its jobs, and a stream whose page was forgotten gets a `reset`
-    (the page reloads) instead of every job's events."""
+def test_no_client_can_make_the_server_forget_other_pages_and_a_made_up_page_shows_nobody_elses_jobs(tmp_path, monkeypatch):
+    """SSE review (2026-12-07): the routes kept a token for each table page served, in a table bounded to 100,000 job
+    ids (`MAX_PAGE_IDS`): a client asking for a hundred pages of 1,000 jobs pushed every other page out, and those
+    pages' streams, on their next reconnect, got a `reset` (a reload) instead of their rows' events. A page's stream
+    URL now names its jobs itself (`page_token`), so nothing is kept and nothing can be pushed out. (The old bound is
+    made small here, so that the old code shows the eviction with 40 pages instead of 100,000 job ids.)"""
     import cjm_workers.fasthtml.routes as routes_mod
-    monkeypatch.setattr(routes_mod, 'MAX_PAGE_IDS', 12)
-    app, mgr = sqlite_app(tmp_path, 'mem')
-    pages = app.state.routes._pages
-    token = lambda html: re.search(r'page=([\w-]+)', html)[1]
+    monkeypatch.setattr(routes_mod, 'MAX_PAGE_IDS', 10, raising=False)
+    app, mgr = sqlite_app(tmp_path, 'many')
+    server, t, base = serve_in_thread(app)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            J, first = {'accept': 'application/json'}, app.state.routes.broadcaster.last_id
+            ids = [c.post('/many/start', json={'plugin_id': 'echo', 'params': {'text': str(i)}}, headers=J).json()['id']
+                   for i in range(6)]
+            for i in ids:
+                end = time.monotonic() + 60
+                while c.get(f'/many/{i}', headers=J).json()['status'] != 'completed' and time.monotonic() < end: time.sleep(0.02)
+            victim = page_stream_url(c.get('/many').text)  # the first page: its six jobs, and new ones as they start
+            later = page_stream_url(c.get('/many?offset=2&limit=2').text)  # ids[3] and ids[2]
+            for i in range(40):  # another client: pages of every size and place
+                assert c.get(f'/many?offset={i % 6}&limit={1 + i // 6}').status_code == 200
+            new = c.post('/many/start', json={'plugin_id': 'echo', 'params': {'text': 'new'}}, headers=J).json()['id']
+            after = victim.split('after=')[1].split('&')[0]
+            # the victim's page comes back (a drop: its EventSource reconnects with Last-Event-ID)
+            lines = _sse_until(c, victim, {'Last-Event-ID': after},
+                               lambda ls: any('badge-completed' in l and new in l for l in ls), 20)
+            assert not any(l.startswith('event: reset') for l in lines), lines  # not told to reload
+            assert any('afterbegin' in l and new in l for l in lines) and any('badge-completed' in l and new in l for l in lines), lines
+            lines = _sse_until(c, later, {'Last-Event-ID': str(first)}, lambda ls: False, 3)  # from the very first event
+            assert not any(l.startswith('event: reset') for l in lines), lines
+            data = '\n'.join(lines)  # its two jobs' events, and nothing of other jobs
+            assert ids[3] in data and ids[2] in data and not any(i in data for i in ids[:2] + ids[4:] + [new]), data
+            bad = c.get('/many/stream?after=0&page=X43HhAgc')  # not a page's URL (a page from another version)
+            assert bad.text.startswith('event: reset') and 'reload it' in bad.text, bad.text
+    finally:
+        server.should_exit = True
+        app.state.routes.broadcaster.close()
+        t.join(30)
+
+
+def test_a_made_up_page_token_shows_nobody_elses_jobs(tmp_path):
+    """Nothing signs a page's stream URL, and nothing needs to: `page=` only narrows what the table's stream queues,
+    and every event still passes the request's `scope` (and `authorize`). Bob naming the numbers of every job gets his own."""
+    app, mgr, r = scoped_app(tmp_path / 'j.db')
+    J = lambda user: {'x-user': user, 'accept': 'application/json'}
     with TestClient(app) as cli:
-        empty = {token(cli.get(f'/mem?offset={i}').text) for i in range(1, 200)}
-        assert len(empty) == 1 and len(pages) == 1  # 199 loads of pages of no jobs: one token
-        for i in range(8): cli.portal.call(mgr.wait_for_job, start(cli, '/mem', 'echo', text=str(i)), 30)
-        seen = [token(cli.get(f'/mem?offset={i}&limit=1').text) for i in range(8)]  # 8 pages of one job: 2 each
-        assert len(set(seen)) == 8 and len(pages) == 6 and sum(len(v) + 1 for v in pages.values()) <= 12
-        assert seen[0] not in pages and seen[-1] in pages  # the oldest forgotten first
-        with cli.stream('GET', f'/mem/stream?after=0&page={seen[0]}') as resp:
-            body = resp.read().decode()
-        assert body.startswith('event: reset') and 'reload it' in body, body
+        after = r.broadcaster.last_id
+        a = cli.post('/jobs/start', json={'plugin_id': 'tokens', 'params': {'text': 'secret words', 'delay': 0}}, headers=J('alice')).json()['id']
+        cli.portal.call(mgr.wait_for_job, a, 30)
+        b = cli.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'text': 'mine'}}, headers=J('bob')).json()['id']
+        cli.portal.call(mgr.wait_for_job, b, 30)
+        text = replay_until_completed(cli, f'/jobs/stream?after={after}&page=0-zzzz&newest=0', {'x-user': 'bob'}, b)
+        assert b in text and a not in text and 'secret' not in text, text[:2000]
 
 
 def test_a_scope_whose_values_are_not_of_the_fields_type_is_a_500_that_says_so(tmp_path):

@@ -4,8 +4,7 @@
 
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
-import asyncio, inspect, json, logging, math, secrets, types, typing
-from collections import OrderedDict
+import asyncio, bisect, inspect, json, logging, math, re, types, typing
 from urllib.parse import urlencode, urlsplit
 from dataclasses import asdict, fields as dataclass_fields, is_dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -24,9 +23,9 @@ from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, Jo
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'MAX_PAGE_IDS', 'SCAN_CHUNK',
-           'MAX_OFFSET', 'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body',
-           'mount_job_routes']
+__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'SCAN_CHUNK', 'MAX_OFFSET',
+           'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body', 'page_token',
+           'read_page_token', 'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
 _ASSETS = {HTMX_JS: 'text/javascript', SSE_JS: 'text/javascript'}
@@ -274,9 +273,6 @@ class JobRoutes:
         self.title = title or f"{manager.worker_type} jobs"
         self._type_prefix = f"{manager.worker_type}:"
         self._job_ends = {f"{self._type_prefix}{s}" for s in ('completed', 'failed', 'cancelled')}
-        self._pages, self._page_ids = OrderedDict(), 0  # token → ids of the jobs a table page shows (`remember_page`)
-        self._page_tokens = {}  # those ids → the token (a page served again with the same jobs gets the same token)
-        self._page_newest = {}  # token of a first page → `job_seq` of its newest job: newer jobs are its new rows
         self.render_list = self._renderer('list')
         self.render_rows = self._renderer('list', new_rows=False)  # a later or filtered page: no new rows at its top
         self.render_detail = self._renderer('detail')
@@ -369,57 +365,33 @@ async def live_table(self:JobRoutes,
     if new_rows:  # jobs started while the store was read: their `pending` events are before `after`
         started = sorted((j for j in list(self.manager.jobs.values()) if job_seq(j) > newest), key=job_seq, reverse=True)
         jobs = (started if request is None else await self.admitted(request, started)) + jobs
-    token = self.remember_page(jobs, max(newest, max(map(job_seq, jobs), default=-1)) if new_rows else None)
-    stream = (f"{self.url(action='stream')}?after={after}&page={token}"
-              + ('' if new_rows else '&rows=fixed'))
+    seqs = [job_seq(j) for j in jobs]  # the page's jobs, named in its stream's URL (`page_token`): nothing is stored
+    tail = {'newest': max(newest, max(seqs, default=-1))} if new_rows else {'rows': 'fixed'}  # (new rows: jobs after `newest`)
+    stream = f"{self.url(action='stream')}?{urlencode({'after': after, 'page': page_token(seqs), **tail})}"
     if len(jobs) <= THREAD_ROWS: table = JobTable(jobs, self.prefix)
     else:  # a big page: built and rendered in a thread (about 0.4 ms a row), so the loop keeps serving streams
         table = NotStr(await asyncio.to_thread(lambda: to_xml(JobTable(jobs, self.prefix), indent=False)))
     return (table, JobPager(self.prefix, offset, len(jobs), total, limit, status, more, live=new_rows),
             LiveUpdates(stream, ns_id(self.prefix, 'live'), pager=self.prefix if new_rows else None))
 
-MAX_PAGE_IDS = 100_000  # job ids of the table pages served that the routes remember (the oldest pages are forgotten first)
-
-@patch
-def remember_page(self:JobRoutes, jobs:list,
-                  newest:Optional[int]=None # for a first page: the `job_seq` above which jobs are its new rows
-                 )->str:
-    """A token naming the jobs a table page shows: its stream (`page=`) then sends their events only (`page_wants`).
-    The same jobs get the same token; each page counts as its jobs plus one against `MAX_PAGE_IDS` (so empty pages too)."""
-    ids = frozenset(j.id for j in jobs)
-    if (token := self._page_tokens.get(ids)) is None:
-        token = secrets.token_urlsafe(9)
-        self._pages[token], self._page_tokens[ids] = ids, token
-        self._page_ids += len(ids) + 1
-        while self._page_ids > MAX_PAGE_IDS and len(self._pages) > 1:
-            gone, old = self._pages.popitem(last=False)
-            del self._page_tokens[old]
-            self._page_newest.pop(gone, None)
-            self._page_ids -= len(old) + 1
-    else: self._pages.move_to_end(token)
-    if newest is not None: self._page_newest[token] = max(newest, self._page_newest.get(token, -1))
-    return token
-
 @patch
 def page_wants(self:JobRoutes, request, new_rows:bool)->Callable:
     """What a table's stream queues (the broadcaster's `wants`): no `chunk` events (a table shows no text), and for a
-    page it knows (`page=`), only the events of its jobs, and on the first page those of jobs started since (their
-    rows are added at its top). (A page it has forgotten, or one from before a restart, gets a `reset`: `_stream`.)"""
-    chunk, pending, token = f"{self._type_prefix}chunk", f"{self._type_prefix}pending", request.query_params.get('page')
-    ids = self._pages.get(token) if token else None
-    if ids is not None: self._pages.move_to_end(token)
-    jobs, newest, live = None if ids is None else set(ids), self._page_newest.get(token), self.manager.jobs
+    page that names its jobs (`page=`, `page_token`), only the events of its jobs, and on the first page those of jobs
+    started since (their `pending` event, and any event of a job after its `newest`: their rows are added at its top).
+    A job no longer in memory (put away, or deleted) cannot be placed: its events are queued, for the renderer to judge.
+    (A stream whose `page=` or `newest=` cannot be read gets a `reset`: `_stream`.)"""
+    chunk, pending = f"{self._type_prefix}chunk", f"{self._type_prefix}pending"
+    page, live = _page_of(request), self.manager.jobs
+    starts, ends, newest = page or ((), (), None)
     def wants(ev)->bool:
         if ev.type == chunk: return False
         jid = ev.data.get('job_id')
-        if jobs is None or jid is None or jid in jobs: return True
-        if not new_rows: return False
-        # a job started since the page was made: its `pending` event, or (on a stream resumed after that event:
-        # a reconnect) any event of a job newer than the page's newest
-        if ev.type == pending or (newest is not None and (j := live.get(jid)) is not None and job_seq(j) > newest):
-            jobs.add(jid)
-            return True
-        return False
+        if page is None or jid is None: return True
+        if ev.type == pending: return new_rows  # a new row (a later page adds none)
+        if (j := live.get(jid)) is None: return True
+        s = job_seq(j)
+        return _in_runs(starts, ends, s) or (new_rows and newest is not None and s > newest)
     return wants
 
 @patch
@@ -429,6 +401,55 @@ async def live_detail(self:JobRoutes, job)->tuple:
     parts = (detail,)
     if not job.is_terminal: parts += (LiveUpdates(f"{self.url(job.id, 'stream')}?after={after}", dom_id(job.id, 'live')),)
     return parts
+
+# %% ../../nbs/fasthtml/routes.ipynb #f305b0b5
+_B36 = '0123456789abcdefghijklmnopqrstuvwxyz'
+
+def _b36(n:int)->str:
+    out = ''
+    while True:
+        n, r = divmod(n, 36)
+        out = _B36[r] + out
+        if not n: return out
+
+def page_token(seqs:Iterable[int] # the `job_seq` of each job a table page shows
+              )->str: # e.g. '1f-1d' (one run: 51 to 100), '_' for no jobs
+    "The jobs of a table page as its stream's `page=`: their `job_seq`s in runs (see above)."
+    runs = []
+    for s in sorted({max(int(s), 0) for s in seqs}):
+        if runs and s == runs[-1][1] + 1: runs[-1][1] = s
+        else: runs.append([s, s])
+    out, end = [], -1
+    for lo, hi in runs:
+        out.append(_b36(lo - end - 1) + (f"-{_b36(hi - lo)}" if hi > lo else ''))
+        end = hi
+    return '.'.join(out) or '_'
+
+_RUN = re.compile(r'([0-9a-z]{1,13})(?:-([0-9a-z]{1,13}))?')
+
+def read_page_token(token:str # a `page_token`
+                   )->tuple: # (starts, ends): the runs' first and last `job_seq`s, in order
+    "The runs of `job_seq`s a `page_token` names (ValueError if it is not one)."
+    if token == '_': return (), ()
+    starts, ends, end = [], [], -1
+    for part in token.split('.'):
+        if (m := _RUN.fullmatch(part)) is None: raise ValueError(f"not a page token: {token[:40]!r}")
+        lo = end + 1 + int(m[1], 36)
+        end = lo + (int(m[2], 36) if m[2] else 0)
+        starts.append(lo); ends.append(end)
+    return starts, ends
+
+def _in_runs(starts, ends, s:int)->bool:
+    i = bisect.bisect_right(starts, s) - 1
+    return i >= 0 and s <= ends[i]
+
+def _page_of(request)->Optional[tuple]:
+    "(starts, ends, newest) of a table stream's `page=` and `newest=` (None: no `page=`; ValueError: one cannot be read)."
+    q = request.query_params
+    if (token := q.get('page')) is None: return None
+    newest = q.get('newest')
+    if newest is not None and not re.fullmatch(r'-?[0-9]{1,19}', newest): raise ValueError(f"newest must be a job_seq, got {newest[:40]!r}")
+    return *read_page_token(token), None if newest is None else int(newest)
 
 # %% ../../nbs/fasthtml/routes.ipynb #204a7317
 @patch
@@ -521,10 +542,10 @@ def _resume_after(request, after:Optional[str]):
     scope['headers'] = [*((k, v) for k, v in request.scope['headers'] if k != b'last-event-id'), (b'last-event-id', after.encode())]
     return Request(scope, request.receive)
 
-def _forgotten_page()->Response:
-    "The stream of a table page the routes no longer know: a `reset`, which makes the page reload (`LiveUpdates`)."
-    data = {'type': RESET, 'data': {'reason': "this page is no longer known here (the server restarted, or served "
-                                              "many pages since): reload it"}}
+def _unreadable_page()->Response:
+    "The stream of a table page whose `page=` cannot be read (a page of another version): a `reset`, which makes it reload (`LiveUpdates`)."
+    data = {'type': RESET, 'data': {'reason': "this page's stream URL does not name its jobs as this server does "
+                                              "(a page from another version): reload it"}}
     return Response(sse_frame(json_text(data), event=RESET), media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
 
 @patch
@@ -538,8 +559,8 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
         return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json, keep=keep,
                                        until=None if job_id is None else (lambda ev: ev.type in self._job_ends))
     if job_id is None:
-        token = request.query_params.get('page')
-        if token is not None and token not in self._pages: return _forgotten_page()  # the page reloads, with a new token
+        try: _page_of(request)
+        except ValueError: return _unreadable_page()  # the page reloads, with a URL this server reads
         fixed = request.query_params.get('rows') == 'fixed'
         return self.broadcaster.stream(req, render=self.render_rows if fixed else self.render_list, event_name=SSE_EVENT,
                                        keep=self.keeper(request), wants=self.page_wants(request, new_rows=not fixed))
