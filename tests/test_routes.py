@@ -294,7 +294,7 @@ def test_the_table_comes_a_page_at_a_time_and_only_the_first_page_takes_new_rows
         new = start(cli, '/paged', 'echo', text='new')
         cli.portal.call(mgr.wait_for_job, new, 30)
         done = lambda d: f'id="{dom_id(new, "status")}"' in d and 'completed' in d
-        unnamed = re.sub(r'&page=[^&]+', '', url2)  # a page the routes do not know (e.g. from before a restart)
+        unnamed = re.sub(r'&page=[^&]+', '', url2)  # a stream that names no page: every job's events, but no new rows
         for url, inserted in ((url1, True), (unnamed, False)):
             with cli.stream('GET', url) as resp:
                 msgs = sse_messages(resp.iter_lines(), until=done)
