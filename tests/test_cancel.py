@@ -279,3 +279,27 @@ async def test_a_run_that_fails_after_its_cancel_is_not_retried(make_manager):
         names = rec.of(j.id)
         assert 'retrying' not in names and sum(n in TERMINAL_EVENTS for n in names) == 1, names
         assert j.status == 'cancelled' and j.attempts == 1
+
+
+@pytest.mark.backends('local')
+async def test_a_passed_deadline_of_a_job_sent_ahead_does_not_make_the_management_thread_spin(make_manager):
+    """Core review (2026-12-07): since only the running job's cancel deadline kills, that of a job sent ahead can pass
+    with the job still waiting for the worker's answer (its control thread cannot run while the running job holds the
+    GIL); `_wait_spec` still waited for it, so the management thread polled with no wait, over and over: a whole CPU."""
+    from _m_plugins import m_worker
+    mgr = make_manager(dict(prefetch=4, prefetch_max_job_seconds=None, cancel_grace_seconds=0.1), entry_point=m_worker)
+    await mgr.start(wait=True)
+    hog = await mgr.start_job('gil', n=10**10)  # holds the worker's GIL for far longer than this test looks
+    ahead = await mgr.start_job('echo', text='sent ahead')
+    await wait_until(lambda: hog.progress_message == 'holding', 30)
+    assert mgr.get_worker_stats()[0]['queued_in_worker'] == 2
+    cancel = asyncio.ensure_future(mgr.cancel_job(ahead.id))
+    await asyncio.sleep(0.5)  # its deadline has passed; the worker cannot answer yet
+    assert ahead.status == 'pending' and not cancel.done()
+    rounds, spec = [], mgr._wait_spec  # count the management thread's rounds (each one waits for what `_wait_spec` says)
+    mgr._wait_spec = lambda: (rounds.append(1), spec())[1]
+    await asyncio.sleep(1.0)
+    assert hog.status == 'running' and ahead.status == 'pending'  # (the count covers the wait)
+    assert len(rounds) < 20, f"the management thread went round {len(rounds)} times in 1 s while nothing happened"
+    assert await mgr.cancel_job(hog.id) is True  # it ignores the cooperative cancel: killed after 0.1 s
+    assert await cancel is True and ahead.status == 'cancelled'
