@@ -458,8 +458,9 @@ def failing(self:SQLiteJobStore)->bool:
     is committed again, `committed` does not move. (A single failure is not counted, nor are up to
     `_QUICK_REPLACEMENTS` writer processes in a row that died, killed or out of memory: each is replaced at once,
     and the retry by a new writer usually succeeds. While the store is failing, the manager stops holding
-    `wait_for_job` until a commit, so a dead writer must not count as a failing disk too soon.)"""
-    return self.failures > 1 and not (self.failures == self._writer_deaths <= _QUICK_REPLACEMENTS)
+    `wait_for_job` until a commit, so a dead writer must not count as a failing disk too soon; nor may the moments
+    between the updates of the two counts, which this property reads from other threads without a lock.)"""
+    return self.failures > 1 and not (self.failures <= self._writer_deaths <= _QUICK_REPLACEMENTS)  # (a death is counted first)
 
 @patch
 def _start_writer(self:SQLiteJobStore):
@@ -573,7 +574,9 @@ def _write_loop(self:SQLiteJobStore):
                 err = self._send(w, batch, odd, lost)
             except WriterGone as e: err, died = str(e), True
             except Exception as e: err, exc = _reason(e), e
-            gone = self._writer_deaths = self._writer_deaths + 1 if died else 0
+            if died: self._writer_deaths += 1  # counted before `failures` (and cleared after it, below): `failing`, read
+            elif err is not None: self._writer_deaths = 0  # from other threads, must never meet a run of dead writers
+            gone = self._writer_deaths                     # with more failures than deaths in it
             if err is not None:  # whatever failed, a new writer process writes the batch again (below: `w` is dropped)
                 self.failures += 1
                 self.stats['failed'] += 1
@@ -601,6 +604,7 @@ def _write_loop(self:SQLiteJobStore):
                         log.warning("job store %s: writing works again, after %d failures in a row over %.1f s; every job "
                                     "state waiting is written", self.path, self.failures, time.monotonic() - self._failing_since)
                     self.failures, self._failing_since = 0, None
+                    self._writer_deaths = 0
                     self._committed = max(self._committed, upto)
                     if batch: self.stats['batches'] += 1; self.stats['rows'] += len(batch)
                     self._cv.notify_all()
