@@ -303,3 +303,24 @@ async def test_a_passed_deadline_of_a_job_sent_ahead_does_not_make_the_managemen
     assert len(rounds) < 20, f"the management thread went round {len(rounds)} times in 1 s while nothing happened"
     assert await mgr.cancel_job(hog.id) is True  # it ignores the cooperative cancel: killed after 0.1 s
     assert await cancel is True and ahead.status == 'cancelled'
+
+
+def test_a_killed_worker_whose_end_is_not_seen_yet_does_not_make_the_management_thread_spin():
+    """Core review (2026-12-07): after a hard cancel's kill, the running job's passed deadline stayed in `_wait_spec`
+    until the worker's end was seen, so the management thread polled with no wait, over and over; a daemon the
+    plugin left in a session of its own holding the worker's pipes delays that end for `_KILL_WAIT_SECONDS`: 735181
+    rounds in those 5 s. Only the end of the kill is waited for now (a check of `_wait_spec` on a stand-in worker)."""
+    from types import SimpleNamespace
+    from cjm_workers.managers.base import _KILL_WAIT_SECONDS
+    from cjm_workers.testing import ReferenceJobManager
+    mgr = ReferenceJobManager()  # never started: no process, no thread
+    mgr._wake_fds[:] = [7, 8]  # stand-ins: `_wait_spec` only lists them
+    s = mgr._slots[0]
+    s.process, s.fds, s.requests, s.running = object(), (11, 12, 13), SimpleNamespace(backlog=0), 'a'
+    s.cancel_deadlines['a'] = s.killed_at = time.monotonic() - 0.5  # its grace period is over; it was killed 0.5 s ago
+    try:
+        fds, timeout = mgr._wait_spec()
+        assert timeout is not None and _KILL_WAIT_SECONDS - 1 < timeout <= _KILL_WAIT_SECONDS - 0.5, timeout
+    finally:
+        s.process, s.fds, s.requests, s.running, s.killed_at = None, (), None, None, None
+        s.cancel_deadlines.clear(); mgr._wake_fds.clear()

@@ -1165,11 +1165,12 @@ def _wait_spec(self:BaseJobManager):
                 if loop is not None and loop.is_running(): fds += ((s.fds[2], IN),)
                 else: fds += tuple((fd, IN) for fd in s.fds)
                 if s.requests.backlog: fds += ((s.requests.writer_fd, OUT),)
-                if (d := s.cancel_deadlines.get(s.running)) is not None: deadlines.append(d)  # (the running job's only)
-                deadlines += list(s.timeouts.values())
-                if s.killed_at is not None: deadlines.append(s.killed_at + _KILL_WAIT_SECONDS)
-                if s.start_deadline is not None: deadlines.append(s.start_deadline)
-                if s.stop_deadline is not None: deadlines.append(s.stop_deadline)
+                if s.killed_at is not None: deadlines.append(s.killed_at + _KILL_WAIT_SECONDS)  # only its end, now
+                else:
+                    if (d := s.cancel_deadlines.get(s.running)) is not None: deadlines.append(d)  # (the running job's only)
+                    deadlines += list(s.timeouts.values())
+                    if s.start_deadline is not None: deadlines.append(s.start_deadline)
+                    if s.stop_deadline is not None: deadlines.append(s.stop_deadline)
             elif s.restart_at is not None: deadlines.append(s.restart_at)
         if self._retries: deadlines.append(self._retries[0][0])
         if self.worker_config.keep_finished_seconds is not None and not self._closed: deadlines.append(self._purge_at)
