@@ -1730,11 +1730,11 @@ async def cancel_job(self:BaseJobManager,
             self._terminal(job, 'cancelled', reason='cancelled while waiting for its retry' if job.attempts else 'cancelled before it started')
         elif slot is not None and job_id not in slot.cancel_deadlines:
             slot.cancel_deadlines[job_id] = time.monotonic() + self.worker_config.cancel_grace_seconds
-            req = slot.requests
+            req, msg = slot.requests, _cancel_msg(job_id, job)  # (its run read under the lock, with its state)
         else:  # a cancel is already under way; if a timeout's, the app's cancel decides the outcome from now on
             if slot is not None: self._timed_out.discard(job_id)
             slot = None
-    if slot is not None: _send([(req, [_cancel_msg(job_id, job)])], control=True)
+    if slot is not None: _send([(req, [msg])], control=True)
     self._wake()
     self._flush()
     return (await self.wait_for_job(job_id)).status == 'cancelled'
