@@ -1,5 +1,5 @@
 """Process helpers shared by the tests that kill, watch and count processes (and by the fault scenarios)."""
-import json, os, signal, subprocess, threading, time
+import json, os, signal, subprocess, sys, threading, time
 import psutil
 from cjm_workers.testing import RecordingBroadcaster, wait_until
 
@@ -98,3 +98,29 @@ def none_factory_worker(request_queue, result_queue, response_queue):
     "Worker entry point whose plugin-manager factory returns None (`def make_plugin_manager(): ...`, as a placeholder)."
     from cjm_workers.core.worker import base_worker_process
     base_worker_process(request_queue, result_queue, response_queue, plugin_manager_factory=lambda: None)
+
+
+_STRANGER = '''
+import subprocess as s, sys
+want, tries = int(sys.argv[1]), int(sys.argv[2])
+for i in range(tries):  # another process may take the pid first: try again
+    try:
+        with open('/proc/sys/kernel/ns_last_pid', 'w') as f: f.write(str(want - 1))
+    except OSError: pass
+    p = s.Popen(['sleep', '300'], start_new_session=True, stdin=s.DEVNULL, stdout=s.DEVNULL, stderr=s.DEVNULL)
+    if p.pid == want or i == tries - 1: break
+    p.kill(); p.wait()
+print(p.pid)
+'''
+
+def can_choose_pids() -> bool:
+    "Can this process have the kernel give a chosen pid to the next process (root: /proc/sys/kernel/ns_last_pid)?"
+    return os.access('/proc/sys/kernel/ns_last_pid', os.W_OK)
+
+
+def stranger_with_pid(pid: int, tries: int = 20) -> int:
+    """Start an unrelated process (`sleep 300`, leading a session and group of its own, not our child), asking the
+    kernel for `pid` (needs `can_choose_pids()`), and return the pid it got: `pid` unless that id is still taken."""
+    out = subprocess.run([sys.executable, '-c', _STRANGER, str(pid), str(tries)], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout)

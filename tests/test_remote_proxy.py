@@ -15,7 +15,7 @@ from cjm_workers.remote.proxy import (RemoteCancelledError, RemotePluginError, R
                                       RemoteWorkerError)
 from cjm_workers.testing import RecordingBroadcaster, ReferenceJob, ReferenceJobManager, wait_until
 from conftest import descendants
-from _a_helpers import gone, wait_gone
+from _a_helpers import can_choose_pids, gone, stranger_with_pid, wait_gone
 
 PROBE = 'cjm_iso_probe'
 
@@ -985,3 +985,45 @@ def test_a_spec_refuses_a_progress_wait_the_worker_would_refuse():
         with pytest.raises(ValueError, match=r'progress_wait must be a number of seconds above 0 and at most 30'):
             RemotePluginSpec('t', 'cjm_workers.testing', 'TranscribePlugin', progress_wait=bad)
     for good in (0.1, 5, 30): assert RemotePluginSpec('t', 'cjm_workers.testing', 'TranscribePlugin', progress_wait=good)
+
+
+_choose_pids = pytest.mark.skipif(not can_choose_pids(), reason="giving a process a chosen pid needs root (ns_last_pid)")
+
+@_choose_pids
+def test_a_restart_does_not_kill_the_process_group_that_took_the_dead_workers_pid():
+    """Pid-reuse review (2026-12-07): a worker that died (an OOM kill) was reaped as soon as anyone asked `alive`, and
+    `start()` then SIGKILLed the process group with the dead worker's id, which by then could lead another process (a
+    group of the app's, or of anyone else's). Now nothing reaps the worker before its group is killed: until then its
+    id stays its own, and no other process can be given it. (The kernel is asked for the id, as pid reuse would.)"""
+    p, stranger = RemotePluginProxy('cjm_workers.testing', 'SlowPlugin', stop_timeout=1), None
+    try:
+        p.start(); old = p.pid
+        os.kill(old, signal.SIGKILL)  # the worker dies
+        assert wait_until_sync(lambda: not p.alive)
+        stranger = stranger_with_pid(old)  # an unrelated process leading its own group, given the id if it is free
+        p.start()  # kills what is left of the dead worker's group, then starts a worker
+        assert not gone(stranger), f"the restart killed pid {stranger}'s process group (the dead worker's was {old})"
+        assert stranger != old and p.execute(seconds=0)['text'] == 'slept 0s'
+    finally:
+        p.stop()
+        if stranger is not None: os.kill(stranger, signal.SIGKILL)
+
+
+@_choose_pids
+def test_kill_or_stop_after_the_worker_was_reaped_spares_the_process_now_given_its_pid():
+    """Pid-reuse review (2026-12-07): `kill()` again (or `stop()`) after a `kill()` listed and SIGKILLed the
+    descendants and the process group of whatever process had the reaped worker's id by then. Now a reaped worker's
+    id is not signalled at all."""
+    p = RemotePluginProxy('cjm_workers.testing', 'SlowPlugin', stop_timeout=1).start()
+    old = p.pid
+    p.kill()  # killed and reaped: the id is free
+    stranger = stranger_with_pid(old)
+    try:
+        if stranger != old: pytest.skip(f"another process took pid {old} first")
+        p.kill()
+        assert not gone(stranger), "kill() killed the process given the reaped worker's pid"
+        p.stop()
+        assert not gone(stranger), "stop() killed the process given the reaped worker's pid"
+    finally:
+        p.stop()
+        os.kill(stranger, signal.SIGKILL)

@@ -1,13 +1,14 @@
 """Shutdown and lifetime: what shutdown does to running and pending jobs, that it leaves no process, thread or fd
 behind, the context-manager and Starlette-lifespan forms, the finalizer of a dropped manager, and that importing the
 library has no global side effects."""
-import asyncio, gc, json, subprocess, sys, textwrap, time, weakref
+import asyncio, gc, json, os, subprocess, sys, textwrap, time, weakref
 from multiprocessing import resource_tracker
 import psutil, pytest
 from cjm_workers.core.config import RestartPolicy, WorkerConfig
 from cjm_workers.testing import ReferenceJobManager, wait_until
 from conftest import descendants, resource_counts
-from _a_helpers import child_pid_of, cjm_threads, gone, is_resource_tracker, wait_gone, worker_pid
+from _a_helpers import (can_choose_pids, child_pid_of, cjm_threads, gone, is_resource_tracker, stranger_with_pid,
+                         wait_gone, worker_pid)
 
 pytestmark = pytest.mark.backends('local', 'ray')  # each test using make_manager runs on both backends
 
@@ -337,3 +338,20 @@ async def test_a_worker_waiting_out_its_backoff_at_shutdown_is_stopped_not_resta
     await mgr.ashutdown()
     assert mgr.get_worker_stats()[0]['status'] == 'stopped'
     with pytest.raises(RuntimeError, match='has been shut down'): await mgr.restart_workers()
+
+
+@pytest.mark.skipif(not can_choose_pids(), reason="giving a process a chosen pid needs root (ns_last_pid)")
+def test_kill_process_tree_of_a_reaped_worker_spares_the_process_now_given_its_pid():
+    """Pid-reuse review (2026-12-07): `kill_process_tree` (and the manager's end of a worker) SIGKILLed the process
+    group with the worker's id after the worker was reaped, when that id may lead another process's group. Now a
+    group is signalled only while its leader is our child not yet reaped."""
+    import multiprocessing as mp
+    from cjm_workers.core.process import kill_process_tree
+    p = mp.get_context('spawn').Process(target=time.sleep, args=(0,))
+    p.start(); p.join()  # it ended and was reaped
+    stranger = stranger_with_pid(p.pid)
+    try:
+        if stranger != p.pid: pytest.skip(f"another process took pid {p.pid} first")
+        kill_process_tree(p)
+        assert not gone(stranger), "kill_process_tree killed the process group now led by the worker's old pid"
+    finally: os.kill(stranger, 9)

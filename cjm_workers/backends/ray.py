@@ -94,8 +94,8 @@ class WorkerActor:
             for fd, ch in list(open_.items()):
                 if ch.eof: poller.unregister(fd); del open_[fd]  # closed: stop waking on it
             if self.proc.sentinel in ready:
+                kill_process_group(self.proc.pid)  # what its plugins left in its group: before it is reaped (then its id is free)
                 self.proc.join()
-                kill_process_group(self.proc.pid)  # what its plugins started and left in its group (before the end is told)
                 batch += [('results', f) for f in _raw_frames(self.res)] + [('responses', f) for f in _raw_frames(self.resp)]
                 batch.append(('exit', self.proc.exitcode))
                 yield batch
@@ -337,12 +337,11 @@ def _kill_worker_here(pid:int, actor_pid:Optional[int])->None:
     try:
         p = psutil.Process(pid)
         if p.ppid() != actor_pid: return  # it ended already: its pid may be another process's now
-        kids = p.children(recursive=True)  # listed before it goes: a child in a session of its own is in no group of its
+        created, kids = p.create_time(), p.children(recursive=True)  # listed before it goes: a child in a session of its own is in no group of its
     except psutil.Error: return
-    try:
-        os.kill(pid, signal.SIGKILL)
-        kill_process_group(pid)  # it leads a group of its own
-    except OSError: pass
+    kill_process_group(pid, created)  # it leads a group of its own: it and the rest, if it is still that process
+    try: p.kill()  # (psutil checks that it is still that process)
+    except psutil.Error: pass
     for k in kids:
         try: k.kill()
         except psutil.Error: pass

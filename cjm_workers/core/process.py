@@ -11,8 +11,8 @@ import psutil
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'describe_exit', 'become_group_leader', 'kill_process_group', 'kill_process_tree', 'kill_worker_tree',
-           'kill_own_children', 'process_ended', 'wait_ended']
+__all__ = ['log', 'describe_exit', 'become_group_leader', 'is_unreaped_child', 'kill_process_group', 'kill_process_tree',
+           'kill_worker_tree', 'kill_own_children', 'process_ended', 'wait_ended']
 
 # %% ../../nbs/core/process.ipynb #8684e9a3
 def describe_exit(exitcode:int|None # `multiprocessing.Process.exitcode`
@@ -34,12 +34,33 @@ def become_group_leader()->bool:
         log.debug("could not create a process group: %s", e)
         return False
 
-def kill_process_group(pgid:int|None # the worker's pid, which is its group id
-                      )->None:
-    "SIGKILL every process left in the group led by `pgid`, if that group exists (never our own group)."
-    if pgid is None or pgid <= 1 or pgid == os.getpgrp(): return
+def is_unreaped_child(pid:int # a process id
+                     )->bool:
+    "Is `pid` a child of this process that has not been reaped (running, or a zombie)? Reaps nothing."
+    try: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError: return False  # not our child, or reaped already: the id may be anyone's now
+    except (AttributeError, OSError):  # no `waitid` (macOS): ask who its parent is
+        try: return psutil.Process(pid).ppid() == os.getpid()
+        except psutil.Error: return False
+    return True
+
+def kill_process_group(pgid:int|None, # the worker's pid, which is its group id
+                       created:float|None=None # the worker's `psutil.Process.create_time()`, when it is not our child
+                      )->bool: # True if the group was signalled
+    """SIGKILL the worker that leads the group `pgid` and every process left in it (never our own group), but only
+    while `pgid` is still that worker: our child not yet reaped (a zombie keeps its id), or, with `created`, the process
+    created then. Once the worker is reaped its id, and so the group id, may be another process's."""
+    if pgid is None or pgid <= 1 or pgid == os.getpgrp(): return False
+    if created is None: ours = is_unreaped_child(pgid)
+    else:
+        try: ours = psutil.Process(pgid).create_time() == created
+        except psutil.Error: ours = False
+    if not ours:
+        log.debug("process group %d not killed: its leader is not the recorded worker (its id may be reused)", pgid)
+        return False
     try: os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError): pass
+    except (ProcessLookupError, PermissionError): return False
+    return True
 
 def kill_process_tree(process, # a started `multiprocessing.Process`
                       timeout:float=1.0, # seconds to wait for each step
@@ -50,13 +71,12 @@ def kill_process_tree(process, # a started `multiprocessing.Process`
     pid = process.pid
     try: children = psutil.Process(pid).children(recursive=True)  # list them before the parent goes
     except psutil.Error: children = []
-    alive = process.is_alive if reap else (lambda: not process_ended(process))
-    wait = process.join if reap else (lambda t: wait_ended([process], t))
-    if terminate_first and alive():
-        process.terminate(); wait(timeout)
-    if alive():
-        process.kill(); wait(timeout)
-    kill_process_group(pid)
+    if terminate_first and not process_ended(process):
+        process.terminate(); wait_ended([process], timeout)
+    kill_process_group(pid)  # it and what is left in its group, while it is not reaped (then its id may be another's)
+    if not process_ended(process):  # (it could not lead a group of its own)
+        process.kill(); wait_ended([process], timeout)
+    if reap and process_ended(process): process.join()  # (its sentinel is ready a moment before it can be reaped)
     for c in children:  # SIGKILL cannot be refused; waiting for them would only wait for their parent to reap them
         try: c.kill()
         except psutil.Error: pass

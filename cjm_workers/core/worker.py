@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .adapters import default_result_adapter
 from .channel import PipeChannel, UndecodableMessage, dumps, salvage
-from .process import become_group_leader, kill_own_children
+from .process import become_group_leader, is_unreaped_child, kill_own_children
 from .protocol import PluginManagerAdapter, WorkerRequestType
 
 log = logging.getLogger(__name__)
@@ -635,7 +635,7 @@ def _end_backstop()->None:
     "Stop and reap the backstop as the worker ends: no zombie is left for PID 1 (which in a container may never reap)."
     global _backstop_pid
     pid, _backstop_pid = _backstop_pid, None
-    if pid is None: return
+    if pid is None or not is_unreaped_child(pid): return  # reaped already (a plugin's os.wait()): its id may be another's
     try:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

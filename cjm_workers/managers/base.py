@@ -946,10 +946,10 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     "Handle the end of a worker process (crash, kill or stop) according to the restart policy."
     cfg, p = self.worker_config, slot.process
     wait = 0 if slot.killed_at is not None and time.monotonic() >= slot.killed_at + _KILL_WAIT_SECONDS else 1
-    p.join(wait)
-    if p.is_alive(): kill_worker_tree(p, timeout=wait)  # it closed its pipes but did not exit: finish it
+    if not wait_ended([p], wait): kill_worker_tree(p, timeout=wait, reap=False)  # it closed its pipes but did not exit: finish it
     self._drain(slot)
-    if not hasattr(p, 'kill_tree'): kill_process_group(slot.pid)  # a local process's group (never a remote pid)
+    if not hasattr(p, 'kill_tree'): kill_process_group(slot.pid)  # a local worker's group, before it is reaped (its id is then free)
+    if process_ended(p): p.join()  # reaped now (its sentinel is ready a moment before it can be)
     self._release_loop(slot)
     for ch in (slot.requests, slot.results, slot.responses): ch.close()
     how = getattr(p, 'death_reason', None) or describe_exit(p.exitcode)  # a Ray actor that died: Ray's reason
@@ -1384,7 +1384,7 @@ def _reap(slots:list, wake_fds:list, flags:dict, store=None, lock=None):
         for ch in (s.requests.control, s.requests):
             try: ch.put({'type': 'stop'})
             except Exception: pass
-        p.join(1)
+        wait_ended([p], 1)  # reaping nothing: `kill_worker_tree` kills its group first, then reaps it
         kill_worker_tree(p, timeout=1.0, terminate_first=True)
     held = lock is not None and lock.acquire(timeout=2.0)  # not while the management thread handles a message
     try:

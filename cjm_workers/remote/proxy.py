@@ -4,7 +4,7 @@
 
 # %% ../../nbs/remote/proxy.ipynb #4826fff8
 from __future__ import annotations
-import asyncio, json, logging, math, os, secrets, selectors, signal, subprocess, sys, threading, time, weakref
+import asyncio, json, logging, math, os, secrets, select, selectors, signal, subprocess, sys, threading, time, weakref
 from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
@@ -14,7 +14,7 @@ import httpx, psutil
 from fastcore.basics import patch, store_attr
 
 from contextlib import contextmanager
-from ..core.process import describe_exit
+from ..core.process import describe_exit, is_unreaped_child, kill_process_group
 from ..core.worker import JobCancelledError, current_job
 from .worker import ATTEMPT_HEADER, CALL_HEADER, JOB_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
 
@@ -103,6 +103,7 @@ class RemotePluginProxy:
         self._lock = threading.Lock()
         self._calls: set = set()  # ids of this proxy's calls in flight (what `cancel()` names)
         self._calls_lock = threading.Lock()
+        self._reap_lock = threading.Lock()  # `_kill_tree` signals a worker's group and reaps it under it (see Stopping)
         self._stops = 0  # counts `stop()`s: a call that sees it change was interrupted by one
         self._starting: Optional[subprocess.Popen] = None  # the worker `start()` waits for (a `cancel()` kills it)
         self._start_cancelled: Optional[str] = None  # what ended the start in progress: 'cancel()', 'stop()' or 'kill()'
@@ -117,7 +118,7 @@ class RemotePluginProxy:
     @property
     def alive(self)->bool:
         "Is the worker process running?"
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and _exit_code(self.process) is None
 
     def __repr__(self): return f"RemotePluginProxy({self.label!r}, pid={self.pid}, port={self.port})"
 
@@ -228,15 +229,13 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         info = self._ready_info
         if info is None:
             if woken: self._reader.join(1)  # `_ready` is set in the reader's `finally`: it may not have returned yet
-            if not self._reader.is_alive():  # its output closed: the worker is exiting, let it finish
-                try: proc.wait(5)
-                except subprocess.TimeoutExpired: pass
-            if proc.poll() is None:
+            if not self._reader.is_alive(): _wait_exit(proc, 5)  # its output closed: the worker is exiting, let it finish
+            if _exit_code(proc) is None:
                 self._kill_tree(proc)
                 self._reader.join(2); self._close_output(proc)
                 raise self._ended(f"the worker for {self.label} did not start serving within "
                                   f"{self.start_timeout} s; it was killed.")
-            proc.wait(); self._reader.join(2); self._close_output(proc)
+            self._kill_tree(proc); self._reader.join(2); self._close_output(proc)  # what it left in its group, then reaped
             raise self._ended(f"the worker for {self.label} {describe_exit(proc.returncode)} before it was ready.")
         self.port = int(info['port'])
         self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout(),
@@ -247,11 +246,7 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
 def _reap(self:RemotePluginProxy, proc:subprocess.Popen)->None:
     """Before a new worker starts: kill what remains of the old one's process group (what its plugin started: a worker
     killed mid-call leaves its children running), then end its output reader and close its pipes."""
-    if proc.poll() is None: self._kill_tree(proc)
-    else:  # reaped: its pid is not looked up (it may be reused), only its group, which keeps the id while a member lives
-        try:
-            if proc.pid != os.getpgrp(): os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError): pass
+    self._kill_tree(proc)  # a dead worker is not reaped until then: its group's id is still its own
     if self._reader is not None: self._reader.join(2)  # the pipes close with the group; its end must not wake the new start
     self._close_output(proc)
 
@@ -272,25 +267,44 @@ def _timeout(self:RemotePluginProxy, read:Any='default')->httpx.Timeout:
     return httpx.Timeout(self.request_timeout if read == 'default' else read, connect=10.0)
 
 # %% ../../nbs/remote/proxy.ipynb #0699efd4
+def _exit_code(proc:subprocess.Popen)->Optional[int]:
+    "The worker's exit code as `Popen.returncode` (-N: killed by signal N), or None while it runs. Unlike `poll()`, reaps nothing."
+    if proc.returncode is not None: return proc.returncode
+    try: r = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (AttributeError, OSError): return proc.poll()  # no `waitid` (macOS), or reaped by someone else (Popen says 0)
+    if r is None: return None
+    return r.si_status if r.si_code == os.CLD_EXITED else -r.si_status
+
+def _wait_exit(proc:subprocess.Popen, timeout:float)->bool:
+    "Wait up to `timeout` s for the worker to end, reaping nothing (on a pidfd); True if it ended."
+    if _exit_code(proc) is not None: return True
+    try: fd = os.pidfd_open(proc.pid)  # (not reaped, so the id is still the worker's)
+    except (AttributeError, OSError):  # no pidfd (macOS, Linux < 5.3): wait, reaping it
+        try: proc.wait(timeout)
+        except subprocess.TimeoutExpired: pass
+        return proc.returncode is not None
+    try: select.select([fd], [], [], timeout)
+    finally: os.close(fd)
+    return _exit_code(proc) is not None
+
 @patch
 def _kill_tree(self:RemotePluginProxy, proc:subprocess.Popen, graceful:float=0.0)->None:
-    "SIGTERM (if `graceful`), wait, then SIGKILL the worker, its process group and its descendants."
-    try: tree = psutil.Process(proc.pid).children(recursive=True)  # listed before the worker goes
-    except psutil.Error: tree = []
-    if graceful and proc.poll() is None:
-        try: os.killpg(proc.pid, signal.SIGTERM)  # the worker leads its own process group
-        except (ProcessLookupError, PermissionError):
-            try: proc.terminate()
-            except ProcessLookupError: pass
-        try: proc.wait(graceful)
-        except subprocess.TimeoutExpired: pass
-    if proc.poll() is None:
-        proc.kill(); proc.wait()
-    try:
-        if proc.pid != os.getpgrp(): os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError): pass
+    "SIGTERM (if `graceful`), wait, then SIGKILL the worker, its process group and its descendants, and reap it."
+    with self._reap_lock:  # while the worker is not reaped, its id (and its group's) cannot be another process's
+        ours = proc.returncode is None and is_unreaped_child(proc.pid)
+        try: tree = psutil.Process(proc.pid).children(recursive=True) if ours else []  # listed before the worker goes
+        except psutil.Error: tree = []
+        if ours and graceful and _exit_code(proc) is None:
+            try: os.killpg(proc.pid, signal.SIGTERM)  # the worker leads its own process group
+            except (ProcessLookupError, PermissionError): proc.terminate()
+    if ours and graceful: _wait_exit(proc, graceful)
+    with self._reap_lock:
+        if proc.returncode is None:
+            kill_process_group(proc.pid)  # the worker and what is left in its group, before it is reaped
+            if _exit_code(proc) is None: proc.kill()  # (in no group of its own)
+            proc.wait()
     for c in tree:
-        try: c.kill()
+        try: c.kill()  # (psutil checks that it is still the process listed)
         except psutil.Error: pass
 
 @patch
@@ -346,7 +360,7 @@ def stop(self:RemotePluginProxy,
         deadline = time.monotonic() + self.stop_timeout
         self._stops += 1  # before anything: the calls in flight now fail saying the worker was stopped
         with self._calls_lock: calls = sorted(self._calls)
-        reachable = proc.poll() is None and self._client is not None
+        reachable = _exit_code(proc) is None and self._client is not None
         idle = not calls or (reachable and self._stop_calls(calls, deadline))
         if cleanup and reachable and idle and time.monotonic() < deadline:
             try: self._client.post('/cleanup', timeout=self._timeout(deadline - time.monotonic()))
@@ -415,14 +429,13 @@ def _decode(self:RemotePluginProxy, r:httpx.Response)->Any:
 def _unreachable(self:RemotePluginProxy, e:Exception)->RemoteWorkerError:
     "The error to raise when a request to the worker fails at the transport level."
     proc, timed_out = self.process, isinstance(e, httpx.ReadTimeout)
-    if proc is not None and not (timed_out and proc.poll() is None):  # (a call that timed out is cancelled at once: `_call`)
-        try: proc.wait(0.5)  # a dying worker closes its socket a moment before it is reaped
-        except subprocess.TimeoutExpired: pass
+    if proc is not None and not (timed_out and _exit_code(proc) is None):  # (a call that timed out is cancelled at once: `_call`)
+        _wait_exit(proc, 0.5)  # a dying worker closes its socket a moment before it ends
     if proc is None or self._client is None and not self._aclients:
         return RemoteWorkerError(f"the worker for {self.label} is not running (call start() first)")
-    if proc.poll() is not None:
+    if (code := _exit_code(proc)) is not None:  # (left unreaped: `start()` or `stop()` kills what is left of its group)
         if self._reader is not None: self._reader.join(1)
-        return self._ended(f"the worker for {self.label} (pid {proc.pid}) {describe_exit(proc.returncode)}")
+        return self._ended(f"the worker for {self.label} (pid {proc.pid}) {describe_exit(code)}")
     if timed_out:  # it runs, but the call took longer than allowed: it is cancelled (`_call`)
         return RemoteWorkerError(f"the call to {self.label} (worker pid {proc.pid}) did not answer in time "
                                  f"(request_timeout={self.request_timeout}); the worker was told to cancel it (a "
@@ -483,7 +496,7 @@ def _abandon(self:RemotePluginProxy, call:str, sync:bool=True # False: from a co
             )->None:
     """The caller gave up on `call` without its answer (a timeout, a cancelled task, a stream closed early): cancel it
     on the worker, where it may still run or wait for its turn, so that it does not run on for nobody. Best effort."""
-    if self._client is None or self.process is None or self.process.poll() is not None: return
+    if self._client is None or self.process is None or _exit_code(self.process) is not None: return
     body, client = dumps_json({'calls': [call]}), self._client
     def cancel():
         try: client.post('/cancel', content=body, headers=_headers_for(body, None), timeout=self._timeout(2.0))
