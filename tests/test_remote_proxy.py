@@ -1027,3 +1027,22 @@ def test_kill_or_stop_after_the_worker_was_reaped_spares_the_process_now_given_i
     finally:
         p.stop()
         os.kill(stranger, signal.SIGKILL)
+
+
+def test_a_restart_is_not_woken_by_the_end_of_the_dead_workers_output(tmp_path):
+    """Race review (2026-12-07): a worker killed (an OOM kill) while a child of its plugin, in a session of its own,
+    held its stdout/stderr: `start()` waits 2 s for the old output reader, then starts a new worker; when the child
+    later closed the pipes, the OLD reader set the proxy's one ready event, and the NEW start, woken with no ready
+    line, killed its worker ('did not start serving within 60 s'). Now each start has an event of its own, and a
+    reader of an earlier worker only logs."""
+    mark = tmp_path / 'slow'
+    p = RemotePluginProxy('_r_plugins', 'SessionChildThenDie', cwd=TESTS, stop_timeout=1,
+                          env={'PYTHONPATH': TESTS, 'R_SLOW_MARK': str(mark), 'R_SLOW_SECONDS': '6'})
+    try:
+        p.start()
+        with pytest.raises(RemoteWorkerError, match='killed by SIGKILL'): p.execute(child_seconds=4.5)
+        mark.touch()  # the child ends after start() stops waiting for the old reader (2 s), while the new worker
+        p.start()     # constructs its plugin (6 s)
+        assert p.alive and p.health()['status'] == 'ok'
+    finally: p.stop()
+

@@ -138,8 +138,12 @@ def _environment(self:RemotePluginProxy)->Dict[str, str]:
             'CJM_WORKER_TOKEN': self.token, 'PYTHONUNBUFFERED': '1'}
 
 @patch
-def _read_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
-    "Runs in the output thread: ready line, stderr tail, logging; returns when both pipes are closed."
+def _read_output(self:RemotePluginProxy, proc:subprocess.Popen,
+                 ready:Optional[threading.Event]=None # the start's event, set when the output closes (None: `self._ready`)
+                )->None:
+    """Runs in the output thread: ready line, stderr tail, logging; returns when both pipes are closed. Once a later
+    `start()` has made an event of its own, this reader only logs (a child of a dead worker may hold its pipes)."""
+    if ready is None: ready = self._ready
     sel = selectors.DefaultSelector()
     bufs = {proc.stdout: b'', proc.stderr: b''}  # each pipe's line so far (at most MAX_LINE_BYTES of it)
     over = dict.fromkeys(bufs, 0)  # bytes of that line left out (beyond MAX_LINE_BYTES)
@@ -150,12 +154,12 @@ def _read_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
                 f = key.fileobj
                 data = os.read(f.fileno(), 65536)
                 if not data:
-                    if bufs[f]: self._on_line(f is proc.stdout, bufs[f], over[f])
+                    if bufs[f]: self._on_line(f is proc.stdout, bufs[f], over[f], ready is self._ready)
                     sel.unregister(f); del bufs[f]
                     continue
                 *lines, rest = (bufs[f] + data).split(b'\n')
                 for line in lines:
-                    self._on_line(f is proc.stdout, line, over[f])
+                    self._on_line(f is proc.stdout, line, over[f], ready is self._ready)
                     over[f] = 0
                 if (cr := rest.rfind(b'\r', 0, len(rest) - 1)) >= 0:  # a progress bar redrawn after '\r': its last state
                     rest, over[f] = rest[cr + 1:], 0
@@ -165,13 +169,14 @@ def _read_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
                 bufs[f] = rest
     finally:
         sel.close()
-        self._ready.set()  # the worker is gone: wake anyone still waiting for the ready line
+        ready.set()  # the worker is gone: wake its start if it still waits for the ready line (never a later start)
 
 MAX_LINE_BYTES = 8192  # a longer line of the worker's output is cut to this (and a line with no end yet is passed on)
 
 @patch
 def _on_line(self:RemotePluginProxy, is_stdout:bool, raw:bytes,
-             left_out:int=0 # bytes of the line already left out (`_read_output` keeps at most MAX_LINE_BYTES of one)
+             left_out:int=0, # bytes of the line already left out (`_read_output` keeps at most MAX_LINE_BYTES of one)
+             current:bool=True # from the worker now started (False: an earlier one's output, only logged)
             )->None:
     "A line of the worker's output: the ready line, or one for the log (and, from stderr, for `stderr_tail`)."
     raw = raw.rstrip(b'\r')
@@ -179,12 +184,12 @@ def _on_line(self:RemotePluginProxy, is_stdout:bool, raw:bytes,
     left_out += max(0, len(raw) - MAX_LINE_BYTES)
     if left_out: raw = raw[:MAX_LINE_BYTES] + f" [... {left_out:,} more bytes]".encode()
     line = raw.decode('utf-8', 'replace')
-    if is_stdout and self._ready_info is None and line.startswith(READY_PREFIX + ' '):
+    if current and is_stdout and self._ready_info is None and line.startswith(READY_PREFIX + ' '):
         try: self._ready_info = json.loads(line[len(READY_PREFIX) + 1:])
         except ValueError: log.warning("worker %s: unreadable ready line %r", self.label, line)
         self._ready.set()
         return
-    if not is_stdout: self.stderr_tail.append(line)
+    if current and not is_stdout: self.stderr_tail.append(line)
     log.info("worker %s [%s] %s", self.label, 'stdout' if is_stdout else 'stderr', line)
 
 @patch
@@ -203,7 +208,8 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         if self.alive and self._ready_info is not None: return self
         self._close_clients()
         if self.process is not None: self._reap(self.process)  # a worker that died since it started (an OOM kill mid-call)
-        self._ready.clear(); self._ready_info = None; self.stderr_tail.clear(); self.port = self.pid = None
+        self._ready = ready = threading.Event()  # this start's own: a reader of an earlier worker cannot set it
+        self._ready_info = None; self.stderr_tail.clear(); self.port = self.pid = None
         try:
             proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=self._environment(), cwd=self.cwd, close_fds=True)
@@ -214,10 +220,10 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
             self._starting, self._start_cancelled = proc, None
             job = current_job()  # a job cancelled before this start could be found (`_starting` was not set): it ends now
             if job is not None and job.cancelled: self._start_cancelled = 'cancel()'
-        self._reader = threading.Thread(target=self._read_output, args=(proc,), daemon=True,
+        self._reader = threading.Thread(target=self._read_output, args=(proc, ready), daemon=True,
                                         name=f"cjm-proxy-output-{proc.pid}")
         self._reader.start()
-        woken = self._start_cancelled is None and self._ready.wait(self.start_timeout)  # by the ready line, or by the reader once the output closed
+        woken = self._start_cancelled is None and ready.wait(self.start_timeout)  # by the ready line, or by the reader once the output closed
         with self._calls_lock: self._starting, cancelled = None, self._start_cancelled  # a cancel() from now on finds no start
         if cancelled:
             self._kill_tree(proc); self._reader.join(2); self._close_output(proc)
