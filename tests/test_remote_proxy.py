@@ -1046,3 +1046,21 @@ def test_a_restart_is_not_woken_by_the_end_of_the_dead_workers_output(tmp_path):
         assert p.alive and p.health()['status'] == 'ok'
     finally: p.stop()
 
+
+def test_the_async_clients_of_loops_closed_without_shutdown_are_let_go():
+    """Leak review (2026-12-07): an async call from an event loop then closed without `shutdown_asyncgens()`
+    (`run_until_complete`, then `close()`) left the proxy holding that loop, its `httpx.AsyncClient` and the client's
+    kept-alive socket until `stop()`: one more fd per such loop. Now a new loop's first call drops those of closed
+    loops, and their sockets close as they are collected."""
+    import gc
+    me = psutil.Process()
+    with RemotePluginProxy('cjm_workers.testing', 'EchoPlugin') as p:
+        p.execute(text='warm')
+        gc.collect(); fds = me.num_fds()
+        for i in range(30):
+            loop = asyncio.new_event_loop()
+            try: assert loop.run_until_complete(p.aexecute(text=str(i)))['text'] == str(i)
+            finally: loop.close()
+        gc.collect()
+        assert len(p._aclients) <= 1, f"{len(p._aclients)} async clients of closed loops kept"
+        assert me.num_fds() - fds <= 3, f"fds {fds} -> {me.num_fds()}"

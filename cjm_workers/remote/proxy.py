@@ -647,12 +647,21 @@ async def _aclient(self:RemotePluginProxy)->httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     entry = self._aclients.get(id(loop))  # (an entry holds its loop: no other loop can have its id meanwhile)
     if entry is None:
+        self._forget_closed_loops()
         c = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout(), limits=_LIMITS,
                               trust_env=False)
         closer = _closes_with_its_loop(weakref.ref(self), id(loop), c)
         await closer.__anext__()  # started: the loop now tracks it (through `sys.set_asyncgen_hooks`)
         entry = self._aclients[id(loop)] = (loop, c, closer)
     return entry[1]
+
+@patch
+def _forget_closed_loops(self:RemotePluginProxy)->None:
+    """Drop the async clients of loops closed without `shutdown_asyncgens()` (`run_until_complete`, then `close()`):
+    such a loop never closes its client, and the proxy held the loop, the client and its socket until `stop()`. Once
+    dropped, the socket closes as the client is collected (no loop is left to close it on)."""
+    for key, (loop, _, _) in list(self._aclients.items()):
+        if loop.is_closed(): self._aclients.pop(key, None)
 
 @patch
 async def _arequest(self:RemotePluginProxy, method:str, path:str, content:Optional[bytes]=None, call:Optional[str]=None, **kw)->Any:
