@@ -604,3 +604,25 @@ def test_shutdown_during_a_long_initialize_does_not_wait_for_the_load():
             except httpx.HTTPError: r = None
             assert r is None or r.status_code != 200, r.text  # the load never finished
     finally: w.stop()
+
+
+@pytest.mark.parametrize('how', ['shutdown', 'sigterm'])
+def test_a_pending_progress_long_poll_is_answered_when_the_worker_stops(how):
+    """Race review (2026-12-07): a `/progress` long poll waiting when the worker was told to stop (POST /shutdown, or
+    the SIGTERM that follows it from the proxy) held up the graceful shutdown, 3 s, was then cut off without an
+    answer (a 'timeout graceful shutdown exceeded' traceback on stderr), and its thread, which the interpreter joins
+    at exit, kept the process alive for the rest of the poll's wait (up to 30 s). Now the poll is answered at once."""
+    w = Worker('EchoPlugin').ready()
+    try:
+        with w.client() as c, ThreadPoolExecutor(1) as pool:
+            seq = c.get('/progress').json()['seq']
+            poll = pool.submit(lambda: httpx.get(w.url + '/progress', params={'since': seq, 'wait': 30}, timeout=60))
+            time.sleep(0.5)  # the poll waits in the worker
+            if how == 'shutdown': assert c.post('/shutdown').json() == {'status': 'stopping'}
+            else: w.proc.send_signal(signal.SIGTERM)
+            r = poll.result(20)
+            assert r.status_code == 200 and r.json()['seq'] == seq, r.text
+            assert w.proc.wait(20) == (0 if how == 'shutdown' else -signal.SIGTERM)  # (not after the poll's 30 s)
+        w.stderr.seek(0)
+        assert 'graceful shutdown exceeded' not in w.stderr.read()
+    finally: w.stop()

@@ -158,6 +158,7 @@ class PluginHost:
         self._cancelling = threading.Lock()  # held through the plugin's `cancel()`: a run begins (resetting its flag) only after it
         self._changed = threading.Condition(self._state)  # notified on each progress report and run start/end
         self.seq = 0  # counts those changes: a `/progress?since=seq` long poll waits for the next one
+        self.closing = False  # the worker is stopping: long polls answer at once (`end_polls`)
         self.ctx: Optional[JobContext] = None  # the run in progress (its `job_id` is the call's id)
         self.last_call: Optional[str] = None  # the id of the run in progress, or of the last one: whose progress `/progress` shows
         self.init_ctx: Optional[JobContext] = None  # the `initialize` in progress
@@ -266,8 +267,17 @@ def wait_progress(self:PluginHost,
                  )->dict:
     "`progress()` as soon as `seq` passes `since` (a report, or a run starting or ending), or after `timeout`."
     with self._changed:
-        self._changed.wait_for(lambda: self.seq > since, timeout)
+        self._changed.wait_for(lambda: self.seq > since or self.closing, timeout)
         return self.progress()
+
+@patch
+def end_polls(self:PluginHost)->None:
+    """The worker is stopping: answer the long polls waiting now, and those to come, at once. (A poll kept waiting held
+    up the server's graceful shutdown, 3 s, and then, in its thread, which the interpreter joins at exit, the process
+    for as long as the poll's `wait`.)"""
+    with self._changed:
+        self.closing = True
+        self._changed.notify_all()
 
 # %% ../../nbs/remote/worker.ipynb #36d26159
 @patch
@@ -793,11 +803,15 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
                             "the worker with POST /shutdown first (--managed)", os.getpid(), args.ppid)
                 return
             super().handle_exit(sig, frame)
+            app.state.host.end_polls()  # it stops: pending long polls answer now
 
     config = uvicorn.Config(app, log_level=level, access_log=False, lifespan='off', timeout_graceful_shutdown=3,
                             timeout_keep_alive=KEEP_ALIVE_SECONDS)
     server = ReadyServer(config)
-    app.state.on_stop_request = lambda: setattr(server, 'should_exit', True)  # POST /shutdown: stop as on SIGTERM
+    def stop_request():  # POST /shutdown: stop as on SIGTERM
+        server.should_exit = True
+        app.state.host.end_polls()
+    app.state.on_stop_request = stop_request
     # on SIGTERM uvicorn shuts down (≤ 3 s), then re-raises the signal to the handler it found: with the default one the
     # process would die right there, before the `finally` below kills what a running call started; this one notes it
     terminated = []
