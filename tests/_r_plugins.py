@@ -227,12 +227,13 @@ class Stubborn:
 
 class SessionChildThenDie:
     """Starts a child in a session of its own that keeps the worker's stdout/stderr for `child_seconds` (a daemon the
-    plugin launched), then its worker is SIGKILLed (an OOM kill). Created again once $R_SLOW_MARK exists, it takes
+    plugin launched; its pid in $R_JOURNAL), then its worker is SIGKILLed (an OOM kill). Created again once $R_SLOW_MARK exists, it takes
     $R_SLOW_SECONDS to construct (a slow import, on the restart)."""
     name, version = 'session-child', '0'
     def __init__(self):
         mark = os.environ.get('R_SLOW_MARK')
         if mark and os.path.exists(mark): time.sleep(float(os.environ.get('R_SLOW_SECONDS', '5')))
     def execute(self, child_seconds=3.0, **kw):
-        subprocess.Popen(['sleep', str(child_seconds)], start_new_session=True)  # inherits the worker's pipes
+        child = subprocess.Popen(['sleep', str(child_seconds)], start_new_session=True)  # inherits the worker's pipes
+        _journal(str(child.pid))
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1055,12 +1055,36 @@ def test_the_async_clients_of_loops_closed_without_shutdown_are_let_go():
     import gc
     me = psutil.Process()
     with RemotePluginProxy('cjm_workers.testing', 'EchoPlugin') as p:
-        p.execute(text='warm')
-        gc.collect(); fds = me.num_fds()
+        def connections(): return sum(1 for c in me.net_connections('tcp') if c.raddr and c.raddr.port == p.port)
         for i in range(30):
             loop = asyncio.new_event_loop()
             try: assert loop.run_until_complete(p.aexecute(text=str(i)))['text'] == str(i)
             finally: loop.close()
         gc.collect()
         assert len(p._aclients) <= 1, f"{len(p._aclients)} async clients of closed loops kept"
-        assert me.num_fds() - fds <= 3, f"fds {fds} -> {me.num_fds()}"
+        assert connections() <= 2, f"{connections()} connections to the worker open"  # (the last loop's, kept)
+
+
+def test_stop_leaves_the_pipes_a_dead_workers_child_holds_to_the_output_reader(tmp_path):
+    """Leak review (2026-12-07): `stop()` after the worker died while a child of its plugin, in a session of its own,
+    held its stdout/stderr closed the pipes under the output reader (after waiting 2 s for it): the reader then waited
+    on a selector left with nothing to watch, for good, even once the child had ended (a thread and an epoll fd per
+    such stop). Now a reader still reading closes the pipes itself when they reach their end."""
+    journal = tmp_path / 'journal'
+    p = RemotePluginProxy('_r_plugins', 'SessionChildThenDie', cwd=TESTS, stop_timeout=1,
+                          env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)})
+    child = None
+    try:
+        p.start()
+        with pytest.raises(RemoteWorkerError, match='killed by SIGKILL'): p.execute(child_seconds=300)
+        child = psutil.Process(int(journal.read_text().split()[0]))
+        reader, out = p._reader, p.process.stdout
+        p.stop()
+        assert reader.is_alive() and not out.closed  # the child still holds the pipes: the reader reads on
+        child.kill(); child.wait(10)
+        reader.join(10)
+        assert not reader.is_alive(), "the output reader never ended"
+        assert out.closed
+    finally:
+        p.stop()
+        if child is not None and not gone(child): child.kill()

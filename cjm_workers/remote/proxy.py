@@ -169,6 +169,7 @@ def _read_output(self:RemotePluginProxy, proc:subprocess.Popen,
                 bufs[f] = rest
     finally:
         sel.close()
+        for f in (proc.stdout, proc.stderr): f.close()  # done with them (`_close_output` leaves them to a reader still here)
         ready.set()  # the worker is gone: wake its start if it still waits for the ready line (never a later start)
 
 MAX_LINE_BYTES = 8192  # a longer line of the worker's output is cut to this (and a line with no end yet is passed on)
@@ -258,7 +259,8 @@ def _reap(self:RemotePluginProxy, proc:subprocess.Popen)->None:
 
 @patch
 def _close_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
-    "Close the pipes of a worker that failed to start, once the reader is done with them (`stop` closes those of a started one)."
+    """Close the worker's pipes, unless its output reader still reads them: it closes them as it ends (a child of a dead
+    worker can hold them open; closed under the reader, they left it waiting on nothing, for good)."""
     if self._reader is not None and self._reader.is_alive(): return
     for f in (proc.stdout, proc.stderr):
         if f is not None: f.close()
@@ -377,8 +379,7 @@ def stop(self:RemotePluginProxy,
         self._close_clients()
         self._kill_tree(proc, graceful=max(deadline - time.monotonic(), 0.0))
         if self._reader is not None: self._reader.join(2)
-        for f in (proc.stdout, proc.stderr):
-            if f is not None: f.close()
+        self._close_output(proc)
         self.process = None
 
 @patch
