@@ -254,7 +254,43 @@ def _reap(self:RemotePluginProxy, proc:subprocess.Popen)->None:
     """Before a new worker starts: kill what remains of the old one's process group (what its plugin started: a worker
     killed mid-call leaves its children running), then end its output reader and close its pipes."""
     self._kill_tree(proc)  # a dead worker is not reaped until then: its group's id is still its own
-    if self._reader is not None: self._reader.join(2)  # the pipes close with the group; its end must not wake the new start
+    self._end_output(proc)
+
+def _output_holders(proc:subprocess.Popen)->List[psutil.Process]:
+    """The processes that hold a writing end of the worker's stdout or stderr pipe (Linux: /proc): all that the worker
+    started and that kept its output, whatever their session or group. Empty elsewhere."""
+    try: pipes = {f"pipe:[{os.fstat(f.fileno()).st_ino}]" for f in (proc.stdout, proc.stderr) if not f.closed}
+    except (OSError, ValueError): return []
+    found = []
+    for pid in psutil.pids() if pipes and os.path.isdir('/proc/self/fdinfo') else ():
+        try: fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError: continue  # gone, or not ours to look at
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") not in pipes: continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f: flags = int(f.read().split('flags:')[1].split()[0], 8)
+            except (OSError, IndexError, ValueError): continue
+            if flags & os.O_ACCMODE == os.O_WRONLY:  # (a reading end is this process's, or a fork of it)
+                try: found.append(psutil.Process(pid))
+                except psutil.Error: pass
+                break
+    return found
+
+@patch
+def _end_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
+    """Once the worker is killed: wait (2 s) for its output reader to reach the end of the pipes; if they are still
+    held, by a child of the plugin that left the worker's group (a session of its own) and outlived a worker killed
+    by the OS, which is then found by nothing else, kill what holds them. Then close the pipes (or leave them to the
+    reader: `_close_output`)."""
+    r = self._reader
+    if r is not None:
+        r.join(2)
+        if r.is_alive():
+            for h in _output_holders(proc):
+                log.info("worker %s: killing pid %d, left by the plugin holding the worker's output", self.label, h.pid)
+                try: h.kill()  # (psutil checks that it is still the process found)
+                except psutil.Error: pass
+            r.join(2)
     self._close_output(proc)
 
 @patch
@@ -378,8 +414,7 @@ def stop(self:RemotePluginProxy,
             except httpx.HTTPError as e: log.debug("worker %s: /shutdown failed at stop: %s", self.label, e)
         self._close_clients()
         self._kill_tree(proc, graceful=max(deadline - time.monotonic(), 0.0))
-        if self._reader is not None: self._reader.join(2)
-        self._close_output(proc)
+        self._end_output(proc)
         self.process = None
 
 @patch
