@@ -1002,7 +1002,7 @@ def test_a_restart_does_not_kill_the_process_group_that_took_the_dead_workers_pi
         assert wait_until_sync(lambda: not p.alive)
         stranger = stranger_with_pid(old)  # an unrelated process leading its own group, given the id if it is free
         p.start()  # kills what is left of the dead worker's group, then starts a worker
-        assert not gone(stranger), f"the restart killed pid {stranger}'s process group (the dead worker's was {old})"
+        assert wait_gone([stranger], 1), f"the restart killed pid {stranger}'s process group (the dead worker's was {old})"
         assert stranger != old and p.execute(seconds=0)['text'] == 'slept 0s'
     finally:
         p.stop()
@@ -1021,9 +1021,9 @@ def test_kill_or_stop_after_the_worker_was_reaped_spares_the_process_now_given_i
     try:
         if stranger != old: pytest.skip(f"another process took pid {old} first")
         p.kill()
-        assert not gone(stranger), "kill() killed the process given the reaped worker's pid"
+        assert wait_gone([stranger], 1), "kill() killed the process given the reaped worker's pid"
         p.stop()
-        assert not gone(stranger), "stop() killed the process given the reaped worker's pid"
+        assert wait_gone([stranger], 1), "stop() killed the process given the reaped worker's pid"
     finally:
         p.stop()
         os.kill(stranger, signal.SIGKILL)

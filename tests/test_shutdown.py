@@ -353,5 +353,5 @@ def test_kill_process_tree_of_a_reaped_worker_spares_the_process_now_given_its_p
     try:
         if stranger != p.pid: pytest.skip(f"another process took pid {p.pid} first")
         kill_process_tree(p)
-        assert not gone(stranger), "kill_process_tree killed the process group now led by the worker's old pid"
+        assert wait_gone([stranger], 1), "kill_process_tree killed the process group now led by the worker's old pid"
     finally: os.kill(stranger, 9)
