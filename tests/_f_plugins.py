@@ -7,9 +7,11 @@ spawned workers.
 - `hangload`: a plugin whose `initialize` never returns (a model load that hangs).
 - `polite`: streams words and stops when its own `cancelled` flag is set, which it never clears itself (the pattern
   docs/plugins.md shows: the worker clears the flag before the plugin's next job).
+- `escape`: leaves a daemon holding the worker's descriptors, then SIGKILLs its worker (a crash the sentinel alone
+  would not show).
 - `f_worker`: the reference plugins plus those; `hang_factory_worker`: a worker whose plugin-manager factory hangs.
 """
-import os, time
+import os, signal, time
 
 from cjm_workers.core.config import WorkerConfig
 from cjm_workers.core.worker import base_worker_process
@@ -52,7 +54,27 @@ class PolitePlugin(ReferencePlugin):
     def execute(self, **kwargs): return {'text': ''.join(self.execute_stream(**kwargs)), 'metadata': {}}
 
 
-F_PLUGINS = {**REFERENCE_PLUGINS, 'big': BigPlugin, 'bomb': BombPlugin, 'hangload': HangLoadPlugin, 'polite': PolitePlugin}
+class EscapePlugin(ReferencePlugin):
+    """Leaves a daemon in a session of its own that keeps every descriptor the worker had (the process's sentinel pipe
+    among them) for `linger` seconds, writes its pid to `pidfile`, then SIGKILLs its worker (as the OOM killer would)."""
+    name = 'escape'
+    def execute(self, pidfile='', linger=120.0, **kwargs):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                if os.fork() == 0:
+                    with open(pidfile + '.tmp', 'w') as f: f.write(str(os.getpid()))
+                    os.rename(pidfile + '.tmp', pidfile)
+                    time.sleep(linger)
+            finally: os._exit(0)
+        os.waitpid(pid, 0)
+        while not os.path.exists(pidfile): time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+F_PLUGINS = {**REFERENCE_PLUGINS, 'big': BigPlugin, 'bomb': BombPlugin, 'hangload': HangLoadPlugin, 'polite': PolitePlugin,
+             'escape': EscapePlugin}
 
 
 def _pm(): return ReferencePluginManager(F_PLUGINS)

@@ -46,6 +46,25 @@ async def test_external_sigkill_of_worker_running_a_job(make_manager):
     assert nxt.status == 'completed' and nxt.result['metadata']['pid'] != pid0
 
 
+@pytest.mark.backends('local')
+async def test_a_crash_is_noticed_while_a_daemon_holds_the_workers_descriptors(make_manager, tmp_path):
+    "A worker killed while a daemon its plugin left (in a session of its own) keeps the worker's sentinel pipe open."
+    from _f_plugins import f_worker
+    mgr = make_manager(dict(restart_policy=RestartPolicy.ALWAYS), entry_point=f_worker)
+    await mgr.start(wait=True)
+    pidfile = str(tmp_path / 'daemon.pid')
+    job = await mgr.start_job('escape', pidfile=pidfile, linger=120)
+    try:
+        job = await mgr.wait_for_job(job.id, timeout=60)  # (the daemon lives 120 s: before, the crash showed only then)
+        assert job.status == 'failed' and 'SIGKILL' in job.error, (job.status, job.error)
+        nxt = await mgr.wait_for_job((await mgr.start_job('echo', text='after')).id, timeout=30)
+        assert nxt.status == 'completed', (nxt.status, nxt.reason)
+    finally:
+        if os.path.exists(pidfile):
+            try: os.kill(int(open(pidfile).read()), signal.SIGKILL)
+            except ProcessLookupError: pass
+
+
 @pytest.mark.parametrize('policy', [RestartPolicy.NEVER, RestartPolicy.ON_CANCELLATION])
 async def test_policies_that_do_not_restart_after_crash(make_manager, policy):
     rec = TimedBroadcaster()

@@ -4,15 +4,16 @@
 
 # %% ../../nbs/core/process.ipynb #bd39e0ed
 from __future__ import annotations
-import logging, os, signal, time
+import logging, os, signal, time, weakref
 from multiprocessing.connection import wait as _wait_ready
+from multiprocessing.process import BaseProcess
 import psutil
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'describe_exit', 'become_group_leader', 'is_unreaped_child', 'kill_process_group', 'kill_process_tree',
-           'kill_worker_tree', 'kill_own_children', 'process_ended', 'wait_ended']
+           'kill_worker_tree', 'kill_own_children', 'end_fd', 'process_ended', 'wait_ended']
 
 # %% ../../nbs/core/process.ipynb #8684e9a3
 def describe_exit(exitcode:int|None # `multiprocessing.Process.exitcode`
@@ -100,10 +101,25 @@ def kill_own_children()->None:
         except psutil.Error: pass
 
 # %% ../../nbs/core/process.ipynb #42a983f5
+def end_fd(process # a started process, or a process-like handle with a `sentinel`
+          )->int: # readable once `process` has ended
+    """A file descriptor that becomes readable when `process` ends: for a local child a pidfd (opened on first use,
+    closed with the process object), else its `sentinel`. Call it first while the child is not reaped (at its start)."""
+    fd = getattr(process, '_cjm_end_fd', None)
+    if fd is not None: return fd
+    fd = process.sentinel
+    if isinstance(process, BaseProcess) and hasattr(os, 'pidfd_open') and is_unreaped_child(process.pid):
+        try:
+            fd = os.pidfd_open(process.pid)
+            weakref.finalize(process, os.close, fd)  # (not before: a number closed early may be another file's by then)
+        except OSError as e: log.debug("no pidfd for process %d (%s): its sentinel tells its end", process.pid, e)
+    process._cjm_end_fd = fd
+    return fd
+
 def process_ended(process # a started process, or a process-like handle with a `sentinel`
                  )->bool:
     "True once `process` has ended. Unlike `is_alive`, it never reaps the process (see above)."
-    try: return bool(_wait_ready([process.sentinel], 0))
+    try: return bool(_wait_ready([end_fd(process)], 0))
     except (ValueError, OSError): return not process.is_alive()  # its sentinel is closed: it was reaped and closed
 
 def wait_ended(processes:list, # started processes (or handles with a `sentinel`)
@@ -115,6 +131,6 @@ def wait_ended(processes:list, # started processes (or handles with a `sentinel`
     while left:
         t = None if end is None else end - time.monotonic()
         if t is not None and t <= 0: return False
-        ready = set(_wait_ready([p.sentinel for p in left], t))
-        left = [p for p in left if p.sentinel not in ready]
+        ready = set(_wait_ready([end_fd(p) for p in left], t))
+        left = [p for p in left if end_fd(p) not in ready]
     return True

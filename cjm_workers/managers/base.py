@@ -18,7 +18,7 @@ from fastcore.basics import patch
 
 from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
-from ..core.process import describe_exit, kill_process_group, kill_worker_tree, process_ended, wait_ended
+from ..core.process import describe_exit, end_fd, kill_process_group, kill_worker_tree, process_ended, wait_ended
 from ..core.worker import BACKSTOP_NAME, LOG_LEVEL_ENV, _RESERVED
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
 from ..stores.base import JobStore, MemoryJobStore, where_items
@@ -858,7 +858,7 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
     slot.requests.close_reader(); slot.results.close_writer(); slot.responses.close_writer()
     slot.results.set_nonblocking(); slot.responses.set_nonblocking()
     slot.requests.write_behind()  # sending never blocks on a busy worker (see `PipeChannel.write_behind`)
-    slot.fds = (slot.results.reader_fd, slot.responses.reader_fd, p.sentinel)
+    slot.fds = (slot.results.reader_fd, slot.responses.reader_fd, end_fd(p))  # its end: a pidfd for a local process (`end_fd`)
     slot.gen += 1
     now = time.monotonic()
     slot.process, slot.pid, slot.state, slot.eof = p, p.pid, 'starting', False
