@@ -17,10 +17,10 @@ from .sse import RESET
 from ..managers.base import _valid_text
 
 # %% auto #0
-__all__ = ['SSE_EVENT', 'STATIC_DIR', 'ASSETS_PATH', 'HTMX_JS', 'SSE_JS', 'JOB_CSS', 'dom_id', 'ns_id', 'StatusBadge',
-           'ProgressBar', 'CancelButton', 'JobActions', 'OutputPane', 'WorkerPid', 'JobOutcome', 'StartButton',
-           'JobTime', 'JobRow', 'JobTable', 'JobPager', 'JobDetail', 'LiveUpdates', 'render_event', 'JobGone',
-           'job_hdrs']
+__all__ = ['DOUBLE_CLICK_MS', 'SSE_EVENT', 'STATIC_DIR', 'ASSETS_PATH', 'HTMX_JS', 'SSE_JS', 'JOB_CSS', 'dom_id', 'ns_id',
+           'StatusBadge', 'ProgressBar', 'CancelButton', 'JobActions', 'OutputPane', 'WorkerPid', 'JobOutcome',
+           'StartButton', 'JobTime', 'JobRow', 'JobTable', 'JobPager', 'JobDetail', 'LiveUpdates', 'render_event',
+           'JobGone', 'job_hdrs']
 
 # %% ../../nbs/fasthtml/components.ipynb #5e0dc23f
 _SAFE = re.compile(r'[A-Za-z0-9_-]+')
@@ -121,6 +121,8 @@ def JobOutcome(job:BaseJob, # the job
     return Div(body, cls='job-outcome', id=dom_id(job.id, 'outcome'))
 
 # %% ../../nbs/fasthtml/components.ipynb #0b0c0880
+DOUBLE_CLICK_MS = 1000  # a start button takes no second click this soon after one: a double click starts one job
+
 def StartButton(label:str, # the button's text
                 plugin_id:str, # the plugin to run
                 params:Optional[dict]=None, # the job's keyword arguments (sent as JSON)
@@ -130,7 +132,7 @@ def StartButton(label:str, # the button's text
                )->Form:
     "A button that starts a job."
     url = f"{prefix}/start"
-    hx = dict(hx_post=url, hx_swap='none', hx_on__after_request=_SHOW_ERROR,
+    hx = dict(hx_post=url, hx_swap='none', hx_on__after_request=_SHOW_ERROR, hx_trigger=f"submit throttle:{DOUBLE_CLICK_MS}ms",
               hx_disabled_elt='find button') if background else {}  # (htmx looks for it on the form that posts)
     return Form(Input(type='hidden', name='plugin_id', value=plugin_id),
                 Input(type='hidden', name='params', value=json.dumps(params or {})),
