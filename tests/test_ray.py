@@ -515,8 +515,28 @@ class SessionChildPlugin(ReferencePlugin):
         report_progress(0.5, f"child:{child.pid}")
         while True: time.sleep(0.05)
 
+class WindDownPlugin(ReferencePlugin):
+    "Runs until cancelled, says so ('cancel seen'), takes `linger` seconds to wind down and returns normally."
+    name = 'wind_down'
+    def execute(self, linger=1.0, **kwargs):
+        from cjm_workers.core.worker import report_progress
+        self.cancelled = False
+        while not self._stop_requested(): time.sleep(0.005)
+        report_progress(0.5, 'cancel seen')
+        time.sleep(linger)
+        return {'text': 'wound down', 'metadata': {}}
+
+class MarkPlugin(ReferencePlugin):
+    "Appends a line to the file `path` each time it starts (counts its runs), then sleeps `sleep` seconds."
+    name = 'mark'
+    def execute(self, path='', sleep=1.0, **kwargs):
+        with open(path, 'a') as f: f.write(f"{os.getpid()}\n")
+        time.sleep(sleep)
+        return {'text': 'marked', 'metadata': {}}
+
 def _daemon_plugin_manager():
-    return ReferencePluginManager({**REFERENCE_PLUGINS, 'daemon': DaemonPlugin, 'session_child': SessionChildPlugin})
+    return ReferencePluginManager({**REFERENCE_PLUGINS, 'daemon': DaemonPlugin, 'session_child': SessionChildPlugin,
+                                   'wind_down': WindDownPlugin, 'mark': MarkPlugin})
 
 def daemon_worker(requests, results, responses):
     "Worker entry point: the reference plugins and `daemon` (importable by the actors: tests/ is on their path)."
@@ -554,3 +574,38 @@ async def test_a_hard_cancel_kills_a_plugins_child_in_a_session_of_its_own(track
     finally:
         try: os.kill(child, 9)
         except OSError: pass
+
+
+async def test_a_killed_ray_workers_last_messages_reach_the_manager_and_a_job_sent_ahead_runs_once(track, cluster, tmp_path):
+    """Ray review: when the manager killed a Ray worker (here at the end of a cancel's grace period), what the worker
+    had sent just before, still on its way through the actor, was dropped with the handle: a job that wound down in
+    time was reported as having ignored the cancel, and the job sent ahead (`prefetch`), which had started meanwhile,
+    went back to the queue and ran a second time (15 of 36 such kills). Now the handle ends only once the actor has
+    relayed the worker's last messages and its end. Made certain here: the actor is stopped (SIGSTOP, as an overloaded
+    node would be late) from just after the worker saw the cancel until the manager has killed the worker, so that
+    the job's end and the next job's start are still in the actor when the kill comes."""
+    import signal
+    m = track(ReferenceJobManager(worker_config=WorkerConfig(backend='ray', cancel_grace_seconds=2.0, prefetch_max_job_seconds=None),
+                                  entry_point=daemon_worker))
+    await m.start(wait=True)
+    for i in range(3):
+        path = tmp_path / f'runs{i}'
+        a = await m.start_job('wind_down', linger=1.0)  # ends 1 s after the cancel, 1 s before the kill
+        b = await m.start_job('mark', path=str(path), sleep=2.0)  # sent ahead: it starts as soon as `a` ends
+        await wait_until(lambda: m.get_job(a.id).status == 'running', timeout=60)
+        await asyncio.sleep(1.0)  # `b` reaches the worker's request pipe meanwhile
+        worker = m.get_job(a.id).worker_pid
+        actor = psutil.Process(worker).ppid()
+        cancel = asyncio.create_task(m.cancel_job(a.id))  # (it returns once the job has ended)
+        await wait_until(lambda: m.get_job(a.id).progress_message == 'cancel seen', timeout=30)
+        os.kill(actor, signal.SIGSTOP)  # from now on, what the worker sends waits in the actor's pipes
+        try: await wait_until(lambda: _gone(worker, 0.01), timeout=30)  # the manager kills it at the end of the grace period
+        finally: os.kill(actor, signal.SIGCONT)  # the actor relays what the worker sent, and its end
+        assert await asyncio.wait_for(cancel, 60)
+        a, b = await m.wait_for_job(a.id, timeout=60), await m.wait_for_job(b.id, timeout=60)
+        runs = len(path.read_text().splitlines()) if path.exists() else 0
+        assert runs == 1, f"round {i}: the job sent ahead ran {runs} times ({b.status}: {b.error}; the first: {a.reason})"
+        assert (a.status, a.reason) == ('cancelled', 'cancelled on request'), (i, a.status, a.reason)  # it wound down in time
+        assert b.status == 'failed' and 'WorkerDied' in b.error and 'SIGKILL' in b.error, (i, b.status, b.error)
+        assert await m.wait_until_ready(60)
+

@@ -16,7 +16,8 @@ from ..core.process import kill_process_group, kill_process_tree
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MIN_ACTOR_CONCURRENCY', 'WorkerActor', 'RayActorProcess', 'ray_error_text', 'kill_tree', 'RayBackend']
+__all__ = ['log', 'KILL_RELAY_SECONDS', 'MIN_ACTOR_CONCURRENCY', 'WorkerActor', 'RayActorProcess', 'ray_error_text', 'kill_tree',
+           'RayBackend']
 
 # %% ../../nbs/backends/ray.ipynb #eb6d68fb
 def _raw_frames(ch:PipeChannel)->list:
@@ -101,6 +102,10 @@ class WorkerActor:
                 yield batch
                 return
             if batch: yield batch
+
+    def kill_worker(self):
+        "Kill the worker's whole process tree and leave this actor running: `pump` then sends the worker's last messages and its end."
+        kill_process_tree(self.proc, timeout=1.0, reap=False)  # `pump` reaps it (one reaper: two would race for its exit code)
 
     def terminate(self):
         "Kill the worker's whole process tree (its descendants and what is left of its group), then end this actor's process."
@@ -290,7 +295,7 @@ def _receive(self:RayActorProcess)->None:
         code = -signal.SIGKILL
     finally:
         self._ended_as(code, reason, receiving=True)
-        self._close_writers()  # if `kill_tree` ended the handle first, they were left to this thread
+        self._close_writers()  # if the kill's thread ended the handle first, they were left to this thread
         if code is not None and not self._killed:
             try: ray.kill(self.actor)  # a worker that stopped leaves no idle actor behind
             except Exception: pass
@@ -323,12 +328,22 @@ RayActorProcess._send_control = lambda self: self._forward(self._req.control, 'c
 RayActorProcess._forward = _forward
 
 # %% ../../nbs/backends/ray.ipynb #358aac5f
-def _end_actor(actor, timeout:float)->None:
-    "Ask `actor` to kill the worker's tree and end (for up to `timeout` seconds), then `ray.kill` it."
+KILL_RELAY_SECONDS = 3.0  # how long a kill waits for the actor to relay the worker's last messages (below the manager's 5 s)
+
+def _end_actor(self:RayActorProcess, actor, timeout:float)->None:
+    """A kill's thread: have `actor` kill the worker's tree, wait (up to `KILL_RELAY_SECONDS`) for the receiving thread to
+    relay what the worker sent before it died and its end — which ends the handle —, then end the actor: ask it to
+    `terminate` (for up to `timeout` seconds) and `ray.kill` it."""
     import ray
+    try:
+        actor.kill_worker.remote()
+        self._ended.wait(KILL_RELAY_SECONDS)
+    except Exception: pass  # Ray cannot take the call: nothing more comes
+    self._ended_as(-signal.SIGKILL, None)  # (a no-op once the end came; else the actor or Ray did not answer in time)
     try: ray.get(actor.terminate.remote(), timeout=timeout)
     except Exception: pass  # it ended itself (the expected outcome), or it did not answer in time
     _kill_quietly(actor)  # `ray.kill` asks the cluster: it may hang too
+RayActorProcess._end_actor = _end_actor
 
 def _kill_worker_here(pid:int, actor_pid:Optional[int])->None:
     """SIGKILL a worker that runs on this machine and the rest of its process group (its plugins' subprocesses), without
@@ -346,15 +361,17 @@ def _kill_worker_here(pid:int, actor_pid:Optional[int])->None:
         try: k.kill()
         except psutil.Error: pass
 
-def kill_tree(self:RayActorProcess, timeout:float=1.0)->None:
-    "Kill the worker's tree (at once if on this machine) and its actor (from a thread of its own), without waiting: the handle has ended (killed) when this returns."
+def kill_tree(self:RayActorProcess, timeout:float=1.0 # seconds the kill's thread waits for the actor to `terminate`
+             )->None:
+    """Kill the worker's tree (at once if on this machine) and its actor, without waiting: a thread of its own ends the
+    handle (killed) once the actor has relayed the worker's last messages, or after `KILL_RELAY_SECONDS`."""
     with self._state:
-        if not self._started or self._ended.is_set(): return
+        if not self._started or self._killed or self._ended.is_set(): return
         self._killed, actor = True, self.actor
-    self._ended_as(-signal.SIGKILL, None)
+    if actor is None:  # Ray is still creating it, so nothing ran: the creating thread kills the actor when Ray hands it over
+        return self._ended_as(-signal.SIGKILL, None)
     if self.local and self.pid is not None: _kill_worker_here(self.pid, self.actor_pid)  # no wait for the actor here
-    if actor is not None:  # (else Ray is still creating it: the creating thread kills the actor when Ray hands it over)
-        threading.Thread(target=_end_actor, args=(actor, timeout), name=f"cjm-ray-kill-{self.name}", daemon=True).start()
+    threading.Thread(target=self._end_actor, args=(actor, timeout), name=f"cjm-ray-kill-{self.name}", daemon=True).start()
 
 RayActorProcess.kill_tree = kill_tree
 RayActorProcess.kill = lambda self: self.kill_tree()
