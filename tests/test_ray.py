@@ -609,3 +609,45 @@ async def test_a_killed_ray_workers_last_messages_reach_the_manager_and_a_job_se
         assert b.status == 'failed' and 'WorkerDied' in b.error and 'SIGKILL' in b.error, (i, b.status, b.error)
         assert await m.wait_until_ready(60)
 
+
+def test_a_ray_shutdown_in_the_app_ends_its_workers_with_the_reason_and_starts_no_ray(tmp_path):
+    """Ray review: after the app's `ray.shutdown()` while a worker ran, the bridge threads' Ray calls started a fresh
+    local Ray (Ray's auto-init; its agents outlived the app), and the worker was said to have "exited with code 1" or
+    to have died of an unknown object owner. Now the handle ends, killed, with the reason, and no Ray is started.
+    In a process of its own, with its own Ray."""
+    import json, sys, tempfile
+    tmp = tempfile.mkdtemp(prefix='rs', dir='/tmp')  # (Ray's socket paths must stay short)
+    script = os.path.join(tmp, 'app.py')
+    with open(script, 'w') as f: f.write(
+        "import json, select, sys, time, ray\n"
+        "from cjm_workers.backends.ray import RayActorProcess\n"
+        "from cjm_workers.core.channel import PipeChannel\n"
+        "from cjm_workers.testing import reference_worker\n"
+        "ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1], logging_level='error', log_to_driver=False)\n"
+        "req, res, resp = PipeChannel(control=True), PipeChannel(), PipeChannel()\n"
+        "p = RayActorProcess(reference_worker, (req, res, resp), name='t', prepare=lambda: None)\n"
+        "p.start(); req.close_reader(); res.close_writer(); resp.close_writer()\n"
+        "assert res.get(timeout=60)['type'] == 'ready'\n"
+        "req.put({'type': 'execute', 'job_id': 'a', 'plugin_name': 'slow', 'seconds': 60})\n"
+        "assert res.get(timeout=60)['type'] == 'started'\n"
+        "inits, init = [], ray.init\n"
+        "ray.init = lambda *a, **kw: (inits.append(1), init(*a, **kw))[1]  # what Ray's auto-init calls\n"
+        "ray.shutdown()\n"
+        "ended = bool(select.select([p.sentinel], [], [], 30)[0])\n"
+        "req.put({'type': 'execute', 'job_id': 'b', 'plugin_name': 'echo'}); req.control.put({'type': 'cancel', 'job_id': 'a'})\n"
+        "time.sleep(3)  # the bridges' last calls (the requests just sent)\n"
+        "print(json.dumps({'ended': ended, 'exitcode': p.exitcode, 'reason': p.death_reason, 'inits': len(inits),\n"
+        "                  'initialized': ray.is_initialized()}), flush=True)\n"
+        "ray.shutdown()\n")
+    import cjm_workers
+    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != 'RAY_ADDRESS'}  # a Ray of its own, not the session's
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')]))
+    env.setdefault('RAY_AUTH_MODE', 'disabled')
+    out = subprocess.run([sys.executable, script, os.path.join(tmp, 'r')], capture_output=True, text=True,
+                         timeout=240, env=env)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info['inits'] == 0 and not info['initialized'], info  # no Ray was started after the app's shutdown
+    assert info['ended'] and info['exitcode'] == -9, info
+    assert info['reason'] == "was ended by `ray.shutdown()` in the app (which ends the app's Ray actors)", info

@@ -16,8 +16,8 @@ from ..core.process import kill_process_group, kill_process_tree
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'KILL_RELAY_SECONDS', 'MIN_ACTOR_CONCURRENCY', 'WorkerActor', 'RayActorProcess', 'ray_error_text', 'kill_tree',
-           'RayBackend']
+__all__ = ['log', 'SHUT_DOWN_REASON', 'NO_EXIT_REASON', 'KILL_RELAY_SECONDS', 'MIN_ACTOR_CONCURRENCY', 'WorkerActor',
+           'RayActorProcess', 'RayShutDownError', 'ray_error_text', 'kill_tree', 'RayBackend']
 
 # %% ../../nbs/backends/ray.ipynb #eb6d68fb
 def _raw_frames(ch:PipeChannel)->list:
@@ -228,9 +228,18 @@ def _close_request_ends(self:RayActorProcess)->None:
         except OSError: pass
 RayActorProcess._close_request_ends = _close_request_ends
 
-def _kill_quietly(actor)->None:
+class RayShutDownError(RuntimeError):
+    "Ray was shut down in this process (`ray.shutdown()`): a bridge's Ray call would start a new Ray."
+
+def _ray():
+    """The `ray` module while this process is connected to Ray, else `RayShutDownError`. The bridges and kills call Ray
+    through it: after the app's `ray.shutdown()`, Ray's own calls would start a fresh local Ray (its auto-init)."""
     import ray
-    try: ray.kill(actor, no_restart=True)
+    if not ray.is_initialized(): raise RayShutDownError("Ray was shut down in this process")
+    return ray
+
+def _kill_quietly(actor)->None:
+    try: _ray().kill(actor, no_restart=True)
     except Exception: pass
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
@@ -275,14 +284,24 @@ def _close_writers(self:RayActorProcess)->None:
     for ch in (self._res, self._resp): ch.close_writer()
 RayActorProcess._close_writers = _close_writers
 
+SHUT_DOWN_REASON = "was ended by `ray.shutdown()` in the app (which ends the app's Ray actors)"
+NO_EXIT_REASON = ("ended without an exit status: its Ray actor's output stream ended before the worker's exit status "
+                  "(the actor is ended)")
+
 def _receive(self:RayActorProcess)->None:
     import ray
-    code, reason = 1, None
+    code, reason = None, NO_EXIT_REASON  # until the stream brings the worker's exit status
     try:
-        self.actor_pid, self.node_id, self.pid, self.node_ip = ray.get(self.actor.where.remote())
-        self.local = self.node_id == ray.get_runtime_context().get_node_id()
-        for ref in self.actor.pump.remote():
-            batch = ray.get(ref)
+        self.actor_pid, self.node_id, self.pid, self.node_ip = _ray().get(self.actor.where.remote())
+        self.local = self.node_id == _ray().get_runtime_context().get_node_id()
+        _ray()
+        stream = self.actor.pump.remote()
+        while True:
+            # wait here, not in `next`: Ray's `next` waits in calls that start a new Ray once the app has shut it down
+            _ray().wait([stream], num_returns=1, fetch_local=False)
+            _ray()
+            if (ref := next(stream, None)) is None: break  # it ended without the worker's exit status
+            batch = _ray().get(ref)
             res = [d for tag, d in batch if tag == 'results']
             resp = [d for tag, d in batch if tag == 'responses']
             if res: self._res.put_pickled_many(res)
@@ -292,13 +311,13 @@ def _receive(self:RayActorProcess)->None:
                 break
     except Exception as e:  # RayActorError and friends: the actor died, or was killed
         reason = f"ended with its Ray actor, which died ({ray_error_text(e)})"  # as `describe_exit` says it
-        code = -signal.SIGKILL
     finally:
+        if reason is not None:  # no exit status came: the worker ends with its actor
+            code = -signal.SIGKILL
+            if not ray.is_initialized(): reason = SHUT_DOWN_REASON  # whatever Ray's calls raised or did then
         self._ended_as(code, reason, receiving=True)
         self._close_writers()  # if the kill's thread ended the handle first, they were left to this thread
-        if code is not None and not self._killed:
-            try: ray.kill(self.actor)  # a worker that stopped leaves no idle actor behind
-            except Exception: pass
+        if code is not None and not self._killed: _kill_quietly(self.actor)  # a worker that stopped leaves no idle actor behind
 RayActorProcess._receive = _receive
 
 def _forward(self:RayActorProcess, ch:PipeChannel, method:str)->None:
@@ -314,12 +333,19 @@ def _forward(self:RayActorProcess, ch:PipeChannel, method:str)->None:
             select.select([ch.reader_fd], [], [])  # frames, or the end
             frames = _raw_frames(ch)
         except (OSError, ValueError): break
-        for i in range(0, len(frames), 512):  # whatever is waiting goes in few actor calls
-            call.remote(seq, frames[i:i + 512])
-            seq += 1
+        try:
+            for i in range(0, len(frames), 512):  # whatever is waiting goes in few actor calls
+                _ray()
+                call.remote(seq, frames[i:i + 512])
+                seq += 1
+        except Exception as e:  # Ray was shut down here (the receiving thread ends the handle), or cannot take calls
+            if not isinstance(e, RayShutDownError): log.warning("%s: cannot send to its Ray actor (%s)", self.name, ray_error_text(e))
+            break
         if ch.eof: break
     if method == 'put' and not self._ended.is_set():
-        try: call.remote(seq, None)  # after every request: the worker reads end-of-file and stops
+        try:
+            _ray()
+            call.remote(seq, None)  # after every request: the worker reads end-of-file and stops
         except Exception: pass
     ch._reader.close()  # only this channel's end: the control channel's belongs to the other bridge thread
 
@@ -334,13 +360,13 @@ def _end_actor(self:RayActorProcess, actor, timeout:float)->None:
     """A kill's thread: have `actor` kill the worker's tree, wait (up to `KILL_RELAY_SECONDS`) for the receiving thread to
     relay what the worker sent before it died and its end — which ends the handle —, then end the actor: ask it to
     `terminate` (for up to `timeout` seconds) and `ray.kill` it."""
-    import ray
     try:
+        _ray()
         actor.kill_worker.remote()
         self._ended.wait(KILL_RELAY_SECONDS)
-    except Exception: pass  # Ray cannot take the call: nothing more comes
+    except Exception: pass  # Ray was shut down here: nothing more comes
     self._ended_as(-signal.SIGKILL, None)  # (a no-op once the end came; else the actor or Ray did not answer in time)
-    try: ray.get(actor.terminate.remote(), timeout=timeout)
+    try: _ray().get(actor.terminate.remote(), timeout=timeout)
     except Exception: pass  # it ended itself (the expected outcome), or it did not answer in time
     _kill_quietly(actor)  # `ray.kill` asks the cluster: it may hang too
 RayActorProcess._end_actor = _end_actor
