@@ -46,7 +46,6 @@ async def test_external_sigkill_of_worker_running_a_job(make_manager):
     assert nxt.status == 'completed' and nxt.result['metadata']['pid'] != pid0
 
 
-@pytest.mark.backends('local')
 async def test_a_crash_is_noticed_while_a_daemon_holds_the_workers_descriptors(make_manager, tmp_path):
     "A worker killed while a daemon its plugin left (in a session of its own) keeps the worker's sentinel pipe open."
     from _f_plugins import f_worker

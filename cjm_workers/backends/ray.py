@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 from ..core.channel import PipeChannel, dumps
-from ..core.process import kill_process_group, kill_process_tree
+from ..core.process import end_fd, kill_process_group, kill_process_tree
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class WorkerActor:
         self.proc = ctx.Process(target=_actor_worker, args=(target, dict(env or {}), self.req, self.res, self.resp),
                                 name='cjm-ray-worker', daemon=False)
         self.proc.start()
+        self.end = end_fd(self.proc)  # readable once the worker has ended (a pidfd: whatever its plugins' daemons hold)
         self.req.close_reader(); self.res.close_writer(); self.resp.close_writer()
         self.res.set_nonblocking(); self.resp.set_nonblocking()
         self._order = {'put': threading.Lock(), 'control': threading.Lock()}  # a threaded actor may run calls out of
@@ -88,13 +89,13 @@ class WorkerActor:
         import select
         poller = select.poll()
         open_ = {self.res.reader_fd: self.res, self.resp.reader_fd: self.resp}
-        for fd in (*open_, self.proc.sentinel): poller.register(fd, select.POLLIN)
+        for fd in (*open_, self.end): poller.register(fd, select.POLLIN)
         while True:
             ready = {fd for fd, _ in poller.poll()}
             batch = [('results', f) for f in _raw_frames(self.res)] + [('responses', f) for f in _raw_frames(self.resp)]
             for fd, ch in list(open_.items()):
                 if ch.eof: poller.unregister(fd); del open_[fd]  # closed: stop waking on it
-            if self.proc.sentinel in ready:
+            if self.end in ready:
                 kill_process_group(self.proc.pid)  # what its plugins left in its group: before it is reaped (then its id is free)
                 self.proc.join()
                 batch += [('results', f) for f in _raw_frames(self.res)] + [('responses', f) for f in _raw_frames(self.resp)]
