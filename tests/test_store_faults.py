@@ -21,11 +21,17 @@ def store_threads():
 
 
 class Locker:
-    "Another process holding the database's write lock (what a second app writing the file looks like to the store)."
-    def __init__(self, db):
+    """Another process holding the database's write lock (what a second app writing the file looks like to the store).
+    `later=True`: the process starts now and takes the lock when `lock()` is called (in milliseconds, not a start's time)."""
+    def __init__(self, db, later=False):
         self.p = subprocess.Popen([sys.executable, '-c', "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+                                   "print('ready', flush=True); sys.stdin.readline(); "
                                    "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()", str(db)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout.readline().strip() == 'ready'
+        if not later: self.lock()
+    def lock(self):
+        self.p.stdin.write('lock\n'); self.p.stdin.flush()
         assert self.p.stdout.readline().strip() == 'locked'
     def release(self):
         if self.p.poll() is None:
@@ -121,11 +127,12 @@ async def test_a_waiter_added_later_never_releases_an_earlier_waiter_before_its_
     mgr = mk(store, config=dict(max_workers=2, prefetch=1))
     await mgr.start(wait=True)
     await asyncio.to_thread(store.flush, 5)
+    lock = Locker(db, later=True)  # (started now: on a loaded machine a Python start can outlast the batch's interval)
     a = await mgr.start_job('echo', text='A', sleep=0.8)
     wa = asyncio.ensure_future(mgr.wait_for_job(a.id))  # waits for A from before A ends
     b = await mgr.start_job('echo', text='B')
     await wait_until(lambda: b.status == 'completed', T)  # B's final state waits for the next batch...
-    lock = Locker(db)  # ...which another process's write lock holds up
+    await asyncio.to_thread(lock.lock)  # ...which another process's write lock holds up
     try:
         await wait_until(lambda: a.status == 'completed', T)  # A finishes after B: a newer ticket
         wb = asyncio.ensure_future(mgr.wait_for_job(b.id))  # added after A's waiter, with B's older ticket
