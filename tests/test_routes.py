@@ -10,7 +10,7 @@ from fasthtml.common import FastHTML
 from starlette.testclient import TestClient
 
 from cjm_workers.core.config import RestartPolicy, WorkerConfig
-from cjm_workers.fasthtml.components import dom_id
+from cjm_workers.fasthtml.components import dom_id, ns_id
 from cjm_workers.fasthtml.routes import mount_job_routes
 from cjm_workers.fasthtml.sse import SSEBroadcaster
 from cjm_workers.testing import ReferenceJob, ReferenceJobManager, serve_in_thread, wait_until
@@ -1286,3 +1286,35 @@ def test_a_job_deleted_before_its_pages_heard_its_end_says_so_and_its_page_stops
         server.should_exit = True
         bc.close()
         t.join(30)
+
+
+def test_a_page_whose_stream_is_refused_is_told_why_once_instead_of_reconnecting_for_ever():
+    """SSE review (2026-12-07): a job page or table page whose stream was answered 403 (the app's `authorize` refuses
+    its user now: signed out, permission taken away) or 400 (a bad `after=`) was asked again and again: the htmx SSE
+    extension opens a new connection after every failed one (0.5 s doubling to 64 s), for as long as the page is open
+    (Chromium: 5 requests in 10 s). Now a browser page's EventSource gets one message that says why and replaces the
+    page's sink (which closes it); API clients still get the status codes."""
+    refuse = {'on': False}
+    app, alpha, beta, ra, rb = build(authorize=lambda req, job: not (refuse['on'] and req.url.path.endswith('/stream')))
+    es = {'accept': 'text/event-stream'}
+    with TestClient(app) as cli:
+        jid = start(cli, '/alpha', 'slow', seconds=30)
+        page, table = page_stream_url(cli.get(f'/alpha/{jid}').text), page_stream_url(cli.get('/alpha').text)
+        refuse['on'] = True
+        for url, sink, what in ((page, dom_id(jid, 'live'), 'this job'), (table, ns_id('/alpha', 'live'), 'these jobs')):
+            r = cli.get(url, headers=es)
+            assert (r.status_code, r.headers['content-type'].split(';')[0]) == (200, 'text/event-stream'), (url, r.status_code, r.text)
+            assert r.text.startswith('event: jobs\n') and f'id="{sink}"' in r.text and 'hx-swap-oob="true"' in r.text, r.text
+            assert 'sse-connect' not in r.text and f'you may no longer see {what}' in r.text and 'sign in again' in r.text, r.text
+            assert cli.get(url).status_code == 403  # API clients: the status code
+            assert cli.get(f'{url}&format=json', headers=es).status_code == 403
+        refuse['on'] = False
+        for url, sink in ((f'/alpha/{jid}/stream?after=x', dom_id(jid, 'live')), ('/alpha/stream?after=x', ns_id('/alpha', 'live'))):
+            r = cli.get(url, headers=es)
+            assert (r.status_code, r.headers['content-type'].split(';')[0]) == (200, 'text/event-stream'), (url, r.status_code, r.text)
+            assert f'id="{sink}"' in r.text and 'after must be an integer event id' in r.text and 'Reload the page' in r.text, r.text
+            assert cli.get(url).status_code == 400
+            assert cli.get(f'{url}&format=json', headers=es).status_code == 400
+        cli.post(f'/alpha/{jid}/cancel')
+        cli.portal.call(alpha.wait_for_job, jid, 30)
+

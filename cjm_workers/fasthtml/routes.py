@@ -9,7 +9,7 @@ from urllib.parse import urlencode, urlsplit
 from dataclasses import asdict, fields as dataclass_fields, is_dataclass
 from typing import Any, Callable, Iterable, Optional
 
-from fasthtml.common import A, FT, H1, Main, NotStr, Title, to_xml
+from fasthtml.common import A, Div, FT, H1, Main, NotStr, Span, Title, to_xml
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 
@@ -582,6 +582,29 @@ def _gone_stream(job_id:str)->Response:
     frame = sse_frame(to_xml(*JobGone(job_id, 'detail'), indent=False), event=SSE_EVENT)
     return Response(frame, media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
 
+def _sink_note(sink:str, # the id of the page's sink (`LiveUpdates`)
+               text:str # what to tell the user
+              )->FT:
+    "What replaces a page's sink when its stream ends for good: `text`, where the sink was (its EventSource closes)."
+    return Div(Span(text, cls='job-reason'), id=sink, cls='job-live-ended', role='status', hx_swap_oob='true')
+
+def _page_stream(request, # the stream's request
+                 answer:Response, # the route's answer: a stream, or an error
+                 sink:str, # the id of the sink of the page this stream is for
+                 what:str # what the page shows, for the message ('this job', 'these jobs')
+                )->Response:
+    """`answer`, unless it refuses a browser page's stream (`_event_source`): a 403 (the page's user may no longer see
+    it: signed out, or a permission taken away) or a 400 (its URL is not one this server reads). The page then gets one
+    message that says so and replaces its sink, which closes the EventSource: the error itself would not stop it (the
+    htmx SSE extension opens a new connection after every failed one, for as long as the page is open). Other
+    clients (format json, or not an EventSource) get the error."""
+    if answer.status_code not in (400, 403) or not _event_source(request): return answer
+    if answer.status_code == 403:
+        text = f"Live updates stopped: you may no longer see {what}. Reload the page, or sign in again."
+    else: text = f"Live updates stopped: this page's stream URL is not valid ({answer.body.decode(errors='replace')}). Reload the page."
+    frame = sse_frame(to_xml(_sink_note(sink, text), indent=False), event=SSE_EVENT)
+    return Response(frame, media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
+
 @patch
 def refuse_cross_site(self:JobRoutes, request)->Optional[Response]:
     "A 403 for a state change a browser sent from a page of another origin (`Sec-Fetch-Site`), unless `cross_site`."
@@ -760,8 +783,9 @@ async def health(self:JobRoutes, request):
 @patch
 async def stream_all(self:JobRoutes, request):
     "GET {prefix}/stream: SSE for the job table."
-    if not await self.allowed(request, None): return _FORBIDDEN(request)
-    return self._stream(request)
+    sink = ns_id(self.prefix, 'live')  # (a page's refused stream: one last message, `_page_stream`)
+    if not await self.allowed(request, None): return _page_stream(request, _FORBIDDEN(request), sink, 'these jobs')
+    return _page_stream(request, self._stream(request), sink, 'these jobs')
 
 @patch
 async def stream_job(self:JobRoutes, request, job_id:str):
@@ -769,12 +793,13 @@ async def stream_job(self:JobRoutes, request, job_id:str):
     job, err = await self._job_or_error(request, job_id)
     if err is not None and err.status_code == 404 and _event_source(request):
         return _gone_stream(job_id)  # its page, back after the job was deleted: told so, it stops reconnecting
-    if err is not None: return err
-    if not job.is_terminal: return self._stream(request, job.id)
+    sink = dom_id(job_id, 'live')  # (a page's refused stream: one last message, `_page_stream`)
+    if err is not None: return _page_stream(request, err, sink, 'this job')
+    if not job.is_terminal: return _page_stream(request, self._stream(request, job.id), sink, 'this job')
     if request.query_params.get('after') is None and not request.headers.get('last-event-id'):
         return Response(status_code=204)  # it has ended and the client missed nothing: no stream (EventSource stops on 204)
     await self.snapshot()  # the job's last events have reached the broadcaster
-    return self._stream(request, job.id, live=False)  # what the client missed, then the end (204: it missed nothing)
+    return _page_stream(request, self._stream(request, job.id, live=False), sink, 'this job')  # what the client missed, then the end (204: it missed nothing)
 
 # %% ../../nbs/fasthtml/routes.ipynb #ae8edd01
 def mount_job_routes(app, # the FastHTML app
