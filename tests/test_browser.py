@@ -419,3 +419,77 @@ def test_a_job_page_whose_job_was_deleted_while_it_was_away_says_so_and_stops_re
     page.wait_for_timeout(5000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
     assert len(asked) == n, asked[n:]  # no more tries
     shot(page, '8-deleted')
+
+
+def test_a_page_whose_stream_is_refused_or_whose_jobs_end_cannot_be_shown_says_so_and_stops_reconnecting(browser, monkeypatch):
+    """SSE review (2026-12-07): the htmx SSE extension opens a new connection after every failed one, for as long as the
+    page is open. A job page or table page whose stream was answered 403 (the app's `authorize` refuses its user now),
+    or 400 (a bad `after=`), asked 5 times in 10 s and said nothing; a job page whose end event's renderer raised was
+    replayed that end every second and stayed 'running'. Now each gets one message that says what happened, and its
+    sink is replaced: one stream request."""
+    import re, httpx
+    from fasthtml.common import FastHTML
+    from cjm_workers.core.config import WorkerConfig
+    from cjm_workers.fasthtml import routes as routes_mod
+    from cjm_workers.fasthtml.components import job_hdrs
+    from cjm_workers.fasthtml.routes import mount_job_routes
+    from cjm_workers.fasthtml.sse import SSEBroadcaster
+    from cjm_workers.testing import ReferenceJobManager
+    state = {'refuse': False, 'raise_on_end': False}
+    real = routes_mod.render_event
+    def buggy(ev, job, *args, **kwargs):
+        if state['raise_on_end'] and ev.type.endswith(':completed'): raise RuntimeError('a bug in rendering')
+        return real(ev, job, *args, **kwargs)
+    monkeypatch.setattr(routes_mod, 'render_event', buggy)
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type='refused')
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
+    mount_job_routes(app, mgr, bc, prefix='/jobs', authorize=lambda req, job: not (state['refuse'] and req.url.path.endswith('/stream')))
+    srv, t, base = serve_in_thread(app)
+    ctx = browser.new_context()
+    try:
+        def stream_requests(path, wait_ms=6000, route=None):
+            pg = ctx.new_page()
+            pg.set_default_timeout(WAIT_MS)
+            asked = []
+            pg.on('request', lambda r: asked.append(r.url) if '/stream' in r.url else None)
+            if route: pg.route(*route)
+            pg.goto(base + path)
+            pg.wait_for_timeout(wait_ms)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
+            return pg, asked
+        jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
+                         headers={'accept': 'application/json'}, timeout=30).json()['id']
+        state['refuse'] = True  # e.g. the user signed out in another tab
+        for path, what in ((f'/jobs/{jid}', 'this job'), ('/jobs', 'these jobs')):
+            pg, asked = stream_requests(path)
+            assert len(asked) == 1, asked
+            assert f'you may no longer see {what}' in pg.text_content('.job-live-ended'), path
+            pg.close()
+        state['refuse'] = False
+        def bad_after(route):  # a page whose stream URL this server does not read
+            html = httpx.get(route.request.url, timeout=30).text
+            route.fulfill(status=200, body=re.sub(r'after=\d+', 'after=x', html), content_type='text/html; charset=utf-8')
+        pg, asked = stream_requests(f'/jobs/{jid}', route=(f'**/jobs/{jid}', bad_after))
+        assert len(asked) == 1 and 'after=x' in asked[0], asked
+        assert 'after must be an integer event id' in pg.text_content('.job-live-ended')
+        pg.close()
+        assert httpx.post(f'{base}/jobs/{jid}/cancel', headers={'accept': 'application/json'}, timeout=30).status_code == 200
+        state['raise_on_end'] = True
+        jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 2}},
+                         headers={'accept': 'application/json'}, timeout=30).json()['id']
+        pg, asked = stream_requests(f'/jobs/{jid}', wait_ms=1000)
+        wait_status(pg, jid, 'completed')  # (its end, as well as can be shown)
+        assert 'could not show its outcome' in pg.text_content(f'#job-{jid}-outcome')
+        n = len(asked)
+        pg.wait_for_timeout(5000)
+        assert len(asked) == n == 1, asked
+        pg.close()
+    finally:
+        ctx.close()
+        srv.should_exit = True
+        bc.close()
+        t.join(30)

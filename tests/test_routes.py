@@ -1318,3 +1318,31 @@ def test_a_page_whose_stream_is_refused_is_told_why_once_instead_of_reconnecting
         cli.post(f'/alpha/{jid}/cancel')
         cli.portal.call(alpha.wait_for_job, jid, 30)
 
+
+def test_a_renderer_that_raises_on_a_jobs_end_does_not_lose_the_end_or_make_its_page_reconnect(monkeypatch, caplog):
+    """SSE review (2026-12-07): when rendering a job's end event raised (a bug in showing the job's state), the event
+    was logged and not sent; the job page's stream ended with the job all the same, so the page stayed 'running', its
+    EventSource reconnected, was replayed the same end, which again rendered nothing, and so on every second for as
+    long as the page was open (Chromium: 10 stream requests in 12 s). Now the end is shown as well as can be (the
+    badge, a note to reload, the sink replaced, which closes the stream); an event on the way that raises is skipped
+    and the stream goes on; each is logged once."""
+    import logging
+    import cjm_workers.fasthtml.routes as routes_mod
+    real = routes_mod.render_event
+    def buggy(ev, job, *args, **kwargs):
+        if ev.type.rpartition(':')[2] in ('started', 'completed'): raise RuntimeError('a bug in rendering')
+        return real(ev, job, *args, **kwargs)
+    monkeypatch.setattr(routes_mod, 'render_event', buggy)
+    app, alpha, beta, ra, rb = build()
+    es = {'accept': 'text/event-stream'}
+    with TestClient(app) as cli, caplog.at_level(logging.ERROR):
+        jid = start(cli, '/alpha', 'tokens', text='one two three', delay=0)
+        cli.portal.call(alpha.wait_for_job, jid, 30)
+        for _ in range(2):  # the page's stream, and a second page's (the event's frame is rendered once)
+            r = cli.get(f'/alpha/{jid}/stream?after=0', headers=es)  # (the job has ended: its events, then the end)
+            assert r.status_code == 200, r.text
+            assert 'job-output' in r.text or 'beforeend' in r.text, r.text  # the events on the way are sent
+            assert f'id="{dom_id(jid, "status")}" class="job-badge badge-completed"' in r.text, r.text
+            assert 'could not show its outcome' in r.text and f'<div hidden id="{dom_id(jid, "live")}" hx-swap-oob="true"></div>' in r.text, r.text
+        raised = [rec for rec in caplog.records if rec.exc_info and 'a bug in rendering' in str(rec.exc_info[1])]
+        assert len(raised) == 2, [rec.getMessage() for rec in raised]  # started and completed, once each

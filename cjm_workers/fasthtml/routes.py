@@ -235,6 +235,27 @@ async def _json_answer(data, status_code:int=200, headers:Optional[dict]=None)->
         yield b']'
     return StreamingResponse(parts(), status_code=status_code, headers=headers, media_type='application/json')
 
+def _unshown(job_id:str, # the job whose event could not be rendered
+             event_type:str, # the event's type ('<worker_type>:<name>')
+             view:str, # 'list' or 'detail'
+             ends:set # the event types that end a job
+            )->tuple: # out-of-band fragments (none for an event that does not end the job)
+    """What a page gets for an event its renderer raised on (a bug, logged). Nothing for an event on the way (the stream
+    goes on, and the next event may show the job's state), but the end of a job must not be lost: a job page's stream
+    ends with it, and a page that never got it would reconnect, be sent the same end, and so on for as long as it is
+    open. So its badge shows how the job ended, its cancel button goes, and on its own page a note asks to reload
+    (which renders the job afresh) and replaces the sink, which closes the stream."""
+    if event_type not in ends: return ()
+    status = event_type.rpartition(':')[2]
+    parts = [Span(status, cls=f"job-badge badge-{status}", data_status=status, id=dom_id(job_id, 'status')),
+             Span(cls='job-actions', id=dom_id(job_id, 'actions'))]
+    if view == 'detail':
+        parts += [Div(Span(f"The job ended ({status}), but this page could not show its outcome (a server error). Reload "
+                           "the page to see it.", cls='job-reason'), cls='job-outcome', id=dom_id(job_id, 'outcome')),
+                  Div(id=dom_id(job_id, 'live'), hidden=True)]
+    for p in parts: p.attrs['hx-swap-oob'] = 'true'
+    return tuple(parts)
+
 def _job_json(job, traceback:bool=False)->dict:
     "The job as JSON-safe data; without the worker's `traceback` unless asked."
     return json.loads(_json_bytes(_job_fields(job, traceback)))
@@ -301,10 +322,15 @@ class JobRoutes:
         def render(ev):
             if not ev.type.startswith(self._type_prefix) or ev.type == skip: return None
             if (jid := ev.data.get('job_id')) is None: return None
-            if (job := self.manager.get_job(jid)) is None:  # deleted since (purged): the page says so (`JobGone`), and
-                parts = None if ev.type == pending else JobGone(jid, view)  # a job's page stops listening
-            else: parts = render_event(ev, job, self.prefix, view, self.show_traceback)
-            return None if parts is None else to_xml(*parts, indent=False)
+            try:
+                if (job := self.manager.get_job(jid)) is None:  # deleted since (purged): the page says so (`JobGone`),
+                    parts = None if ev.type == pending else JobGone(jid, view)  # and a job's page stops listening
+                else: parts = render_event(ev, job, self.prefix, view, self.show_traceback)
+                return None if parts is None else to_xml(*parts, indent=False)
+            except Exception:  # a bug in showing this job's state: logged (once an event: streams share its frame)
+                log.exception("rendering event %s (%s) of job %s for the %s view raised; the page is sent %s", ev.id,
+                              ev.type, jid, view, 'a note to reload it' if ev.type in self._job_ends else 'nothing for it')
+                return to_xml(*parts, indent=False) if (parts := _unshown(jid, ev.type, view, self._job_ends)) else None
         render.__qualname__ = f"JobRoutes.render_{view if new_rows else 'rows'}[{self.prefix}]"
         return render
 
