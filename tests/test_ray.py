@@ -3,7 +3,7 @@
 These drive `RayActorProcess` through the same channels and messages the job manager uses; the worker inside the
 actor is the reference worker of `cjm_workers.testing`, unchanged.
 """
-import os, select, time
+import os, select, subprocess, sys, time
 import psutil, pytest
 
 ray = pytest.importorskip('ray', reason='the Ray extra is not installed (pip install -e ".[ray]")')
@@ -354,6 +354,16 @@ async def test_a_plugins_subprocess_ends_with_its_worker_on_ray(track, cluster):
     assert _gone(child), f"the plugin's subprocess {child} outlived its worker's clean exit"
 
 
+def run_script(script, *args, timeout=240, own_ray=False, env=None):
+    """Run a Python `script` in a process of its own that imports the package this process tests; `own_ray`: it starts
+    a Ray of its own (no RAY_ADDRESS of the session's). The finished process (stdout and stderr captured)."""
+    import cjm_workers
+    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))
+    e = {k: v for k, v in os.environ.items() if not (own_ray and k == 'RAY_ADDRESS')}
+    e.update(env or {}, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')])))
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=e)
+
+
 def test_connecting_to_an_address_where_no_ray_listens_gives_up_after_connect_timeout_seconds(tmp_path):
     """UAT finding: a wrong Ray address hung `start()` forever (`ray.init` never gives up), and with it the app's exit.
     Now `prepare` gives up after `connect_timeout_seconds` with a ConnectionError naming the address; a second
@@ -371,11 +381,8 @@ def test_connecting_to_an_address_where_no_ray_listens_gives_up_after_connect_ti
         "    try: b.prepare(); print('connected')\n"
         "    except ConnectionError as e: print(f'{time.monotonic() - t:.1f}', e.args[0].replace(str(port), 'PORT'))\n"
         "print(sum(t.name == 'cjm-ray-init' for t in threading.enumerate()), 'init thread(s)', flush=True)\n")
-    import cjm_workers
-    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))  # the package this process tests
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')]))}
     t = time.monotonic()
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    out = run_script(script, timeout=120)
     took = time.monotonic() - t
     lines = out.stdout.splitlines()
     assert out.returncode == 0 and len(lines) == 3, (out.returncode, out.stdout, out.stderr[-2000:])
@@ -410,10 +417,7 @@ def test_a_manager_whose_ray_cannot_be_reached_starts_and_fails_its_jobs_with_th
         "        health = mgr.get_health()\n"
         "    print(json.dumps({'status': job.status, 'error': job.error, 'ok': health['ok'], 'queued': queued}), flush=True)\n"
         "if __name__ == '__main__': asyncio.run(main())\n")
-    import cjm_workers
-    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')]))}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    out = run_script(script, timeout=120)
     assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
     import json
     info = json.loads(out.stdout.strip().splitlines()[-1])
@@ -444,12 +448,7 @@ def test_the_short_form_starts_a_local_ray_that_runs_jobs():
         "        print(json.dumps({'status': job.status, 'error': job.error, 'secs': time.monotonic() - t}), flush=True)\n"
         "if __name__ == '__main__':\n"
         "    import sys; asyncio.run(main(sys.argv[1]))\n")
-    import cjm_workers
-    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != 'RAY_ADDRESS'}  # a Ray of its own, not the session's
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')]))
-    out = subprocess.run([sys.executable, script, os.path.join(tmp, 'r')], capture_output=True, text=True,
-                         timeout=240, env=env)
+    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True)
     assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info['status'] == 'completed', (info, out.stderr[-3000:])
@@ -639,13 +638,7 @@ def test_a_ray_shutdown_in_the_app_ends_its_workers_with_the_reason_and_starts_n
         "print(json.dumps({'ended': ended, 'exitcode': p.exitcode, 'reason': p.death_reason, 'inits': len(inits),\n"
         "                  'initialized': ray.is_initialized()}), flush=True)\n"
         "ray.shutdown()\n")
-    import cjm_workers
-    here = os.path.dirname(os.path.dirname(os.path.abspath(cjm_workers.__file__)))
-    env = {k: v for k, v in os.environ.items() if k != 'RAY_ADDRESS'}  # a Ray of its own, not the session's
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [here, os.environ.get('PYTHONPATH')]))
-    env.setdefault('RAY_AUTH_MODE', 'disabled')
-    out = subprocess.run([sys.executable, script, os.path.join(tmp, 'r')], capture_output=True, text=True,
-                         timeout=240, env=env)
+    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True, env={'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')})
     assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info['inits'] == 0 and not info['initialized'], info  # no Ray was started after the app's shutdown

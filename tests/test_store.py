@@ -866,17 +866,11 @@ async def test_a_dead_writer_process_is_replaced_at_once_not_after_a_backoff(mk,
         assert mgr.job_store.writer_pid not in (None, old.pid)
 
 
-async def test_two_writer_deaths_in_a_row_do_not_release_waiters_before_the_commit(mk, tmp_path):
-    """Crash review (2026-12-07): the store counted as `failing` after any two failed batches in a row, so a writer
-    process killed and its replacement killed too (an OOM killer's work) made `wait_for_job` return finished jobs
-    before their states were written; an app crash then lost what it had reported (`completed` came back as
-    `failed`/`interrupted`). Writers that die are replaced at once, and count as failing only from the fourth."""
+def kill_two_writers(store):
+    "A thread that SIGKILLs the store's writer process, then its replacement as it appears: (killed pids, stop, thread)."
     import threading, time
-    store = SQLiteJobStore(tmp_path / 'jobs.db', retry_interval=20)
-    mgr = mk(store)
-    await run_job(mgr, 'echo', text='first')
     killed, stop = [], threading.Event()
-    def killer():  # the current writer, then each replacement as it appears: two in all
+    def killer():
         while len(killed) < 2 and not stop.is_set():
             pid = store.writer_pid
             if pid and pid not in killed:
@@ -886,6 +880,19 @@ async def test_two_writer_deaths_in_a_row_do_not_release_waiters_before_the_comm
             time.sleep(0.0005)
     t = threading.Thread(target=killer)
     t.start()
+    return killed, stop, t
+
+
+async def test_two_writer_deaths_in_a_row_do_not_release_waiters_before_the_commit(mk, tmp_path):
+    """Crash review (2026-12-07): the store counted as `failing` after any two failed batches in a row, so a writer
+    process killed and its replacement killed too (an OOM killer's work) made `wait_for_job` return finished jobs
+    before their states were written; an app crash then lost what it had reported (`completed` came back as
+    `failed`/`interrupted`). Writers that die are replaced at once, and count as failing only from the fourth."""
+    import threading, time
+    store = SQLiteJobStore(tmp_path / 'jobs.db', retry_interval=20)
+    mgr = mk(store)
+    await run_job(mgr, 'echo', text='first')
+    killed, stop, t = kill_two_writers(store)
     try:
         await wait_until(lambda: len(killed) == 1, T)
         job = await mgr.start_job('echo', text='during')
@@ -926,17 +933,7 @@ async def test_two_writer_deaths_never_show_as_failing_between_the_updates_of_th
     store = _CountsWatched(tmp_path / 'jobs.db', retry_interval=20)
     mgr = mk(store)
     await run_job(mgr, 'echo', text='first')
-    killed, stop = [], threading.Event()
-    def killer():  # the current writer, then its replacement as it appears: two in all
-        while len(killed) < 2 and not stop.is_set():
-            pid = store.writer_pid
-            if pid and pid not in killed:
-                try: os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError: pass
-                killed.append(pid)
-            time.sleep(0.0005)
-    t = threading.Thread(target=killer)
-    t.start()
+    killed, stop, t = kill_two_writers(store)
     try:
         await wait_until(lambda: len(killed) == 1, T)
         for i in range(3): await run_job(mgr, 'echo', text=str(i))
