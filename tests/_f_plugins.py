@@ -9,6 +9,7 @@ spawned workers.
   docs/plugins.md shows: the worker clears the flag before the plugin's next job).
 - `escape`: leaves a daemon holding the worker's descriptors, then SIGKILLs its worker (a crash the sentinel alone
   would not show).
+- `groupchild`: leaves a child in its worker's group, ends the worker's backstop, then SIGKILLs its worker.
 - `f_worker`: the reference plugins plus those; `hang_factory_worker`: a worker whose plugin-manager factory hangs.
 """
 import os, signal, time
@@ -73,8 +74,23 @@ class EscapePlugin(ReferencePlugin):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class GroupChildPlugin(ReferencePlugin):
+    """Starts `sleep` in its worker's group (pid to `pidfile`), ends the worker's backstop (as where there is none: no
+    pidfd), then SIGKILLs its worker once `go` exists: the manager alone must kill what the plugin left in the group."""
+    name = 'groupchild'
+    def execute(self, pidfile='', go='', **kwargs):
+        import subprocess, psutil
+        child = subprocess.Popen(['sleep', '300'])
+        for c in psutil.Process().children():
+            if c.name() == 'cjm-backstop': c.kill(); c.wait(5)
+        with open(pidfile + '.tmp', 'w') as f: f.write(str(child.pid))
+        os.rename(pidfile + '.tmp', pidfile)
+        while not os.path.exists(go): time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 F_PLUGINS = {**REFERENCE_PLUGINS, 'big': BigPlugin, 'bomb': BombPlugin, 'hangload': HangLoadPlugin, 'polite': PolitePlugin,
-             'escape': EscapePlugin}
+             'escape': EscapePlugin, 'groupchild': GroupChildPlugin}
 
 
 def _pm(): return ReferencePluginManager(F_PLUGINS)

@@ -333,3 +333,32 @@ async def test_hard_cancels_do_not_count_as_crashes(make_manager):
     # and a real crash after them is still the first one in a row: restarted
     await _crash(mgr)
     assert worker_status(mgr) == 'idle'
+
+
+async def test_a_dead_workers_group_is_killed_though_the_app_reaped_it_first(track, tmp_path):
+    """A worker killed while its plugin's child runs in its group, with no backstop to kill that group: the app (another
+    manager's restart: any `Process.start()` or `active_children()`) looks for ended children before the manager has
+    handled the death. Before, it reaped the worker, so the manager refused to kill its group (its id may have been
+    another's) and the plugin's child ran on, orphaned (7 of 20 crashes with a thread calling `active_children()`)."""
+    import multiprocessing
+    from _f_plugins import FJobManager
+    mgr = track(FJobManager(config=dict(restart_policy=RestartPolicy.NEVER)))
+    await mgr.start(wait=True)
+    worker = psutil.Process(worker_pid(mgr))
+    pidfile, go = str(tmp_path / 'child.pid'), str(tmp_path / 'go')
+    job = await mgr.start_job('groupchild', pidfile=pidfile, go=go)
+    await wait_until(lambda: os.path.exists(pidfile), 30)
+    child = psutil.Process(int(open(pidfile).read()))
+    try:
+        with mgr._lock:  # the management thread cannot handle the death meanwhile
+            open(go, 'w').close()
+            end = time.monotonic() + 10
+            while os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None and time.monotonic() < end:
+                time.sleep(0.01)  # until it can be reaped (reaping nothing)
+            multiprocessing.active_children()  # what every Process.start() of the app does first
+        job = await mgr.wait_for_job(job.id, timeout=30)
+        assert job.status == 'failed' and 'SIGKILL' in job.error, (job.status, job.error)
+        await wait_until(lambda: gone(child), 10)
+    finally:
+        try: child.kill()
+        except psutil.Error: pass

@@ -851,6 +851,7 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
         p = (backend.process(target, args, name, env=env) if backend is not None  # e.g. a Ray actor (backends.ray)
              else self._ctx.Process(target=_worker_with_env, args=(target, env) + args, name=name))
         p.start()
+        if backend is None: _reap_alone(p)  # reaped by this manager only: its group is killed before (`_handle_worker_error`)
     except Exception as e:  # e.g. an entry point spawn cannot pickle: starting again would fail the same way
         for ch in (slot.requests, slot.results, slot.responses): ch.close()
         slot.process = slot.pid = None
@@ -882,6 +883,18 @@ def _worker_with_env(entry, env:dict, *channels):
     "Worker process body for a worker with its own environment: set it, then run the entry point."
     os.environ.update(env)
     entry(*channels)
+
+# %% ../../nbs/managers/base.ipynb #19b8761e
+def _reap_alone(p):
+    """Take a local worker out of multiprocessing's list of children: any `Process.start()` or `active_children()` in
+    the app (another manager's restart) reaps every child of that list that has ended. A worker reaped so, before its
+    manager handled its end, leaves its group unkilled (`kill_process_group` kills only a group whose leader is not
+    reaped: then its id may be another's), and with it what its plugin started there."""
+    mp.process._children.discard(p)
+
+def _reap_later(p):
+    "Give a worker this manager will not reap back to multiprocessing, which reaps it once it has ended (no zombie)."
+    if p._parent_pid == os.getpid(): mp.process._children.add(p)
 
 # %% ../../nbs/managers/base.ipynb #33608d64
 @patch
@@ -950,6 +963,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     self._drain(slot)
     if not hasattr(p, 'kill_tree'): kill_process_group(slot.pid)  # a local worker's group, before it is reaped (its id is then free)
     if process_ended(p): p.join()  # reaped now (its sentinel is ready a moment before it can be)
+    elif not hasattr(p, 'kill_tree'): _reap_later(p)  # stuck (in the kernel): multiprocessing reaps it once it ends
     self._release_loop(slot)
     for ch in (slot.requests, slot.results, slot.responses): ch.close()
     how = getattr(p, 'death_reason', None) or describe_exit(p.exitcode)  # a Ray actor that died: Ray's reason
@@ -1386,6 +1400,7 @@ def _reap(slots:list, wake_fds:list, flags:dict, store=None, lock=None):
             except Exception: pass
         wait_ended([p], 1)  # reaping nothing: `kill_worker_tree` kills its group first, then reaps it
         kill_worker_tree(p, timeout=1.0, terminate_first=True)
+        if not hasattr(p, 'kill_tree') and not process_ended(p): _reap_later(p)  # not reaped yet (stuck): multiprocessing will
     held = lock is not None and lock.acquire(timeout=2.0)  # not while the management thread handles a message
     try:
         for fd in wake_fds:
