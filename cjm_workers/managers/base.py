@@ -894,7 +894,7 @@ def _reap_alone(p):
 
 def _reap_later(p):
     "Give a worker this manager will not reap back to multiprocessing, which reaps it once it has ended (no zombie)."
-    if p._parent_pid == os.getpid(): mp.process._children.add(p)
+    if isinstance(p, mp.process.BaseProcess) and p._parent_pid == os.getpid(): mp.process._children.add(p)
 
 # %% ../../nbs/managers/base.ipynb #33608d64
 @patch
