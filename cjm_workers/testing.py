@@ -15,7 +15,7 @@ from .core.worker import base_worker_process, check_cancelled, report_progress, 
 # %% auto #0
 __all__ = ['REFERENCE_PLUGINS', 'ReferencePlugin', 'EchoPlugin', 'TranscribePlugin', 'TokenStreamPlugin', 'SlowPlugin',
            'CrashPlugin', 'NoLoadPlugin', 'ReferencePluginManager', 'reference_plugin_manager', 'reference_worker',
-           'failing_factory_worker', 'echo_channel', 'sleep_with_child', 'leave_daemon', 'hold_memory',
+           'failing_factory_worker', 'echo_channel', 'sleep_with_child', 'fork_daemon', 'leave_daemon', 'hold_memory',
            'RecordingBroadcaster', 'RecordingResourceManager', 'PluginMeta', 'ReferenceRegistry', 'ReferenceJob',
            'ReferenceJobManager', 'wait_until', 'serve_in_thread']
 
@@ -149,18 +149,24 @@ def sleep_with_child(q):
     q.put(child.pid)
     time.sleep(300)
 
-def leave_daemon(q, seconds:float=60.0):
-    """Child process: leave a daemon behind, as a careless plugin can (a double fork into a session of its own that
-    keeps every descriptor it inherited, the process's sentinel pipe among them); the daemon reports its pid on `q`."""
+def fork_daemon(report, # called in the daemon with its pid (e.g. `q.put`, or a write to a file)
+                seconds:float=60.0 # how long the daemon lives
+               )->None:
+    """Leave a daemon behind, as a careless plugin can: a double fork into a session of its own that keeps every
+    descriptor it inherited (the process's sentinel pipe among them). Returns in the caller at once."""
     pid = os.fork()
     if pid == 0:
         try:
             os.setsid()
             if os.fork() == 0:
-                q.put(os.getpid())
+                report(os.getpid())
                 time.sleep(seconds)
         finally: os._exit(0)
     os.waitpid(pid, 0)
+
+def leave_daemon(q, seconds:float=60.0):
+    "Child process: leave a daemon behind (`fork_daemon`), which reports its pid on `q`; then end."
+    fork_daemon(q.put, seconds)
 
 def hold_memory(mb:int, q):
     "Child process: fill `mb` MB of memory (as a loaded model does), say so on `q`, then sleep. Killed, it takes a while to end."

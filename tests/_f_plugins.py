@@ -16,7 +16,7 @@ import os, signal, time
 
 from cjm_workers.core.config import WorkerConfig
 from cjm_workers.core.worker import base_worker_process
-from cjm_workers.testing import REFERENCE_PLUGINS, ReferencePlugin, ReferencePluginManager, ReferenceJobManager
+from cjm_workers.testing import REFERENCE_PLUGINS, ReferencePlugin, ReferencePluginManager, ReferenceJobManager, fork_daemon
 
 
 class BigPlugin(ReferencePlugin):
@@ -60,16 +60,10 @@ class EscapePlugin(ReferencePlugin):
     among them) for `linger` seconds, writes its pid to `pidfile`, then SIGKILLs its worker (as the OOM killer would)."""
     name = 'escape'
     def execute(self, pidfile='', linger=120.0, **kwargs):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.setsid()
-                if os.fork() == 0:
-                    with open(pidfile + '.tmp', 'w') as f: f.write(str(os.getpid()))
-                    os.rename(pidfile + '.tmp', pidfile)
-                    time.sleep(linger)
-            finally: os._exit(0)
-        os.waitpid(pid, 0)
+        def report(pid):
+            with open(pidfile + '.tmp', 'w') as f: f.write(str(pid))
+            os.rename(pidfile + '.tmp', pidfile)
+        fork_daemon(report, linger)
         while not os.path.exists(pidfile): time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -77,7 +77,7 @@ def kill_process_tree(process, # a started `multiprocessing.Process`
     kill_process_group(pid)  # it and what is left in its group, while it is not reaped (then its id may be another's)
     if not process_ended(process):  # (it could not lead a group of its own)
         process.kill(); wait_ended([process], timeout)
-    if reap and process_ended(process): process.join()  # (its sentinel is ready a moment before it can be reaped)
+    if reap and process_ended(process): process.join()  # (ended: reaped at once)
     for c in children:  # SIGKILL cannot be refused; waiting for them would only wait for their parent to reap them
         try: c.kill()
         except psutil.Error: pass

@@ -962,7 +962,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     if not wait_ended([p], wait): kill_worker_tree(p, timeout=wait, reap=False)  # it closed its pipes but did not exit: finish it
     self._drain(slot)
     if not hasattr(p, 'kill_tree'): kill_process_group(slot.pid)  # a local worker's group, before it is reaped (its id is then free)
-    if process_ended(p): p.join()  # reaped now (its sentinel is ready a moment before it can be)
+    if process_ended(p): p.join()  # reaped now that its group is killed
     elif not hasattr(p, 'kill_tree'): _reap_later(p)  # stuck (in the kernel): multiprocessing reaps it once it ends
     self._release_loop(slot)
     for ch in (slot.requests, slot.results, slot.responses): ch.close()
