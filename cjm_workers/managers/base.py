@@ -2153,12 +2153,30 @@ class _Lifespan:
     "What `manager.lifespan(app)` returns: an async context manager (Starlette) that is also an async iterator (FastHTML)."
     def __init__(self, managers): self.managers = managers
     async def __aenter__(self):
-        for m in self.managers: await m.start()
-    async def __aexit__(self, *exc):
-        for m in reversed(self.managers): await m.ashutdown()
+        started = []
+        try:
+            for m in self.managers:
+                await m.start()
+                started.append(m)
+        except BaseException:  # a later one failed (its store held by another process, say): the ones started
+            started += [m for m in self.managers[len(started):] if getattr(m, '_started', False)]  # would run on
+            try: await _shutdown_all(reversed(started))  # with no app to serve, their workers running stored jobs
+            except Exception: pass  # (logged) the start's error is the one to raise
+            raise
+    async def __aexit__(self, *exc): await _shutdown_all(reversed(self.managers))
     async def _run(self):
         async with self: yield
     def __aiter__(self): return self._run()
+
+async def _shutdown_all(managers):
+    "`ashutdown` each of `managers`, in this order, even if one raises; then raise the first error."
+    first = None
+    for m in managers:
+        try: await m.ashutdown()
+        except Exception as e:
+            log.exception("shutting down the %s job manager failed", getattr(m, 'worker_type', m))
+            first = first or e
+    if first is not None: raise first
 
 @patch
 def lifespan(self:BaseJobManager,
