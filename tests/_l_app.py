@@ -1,7 +1,7 @@
 """A small real FastHTML app for the life-cycle tests (tests/test_app_lifecycle.py), served by `uvicorn _l_app:app`:
 a `BaseJobManager` subclass running the reference plugins on a pool of 2 workers, a SQLite job store at
 `$L_DB`, the library's job routes under `/jobs` (scheduling options allowed) and an SSE broadcaster."""
-import logging, os, uuid
+import logging, os, signal, uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
@@ -14,6 +14,8 @@ from cjm_workers.stores.sqlite import SQLiteJobStore
 from _l_plugins import life_worker
 
 logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+if os.environ.get('L_SIGHUP'):  # docs/fasthtml.md (Shutting down): a closed terminal shuts the app down as SIGTERM does
+    signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
 
 
 @dataclass
