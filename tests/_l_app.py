@@ -32,7 +32,7 @@ class LifeManager(BaseJobManager):
 
 bc = SSEBroadcaster(heartbeat_seconds=float(os.environ.get('L_HEARTBEAT', '15')))
 manager = LifeManager('life', 'reference', supports_streaming=True, event_broadcaster=bc,
-                      worker_config=WorkerConfig(max_workers=2, prefetch=1,
+                      worker_config=WorkerConfig(max_workers=2, prefetch=int(os.environ.get('L_PREFETCH', '1')),
                                                  drain_timeout_seconds=float(os.environ.get('L_DRAIN', '0'))),
                       job_store=SQLiteJobStore(os.environ['L_DB']))
 app = FastHTML(lifespan=manager.lifespan)

@@ -19,6 +19,8 @@ from fastcore.basics import patch
 from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.process import describe_exit, end_fd, kill_process_group, kill_worker_tree, process_ended, wait_ended
+from multiprocessing.connection import wait as _wait_ready
+import contextlib, signal
 from ..core.worker import BACKSTOP_NAME, LOG_LEVEL_ENV, _RESERVED
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
 from ..stores.base import JobStore, MemoryJobStore, where_items
@@ -334,6 +336,8 @@ def _init_state(self:BaseJobManager):
     self._sleep_until = math.inf  # the nearest deadline the management thread is waiting for
     self._purge_at, self._purger = 0.0, None  # retention (`keep_finished_seconds`): next purge, the thread doing one
     self._started = self._thread_stop = self._draining = False
+    self._drain_cut, self._drain_fds = False, None  # `end_drain` was called; the pipe a draining shutdown waits on
+    self._drain_guard = threading.Lock()  # held to write to that pipe or to close it (never waited for by `end_drain`)
     self._writer_up: Optional[asyncio.Future] = None  # the first start's wait for a durable store's writer
     self._stop_reason = 'the manager shut down'  # why shutdown cancels a job
     self._flags = {'closed': False}  # shared with the finalizer, which may close the manager at exit
@@ -2065,13 +2069,20 @@ def shutdown(self:BaseJobManager,
     _send(stops, control=True)  # nothing queued starts; the running job is cancelled now, or (a drain) may finish
     _send(sends)  # and a worker waiting for requests wakes up and stops
     if self._draining:
-        wait_ended([p for _, p in procs], None if math.isinf(drain) else drain)  # (the management thread reaps them)
+        self._drain_fds = cut = os.pipe()  # `end_drain` writes here (then the flag it sets first is seen below)
+        try:
+            if not self._drain_cut: _wait_drained([p for _, p in procs], None if math.isinf(drain) else drain, cut[0])
+        finally:
+            with self._drain_guard:  # (a number closed under an `end_drain` could be another file's by its write)
+                self._drain_fds = None
+                for fd in cut: os.close(fd)
         with self._lock:  # a worker that ended meanwhile (its jobs done, or dead) is settled as such, not as stopped
             for s, p in procs:
                 if s.process is p and process_ended(p): self._handle_worker_error(s)
             self._draining = False
         late = [(reqs[s.index], [{'type': 'stop'}]) for s, p in procs if not process_ended(p)]
-        if late: self._stop_reason = f"the manager shut down: the job did not finish within the drain timeout ({drain}s)"
+        if late: self._stop_reason = ("the manager shut down: its drain was cut short before the job finished" if self._drain_cut
+                                      else f"the manager shut down: the job did not finish within the drain timeout ({drain}s)")
         _send(late, control=True)  # time is up: cancel what still runs
     wait_ended([p for _, p in procs], self.worker_config.shutdown_timeout_seconds)
     for _, p in procs:  # reaped below, or by the management thread: two threads reaping one process race (`process_ended`)
@@ -2148,6 +2159,25 @@ async def __aenter__(self:BaseJobManager):
 @patch
 async def __aexit__(self:BaseJobManager, *exc): await self.ashutdown()
 
+# %% ../../nbs/managers/base.ipynb #b25fec62
+def _wait_drained(processes:list, timeout:Optional[float], cut_fd:int)->None:
+    "Wait until every one of `processes` has ended, `timeout` seconds (None: no limit) have passed, or `cut_fd` is readable."
+    end = None if timeout is None else time.monotonic() + timeout
+    while (left := [p for p in processes if not process_ended(p)]):
+        t = None if end is None else end - time.monotonic()
+        if t is not None and t <= 0: return
+        if cut_fd in _wait_ready([end_fd(p) for p in left] + [cut_fd], t): return
+
+@patch
+def end_drain(self:BaseJobManager)->None:
+    "Cut a draining shutdown short: what still runs is cancelled now, as when the drain timeout passes (any thread, or a signal handler)."
+    self._drain_cut = True
+    if self._drain_guard.acquire(blocking=False):  # not free: the drain is ending (perhaps in the thread this interrupted)
+        try:
+            if self._drain_fds is not None: os.write(self._drain_fds[1], b'x')
+        except OSError: pass
+        finally: self._drain_guard.release()
+
 # %% ../../nbs/managers/base.ipynb #ec80c538
 class _Lifespan:
     "What `manager.lifespan(app)` returns: an async context manager (Starlette) that is also an async iterator (FastHTML)."
@@ -2163,10 +2193,29 @@ class _Lifespan:
             try: await _shutdown_all(reversed(started))  # with no app to serve, their workers running stored jobs
             except Exception: pass  # (logged) the start's error is the one to raise
             raise
-    async def __aexit__(self, *exc): await _shutdown_all(reversed(self.managers))
+    async def __aexit__(self, *exc):
+        with _signals_end_drains(self.managers): await _shutdown_all(reversed(self.managers))
     async def _run(self):
         async with self: yield
     def __aiter__(self): return self._run()
+
+@contextlib.contextmanager
+def _signals_end_drains(managers):
+    """While a lifespan shuts down managers that drain: a SIGINT or SIGTERM (the second Ctrl-C: the server took the
+    first) cuts their drains short, then goes on to the handler it replaced (the server's), restored afterwards."""
+    drains = [m for m in managers if getattr(getattr(m, 'worker_config', None), 'drain_timeout_seconds', 0)]
+    if not drains or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def cut(sig, frame):
+        for m in drains: m.end_drain()
+        if callable(old[sig]): old[sig](sig, frame)
+    mine = [sig for sig, h in old.items() if callable(h)]  # a server's handler (not a default action, which would end
+    for sig in mine: signal.signal(sig, cut)               # the process: a server without one keeps that)
+    try: yield
+    finally:
+        for sig in mine: signal.signal(sig, old[sig])
 
 async def _shutdown_all(managers):
     "`ashutdown` each of `managers`, in this order, even if one raises; then raise the first error."
