@@ -2070,6 +2070,8 @@ def shutdown(self:BaseJobManager,
     _send(sends)  # and a worker waiting for requests wakes up and stops
     if self._draining:
         self._drain_fds = cut = os.pipe()  # `end_drain` writes here (then the flag it sets first is seen below)
+        log.info("%s job manager: shutting down; running jobs may finish first, for up to %ss (end_drain(), or a second "
+                 "Ctrl-C under the app's lifespan, stops them now)", self.worker_type, drain)
         try:
             if not self._drain_cut: _wait_drained([p for _, p in procs], None if math.isinf(drain) else drain, cut[0])
         finally:
