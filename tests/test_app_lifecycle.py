@@ -49,7 +49,7 @@ class App:
             try:
                 for p in psutil.Process(self.proc.pid).children(recursive=True): self.seen.setdefault(p.pid, p)
             except psutil.NoSuchProcess: pass
-            time.sleep(0.01)
+            time.sleep(0.02)
 
     def log(self): return ''.join(self.lines)
 
