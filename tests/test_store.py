@@ -336,6 +336,33 @@ async def test_a_killed_writer_process_is_replaced_and_nothing_is_lost(mk, tmp_p
     assert back.get_job(first.id).result['text'] == 'first'
 
 
+async def test_wait_saved_returns_only_once_the_job_is_in_the_file(mk, tmp_path):
+    """`start_job` returns before a durable store has written the job; `wait_saved` waits until it has (the start
+    route waits for it before answering 201). The writer process is paused (SIGSTOP) to hold that window open."""
+    db = tmp_path / 'jobs.db'
+    mgr = mk(SQLiteJobStore(db))
+    await run_job(mgr, 'echo', text='first')  # the table exists
+    writer = mgr.job_store.writer_pid
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        job = await mgr.start_job('echo', text='kept')
+        saved = asyncio.ensure_future(mgr.wait_saved(job.id))
+        with pytest.raises(TimeoutError, match='not written to the job store'): await mgr.wait_saved(job.id, timeout=0.3)
+        assert not saved.done() and job.id not in _ids_in_file(db, mgr)  # not in the file: not said to be saved
+    finally: os.kill(writer, signal.SIGCONT)
+    assert await asyncio.wait_for(saved, T) is True
+    assert job.id in _ids_in_file(db, mgr)
+    assert await mgr.wait_saved(job.id) is True  # written already: at once
+    with pytest.raises(KeyError): await mgr.wait_saved('nope')
+    await mgr.ashutdown()
+
+
+def _ids_in_file(db, mgr)->set:
+    "The ids of the jobs in the file itself, read on a connection of its own."
+    import sqlite3
+    with closing(sqlite3.connect(db)) as con: return {r[0] for r in con.execute(f"SELECT id FROM jobs_{mgr.worker_type}")}
+
+
 async def test_shutdown_ends_the_writer_process(mk, tmp_path):
     import psutil
     mgr = mk(SQLiteJobStore(tmp_path / 'jobs.db'))

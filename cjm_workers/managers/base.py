@@ -323,6 +323,7 @@ def _init_state(self:BaseJobManager):
     self._waiters: Dict[str, list] = {}  # job id → futures of wait_for_job
     self._done: list = []  # terminal job ids whose waiters are to be resolved
     self._state_waiters: list = []  # futures woken when a worker's state changes
+    self._save_waiters: list = []  # (ticket, future) of `wait_saved`: woken once the store has written that far
     self._later_hooks: list = []  # (job id, awaitable) an `async def _on_job_completed` returned, for the loop to run
     self._hook_tasks: set = set()  # those running on the loop
     self._store_open = True  # until shutdown closes the store
@@ -469,6 +470,11 @@ def _kick(self:BaseJobManager):
             else: done, self._done = [d for d in done if d[2] <= c], [d for d in done if d[2] > c]
         futs = [(f, job) for jid, job, _ in done for f in self._waiters.pop(jid, ())]
         states, self._state_waiters = self._state_waiters, []
+        saved = []
+        if self._save_waiters:  # `wait_saved`: True once written that far, False while the store's writes fail
+            c, failing = self._store.committed, self._store.failing
+            saved = [(f, t <= c) for t, f in self._save_waiters if t <= c or failing]
+            if saved: self._save_waiters = [(t, f) for t, f in self._save_waiters if not (t <= c or failing)]
         hooks, self._later_hooks = self._later_hooks, []
     for jid, aw in hooks: self._run_hook(jid, aw)
     for f, job in futs:
@@ -478,6 +484,8 @@ def _kick(self:BaseJobManager):
         else: f.set_result(job)
     for f in states:
         if not f.done(): f.set_result(None)
+    for f, ok in saved:
+        if not f.done(): f.set_result(ok)
     if self._events and (self._pump_task is None or self._pump_task.done()):
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())
 
@@ -536,7 +544,8 @@ async def read_settled(self:BaseJobManager,
 def _flush(self:BaseJobManager):
     "From any thread: have the event loop run `_kick` if there is anything for it."
     loop = self._loop
-    if loop is None or loop.is_closed() or not (self._events or self._done or self._state_waiters or self._later_hooks): return
+    if loop is None or loop.is_closed() or not (self._events or self._done or self._state_waiters or self._later_hooks
+                                                         or self._save_waiters): return
     if loop is _running_loop(): return self._kick()
     if self._kick_posted: return  # the queued `_kick` has not started yet, so it will see this work too
     self._kick_posted = True
@@ -1730,6 +1739,33 @@ async def wait_for_job(self:BaseJobManager,
             ws = self._waiters.get(job_id, [])
             if fut in ws: ws.remove(fut)
         raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
+
+# %% ../../nbs/managers/base.ipynb #b932b91e
+@patch
+async def wait_saved(self:BaseJobManager,
+                     job_id:str, # a job of this manager
+                     timeout:Optional[float]=None # seconds; None waits as long as it takes
+                    )->bool: # True once written; False if the store's writes are failing (`get_health()` says why)
+    """Wait until the job's state so far is in the job store: a durable store writes behind, in batches, so a job that
+    `start_job` returned is in the file a batch later. Wait for this before you tell a client the job exists, if the
+    client must find it after a crash of the app (the routes' `POST /jobs/start` does). At once with `MemoryJobStore`."""
+    self._bind_loop()
+    with self._lock:
+        job = self.jobs.get(job_id)
+        if job is None:
+            if self._store.get(job_id) is None: raise KeyError(f"unknown job {job_id!r}")
+            return True  # not held by this manager: as written as it gets
+        t = self._store.saved  # everything saved so far: the job's latest state among it
+        if t <= self._store.committed: return True
+        if self._store.failing: return False
+        fut = self._loop.create_future()
+        self._save_waiters.append((t, fut))
+    self._flush()  # (a commit may have come between the check and the append)
+    try: return await (fut if timeout is None else asyncio.wait_for(fut, timeout))
+    except asyncio.TimeoutError:
+        with self._lock: self._save_waiters = [(t, f) for t, f in self._save_waiters if f is not fut]
+        raise TimeoutError(f"job {job_id} was not written to the job store within {timeout}s") from None
+
 
 # %% ../../nbs/managers/base.ipynb #40e554aa
 @patch
