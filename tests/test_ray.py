@@ -644,3 +644,52 @@ def test_a_ray_shutdown_in_the_app_ends_its_workers_with_the_reason_and_starts_n
     assert info['inits'] == 0 and not info['initialized'], info  # no Ray was started after the app's shutdown
     assert info['ended'] and info['exitcode'] == -9, info
     assert info['reason'] == "was ended by `ray.shutdown()` in the app (which ends the app's Ray actors)", info
+
+
+def test_after_a_ray_shutdown_in_the_app_a_restart_starts_no_ray_and_the_jobs_fail_with_the_reason():
+    """Ray review: after the app's `ray.shutdown()` the workers ended with the reason, but the restart policy's restart
+    connected again: `RayBackend.prepare` started a new local Ray behind the app's back (its agents can outlive the
+    app), and the next job ran there. Now a backend that has seen Ray connected refuses to start Ray: the start fails
+    naming `ray.shutdown()` and the worker is failed at once (the jobs fail with the reason, no backoff to sit out);
+    once the app has called `ray.init()` again, `restart_workers()` and the policy's restarts use the app's new Ray.
+    In a process of its own, with its own Ray."""
+    import json, tempfile
+    tmp = tempfile.mkdtemp(prefix='rs', dir='/tmp')  # (Ray's socket paths must stay short)
+    script = os.path.join(tmp, 'app.py')
+    with open(script, 'w') as f: f.write(
+        "import asyncio, json, sys, ray\n"
+        "from cjm_workers.backends.ray import RayBackend\n"
+        "from cjm_workers.core.config import WorkerConfig\n"
+        "from cjm_workers.testing import ReferenceJobManager\n"
+        "kw = dict(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1], logging_level='error', log_to_driver=False)\n"
+        "ray.init(**kw)\n"
+        "inits, init = [], ray.init\n"
+        "ray.init = lambda *a, **k: (inits.append(1), init(*a, **k))[1]  # counts the others: Ray's auto-init, a backend's\n"
+        "async def main():\n"
+        "    out = {}\n"
+        "    async with ReferenceJobManager(worker_config=WorkerConfig(backend=RayBackend(), restart_policy='backoff')) as m:\n"
+        "        await m.start(wait=True)\n"
+        "        a = await m.start_job('slow', seconds=120)\n"
+        "        while m.get_job(a.id).status == 'pending': await asyncio.sleep(0.02)\n"
+        "        ray.shutdown()  # while the worker runs a job\n"
+        "        a = await m.wait_for_job(a.id, timeout=60)\n"
+        "        b = await m.wait_for_job((await m.start_job('echo', text='b')).id, timeout=120)\n"
+        "        out['down'] = [a.error, b.status, b.error, len(inits), ray.is_initialized(), [s['status'] for s in m.get_worker_stats()]]\n"
+        "        init(**kw); await m.restart_workers()  # the app starts Ray again\n"
+        "        c = await m.wait_for_job((await m.start_job('echo', text='c')).id, timeout=60)\n"
+        "        d = await m.wait_for_job((await m.start_job('crash', mode='exit')).id, timeout=60)  # then the policy restarts it\n"
+        "        e = await m.wait_for_job((await m.start_job('echo', text='e')).id, timeout=60)\n"
+        "        out['back'] = [c.status, d.status, e.status, len(inits)]\n"
+        "    print(json.dumps(out), flush=True)\n"
+        "asyncio.run(main())\n"
+        "ray.shutdown()\n")
+    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True, env={'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')})
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    a_error, b_status, b_error, inits, initialized, workers = info['down']
+    assert 'ended by `ray.shutdown()` in the app' in a_error, info
+    assert inits == 0 and not initialized, info  # no Ray was started behind the app's back
+    assert b_status == 'failed' and b_error.startswith('WorkerFailed: no worker can run the job') and \
+        'was not started: the app shut Ray down (`ray.shutdown()`)' in b_error, info
+    assert workers == ['failed'], info
+    assert info['back'] == ['completed', 'failed', 'completed', 0], info  # on the app's new Ray (started by the app only)

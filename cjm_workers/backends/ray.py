@@ -16,8 +16,8 @@ from ..core.process import end_fd, kill_process_group, kill_process_tree
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SHUT_DOWN_REASON', 'NO_EXIT_REASON', 'KILL_RELAY_SECONDS', 'MIN_ACTOR_CONCURRENCY', 'WorkerActor',
-           'RayActorProcess', 'RayShutDownError', 'ray_error_text', 'kill_tree', 'RayBackend']
+__all__ = ['log', 'SHUT_DOWN_REASON', 'SHUT_DOWN_START_REASON', 'NO_EXIT_REASON', 'KILL_RELAY_SECONDS', 'MIN_ACTOR_CONCURRENCY',
+           'WorkerActor', 'RayActorProcess', 'RayShutDownError', 'ray_error_text', 'kill_tree', 'RayBackend']
 
 # %% ../../nbs/backends/ray.ipynb #eb6d68fb
 def _raw_frames(ch:PipeChannel)->list:
@@ -160,6 +160,7 @@ class RayActorProcess:
         weakref.finalize(self, os.close, self._sentinel_r)  # as multiprocessing does for its sentinels: at collection
         self._ended = threading.Event()
         self._killed = self._started = self._receiving = False
+        self.start_refused = False  # the start was refused for a reason a restart cannot fix (the app shut Ray down)
         self._state = threading.Lock()  # `_killed`, `actor` and the end: the creating, receiving and manager's threads
 
     @property
@@ -208,9 +209,13 @@ def _create(self:RayActorProcess)->None:
         elif not ray.is_initialized(): ray.init(include_dashboard=False)
         opts = {'max_concurrency': MIN_ACTOR_CONCURRENCY, 'max_restarts': 0, **self.actor_options}
         if self.name and 'name' not in opts: opts['name'] = f"{self.name}-{os.getpid()}-{id(self):x}"
+        _ray()  # (shut down since `prepare`: Ray's `.remote` would start a new Ray)
         actor = _actor_class().options(**opts).remote(self.target, self.env)
     except Exception as e:
         self._close_request_ends()
+        if isinstance(e, RayShutDownError):  # the app shut Ray down: starting again cannot help until it starts Ray itself
+            self.start_refused = True
+            return self._ended_as(1, SHUT_DOWN_START_REASON)
         return self._ended_as(1, f"could not get a Ray actor ({ray_error_text(e)})")
     with self._state:
         self.actor, killed = actor, self._killed
@@ -286,6 +291,9 @@ def _close_writers(self:RayActorProcess)->None:
 RayActorProcess._close_writers = _close_writers
 
 SHUT_DOWN_REASON = "was ended by `ray.shutdown()` in the app (which ends the app's Ray actors)"
+SHUT_DOWN_START_REASON = ("was not started: the app shut Ray down (`ray.shutdown()`) after its workers had connected, "
+                          "and a worker starts no new Ray behind the app's back (once the app has called `ray.init()` "
+                          "again, `restart_workers()` starts the workers on it)")
 NO_EXIT_REASON = ("ended without an exit status: its Ray actor's output stream ended before the worker's exit status "
                   "(the actor is ended)")
 
@@ -451,6 +459,7 @@ class RayBackend:
     actor_options: Dict[str, Any] = field(default_factory=dict)  # any other `.options(...)` for the actor
     init_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to `ray.init` when this backend starts Ray
     connect_timeout_seconds: float = 60.0  # `prepare` gives up connecting (a ConnectionError) after this long
+    _connected: bool = field(default=False, init=False, repr=False, compare=False)  # has `prepare` seen Ray connected?
 
     def __post_init__(self): self._check()  # what cannot work is refused here, not found out by every job failing
 
@@ -471,17 +480,22 @@ class RayBackend:
                              f"with fewer its jobs would wait for ever")
 
     def prepare(self)->None:
-        "Connect to Ray (blocking for up to `connect_timeout_seconds`: each worker's start thread calls it); a no-op once connected."
+        """Connect to Ray (blocking for up to `connect_timeout_seconds`: each worker's start thread calls it); a no-op once
+        connected. Once the app has shut down the Ray this backend's workers ran on (`ray.shutdown()`), a `RayShutDownError`:
+        a new Ray is started only by the app's own `ray.init()`."""
         import ray
         if ray.is_initialized():
             from ray.util.client import ray as client
             if client.is_connected():  # the app connected with `ray.init('ray://...')` itself
                 raise ValueError("Ray is connected through Ray Client (ray://), which cannot run cjm_workers' actors "
                                  "(ray-project/ray#43357): run the app on a node of the cluster")
+            self._connected = True
             return
+        if self._connected: raise RayShutDownError("Ray was shut down in this process by `ray.shutdown()` in the app")
         self._check()  # (RAY_ADDRESS may have changed since)
         kw = {'include_dashboard': False, **self.init_kwargs}
         _connect(lambda: ray.init(address=self.address, **kw), ray.is_initialized, self.address, self.connect_timeout_seconds)
+        self._connected = True
 
     def options(self)->Dict[str, Any]:
         "The actor options of one worker."

@@ -983,7 +983,7 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     if slot.startup_error: how += f" after {slot.startup_error}"
     elif slot.kill_reason == 'start_timeout':  # a Ray actor that was never placed says so; a slow worker was killed
         how = f"did not become ready within {cfg.worker_start_timeout_seconds}s ({getattr(p, 'not_ready_reason', None) or how})"
-    elif slot.ready_at is None and slot.kill_reason is None:
+    elif slot.ready_at is None and slot.kill_reason is None and not getattr(p, 'start_refused', False):
         how += " before it became ready" + ("" if getattr(p, 'death_reason', None) else " (the worker's own output on stderr says why)")
     hard_cancel, recycle = slot.kill_reason == 'cancel', slot.kill_reason == 'recycle'
     requeue, retry, cancelling = [], False, False
@@ -1033,6 +1033,8 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     self._safe_resource_call('unregister_worker', pid)
     self._emit('worker_stopped', {'worker': slot.index, 'pid': pid, 'exitcode': p.exitcode, 'reason': how})
     if self._closed: return
+    if getattr(p, 'start_refused', False):  # its backend refused to start it, for a reason that restarts cannot fix
+        return self._fail_slot(slot, f"the worker process {how}")  # (e.g. the app shut Ray down): no backoff to sit out
     policy = cfg.restart_policy
     if recycle:
         slot.recycles += 1
