@@ -693,3 +693,35 @@ def test_after_a_ray_shutdown_in_the_app_a_restart_starts_no_ray_and_the_jobs_fa
         'was not started: the app shut Ray down (`ray.shutdown()`)' in b_error, info
     assert workers == ['failed'], info
     assert info['back'] == ['completed', 'failed', 'completed', 0], info  # on the app's new Ray (started by the app only)
+
+
+def test_a_kill_of_an_actor_ray_never_placed_ends_the_handle_at_once(cluster):
+    """Ray review: killing a worker whose actor Ray never placed (it asks for a resource no node has) ended the handle
+    only after `KILL_RELAY_SECONDS` (3 s), waiting for an actor that had relayed nothing. Its receiving thread relays
+    the worker's messages only once the actor has reported where it runs: before that nothing is left to relay, and
+    the handle now ends when `kill_tree` returns; the actor is ended too."""
+    w = Worker(actor_options={'resources': {'no_such_resource': 1}})
+    end = time.monotonic() + 60
+    while w.p.actor is None and time.monotonic() < end: time.sleep(0.01)  # Ray made the actor (it waits to be placed)
+    name = next(n for n in ray.util.list_named_actors() if n.startswith(f"test-{os.getpid()}-{id(w.p):x}"))
+    assert w.p.actor_pid is None
+    w.p.kill_tree()
+    assert w.ended(0) and w.p.exitcode == -9 and w.p.death_reason is None and not w.p.is_alive()
+    while name in ray.util.list_named_actors() and time.monotonic() < end: time.sleep(0.05)
+    assert name not in ray.util.list_named_actors()
+
+
+async def test_the_shutdown_of_a_manager_whose_actor_ray_never_placed_does_not_wait_to_stop_it(track, cluster):
+    """Ray review: a manager's shutdown sent a worker whose actor Ray never placed a stop, and waited
+    `shutdown_timeout_seconds` (then 1 s more for the kill) for a worker that was not there. Now it is killed at once
+    (the hang guard below is far shorter than the configured wait)."""
+    m, _ = manager(track, RayBackend(resources={'no_such_resource': 1}), shutdown_timeout_seconds=120,
+                   worker_start_timeout_seconds=120)
+    await m.start()
+    job = await m.start_job('echo', text='never')
+    await wait_until(lambda: getattr(m._slots[0].process, 'actor', None) is not None, 60)
+    p = m._slots[0].process
+    await asyncio.wait_for(m.ashutdown(), 30)
+    assert m.get_job(job.id).status == 'cancelled' and p.exitcode == -9
+    await wait_until(lambda: not any(n.startswith(f"cjm-worker-{m.worker_type}-0-{os.getpid()}-{id(p):x}")
+                                     for n in ray.util.list_named_actors()), 30)

@@ -399,13 +399,15 @@ def _kill_worker_here(pid:int, actor_pid:Optional[int])->None:
 def kill_tree(self:RayActorProcess, timeout:float=1.0 # seconds the kill's thread waits for the actor to `terminate`
              )->None:
     """Kill the worker's tree (at once if on this machine) and its actor, without waiting: a thread of its own ends the
-    handle (killed) once the actor has relayed the worker's last messages, or after `KILL_RELAY_SECONDS`."""
+    handle (killed) once the actor has relayed the worker's last messages, or after `KILL_RELAY_SECONDS`; a handle whose
+    actor never reported (not placed by Ray, say) ends at once: it has relayed nothing, so nothing is left to relay."""
     with self._state:
         if not self._started or self._killed or self._ended.is_set(): return
         self._killed, actor = True, self.actor
     if actor is None:  # Ray is still creating it, so nothing ran: the creating thread kills the actor when Ray hands it over
         return self._ended_as(-signal.SIGKILL, None)
-    if self.local and self.pid is not None: _kill_worker_here(self.pid, self.actor_pid)  # no wait for the actor here
+    if self.actor_pid is None: self._ended_as(-signal.SIGKILL, None)  # (the receiving thread starts `pump` only once it is known)
+    elif self.local and self.pid is not None: _kill_worker_here(self.pid, self.actor_pid)  # no wait for the actor here
     threading.Thread(target=self._end_actor, args=(actor, timeout), name=f"cjm-ray-kill-{self.name}", daemon=True).start()
 
 RayActorProcess.kill_tree = kill_tree

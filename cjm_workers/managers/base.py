@@ -2106,6 +2106,8 @@ def shutdown(self:BaseJobManager,
     self._wake()                                     # this call blocks the event loop
     _send(stops, control=True)  # nothing queued starts; the running job is cancelled now, or (a drain) may finish
     _send(sends)  # and a worker waiting for requests wakes up and stops
+    for _, p in procs:  # a Ray actor that Ray has not started (none placed) has no worker to stop: it ends now, not after the wait
+        if getattr(p, 'not_ready_reason', None) is not None: kill_worker_tree(p)
     if self._draining:
         self._drain_fds = cut = os.pipe()  # `end_drain` writes here (then the flag it sets first is seen below)
         log.info("%s job manager: shutting down; running jobs may finish first, for up to %ss (end_drain(), or a second "
