@@ -674,7 +674,7 @@ def test_after_a_ray_shutdown_in_the_app_a_restart_starts_no_ray_and_the_jobs_fa
         "        ray.shutdown()  # while the worker runs a job\n"
         "        a = await m.wait_for_job(a.id, timeout=60)\n"
         "        b = await m.wait_for_job((await m.start_job('echo', text='b')).id, timeout=120)\n"
-        "        out['down'] = [a.error, b.status, b.error, len(inits), ray.is_initialized(), [s['status'] for s in m.get_worker_stats()]]\n"
+        "        out['down'] = [a.error, b.status, b.error, len(inits), ray.is_initialized(), [s['status'] for s in m.get_worker_stats()], m.restart_count]\n"
         "        init(**kw); await m.restart_workers()  # the app starts Ray again\n"
         "        c = await m.wait_for_job((await m.start_job('echo', text='c')).id, timeout=60)\n"
         "        d = await m.wait_for_job((await m.start_job('crash', mode='exit')).id, timeout=60)  # then the policy restarts it\n"
@@ -686,12 +686,13 @@ def test_after_a_ray_shutdown_in_the_app_a_restart_starts_no_ray_and_the_jobs_fa
     out = run_script(script, os.path.join(tmp, 'r'), own_ray=True, env={'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')})
     assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
     info = json.loads(out.stdout.strip().splitlines()[-1])
-    a_error, b_status, b_error, inits, initialized, workers = info['down']
+    a_error, b_status, b_error, inits, initialized, workers, restarts = info['down']
     assert 'ended by `ray.shutdown()` in the app' in a_error, info
     assert inits == 0 and not initialized, info  # no Ray was started behind the app's back
     assert b_status == 'failed' and b_error.startswith('WorkerFailed: no worker can run the job') and \
         'was not started: the app shut Ray down (`ray.shutdown()`)' in b_error, info
     assert workers == ['failed'], info
+    assert restarts == 1 and 'in a row' not in b_error, info  # failed at its first refused start, not after max_restart_attempts
     assert info['back'] == ['completed', 'failed', 'completed', 0], info  # on the app's new Ray (started by the app only)
 
 
