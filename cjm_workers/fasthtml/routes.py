@@ -701,11 +701,11 @@ _PLAIN = {'str': str, 'int': int, 'float': float, 'bool': bool}
 def _annotated(cls, name:str)->Optional[type]:
     """The plain type (str, int, float, bool) a job class annotates field `name` with, `Optional` or not, read as the
     SQLite store reads it (its column's type); None for others."""
-    from cjm_workers.stores.sqlite import _kind  # (imported here: the routes do not need SQLite otherwise)
+    from cjm_workers.stores.sqlite import storage_kind  # (imported here: the routes do not need SQLite otherwise)
     try: tp = typing.get_type_hints(cls).get(name)
     except Exception:  # (names only a type checker imports): the annotation's text, as the store falls back to
         tp = next((f.type for f in dataclass_fields(cls) if f.name == name), None) if is_dataclass(cls) else None
-    return None if tp is None else _PLAIN.get(_kind(tp))
+    return None if tp is None else _PLAIN.get(storage_kind(tp))
 
 def _of_type(v, tp:type)->bool:
     "Is `v` what a field of plain type `tp` holds (a bool only for a bool, an int for an int, any number for a float)?"

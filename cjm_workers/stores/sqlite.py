@@ -25,7 +25,7 @@ from .sqlite_writer import (WriterProcess, WriterThread, WriterGone, can_start_p
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SQLiteJobStore']
+__all__ = ['log', 'storage_kind', 'SQLiteJobStore']
 
 # %% ../../nbs/stores/sqlite.ipynb #e7334d2c
 _SCALARS = {str: 'str', int: 'int', float: 'float', bool: 'bool', bytes: 'bytes', datetime: 'datetime', date: 'date',
@@ -50,7 +50,8 @@ def _unwrap(tp):
         if len(args) == 1: return args[0]
     return tp
 
-def _kind(tp)->str:
+def storage_kind(tp # a field's type annotation (a type, or its text: `'Optional[int]'`)
+                )->str: # the kind, one of those below
     "How a field with this annotation is stored: 'str', 'int', 'float', 'bool', 'bytes', 'datetime', 'date', 'time', 'timedelta', 'uuid', 'decimal', 'path', 'enum', 'set', 'frozenset', 'tuple' or 'json'."
     tp = _unwrap(tp)
     if isinstance(tp, str): return _NAMES.get(re.sub(r'\[.*$', '', tp), 'json')
@@ -145,7 +146,7 @@ class _Codec:
         except Exception: hints = {}
         self.cls, self.key, self.type_name = cls, key, f"{cls.__module__}:{cls.__qualname__}"
         fs = [(f.name, _unwrap(hints.get(f.name, f.type)), f.init) for f in fields(cls) if f.name != 'id']
-        self.fields = [(n, _kind(tp), init) for n, tp, init in fs]
+        self.fields = [(n, storage_kind(tp), init) for n, tp, init in fs]
         self.native = [n for n, k, _ in self.fields if k not in _JSONISH]  # bound as they are (after `_to_column`)
         self.json = [n for n, k, _ in self.fields if k in _JSONISH]  # JSON text, encoded by the writer process
         self.columns = ['id', '_seq', '_type', '_request'] + self.native + self.json
