@@ -10,6 +10,7 @@ from fasthtml.common import FastHTML
 from starlette.testclient import TestClient
 
 from cjm_workers.core.config import RestartPolicy, WorkerConfig
+from cjm_workers.fasthtml import routes as routes_mod
 from cjm_workers.fasthtml.components import dom_id, ns_id
 from cjm_workers.fasthtml.routes import mount_job_routes
 from cjm_workers.fasthtml.sse import SSEBroadcaster
@@ -953,6 +954,39 @@ def test_scope_gives_each_user_their_own_jobs_from_the_store(tmp_path):
         resp = cli.get('/jobs', headers=J(bob))
         assert [j['id'] for j in resp.json()] == [ids['secret words']] and resp.headers['x-total-count'] == '1'
         assert resp.json()[0]['owner'] == 'bob' and resp.json()[0]['result']['text'] == 'secret words'
+
+
+def test_a_job_page_whose_user_lost_the_job_is_told_so_and_nobody_else_learns_whether_a_job_exists(tmp_path):
+    """SSE review (2026-12-07): with `scope`, a job page whose user may no longer see its job (signed in as another
+    user) was told, on its stream's next connection, that the job had been deleted: another user's job is a 404, and a
+    job page's 404 stream said "deleted" (`JobGone`). The page now carries a seal (`seen=`) only this server makes, for
+    a request that could see the job: such a page is told its user may no longer see it (or, once it is purged, that it
+    was deleted), and any other request one message for both, whether the job exists or not (over real HTTP)."""
+    app, mgr, r = scoped_app(tmp_path / 'j.db')
+    server, t, base = serve_in_thread(app)
+    said = lambda resp: re.findall(r'job-reason">([^<]*)<', resp.text)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            ES = lambda user: {'x-user': user, 'accept': 'text/event-stream'}
+            jid = c.post('/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
+                         headers={'x-user': 'alice', 'accept': 'application/json'}).json()['id']
+            url = page_stream_url(c.get(f'/jobs/{jid}', headers={'x-user': 'alice'}).text)  # alice's page of her job
+            assert said(c.get(url, headers=ES('bob'))) == [  # the same page, its user now bob: not "deleted"
+                'Live updates stopped: you may no longer see this job. Reload the page, or sign in again.']
+            unseen = [said(c.get(u, headers=ES('bob'))) for u in (  # bob's own requests: alice's job, and no job
+                      f'/jobs/{jid}/stream?after=0', f'/jobs/{jid}/stream?after=0&seen=AAAAAAAAAAAAAAAAAAAAAA',
+                      f'/jobs/{uuid.uuid4().hex}/stream?after=0', f'/jobs/{uuid.uuid4().hex}/stream?after=0&seen=x')]
+            assert unseen == [[routes_mod.UNAVAILABLE]] * 4, unseen  # one answer, whether the job exists or not
+            assert c.get(url, headers={'x-user': 'bob'}).status_code == 404  # an API client: the 404, as before
+            assert c.post(f'/jobs/{jid}/cancel', headers={'x-user': 'alice', 'accept': 'application/json'}).status_code == 200
+            end = time.monotonic() + 30
+            while not mgr.get_job(jid).is_terminal and time.monotonic() < end: time.sleep(0.01)
+            assert mgr.purge_jobs() == 1
+            assert said(c.get(url, headers=ES('alice'))) == ['This job no longer exists: it was deleted from the server.']
+    finally:
+        server.should_exit = True
+        r.broadcaster.close()
+        t.join(30)
 
 
 def test_a_fast_streams_text_reaches_its_page_in_few_swaps_and_adds_up():

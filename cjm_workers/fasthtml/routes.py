@@ -4,7 +4,7 @@
 
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
-import asyncio, bisect, inspect, json, logging, math, re, types, typing
+import asyncio, base64, bisect, hashlib, hmac, inspect, json, logging, math, re, secrets, types, typing
 from urllib.parse import urlencode, urlsplit
 from dataclasses import asdict, fields as dataclass_fields, is_dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -23,8 +23,8 @@ from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, Jo
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'SCAN_CHUNK', 'MAX_OFFSET',
-           'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body', 'page_token',
+__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'SCAN_CHUNK', 'UNAVAILABLE',
+           'MAX_OFFSET', 'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body', 'page_token',
            'read_page_token', 'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
@@ -279,6 +279,7 @@ class JobRoutes:
                  show_traceback:bool=False, # show clients the worker's traceback of a failed job (JSON and pages)
                  cross_site:bool=False, # accept start and cancel from pages of other origins (browsers' Sec-Fetch-Site)
                  scope:Optional[Callable]=None, # scope(request) -> {field: value} (sync or async): the request's jobs are those with these field values; None: all
+                 secret:Any=None, # signs a job page's stream URL (`page_seal`): the app's `secret_key` (None: a random key, valid until a restart)
                 ):
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be an int from 1 to {MAX_PAGE_SIZE}, got {page_size!r}")
@@ -290,6 +291,8 @@ class JobRoutes:
             raise ValueError(f"prefix must start with '/' and not end with '/', got {prefix!r}")
         self.manager, self.broadcaster, self.prefix, self.authorize, self.scope = manager, broadcaster, prefix, authorize, scope
         self.plugins = None if plugins is None else list(plugins)
+        key = secret.encode() if isinstance(secret, str) else bytes(secret) if secret else secrets.token_bytes(32)
+        self._seal_key = hashlib.sha256(b'cjm_workers job page\0' + key).digest()  # (not the app's key itself)
         self.page, self.controls, self.flush_timeout, self.page_size = page or _default_page, controls, flush_timeout, page_size
         self.title = title or f"{manager.worker_type} jobs"
         self._type_prefix = f"{manager.worker_type}:"
@@ -310,6 +313,13 @@ class JobRoutes:
         d = _job_fields(job, self.show_traceback)
         if job.status == 'pending': d['position'] = self.manager.get_queue_position(job.id)
         return d
+
+    def page_seal(self, job_id:str)->str:
+        """The seal of a job page (`seen=` in its stream's URL, with `scope`): proof that this server rendered the page for a
+        request that could see the job. Its stream tells such a page that its user may no longer see the job (signed in
+        as someone else, say), where any other request is told nothing about the job (`stream_job`)."""
+        mac = hmac.new(self._seal_key, f"{self.prefix}\0{job_id}".encode(), hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(mac).rstrip(b'=').decode()
 
     def url(self, job_id:Optional[str]=None, action:str='')->str:
         "URL of the list (no job), a job's page, or one of its actions ('cancel', 'stream')."
@@ -425,7 +435,8 @@ async def live_detail(self:JobRoutes, job)->tuple:
     "One job's detail and, unless it has ended, its sink."
     after, detail = await self.snapshot(lambda: JobDetail(job, self.prefix, self.show_traceback))  # state and id together
     parts = (detail,)
-    if not job.is_terminal: parts += (LiveUpdates(f"{self.url(job.id, 'stream')}?after={after}", dom_id(job.id, 'live')),)
+    seen = '' if self.scope is None else f"&seen={self.page_seal(job.id)}"  # (a page made for a user who could see it)
+    if not job.is_terminal: parts += (LiveUpdates(f"{self.url(job.id, 'stream')}?after={after}{seen}", dom_id(job.id, 'live')),)
     return parts
 
 # %% ../../nbs/fasthtml/routes.ipynb #f305b0b5
@@ -628,8 +639,15 @@ def _page_stream(request, # the stream's request
     if answer.status_code == 403:
         text = f"Live updates stopped: you may no longer see {what}. Reload the page, or sign in again."
     else: text = f"Live updates stopped: this page's stream URL is not valid ({answer.body.decode(errors='replace')}). Reload the page."
+    return _note_stream(sink, text)
+
+def _note_stream(sink:str, text:str)->Response:
+    "A page's last stream: `text` in place of its sink (`_sink_note`), which closes the EventSource."
     frame = sse_frame(to_xml(_sink_note(sink, text), indent=False), event=SSE_EVENT)
     return Response(frame, media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
+
+UNAVAILABLE = "Live updates stopped: this job was deleted, or you may no longer see it. Reload the page, or sign in again."
+
 
 @patch
 def refuse_cross_site(self:JobRoutes, request)->Optional[Response]:
@@ -814,12 +832,28 @@ async def stream_all(self:JobRoutes, request):
     return _page_stream(request, self._stream(request), sink, 'these jobs')
 
 @patch
+async def _unfound_stream(self:JobRoutes, request, job_id:str)->Response:
+    """The stream of a job page (an EventSource) whose job this request cannot find (a 404 for other clients). Without
+    `scope`, a job not found is not there for anyone: deleted (`_gone_stream`). With `scope`, it may also be another
+    user's job, which no request may tell from one that does not exist. So only a page this server rendered for a
+    request that could see the job (its `seen=` seal, `page_seal`) is told which: deleted, or that its user may no
+    longer see it (signed in as another user, or the job's field changed). Any other request (no seal, a made-up one,
+    a page from before a restart with a random key) gets one message for both, `UNAVAILABLE`, which says nothing of
+    the job, not even whether it exists."""
+    if self.scope is None: return _gone_stream(job_id)
+    sink = dom_id(job_id, 'live')
+    if not hmac.compare_digest(request.query_params.get('seen', '').encode(), self.page_seal(job_id).encode()):
+        return _note_stream(sink, UNAVAILABLE)
+    if await self.manager.aget_job(job_id) is None: return _gone_stream(job_id)
+    return _page_stream(request, _FORBIDDEN(request), sink, 'this job')
+
+@patch
 async def stream_job(self:JobRoutes, request, job_id:str):
     "GET {prefix}/{job_id}/stream: SSE for one job's page."
     job, err = await self._job_or_error(request, job_id)
     if err is not None and err.status_code == 404 and _event_source(request):
-        return _gone_stream(job_id)  # its page, back after the job was deleted: told so, it stops reconnecting
-    sink = dom_id(job_id, 'live')  # (a page's refused stream: one last message, `_page_stream`)
+        return await self._unfound_stream(request, job_id)  # its page, back after the job was deleted (or, with
+    sink = dom_id(job_id, 'live')                            # `scope`, its user changed): told so, it stops reconnecting  # (a page's refused stream: one last message, `_page_stream`)
     if err is not None: return _page_stream(request, err, sink, 'this job')
     if not job.is_terminal: return _page_stream(request, self._stream(request, job.id), sink, 'this job')
     if request.query_params.get('after') is None and not request.headers.get('last-event-id'):
@@ -849,7 +883,7 @@ def mount_job_routes(app, # the FastHTML app
     "Add list, detail, start, cancel, stream and health routes for `manager` under `prefix`."
     r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title, page_size=page_size,
                   scheduling=scheduling, max_body_bytes=max_body_bytes, show_traceback=show_traceback, cross_site=cross_site,
-                  scope=scope)
+                  scope=scope, secret=getattr(app, 'secret_key', None))
     if getattr(manager, 'event_broadcaster', None) is None: manager.event_broadcaster = broadcaster
     if hdrs:
         mount_job_assets(app, assets_path)
