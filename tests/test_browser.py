@@ -493,3 +493,75 @@ def test_a_page_whose_stream_is_refused_or_whose_jobs_end_cannot_be_shown_says_s
         srv.should_exit = True
         bc.close()
         t.join(30)
+
+
+def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_reconnecting(browser):
+    """SSE review (2026-12-07): a page's stream refused by the app's own middleware (a 401 or 403, or a redirect to a
+    sign-in page), before it reached the routes (which answer a page a refusal it can show), was retried by the htmx SSE
+    extension for as long as the page was open (0.5 s doubling to 64 s), and the page said nothing. Now the page asks
+    the stream's URL once with `fetch` when its connection fails for good, and on a refusal shows a note in its sink's
+    place and stops. A 503 (a server restarting) is still retried, and the page goes on live once the stream is back."""
+    import httpx
+    from fasthtml.common import FastHTML
+    from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse
+    from cjm_workers.core.config import WorkerConfig
+    from cjm_workers.fasthtml.components import job_hdrs, ns_id
+    from cjm_workers.fasthtml.routes import mount_job_routes
+    from cjm_workers.fasthtml.sse import SSEBroadcaster
+    from cjm_workers.testing import ReferenceJobManager
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type='guarded')
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
+    mount_job_routes(app, mgr, bc, prefix='/jobs')
+    app.route('/login')(lambda: HTMLResponse('<html><body>Sign in</body></html>'))
+    guard = {'mode': None}
+    async def guarded(scope, receive, send):  # the app's own middleware, in front of the routes
+        mode = guard['mode'] if scope['type'] == 'http' and scope['path'].endswith('/stream') else None
+        if mode is None: return await app(scope, receive, send)
+        answer = RedirectResponse('/login', 303) if mode == 'login' else PlainTextResponse('no', status_code=mode)
+        await answer(scope, receive, send)
+    srv, t, base = serve_in_thread(guarded)
+    ctx = browser.new_context()
+    try:
+        def open_page(path):
+            pg = ctx.new_page()
+            pg.set_default_timeout(WAIT_MS)
+            asked = []
+            pg.on('request', lambda r: asked.append(r.url) if '/stream' in r.url else None)
+            pg.goto(base + path)
+            return pg, asked
+        jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
+                         headers={'accept': 'application/json'}, timeout=30).json()['id']
+        for mode, path, said in ((403, f'/jobs/{jid}', 'the server refused them (403)'), (403, '/jobs', 'the server refused them (403)'),
+                                 (401, f'/jobs/{jid}', 'the server refused them (401)'),
+                                 ('login', '/jobs', 'the server answered with another page (a sign-in page?)')):
+            guard['mode'] = mode
+            pg, asked = open_page(path)
+            pg.wait_for_selector('.job-live-ended')
+            assert pg.text_content('.job-live-ended') == f'Live updates stopped: {said}. Reload the page, or sign in again.'
+            n = len(asked)
+            pg.wait_for_timeout(4000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
+            assert len(asked) == n <= 4, (mode, path, asked)  # no more tries
+            pg.close()
+        assert httpx.post(f'{base}/jobs/{jid}/cancel', headers={'accept': 'application/json'}, timeout=30).status_code == 200
+        guard['mode'] = 503  # a server restarting: tried again, and again
+        pg, asked = open_page('/jobs')
+        mark(pg)
+        pg.wait_for_timeout(2500)
+        assert len(asked) >= 3 and not pg.query_selector('.job-live-ended'), asked
+        with pg.expect_response(lambda r: '/jobs/stream' in r.url and r.status == 200):
+            guard['mode'] = None  # back: the extension's next try connects, and the page is live
+        new = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'echo', 'params': {'text': 'hi'}},
+                         headers={'accept': 'application/json'}, timeout=30).json()['id']
+        wait_status(pg, new, 'completed')
+        assert still_same(pg)
+        pg.close()
+    finally:
+        ctx.close()
+        srv.should_exit = True
+        bc.close()
+        t.join(30)

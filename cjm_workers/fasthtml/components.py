@@ -217,11 +217,27 @@ def LiveUpdates(url:str, # the SSE stream to connect to
     "Hidden element that connects to an SSE stream and applies the out-of-band fragments it receives."
     js = _ON_SSE_MESSAGE + ('' if pager is None else _COUNT_ROWS.replace('PAGER', ns_id(pager, 'pager')).replace('BODY', ns_id(pager, 'body')))
     return Div(hx_ext='sse', sse_connect=url, sse_swap=f"{event_name},{RESET}", hx_swap='none', id=id, cls='job-live',
-               hidden=True, hx_on__sse_message=js)
+               hidden=True, hx_on__sse_message=js, hx_on__sse_error=_ON_SSE_ERROR)
 
 _ON_SSE_MESSAGE = (f"if(event.detail.type==='{RESET}')setTimeout(function(){{location.reload()}},500);"
                    "else if(event.detail.lastEventId){var u=new URL(this.getAttribute('sse-connect'),location.href);"
                    "u.searchParams.set('after',event.detail.lastEventId);this.setAttribute('sse-connect',u.href)}")
+# a connection the browser gave up on (an error answer; readyState 2, CLOSED), which the extension would retry for ever:
+# one plain request of the same URL learns the status, and a refusal ends the page's updates with a note in the sink's
+# place (`htmx.swap`, whose cleanup closes the extension's EventSource): a 4xx (but 408, 429), a 204, or a 2xx that is
+# not an event stream (a sign-in page a redirect led to). A 5xx or no answer (a restart, a proxy's 502): retried.
+_ON_SSE_ERROR = ("var el=this,s=event.detail.source;if(!s||s.readyState!==2||el.dataset.probe)return;el.dataset.probe='1';"
+                 "var c=new AbortController();fetch(el.getAttribute('sse-connect'),{headers:{Accept:'text/event-stream'},"
+                 "credentials:'include',cache:'no-store',signal:c.signal}).then(function(r){c.abort();delete el.dataset.probe;"
+                 "var n=r.status,t=(r.headers.get('content-type')||'').split(';')[0].trim(),m;"
+                 "if(n>=400&&n<500&&n!==408&&n!==429)m='the server refused them ('+n+')';"
+                 "else if(n===204)m='the server has nothing more to send';"
+                 "else if(r.ok&&t!=='text/event-stream')m='the server answered with '+(r.redirected?'another page (a sign-in page?)':t||'no content type');"
+                 "if(!m||!document.body.contains(el))return;el.removeAttribute('sse-connect');"
+                 "var d=document.createElement('div'),p=document.createElement('span');d.id=el.id;d.className='job-live-ended';"
+                 "d.setAttribute('role','status');p.className='job-reason';"
+                 "p.textContent='Live updates stopped: '+m+'. Reload the page, or sign in again.';d.appendChild(p);"
+                 "htmx.swap(el,d.outerHTML,{swapStyle:'outerHTML'})},function(){delete el.dataset.probe})")
 # the first page's pager, after new rows came: 'Jobs 1–n of t' (the total grows by the rows added since the page was made)
 _COUNT_ROWS = (";var p=document.getElementById('PAGER'),b=document.getElementById('BODY');"
                "if(p&&b&&p.dataset.shown!==undefined&&b.rows.length){var n=b.rows.length,f=function(x){return x.toLocaleString('en-US')},"
