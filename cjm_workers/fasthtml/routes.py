@@ -23,9 +23,9 @@ from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, Jo
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'SCAN_CHUNK', 'UNAVAILABLE',
-           'MAX_OFFSET', 'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes', 'check_json_body', 'page_token',
-           'read_page_token', 'mount_job_routes']
+__all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'SCAN_CHUNK', 'KEEPER_JOBS',
+           'UNAVAILABLE', 'MAX_OFFSET', 'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes',
+           'check_json_body', 'page_token', 'read_page_token', 'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
 _ASSETS = {HTMX_JS: 'text/javascript', SSE_JS: 'text/javascript'}
@@ -555,9 +555,13 @@ def page_url(self:JobRoutes, offset:int=0, limit:Optional[int]=None, status:Opti
     q = {'status': status, 'offset': offset or None, 'limit': limit}
     return f"{self.prefix}?{urlencode({k: v for k, v in q.items() if v is not None})}"
 
+KEEPER_JOBS = 4096  # the jobs a table stream's `keeper` remembers its answer for (the oldest is forgotten: asked again if need be)
+
 @patch
 def keeper(self:JobRoutes, request)->Optional[Callable]:
-    "For a stream of all jobs: an event filter that passes only the events of the jobs the request may see (`allowed`, asked once a job)."
+    """For a stream of all jobs: an event filter that passes only the events of the jobs the request may see (`allowed`,
+    asked once a job). It remembers the answers for the last `KEEPER_JOBS` jobs asked about: a table page left open
+    sees every job started meanwhile, and remembering them all grew by about 140 bytes a job, for as long as it was open."""
     if self.authorize is None and self.scope is None: return None
     seen, scope = {}, []
     async def keep(ev)->bool:
@@ -566,7 +570,9 @@ def keeper(self:JobRoutes, request)->Optional[Callable]:
         if jid not in seen:  # a job that is gone (purged) is nobody's: authorize(request, None) admits to the table, not to it
             if not scope: scope.append(await self.scope_of(request))  # (the request's scope, asked once)
             job = await self.manager.aget_job(jid)
-            seen[jid] = job is not None and await self.allowed(request, job, scope[0])
+            seen[jid] = ok = job is not None and await self.allowed(request, job, scope[0])
+            if len(seen) > KEEPER_JOBS: del seen[next(iter(seen))]  # (the first asked about: a dict keeps that order)
+            return ok
         return seen[jid]
     return keep
 
