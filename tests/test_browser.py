@@ -536,13 +536,16 @@ def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_r
             return pg, asked
         jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
                          headers={'accept': 'application/json'}, timeout=30).json()['id']
-        for mode, path, said in ((403, f'/jobs/{jid}', 'the server refused them (403)'), (403, '/jobs', 'the server refused them (403)'),
-                                 (401, f'/jobs/{jid}', 'the server refused them (401)'),
-                                 ('login', '/jobs', 'the server answered with another page (a sign-in page?)')):
+        again = 'Reload the page, or sign in again.'
+        for mode, path, said in ((403, f'/jobs/{jid}', f'the server refused them (403). {again}'),
+                                 (403, '/jobs', f'the server refused them (403). {again}'),
+                                 (401, f'/jobs/{jid}', f'the server refused them (401). {again}'),
+                                 ('login', '/jobs', f'the server answered with another page (a sign-in page?). {again}'),
+                                 (404, f'/jobs/{jid}', 'the server refused them (404). Reload the page.')):
             guard['mode'] = mode
             pg, asked = open_page(path)
             pg.wait_for_selector('.job-live-ended')
-            assert pg.text_content('.job-live-ended') == f'Live updates stopped: {said}. Reload the page, or sign in again.'
+            assert pg.text_content('.job-live-ended') == f'Live updates stopped: {said}'
             n = len(asked)
             pg.wait_for_timeout(4000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
             assert len(asked) == n <= 4, (mode, path, asked)  # no more tries

@@ -229,14 +229,14 @@ _ON_SSE_MESSAGE = (f"if(event.detail.type==='{RESET}')setTimeout(function(){{loc
 _ON_SSE_ERROR = ("var el=this,s=event.detail.source;if(!s||s.readyState!==2||el.dataset.probe)return;el.dataset.probe='1';"
                  "var c=new AbortController();fetch(el.getAttribute('sse-connect'),{headers:{Accept:'text/event-stream'},"
                  "credentials:'include',cache:'no-store',signal:c.signal}).then(function(r){c.abort();delete el.dataset.probe;"
-                 "var n=r.status,t=(r.headers.get('content-type')||'').split(';')[0].trim(),m;"
+                 "var n=r.status,t=(r.headers.get('content-type')||'').split(';')[0].trim(),m,a=n===401||n===403||r.redirected;"
                  "if(n>=400&&n<500&&n!==408&&n!==429)m='the server refused them ('+n+')';"
                  "else if(n===204)m='the server has nothing more to send';"
                  "else if(r.ok&&t!=='text/event-stream')m='the server answered with '+(r.redirected?'another page (a sign-in page?)':t||'no content type');"
                  "if(!m||!document.body.contains(el))return;el.removeAttribute('sse-connect');"
                  "var d=document.createElement('div'),p=document.createElement('span');d.id=el.id;d.className='job-live-ended';"
                  "d.setAttribute('role','status');p.className='job-reason';"
-                 "p.textContent='Live updates stopped: '+m+'. Reload the page, or sign in again.';d.appendChild(p);"
+                 "p.textContent='Live updates stopped: '+m+(a?'. Reload the page, or sign in again.':'. Reload the page.');d.appendChild(p);"
                  "htmx.swap(el,d.outerHTML,{swapStyle:'outerHTML'})},function(){delete el.dataset.probe})")
 # the first page's pager, after new rows came: 'Jobs 1–n of t' (the total grows by the rows added since the page was made)
 _COUNT_ROWS = (";var p=document.getElementById('PAGER'),b=document.getElementById('BODY');"
