@@ -568,3 +568,52 @@ def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_r
         srv.should_exit = True
         bc.close()
         t.join(30)
+
+
+def test_a_job_page_slow_to_connect_in_a_busy_app_goes_live_without_reloading(browser):
+    """SSE review (2026-12-07): a job page whose stream connected after the broadcaster's history had moved past the
+    page (here 1 s between the page and its stream, as on a slow network, and more events than the history holds in
+    that second) was sent a `reset` and reloaded; the reloaded page was as slow, and reloaded again, for as long as the
+    app stayed that busy (eight reloads in 13 s). Its stream now starts with the job as it is: the page loads once,
+    and shows every word once, in order."""
+    import asyncio, httpx
+    from fasthtml.common import FastHTML
+    from cjm_workers.core.config import WorkerConfig
+    from cjm_workers.fasthtml.components import job_hdrs
+    from cjm_workers.fasthtml.routes import mount_job_routes
+    from cjm_workers.fasthtml.sse import SSEBroadcaster
+    from cjm_workers.testing import ReferenceJobManager
+    bc = SSEBroadcaster(heartbeat_seconds=0, history_size=256)
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type='busy',
+                              supports_streaming=True)
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
+    mount_job_routes(app, mgr, bc, prefix='/jobs')
+    async def slow_network(scope, receive, send):  # a page's stream request arrives a second after the page
+        if scope['type'] == 'http' and scope['path'].endswith('/stream'): await asyncio.sleep(1.0)
+        await app(scope, receive, send)
+    srv, t, base = serve_in_thread(slow_network)
+    ctx = browser.new_context()
+    try:
+        text = ' '.join(f'w{i}' for i in range(5000))
+        jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0.001}},
+                         headers={'accept': 'application/json'}, timeout=30).json()['id']
+        end = time.monotonic() + 60
+        while len(mgr.get_job(jid).output or '') < 100 and time.monotonic() < end: time.sleep(0.01)
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        loads = []
+        pg.on('load', lambda: loads.append(1))
+        pg.goto(f'{base}/jobs/{jid}')
+        mark(pg)
+        wait_status(pg, jid, 'completed')
+        assert len(loads) == 1 and still_same(pg), len(loads)
+        assert output(pg, jid) == text
+    finally:
+        ctx.close()
+        srv.should_exit = True
+        bc.close()
+        t.join(30)

@@ -16,9 +16,10 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from ..stores.base import job_seq, matches, statuses, where_items
 from ..managers.base import NO_WORKER_ERROR, QueueFull
 from ..core.worker import _RESERVED
-from .sse import RESET, json_text, merge_chunks, sse_frame
+from .sse import RESET, json_text, merge_chunks, sse_frame, _last_event_id
 from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
-                         dom_id, job_hdrs, ns_id, render_event, JobActions, JobGone, StatusBadge, ProgressBar)
+                         dom_id, job_hdrs, ns_id, render_event, JobActions, JobGone, StatusBadge, ProgressBar, WorkerPid,
+                         OutputPane, JobOutcome)
 
 log = logging.getLogger(__name__)
 
@@ -581,8 +582,12 @@ def _resume_after(request, after:Optional[str]):
     if after is None or (request.headers.get('last-event-id') or '').strip(): return request  # (a blank one: none)
     try: int(after)
     except ValueError: return None
+    return _resuming(request, after)
+
+def _resuming(request, last)->Request:
+    "The request, with `last` as its Last-Event-ID."
     scope = dict(request.scope)
-    scope['headers'] = [*((k, v) for k, v in request.scope['headers'] if k != b'last-event-id'), (b'last-event-id', after.encode())]
+    scope['headers'] = [*((k, v) for k, v in request.scope['headers'] if k != b'last-event-id'), (b'last-event-id', str(last).encode())]
     return Request(scope, request.receive)
 
 def _unreadable_page()->Response:
@@ -592,7 +597,8 @@ def _unreadable_page()->Response:
     return Response(sse_frame(json_text(data), event=RESET), media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
 
 @patch
-def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
+def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True,
+            prelude:Optional[bytes]=None): # (a job page's: frames sent before its events, `_resync`)
     req = _resume_after(request, request.query_params.get('after'))
     if req is None: return _error(request, 'after must be an integer event id', 400)
     fmt = request.query_params.get('format', 'html')
@@ -609,7 +615,7 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True):
                                        keep=self.keeper(request), wants=self.page_wants(request, new_rows=not fixed))
     return self.broadcaster.stream(req, job_id=job_id, render=self.render_detail, event_name=SSE_EVENT, live=live,
                                    until=lambda ev: ev.type in self._job_ends,  # a job's stream ends with the job
-                                   merge=merge_chunks)  # a fast stream's text: one swap per write, not one per chunk
+                                   merge=merge_chunks, prelude=prelude)  # a fast stream's text: one swap per write
 
 # %% ../../nbs/fasthtml/routes.ipynb #d785e4f0
 _FORBIDDEN = lambda request: _error(request, 'forbidden', 403)
@@ -837,6 +843,34 @@ async def stream_all(self:JobRoutes, request):
     if not await self.allowed(request, None): return _page_stream(request, _FORBIDDEN(request), sink, 'these jobs')
     return _page_stream(request, self._stream(request), sink, 'these jobs')
 
+def _job_state(job, prefix:str, traceback:bool, sink:str)->tuple:
+    "Every changing part of a job's page as it is now, out of band; for a job that has ended, its sink too (replaced: the stream closes)."
+    parts = [StatusBadge(job), ProgressBar(job), JobActions(job, prefix), WorkerPid(job), OutputPane(job), JobOutcome(job, traceback)]
+    if job.is_terminal: parts.append(Div(id=sink, hidden=True))
+    return tuple(_oob(p) for p in parts)
+
+@patch
+async def _resync(self:JobRoutes, request, job)->Optional[Response]:
+    """A job page's stream (format html) that cannot replay what the page missed, because the broadcaster's history moved
+    past it (the page took longer to connect than a busy app took to send `history_size` events), or it names an id
+    this server never sent (another server's, or one from before a restart). The broadcaster would start it with a
+    `reset`, on which the page reloads; and a page that takes as long again is reset again, and reloads, for as long as
+    the app stays that busy (measured: eight reloads in 13 s, a page 1 s from its stream, 2,300 events a second). The
+    server knows the job, so the stream instead starts with the page's changing parts as they are now (`_job_state`,
+    read with the id of the newest event, as a page is rendered: `snapshot`) and goes on from that id. None: the stream
+    can replay (or is not a page's: `format=json` keeps its `reset`, and a bad `after` its 400)."""
+    if request.query_params.get('format', 'html') != 'html': return None
+    req = _resume_after(request, request.query_params.get('after'))
+    if req is None: return None
+    last, err = _last_event_id(req)
+    if err is not None or self.broadcaster.can_replay(last): return None
+    sink = dom_id(job.id, 'live')
+    after, (html, ended) = await self.snapshot(lambda: (to_xml(*_job_state(job, self.prefix, self.show_traceback, sink), indent=False),
+                                                        job.is_terminal))
+    frame = sse_frame(html, event=SSE_EVENT, id=after)
+    if ended: return Response(frame, media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
+    return self._stream(_resuming(request, after), job.id, prelude=frame)
+
 @patch
 async def _unfound_stream(self:JobRoutes, request, job_id:str)->Response:
     """The stream of a job page (an EventSource) whose job this request cannot find (a 404 for other clients). Without
@@ -861,7 +895,9 @@ async def stream_job(self:JobRoutes, request, job_id:str):
         return await self._unfound_stream(request, job_id)  # its page, back after the job was deleted (or, with
     sink = dom_id(job_id, 'live')                            # `scope`, its user changed): told so, it stops reconnecting  # (a page's refused stream: one last message, `_page_stream`)
     if err is not None: return _page_stream(request, err, sink, 'this job')
-    if not job.is_terminal: return _page_stream(request, self._stream(request, job.id), sink, 'this job')
+    if not job.is_terminal:
+        if (resynced := await self._resync(request, job)) is not None: return resynced  # (what it missed is gone: the job as it is now)
+        return _page_stream(request, self._stream(request, job.id), sink, 'this job')
     if request.query_params.get('after') is None and not request.headers.get('last-event-id'):
         return Response(status_code=204)  # it has ended and the client missed nothing: no stream (EventSource stops on 204)
     await self.snapshot()  # the job's last events have reached the broadcaster

@@ -277,6 +277,12 @@ def subscribe(self:SSEBroadcaster, job_id:Optional[str]=None, # only this job's 
     return sub
 
 @patch
+def can_replay(self:SSEBroadcaster, last_event_id:Optional[int] # the id a client resumes after (None: it resumes from now)
+              )->bool: # whether a subscription after it would get everything since (no `reset`), as of now
+    "Whether the history still holds every event after `last_event_id` (an id this broadcaster issued)."
+    with self._lock: return last_event_id is None or not self._replay(None, last_event_id)[1]
+
+@patch
 def close(self:SSEBroadcaster)->None:
     "End every subscription and stream; later subscriptions end at once (until `reopen()`)."
     here = _running_loop()
@@ -377,10 +383,12 @@ async def _kept(keep, ev)->bool:
 
 @patch
 async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None, keep=None, merge=None,
-                  after:Optional[int]=None): # the id the client resumes after (None: none)
+                  after:Optional[int]=None, # the id the client resumes after (None: none)
+                  prelude:Optional[bytes]=None): # sent before the events (e.g. the state the client resumes from)
     "Encoded chunks for one stream; unsubscribes when the stream ends for any reason."
     with _closing(sub):
         if self.retry_ms is not None: yield f"retry: {int(self.retry_ms)}\n\n".encode()
+        if prelude: yield prelude
         sent = after if after is not None and after >= 0 else None  # the id of the last event the client has
         while batch := await sub.next_batch():
             if self.flush_interval:  # let the rest of a burst arrive: it goes out in this same write
@@ -418,13 +426,14 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
            keep:Optional[Callable]=None, # event -> bool (or an awaitable bool): events it rejects are not sent
            wants:Optional[Callable]=None, # event -> bool, asked as each event is published (quick, no I/O): others are never queued for this stream
            merge:Optional[Callable]=None, # events -> events, for each write and for a full queue (e.g. `merge_chunks`: a job's consecutive text chunks as one)
+           prelude:Optional[bytes]=None, # encoded frames sent first (`sse_frame`), e.g. the state the events go on from
           ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`, 204 for nothing to send)
     "An SSE response streaming this broadcaster's events from the client's last seen id."
     last, err = _last_event_id(request)
     if err: return PlainTextResponse(err, status_code=400)
     sub = self.subscribe(job_id, last, live=live, wants=wants, merge=merge)
     if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
-    return _SubscribedResponse(sub, self._frames(sub, render, event_name, until, keep, merge, last), ping=self.heartbeat_seconds, sep='\n',
+    return _SubscribedResponse(sub, self._frames(sub, render, event_name, until, keep, merge, last, prelude), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
                                send_timeout=self.send_timeout, shutdown_event=_EndOnShutdown(sub),
                                shutdown_grace_period=1.0)
