@@ -570,12 +570,13 @@ def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_r
         t.join(30)
 
 
-def test_a_job_page_slow_to_connect_in_a_busy_app_goes_live_without_reloading(browser):
-    """SSE review (2026-12-07): a job page whose stream connected after the broadcaster's history had moved past the
+def test_pages_slow_to_connect_in_a_busy_app_go_live_without_reloading(browser):
+    """SSE review (2026-12-07): a job page (or a table page) whose stream connected after the broadcaster's history had moved past the
     page (here 1 s between the page and its stream, as on a slow network, and more events than the history holds in
     that second) was sent a `reset` and reloaded; the reloaded page was as slow, and reloaded again, for as long as the
     app stayed that busy (eight reloads in 13 s). Its stream now starts with the job as it is: the page loads once,
-    and shows every word once, in order."""
+    and shows every word once, in order. A table page, which had missed only text chunks (which it does not show), is
+    no longer reset either (the broadcaster's ledger)."""
     import asyncio, httpx
     from fasthtml.common import FastHTML
     from cjm_workers.core.config import WorkerConfig
@@ -603,15 +604,17 @@ def test_a_job_page_slow_to_connect_in_a_busy_app_goes_live_without_reloading(br
                          headers={'accept': 'application/json'}, timeout=30).json()['id']
         end = time.monotonic() + 60
         while len(mgr.get_job(jid).output or '') < 100 and time.monotonic() < end: time.sleep(0.01)
-        pg = ctx.new_page()
-        pg.set_default_timeout(WAIT_MS)
-        loads = []
-        pg.on('load', lambda: loads.append(1))
-        pg.goto(f'{base}/jobs/{jid}')
-        mark(pg)
-        wait_status(pg, jid, 'completed')
-        assert len(loads) == 1 and still_same(pg), len(loads)
-        assert output(pg, jid) == text
+        pages, loads = [], []
+        for path in ('/jobs', f'/jobs/{jid}'):  # the table (which takes no text: only chunks pass meanwhile), the job's page
+            pg = ctx.new_page()
+            pg.set_default_timeout(WAIT_MS)
+            pg.on('load', lambda _, path=path: loads.append(path))
+            pg.goto(base + path)
+            mark(pg)
+            pages.append(pg)
+        for pg in pages: wait_status(pg, jid, 'completed')
+        assert sorted(loads) == ['/jobs', f'/jobs/{jid}'] and all(still_same(pg) for pg in pages), loads
+        assert output(pages[1], jid) == text
     finally:
         ctx.close()
         srv.should_exit = True

@@ -1100,6 +1100,40 @@ def test_a_job_page_whose_stream_connects_after_the_history_moved_on_gets_the_jo
         t.join(30)
 
 
+def test_a_table_page_that_missed_only_text_chunks_is_not_reset():
+    """SSE review (2026-12-07): the history holds every event, text chunks too, and a table's page whose stream
+    connected after the history had moved past its `after` got a `reset` (a reload; in a browser a page 1 s from its
+    stream, in an app streaming 2,400 chunks a second, reloaded eight times in 12 s), although a table takes no chunks
+    and had missed nothing it shows. The broadcaster now keeps the type and job of the events its history let go (a
+    ledger), and a stream that missed none it takes is not reset (over real HTTP); one that missed one still is."""
+    app, mgr = single_app('chunky', history_size=16)
+    bc = mgr.event_broadcaster
+    text = ' '.join(f'w{i}' for i in range(200))
+    server, t, base = serve_in_thread(app)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            J = {'accept': 'application/json'}
+            jid = c.post('/chunky/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0.01}}, headers=J).json()['id']
+            end = time.monotonic() + 60
+            while not mgr.get_job(jid).output and time.monotonic() < end: time.sleep(0.01)  # (its `started` is out)
+            url = page_stream_url(c.get('/chunky').text)
+            after = int(re.search(r'after=(\d+)', url).group(1))
+            while bc.last_id < after + 40 and time.monotonic() < end: time.sleep(0.01)  # chunks only, meanwhile
+            assert not bc.can_replay(after)  # the history no longer holds them
+            lines = _sse_until(c, url, {'accept': 'text/event-stream'}, lambda ls: any('badge-completed' in l for l in ls), 60)
+            assert not any(l.startswith('event: reset') for l in lines), lines[:6]
+            assert any('badge-completed' in l and jid in l for l in lines), lines[-6:]
+            other = c.post('/chunky/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0.002}}, headers=J).json()['id']
+            last = max(int(l[4:]) for l in lines if l.startswith('id: '))  # the page saw the first job's end ...
+            while mgr.get_job(other).status != 'completed' and time.monotonic() < end: time.sleep(0.01)
+            lines = _sse_until(c, url, {'accept': 'text/event-stream', 'Last-Event-ID': str(last)}, lambda ls: len(ls) > 4, 10)
+            assert any(l.startswith('event: reset') for l in lines), lines[:6]  # ... and missed the new row (gone): reset
+    finally:
+        server.should_exit = True
+        bc.close()
+        t.join(30)
+
+
 def test_no_client_can_make_the_server_forget_other_pages_and_a_made_up_page_shows_nobody_elses_jobs(tmp_path, monkeypatch):
     """SSE review (2026-12-07): the routes kept a token for each table page served, in a table bounded to 100,000 job
     ids (`MAX_PAGE_IDS`): a client asking for a hundred pages of 1,000 jobs pushed every other page out, and those

@@ -612,7 +612,8 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True,
         except ValueError: return _unreadable_page()  # the page reloads, with a URL this server reads
         fixed = request.query_params.get('rows') == 'fixed'
         return self.broadcaster.stream(req, render=self.render_rows if fixed else self.render_list, event_name=SSE_EVENT,
-                                       keep=self.keeper(request), wants=self.page_wants(request, new_rows=not fixed))
+                                       keep=self.keeper(request), wants=self.page_wants(request, new_rows=not fixed),
+                                       wants_by_job=True)  # (a table that missed only text chunks, say, is not reset)
     return self.broadcaster.stream(req, job_id=job_id, render=self.render_detail, event_name=SSE_EVENT, live=live,
                                    until=lambda ev: ev.type in self._job_ends,  # a job's stream ends with the job
                                    merge=merge_chunks, prelude=prelude)  # a fast stream's text: one swap per write
@@ -863,7 +864,7 @@ async def _resync(self:JobRoutes, request, job)->Optional[Response]:
     req = _resume_after(request, request.query_params.get('after'))
     if req is None: return None
     last, err = _last_event_id(req)
-    if err is not None or self.broadcaster.can_replay(last): return None
+    if err is not None or self.broadcaster.can_replay(last, job.id): return None
     sink = dom_id(job.id, 'live')
     after, (html, ended) = await self.snapshot(lambda: (to_xml(*_job_state(job, self.prefix, self.show_traceback, sink), indent=False),
                                                         job.is_terminal))

@@ -168,14 +168,17 @@ class SSEBroadcaster:
                  send_timeout:Optional[float]=30.0, # a stream whose socket accepts nothing for this long is closed (None: never)
                  flush_interval:float=0.01, # a stream woken by an event waits this long, then writes all queued events at once (0: no wait)
                  first_id:Optional[int]=None, # id of the first event (None: time-based, so ids grow across restarts)
+                 ledger_size:Optional[int]=None, # type and job id of this many events past the history, to tell who missed nothing (None: 16 × history_size)
                 ):
-        for name, v, lo in (('max_queue_size', max_queue_size, 1), ('history_size', history_size, 0)):
+        if ledger_size is None: ledger_size = 16 * history_size if isinstance(history_size, int) else 0
+        for name, v, lo in (('max_queue_size', max_queue_size, 1), ('history_size', history_size, 0), ('ledger_size', ledger_size, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo: raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if not isinstance(heartbeat_seconds, (int, float)) or heartbeat_seconds < 0:
             raise ValueError(f"heartbeat_seconds must be a number >= 0, got {heartbeat_seconds!r}")
         store_attr('max_queue_size,history_size,heartbeat_seconds,retry_ms,send_timeout,flush_interval')
         self._next_id = time.time_ns() // 1_000_000 * 1000 if first_id is None else int(first_id)
         self._history: deque = deque(maxlen=history_size)
+        self._ledger: deque = deque(maxlen=ledger_size)  # (id, type, job id) of the events the history let go, oldest first
         self._lock = threading.Lock()
         self._all: set = set()  # subscriptions to every event
         self._by_job: Dict[str, set] = {}  # job id -> subscriptions to that job
@@ -211,7 +214,11 @@ def publish(self:SSEBroadcaster, event_type:str, # event type, e.g. 'transcripti
     with self._lock:
         ev = SSEEvent(self._next_id, event_type, data)
         self._next_id += 1
-        self._history.append(ev)
+        h = self._history
+        if len(h) == h.maxlen:  # the oldest leaves the history (this one, with no history): its type and job stay a while
+            gone = h[0] if h else ev
+            self._ledger.append((gone.id, gone.type, gone.data.get('job_id')))
+        h.append(ev)
         jid = data.get('job_id')
         subs = self._all if jid is None else itertools.chain(self._all, self._by_job.get(jid, ()))
         for sub in subs:
@@ -245,13 +252,28 @@ def _remove(self:SSEBroadcaster, sub:Subscription):
 
 # %% ../../nbs/fasthtml/sse.ipynb #5e51d56c
 @patch
-def _replay(self:SSEBroadcaster, job_id, last_event_id):
+def _missed_none(self:SSEBroadcaster, job_id, wants, last_event_id:int, oldest:int)->bool:
+    """Whether the events after `last_event_id` the history let go (up to `oldest`) were all ones this subscriber does not
+    take (another job's; or `wants`, asked from their type and job id, refuses them), as the ledger tells (lock held)."""
+    L = self._ledger
+    if (job_id is None and wants is None) or not L or L[0][0] > last_event_id + 1: return False  # (the ledger does not reach back)
+    for i, typ, jid in itertools.islice(L, last_event_id + 1 - L[0][0], None):
+        if job_id is not None and jid != job_id: continue
+        if wants is None: return False
+        try:
+            if wants(SSEEvent(i, typ, {'job_id': jid})): return False
+        except Exception: return False  # (a filter that cannot tell: the subscriber may have missed it)
+    return True
+
+@patch
+def _replay(self:SSEBroadcaster, job_id, last_event_id,
+            wants=None): # the subscriber's `wants`, if it decides from an event's type and job id alone (`wants_by_job`)
     "(backlog, reset) for a subscriber resuming after `last_event_id` (lock held)."
     if last_event_id is None: return [], False
     h = self._history
     oldest = h[0].id if h else self._next_id
-    reset = last_event_id < oldest - 1 or last_event_id >= self._next_id
-    start = 0 if reset else last_event_id + 1 - oldest
+    reset = last_event_id >= self._next_id or (last_event_id < oldest - 1 and not self._missed_none(job_id, wants, last_event_id, oldest))
+    start = 0 if reset else max(last_event_id + 1 - oldest, 0)  # (0: what it missed before the history, it did not take)
     evs = [e for e in itertools.islice(h, start, None) if job_id is None or e.data.get('job_id') == job_id]
     if reset: evs.insert(0, SSEEvent(0, RESET, {'last_event_id': last_event_id, 'oldest_id': oldest, 'job_id': job_id}))
     return evs, reset
@@ -261,13 +283,14 @@ def subscribe(self:SSEBroadcaster, job_id:Optional[str]=None, # only this job's 
               last_event_id:Optional[int]=None, # replay buffered events after this id (None: live events only)
               live:bool=True, # False: the replay only (the subscription has ended once it is read)
               wants:Optional[Callable[[SSEEvent], bool]]=None, # event -> bool, asked as each is published (and replayed): only those it takes are queued
-              merge:Optional[Callable[[list], list]]=None # events -> fewer events, asked when the queue is full (e.g. `merge_chunks`)
+              merge:Optional[Callable[[list], list]]=None, # events -> fewer events, asked when the queue is full (e.g. `merge_chunks`)
+              wants_by_job:bool=False # `wants` decides from an event's type and data['job_id'] alone: asked about events the history let go (from the ledger), a client that missed none it takes gets no `reset`
              )->Subscription:
     "A new subscription: replayed events (if asked for) and then live ones."
     if last_event_id is not None and (not isinstance(last_event_id, int) or isinstance(last_event_id, bool)):
         raise TypeError(f"last_event_id must be an int or None, got {last_event_id!r}")
     with self._lock:
-        backlog, reset = self._replay(job_id, last_event_id)
+        backlog, reset = self._replay(job_id, last_event_id, wants if wants_by_job else None)
         sub = Subscription(self, job_id, self.max_queue_size, [], reset, wants, merge)
         sub._q.extend(ev for ev in backlog if ev.type == RESET or sub._wanted(ev))
         sub.maxsize = self.max_queue_size + len(sub._q)
@@ -277,10 +300,11 @@ def subscribe(self:SSEBroadcaster, job_id:Optional[str]=None, # only this job's 
     return sub
 
 @patch
-def can_replay(self:SSEBroadcaster, last_event_id:Optional[int] # the id a client resumes after (None: it resumes from now)
+def can_replay(self:SSEBroadcaster, last_event_id:Optional[int], # the id a client resumes after (None: it resumes from now)
+               job_id:Optional[str]=None # a subscription to this job's events only (None: to all)
               )->bool: # whether a subscription after it would get everything since (no `reset`), as of now
-    "Whether the history still holds every event after `last_event_id` (an id this broadcaster issued)."
-    with self._lock: return last_event_id is None or not self._replay(None, last_event_id)[1]
+    "Whether the history still holds every event after `last_event_id` (an id this broadcaster issued), of `job_id` if given."
+    with self._lock: return last_event_id is None or not self._replay(job_id, last_event_id)[1]
 
 @patch
 def close(self:SSEBroadcaster)->None:
@@ -427,11 +451,12 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
            wants:Optional[Callable]=None, # event -> bool, asked as each event is published (quick, no I/O): others are never queued for this stream
            merge:Optional[Callable]=None, # events -> events, for each write and for a full queue (e.g. `merge_chunks`: a job's consecutive text chunks as one)
            prelude:Optional[bytes]=None, # encoded frames sent first (`sse_frame`), e.g. the state the events go on from
+           wants_by_job:bool=False, # `wants` decides from an event's type and job id alone (see `subscribe`)
           ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`, 204 for nothing to send)
     "An SSE response streaming this broadcaster's events from the client's last seen id."
     last, err = _last_event_id(request)
     if err: return PlainTextResponse(err, status_code=400)
-    sub = self.subscribe(job_id, last, live=live, wants=wants, merge=merge)
+    sub = self.subscribe(job_id, last, live=live, wants=wants, merge=merge, wants_by_job=wants_by_job)
     if not live and not sub.queued: return Response(status_code=204)  # EventSource stops reconnecting on a 204
     return _SubscribedResponse(sub, self._frames(sub, render, event_name, until, keep, merge, last, prelude), ping=self.heartbeat_seconds, sep='\n',
                                ping_message_factory=lambda: ServerSentEvent(comment='heartbeat', sep='\n'),
