@@ -1134,6 +1134,42 @@ def test_a_table_page_that_missed_only_text_chunks_is_not_reset():
         t.join(30)
 
 
+def test_a_table_page_is_not_reset_by_another_managers_events_on_a_shared_broadcaster():
+    """SSE review (2026-12-07): two managers may share a broadcaster, and a table's stream queued every event of the
+    other manager (its renderer then showed nothing of them), so a table page that connected after the other
+    manager's text stream had moved the history past it was reset (reloaded), though it had missed nothing it shows.
+    A table's stream now takes no event of another manager, nor one about no job (over real HTTP)."""
+    bc = SSEBroadcaster(heartbeat_seconds=0, history_size=16)
+    alpha = ReferenceJobManager(event_broadcaster=bc, worker_type='alpha')
+    beta = ReferenceJobManager(event_broadcaster=bc, worker_type='beta', supports_streaming=True)
+    async def lifespan(app):
+        await alpha.start(); await beta.start()
+        try: yield
+        finally: bc.close(); await beta.ashutdown(); await alpha.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
+    mount_job_routes(app, alpha, bc, prefix='/alpha')
+    mount_job_routes(app, beta, bc, prefix='/beta')
+    server, t, base = serve_in_thread(app)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            J = {'accept': 'application/json'}
+            end = time.monotonic() + 60
+            url = page_stream_url(c.get('/alpha').text)
+            after = int(re.search(r'after=(\d+)', url).group(1))
+            text = ' '.join(f'w{i}' for i in range(100))
+            bid = c.post('/beta/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0.002}}, headers=J).json()['id']
+            while beta.get_job(bid).status != 'completed' and time.monotonic() < end: time.sleep(0.01)
+            assert bc.last_id > after + 40
+            aid = c.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'hi'}}, headers=J).json()['id']
+            lines = _sse_until(c, url, {'accept': 'text/event-stream'}, lambda ls: any('badge-completed' in l for l in ls), 30)
+            assert not any(l.startswith('event: reset') for l in lines), lines[:6]
+            assert any('badge-completed' in l and aid in l for l in lines) and bid not in '\n'.join(lines), lines[-6:]
+    finally:
+        server.should_exit = True
+        bc.close()
+        t.join(30)
+
+
 def test_no_client_can_make_the_server_forget_other_pages_and_a_made_up_page_shows_nobody_elses_jobs(tmp_path, monkeypatch):
     """SSE review (2026-12-07): the routes kept a token for each table page served, in a table bounded to 100,000 job
     ids (`MAX_PAGE_IDS`): a client asking for a hundred pages of 1,000 jobs pushed every other page out, and those

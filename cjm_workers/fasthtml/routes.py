@@ -413,18 +413,20 @@ async def live_table(self:JobRoutes,
 
 @patch
 def page_wants(self:JobRoutes, request, new_rows:bool)->Callable:
-    """What a table's stream queues (the broadcaster's `wants`): no `chunk` events (a table shows no text), and for a
+    """What a table's stream queues (the broadcaster's `wants`): no `chunk` events (a table shows no text), none of
+    another manager's (sharing the broadcaster) or about no job (the renderer shows nothing of them), and for a
     page that names its jobs (`page=`, `page_token`), only the events of its jobs, and on the first page those of jobs
     started since (their `pending` event, and any event of a job after its `newest`: their rows are added at its top).
     A job no longer in memory (put away, or deleted) cannot be placed: its events are queued, for the renderer to judge.
     (A stream whose `page=` or `newest=` cannot be read gets a `reset`: `_stream`.)"""
-    chunk, pending = f"{self._type_prefix}chunk", f"{self._type_prefix}pending"
+    prefix, chunk, pending = self._type_prefix, f"{self._type_prefix}chunk", f"{self._type_prefix}pending"
     page, live = _page_of(request), self.manager.jobs
     starts, ends, newest = page or ((), (), None)
-    def wants(ev)->bool:
-        if ev.type == chunk: return False
-        jid = ev.data.get('job_id')
-        if page is None or jid is None: return True
+    def wants(ev)->bool:  # (it decides from the event's type and job id alone: `wants_by_job`)
+        if ev.type == chunk or not ev.type.startswith(prefix): return False  # (another manager's: the table shows none,
+        jid = ev.data.get('job_id')                                           # nor anything of an event about no job)
+        if jid is None: return False
+        if page is None: return True
         if ev.type == pending: return new_rows  # a new row (a later page adds none)
         if (j := live.get(jid)) is None: return True
         s = job_seq(j)
