@@ -1170,6 +1170,47 @@ def test_a_table_page_is_not_reset_by_another_managers_events_on_a_shared_broadc
         t.join(30)
 
 
+def test_an_open_stream_stops_once_its_user_may_no_longer_see_the_job():
+    """SSE review (2026-12-07): `authorize` and `scope` were asked only as a stream connected, so a user signed out (or
+    whose access was taken away) went on getting the job's events, its output live, for as long as the stream stayed
+    open: hours, for a long job. An open stream now asks them again before a write, at most every `recheck_seconds`,
+    and once they refuse, a page's stream ends with the note that replaces its sink, an API client's with a `closed`
+    event that says why (over real HTTP)."""
+    state = {'deny': False}
+    app, alpha, beta, ra, rb = build(authorize=lambda request, job: not state['deny'], routes={'recheck_seconds': 0.2})
+    server, t, base = serve_in_thread(app)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            jid = c.post('/alpha/start', json={'plugin_id': 'transcribe', 'params': {'steps': 400, 'delay': 0.05}},
+                         headers={'accept': 'application/json'}).json()['id']
+            streams = {'job page': (c.get(f'/alpha/{jid}').text, {'accept': 'text/event-stream'}),
+                       'table page': (c.get('/alpha').text, {'accept': 'text/event-stream'})}
+            for what, (page, headers) in streams.items():
+                state['deny'] = False
+                url, got = page_stream_url(page), []
+                with c.stream('GET', url, headers=headers, timeout=httpx.Timeout(30)) as resp:
+                    for line in resp.iter_lines():
+                        got.append(line)
+                        if sum('job-progress' in l for l in got) == 3: state['deny'] = True  # signed out, say
+                text = '\n'.join(got)  # (the stream ended: the job runs for 20 s more)
+                assert 'Live updates stopped: you may no longer see' in got[-2], (what, got[-4:])
+                assert alpha.get_job(jid).status == 'running', what
+            state['deny'] = False
+            got = []
+            with c.stream('GET', f'/alpha/{jid}/stream?format=json&after={ra.broadcaster.last_id}', timeout=httpx.Timeout(30)) as resp:
+                for line in resp.iter_lines():
+                    got.append(line)
+                    if sum(l.startswith('data: ') for l in got) == 3: state['deny'] = True
+            assert got[-3] == 'event: closed' and 'the request may no longer see this job' in got[-2], got[-4:]
+            assert alpha.get_job(jid).status == 'running'
+            state['deny'] = False
+            c.post(f'/alpha/{jid}/cancel')
+    finally:
+        server.should_exit = True
+        ra.broadcaster.close()
+        t.join(30)
+
+
 def test_no_client_can_make_the_server_forget_other_pages_and_a_made_up_page_shows_nobody_elses_jobs(tmp_path, monkeypatch):
     """SSE review (2026-12-07): the routes kept a token for each table page served, in a table bounded to 100,000 job
     ids (`MAX_PAGE_IDS`): a client asking for a hundred pages of 1,000 jobs pushed every other page out, and those

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
-import asyncio, base64, bisect, hashlib, hmac, inspect, json, logging, math, re, secrets, types, typing
+import asyncio, base64, bisect, hashlib, hmac, inspect, json, logging, math, re, secrets, time, types, typing
 from urllib.parse import urlencode, urlsplit
 from dataclasses import asdict, fields as dataclass_fields, is_dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from ..stores.base import job_seq, matches, statuses, where_items
 from ..managers.base import NO_WORKER_ERROR, QueueFull
 from ..core.worker import _RESERVED
-from .sse import RESET, json_text, merge_chunks, sse_frame, _last_event_id
+from .sse import CLOSED, RESET, json_text, merge_chunks, sse_frame, _last_event_id
 from .components import (ASSETS_PATH, HTMX_JS, SSE_EVENT, SSE_JS, STATIC_DIR, JobDetail, JobPager, JobTable, LiveUpdates,
                          dom_id, job_hdrs, ns_id, render_event, JobActions, JobGone, StatusBadge, ProgressBar, WorkerPid,
                          OutputPane, JobOutcome)
@@ -281,7 +281,12 @@ class JobRoutes:
                  cross_site:bool=False, # accept start and cancel from pages of other origins (browsers' Sec-Fetch-Site)
                  scope:Optional[Callable]=None, # scope(request) -> {field: value} (sync or async): the request's jobs are those with these field values; None: all
                  secret:Any=None, # signs a job page's stream URL (`page_seal`): the app's `secret_key` (None: a random key, valid until a restart)
+                 recheck_seconds:Optional[float]=30.0, # an open stream asks `authorize` and `scope` again before a write, at most this often (None: only as it connects)
                 ):
+        if recheck_seconds is not None and (isinstance(recheck_seconds, bool) or not isinstance(recheck_seconds, (int, float))
+                                            or not recheck_seconds >= 0):
+            raise ValueError(f"recheck_seconds must be a number >= 0 or None, got {recheck_seconds!r}")
+        self.recheck_seconds = recheck_seconds
         if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be an int from 1 to {MAX_PAGE_SIZE}, got {page_size!r}")
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
@@ -566,10 +571,12 @@ def keeper(self:JobRoutes, request)->Optional[Callable]:
     asked once a job). It remembers the answers for the last `KEEPER_JOBS` jobs asked about: a table page left open
     sees every job started meanwhile, and remembering them all grew by about 140 bytes a job, for as long as it was open."""
     if self.authorize is None and self.scope is None: return None
-    seen, scope = {}, []
+    seen, scope, since = {}, [], [time.monotonic()]
     async def keep(ev)->bool:
         jid = ev.data.get('job_id') if isinstance(ev.data, dict) else None
         if jid is None: return True  # not about one job (a worker's start, a reset)
+        if self.recheck_seconds is not None and time.monotonic() - since[0] >= self.recheck_seconds:  # asked again from
+            seen.clear(); scope.clear(); since[0] = time.monotonic()  # time to time: a job (or a user) may have been taken away
         if jid not in seen:  # a job that is gone (purged) is nobody's: authorize(request, None) admits to the table, not to it
             if not scope: scope.append(await self.scope_of(request))  # (the request's scope, asked once)
             job = await self.manager.aget_job(jid)
@@ -599,15 +606,38 @@ def _unreadable_page()->Response:
     return Response(sse_frame(json_text(data), event=RESET), media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
 
 @patch
+def rechecker(self:JobRoutes, request, job_id:Optional[str], fmt:str)->Optional[Callable]:
+    """For an open stream (a stream's `check`): asks `authorize` and `scope` again before a write, at most every
+    `recheck_seconds`, and once they refuse the request, ends the stream with what says so: a page's sink replaced by
+    a note ("Live updates stopped: you may no longer see this job..."), or for an API client a `closed` event whose
+    reason says why. A stream was asked only as it connected, so a user signed out, or whose access was taken away,
+    went on getting the job's events (its output, live) for as long as the stream stayed open."""
+    if self.recheck_seconds is None or (self.authorize is None and self.scope is None): return None
+    since = [time.monotonic()]
+    what = 'these jobs' if job_id is None else 'this job'
+    async def check()->Optional[bytes]:
+        if time.monotonic() - since[0] < self.recheck_seconds: return None
+        since[0] = time.monotonic()
+        ok = await self.allowed(request, None) if job_id is None else (await self._job_or_error(request, job_id))[1] is None
+        if ok: return None
+        if fmt == 'json':
+            return sse_frame(json_text({'type': CLOSED, 'data': {'job_id': job_id, 'reason': f"the request may no longer see {what}"}}), event=CLOSED)
+        sink = ns_id(self.prefix, 'live') if job_id is None else dom_id(job_id, 'live')
+        text = f"Live updates stopped: you may no longer see {what}. Reload the page, or sign in again."
+        return sse_frame(to_xml(_sink_note(sink, text), indent=False), event=SSE_EVENT)
+    return check
+
+@patch
 def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True,
             prelude:Optional[bytes]=None): # (a job page's: frames sent before its events, `_resync`)
     req = _resume_after(request, request.query_params.get('after'))
     if req is None: return _error(request, 'after must be an integer event id', 400)
     fmt = request.query_params.get('format', 'html')
     if fmt not in ('html', 'json'): return _error(request, f"format must be 'html' (htmx fragments) or 'json', got {fmt!r}", 400)
+    check = self.rechecker(request, job_id, fmt)
     if fmt == 'json':  # the events themselves, for API clients: data {"type": "<worker_type>:<event>", "data": {...}}
         keep = self.keeper(request) if job_id is None else None  # (a job's own stream was authorized for that job)
-        return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json, keep=keep,
+        return self.broadcaster.stream(req, job_id=job_id, live=live, render=self.render_json, keep=keep, check=check,
                                        until=None if job_id is None else (lambda ev: ev.type in self._job_ends))
     if job_id is None:
         try: _page_of(request)
@@ -615,10 +645,10 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True,
         fixed = request.query_params.get('rows') == 'fixed'
         return self.broadcaster.stream(req, render=self.render_rows if fixed else self.render_list, event_name=SSE_EVENT,
                                        keep=self.keeper(request), wants=self.page_wants(request, new_rows=not fixed),
-                                       wants_by_job=True)  # (a table that missed only text chunks, say, is not reset)
+                                       wants_by_job=True, check=check)  # (a table that missed only text chunks, say, is not reset)
     return self.broadcaster.stream(req, job_id=job_id, render=self.render_detail, event_name=SSE_EVENT, live=live,
                                    until=lambda ev: ev.type in self._job_ends,  # a job's stream ends with the job
-                                   merge=merge_chunks, prelude=prelude)  # a fast stream's text: one swap per write
+                                   merge=merge_chunks, prelude=prelude, check=check)  # a fast stream's text: one swap per write
 
 # %% ../../nbs/fasthtml/routes.ipynb #d785e4f0
 _FORBIDDEN = lambda request: _error(request, 'forbidden', 403)
@@ -924,11 +954,12 @@ def mount_job_routes(app, # the FastHTML app
                      assets_path:str=ASSETS_PATH, # URL folder the scripts are served from (with `hdrs`)
                      cross_site:bool=False, # accept start and cancel from pages of other origins (default: 403, against CSRF)
                      scope:Optional[Callable]=None, # scope(request) -> {field: value}, sync or async: the request's jobs (e.g. {'owner': user}); None: all
+                     recheck_seconds:Optional[float]=30.0, # an open stream asks `authorize` and `scope` again before a write, at most this often (None: only as it connects)
                     )->JobRoutes:
     "Add list, detail, start, cancel, stream and health routes for `manager` under `prefix`."
     r = JobRoutes(manager, broadcaster, prefix, authorize, plugins, page, controls, title, page_size=page_size,
                   scheduling=scheduling, max_body_bytes=max_body_bytes, show_traceback=show_traceback, cross_site=cross_site,
-                  scope=scope, secret=getattr(app, 'secret_key', None))
+                  scope=scope, secret=getattr(app, 'secret_key', None), recheck_seconds=recheck_seconds)
     if getattr(manager, 'event_broadcaster', None) is None: manager.event_broadcaster = broadcaster
     if hdrs:
         mount_job_assets(app, assets_path)
