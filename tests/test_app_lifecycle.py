@@ -126,8 +126,8 @@ def rows(db)->dict:
 
 def in_file(db, want:dict):
     """Wait until the file has each job of `want` (id → status): a state is written a batch after it changes, and the
-    start route answers 201 before the job's first row is written (a crash of the app in between loses a job the
-    client was told exists: reported 2026-12-07, for the routes), so a test that kills the app waits for the file."""
+    test that kills the app waits for the file (a job's first row is in it when the start route answers: see
+    `test_the_start_route_answers_once_the_job_is_in_the_file` in test_routes; its later states come a batch later)."""
     end = time.monotonic() + GUARD
     while any(rows(db).get(jid, (None,))[0] != status for jid, status in want.items()):
         assert time.monotonic() < end, f"the file never said {want}: {rows(db)}"

@@ -1581,3 +1581,45 @@ def test_a_renderer_that_raises_on_a_jobs_end_does_not_lose_the_end_or_make_its_
             assert 'could not show its outcome' in r.text and f'<div hidden id="{dom_id(jid, "live")}" hx-swap-oob="true"></div>' in r.text, r.text
         raised = [rec for rec in caplog.records if rec.exc_info and 'a bug in rendering' in str(rec.exc_info[1])]
         assert len(raised) == 2, [rec.getMessage() for rec in raised]  # started and completed, once each
+
+
+def test_the_start_route_answers_once_the_job_is_in_the_file(tmp_path, monkeypatch):
+    """Reported by a life-cycle run under uvicorn: `POST /start` answered 201 Created while the job was only in the
+    app's memory (a durable store writes behind), so a crash of the app right after the answer lost a job the client
+    had been told exists. It now answers once the job is in the file; and 202 with `saved: false`, not 201, if the
+    store cannot write it in time. The writer process is paused (SIGSTOP) to hold that window open."""
+    import os, signal, sqlite3
+    from contextlib import closing
+    app, mgr = sqlite_app(tmp_path, 'kept')
+    def in_file(jid):  # read from the file itself, on a connection of its own
+        with closing(sqlite3.connect(tmp_path / 'j.db')) as con:
+            return con.execute("SELECT count(*) FROM jobs_kept WHERE id = ?", (jid,)).fetchone()[0] == 1
+    server, thread, url = serve_in_thread(app)
+    js = {'accept': 'application/json'}
+    try:
+        with httpx.Client(base_url=url, timeout=30) as cli:
+            first = cli.post('/kept/start', data={'plugin_id': 'echo', 'params': '{"text": "a"}'}, headers=js)
+            assert first.status_code == 201 and in_file(first.json()['id'])  # (the table exists)
+            writer = mgr.job_store.writer_pid
+            os.kill(writer, signal.SIGSTOP)
+            answers = []
+            post = threading.Thread(target=lambda: answers.append(cli.post(
+                '/kept/start', data={'plugin_id': 'echo', 'params': '{"text": "b"}'}, headers=js)))
+            try:
+                post.start(); post.join(0.5)
+                assert not answers, "answered while the job could not be in the file (its writer is paused)"
+            finally: os.kill(writer, signal.SIGCONT)
+            post.join(30)
+            r = answers[0]
+            assert r.status_code == 201 and in_file(r.json()['id']), (r.status_code, r.text)
+            monkeypatch.setattr(routes_mod, 'SAVE_WAIT_SECONDS', 0.3)
+            os.kill(writer, signal.SIGSTOP)
+            try: late = cli.post('/kept/start', data={'plugin_id': 'slow', 'params': '{"seconds": 1}'}, headers=js)
+            finally: os.kill(writer, signal.SIGCONT)
+            body = late.json()
+            assert late.status_code == 202 and body['saved'] is False and 'not saved yet' in body['warning'], late.text
+            assert late.headers['location'].endswith(body['id'])
+            assert cli.get(late.headers['location'], headers=js).json()['status'] in ('pending', 'running', 'completed')
+    finally:
+        server.should_exit = True
+        thread.join(30)

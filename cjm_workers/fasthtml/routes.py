@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'SCHEDULING_OPTIONS', 'MAX_BODY_BYTES', 'MAX_PAGE_SIZE', 'THREAD_ROWS', 'SCAN_CHUNK', 'KEEPER_JOBS',
-           'UNAVAILABLE', 'MAX_OFFSET', 'mount_job_assets', 'BodyTooLarge', 'limit_body', 'JobRoutes',
-           'check_json_body', 'page_token', 'read_page_token', 'mount_job_routes']
+           'UNAVAILABLE', 'MAX_OFFSET', 'SAVE_WAIT_SECONDS', 'mount_job_assets', 'BodyTooLarge', 'limit_body',
+           'JobRoutes', 'check_json_body', 'page_token', 'read_page_token', 'mount_job_routes']
 
 # %% ../../nbs/fasthtml/routes.ipynb #6dbf6fe4
 _ASSETS = {HTMX_JS: 'text/javascript', SSE_JS: 'text/javascript'}
@@ -832,8 +832,13 @@ async def start(self:JobRoutes, request):
         log.error("%s; job %s cancelled", why, job.id)
         return _error(request, why, 500)
     after = self.broadcaster.last_id  # none of the job's events is broadcast yet (the manager's pump sends them later)
-    if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})
-    if not _wants_json(request): return RedirectResponse(self.url(job.id), status_code=303)
+    unsaved = await _unsaved(self.manager, job)  # answered once the job is in a durable store's file: a crash of the app
+    if request.headers.get('hx-request'): return Response(status_code=204, headers={'X-Job-Id': str(job.id)})  # after
+    if not _wants_json(request): return RedirectResponse(self.url(job.id), status_code=303)  # the answer cannot lose it
+    if unsaved and not job.is_terminal:  # it runs, but a crash of the app would lose it: 202, saying so (not a 201 that promises it)
+        return await _json_answer({**self._job_data(job), 'saved': False, 'warning': unsaved,
+                                   'stream': f"{self.url(job.id, 'stream')}?after={after}"}, status_code=202,
+                                  headers={'Location': self.url(job.id)})
     if job.status == 'failed' and (job.error or '').startswith(NO_WORKER_ERROR):
         again = self.manager.worker_config.failed_retry_seconds  # every worker has failed: a 503, as for a full queue
         return await _json_answer(self._job_data(job), status_code=503, headers={
@@ -935,6 +940,22 @@ async def stream_job(self:JobRoutes, request, job_id:str):
         return Response(status_code=204)  # it has ended and the client missed nothing: no stream (EventSource stops on 204)
     await self.snapshot()  # the job's last events have reached the broadcaster
     return _page_stream(request, self._stream(request, job.id, live=False), sink, 'this job')  # what the client missed, then the end (204: it missed nothing)
+
+# %% ../../nbs/fasthtml/routes.ipynb #9cf1805f
+SAVE_WAIT_SECONDS = 10.0  # the longest `POST .../start` waits for a durable store to write a new job before answering
+
+async def _unsaved(manager, job)->Optional[str]:
+    """None once `job` is in the manager's job store (at once for a store that does not write behind); else why it is
+    not (the store's writes fail, or are slower than `SAVE_WAIT_SECONDS`), logged: the job runs, but a crash of the app
+    now would lose it, so the start route does not answer as if it were kept."""
+    try:
+        if await manager.wait_saved(job.id, timeout=SAVE_WAIT_SECONDS): return None
+        why = "the job store's writes are failing (see the manager's health)"
+    except TimeoutError: why = f"the job store did not write it within {SAVE_WAIT_SECONDS:g}s"
+    except KeyError: return None  # (purged already: it was written, as far as it goes)
+    why = f"job {job.id} runs, but is not saved yet: {why}; a crash of the app now would lose it"
+    log.warning("%s", why)
+    return why
 
 # %% ../../nbs/fasthtml/routes.ipynb #ae8edd01
 def mount_job_routes(app, # the FastHTML app
