@@ -704,7 +704,7 @@ def test_a_kill_of_an_actor_ray_never_placed_ends_the_handle_at_once(cluster):
     w = Worker(actor_options={'resources': {'no_such_resource': 1}})
     end = time.monotonic() + 60
     while w.p.actor is None and time.monotonic() < end: time.sleep(0.01)  # Ray made the actor (it waits to be placed)
-    name = next(n for n in ray.util.list_named_actors() if n.startswith(f"test-{os.getpid()}-{id(w.p):x}"))
+    name = next(n for n in ray.util.list_named_actors() if n == w.p.actor_name)
     assert w.p.actor_pid is None
     w.p.kill_tree()
     assert w.ended(0) and w.p.exitcode == -9 and w.p.death_reason is None and not w.p.is_alive()
@@ -724,5 +724,4 @@ async def test_the_shutdown_of_a_manager_whose_actor_ray_never_placed_does_not_w
     p = m._slots[0].process
     await asyncio.wait_for(m.ashutdown(), 30)
     assert m.get_job(job.id).status == 'cancelled' and p.exitcode == -9
-    await wait_until(lambda: not any(n.startswith(f"cjm-worker-{m.worker_type}-0-{os.getpid()}-{id(p):x}")
-                                     for n in ray.util.list_named_actors()), 30)
+    await wait_until(lambda: not any(n == p.actor_name for n in ray.util.list_named_actors()), 30)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/backends/ray.ipynb #3d701ffa
 from __future__ import annotations
-import logging, os, pickle, queue, re, select, signal, threading, types, weakref
+import itertools, logging, os, pickle, queue, re, select, signal, threading, types, weakref
 import psutil
 from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
@@ -115,6 +115,7 @@ class WorkerActor:
 
 # %% ../../nbs/backends/ray.ipynb #95f7d77c
 _ACTOR_CLASS = None
+_handles = itertools.count(1)  # numbers the actors' names (`RayActorProcess.actor_name`)
 
 def _copy_function(f:types.FunctionType)->types.FunctionType:
     g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
@@ -151,6 +152,8 @@ class RayActorProcess:
                  prepare:Optional[Callable[[], None]]=None, # connects to Ray if needed (default: `ray.init()` if not yet)
                  **kwargs):
         self.target, self.args, self.name, self.prepare = target, args, name, prepare
+        self.actor_name = f"{name}-{os.getpid()}-{next(_handles)}" if name else None  # unique in the app's life: a killed
+        # worker's actor ends a moment after its handle (an `id(self)` in the name, reused by the next handle, could be taken still)
         self.local = False  # is the actor on this machine (its pid means something here)? known once it runs
         self.actor_pid: Optional[int] = None  # pid of the actor's process (the worker is its child)
         self.node_id = self.node_ip = None  # the Ray node the actor runs on, once it runs
@@ -208,7 +211,7 @@ def _create(self:RayActorProcess)->None:
         if self.prepare is not None: self.prepare()
         elif not ray.is_initialized(): ray.init(include_dashboard=False)
         opts = {'max_concurrency': MIN_ACTOR_CONCURRENCY, 'max_restarts': 0, **self.actor_options}
-        if self.name and 'name' not in opts: opts['name'] = f"{self.name}-{os.getpid()}-{id(self):x}"
+        if self.actor_name and 'name' not in opts: opts['name'] = self.actor_name
         _ray()  # (shut down since `prepare`: Ray's `.remote` would start a new Ray)
         actor = _actor_class().options(**opts).remote(self.target, self.env)
     except Exception as e:
