@@ -10,6 +10,8 @@ spawned workers.
 - `escape`: leaves a daemon holding the worker's descriptors, then SIGKILLs its worker (a crash the sentinel alone
   would not show).
 - `groupchild`: leaves a child in its worker's group, ends the worker's backstop, then SIGKILLs its worker.
+- `escapees`: leaves processes outside its worker's group (a `start_new_session` child, a double-forked daemon, a
+  shell's `setsid cmd &`, and such a daemon started without the worker's mark), then ends its worker as `end` says.
 - `f_worker`: the reference plugins plus those; `hang_factory_worker`: a worker whose plugin-manager factory hangs.
 """
 import os, signal, time
@@ -83,8 +85,43 @@ class GroupChildPlugin(ReferencePlugin):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class EscapeesPlugin(ReferencePlugin):
+    """Leaves processes that left its worker's process group, writes their pids to `pidfile` (JSON), then ends its
+    worker as `end` says (sigkill, segfault, exit: `os._exit(3)`; sleep: until a hard cancel kills it; return: the job
+    completes, the worker serves on):
+    `session`: `sleep` started with `start_new_session=True`; `daemon`: a double fork into a session of its own, no
+    exec (`fork_daemon`); `shell`: `setsid sleep &` from a shell that exits (a double fork that execs);
+    `unmarked`: the same as `shell`, started with an environment without the worker's mark (opted out)."""
+    name = 'escapees'
+    def execute(self, pidfile='', end='sigkill', **kwargs):
+        import ctypes, json, subprocess
+        try: from cjm_workers.core.process import WORKER_MARK_ENV
+        except ImportError: WORKER_MARK_ENV = 'CJM_WORKER_MARK'  # (a version without marks: the test runs, and fails)
+        pids = {'session': subprocess.Popen(['sleep', '300'], start_new_session=True).pid}
+        daemon = pidfile + '.daemon'
+        def report(pid):
+            with open(daemon + '.tmp', 'w') as f: f.write(str(pid))
+            os.rename(daemon + '.tmp', daemon)
+        fork_daemon(report, 300)
+        while not os.path.exists(daemon): time.sleep(0.01)
+        pids['daemon'] = int(open(daemon).read())
+        def shell_daemon(env=None):
+            return int(subprocess.run(['sh', '-c', 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!'],
+                                      capture_output=True, text=True, check=True, env=env).stdout)
+        pids['shell'] = shell_daemon()
+        pids['unmarked'] = shell_daemon({k: v for k, v in os.environ.items() if k != WORKER_MARK_ENV})
+        with open(pidfile + '.tmp', 'w') as f: json.dump(pids, f)
+        os.rename(pidfile + '.tmp', pidfile)
+        if end == 'sigkill': os.kill(os.getpid(), signal.SIGKILL)
+        elif end == 'segfault': ctypes.string_at(0)
+        elif end == 'exit': os._exit(3)
+        elif end == 'sleep': time.sleep(300)  # until its worker is killed (a hard cancel)
+        return {'text': json.dumps(pids), 'metadata': pids}
+
+
 F_PLUGINS = {**REFERENCE_PLUGINS, 'big': BigPlugin, 'bomb': BombPlugin, 'hangload': HangLoadPlugin, 'polite': PolitePlugin,
-             'escape': EscapePlugin, 'groupchild': GroupChildPlugin}
+             'escape': EscapePlugin, 'groupchild': GroupChildPlugin,
+             'escapees': EscapeesPlugin}
 
 
 def _pm(): return ReferencePluginManager(F_PLUGINS)

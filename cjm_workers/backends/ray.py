@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
 from ..core.channel import PipeChannel, dumps
-from ..core.process import end_fd, kill_process_group, kill_process_tree
+from ..core.process import _tree_of, end_fd, kill_process_group, kill_process_tree
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +390,7 @@ def _kill_worker_here(pid:int, actor_pid:Optional[int])->None:
     try:
         p = psutil.Process(pid)
         if p.ppid() != actor_pid: return  # it ended already: its pid may be another process's now
-        created, kids = p.create_time(), p.children(recursive=True)  # listed before it goes: a child in a session of its own is in no group of its
+        created, kids = p.create_time(), _tree_of(p)  # listed before it goes: a child in a session of its own is in no group of its (its backstop is spared: it kills what left the group)
     except psutil.Error: return
     kill_process_group(pid, created)  # it leads a group of its own: it and the rest, if it is still that process
     try: p.kill()  # (psutil checks that it is still that process)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/core/process.ipynb #bd39e0ed
 from __future__ import annotations
-import logging, os, signal, time, weakref
+import logging, os, signal, time, uuid, weakref
 from multiprocessing.connection import wait as _wait_ready
 from multiprocessing.process import BaseProcess
 import psutil
@@ -12,8 +12,9 @@ import psutil
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'describe_exit', 'become_group_leader', 'is_unreaped_child', 'kill_process_group', 'kill_process_tree',
-           'kill_worker_tree', 'kill_own_children', 'end_fd', 'process_ended', 'wait_ended']
+__all__ = ['log', 'BACKSTOP_NAME', 'WORKER_MARK_ENV', 'describe_exit', 'become_group_leader', 'is_unreaped_child',
+           'kill_process_group', 'kill_process_tree', 'kill_worker_tree', 'kill_own_children', 'end_fd',
+           'process_ended', 'wait_ended', 'mark_worker', 'kill_marked']
 
 # %% ../../nbs/core/process.ipynb #8684e9a3
 def describe_exit(exitcode:int|None # `multiprocessing.Process.exitcode`
@@ -34,6 +35,21 @@ def become_group_leader()->bool:
     except (OSError, AttributeError) as e:  # AttributeError: not POSIX
         log.debug("could not create a process group: %s", e)
         return False
+
+BACKSTOP_NAME = 'cjm-backstop'  # the process name of a worker's backstop (`ps`, psutil; see `cjm_workers.core.worker`)
+
+def _tree_of(proc:psutil.Process # a worker, alive
+            )->list: # its descendants, its backstop left out
+    """The descendants of a live worker that a tree kill ends. Its **backstop** (its child named `BACKSTOP_NAME`) is
+    left out: it kills the processes marked as the worker's once the worker is dead (`kill_marked`), so it must
+    outlive the worker; it ends on its own right after."""
+    out = []
+    for c in proc.children(recursive=True):
+        try:
+            if c.ppid() == proc.pid and c.name() == BACKSTOP_NAME: continue
+        except psutil.Error: continue
+        out.append(c)
+    return out
 
 def is_unreaped_child(pid:int # a process id
                      )->bool:
@@ -70,7 +86,7 @@ def kill_process_tree(process, # a started `multiprocessing.Process`
                      )->None:
     "Kill `process`, its descendants and its process group; returns once `process` itself has ended (and been reaped, if `reap`)."
     pid = process.pid
-    try: children = psutil.Process(pid).children(recursive=True)  # list them before the parent goes
+    try: children = _tree_of(psutil.Process(pid))  # list them before the parent goes
     except psutil.Error: children = []
     if terminate_first and not process_ended(process):
         process.terminate(); wait_ended([process], timeout)
@@ -134,3 +150,64 @@ def wait_ended(processes:list, # started processes (or handles with a `sentinel`
         ready = set(_wait_ready([end_fd(p) for p in left], t))
         left = [p for p in left if end_fd(p) not in ready]
     return True
+
+# %% ../../nbs/core/process.ipynb #335cb844
+WORKER_MARK_ENV = 'CJM_WORKER_MARK'  # the environment variable that marks the processes a worker starts
+_MARK_PREFIX = 'cjm-mark-'  # the name of the mark's memfd: `/memfd:cjm-mark-<mark> (deleted)` in `/proc/<pid>/fd`
+_mark_fd: int|None = None  # this process's memfd, once marked
+
+def mark_worker()->str: # the mark
+    "Mark this process (a worker, as it starts) and what it will start: `WORKER_MARK_ENV` and a memfd (see above)."
+    global _mark_fd
+    mark = uuid.uuid4().hex
+    os.environ[WORKER_MARK_ENV] = mark  # (`os.environ` sets the C environment too: what is exec'd from here gets it)
+    if _mark_fd is not None: os.close(_mark_fd)
+    try: _mark_fd = os.memfd_create(_MARK_PREFIX + mark)  # MFD_CLOEXEC: held by forks only
+    except (AttributeError, OSError) as e:
+        _mark_fd = None
+        log.debug("no memfd to mark forked children (%s): only exec'd ones carry the mark", e)
+    return mark
+
+def _read_all(path:str)->bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, 65536): parts.append(chunk)
+        return b''.join(parts)
+    finally: os.close(fd)
+
+def _carries(pid:str, env:bytes, link:str)->bool:
+    "Does process `pid` carry the mark: `env` among its exec-time environment, or a descriptor linked to `link`?"
+    try:
+        if env in b'\0' + _read_all(f'/proc/{pid}/environ'): return True
+        fds = os.listdir(f'/proc/{pid}/fd')
+    except OSError: return False  # gone, or not ours to read
+    for n in fds:
+        try:
+            if os.readlink(f'/proc/{pid}/fd/{n}') == link: return True
+        except OSError: pass
+    return False
+
+def kill_marked(mark:str|None, # a worker's mark (`mark_worker`); None: nothing to do
+                passes:int=5 # at most this many walks of /proc (another only after one that killed something)
+               )->list: # pids killed
+    "SIGKILL every process but this one that carries `mark` (see above); OS calls only. Linux (`/proc`, pidfds)."
+    if not mark or not hasattr(os, 'pidfd_open'): return []
+    env, link, me = f'\0{WORKER_MARK_ENV}={mark}\0'.encode(), f'/memfd:{_MARK_PREFIX}{mark} (deleted)', os.getpid()
+    killed = []
+    for _ in range(passes):
+        found = 0
+        try: pids = [e.name for e in os.scandir('/proc') if e.name.isdigit()]
+        except OSError: return killed
+        for pid in pids:
+            if int(pid) == me or int(pid) in killed: continue  # (one killed may not have ended yet)
+            try: pfd = os.pidfd_open(int(pid))  # first: what is read and signalled below is this very process
+            except OSError: continue
+            try:
+                if _carries(pid, env, link):
+                    signal.pidfd_send_signal(pfd, signal.SIGKILL)
+                    killed.append(int(pid)); found += 1
+            except OSError: pass  # it ended meanwhile
+            finally: os.close(pfd)
+        if not found: break  # (another pass: one killed may have forked as it died)
+    return killed

@@ -14,15 +14,15 @@ from typing import Any, Callable, Dict, Optional
 
 from .adapters import default_result_adapter
 from .channel import PipeChannel, UndecodableMessage, dumps, salvage
-from .process import become_group_leader, is_unreaped_child, kill_own_children
+from .process import BACKSTOP_NAME, become_group_leader, is_unreaped_child, kill_marked, kill_own_children, mark_worker
 from .protocol import PluginManagerAdapter, WorkerRequestType
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROGRESS_INTERVAL', 'START_LOG_LINES', 'BACKSTOP_GRACE', 'BACKSTOP_NAME', 'LOG_LEVEL_ENV', 'LOG_FORMAT',
-           'JobCancelledError', 'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested',
-           'check_cancelled', 'base_worker_process']
+__all__ = ['log', 'PROGRESS_INTERVAL', 'START_LOG_LINES', 'BACKSTOP_GRACE', 'LOG_LEVEL_ENV', 'LOG_FORMAT', 'JobCancelledError',
+           'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested', 'check_cancelled',
+           'base_worker_process']
 
 # %% ../../nbs/core/worker.ipynb #dcfafc9a
 PROGRESS_INTERVAL = 0.05  # seconds between two progress messages with the same text
@@ -596,15 +596,15 @@ def _watch_parent():
     if parent is None: return None  # not started by multiprocessing: nothing to watch
     def watch():
         _wait([parent.sentinel])
-        kill_own_children()
+        _end_worker()
         os._exit(1)
     t = threading.Thread(target=watch, name='cjm-worker-watchdog', daemon=True)
     t.start()
     return t
 
 BACKSTOP_GRACE = 0.5  # seconds the backstop leaves the watchdog thread after the app died, before it SIGKILLs the group
-BACKSTOP_NAME = 'cjm-backstop'  # its process name (`ps`, psutil): the manager leaves it out of a worker's memory figures
 _backstop_pid: Optional[int] = None  # this worker's backstop, while it runs
+_mark: Optional[str] = None  # this worker's mark (`mark_worker`), in a worker that is a process of its own
 
 def _start_backstop(parent # `multiprocessing.parent_process()`: the app
                    )->Optional[int]: # the backstop's pid (None where there is none)
@@ -621,8 +621,10 @@ def _start_backstop(parent # `multiprocessing.parent_process()`: the app
             warnings.simplefilter('ignore', DeprecationWarning)
             pid = os.fork()
         if pid == 0:
-            try: _backstop(fds[0], fds[1], worker)
+            try: _backstop(fds[0], fds[1], worker, _mark)
             finally: os._exit(0)
+        try: os.setpgid(pid, pid)  # (the backstop does it too: whichever runs first)
+        except OSError: pass
         _backstop_pid = pid
         return pid
     except OSError as e:
@@ -641,11 +643,21 @@ def _end_backstop()->None:
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError): pass  # gone, or reaped already (a plugin's os.wait())
 
+def _end_worker()->None:
+    """What a worker process does as it ends on its own (returns, a stop's SIGTERM, its app gone): end and reap its
+    backstop, kill its descendants and every process carrying its mark (`kill_marked`: those that left its group)."""
+    _end_backstop()
+    kill_own_children()
+    kill_marked(_mark)
+
 def _backstop(app:int, # pidfd of the app
               worker:int, # pidfd of the worker
-              pgid:int): # the worker's process group
+              pgid:int, # the worker's process group
+              mark:Optional[str]): # the worker's mark (`mark_worker`)
     "The backstop's life, in the forked child: OS calls only."
     gc.disable()  # no finalizer of the worker's objects may run here
+    try: os.setpgid(0, 0)  # a group of its own: a kill of the worker's group (the manager's) leaves it to do its work
+    except OSError: pass
     for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)
     try:
         fd = os.open('/proc/self/comm', os.O_WRONLY)
@@ -660,7 +672,9 @@ def _backstop(app:int, # pidfd of the app
     if worker not in ready:  # the app died: the watchdog thread, if it can run, ends the worker (and its children) first
         poller.unregister(app)
         poller.poll(BACKSTOP_GRACE * 1000)
-    os.killpg(pgid, signal.SIGKILL)  # the worker, the rest of its group (what its plugins started), and this process
+    try: os.killpg(pgid, signal.SIGKILL)  # the worker and the rest of its group (what its plugins started)
+    except OSError: pass  # (the manager killed the group already)
+    kill_marked(mark)  # what its plugins started that left the group; then this process ends
 
 # %% ../../nbs/core/worker.ipynb #e45545fe
 def _close_unused_ends(requests, results, responses):
@@ -683,7 +697,7 @@ def _on_sigterm(worker, ppid:int):
     "A SIGTERM handler: end the worker once it is being stopped (or its parent is gone); otherwise ignore it, with a warning."
     def handler(signum, frame):
         if worker.stopping or os.getppid() != ppid:
-            _end_backstop()  # reaped before the worker dies (the handler is defined after it, further down)
+            _end_worker()  # its backstop reaped, what it started killed, before the worker dies
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)  # die of it, as without the handler
             return
@@ -711,17 +725,18 @@ def base_worker_process(
     supports_streaming:bool=False # Whether this worker supports streaming execution
 )->None:
     "Generic long-lived worker process that handles job execution."
+    global _mark
     _close_unused_ends(request_queue, result_queue, response_queue)
     own = threading.current_thread() is threading.main_thread()
-    if own:  # a process of its own (not hosted in a thread of
-        become_group_leader()                                  # another runtime, e.g. a Ray actor, whose process
-        signal.signal(signal.SIGINT, signal.SIG_IGN)           # group and signals are not ours to change)
+    if own:  # a process of its own (not hosted in a thread of another runtime,
+        become_group_leader()                                  # whose process group, signals and environment
+        signal.signal(signal.SIGINT, signal.SIG_IGN)           # are not ours to change)
+        _mark = mark_worker()                                  # what it starts carries the mark, wherever it goes
         _start_backstop(mp.parent_process())                   # before any thread starts
         _setup_logging()
     try: _serve(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming)
     finally:
-        _end_backstop()
-        if own: kill_own_children()  # what the plugins started and left running ends with the worker, wherever it runs
+        if own: _end_worker()  # what the plugins started and left running ends with the worker, wherever it runs
 
 def _serve(request_queue, result_queue, response_queue, plugin_manager_factory, result_adapter, supports_streaming):
     "The worker's life once its process is set up: build the plugin manager, say `ready`, run the loop."

@@ -1,0 +1,86 @@
+"""Processes a plugin started that left its worker's process group (`start_new_session=True`, a double-forked daemon,
+a shell's `setsid cmd &`) end with the worker however it ends: a crash (SIGKILL, segfault, `os._exit`), a hard
+cancel, a stop. The worker marks what it starts (`WORKER_MARK_ENV`, an inherited descriptor); its backstop kills the
+marked processes once the worker is dead. A process started with an environment without the mark is left alone."""
+import asyncio, json, os, signal, time
+import psutil, pytest
+from cjm_workers.core.config import RestartPolicy
+from cjm_workers.testing import wait_until
+from _a_helpers import gone, worker_pid
+
+pytestmark = pytest.mark.backends('local', 'ray')  # the backstop lives in the worker process on both backends
+
+ESCAPED = ('session', 'daemon', 'shell')  # the kinds `escapees` leaves that must die with the worker
+
+
+def _pids(pidfile):
+    with open(pidfile) as f: return json.load(f)
+
+
+def _alive(pids):
+    return {k: p for k, p in pids.items() if not gone(p)}
+
+
+def _kill(pids):
+    for p in pids.values():
+        try: os.kill(p, signal.SIGKILL)
+        except ProcessLookupError: pass
+
+
+async def _escapees(make_manager, tmp_path, end, **config):
+    from _f_plugins import f_worker
+    mgr = make_manager(dict(restart_policy=RestartPolicy.ALWAYS, **config), entry_point=f_worker)
+    await mgr.start(wait=True)
+    pidfile = str(tmp_path / 'pids.json')
+    job = await mgr.start_job('escapees', pidfile=pidfile, end=end)
+    await wait_until(lambda: os.path.exists(pidfile) or job.status not in ('pending', 'running'), 60)
+    assert os.path.exists(pidfile), (job.status, job.error)
+    pids = _pids(pidfile)
+    for k in ESCAPED: assert os.getsid(pids[k]) != os.getsid(0), k  # (they did leave: a session of their own)
+    return mgr, job, pids
+
+
+async def _gone_within(pids, timeout=10):
+    "Hang guard only: the escapees must end; the one started without the mark must not."
+    escaped = {k: pids[k] for k in ESCAPED}
+    try: await wait_until(lambda: not _alive(escaped), timeout)
+    except (AssertionError, TimeoutError, asyncio.TimeoutError): pass
+    assert not _alive(escaped), f"still running after their worker ended: {_alive(escaped)}"
+    assert not gone(pids['unmarked']), "a process started without the worker's mark was killed"
+
+
+@pytest.mark.parametrize('end, expect', [('sigkill', 'SIGKILL'), ('segfault', 'SIGSEGV'), ('exit', 'code 3')])
+async def test_a_crashed_workers_escaped_children_are_killed(make_manager, tmp_path, end, expect):
+    mgr, job, pids = await _escapees(make_manager, tmp_path, end)
+    try:
+        job = await mgr.wait_for_job(job.id, timeout=30)
+        assert job.status == 'failed' and 'WorkerDied' in job.error and expect in job.error, (job.status, job.error)
+        await _gone_within(pids)
+        nxt = await mgr.wait_for_job((await mgr.start_job('echo', text='after')).id, timeout=30)  # restarted (ALWAYS)
+        assert nxt.status == 'completed', (nxt.status, nxt.reason)
+        assert mgr.get_worker_stats()[0]['restarts'] == 1
+    finally: _kill(pids)
+
+
+async def test_a_hard_cancelled_workers_escaped_children_are_killed(make_manager, tmp_path):
+    mgr, job, pids = await _escapees(make_manager, tmp_path, 'sleep', cancel_grace_seconds=0)
+    try:
+        await mgr.cancel_job(job.id)
+        job = await mgr.wait_for_job(job.id, timeout=30)
+        assert job.status == 'cancelled', (job.status, job.error)
+        await _gone_within(pids)
+        nxt = await mgr.wait_for_job((await mgr.start_job('echo', text='after')).id, timeout=30)
+        assert nxt.status == 'completed', (nxt.status, nxt.reason)
+    finally: _kill(pids)
+
+
+async def test_a_stopped_workers_escaped_children_are_killed(make_manager, tmp_path):
+    "The worker serves on after the job (its children may run meanwhile); a stop ends them."
+    mgr, job, pids = await _escapees(make_manager, tmp_path, 'return')
+    try:
+        job = await mgr.wait_for_job(job.id, timeout=30)
+        assert job.status == 'completed', (job.status, job.error)
+        assert set(_alive(pids)) == {*ESCAPED, 'unmarked'}  # the worker lives: so do they
+        await mgr.ashutdown()
+        await _gone_within(pids)
+    finally: _kill(pids)
