@@ -13,8 +13,9 @@ spawned workers.
 - `escapees`: leaves processes outside its worker's group (a `start_new_session` child, a double-forked daemon, a
   shell's `setsid cmd &`, and such a daemon started without the worker's mark), then ends its worker as `end` says.
 - `f_worker`: the reference plugins plus those; `hang_factory_worker`: a worker whose plugin-manager factory hangs.
+- `escapees_app`: an app whose worker runs `escapees` and sleeps (for a test that SIGKILLs the app).
 """
-import os, signal, time
+import asyncio, os, signal, sys, time
 
 from cjm_workers.core.config import WorkerConfig
 from cjm_workers.core.worker import base_worker_process
@@ -146,3 +147,19 @@ class FJobManager(ReferenceJobManager):
     def __init__(self, job_store=None, config=None, entry_point=f_worker, **kw):
         super().__init__(worker_config=WorkerConfig(**(config or {})), entry_point=entry_point, **kw)
         if job_store is not None: self.job_store = job_store
+
+
+async def escapees_app(backend, pidfile):
+    """An app (`python -c`): one worker on `backend` ('local' or 'ray': the session's cluster, `RAY_ADDRESS`) runs
+    `escapees` with `end='sleep'`; prints the worker's pid once their pids are in `pidfile`, then waits to be killed."""
+    if backend == 'ray':
+        import ray
+        tests = os.path.dirname(os.path.abspath(__file__))
+        ray.init(address=os.environ['RAY_ADDRESS'], logging_level='warning', log_to_driver=False,
+                 runtime_env={'env_vars': {'PYTHONPATH': os.pathsep.join(filter(None, [tests, os.environ.get('PYTHONPATH')]))}})
+    mgr = FJobManager(config=dict(backend=backend))
+    await mgr.start(wait=True)
+    job = await mgr.start_job('escapees', pidfile=pidfile, end='sleep')
+    while not os.path.exists(pidfile): await asyncio.sleep(0.01)
+    print(job.worker_pid, flush=True)
+    await asyncio.sleep(600)

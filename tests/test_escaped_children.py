@@ -2,7 +2,8 @@
 a shell's `setsid cmd &`) end with the worker however it ends: a crash (SIGKILL, segfault, `os._exit`), a hard
 cancel, a stop. The worker marks what it starts (`WORKER_MARK_ENV`, an inherited descriptor); its backstop kills the
 marked processes once the worker is dead. A process started with an environment without the mark is left alone."""
-import asyncio, json, os, signal, time
+import asyncio, json, os, signal, subprocess, sys, time
+from pathlib import Path
 import psutil, pytest
 from cjm_workers.core.config import RestartPolicy
 from cjm_workers.testing import wait_until
@@ -84,3 +85,30 @@ async def test_a_stopped_workers_escaped_children_are_killed(make_manager, tmp_p
         await mgr.ashutdown()
         await _gone_within(pids)
     finally: _kill(pids)
+
+
+async def test_a_sigkilled_apps_workers_escaped_children_are_killed(backend, tmp_path):
+    "The app dies (SIGKILL) while its worker's plugin has children outside the worker's group: they go with it."
+    pidfile, tests = str(tmp_path / 'pids.json'), str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get('PYTHONPATH')])))
+    if backend == 'ray':  # the session's cluster
+        import ray
+        env['RAY_ADDRESS'] = ray.get_runtime_context().gcs_address
+    code = f"import asyncio, _f_plugins; asyncio.run(_f_plugins.escapees_app({backend!r}, {pidfile!r}))"
+    app = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env, cwd=str(Path(tests).parent))
+    pids = {}
+    try:
+        line = app.stdout.readline()  # once the escapees run
+        assert line.strip(), f"the app printed nothing; stderr:\n{app.stderr.read() if app.poll() is not None else ''}"
+        pids = _pids(pidfile)
+        worker = int(line)
+        assert not gone(worker) and set(_alive(pids)) == {*ESCAPED, 'unmarked'}
+        os.kill(app.pid, signal.SIGKILL)
+        app.wait(10)
+        await _gone_within(pids, 20)
+        await wait_until(lambda: gone(worker), 20)
+    finally:
+        if app.poll() is None: app.kill(); app.wait(10)
+        app.stdout.close(); app.stderr.close()
+        _kill(pids)
