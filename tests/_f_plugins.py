@@ -107,8 +107,11 @@ class EscapeesPlugin(ReferencePlugin):
         while not os.path.exists(daemon): time.sleep(0.01)
         pids['daemon'] = int(open(daemon).read())
         def shell_daemon(env=None):
-            return int(subprocess.run(['sh', '-c', 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!'],
-                                      capture_output=True, text=True, check=True, env=env).stdout)
+            pid = int(subprocess.run(['sh', '-c', 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!'],
+                                     capture_output=True, text=True, check=True, env=env).stdout)
+            end = time.monotonic() + 30  # until it has left the worker's group (`setsid` may not have run yet)
+            while os.getsid(pid) != pid and time.monotonic() < end: time.sleep(0.005)
+            return pid
         pids['shell'] = shell_daemon()
         pids['unmarked'] = shell_daemon({k: v for k, v in os.environ.items() if k != WORKER_MARK_ENV})
         with open(pidfile + '.tmp', 'w') as f: json.dump(pids, f)
