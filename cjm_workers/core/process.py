@@ -159,8 +159,10 @@ _mark_fd: int|None = None  # this process's memfd, once marked
 def mark_worker()->str: # the mark
     "Mark this process (a worker, as it starts) and what it will start: `WORKER_MARK_ENV` and a memfd (see above)."
     global _mark_fd
-    mark = uuid.uuid4().hex
-    os.environ[WORKER_MARK_ENV] = mark  # (`os.environ` sets the C environment too: what is exec'd from here gets it)
+    mark, outer = uuid.uuid4().hex, os.environ.get(WORKER_MARK_ENV)
+    # `os.environ` sets the C environment too: what is exec'd from here gets it. A worker started by another worker's
+    # plugin (a manager inside a plugin) keeps that worker's mark too: what it starts ends with either of them
+    os.environ[WORKER_MARK_ENV] = f"{outer},{mark}" if outer else mark
     if _mark_fd is not None: os.close(_mark_fd)
     try: _mark_fd = os.memfd_create(_MARK_PREFIX + mark)  # MFD_CLOEXEC: held by forks only
     except (AttributeError, OSError) as e:
@@ -176,10 +178,14 @@ def _read_all(path:str)->bytes:
         return b''.join(parts)
     finally: os.close(fd)
 
-def _carries(pid:str, env:bytes, link:str)->bool:
-    "Does process `pid` carry the mark: `env` among its exec-time environment, or a descriptor linked to `link`?"
+def _carries(pid:str, mark:bytes, link:str)->bool:
+    "Does process `pid` carry `mark`: among the marks of its exec-time environment, or as a descriptor linked to `link`?"
     try:
-        if env in b'\0' + _read_all(f'/proc/{pid}/environ'): return True
+        env = _read_all(f'/proc/{pid}/environ')
+        if mark in env:  # (a quick test first: most processes have no mark)
+            key = WORKER_MARK_ENV.encode() + b'='
+            for var in env.split(b'\0'):
+                if var.startswith(key) and mark in var[len(key):].split(b','): return True
         fds = os.listdir(f'/proc/{pid}/fd')
     except OSError: return False  # gone, or not ours to read
     for n in fds:
@@ -193,7 +199,7 @@ def kill_marked(mark:str|None, # a worker's mark (`mark_worker`); None: nothing 
                )->list: # pids killed
     "SIGKILL every process but this one that carries `mark` (see above); OS calls only. Linux (`/proc`, pidfds)."
     if not mark or not hasattr(os, 'pidfd_open'): return []
-    env, link, me = f'\0{WORKER_MARK_ENV}={mark}\0'.encode(), f'/memfd:{_MARK_PREFIX}{mark} (deleted)', os.getpid()
+    link, me = f'/memfd:{_MARK_PREFIX}{mark} (deleted)', os.getpid()
     killed = []
     for _ in range(passes):
         found = 0
@@ -204,7 +210,7 @@ def kill_marked(mark:str|None, # a worker's mark (`mark_worker`); None: nothing 
             try: pfd = os.pidfd_open(int(pid))  # first: what is read and signalled below is this very process
             except OSError: continue
             try:
-                if _carries(pid, env, link):
+                if _carries(pid, mark.encode(), link):
                     signal.pidfd_send_signal(pfd, signal.SIGKILL)
                     killed.append(int(pid)); found += 1
             except OSError: pass  # it ended meanwhile
