@@ -91,7 +91,8 @@ class EscapeesPlugin(ReferencePlugin):
     worker as `end` says (sigkill, segfault, exit: `os._exit(3)`; sleep: until a hard cancel kills it; return: the job
     completes, the worker serves on):
     `session`: `sleep` started with `start_new_session=True`; `daemon`: a double fork into a session of its own, no
-    exec (`fork_daemon`); `shell`: `setsid sleep &` from a shell that exits (a double fork that execs);
+    exec (`fork_daemon`); `closed`: the same, closing every descriptor it has; `shell`: `setsid sleep &` from a shell
+    that exits (a double fork that execs);
     `unmarked`: the same as `shell`, started with an environment without the worker's mark (opted out)."""
     name = 'escapees'
     def execute(self, pidfile='', end='sigkill', **kwargs):
@@ -106,6 +107,20 @@ class EscapeesPlugin(ReferencePlugin):
         fork_daemon(report, 300)
         while not os.path.exists(daemon): time.sleep(0.01)
         pids['daemon'] = int(open(daemon).read())
+        r, w = os.pipe()
+        middle = os.fork()
+        if middle == 0:  # a double fork whose daemon closes every descriptor it has (as a daemon library does)
+            try:
+                os.setsid()
+                if os.fork() == 0:
+                    os.write(w, b'%d\n' % os.getpid())
+                    os.closerange(0, 65536)
+                    time.sleep(300)
+            finally: os._exit(0)
+        os.waitpid(middle, 0)
+        os.close(w)
+        pids['closed'] = int(os.read(r, 100))
+        os.close(r)
         def shell_daemon(env=None):
             pid = int(subprocess.run(['sh', '-c', 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $!'],
                                      capture_output=True, text=True, check=True, env=env).stdout)

@@ -1,7 +1,8 @@
 """Processes a plugin started that left its worker's process group (`start_new_session=True`, a double-forked daemon,
-a shell's `setsid cmd &`) end with the worker however it ends: a crash (SIGKILL, segfault, `os._exit`), a hard
-cancel, a stop. The worker marks what it starts (`WORKER_MARK_ENV`, an inherited descriptor); its backstop kills the
-marked processes once the worker is dead. A process started with an environment without the mark is left alone."""
+one that closed every descriptor, a shell's `setsid cmd &`) end with the worker however it ends: a crash (SIGKILL,
+segfault, `os._exit`), a hard cancel, a stop, the app's death. The worker marks what it starts (`WORKER_MARK_ENV` in
+the environment, a mapped memfd); its backstop kills the marked processes once the worker is dead, a worker ending on
+its own does it on its way out. A detached process started with an environment without the mark is left alone."""
 import asyncio, json, os, signal, subprocess, sys, time
 from pathlib import Path
 import psutil, pytest
@@ -11,7 +12,7 @@ from _a_helpers import gone, worker_pid
 
 pytestmark = pytest.mark.backends('local', 'ray')  # the backstop lives in the worker process on both backends
 
-ESCAPED = ('session', 'daemon', 'shell')  # the kinds `escapees` leaves that must die with the worker
+ESCAPED = ('session', 'daemon', 'closed', 'shell')  # the kinds `escapees` leaves that must die with the worker
 
 
 def _pids(pidfile):

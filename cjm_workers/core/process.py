@@ -4,7 +4,7 @@
 
 # %% ../../nbs/core/process.ipynb #bd39e0ed
 from __future__ import annotations
-import logging, os, signal, time, uuid, weakref
+import logging, mmap, os, signal, time, uuid, weakref
 from multiprocessing.connection import wait as _wait_ready
 from multiprocessing.process import BaseProcess
 import psutil
@@ -153,20 +153,25 @@ def wait_ended(processes:list, # started processes (or handles with a `sentinel`
 
 # %% ../../nbs/core/process.ipynb #335cb844
 WORKER_MARK_ENV = 'CJM_WORKER_MARK'  # the environment variable that marks the processes a worker starts
-_MARK_PREFIX = 'cjm-mark-'  # the name of the mark's memfd: `/memfd:cjm-mark-<mark> (deleted)` in `/proc/<pid>/fd`
-_mark_fd: int|None = None  # this process's memfd, once marked
+_MARK_PREFIX = 'cjm-mark-'  # the name of the mark's memfd: `/memfd:cjm-mark-<mark> (deleted)` in `/proc/<pid>/maps`
+_mark_map: mmap.mmap|None = None  # this process's mapping of it, once marked
 
 def mark_worker()->str: # the mark
     "Mark this process (a worker, as it starts) and what it will start: `WORKER_MARK_ENV` and a memfd (see above)."
-    global _mark_fd
+    global _mark_map
     mark, outer = uuid.uuid4().hex, os.environ.get(WORKER_MARK_ENV)
     # `os.environ` sets the C environment too: what is exec'd from here gets it. A worker started by another worker's
     # plugin (a manager inside a plugin) keeps that worker's mark too: what it starts ends with either of them
     os.environ[WORKER_MARK_ENV] = f"{outer},{mark}" if outer else mark
-    if _mark_fd is not None: os.close(_mark_fd)
-    try: _mark_fd = os.memfd_create(_MARK_PREFIX + mark)  # MFD_CLOEXEC: held by forks only
-    except (AttributeError, OSError) as e:
-        _mark_fd = None
+    if _mark_map is not None: _mark_map.close()
+    _mark_map = None
+    try:
+        fd = os.memfd_create(_MARK_PREFIX + mark)  # (close-on-exec: the mapping is what forks keep)
+        try:
+            os.ftruncate(fd, mmap.PAGESIZE)  # one page, never touched: no memory is used
+            _mark_map = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally: os.close(fd)
+    except (AttributeError, OSError, ValueError) as e:
         log.debug("no memfd to mark forked children (%s): only exec'd ones carry the mark", e)
     return mark
 
@@ -178,28 +183,23 @@ def _read_all(path:str)->bytes:
         return b''.join(parts)
     finally: os.close(fd)
 
-def _carries(pid:str, mark:bytes, link:str)->bool:
-    "Does process `pid` carry `mark`: among the marks of its exec-time environment, or as a descriptor linked to `link`?"
+def _carries(pid:str, mark:bytes, mapped:bytes)->bool:
+    "Does process `pid` carry `mark`: among the marks of its exec-time environment, or as the mapping `mapped`?"
     try:
         env = _read_all(f'/proc/{pid}/environ')
         if mark in env:  # (a quick test first: most processes have no mark)
             key = WORKER_MARK_ENV.encode() + b'='
             for var in env.split(b'\0'):
                 if var.startswith(key) and mark in var[len(key):].split(b','): return True
-        fds = os.listdir(f'/proc/{pid}/fd')
+        return mapped in _read_all(f'/proc/{pid}/maps')
     except OSError: return False  # gone, or not ours to read
-    for n in fds:
-        try:
-            if os.readlink(f'/proc/{pid}/fd/{n}') == link: return True
-        except OSError: pass
-    return False
 
 def kill_marked(mark:str|None, # a worker's mark (`mark_worker`); None: nothing to do
                 passes:int=5 # at most this many walks of /proc (another only after one that killed something)
                )->list: # pids killed
     "SIGKILL every process but this one that carries `mark` (see above); OS calls only. Linux (`/proc`, pidfds)."
     if not mark or not hasattr(os, 'pidfd_open'): return []
-    link, me = f'/memfd:{_MARK_PREFIX}{mark} (deleted)', os.getpid()
+    mapped, me = f'/memfd:{_MARK_PREFIX}{mark} (deleted)'.encode(), os.getpid()
     killed = []
     for _ in range(passes):
         found = 0
@@ -210,7 +210,7 @@ def kill_marked(mark:str|None, # a worker's mark (`mark_worker`); None: nothing 
             try: pfd = os.pidfd_open(int(pid))  # first: what is read and signalled below is this very process
             except OSError: continue
             try:
-                if _carries(pid, mark.encode(), link):
+                if _carries(pid, mark.encode(), mapped):
                     signal.pidfd_send_signal(pfd, signal.SIGKILL)
                     killed.append(int(pid)); found += 1
             except OSError: pass  # it ended meanwhile
