@@ -154,22 +154,19 @@ def wait_ended(processes:list, # started processes (or handles with a `sentinel`
 # %% ../../nbs/core/process.ipynb #335cb844
 WORKER_MARK_ENV = 'CJM_WORKER_MARK'  # the environment variable that marks the processes a worker starts
 _MARK_PREFIX = 'cjm-mark-'  # the name of the mark's memfd: `/memfd:cjm-mark-<mark> (deleted)` in `/proc/<pid>/maps`
-_mark_map: mmap.mmap|None = None  # this process's mapping of it, once marked
+_mark_maps: list = []  # this process's mappings of it (a worker forked by a marked one keeps the inherited one too)
 
 def mark_worker()->str: # the mark
     "Mark this process (a worker, as it starts) and what it will start: `WORKER_MARK_ENV` and a memfd (see above)."
-    global _mark_map
     mark, outer = uuid.uuid4().hex, os.environ.get(WORKER_MARK_ENV)
     # `os.environ` sets the C environment too: what is exec'd from here gets it. A worker started by another worker's
     # plugin (a manager inside a plugin) keeps that worker's mark too: what it starts ends with either of them
     os.environ[WORKER_MARK_ENV] = f"{outer},{mark}" if outer else mark
-    if _mark_map is not None: _mark_map.close()
-    _mark_map = None
     try:
         fd = os.memfd_create(_MARK_PREFIX + mark)  # (close-on-exec: the mapping is what forks keep)
         try:
             os.ftruncate(fd, mmap.PAGESIZE)  # one page, never touched: no memory is used
-            _mark_map = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+            _mark_maps.append(mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ))
         finally: os.close(fd)
     except (AttributeError, OSError, ValueError) as e:
         log.debug("no memfd to mark forked children (%s): only exec'd ones carry the mark", e)
