@@ -357,6 +357,28 @@ async def test_wait_saved_returns_only_once_the_job_is_in_the_file(mk, tmp_path)
     await mgr.ashutdown()
 
 
+async def test_wait_saved_after_the_store_gave_up_writing_the_job_returns_false(mk, tmp_path):
+    """A shutdown whose store cannot write a job within `close_timeout` (the writer process paused: SIGSTOP) loses
+    that job's state: `wait_saved` then answers False, the wait under way and any later one. Before, both waited for
+    a commit that could no longer come: for ever without a timeout."""
+    mgr = mk(SQLiteJobStore(tmp_path / 'jobs.db', close_timeout=1.0))
+    await run_job(mgr, 'echo', text='first')  # the table exists
+    writer = mgr.job_store.writer_pid
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        job = await mgr.start_job('echo', text='lost')
+        waiting = asyncio.ensure_future(mgr.wait_saved(job.id))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await mgr.ashutdown()
+    finally:
+        try: os.kill(writer, signal.SIGCONT)
+        except ProcessLookupError: pass
+    assert job.id in mgr.job_store.unwritten or mgr.job_store.committed < mgr.job_store.saved
+    assert await asyncio.wait_for(waiting, T) is False
+    assert await asyncio.wait_for(mgr.wait_saved(job.id), T) is False
+
+
 def _ids_in_file(db, mgr)->set:
     "The ids of the jobs in the file itself, read on a connection of its own."
     import sqlite3

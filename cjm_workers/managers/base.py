@@ -327,6 +327,7 @@ def _init_state(self:BaseJobManager):
     self._later_hooks: list = []  # (job id, awaitable) an `async def _on_job_completed` returned, for the loop to run
     self._hook_tasks: set = set()  # those running on the loop
     self._store_open = True  # until shutdown closes the store
+    self._store_closed = False  # shutdown closed it: what it has not written by then, it never writes (`wait_saved`)
     self._events: deque = deque()  # (event_type, data) for the pump
     self._pump_task = None
     self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -472,7 +473,7 @@ def _kick(self:BaseJobManager):
         states, self._state_waiters = self._state_waiters, []
         saved = []
         if self._save_waiters:  # `wait_saved`: True once written that far, False while the store's writes fail
-            c, failing = self._store.committed, self._store.failing
+            c, failing = self._store.committed, self._store.failing or self._store_closed  # (closed: never written)
             saved = [(f, t <= c) for t, f in self._save_waiters if t <= c or failing]
             if saved: self._save_waiters = [(t, f) for t, f in self._save_waiters if not (t <= c or failing)]
         hooks, self._later_hooks = self._later_hooks, []
@@ -1747,7 +1748,7 @@ async def wait_for_job(self:BaseJobManager,
 async def wait_saved(self:BaseJobManager,
                      job_id:str, # a job of this manager
                      timeout:Optional[float]=None # seconds; None waits as long as it takes
-                    )->bool: # True once written; False if the store's writes are failing (`get_health()` says why)
+                    )->bool: # True once written; False if the store's writes are failing (`get_health()` says why), or it was closed (shutdown) without writing it
     """Wait until the job's state so far is in the job store: a durable store writes behind, in batches, so a job that
     `start_job` returned is in the file a batch later. Wait for this before you tell a client the job exists, if the
     client must find it after a crash of the app (the routes' `POST /jobs/start` does). At once with `MemoryJobStore`."""
@@ -1759,7 +1760,7 @@ async def wait_saved(self:BaseJobManager,
             return True  # not held by this manager: as written as it gets
         t = self._store.saved  # everything saved so far: the job's latest state among it
         if t <= self._store.committed: return True
-        if self._store.failing: return False
+        if self._store.failing or self._store_closed: return False  # (closed: it will not be written)
         fut = self._loop.create_future()
         self._save_waiters.append((t, fut))
     self._flush()  # (a commit may have come between the check and the append)
@@ -2152,6 +2153,7 @@ def shutdown(self:BaseJobManager,
         try: self._store.release()
         except Exception: log.exception("releasing the job store failed")
     self._store.close()  # writes what is left
+    with self._lock: self._store_closed = True  # what it did not write is lost: `wait_saved` says False, not wait for ever
     self._flush()
 
 # %% ../../nbs/managers/base.ipynb #02608d7f
