@@ -620,3 +620,61 @@ def test_pages_slow_to_connect_in_a_busy_app_go_live_without_reloading(browser):
         srv.should_exit = True
         bc.close()
         t.join(30)
+
+
+def test_a_page_whose_stream_is_sent_to_another_sites_sign_in_page_says_so_and_stops_reconnecting(browser):
+    """Review (2026-12-07): the app's middleware redirects a page's stream to a sign-in page on another origin (a
+    single sign-on provider). The page's probe (`fetch`, following redirects) cannot read an answer from another origin
+    without CORS: it failed as if the server were down, so the page said nothing and kept reconnecting (10 requests in
+    8 s, and for as long as it stayed open). It now asks once more without following redirects and stops, saying so."""
+    import httpx
+    from fasthtml.common import FastHTML
+    from starlette.responses import HTMLResponse, RedirectResponse
+    from cjm_workers.core.config import WorkerConfig
+    from cjm_workers.fasthtml.components import job_hdrs
+    from cjm_workers.fasthtml.routes import mount_job_routes
+    from cjm_workers.fasthtml.sse import SSEBroadcaster
+    from cjm_workers.testing import ReferenceJobManager
+    bc = SSEBroadcaster(heartbeat_seconds=0)
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type='sso')
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
+    mount_job_routes(app, mgr, bc, prefix='/jobs')
+    async def provider(scope, receive, send): await HTMLResponse('<html><body>Sign in</body></html>')(scope, receive, send)
+    srv2, t2, sso = serve_in_thread(provider)
+    sso = sso.replace('127.0.0.1', 'localhost')  # another origin than the app's
+    guard = {'on': False}
+    async def guarded(scope, receive, send):
+        if guard['on'] and scope['type'] == 'http' and scope['path'].endswith('/stream'):
+            return await RedirectResponse(f'{sso}/login', 302)(scope, receive, send)
+        await app(scope, receive, send)
+    srv, t, base = serve_in_thread(guarded)
+    ctx = browser.new_context()
+    try:
+        jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
+                         headers={'accept': 'application/json'}, timeout=30).json()['id']
+        guard['on'] = True
+        for path in (f'/jobs/{jid}', '/jobs'):
+            pg = ctx.new_page()
+            pg.set_default_timeout(WAIT_MS)
+            asked = []
+            pg.on('request', lambda r: asked.append(r.url) if '/stream' in r.url else None)
+            pg.goto(base + path)
+            pg.wait_for_selector('.job-live-ended')
+            assert pg.text_content('.job-live-ended') == ('Live updates stopped: the server sent it to another site '
+                                                          '(a sign-in page?). Reload the page, or sign in again.')
+            n = len(asked)
+            pg.wait_for_timeout(4000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
+            assert len(asked) == n <= 4, (path, asked)  # no more tries
+            pg.close()
+        guard['on'] = False
+        assert httpx.post(f'{base}/jobs/{jid}/cancel', headers={'accept': 'application/json'}, timeout=30).status_code == 200
+    finally:
+        ctx.close()
+        srv.should_exit = srv2.should_exit = True
+        bc.close()
+        t.join(30)
+        t2.join(30)

@@ -226,18 +226,26 @@ _ON_SSE_MESSAGE = (f"if(event.detail.type==='{RESET}')setTimeout(function(){{loc
 # one plain request of the same URL learns the status, and a refusal ends the page's updates with a note in the sink's
 # place (`htmx.swap`, whose cleanup closes the extension's EventSource): a 4xx (but 408, 429), a 204, or a 2xx that is
 # not an event stream (a sign-in page a redirect led to). A 5xx or no answer (a restart, a proxy's 502): retried.
+# A redirect to another origin (a single sign-on provider's page) cannot be followed by `fetch` (no CORS there): it
+# rejects as a network failure would, so the URL is asked once more without following redirects, and an
+# 'opaqueredirect' answer is such a redirect; anything else (the server down) is retried as before.
 _ON_SSE_ERROR = ("var el=this,s=event.detail.source;if(!s||s.readyState!==2||el.dataset.probe)return;el.dataset.probe='1';"
-                 "var c=new AbortController();fetch(el.getAttribute('sse-connect'),{headers:{Accept:'text/event-stream'},"
-                 "credentials:'include',cache:'no-store',signal:c.signal}).then(function(r){c.abort();delete el.dataset.probe;"
-                 "var n=r.status,t=(r.headers.get('content-type')||'').split(';')[0].trim(),m,a=n===401||n===403||r.redirected;"
-                 "if(n>=400&&n<500&&n!==408&&n!==429)m='the server refused them ('+n+')';"
-                 "else if(n===204)m='the server has nothing more to send';"
-                 "else if(r.ok&&t!=='text/event-stream')m='the server answered with '+(r.redirected?'another page (a sign-in page?)':t||'no content type');"
+                 "var u=el.getAttribute('sse-connect'),ask=function(how){var c=new AbortController();return fetch(u,{headers:"
+                 "{Accept:'text/event-stream'},credentials:'include',cache:'no-store',redirect:how,signal:c.signal})"
+                 ".then(function(r){c.abort();return r})},end=function(m,a){delete el.dataset.probe;"
                  "if(!m||!document.body.contains(el))return;el.removeAttribute('sse-connect');"
                  "var d=document.createElement('div'),p=document.createElement('span');d.id=el.id;d.className='job-live-ended';"
                  "d.setAttribute('role','status');p.className='job-reason';"
                  "p.textContent='Live updates stopped: '+m+(a?'. Reload the page, or sign in again.':'. Reload the page.');d.appendChild(p);"
-                 "htmx.swap(el,d.outerHTML,{swapStyle:'outerHTML'})},function(){delete el.dataset.probe})")
+                 "htmx.swap(el,d.outerHTML,{swapStyle:'outerHTML'})};"
+                 "ask('follow').then(function(r){"
+                 "var n=r.status,t=(r.headers.get('content-type')||'').split(';')[0].trim(),m,a=n===401||n===403||r.redirected;"
+                 "if(n>=400&&n<500&&n!==408&&n!==429)m='the server refused them ('+n+')';"
+                 "else if(n===204)m='the server has nothing more to send';"
+                 "else if(r.ok&&t!=='text/event-stream')m='the server answered with '+(r.redirected?'another page (a sign-in page?)':t||'no content type');"
+                 "end(m,a)},function(){ask('manual').then(function(r){"
+                 "end(r.type==='opaqueredirect'&&'the server sent it to another site (a sign-in page?)',true)},"
+                 "function(){delete el.dataset.probe})})")
 # the first page's pager, after new rows came: 'Jobs 1–n of t' (the total grows by the rows added since the page was made)
 _COUNT_ROWS = (";var p=document.getElementById('PAGER'),b=document.getElementById('BODY');"
                "if(p&&b&&p.dataset.shown!==undefined&&b.rows.length){var n=b.rows.length,f=function(x){return x.toLocaleString('en-US')},"
