@@ -178,7 +178,9 @@ class SSEBroadcaster:
         store_attr('max_queue_size,history_size,heartbeat_seconds,retry_ms,send_timeout,flush_interval')
         self._next_id = time.time_ns() // 1_000_000 * 1000 if first_id is None else int(first_id)
         self._history: deque = deque(maxlen=history_size)
-        self._ledger: deque = deque(maxlen=ledger_size)  # (id, type, job id) of the events the history let go, oldest first
+        self._ledger: deque = deque(maxlen=ledger_size)  # (type, job id) of the events the history let go, oldest first: the
+        # last one's id is just before the history's first (so no id is kept), and a type is kept as one string (`_types`)
+        self._types: dict = {}  # type -> that string, for the ledger (an app has a few types: each event's own string would be ~70 bytes)
         self._lock = threading.Lock()
         self._all: set = set()  # subscriptions to every event
         self._by_job: Dict[str, set] = {}  # job id -> subscriptions to that job
@@ -217,7 +219,11 @@ def publish(self:SSEBroadcaster, event_type:str, # event type, e.g. 'transcripti
         h = self._history
         if len(h) == h.maxlen:  # the oldest leaves the history (this one, with no history): its type and job stay a while
             gone = h[0] if h else ev
-            self._ledger.append((gone.id, gone.type, gone.data.get('job_id')))
+            t = self._types.get(gone.type)
+            if t is None:
+                t = gone.type
+                if len(self._types) < 1024: self._types[t] = t  # (an app making up types as it goes: not all kept)
+            self._ledger.append((t, gone.data.get('job_id')))
         h.append(ev)
         jid = data.get('job_id')
         subs = self._all if jid is None else itertools.chain(self._all, self._by_job.get(jid, ()))
@@ -256,8 +262,9 @@ def _missed_none(self:SSEBroadcaster, job_id, wants, last_event_id:int, oldest:i
     """Whether the events after `last_event_id` the history let go (up to `oldest`) were all ones this subscriber does not
     take (another job's; or `wants`, asked from their type and job id, refuses them), as the ledger tells (lock held)."""
     L = self._ledger
-    if (job_id is None and wants is None) or not L or L[0][0] > last_event_id + 1: return False  # (the ledger does not reach back)
-    for i, typ, jid in itertools.islice(L, last_event_id + 1 - L[0][0], None):
+    first = oldest - len(L)  # the id of its first event: the ledger ends where the history begins, and ids run on by one
+    if (job_id is None and wants is None) or not L or first > last_event_id + 1: return False  # (the ledger does not reach back)
+    for i, (typ, jid) in enumerate(itertools.islice(L, last_event_id + 1 - first, None), last_event_id + 1):
         if job_id is not None and jid != job_id: continue
         if wants is None: return False
         try:
