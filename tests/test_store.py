@@ -1076,3 +1076,22 @@ def test_count_is_right_when_a_commit_lands_while_it_reads(tmp_path):
     try: assert (s.count('completed'), s.count()) == (1, 1)
     finally: s._reader = real
     s.close()
+
+
+async def test_wait_saved_reads_a_job_put_away_off_the_event_loop(mk, tmp_path):
+    """A finished job beyond `job_cache_size` is no longer in memory: `wait_saved` read it from the store on the event
+    loop, holding the manager's lock (which the management thread needs for every worker message) for the read."""
+    mgr = mk(SQLiteJobStore(tmp_path / 'jobs.db'), config=dict(job_cache_size=1))
+    old = [await run_job(mgr, 'echo', text=str(i)) for i in range(3)]
+    assert old[0].id not in mgr.jobs  # put away
+    store, loop_thread, reads = mgr.job_store, threading.current_thread(), []
+    real = store.get
+    def get(job_id):
+        reads.append((threading.current_thread() is loop_thread, mgr._lock._is_owned()))  # (held by this thread)
+        return real(job_id)
+    store.get = get
+    try:
+        assert await mgr.wait_saved(old[0].id) is True
+        with pytest.raises(KeyError): await mgr.wait_saved('nope')
+    finally: del store.get
+    assert reads and not any(on_loop or locked for on_loop, locked in reads), reads

@@ -1755,10 +1755,11 @@ async def wait_saved(self:BaseJobManager,
     self._bind_loop()
     with self._lock:
         job = self.jobs.get(job_id)
-        if job is None:
-            if self._store.get(job_id) is None: raise KeyError(f"unknown job {job_id!r}")
-            return True  # not held by this manager: as written as it gets
-        t = self._store.saved  # everything saved so far: the job's latest state among it
+        if job is not None: t = self._store.saved  # everything saved so far: the job's latest state among it
+    if job is None:  # (not in memory: read from the store off the event loop, and without the manager's lock)
+        if await self.aget_job(job_id) is None: raise KeyError(f"unknown job {job_id!r}")
+        return True  # put away (or not held by this manager): as written as it gets
+    with self._lock:
         if t <= self._store.committed: return True
         if self._store.failing or self._store_closed: return False  # (closed: it will not be written)
         fut = self._loop.create_future()
