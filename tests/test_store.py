@@ -1095,3 +1095,25 @@ async def test_wait_saved_reads_a_job_put_away_off_the_event_loop(mk, tmp_path):
         with pytest.raises(KeyError): await mgr.wait_saved('nope')
     finally: del store.get
     assert reads and not any(on_loop or locked for on_loop, locked in reads), reads
+
+
+async def test_wait_for_job_returns_once_a_shutdown_closed_the_store_without_writing_the_jobs_end(mk, tmp_path):
+    """The job a shutdown cancels ends, but a store whose writer is stuck (paused: SIGSTOP) past `close_timeout` never
+    writes that end: `wait_for_job` waited for the commit of its final state, which could no longer come (for ever
+    without a timeout). It now returns the job as it ended, as it does while the store's writes are failing."""
+    mgr = mk(SQLiteJobStore(tmp_path / 'jobs.db', close_timeout=1.0))
+    await run_job(mgr, 'echo', text='first')  # the table exists
+    job = await mgr.start_job('slow', seconds=60)
+    await wait_until(lambda: job.status == 'running', timeout=T)
+    writer = mgr.job_store.writer_pid
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        waiting = asyncio.ensure_future(mgr.wait_for_job(job.id))
+        await asyncio.sleep(0.1)
+        await mgr.ashutdown()
+    finally:
+        try: os.kill(writer, signal.SIGCONT)
+        except ProcessLookupError: pass
+    assert mgr.job_store.committed < mgr.job_store.saved  # its end is not in the file
+    assert (await asyncio.wait_for(waiting, T)).status == 'cancelled'
+    assert (await asyncio.wait_for(mgr.wait_for_job(job.id), T)).status == 'cancelled'

@@ -466,7 +466,8 @@ def _kick(self:BaseJobManager):
     with self._lock:
         done = self._done
         if done:  # jobs whose final state is written (a durable store writes behind; tickets say how far)
-            c = self._store.committed if not self._store.failing else math.inf  # a failing store: do not hold them
+            c = self._store.committed if not (self._store.failing or self._store_closed) else math.inf  # a failing store
+            # (or one closed, that never writes the rest): do not hold them
             if max(d[2] for d in done) <= c: self._done = []  # (not in ticket order: `wait_for_job` adds older ones)
             else: done, self._done = [d for d in done if d[2] <= c], [d for d in done if d[2] > c]
         futs = [(f, job) for jid, job, _ in done for f in self._waiters.pop(jid, ())]
