@@ -1202,6 +1202,9 @@ def test_an_open_stream_stops_once_its_user_may_no_longer_see_the_job():
                     got.append(line)
                     if sum(l.startswith('data: ') for l in got) == 3: state['deny'] = True
             assert got[-3] == 'event: closed' and 'the request may no longer see this job' in got[-2], got[-4:]
+            closed = json.loads(got[-2][len('data: '):])['data']  # the data every `closed` event has (docs/fasthtml.md)
+            ids = [int(l[len('id: '):]) for l in got if l.startswith('id: ')]
+            assert closed['last_event_id'] == ids[-1] and closed['job_id'] == jid, (closed, ids[-3:])
             assert alpha.get_job(jid).status == 'running'
             state['deny'] = False
             c.post(f'/alpha/{jid}/cancel')

@@ -615,13 +615,14 @@ def rechecker(self:JobRoutes, request, job_id:Optional[str], fmt:str)->Optional[
     if self.recheck_seconds is None or (self.authorize is None and self.scope is None): return None
     since = [time.monotonic()]
     what = 'these jobs' if job_id is None else 'this job'
-    async def check()->Optional[bytes]:
+    async def check(sent:Optional[int]=None)->Optional[bytes]:  # (`sent`: the id of the last event the client has)
         if time.monotonic() - since[0] < self.recheck_seconds: return None
         since[0] = time.monotonic()
         ok = await self.allowed(request, None) if job_id is None else (await self._job_or_error(request, job_id))[1] is None
         if ok: return None
         if fmt == 'json':
-            return sse_frame(json_text({'type': CLOSED, 'data': {'job_id': job_id, 'reason': f"the request may no longer see {what}"}}), event=CLOSED)
+            return sse_frame(json_text({'type': CLOSED, 'data': {'last_event_id': sent, 'job_id': job_id,  # (as every `closed`)
+                                                         'reason': f"the request may no longer see {what}"}}), event=CLOSED)
         sink = ns_id(self.prefix, 'live') if job_id is None else dom_id(job_id, 'live')
         text = f"Live updates stopped: you may no longer see {what}. Reload the page, or sign in again."
         return sse_frame(to_xml(_sink_note(sink, text), indent=False), event=SSE_EVENT)

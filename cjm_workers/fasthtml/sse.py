@@ -416,7 +416,7 @@ async def _kept(keep, ev)->bool:
 async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, until=None, keep=None, merge=None,
                   after:Optional[int]=None, # the id the client resumes after (None: none)
                   prelude:Optional[bytes]=None, # sent before the events (e.g. the state the client resumes from)
-                  check:Optional[Callable]=None): # async () -> None, or the last frames: asked as each batch of events comes
+                  check:Optional[Callable]=None): # async (id of the last event sent, or None) -> None, or the last frames: asked as each batch of events comes
     "Encoded chunks for one stream; unsubscribes when the stream ends for any reason."
     with _closing(sub):
         if self.retry_ms is not None: yield f"retry: {int(self.retry_ms)}\n\n".encode()
@@ -426,7 +426,7 @@ async def _frames(self:SSEBroadcaster, sub:Subscription, render, event_name, unt
             if self.flush_interval:  # let the rest of a burst arrive: it goes out in this same write
                 await asyncio.sleep(self.flush_interval)
                 batch += sub.take()
-            if check is not None and (last := await check()) is not None:  # (e.g. the client may no longer see them)
+            if check is not None and (last := await check(sent)) is not None:  # (e.g. the client may no longer see them)
                 yield last
                 return
             if until is not None:  # the stream ends with the first event `until` accepts
@@ -463,7 +463,7 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
            merge:Optional[Callable]=None, # events -> events, for each write and for a full queue (e.g. `merge_chunks`: a job's consecutive text chunks as one)
            prelude:Optional[bytes]=None, # encoded frames sent first (`sse_frame`), e.g. the state the events go on from
            wants_by_job:bool=False, # `wants` decides from an event's type and job id alone (see `subscribe`)
-           check:Optional[Callable]=None, # async () -> None (go on) or bytes (send these instead, and end): asked as each batch of events comes
+           check:Optional[Callable]=None, # async (id of the last event sent, or None) -> None (go on) or bytes (send these instead, and end): asked as each batch of events comes
           ): # an `EventSourceResponse` (or 400 for a bad `last_event_id`, 204 for nothing to send)
     "An SSE response streaming this broadcaster's events from the client's last seen id."
     last, err = _last_event_id(request)
