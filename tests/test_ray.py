@@ -725,3 +725,46 @@ async def test_the_shutdown_of_a_manager_whose_actor_ray_never_placed_does_not_w
     await asyncio.wait_for(m.ashutdown(), 30)
     assert m.get_job(job.id).status == 'cancelled' and p.exitcode == -9
     await wait_until(lambda: not any(n == p.actor_name for n in ray.util.list_named_actors()), 30)
+
+
+def test_a_start_that_saw_no_ray_as_another_start_connected_is_not_refused():
+    """Review (2026-12-07): `RayBackend.prepare` read its `_connected` flag after `ray.is_initialized()`: a worker's
+    start that saw no Ray just before another worker's start finished connecting (two workers starting at once, the
+    backend starting Ray) took the flag the other had just set for the app's `ray.shutdown()`, raised
+    `RayShutDownError`, and its worker was failed at once ("the app shut Ray down"), though nothing had shut Ray down.
+    The window is held open here: start B's first `ray.is_initialized()` returns False only after start A connected.
+    In a process of its own, with its own Ray."""
+    import json, tempfile
+    tmp = tempfile.mkdtemp(prefix='rc', dir='/tmp')  # (Ray's socket paths must stay short)
+    script = os.path.join(tmp, 'race.py')
+    with open(script, 'w') as f: f.write(
+        "import json, sys, threading, ray\n"
+        "from cjm_workers.backends.ray import RayBackend\n"
+        "b = RayBackend(init_kwargs=dict(num_cpus=1, _temp_dir=sys.argv[1], logging_level='error', log_to_driver=False))\n"
+        "real, connected_by_a, out, first = ray.is_initialized, threading.Event(), {}, {'B': True}\n"
+        "def is_initialized():\n"
+        "    v = real()\n"
+        "    if threading.current_thread().name == 'B' and first['B']:  # B has just seen no Ray; A connects meanwhile\n"
+        "        first['B'] = False\n"
+        "        connected_by_a.wait(180)\n"
+        "    return v\n"
+        "ray.is_initialized = is_initialized\n"
+        "def start(name):\n"
+        "    try: b.prepare(); out[name] = 'connected'\n"
+        "    except Exception as e: out[name] = f'{type(e).__name__}: {e}'\n"
+        "    if name == 'A': connected_by_a.set()\n"
+        "tb = threading.Thread(target=start, args=('B',), name='B'); tb.start()\n"
+        "while first['B']: pass\n"
+        "ta = threading.Thread(target=start, args=('A',), name='A'); ta.start()\n"
+        "ta.join(200); tb.join(200)\n"
+        "ray.is_initialized = real\n"
+        "out['initialized'] = ray.is_initialized()\n"
+        "ray.shutdown()\n"
+        "out['after_shutdown'] = None\n"
+        "try: b.prepare()\n"
+        "except Exception as e: out['after_shutdown'] = type(e).__name__\n"
+        "print(json.dumps(out), flush=True)\n")
+    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True, env={'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')})
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info == {'A': 'connected', 'B': 'connected', 'initialized': True, 'after_shutdown': 'RayShutDownError'}, info

@@ -489,6 +489,7 @@ class RayBackend:
         connected. Once the app has shut down the Ray this backend's workers ran on (`ray.shutdown()`), a `RayShutDownError`:
         a new Ray is started only by the app's own `ray.init()`."""
         import ray
+        was = self._connected  # read first: another worker's start, connecting meanwhile, sets it only once Ray is up
         if ray.is_initialized():
             from ray.util.client import ray as client
             if client.is_connected():  # the app connected with `ray.init('ray://...')` itself
@@ -496,7 +497,9 @@ class RayBackend:
                                  "(ray-project/ray#43357): run the app on a node of the cluster")
             self._connected = True
             return
-        if self._connected: raise RayShutDownError("Ray was shut down in this process by `ray.shutdown()` in the app")
+        if was: raise RayShutDownError("Ray was shut down in this process by `ray.shutdown()` in the app")  # (connected
+        # before this call, not now: only a shutdown ends that. Read after the check above, a start racing another's
+        # first connection would take the flag the other set as it connected for a shutdown, and fail its worker.)
         self._check()  # (RAY_ADDRESS may have changed since)
         kw = {'include_dashboard': False, **self.init_kwargs}
         _connect(lambda: ray.init(address=self.address, **kw), ray.is_initialized, self.address, self.connect_timeout_seconds)
