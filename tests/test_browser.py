@@ -94,6 +94,26 @@ def wait_output_longer(page, jid, n):
     page.wait_for_function('([id, n]) => document.getElementById(`job-${id}-output`).textContent.length > n', arg=[jid, n])
 
 
+def jobs_app(worker_type, history_size=1024, authorize=None, **manager):
+    """An app with one reference manager (one worker) and its own broadcaster, its routes at /jobs, htmx and the SSE
+    extension in its pages' head: (app, manager, broadcaster)."""
+    from fasthtml.common import FastHTML
+    from cjm_workers.core.config import WorkerConfig
+    from cjm_workers.fasthtml.components import job_hdrs
+    from cjm_workers.fasthtml.routes import mount_job_routes
+    from cjm_workers.fasthtml.sse import SSEBroadcaster
+    from cjm_workers.testing import ReferenceJobManager
+    bc = SSEBroadcaster(heartbeat_seconds=0, history_size=history_size)
+    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type=worker_type, **manager)
+    async def lifespan(app):
+        await mgr.start()
+        try: yield
+        finally: bc.close(); await mgr.ashutdown()
+    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
+    mount_job_routes(app, mgr, bc, prefix='/jobs', authorize=authorize)
+    return app, mgr, bc
+
+
 def test_progress_advances_and_text_streams_without_reload(page, server):
     base, app = server
     page.goto(f'{base}/jobs')
@@ -428,27 +448,14 @@ def test_a_page_whose_stream_is_refused_or_whose_jobs_end_cannot_be_shown_says_s
     replayed that end every second and stayed 'running'. Now each gets one message that says what happened, and its
     sink is replaced: one stream request."""
     import re, httpx
-    from fasthtml.common import FastHTML
-    from cjm_workers.core.config import WorkerConfig
     from cjm_workers.fasthtml import routes as routes_mod
-    from cjm_workers.fasthtml.components import job_hdrs
-    from cjm_workers.fasthtml.routes import mount_job_routes
-    from cjm_workers.fasthtml.sse import SSEBroadcaster
-    from cjm_workers.testing import ReferenceJobManager
     state = {'refuse': False, 'raise_on_end': False}
     real = routes_mod.render_event
     def buggy(ev, job, *args, **kwargs):
         if state['raise_on_end'] and ev.type.endswith(':completed'): raise RuntimeError('a bug in rendering')
         return real(ev, job, *args, **kwargs)
     monkeypatch.setattr(routes_mod, 'render_event', buggy)
-    bc = SSEBroadcaster(heartbeat_seconds=0)
-    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type='refused')
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
-    mount_job_routes(app, mgr, bc, prefix='/jobs', authorize=lambda req, job: not (state['refuse'] and req.url.path.endswith('/stream')))
+    app, mgr, bc = jobs_app('refused', authorize=lambda req, job: not (state['refuse'] and req.url.path.endswith('/stream')))
     srv, t, base = serve_in_thread(app)
     ctx = browser.new_context()
     try:
@@ -502,33 +509,29 @@ def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_r
     the stream's URL once with `fetch` when its connection fails for good, and on a refusal shows a note in its sink's
     place and stops. A 503 (a server restarting) is still retried, and the page goes on live once the stream is back."""
     import httpx
-    from fasthtml.common import FastHTML
     from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse
-    from cjm_workers.core.config import WorkerConfig
     from cjm_workers.fasthtml.components import job_hdrs, ns_id
-    from cjm_workers.fasthtml.routes import mount_job_routes
-    from cjm_workers.fasthtml.sse import SSEBroadcaster
-    from cjm_workers.testing import ReferenceJobManager
-    bc = SSEBroadcaster(heartbeat_seconds=0)
-    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type='guarded')
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
-    mount_job_routes(app, mgr, bc, prefix='/jobs')
+    app, mgr, bc = jobs_app('guarded')
     app.route('/login')(lambda: HTMLResponse('<html><body>Sign in</body></html>'))
     guard = {'mode': None}
+    def mode_of(scope):  # a page's own mode (its context's cookie), or the test's
+        cookies = dict(h for h in scope['headers'] if h[0] == b'cookie').get(b'cookie', b'').decode()
+        m = next((c.split('=', 1)[1] for c in cookies.split('; ') if c.startswith('mode=')), None)
+        return guard['mode'] if m is None else (m if m == 'login' else int(m))
     async def guarded(scope, receive, send):  # the app's own middleware, in front of the routes
-        mode = guard['mode'] if scope['type'] == 'http' and scope['path'].endswith('/stream') else None
+        mode = mode_of(scope) if scope['type'] == 'http' and scope['path'].endswith('/stream') else None
         if mode is None: return await app(scope, receive, send)
         answer = RedirectResponse('/login', 303) if mode == 'login' else PlainTextResponse('no', status_code=mode)
         await answer(scope, receive, send)
     srv, t, base = serve_in_thread(guarded)
     ctx = browser.new_context()
     try:
-        def open_page(path):
-            pg = ctx.new_page()
+        def open_page(path, mode=None):  # (with a mode: in a context of its own, whose cookie sets it)
+            c = ctx
+            if mode is not None:
+                c = browser.new_context()
+                c.add_cookies([{'name': 'mode', 'value': str(mode), 'url': base}])
+            pg = c.new_page()
             pg.set_default_timeout(WAIT_MS)
             asked = []
             pg.on('request', lambda r: asked.append(r.url) if '/stream' in r.url else None)
@@ -536,20 +539,23 @@ def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_r
             return pg, asked
         jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
                          headers={'accept': 'application/json'}, timeout=30).json()['id']
-        again = 'Reload the page, or sign in again.'
+        again, pages = 'Reload the page, or sign in again.', []
         for mode, path, said in ((403, f'/jobs/{jid}', f'the server refused them (403). {again}'),
                                  (403, '/jobs', f'the server refused them (403). {again}'),
                                  (401, f'/jobs/{jid}', f'the server refused them (401). {again}'),
                                  ('login', '/jobs', f'the server answered with another page (a sign-in page?). {again}'),
                                  (404, f'/jobs/{jid}', 'the server refused them (404). Reload the page.')):
-            guard['mode'] = mode
-            pg, asked = open_page(path)
+            pg, asked = open_page(path, mode)  # all five at once
+            pages.append((pg, asked, mode, path, said))
+        counts = []
+        for pg, asked, mode, path, said in pages:
             pg.wait_for_selector('.job-live-ended')
             assert pg.text_content('.job-live-ended') == f'Live updates stopped: {said}'
-            n = len(asked)
-            pg.wait_for_timeout(4000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
+            counts.append(len(asked))
+        pages[-1][0].wait_for_timeout(4000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
+        for (pg, asked, mode, path, said), n in zip(pages, counts):
             assert len(asked) == n <= 4, (mode, path, asked)  # no more tries
-            pg.close()
+            pg.context.close()
         assert httpx.post(f'{base}/jobs/{jid}/cancel', headers={'accept': 'application/json'}, timeout=30).status_code == 200
         guard['mode'] = 503  # a server restarting: tried again, and again
         pg, asked = open_page('/jobs')
@@ -578,21 +584,7 @@ def test_pages_slow_to_connect_in_a_busy_app_go_live_without_reloading(browser):
     and shows every word once, in order. A table page, which had missed only text chunks (which it does not show), is
     no longer reset either (the broadcaster's ledger)."""
     import asyncio, httpx
-    from fasthtml.common import FastHTML
-    from cjm_workers.core.config import WorkerConfig
-    from cjm_workers.fasthtml.components import job_hdrs
-    from cjm_workers.fasthtml.routes import mount_job_routes
-    from cjm_workers.fasthtml.sse import SSEBroadcaster
-    from cjm_workers.testing import ReferenceJobManager
-    bc = SSEBroadcaster(heartbeat_seconds=0, history_size=256)
-    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type='busy',
-                              supports_streaming=True)
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
-    mount_job_routes(app, mgr, bc, prefix='/jobs')
+    app, mgr, bc = jobs_app('busy', history_size=256, supports_streaming=True)
     async def slow_network(scope, receive, send):  # a page's stream request arrives a second after the page
         if scope['type'] == 'http' and scope['path'].endswith('/stream'): await asyncio.sleep(1.0)
         await app(scope, receive, send)
@@ -628,21 +620,8 @@ def test_a_page_whose_stream_is_sent_to_another_sites_sign_in_page_says_so_and_s
     without CORS: it failed as if the server were down, so the page said nothing and kept reconnecting (10 requests in
     8 s, and for as long as it stayed open). It now asks once more without following redirects and stops, saying so."""
     import httpx
-    from fasthtml.common import FastHTML
     from starlette.responses import HTMLResponse, RedirectResponse
-    from cjm_workers.core.config import WorkerConfig
-    from cjm_workers.fasthtml.components import job_hdrs
-    from cjm_workers.fasthtml.routes import mount_job_routes
-    from cjm_workers.fasthtml.sse import SSEBroadcaster
-    from cjm_workers.testing import ReferenceJobManager
-    bc = SSEBroadcaster(heartbeat_seconds=0)
-    mgr = ReferenceJobManager(worker_config=WorkerConfig(max_workers=1), event_broadcaster=bc, worker_type='sso')
-    async def lifespan(app):
-        await mgr.start()
-        try: yield
-        finally: bc.close(); await mgr.ashutdown()
-    app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests', hdrs=job_hdrs(htmx=True))
-    mount_job_routes(app, mgr, bc, prefix='/jobs')
+    app, mgr, bc = jobs_app('sso')
     async def provider(scope, receive, send): await HTMLResponse('<html><body>Sign in</body></html>')(scope, receive, send)
     srv2, t2, sso = serve_in_thread(provider)
     sso = sso.replace('127.0.0.1', 'localhost')  # another origin than the app's
