@@ -39,14 +39,17 @@ def become_group_leader()->bool:
 BACKSTOP_NAME = 'cjm-backstop'  # the process name of a worker's backstop (`ps`, psutil; see `cjm_workers.core.worker`)
 
 def _tree_of(proc:psutil.Process # a worker, alive
-            )->list: # its descendants, its backstop left out
-    """The descendants of a live worker that a tree kill ends. Its **backstop** (its child named `BACKSTOP_NAME`) is
-    left out: it kills the processes marked as the worker's once the worker is dead (`kill_marked`), so it must
-    outlive the worker; it ends on its own right after."""
+            )->list: # its descendants, the backstops left out
+    """The descendants of a live worker that a tree kill ends. Its **backstop** (the process named `BACKSTOP_NAME`)
+    is left out: it kills the processes marked as the worker's once the worker is dead (`kill_marked`), so it must
+    outlive the worker; it ends on its own right after. So is the backstop of a worker a plugin started (the same
+    holds for it). Told by its name alone, not by asking who its parent is now: the worker may die while its tree is
+    listed (on Ray the manager SIGKILLs it while its actor lists it), and then its backstop, in the list, has been
+    reparented already."""
     out = []
     for c in proc.children(recursive=True):
         try:
-            if c.ppid() == proc.pid and c.name() == BACKSTOP_NAME: continue
+            if c.name() == BACKSTOP_NAME: continue
         except psutil.Error: continue
         out.append(c)
     return out
