@@ -1626,3 +1626,49 @@ def test_the_start_route_answers_once_the_job_is_in_the_file(tmp_path, monkeypat
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+class RestartingOwnedManager(OwnedManager):
+    "Owned jobs, and a worker that a crash restarts (the default policy fails it)."
+    def __init__(self, **kw): super().__init__(worker_config=WorkerConfig(restart_policy=RestartPolicy.ALWAYS), **kw)
+
+def test_with_scope_a_workers_events_reach_only_who_sees_every_job(tmp_path):
+    """Multi-user review (2026-12-07): with `scope`, the events of a worker (no job id: `worker_started`,
+    `worker_stopped` with its pid, exit code and why, `worker_restarting`) reached every user's JSON table stream: when
+    alice's job crashed its worker, bob was told at once (`was killed by SIGKILL`, the pid that ran her job). They now
+    go only to a request whose `scope` answers None (an administrator's), and so does the health route's detail (the
+    whole manager's counts, why workers failed): a user gets its `ok`. Job streams and the JSON list and detail name
+    none of alice's jobs to bob (over real HTTP)."""
+    users = lambda request: None if request.headers.get('x-user') == 'admin' else {'owner': request.headers.get('x-user', '')}
+    app, mgr, r = scoped_app(tmp_path / 'j.db', scope=users, manager_cls=RestartingOwnedManager)
+    server, t, base = serve_in_thread(app)
+    J = lambda user: {'x-user': user, 'accept': 'application/json'}
+    try:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            after = r.broadcaster.last_id
+            a = c.post('/jobs/start', json={'plugin_id': 'crash', 'params': {'mode': 'sigkill'}}, headers=J('alice')).json()['id']
+            end = time.monotonic() + 30
+            while not mgr.get_job(a).is_terminal and time.monotonic() < end: time.sleep(0.01)
+            assert mgr.get_job(a).status == 'failed' and 'SIGKILL' in mgr.get_job(a).error
+            b = c.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'text': 'b'}}, headers=J('bob')).json()['id']
+            a2 = c.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'text': 'a'}}, headers=J('alice')).json()['id']
+            last = {'bob': b, 'alice': a2, 'admin': a2}  # (the last job each one sees: its stream is read up to its end)
+            seen = {who: replay_until_completed(c, f'/jobs/stream?format=json&after={after}', {'x-user': who}, last[who])
+                    for who in ('bob', 'alice', 'admin')}
+            types = {who: re.findall(r'"type":"owned:(\w+)"', text) for who, text in seen.items()}
+            assert types['bob'] == ['pending', 'started', 'completed'], types['bob']  # his own job's, nothing else
+            assert 'SIGKILL' not in seen['bob'] and a not in seen['bob'], seen['bob']
+            assert not [x for x in types['alice'] if x.startswith('worker_')], types['alice']  # a user's table: no worker's
+            assert {'worker_stopped', 'worker_restarting', 'worker_started'} <= set(types['admin']), types['admin']
+            assert 'was killed by SIGKILL' in seen['admin']  # the administrator still sees why a worker stopped
+            assert [j['id'] for j in c.get('/jobs', headers=J('bob')).json()] == [b]
+            assert c.get(f'/jobs/{a}', headers=J('bob')).status_code == 404
+            assert c.get(f'/jobs/{a}/stream?format=json&after={after}', headers=J('bob')).status_code == 404
+            health = c.get('/jobs/health', headers=J('bob'))  # a user: whether the jobs can run, not the manager's state
+            assert health.status_code == 200 and health.json() == {'ok': True}, health.text
+            health = c.get('/jobs/health', headers=J('admin')).json()  # who sees every job: all of it (no job ids)
+            assert health['ok'] and health['workers']['total'] == 1 and a not in json.dumps(health), health
+    finally:
+        server.should_exit = True
+        r.broadcaster.close()
+        t.join(30)

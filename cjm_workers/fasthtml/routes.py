@@ -569,14 +569,21 @@ KEEPER_JOBS = 4096  # the jobs a table stream's `keeper` remembers its answer fo
 def keeper(self:JobRoutes, request)->Optional[Callable]:
     """For a stream of all jobs: an event filter that passes only the events of the jobs the request may see (`allowed`,
     asked once a job). It remembers the answers for the last `KEEPER_JOBS` jobs asked about: a table page left open
-    sees every job started meanwhile, and remembering them all grew by about 140 bytes a job, for as long as it was open."""
+    sees every job started meanwhile, and remembering them all grew by about 140 bytes a job, for as long as it was open.
+    A worker's events (`worker_started`, `worker_stopped`, `worker_restarting`, `worker_failed`: no job id) pass only
+    for a request whose `scope` answers None (it sees every job: an administrator's); with `authorize` alone, for none.
+    They tell of other users' jobs: a `worker_stopped` whose reason is a crash comes as the job that crashed it fails,
+    with its pid and exit code (a Ray actor's death reason, a startup error), and every user's JSON table stream got them."""
     if self.authorize is None and self.scope is None: return None
     seen, scope, since = {}, [], [time.monotonic()]
     async def keep(ev)->bool:
         jid = ev.data.get('job_id') if isinstance(ev.data, dict) else None
-        if jid is None: return True  # not about one job (a worker's start, a reset)
         if self.recheck_seconds is not None and time.monotonic() - since[0] >= self.recheck_seconds:  # asked again from
             seen.clear(); scope.clear(); since[0] = time.monotonic()  # time to time: a job (or a user) may have been taken away
+        if jid is None:  # not about one job: the stream's own (a `reset`), another manager's (not shown), or a worker's,
+            if not ev.type.startswith(self._type_prefix): return True  # which goes only to who sees every job
+            if not scope: scope.append(await self.scope_of(request))  # (the request's scope, asked once)
+            return self.scope is not None and not scope[0]
         if jid not in seen:  # a job that is gone (purged) is nobody's: authorize(request, None) admits to the table, not to it
             if not scope: scope.append(await self.scope_of(request))  # (the request's scope, asked once)
             job = await self.manager.aget_job(jid)
@@ -870,9 +877,12 @@ def _oob(ft):
 
 @patch
 async def health(self:JobRoutes, request):
-    "GET {prefix}/health: the manager's `get_health()` as JSON, 200 when ok, else 503 (for a readiness check)."
+    """GET {prefix}/health: the manager's `get_health()` as JSON, 200 when ok, else 503 (for a readiness check). With
+    `scope`, a request that does not see every job gets only `ok` (and the status): the rest is the whole manager's
+    (every user's queued and running jobs, why workers failed: a plugin's error), as a worker's events are (`keeper`)."""
     if not await self.allowed(request, None): return _FORBIDDEN(request)
     h = self.manager.get_health()
+    if self.scope is not None and await self.scope_of(request): h = {'ok': h['ok']}
     return JSONResponse(h, status_code=200 if h['ok'] else 503)
 
 @patch
