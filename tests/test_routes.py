@@ -1672,3 +1672,16 @@ def test_with_scope_a_workers_events_reach_only_who_sees_every_job(tmp_path):
         server.should_exit = True
         r.broadcaster.close()
         t.join(30)
+
+
+def test_a_workers_events_reach_every_table_stream_without_scope_or_authorize_and_none_with_authorize_alone():
+    """The other side of `test_with_scope_a_workers_events_reach_only_who_sees_every_job`: an app without `scope` and
+    `authorize` (one user) still gets a worker's events on its JSON table stream; with `authorize` alone, which cannot
+    say who sees every job, nobody does (the jobs it admits still come)."""
+    for authorize, shown in ((None, True), (lambda request, job: True, False)):
+        app, alpha, *_ = build(authorize=authorize)
+        with TestClient(app) as cli:
+            jid = start(cli, '/alpha', 'echo', text='ok')
+            text = replay_until_completed(cli, '/alpha/stream?format=json&after=0', {}, jid)
+            assert f'"job_id":"{jid}"' in text, text
+            assert ('"type":"alpha:worker_started"' in text) == shown, (authorize, text)
