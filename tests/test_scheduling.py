@@ -273,7 +273,7 @@ async def test_stored_pending_jobs_cannot_be_changed_before_start(mk, tmp_path):
     db = tmp_path / 'jobs.db'
     m1 = mk(SQLiteJobStore(db))
     await _blocked(m1)
-    waiting = await m1.start_job('echo', text='later')
+    waiting = await m1.start_job('slow', seconds=30)  # (slow: still there to cancel once m2's worker takes it, pending or running)
     await m1.ashutdown()  # a durable store: the queued job stays pending for the next start
     m2 = mk(SQLiteJobStore(db))
     assert m2.get_job(waiting.id).status == 'pending'  # reads work before start
