@@ -142,15 +142,17 @@ def process_ended(process # a started process, or a process-like handle with a `
     except (ValueError, OSError): return not process.is_alive()  # its sentinel is closed: it was reaped and closed
 
 def wait_ended(processes:list, # started processes (or handles with a `sentinel`)
-               timeout:float|None=None # seconds (None: no limit)
+               timeout:float|None=None, # seconds (None: no limit)
+               wake_fd:int|None=None # stop waiting, too, once this descriptor is readable (e.g. a pipe another thread writes to)
               )->bool: # True if all ended
-    "Wait until every one of `processes` has ended or `timeout` has passed, reaping none of them."
+    "Wait until every one of `processes` has ended, `timeout` has passed or `wake_fd` is readable, reaping none of them."
     left = [p for p in processes if not process_ended(p)]
     end = None if timeout is None else time.monotonic() + timeout
     while left:
         t = None if end is None else end - time.monotonic()
         if t is not None and t <= 0: return False
-        ready = set(_wait_ready([end_fd(p) for p in left], t))
+        ready = set(_wait_ready([end_fd(p) for p in left] + ([] if wake_fd is None else [wake_fd]), t))
+        if wake_fd in ready: return not any(not process_ended(p) for p in left)
         left = [p for p in left if end_fd(p) not in ready]
     return True
 

@@ -19,7 +19,6 @@ from fastcore.basics import patch
 from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
 from ..core.process import describe_exit, end_fd, kill_process_group, kill_worker_tree, process_ended, wait_ended
-from multiprocessing.connection import wait as _wait_ready
 import contextlib, signal
 from ..core.worker import BACKSTOP_NAME, LOG_LEVEL_ENV, _RESERVED
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
@@ -2116,7 +2115,7 @@ def shutdown(self:BaseJobManager,
         log.info("%s job manager: shutting down; running jobs may finish first, for up to %ss (end_drain(), or a second "
                  "Ctrl-C under the app's lifespan, stops them now)", self.worker_type, drain)
         try:
-            if not self._drain_cut: _wait_drained([p for _, p in procs], None if math.isinf(drain) else drain, cut[0])
+            if not self._drain_cut: wait_ended([p for _, p in procs], None if math.isinf(drain) else drain, wake_fd=cut[0])
         finally:
             with self._drain_guard:  # (a number closed under an `end_drain` could be another file's by its write)
                 self._drain_fds = None
@@ -2206,14 +2205,6 @@ async def __aenter__(self:BaseJobManager):
 async def __aexit__(self:BaseJobManager, *exc): await self.ashutdown()
 
 # %% ../../nbs/managers/base.ipynb #b25fec62
-def _wait_drained(processes:list, timeout:Optional[float], cut_fd:int)->None:
-    "Wait until every one of `processes` has ended, `timeout` seconds (None: no limit) have passed, or `cut_fd` is readable."
-    end = None if timeout is None else time.monotonic() + timeout
-    while (left := [p for p in processes if not process_ended(p)]):
-        t = None if end is None else end - time.monotonic()
-        if t is not None and t <= 0: return
-        if cut_fd in _wait_ready([end_fd(p) for p in left] + [cut_fd], t): return
-
 @patch
 def end_drain(self:BaseJobManager)->None:
     "Cut a draining shutdown short: what still runs is cancelled now, as when the drain timeout passes (any thread, or a signal handler)."
