@@ -191,7 +191,7 @@ def limit_body(app, # an ASGI app, e.g. a Starlette route's `app`
             await too_large(scope)(scope, receive, send)
     return limited
 
-# %% ../../nbs/fasthtml/routes.ipynb #51e2d58c
+# %% ../../nbs/fasthtml/routes.ipynb #de317d21
 def _default_page(title:str, *content): return Title(title), Main(H1(title), *content, cls='container')
 
 def _json_default(o):
@@ -263,6 +263,7 @@ def _job_json(job, traceback:bool=False)->dict:
 
 MAX_PAGE_SIZE = 1000  # the most jobs one page of the list (HTML or JSON) holds
 
+# %% ../../nbs/fasthtml/routes.ipynb #55eac620
 class JobRoutes:
     "One manager's job routes (what `mount_job_routes` returns): URLs, renderers, and live page parts."
     def __init__(self, manager, # the job manager (a BaseJobManager)
@@ -496,7 +497,7 @@ def _page_of(request)->Optional[tuple]:
     if newest is not None and not re.fullmatch(r'-?[0-9]{1,19}', newest): raise ValueError(f"newest must be a job_seq, got {newest[:40]!r}")
     return *read_page_token(token), None if newest is None else int(newest)
 
-# %% ../../nbs/fasthtml/routes.ipynb #204a7317
+# %% ../../nbs/fasthtml/routes.ipynb #f2d24c44
 @patch
 async def scope_of(self:JobRoutes, request)->tuple:
     "The field values (as `where_items`) of the jobs `scope` gives this request; () for all jobs."
@@ -524,6 +525,7 @@ async def admitted(self:JobRoutes, request, jobs:list)->list:
     w = await self.scope_of(request)
     return [j for j in jobs if await self.allowed(request, j, w)]
 
+# %% ../../nbs/fasthtml/routes.ipynb #b1e43f79
 SCAN_CHUNK = 1000  # with a per-job `authorize`: the most jobs the list reads from the store at once
 
 @patch
@@ -563,6 +565,7 @@ def page_url(self:JobRoutes, offset:int=0, limit:Optional[int]=None, status:Opti
     q = {'status': status, 'offset': offset or None, 'limit': limit}
     return f"{self.prefix}?{urlencode({k: v for k, v in q.items() if v is not None})}"
 
+# %% ../../nbs/fasthtml/routes.ipynb #1358f8f9
 KEEPER_JOBS = 4096  # the jobs a table stream's `keeper` remembers its answer for (the oldest is forgotten: asked again if need be)
 
 @patch
@@ -593,6 +596,7 @@ def keeper(self:JobRoutes, request)->Optional[Callable]:
         return seen[jid]
     return keep
 
+# %% ../../nbs/fasthtml/routes.ipynb #327e666c
 def _resume_after(request, after:Optional[str]):
     "The request, with `after` as its Last-Event-ID unless it has one."
     if after is None or (request.headers.get('last-event-id') or '').strip(): return request  # (a blank one: none)
@@ -635,6 +639,7 @@ def rechecker(self:JobRoutes, request, job_id:Optional[str], fmt:str)->Optional[
         return sse_frame(to_xml(_sink_note(sink, text), indent=False), event=SSE_EVENT)
     return check
 
+# %% ../../nbs/fasthtml/routes.ipynb #c45e33cd
 @patch
 def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True,
             prelude:Optional[bytes]=None): # (a job page's: frames sent before its events, `_resync`)
@@ -658,7 +663,7 @@ def _stream(self:JobRoutes, request, job_id:Optional[str]=None, live:bool=True,
                                    until=lambda ev: ev.type in self._job_ends,  # a job's stream ends with the job
                                    merge=merge_chunks, prelude=prelude, check=check)  # a fast stream's text: one swap per write
 
-# %% ../../nbs/fasthtml/routes.ipynb #d785e4f0
+# %% ../../nbs/fasthtml/routes.ipynb #dcaefd4d
 _FORBIDDEN = lambda request: _error(request, 'forbidden', 403)
 
 def _event_source(request)->bool:
@@ -701,7 +706,7 @@ def _note_stream(sink:str, text:str)->Response:
 
 UNAVAILABLE = "Live updates stopped: this job was deleted, or you may no longer see it. Reload the page, or sign in again."
 
-
+# %% ../../nbs/fasthtml/routes.ipynb #31ca026d
 @patch
 def refuse_cross_site(self:JobRoutes, request)->Optional[Response]:
     "A 403 for a state change a browser sent from a page of another origin (`Sec-Fetch-Site`), unless `cross_site`."
@@ -723,6 +728,7 @@ async def _job_or_error(self:JobRoutes, request, job_id:str):
     if not await self.allowed(request, job): return None, _FORBIDDEN(request)
     return job, None
 
+# %% ../../nbs/fasthtml/routes.ipynb #a4562943
 MAX_OFFSET = 2**62  # offset + limit must fit SQLite's 64-bit integers
 
 def _int_param(q, name:str, default:int, lo:int, hi:Optional[int]=None)->int:
@@ -767,6 +773,7 @@ async def detail_page(self:JobRoutes, request, job_id:str):
     return self.page(f"{job.plugin_name or job.plugin_id} job", A('← all jobs', href=self.prefix, cls='job-back'),
                      *await self.live_detail(job))
 
+# %% ../../nbs/fasthtml/routes.ipynb #5f4949c7
 _PLAIN = {'str': str, 'int': int, 'float': float, 'bool': bool}
 
 def _annotated(cls, name:str)->Optional[type]:
@@ -855,6 +862,7 @@ async def start(self:JobRoutes, request):
     return await _json_answer({**self._job_data(job), 'stream': f"{self.url(job.id, 'stream')}?after={after}"}, status_code=201,
                               headers={'Location': self.url(job.id)})
 
+# %% ../../nbs/fasthtml/routes.ipynb #1b26e3ff
 @patch
 async def cancel(self:JobRoutes, request, job_id:str):
     "POST {prefix}/{job_id}/cancel: cancel the job (409 if it had already ended)."
@@ -885,6 +893,7 @@ async def health(self:JobRoutes, request):
     if self.scope is not None and await self.scope_of(request): h = {'ok': h['ok']}
     return JSONResponse(h, status_code=200 if h['ok'] else 503)
 
+# %% ../../nbs/fasthtml/routes.ipynb #d10df53e
 @patch
 async def stream_all(self:JobRoutes, request):
     "GET {prefix}/stream: SSE for the job table."
