@@ -376,7 +376,7 @@ def _render(ev:SSEEvent, render:Optional[Callable], event_name:Optional[str])->O
     if len(ev._frames) < 8: ev._frames[key] = frame
     return frame
 
-# %% ../../nbs/fasthtml/sse.ipynb #6b829555
+# %% ../../nbs/fasthtml/sse.ipynb #e0f1f94e
 def _last_event_id(request)->tuple: # (id or None, error message or None)
     h = request.headers.get('last-event-id')  # set by the browser on a reconnection: newer than the page's URL
     if h is not None and h.strip():
@@ -387,6 +387,7 @@ def _last_event_id(request)->tuple: # (id or None, error message or None)
     try: return int(q), None
     except ValueError: return None, f"last_event_id must be an integer, got {q!r}"
 
+# %% ../../nbs/fasthtml/sse.ipynb #3c1f6ef9
 def merge_chunks(batch:List[SSEEvent], # the events of one write, oldest first
                  suffix:str=':chunk' # the type ending of text-chunk events (a manager's are '<worker_type>:chunk')
                 )->List[SSEEvent]: # the same events, each run of one job's consecutive chunks joined into one
@@ -406,6 +407,7 @@ def merge_chunks(batch:List[SSEEvent], # the events of one write, oldest first
     flush()
     return out
 
+# %% ../../nbs/fasthtml/sse.ipynb #272862bb
 RENDER_SLICE = 64  # events rendered in one go: a stream replaying a thousand lets the event loop serve others between slices
 
 async def _kept(keep, ev)->bool:
@@ -475,6 +477,7 @@ def stream(self:SSEBroadcaster, request, # the Starlette/FastHTML request (for L
                                send_timeout=self.send_timeout, shutdown_event=_EndOnShutdown(sub),
                                shutdown_grace_period=1.0)
 
+# %% ../../nbs/fasthtml/sse.ipynb #f94f8b46
 class _SubscribedResponse(EventSourceResponse):
     """An `EventSourceResponse` that closes its subscription however the response ends, also when its body is never
     read: a `HEAD` request (Starlette answers it on every GET route) gets the headers only, and the stream's generator,
