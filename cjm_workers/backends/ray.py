@@ -192,7 +192,7 @@ class RayActorProcess:
 
     def __repr__(self): return f"RayActorProcess(name={self.name!r}, pid={self.pid}, exitcode={self.exitcode})"
 
-# %% ../../nbs/backends/ray.ipynb #ba47b6a5
+# %% ../../nbs/backends/ray.ipynb #0951a21f
 def _start(self:RayActorProcess)->None:
     requests, results, responses = self.args
     self._req = _worker_side_copy(requests)  # reader ends used here; writer ends closed at once
@@ -237,6 +237,7 @@ def _close_request_ends(self:RayActorProcess)->None:
         except OSError: pass
 RayActorProcess._close_request_ends = _close_request_ends
 
+# %% ../../nbs/backends/ray.ipynb #5ac6680d
 class RayShutDownError(RuntimeError):
     "Ray was shut down in this process (`ray.shutdown()`): a bridge's Ray call would start a new Ray."
 
@@ -276,6 +277,7 @@ def ray_error_text(e:BaseException)->str:
     if causes: text += f"; cause: {causes[-1].group(1)}: {causes[-1].group(2)}"
     return text
 
+# %% ../../nbs/backends/ray.ipynb #239dd96a
 def _ended_as(self:RayActorProcess, code:int, reason:Optional[str], receiving:bool=False)->None:
     "Record how the worker ended and close the sentinel (`receiving`: called by the receiving thread)."
     with self._state:
