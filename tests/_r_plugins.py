@@ -237,3 +237,15 @@ class SessionChildThenDie:
         child = subprocess.Popen(['sleep', str(child_seconds)], start_new_session=True)  # inherits the worker's pipes
         _journal(str(child.pid))
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Escapees:
+    """`_f_plugins.EscapeesPlugin` in a Universal Worker (processes that left its process group, its mark removed from
+    one; `end` says how the worker then ends), and `plain`: a child left in the worker's own group (its pid in
+    `<pidfile>.plain`, written first)."""
+    name, version = 'escapees', '0'
+    def execute(self, pidfile='', end='sigkill', **kw):
+        from _f_plugins import EscapeesPlugin
+        quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(pidfile + '.plain', 'w') as f: f.write(str(subprocess.Popen(['sleep', '300'], **quiet).pid))
+        return EscapeesPlugin().execute(pidfile=pidfile, end=end)

@@ -1088,3 +1088,96 @@ def test_stop_ends_a_dead_workers_child_that_holds_its_output_and_the_output_rea
     finally:
         p.stop()
         if child is not None and not gone(child): child.kill()
+
+
+# ---------------------------------------------------------------- what a remote plugin started ends with its worker
+
+from test_remote_worker import assert_escapees_end, escapee_pids  # noqa: E402
+HERE = os.pathsep.join(filter(None, [TESTS, os.environ.get('PYTHONPATH')]))  # the plugins, and this cjm_workers
+
+
+@pytest.mark.parametrize('how', ['kill', 'oom'])
+def test_what_a_remote_plugin_started_ends_when_its_worker_is_killed(how, tmp_path):
+    """`kill()` (a hard cancel), or the OS SIGKILLing the worker mid-call: the plugin's processes outside the worker's
+    group end too (before, a double-forked daemon, one that closed its descriptors and a shell's `setsid cmd &` ran on;
+    and after an OOM kill the call hung: the daemon held the connection open)."""
+    p = RemotePluginProxy('_r_plugins', 'Escapees', cwd=TESTS, env={'PYTHONPATH': HERE}).start()
+    pidfile, out = str(tmp_path / 'pids.json'), {}
+    def call():
+        try: out['result'] = p.execute(pidfile=pidfile, end='sleep')
+        except Exception as e: out['error'] = e
+    t = threading.Thread(target=call, daemon=True); t.start()
+    try:
+        pids = escapee_pids(pidfile)
+        if how == 'kill': p.kill()
+        else: os.kill(p.pid, signal.SIGKILL)
+        t.join(30)  # hang guard
+        assert isinstance(out.get('error'), RemoteWorkerError), out
+        if how == 'oom': assert 'killed by SIGKILL' in str(out['error']), out
+        assert_escapees_end(pids)
+    finally: p.stop()
+
+
+def test_what_a_remote_plugin_started_ends_with_the_app(tmp_path):
+    "The app (the proxy's process, the worker's --ppid) SIGKILLed mid-call: the worker's watchdog ends it all."
+    pidfile = str(tmp_path / 'pids.json')
+    script = tmp_path / 'app.py'
+    script.write_text(textwrap.dedent(f'''
+        from cjm_workers.remote.proxy import RemotePluginProxy
+        p = RemotePluginProxy('_r_plugins', 'Escapees', cwd={TESTS!r}, env={{'PYTHONPATH': {HERE!r}}}).start()
+        p.execute(pidfile={pidfile!r}, end='sleep')
+    '''))
+    app = subprocess.Popen([sys.executable, str(script)])
+    try:
+        pids = escapee_pids(pidfile)
+        app.kill(); app.wait(10)
+        assert_escapees_end(pids)
+    finally:
+        if app.poll() is None: app.kill(); app.wait(10)
+
+
+def _apart(**kw):
+    """The spec of `_r_plugins.Escapees` in a Universal Worker started without the app's environment, and so without
+    the mark of the worker process that starts it: what its plugin starts carries the Universal Worker's mark alone."""
+    return RemotePluginSpec('escapees', '_r_plugins', 'Escapees', cwd=TESTS, inherit_env=False, env={'PYTHONPATH': HERE}, **kw)
+
+
+async def test_what_a_remote_plugin_started_ends_with_a_hard_cancel_of_its_job(track, tmp_path):
+    "The job's worker process is killed with its tree: the Universal Worker's backstop, spared, ends the rest."
+    mgr = track(ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=0), entry_point=remote_worker_entry([_apart()])))
+    await mgr.start(wait=True)
+    pidfile = str(tmp_path / 'pids.json')
+    job = await mgr.start_job('escapees', pidfile=pidfile, end='sleep')
+    pids = await asyncio.to_thread(escapee_pids, pidfile)
+    await mgr.cancel_job(job.id)
+    job = await mgr.wait_for_job(job.id, timeout=30)
+    assert job.status == 'cancelled', (job.status, job.error)
+    await asyncio.to_thread(assert_escapees_end, pids)
+
+
+def test_what_a_remote_plugin_started_ends_with_the_app_of_its_job(tmp_path):
+    """The app SIGKILLed while a job runs: its worker process ends its descendants (`kill_own_children`), which must
+    spare the Universal Worker's backstop (before, it killed it with its worker, and the daemons ran on)."""
+    pidfile = str(tmp_path / 'pids.json')
+    script = tmp_path / 'app.py'
+    script.write_text(textwrap.dedent(f'''
+        import asyncio
+        from cjm_workers.core.config import WorkerConfig
+        from cjm_workers.remote.adapter import RemotePluginSpec, remote_worker_entry
+        from cjm_workers.testing import ReferenceJobManager
+        async def main():
+            spec = RemotePluginSpec('escapees', '_r_plugins', 'Escapees', cwd={TESTS!r}, inherit_env=False,
+                                    env={{'PYTHONPATH': {HERE!r}}})  # (as `_apart()`)
+            mgr = ReferenceJobManager(worker_config=WorkerConfig(), entry_point=remote_worker_entry([spec]))
+            await mgr.start(wait=True)
+            await mgr.start_job('escapees', pidfile={pidfile!r}, end='sleep')
+            await asyncio.sleep(600)
+        if __name__ == '__main__': asyncio.run(main())
+    '''))
+    app = subprocess.Popen([sys.executable, str(script)])
+    try:
+        pids = escapee_pids(pidfile)
+        app.kill(); app.wait(10)
+        assert_escapees_end(pids, 20)
+    finally:
+        if app.poll() is None: app.kill(); app.wait(10)

@@ -626,3 +626,67 @@ def test_a_pending_progress_long_poll_is_answered_when_the_worker_stops(how):
         w.stderr.seek(0)
         assert 'graceful shutdown exceeded' not in w.stderr.read()
     finally: w.stop()
+
+
+# ---------------------------------------------------------------- what the plugin started ends with the worker
+
+ESCAPED = ('plain', 'session', 'daemon', 'closed', 'shell')  # what `_r_plugins.Escapees` leaves that must end with its worker
+
+
+def escapees(url, tmp_path, end, headers=None):
+    """Run `_r_plugins.Escapees` (ending its worker as `end` says) in a thread; its processes' pids once they all run.
+    The call's answer is not waited for: a worker that dies has none."""
+    pidfile = str(tmp_path / 'pids.json')
+    def call():
+        try: httpx.post(url + '/execute', json={'kwargs': {'pidfile': pidfile, 'end': end}}, headers=headers, timeout=60)
+        except httpx.HTTPError: pass
+    threading.Thread(target=call, daemon=True).start()
+    return escapee_pids(pidfile)
+
+
+def escapee_pids(pidfile):
+    "The pids `_r_plugins.Escapees` wrote to `pidfile`, once it has (a hang guard: 30 s)."
+    assert wait_for(lambda: os.path.exists(pidfile), 30), "the plugin did not start its processes"
+    with open(pidfile) as f: pids = json.load(f)
+    with open(pidfile + '.plain') as f: pids['plain'] = int(f.read())
+    for k in ESCAPED[1:]: assert os.getsid(pids[k]) != os.getsid(0), k  # (they did leave: a session of their own)
+    return pids
+
+
+def assert_escapees_end(pids, timeout=10):
+    "They end (`timeout`: a hang guard), all but `unmarked` (started without the worker's mark: opted out); then all are killed."
+    try:
+        wait_for(lambda: all(gone(pids[k]) for k in ESCAPED), timeout, interval=0.01)
+        assert not [k for k in ESCAPED if not gone(pids[k])], f"still running after their worker ended: {pids}"
+        assert not gone(pids['unmarked']), "a process started without the worker's mark was killed"
+    finally:
+        for p in pids.values():
+            try: os.kill(p, signal.SIGKILL)
+            except ProcessLookupError: pass
+
+
+@pytest.mark.parametrize('end', ['sigkill', 'segfault', 'exit'])
+def test_what_the_plugin_started_ends_with_a_worker_that_crashed(end, tmp_path):
+    """A worker SIGKILLed (the OOM killer), segfaulting or calling `os._exit` mid-call: its backstop kills its process
+    group (the plugin's plain child) and what carries its mark (children in sessions of their own, double-forked
+    daemons, a shell's `setsid cmd &`). Before, all of them ran on."""
+    w = Worker('Escapees', '_r_plugins', ['--ppid', str(os.getpid())]).ready()
+    try:
+        pids = escapees(w.url, tmp_path, end)
+        w.proc.wait(30)
+        assert_escapees_end(pids)
+    finally: w.stop()
+
+
+def test_what_the_plugin_started_ends_with_a_worker_stopped_by_sigterm(tmp_path):
+    "Idle after the call (its processes run on meanwhile), then stopped with SIGTERM: it ends them on its way out."
+    w = Worker('Escapees', '_r_plugins').ready()
+    try:
+        pids = escapees(w.url, tmp_path, 'return')
+        with w.client() as c: assert wait_for(lambda: c.get('/progress').json()['running'] is False, 30)
+        assert all(not gone(p) for p in pids.values())  # the worker serves on: so do they
+        with w.client() as c: assert c.get('/stats').json()['num_children'] == 2  # `plain` and `session` (not the backstop)
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(15) == -signal.SIGTERM
+        assert_escapees_end(pids)
+    finally: w.stop()

@@ -112,8 +112,8 @@ def kill_worker_tree(process, # a started worker: a `multiprocessing.Process`, o
     else: kill_process_tree(process, timeout, terminate_first, reap)
 
 def kill_own_children()->None:
-    "Kill this process's descendants (SIGKILL)."
-    try: children = psutil.Process().children(recursive=True)
+    "Kill this process's descendants (SIGKILL), their backstops left out (`_tree_of`: each ends what its worker started once that worker is dead)."
+    try: children = _tree_of(psutil.Process())
     except psutil.Error: children = []
     for c in children:
         try: c.kill()

@@ -14,7 +14,7 @@ import httpx, psutil
 from fastcore.basics import patch, store_attr
 
 from contextlib import contextmanager
-from ..core.process import describe_exit, is_unreaped_child, kill_process_group
+from ..core.process import _tree_of, describe_exit, is_unreaped_child, kill_process_group
 from ..core.worker import JobCancelledError, current_job
 from .worker import ATTEMPT_HEADER, CALL_HEADER, JOB_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
 
@@ -336,7 +336,7 @@ def _kill_tree(self:RemotePluginProxy, proc:subprocess.Popen, graceful:float=0.0
     "SIGTERM (if `graceful`), wait, then SIGKILL the worker, its process group and its descendants, and reap it."
     with self._reap_lock:  # while the worker is not reaped, its id (and its group's) cannot be another process's
         ours = proc.returncode is None and is_unreaped_child(proc.pid)
-        try: tree = psutil.Process(proc.pid).children(recursive=True) if ours else []  # listed before the worker goes
+        try: tree = _tree_of(psutil.Process(proc.pid)) if ours else []  # listed before the worker goes, its backstop left out
         except psutil.Error: tree = []
         if ours and graceful and _exit_code(proc) is None:
             try: os.killpg(proc.pid, signal.SIGTERM)  # the worker leads its own process group

@@ -5,7 +5,7 @@
 # %% ../../nbs/remote/worker.ipynb #658ab806
 from __future__ import annotations
 import argparse, base64, dataclasses, datetime, enum, hmac, importlib, inspect, json, logging, os, select
-import ipaddress, signal, socket, sys, threading, time, traceback, uuid
+import ipaddress, signal, socket, sys, threading, time, traceback, types, uuid
 from collections import OrderedDict
 from pathlib import PurePath
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from ..core import worker as _core
 from ..core.worker import JobCancelledError, JobContext
-from ..core.process import become_group_leader, kill_own_children
+from ..core.process import _tree_of, become_group_leader, mark_worker
 from .plugin import PluginInterface
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _wait_poll(pid:int, interval:float=0.05)->None:
 
 # %% ../../nbs/remote/worker.ipynb #f3265e39
 def _end_process()->None:
-    kill_own_children()
+    _core._end_worker()  # its backstop reaped; its descendants and what carries its mark killed
     log.warning("worker %d: parent process is gone; exiting", os.getpid())
     os._exit(1)
 
@@ -462,7 +462,7 @@ def stats(self:PluginHost)->dict:
     with p.oneshot():
         cpu, rss, threads = p.cpu_percent(None), p.memory_info().rss, p.num_threads()
     children, tree = [], rss
-    try: children = p.children(recursive=True)
+    try: children = _tree_of(p)  # (its backstop left out: it shares this process's pages, and is no child of the plugin's)
     except psutil.Error: pass
     for c in children:
         try: tree += c.memory_info().rss
@@ -762,6 +762,21 @@ def _bind(host:str, port:int)->socket.socket:
         sock.close(); raise
     return sock
 
+# %% ../../nbs/remote/worker.ipynb #3badfa78
+def _protect(owner:Optional[int] # the `--ppid` process (None: none)
+            )->Optional[int]: # the backstop's pid (None where there is none)
+    """Mark this process and start its backstop, as a cjm_workers worker process does (`cjm_workers.core.worker`), so
+    that what the plugin starts ends with this process; `_core._end_worker()` is then what it does as it ends. Call it
+    from the main thread of a process that leads its own group, before any other thread starts."""
+    _core._mark = mark_worker()
+    pid = owner or os.getpid()  # with no owner, the backstop watches this process alone
+    try: fd = os.pidfd_open(pid)  # (what the backstop takes for its app's sentinel: readable once `pid` has ended)
+    except (AttributeError, OSError) as e:
+        log.debug("worker %d: no backstop (%s): what the plugin started is ended only as the worker exits", os.getpid(), e)
+        return None
+    try: return _core._start_backstop(types.SimpleNamespace(pid=pid, sentinel=fd))
+    finally: os.close(fd)
+
 # %% ../../nbs/remote/worker.ipynb #26d3857a
 def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: sys.argv[1:])
               )->None:
@@ -773,18 +788,19 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
     logging.basicConfig(level=level, stream=sys.stderr, format='%(asctime)s %(name)s %(levelname)s: %(message)s')
     if args.managed and args.ppid is None: parser.error("--managed needs --ppid (the process that owns the worker)")
     become_group_leader()
-    if args.ppid is not None:
-        if not psutil.pid_exists(args.ppid):
-            parser.exit(2, f"{parser.prog}: error: argument --ppid: no process {args.ppid} (has the parent already exited?)\n")
-        parent_monitor(args.ppid)  # first: importing a plugin can take long
+    if args.ppid is not None and not psutil.pid_exists(args.ppid):
+        parser.exit(2, f"{parser.prog}: error: argument --ppid: no process {args.ppid} (has the parent already exited?)\n")
+    _protect(args.ppid)  # before any thread starts (it forks the backstop)
+    if args.ppid is not None: parent_monitor(args.ppid)  # first: importing a plugin can take long
+    def fail(msg:str):  # exit with code 2, once what the plugin's module or constructor started has been ended
+        _core._end_worker()
+        parser.exit(2, f"{parser.prog}: error: {msg}\n")
     token = os.environ.get(args.token_env) or None
     hosts = None if token is not None else {'localhost', args.host.lower()}  # without a token: against DNS rebinding
     try: app = create_app(args.module, args.class_name, token=token, max_body_bytes=args.max_body_bytes, hosts=hosts)
-    except WorkerStartupError as e: parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except WorkerStartupError as e: fail(str(e))
     try: sock = _bind(args.host, args.port)
-    except OSError as e:
-        parser.exit(2, f"{parser.prog}: error: cannot listen on {_endpoint(args.host, args.port)} "
-                       f"({e.strerror or e})\n")
+    except OSError as e: fail(f"cannot listen on {_endpoint(args.host, args.port)} ({e.strerror or e})")
     host, port = sock.getsockname()[:2]
     if token is None and host not in ('127.0.0.1', '::1', 'localhost'):
         log.warning("serving on %s without a token: anyone who can reach it can run the plugin", host)
@@ -820,9 +836,9 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
     except KeyboardInterrupt: sys.exit(130)
     finally:
         sock.close()
+        _core._end_worker()  # its backstop reaped; its descendants and what carries its mark killed (see above)
         if app.state.host.busy:  # a plugin call (a long `initialize` too) still runs in a thread: do not wait for it at exit
             log.warning("worker %d: stopping with a call of the plugin still running", os.getpid())
-            kill_own_children()
             sys.stdout.flush(); sys.stderr.flush()
             if not terminated: os._exit(1)
         if terminated:  # end as the signal ends a process (exit status: killed by SIGTERM), as uvicorn meant to
