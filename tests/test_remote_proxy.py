@@ -1181,3 +1181,28 @@ def test_what_a_remote_plugin_started_ends_with_the_app_of_its_job(tmp_path):
         assert_escapees_end(pids, 20)
     finally:
         if app.poll() is None: app.kill(); app.wait(10)
+
+
+def test_stop_and_a_dead_workers_error_in_an_app_with_over_1024_descriptors_open():
+    """A busy app (many connections) has descriptors numbered above 1024: the proxy waited for its worker to end with
+    `select.select` on a pidfd, which refuses those (`ValueError: filedescriptor out of range in select()`): `stop()`
+    raised and left the worker running, and a call whose worker died raised that instead of `RemoteWorkerError`. It
+    waits with `core.process.wait_ended` now (poll)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200: pytest.skip(f"at most {hard} descriptors may be open here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = []
+    try:
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # the next ones are numbered above 1024
+        p = RemotePluginProxy('cjm_workers.testing', 'CrashPlugin').start()
+        try:
+            with pytest.raises(RemoteWorkerError, match='killed by SIGKILL'): p.execute(mode='sigkill')
+        finally: p.stop()
+        p = RemotePluginProxy('cjm_workers.testing', 'SlowPlugin').start()
+        worker = p.process
+        p.stop()
+        assert worker.returncode is not None and p.process is None
+    finally:
+        for fd in held: os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

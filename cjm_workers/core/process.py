@@ -4,7 +4,7 @@
 
 # %% ../../nbs/core/process.ipynb #bd39e0ed
 from __future__ import annotations
-import logging, mmap, os, signal, time, uuid, weakref
+import logging, mmap, os, signal, subprocess, time, uuid, weakref
 from multiprocessing.connection import wait as _wait_ready
 from multiprocessing.process import BaseProcess
 import psutil
@@ -120,18 +120,20 @@ def kill_own_children()->None:
         except psutil.Error: pass
 
 # %% ../../nbs/core/process.ipynb #42a983f5
-def end_fd(process # a started process, or a process-like handle with a `sentinel`
+def end_fd(process # a started process (`multiprocessing`, or `subprocess.Popen`), or a process-like handle with a `sentinel`
           )->int: # readable once `process` has ended
     """A file descriptor that becomes readable when `process` ends: for a local child a pidfd (opened on first use,
-    closed with the process object), else its `sentinel`. Call it first while the child is not reaped (at its start)."""
+    closed with the process object), else its `sentinel`. Call it first while the child is not reaped (at its start).
+    A `subprocess.Popen` has no sentinel: without a pidfd, a `ValueError`."""
     fd = getattr(process, '_cjm_end_fd', None)
     if fd is not None: return fd
-    fd = process.sentinel
-    if isinstance(process, BaseProcess) and hasattr(os, 'pidfd_open') and is_unreaped_child(process.pid):
+    fd = getattr(process, 'sentinel', None)
+    if isinstance(process, (BaseProcess, subprocess.Popen)) and hasattr(os, 'pidfd_open') and is_unreaped_child(process.pid):
         try:
             fd = os.pidfd_open(process.pid)
             weakref.finalize(process, os.close, fd)  # (not before: a number closed early may be another file's by then)
         except OSError as e: log.debug("no pidfd for process %d (%s): its sentinel tells its end", process.pid, e)
+    if fd is None: raise ValueError(f"process {process.pid} has no pidfd (nor a sentinel): its end cannot be waited for without reaping it")
     process._cjm_end_fd = fd
     return fd
 

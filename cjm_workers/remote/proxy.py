@@ -4,7 +4,7 @@
 
 # %% ../../nbs/remote/proxy.ipynb #4826fff8
 from __future__ import annotations
-import asyncio, json, logging, math, os, secrets, select, selectors, signal, subprocess, sys, threading, time, weakref
+import asyncio, json, logging, math, os, secrets, selectors, signal, subprocess, sys, threading, time, weakref
 from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
@@ -14,7 +14,7 @@ import httpx, psutil
 from fastcore.basics import patch, store_attr
 
 from contextlib import contextmanager
-from ..core.process import _tree_of, describe_exit, is_unreaped_child, kill_process_group
+from ..core.process import _tree_of, describe_exit, end_fd, is_unreaped_child, kill_process_group, wait_ended
 from ..core.worker import JobCancelledError, current_job
 from .worker import ATTEMPT_HEADER, CALL_HEADER, JOB_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
 
@@ -217,6 +217,8 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
         except OSError as e:
             raise RemoteWorkerError(f"cannot launch the worker for {self.label} with {self.python!r}: {e}") from e
         self.process, self.pid = proc, proc.pid
+        try: end_fd(proc)  # its pidfd, now that its id cannot be another process's (it is not reaped): `_wait_exit` waits on it
+        except ValueError: pass  # (none here)
         with self._calls_lock:
             self._starting, self._start_cancelled = proc, None
             job = current_job()  # a job cancelled before this start could be found (`_starting` was not set): it ends now
@@ -320,16 +322,14 @@ def _exit_code(proc:subprocess.Popen)->Optional[int]:
     return r.si_status if r.si_code == os.CLD_EXITED else -r.si_status
 
 def _wait_exit(proc:subprocess.Popen, timeout:float)->bool:
-    "Wait up to `timeout` s for the worker to end, reaping nothing (on a pidfd); True if it ended."
+    "Wait up to `timeout` s for the worker to end, reaping nothing (`wait_ended`, on its pidfd); True if it ended."
     if _exit_code(proc) is not None: return True
-    try: fd = os.pidfd_open(proc.pid)  # (not reaped, so the id is still the worker's)
-    except (AttributeError, OSError):  # no pidfd (macOS, Linux < 5.3): wait, reaping it
+    try: end_fd(proc)  # its pidfd, opened as it started (`start`)
+    except ValueError:  # no pidfd (macOS, Linux < 5.3): wait, reaping it
         try: proc.wait(timeout)
         except subprocess.TimeoutExpired: pass
         return proc.returncode is not None
-    try: select.select([fd], [], [], timeout)
-    finally: os.close(fd)
-    return _exit_code(proc) is not None
+    return wait_ended([proc], timeout)
 
 @patch
 def _kill_tree(self:RemotePluginProxy, proc:subprocess.Popen, graceful:float=0.0)->None:
