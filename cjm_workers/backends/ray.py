@@ -6,7 +6,7 @@
 from __future__ import annotations
 import itertools, logging, os, pickle, queue, re, select, signal, threading, types, weakref
 import psutil
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait as _wait_ready
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
@@ -344,7 +344,7 @@ def _forward(self:RayActorProcess, ch:PipeChannel, method:str)->None:
     except OSError: return
     while not self._ended.is_set():
         try:
-            select.select([ch.reader_fd], [], [])  # frames, or the end
+            _wait_ready([ch.reader_fd])  # frames, or the end (poll: in a busy app the pipe's number is above 1023)
             frames = _raw_frames(ch)
         except (OSError, ValueError): break
         try:

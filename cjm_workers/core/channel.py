@@ -5,6 +5,7 @@
 # %% ../../nbs/core/channel.ipynb #e650a22c
 from __future__ import annotations
 import multiprocessing as mp, os, pickle, queue, select, struct, threading, time
+from multiprocessing.connection import wait as _ready  # poll: any descriptor number (`select.select` refuses those above 1023)
 from collections import deque
 from itertools import islice
 from typing import Any, List, Optional, Tuple, Union
@@ -182,7 +183,7 @@ class PipeChannel:
                 if self._eof: raise EOFError("the other end of the channel is closed")
                 if deadline is not None or self._nonblocking:  # wait for data first (a blocking read just waits)
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    if not select.select([self.reader_fd], [], [], left)[0]: raise queue.Empty
+                    if not _ready([self.reader_fd], left): raise queue.Empty
                 self._fill()
             return _loads(self._msgs.popleft())
     def get_nowait(self)->Any:
@@ -213,7 +214,7 @@ class PipeChannel:
         return bool(self._msgs)
     def empty(self)->bool:
         "No message is waiting, buffered or in the pipe."
-        with self._rlock: return not self._msgs and not select.select([self.reader_fd], [], [], 0)[0]
+        with self._rlock: return not self._msgs and not _ready([self.reader_fd], 0)
 
     # -- closing
     def close_reader(self):

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/stores/sqlite.ipynb #d82f097c
 from __future__ import annotations
-import base64, fcntl, importlib, itertools, json, logging, math, operator, os, re, select, socket, sys, threading, time, types, typing, uuid
+import base64, fcntl, importlib, itertools, json, logging, math, operator, os, re, socket, sys, threading, time, types, typing, uuid
+from multiprocessing.connection import wait as _wait_ready
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from datetime import date, datetime, time as dtime, timedelta
@@ -976,7 +977,7 @@ def _ended_within(p:psutil.Process, timeout:float)->bool:
     except ProcessLookupError: return True
     except (AttributeError, OSError): fd = None
     if fd is not None:
-        try: return bool(select.select([fd], [], [], timeout)[0])
+        try: return bool(_wait_ready([fd], timeout))  # (poll: `select.select` refuses a descriptor above 1023)
         finally: os.close(fd)
     end = time.monotonic() + timeout
     while True:  # elsewhere: its status, every 10 ms

@@ -5,6 +5,7 @@
 # %% ../../nbs/stores/sqlite_writer.ipynb #21d92ad0
 from __future__ import annotations
 import base64, gc, io, itertools, json, logging, operator, os, pickle, select, signal, subprocess, sys, threading
+from multiprocessing.connection import wait as _ready  # poll: any descriptor number (`select.select` refuses those above 1023)
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum
@@ -405,7 +406,7 @@ def serve(data_fd:int, # the pipe the batches arrive on
                 if err is not None: log.error("job store writer: batch %d not written: %s", n, err)
         if eof: break
         fds = [data_fd] + ([parent] if parent else [])
-        ready = select.select(fds, [], [], None if parent else 1.0)[0]
+        ready = _ready(fds, None if parent else 1.0)  # (its descriptors have the app's numbers: above 1023 in a busy app)
         if (parent and parent in ready) or (parent is None and os.getppid() != parent_pid):
             eof = True  # the app died: take what it sent, write it, end
         eof = _read_available(data_fd, buf) or eof
