@@ -24,7 +24,7 @@ __all__ = ['log', 'PROGRESS_INTERVAL', 'START_LOG_LINES', 'BACKSTOP_GRACE', 'LOG
            'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested', 'check_cancelled',
            'base_worker_process']
 
-# %% ../../nbs/core/worker.ipynb #dcfafc9a
+# %% ../../nbs/core/worker.ipynb #943f8a10
 PROGRESS_INTERVAL = 0.05  # seconds between two progress messages with the same text
 
 class JobCancelledError(Exception):
@@ -85,6 +85,7 @@ class JobContext:
             self._send({'type': 'progress', 'job_id': self.job_id, 'progress': float(progress), 'message': str(message)})
             return True
 
+# %% ../../nbs/core/worker.ipynb #94c9ce13
 _current: Optional[JobContext] = None
 _EVENT_LOCK = threading.Lock()
 
@@ -590,7 +591,7 @@ def _compact_start_log(self:_Worker):
     os.close(self.start_log)
     self.start_log, self.forgotten, self.start_base = fd, upto, upto
 
-# %% ../../nbs/core/worker.ipynb #1a89fabc
+# %% ../../nbs/core/worker.ipynb #143d9e10
 def _watch_parent():
     parent = mp.parent_process()
     if parent is None: return None  # not started by multiprocessing: nothing to watch
@@ -602,6 +603,7 @@ def _watch_parent():
     t.start()
     return t
 
+# %% ../../nbs/core/worker.ipynb #aa9f4474
 BACKSTOP_GRACE = 0.5  # seconds the backstop leaves the watchdog thread after the app died, before it SIGKILLs the group
 _backstop_pid: Optional[int] = None  # this worker's backstop, while it runs
 _mark: Optional[str] = None  # this worker's mark (`mark_worker`), in a worker that is a process of its own
@@ -650,6 +652,7 @@ def _end_worker()->None:
     kill_own_children()
     kill_marked(_mark)
 
+# %% ../../nbs/core/worker.ipynb #b18c3294
 def _backstop(app:int, # pidfd of the app
               worker:int, # pidfd of the worker
               pgid:int, # the worker's process group
