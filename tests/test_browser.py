@@ -53,6 +53,15 @@ def page(browser, server):
     assert not errors, errors
 
 
+def second_page(page):
+    "Another page in `page`'s context, set up as the `page` fixture's: (page, the list its errors go to)."
+    pg = page.context.new_page()
+    pg.set_default_timeout(WAIT_MS)
+    errors = []
+    pg.on('pageerror', lambda e: errors.append(str(e)))
+    return pg, errors
+
+
 def shot(page, name):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f'browser-{name}.png'), full_page=True)
@@ -115,34 +124,41 @@ def jobs_app(worker_type, history_size=1024, authorize=None, **manager):
 
 
 def test_progress_advances_and_text_streams_without_reload(page, server):
+    "Both jobs at once (the demo has two workers): the list page follows the transcription, a second page the text."
     base, app = server
     page.goto(f'{base}/jobs')
     mark(page)
-    jid = start_job(page, 'Transcribe a meeting')
+    jid = start_job(page, 'Transcribe a meeting')  # 5 s
+    text_page, errors = second_page(page)
+    text_page.goto(f'{base}/jobs')
+    tid = start_job(text_page, 'Generate text')  # 7 s: its checks come second
     wait_progress_above(page, jid, 0.0)
     first = progress(page, jid)
     wait_progress_above(page, jid, first + 0.2)
     assert status(page, jid) == 'running' and still_same(page)
     shot(page, '1-progress')
+
+    text_page.click(f'#job-{tid}-row a.job-link')
+    text_page.wait_for_url(f'**/jobs/{tid}')
+    mark(text_page)
+    wait_output_longer(text_page, tid, 0)
+    n = len(output(text_page, tid))
+    wait_output_longer(text_page, tid, n + 20)
+    assert still_same(text_page) and status(text_page, tid) == 'running'
+    shot(text_page, '2-streaming')
+
     wait_status(page, jid, 'completed')
     assert progress(page, jid) == 1.0 and still_same(page)
     assert page.inner_html(f'#job-{jid}-actions').strip() == ''  # no cancel button on an ended job
 
-    tid = start_job(page, 'Generate text')
-    page.click(f'#job-{tid}-row a.job-link')
-    page.wait_for_url(f'**/jobs/{tid}')
-    mark(page)
-    wait_output_longer(page, tid, 0)
-    n = len(output(page, tid))
-    wait_output_longer(page, tid, n + 20)
-    assert still_same(page) and status(page, tid) == 'running'
-    shot(page, '2-streaming')
-    wait_status(page, tid, 'completed')
-    assert output(page, tid) == TOKENS_TEXT and still_same(page)  # every word once, in order
-    page.wait_for_selector(f'#job-{tid}-outcome pre.job-result')
+    wait_status(text_page, tid, 'completed')
+    assert output(text_page, tid) == TOKENS_TEXT and still_same(text_page)  # every word once, in order
+    text_page.wait_for_selector(f'#job-{tid}-outcome pre.job-result')
     # the text shows once: the outcome holds it, and the output pane (same text) is hidden
-    assert page.is_hidden(f'#job-{tid}-output') and page.inner_text(f'#job-{tid}-outcome').strip() == TOKENS_TEXT.strip()
-    shot(page, '3-streamed')
+    assert text_page.is_hidden(f'#job-{tid}-output') and text_page.inner_text(f'#job-{tid}-outcome').strip() == TOKENS_TEXT.strip()
+    shot(text_page, '3-streamed')
+    text_page.close()
+    assert not errors, errors
 
 
 def test_cancel_a_slow_job(page, server):
@@ -178,30 +194,36 @@ def test_killed_worker_fails_the_job(page, server):
 
 
 def test_reload_mid_job_resumes(page, server):
+    "Both jobs at once (the demo has two workers): the list page reloads mid-transcription, a second page mid-text."
     base, app = server
     page.goto(f'{base}/jobs')
-    jid = start_job(page, 'Transcribe a meeting')
+    jid = start_job(page, 'Transcribe a meeting')  # 5 s
+    text_page, errors = second_page(page)
+    text_page.goto(f'{base}/jobs')
+    tid = start_job(text_page, 'Generate text')  # 7 s: its checks come second
     wait_progress_above(page, jid, 0.2)
     page.reload()
     after_reload = progress(page, jid)
     assert after_reload is not None and after_reload > 0.2  # rendered from the job: no going back to zero
     mark(page)
     wait_progress_above(page, jid, after_reload + 0.1)  # and live again
+
+    text_page.goto(f'{base}/jobs/{tid}')
+    wait_output_longer(text_page, tid, 40)
+    before = output(text_page, tid)
+    text_page.reload()
+    resumed = output(text_page, tid)
+    assert resumed.startswith(before) and TOKENS_TEXT.startswith(resumed)  # the state so far, at once
+    mark(text_page)
+    shot(text_page, '6-reloaded')
+    wait_output_longer(text_page, tid, len(resumed) + 10)
+
     wait_status(page, jid, 'completed')
     assert still_same(page)
-
-    tid = start_job(page, 'Generate text')
-    page.goto(f'{base}/jobs/{tid}')
-    wait_output_longer(page, tid, 40)
-    before = output(page, tid)
-    page.reload()
-    resumed = output(page, tid)
-    assert resumed.startswith(before) and TOKENS_TEXT.startswith(resumed)  # the state so far, at once
-    mark(page)
-    shot(page, '6-reloaded')
-    wait_output_longer(page, tid, len(resumed) + 10)
-    wait_status(page, tid, 'completed')
-    assert output(page, tid) == TOKENS_TEXT and still_same(page)  # nothing missed, nothing repeated
+    wait_status(text_page, tid, 'completed')
+    assert output(text_page, tid) == TOKENS_TEXT and still_same(text_page)  # nothing missed, nothing repeated
+    text_page.close()
+    assert not errors, errors
 
 
 def test_a_double_click_on_a_start_button_starts_one_job(page, server):
@@ -459,42 +481,42 @@ def test_a_page_whose_stream_is_refused_or_whose_jobs_end_cannot_be_shown_says_s
     srv, t, base = serve_in_thread(app)
     ctx = browser.new_context()
     try:
-        def stream_requests(path, wait_ms=6000, route=None):
+        def open_page(path, route=None):
             pg = ctx.new_page()
             pg.set_default_timeout(WAIT_MS)
             asked = []
             pg.on('request', lambda r: asked.append(r.url) if '/stream' in r.url else None)
             if route: pg.route(*route)
             pg.goto(base + path)
-            pg.wait_for_timeout(wait_ms)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
             return pg, asked
         jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
                          headers={'accept': 'application/json'}, timeout=30).json()['id']
         state['refuse'] = True  # e.g. the user signed out in another tab
-        for path, what in ((f'/jobs/{jid}', 'this job'), ('/jobs', 'these jobs')):
-            pg, asked = stream_requests(path)
-            assert len(asked) == 1, asked
-            assert f'you may no longer see {what}' in pg.text_content('.job-live-ended'), path
-            pg.close()
-        state['refuse'] = False
+        pages = [(open_page(path), what) for path, what in ((f'/jobs/{jid}', 'this job'), ('/jobs', 'these jobs'))]
+        for (pg, asked), what in pages:
+            pg.wait_for_selector('.job-live-ended')
+            assert f'you may no longer see {what}' in pg.text_content('.job-live-ended'), what
+        state['refuse'] = False  # (a page that asked again now would get its stream: counted below)
         def bad_after(route):  # a page whose stream URL this server does not read
             html = httpx.get(route.request.url, timeout=30).text
             route.fulfill(status=200, body=re.sub(r'after=\d+', 'after=x', html), content_type='text/html; charset=utf-8')
-        pg, asked = stream_requests(f'/jobs/{jid}', route=(f'**/jobs/{jid}', bad_after))
-        assert len(asked) == 1 and 'after=x' in asked[0], asked
+        pg, asked = open_page(f'/jobs/{jid}', route=(f'**/jobs/{jid}', bad_after))
+        pg.wait_for_selector('.job-live-ended')
+        assert 'after=x' in asked[0], asked
         assert 'after must be an integer event id' in pg.text_content('.job-live-ended')
-        pg.close()
+        pages.append(((pg, asked), None))
         assert httpx.post(f'{base}/jobs/{jid}/cancel', headers={'accept': 'application/json'}, timeout=30).status_code == 200
         state['raise_on_end'] = True
         jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 2}},
                          headers={'accept': 'application/json'}, timeout=30).json()['id']
-        pg, asked = stream_requests(f'/jobs/{jid}', wait_ms=1000)
+        pg, asked = open_page(f'/jobs/{jid}')
         wait_status(pg, jid, 'completed')  # (its end, as well as can be shown)
         assert 'could not show its outcome' in pg.text_content(f'#job-{jid}-outcome')
-        n = len(asked)
-        pg.wait_for_timeout(5000)
-        assert len(asked) == n == 1, asked
-        pg.close()
+        pages.append(((pg, asked), None))
+        pg.wait_for_timeout(5000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s): for every page at once
+        for (pg, asked), what in pages:
+            assert len(asked) == 1, asked  # each page asked for its stream once: no more tries
+            pg.close()
     finally:
         ctx.close()
         srv.should_exit = True
@@ -636,17 +658,22 @@ def test_a_page_whose_stream_is_sent_to_another_sites_sign_in_page_says_so_and_s
         jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
                          headers={'accept': 'application/json'}, timeout=30).json()['id']
         guard['on'] = True
-        for path in (f'/jobs/{jid}', '/jobs'):
+        pages = []
+        for path in (f'/jobs/{jid}', '/jobs'):  # both at once
             pg = ctx.new_page()
             pg.set_default_timeout(WAIT_MS)
             asked = []
-            pg.on('request', lambda r: asked.append(r.url) if '/stream' in r.url else None)
+            pg.on('request', lambda r, asked=asked: asked.append(r.url) if '/stream' in r.url else None)
             pg.goto(base + path)
+            pages.append((pg, asked, path))
+        counts = []
+        for pg, asked, path in pages:
             pg.wait_for_selector('.job-live-ended')
             assert pg.text_content('.job-live-ended') == ('Live updates stopped: the server sent it to another site '
                                                           '(a sign-in page?). Reload the page, or sign in again.')
-            n = len(asked)
-            pg.wait_for_timeout(4000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
+            counts.append(len(asked))
+        pages[-1][0].wait_for_timeout(4000)  # longer than the extension's first retries (0.5 s, 1 s, 2 s)
+        for (pg, asked, path), n in zip(pages, counts):
             assert len(asked) == n <= 4, (path, asked)  # no more tries
             pg.close()
         guard['on'] = False
