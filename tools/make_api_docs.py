@@ -67,6 +67,11 @@ def _assignments(source:str, in_class:bool=False)->dict:
     source = textwrap.dedent(source)
     tree = ast.parse(source)
     body, lines, out = (tree.body[0].body if in_class else tree.body), source.splitlines(), {}
+    ends = [l.encode() for l in re.findall(r'[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z', source)]  # lines as `ast` splits them
+    def segment(node):  # `ast.get_source_segment(source, node)`, with the source split once, not once per statement
+        first, last = node.lineno - 1, node.end_lineno - 1
+        if first == last: return ends[first][node.col_offset:node.end_col_offset].decode()
+        return b''.join([ends[first][node.col_offset:], *ends[first + 1:last], ends[last][:node.end_col_offset]]).decode()
     for node in body:
         if isinstance(node, ast.Assign): targets = node.targets
         elif isinstance(node, ast.AnnAssign) and node.value is not None: targets = [node.target]
@@ -74,7 +79,7 @@ def _assignments(source:str, in_class:bool=False)->dict:
         rest = lines[node.end_lineno - 1][node.end_col_offset:].strip()
         comment = rest[1:].strip() if rest.startswith('#') else ''
         for n in (n for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)):
-            out[n.id] = (ast.get_source_segment(source, node), comment)
+            out[n.id] = (segment(node), comment)
     return out
 
 
