@@ -74,7 +74,11 @@ from cjm_workers.testing import ReferenceJobManager
 from model_plugins import model_worker
 
 FIELDS = ('id', 'plugin_id', 'status', 'reason', 'error', 'result', 'attempts', 'max_retries', 'priority', 'attempt_log',
-          'worker_pid')
+          'worker_pid', 'params', 'timeout_seconds', 'retry_backoff_seconds')
+def runs_of(jid):
+    try:
+        with open(os.environ['CJM_MODEL_RUNLOG']) as f: return sum(1 for l in f if l.split()[0] == jid)
+    except FileNotFoundError: return 0
 def jd(j): return None if j is None else {**{k: getattr(j, k) for k in FIELDS}, 'output': str(j.output)}
 def out(obj): sys.stdout.write('@@RPC ' + json.dumps(obj, default=repr) + '\n'); sys.stdout.flush()
 
@@ -98,7 +102,7 @@ async def handle(mgr, c):
         return {'job': jd(j), 'saved': saved}
     if op == 'cancel':
         r = await mgr.cancel_job(c['id'])
-        return {'cancelled': r, 'job': jd(mgr.get_job(c['id']))}
+        return {'cancelled': r, 'job': jd(mgr.get_job(c['id'])), 'runs': runs_of(c['id'])}
     if op == 'wait':
         try: return {'job': jd(await mgr.wait_for_job(c['id'], timeout=c['wait_s']))}
         except (TimeoutError, KeyError, RuntimeError) as e: return {'exc': type(e).__name__, 'msg': str(e), 'job': jd(mgr.get_job(c['id']))}
@@ -113,6 +117,23 @@ async def handle(mgr, c):
     if op == 'restart': await mgr.restart_workers(); return {}
     if op == 'reload': return {'reloaded': await mgr.reload_plugin(c['plugin'], c['config'])}
     if op == 'snapshot': return snapshot(mgr, c['ids'])
+    if op == 'batch':  # the sub-commands at once, each after its delay; a cancel may name a start of the batch ('ref')
+        started = {}
+        async def one(i, sub):
+            await asyncio.sleep(sub.get('delay', 0))
+            if 'ref' in sub:
+                ref = await started.setdefault(sub['ref'], asyncio.get_running_loop().create_future())
+                if ref is None: return {'skipped': True}
+                sub = {**sub, 'id': ref}
+            try: r = await handle(mgr, sub)
+            except Exception as e: r = {'exc': type(e).__name__, 'msg': str(e)}
+            if sub['op'] == 'start':
+                f = started.setdefault(i, asyncio.get_running_loop().create_future())
+                f.set_result(r['job']['id'] if 'job' in r else None)
+            return r
+        for i, sub in enumerate(c['ops']):
+            if sub['op'] == 'start': started.setdefault(i, asyncio.get_running_loop().create_future())
+        return {'results': await asyncio.gather(*(one(i, sub) for i, sub in enumerate(c['ops'])))}
     if op == 'pids': return {'pids': [s['pid'] for s in mgr.get_worker_stats() if s['pid']]}
     if op == 'shutdown':
         pids = [s['pid'] for s in mgr.get_worker_stats() if s['pid']]
@@ -135,7 +156,7 @@ async def main(db, cfg):
         c = json.loads(line)
         try: out({'ok': True, **await handle(mgr, c)})
         except Exception as e: out({'ok': False, 'exc': type(e).__name__, 'msg': str(e), 'tb': traceback.format_exc()})
-        if c['op'] == 'shutdown': return
+        if c['op'] == 'shutdown' or any(s['op'] == 'shutdown' for s in c.get('ops', ())): return
 
 if __name__ == '__main__':
     asyncio.run(main(sys.argv[2], json.loads(sys.argv[3])))
@@ -191,7 +212,8 @@ class Host:
     def note_pids(self): self.pids |= set(self.call('pids')['pids'])
 
     def kill(self):
-        self.note_pids()
+        try: self.pids |= {c.pid for c in psutil.Process(self.p.pid).children(recursive=True)}  # workers, store writer
+        except psutil.NoSuchProcess: pass
         self.p.kill()
         self.p.wait(30)
         self.close()
@@ -236,6 +258,32 @@ jobs = st.one_of(
     st.builds(lambda m, a: ('crash', {'mode': m, 'after': a}), st.sampled_from(['sigkill', 'segfault', 'exit', 'abort']),
               st.sampled_from([0.0, 0.1])),
 )
+
+
+delays = st.sampled_from([0, 0, 0.005, 0.02, 0.1, 0.3])
+sub_ops = st.one_of(
+    st.builds(lambda job, opts, saved, d: {'op': 'start', 'plugin': job[0], 'params': job[1], 'opts': opts, 'saved': saved,
+                                           'delay': d}, jobs, job_opts, st.booleans(), delays),
+    st.builds(lambda ref, d: {'op': 'cancel', 'ref': ref, 'delay': d}, st.integers(0, 4), delays),
+    st.builds(lambda ref, p, d: {'op': 'priority', 'ref': ref, 'priority': p, 'delay': d}, st.integers(0, 4),
+              st.integers(-3, 3), delays),
+    st.builds(lambda ref, d: {'op': 'wait', 'ref': ref, 'wait_s': 0.3, 'delay': d}, st.integers(0, 4), delays),
+    st.builds(lambda w, d: {'op': 'kill_worker', 'which': w, 'delay': d}, st.integers(0, 1), delays),
+    st.builds(lambda d: {'op': 'restart', 'delay': d}, delays),
+)
+
+def batch(ops):
+    "Point each `ref` at a start of the batch (or drop the sub-command if the batch starts nothing)."
+    starts = [i for i, o in enumerate(ops) if o['op'] == 'start']
+    out = []
+    for o in ops:
+        if 'ref' in o:
+            if not starts: continue
+            o = {**o, 'ref': starts[o['ref'] % len(starts)]}
+        out.append(o)
+    return out
+
+batches = st.lists(sub_ops, min_size=2, max_size=6).map(batch)
 
 
 def expected_result(plugin: str, params: dict):
@@ -334,12 +382,14 @@ class JobModel(RuleBasedStateMachine):
     def cancel_job(self, data):
         jid = data.draw(st.sampled_from(sorted(self.known)))
         if jid in self.lost: return
+        before = self.seen.get(jid)
         r = self.host.call('cancel', id=jid)
         j = r['job']
         assert j is not None and j['status'] in TERMINAL, f"cancel_job returned before the job ended: {r}"
-        assert r['cancelled'] == (j['status'] == 'cancelled'), r
+        if before is not None: assert not r['cancelled'], f"cancel_job of a job that had ended said True: {r}"
+        else: assert r['cancelled'] == (j['status'] == 'cancelled'), r  # (only cancel_job cancels these plugins' jobs)
         if r['cancelled']: self.cancelled_runs.setdefault(jid, len(self.runs().get(jid, [])))
-        self.note_terminal(j, durable=False)
+        self.note_terminal(j, durable=True)  # (cancel_job returns once the job's end is written, as wait_for_job does)
 
     @precondition(lambda self: self.known)
     @rule(data=st.data(), priority=st.integers(-3, 3))
@@ -381,7 +431,64 @@ class JobModel(RuleBasedStateMachine):
 
     @rule(cfg=configs, pause=st.sampled_from([0.0, 0.05, 0.3]))
     def crash_and_reopen(self, cfg, pause):
+        self.host.note_pids()
         if pause: time.sleep(pause)
+        self.crash(cfg)
+
+    @rule(ops=batches)
+    def burst(self, ops):
+        "Several commands at once, on the app's event loop."
+        self.absorb(ops, self.host.call('batch', ops=ops, timeout=120)['results'])
+
+    @rule(ops=batches, drain=st.sampled_from([0, 0.5]), at=delays, cfg=configs)
+    def shutdown_during_burst(self, ops, drain, at, cfg):
+        self.host.note_pids()
+        ops = ops + [{'op': 'shutdown', 'drain': drain, 'delay': at}]
+        r = self.host.call('batch', ops=ops, timeout=120)['results']
+        self.absorb(ops, r, shut=True)
+        assert not r[-1]['children'] and not r[-1]['threads'], f"left after the shutdown: {r[-1]}"
+        self.host.p.wait(30)
+        self.host.close()
+        left = wait_gone(self.host.pids, 10)
+        assert not left, f"workers {left} outlived the shutdown"
+        self.host = None
+        self.open(cfg)
+        self.check_resumed()
+
+    @rule(ops=batches, at=st.sampled_from([0.0, 0.01, 0.05, 0.2]), cfg=configs)
+    def crash_during_burst(self, ops, at, cfg):
+        self.host.note_pids()
+        self.host.p.stdin.write((json.dumps({'op': 'batch', 'ops': ops}) + '\n').encode())
+        self.host.p.stdin.flush()
+        time.sleep(at)
+        self.crash(cfg)
+
+    def absorb(self, ops, results, shut=False):
+        "Check the answers of a batch and learn its jobs."
+        pairs = sorted(zip(ops, results), key=lambda p: p[0]['op'] != 'start')  # (its jobs first)
+        for o, r in pairs:
+            if TRACE: print(f"    {o} -> {json.dumps(r, default=repr)[:200]}", file=sys.stderr)
+            if r.get('skipped'): continue
+            if 'exc' in r and o['op'] != 'wait':  # (wait answers its TimeoutError itself)
+                assert shut and r['exc'] == 'RuntimeError', f"{o} raised {r}"
+                continue
+            if o['op'] == 'start':
+                self.known[r['job']['id']] = (o['plugin'], o['params'], dict(o['opts']))
+                if r['saved']: self.saved.add(r['job']['id'])
+            elif o['op'] == 'cancel':
+                j = r['job']
+                assert j is not None and j['status'] in TERMINAL, f"cancel_job returned before the job ended: {r}"
+                if r['cancelled']:
+                    assert j['status'] == 'cancelled', r
+                    self.cancelled_runs.setdefault(j['id'], r['runs'])
+                self.note_terminal(j, durable=True)
+            elif o['op'] == 'wait':
+                assert r.get('exc') in (None, 'TimeoutError') or (shut and r['exc'] == 'RuntimeError'), r
+                if 'exc' not in r:
+                    self.note_terminal(r['job'], durable=True)
+                    self.check_file(r['job'])
+
+    def crash(self, cfg):
         self.host.kill()
         left = wait_gone(self.host.pids)
         assert not left, f"workers {left} outlived their SIGKILLed app"
@@ -404,6 +511,10 @@ class JobModel(RuleBasedStateMachine):
     def check_resumed(self):
         "After a restart: every job the file held is still there, and every terminal state the file held is kept."
         snap = self.host.call('snapshot', ids=sorted(self.known))
+        for j in snap['listed']:  # jobs of a batch whose answer the crash lost
+            if j['id'] not in self.known:
+                self.known[j['id']] = (j['plugin_id'], j['params'], {'max_retries': j['max_retries']})
+                snap['got'][j['id']] = j
         for jid in sorted(self.known):
             j = snap['got'][jid]
             if j is None:
