@@ -584,3 +584,20 @@ def test_the_job_system_against_its_model(tmp_path):
         from hypothesis import seed as hseed
         hseed(int(seed))(JobModel)
     run_state_machine_as_test(JobModel, settings=s)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# regressions the model found (each minimised from a failing sequence)
+
+async def test_a_job_cancelled_while_waiting_for_its_retry_no_longer_counts_as_waiting(make_manager):
+    """Model finding: `cancel_job` of a job waiting for its retry left the retry's entry in the manager's heap until it
+    fell due, and `_waiting()` counted it: the health invariant saw one job "waiting" and none pending, and with
+    `max_waiting_jobs=1` every `start_job` raised `QueueFull` for the rest of the backoff (30 s here) though nothing
+    waited. Now the cancel takes the entry out."""
+    from cjm_workers.testing import wait_until
+    m = make_manager(config=dict(max_waiting_jobs=1))
+    j = await m.start_job('echo', fail='boom', max_retries=1, retry_backoff_seconds=30)
+    await wait_until(lambda: j.attempts == 1 and j.status == 'pending', 30)  # its first run failed: its retry is 30 s away
+    assert await m.cancel_job(j.id) and j.reason == 'cancelled while waiting for its retry'
+    assert m._waiting() == 0
+    assert (await m.wait_for_job((await m.start_job('echo', text='x')).id, timeout=30)).result['text'] == 'x'

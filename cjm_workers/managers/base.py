@@ -1786,6 +1786,9 @@ async def cancel_job(self:BaseJobManager,
         slot = next((s for s in self._slots if job_id in s.inflight), None)
         if job.status == 'pending' and slot is None:  # in the manager's queue (or waiting for its retry): nothing runs it
             if job_id in self._pending: self._pending.remove(job_id)
+            elif any(e[2] == job_id for e in self._retries):  # its retry's entry goes too: it would count as a job waiting
+                self._retries[:] = [e for e in self._retries if e[2] != job_id]  # (max_waiting_jobs) until it fell due
+                heapq.heapify(self._retries)
             self._terminal(job, 'cancelled', reason='cancelled while waiting for its retry' if job.attempts else 'cancelled before it started')
         elif slot is not None and job_id not in slot.cancel_deadlines:
             slot.cancel_deadlines[job_id] = time.monotonic() + self.worker_config.cancel_grace_seconds
