@@ -17,7 +17,7 @@ than its `attempts` say; a completed job ran and has the result its plugin makes
 `count_jobs`, `get_health` and `get_worker_stats` agree; no worker process or `cjm` thread outlives a shutdown, and
 the workers of a SIGKILLed app end.
 
-`CJM_MODEL_EXAMPLES` (default 2) and `CJM_MODEL_STEPS` (default 10) set the size of the run; `CJM_MODEL_SEED` a seed
+`CJM_MODEL_EXAMPLES` (default 3) and `CJM_MODEL_STEPS` (default 10) set the size of the run; `CJM_MODEL_SEED` a seed
 (default: derandomized, the same examples every run).
 """
 import json, os, select, signal, subprocess, sys, time
@@ -298,6 +298,7 @@ class JobModel(RuleBasedStateMachine):
     "The job system under random operations; `tmp` is set by the test."
     tmp: Path = None
     counter = 0
+    total_steps = 0  # invariant checks (≈ steps), over all examples
 
     def __init__(self):
         super().__init__()
@@ -464,6 +465,15 @@ class JobModel(RuleBasedStateMachine):
         time.sleep(at)
         self.crash(cfg)
 
+    @rule(drain=st.sampled_from([0, 0.5]), at=st.sampled_from([0.0, 0.01, 0.05, 0.2]), cfg=configs)
+    def crash_during_shutdown(self, drain, at, cfg):
+        "The app dies while it shuts down (a second signal, an OOM kill)."
+        self.host.note_pids()
+        self.host.p.stdin.write((json.dumps({'op': 'shutdown', 'drain': drain}) + '\n').encode())
+        self.host.p.stdin.flush()
+        time.sleep(at)
+        self.crash(cfg)
+
     def absorb(self, ops, results, shut=False):
         "Check the answers of a batch and learn its jobs."
         pairs = sorted(zip(ops, results), key=lambda p: p[0]['op'] != 'start')  # (its jobs first)
@@ -529,6 +539,7 @@ class JobModel(RuleBasedStateMachine):
     def consistent(self):
         if self.host is None: return
         self.steps += 1
+        JobModel.total_steps += 1
         snap = self.host.call('snapshot', ids=sorted(self.known))
         runs = self.runs()
         for jid, j in snap['got'].items():
@@ -576,7 +587,7 @@ class JobModel(RuleBasedStateMachine):
 def test_the_job_system_against_its_model(tmp_path):
     JobModel.tmp = tmp_path
     seed = os.environ.get('CJM_MODEL_SEED')
-    s = settings(max_examples=int(os.environ.get('CJM_MODEL_EXAMPLES', 2)),
+    s = settings(max_examples=int(os.environ.get('CJM_MODEL_EXAMPLES', 3)),
                  stateful_step_count=int(os.environ.get('CJM_MODEL_STEPS', 10)),
                  deadline=None, derandomize=seed is None, database=None, print_blob=True,
                  phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
