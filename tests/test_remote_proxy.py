@@ -17,6 +17,11 @@ from cjm_workers.testing import RecordingBroadcaster, ReferenceJob, ReferenceJob
 from conftest import descendants
 from _a_helpers import can_choose_pids, gone, stranger_with_pid, wait_gone
 
+TESTS = str(Path(__file__).parent)
+# A worker's PYTHONPATH: the tests' helpers, then this checkout (before whatever cjm_workers is installed: a test run
+# from a clone with PYTHONPATH set must not have its workers import another copy of the package)
+WORKER_PATH = os.pathsep.join([TESTS, str(Path(__file__).parent.parent)])
+
 PROBE = 'cjm_iso_probe'
 
 
@@ -190,7 +195,7 @@ def test_start_failure_carries_worker_stderr(tmp_path):
 
 def test_initialize_refusal_and_plugin_error_are_plugin_errors():
     tests = str(Path(__file__).parent)
-    with RemotePluginProxy('_r_plugins', 'FlakyPlugin', cwd=tests, env={'PYTHONPATH': tests}) as p:
+    with RemotePluginProxy('_r_plugins', 'FlakyPlugin', cwd=tests, env={'PYTHONPATH': WORKER_PATH}) as p:
         with pytest.raises(RemotePluginError) as e:
             p.initialize({'fail': 'no such model'})
         assert e.value.status == 422 and 'ValueError: bad config: no such model' in str(e.value)
@@ -294,13 +299,12 @@ def test_health_says_a_run_ignores_its_cancel():
         with pytest.raises(RemoteWorkerError): fut.result(10)
 
 
-TESTS = str(Path(__file__).parent)
 
 
 def test_stop_mid_call_cancels_the_call_then_cleans_up(tmp_path):
     "stop() cancels the running call first, so the plugin stops where it is and its cleanup() still runs."
     journal = tmp_path / 'journal'
-    p = RemotePluginProxy('_r_plugins', 'Journaled', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)},
+    p = RemotePluginProxy('_r_plugins', 'Journaled', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH, 'R_JOURNAL': str(journal)},
                           stop_timeout=30.0).start()
     with ThreadPoolExecutor(1) as pool:
         prog = p.get_progress()
@@ -491,7 +495,7 @@ async def test_cancel_while_the_plugin_loads_stops_the_load(track, tmp_path):
     "A cancel that arrives while the Universal Worker runs initialize() reaches it: the load stops, nothing is killed."
     journal = tmp_path / 'journal'
     spec = RemotePluginSpec('slowload', '_r_plugins', 'SlowLoad', cwd=TESTS,  # its load takes 30 s
-                            env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)})
+                            env={'PYTHONPATH': WORKER_PATH, 'R_JOURNAL': str(journal)})
     mgr = track(ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=60),
                                     entry_point=remote_worker_entry([spec])))
     await mgr.start()
@@ -507,7 +511,7 @@ async def test_cancel_while_the_plugin_loads_stops_the_load(track, tmp_path):
 
 async def test_a_partial_result_survives_the_cancel(track):
     "A remote plugin that stops early on a cancel and returns what it has: the cancelled job keeps it, as a local one."
-    spec = RemotePluginSpec('softstop', '_r_plugins', 'SoftStop', cwd=TESTS, env={'PYTHONPATH': TESTS})
+    spec = RemotePluginSpec('softstop', '_r_plugins', 'SoftStop', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH})
     mgr = track(ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=60),
                                     entry_point=remote_worker_entry([spec])))
     await mgr.start()
@@ -523,7 +527,7 @@ async def test_a_remote_plugin_sees_its_jobs_attempt_as_a_local_one_does(track):
     """A retry's attempt and its job's id reach the plugin in its Universal Worker (`current_job()`), as in a worker
     process. (Remote review: `current_job().job_id` was the proxy's id of the call, another one each attempt, so a
     plugin had no key to find what an earlier run of its job left.)"""
-    spec = RemotePluginSpec('attempts', '_r_plugins', 'Attempts', cwd=TESTS, env={'PYTHONPATH': TESTS})
+    spec = RemotePluginSpec('attempts', '_r_plugins', 'Attempts', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH})
     class OddIds(ReferenceJobManager):  # an id that is no plain header value
         def create_job(self, plugin_id, **kw): return ReferenceJob(id='job/ü 1\t%', plugin_id=plugin_id, params=kw)
     mgr = track(OddIds(entry_point=remote_worker_entry([spec])))
@@ -537,7 +541,7 @@ async def test_a_remote_plugin_sees_its_jobs_attempt_as_a_local_one_does(track):
 async def test_stream_items_and_errors_as_with_a_local_plugin(track):
     "Items that are not strings become str(item), as the worker process does for local plugins; the plugin's own traceback reaches the job."
     events = RecordingBroadcaster()
-    spec = RemotePluginSpec('flaky', '_r_plugins', 'FlakyPlugin', cwd=TESTS, env={'PYTHONPATH': TESTS}, streams=True)
+    spec = RemotePluginSpec('flaky', '_r_plugins', 'FlakyPlugin', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH}, streams=True)
     mgr = track(ReferenceJobManager(event_broadcaster=events, entry_point=remote_worker_entry([spec])))
     await mgr.start()
     job = await mgr.wait_for_job((await mgr.start_job('flaky')).id, timeout=60)
@@ -551,7 +555,7 @@ async def test_stream_items_and_errors_as_with_a_local_plugin(track):
 
 
 def unruly_spec(**kw):
-    return RemotePluginSpec('unruly', '_r_plugins', 'Unruly', cwd=TESTS, **{'env': {'PYTHONPATH': TESTS}, **kw})
+    return RemotePluginSpec('unruly', '_r_plugins', 'Unruly', cwd=TESTS, **{'env': {'PYTHONPATH': WORKER_PATH}, **kw})
 
 
 def test_what_a_plugin_raises_is_its_error_and_the_next_call_works():
@@ -559,7 +563,7 @@ def test_what_a_plugin_raises_is_its_error_and_the_next_call_works():
     texts = {'sysexit': 'SystemExit: 4 (the plugin called sys.exit; the worker serves on)',
              'kbint': 'KeyboardInterrupt (raised by the plugin; the worker serves on)',
              'surrogate': 'RuntimeError: bad ?'}
-    with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS}) as p:
+    with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH}) as p:
         pid = p.execute()['pid']
         for i in range(12):
             what = list(texts)[i % 3]
@@ -572,7 +576,7 @@ def test_what_a_plugin_raises_is_its_error_and_the_next_call_works():
 
 def test_execute_stream_returns_the_plugins_return_value():
     items = ['a', {'return': 1}, {'item': 2}, {'error': 'not one'}]  # items shaped like the protocol's own lines
-    with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS}) as p:
+    with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH}) as p:
         stream, got = p.execute_stream(items=items, ret={'finish_reason': 'length', 'tokens': 4}), []
         while True:
             try: got.append(next(stream))
@@ -588,7 +592,7 @@ async def test_aexecute_stream_gives_the_plugins_return_value_to_its_caller():
     "As `execute_stream` returns it: the `RemoteStream` has it as `value` once the stream has ended; the items stay the plugin's alone."
     from collections.abc import AsyncGenerator
     items = ['a', {'return': 1}, {'item': 2}, {'error': 'not one'}]  # items shaped like the protocol's own lines
-    async with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS}) as p:
+    async with RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH}) as p:
         stream = p.aexecute_stream(items=items, ret={'finish_reason': 'length', 'tokens': 4})
         assert isinstance(stream, AsyncGenerator) and stream.value is None  # nothing sent yet
         assert [x async for x in stream] == items
@@ -621,7 +625,7 @@ async def test_a_streams_return_value_is_the_jobs_result_as_locally(track):
 
 async def test_a_cancel_while_the_universal_worker_starts_kills_it_at_once(track):
     "The plugin module takes 60 s to import: a cancel does not wait for it; the starting Universal Worker is killed."
-    spec = unruly_spec(env={'PYTHONPATH': TESTS, 'R_IMPORT_SECONDS': '60'}, start_timeout=120)
+    spec = unruly_spec(env={'PYTHONPATH': WORKER_PATH, 'R_IMPORT_SECONDS': '60'}, start_timeout=120)
     mgr = track(ReferenceJobManager(worker_config=WorkerConfig(cancel_grace_seconds=60), entry_point=remote_worker_entry([spec])))
     await mgr.start()
     job = await mgr.start_job('unruly')
@@ -637,7 +641,7 @@ async def test_a_cancel_while_the_universal_worker_starts_kills_it_at_once(track
 
 
 def test_proxy_cancel_during_start_stops_the_start():
-    p = RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_IMPORT_SECONDS': '60'},
+    p = RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH, 'R_IMPORT_SECONDS': '60'},
                           start_timeout=120)
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(p.start)
@@ -686,7 +690,7 @@ def test_async_clients_close_on_their_own_event_loops():
     import gc, warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', ResourceWarning)
-        p = RemotePluginProxy('_r_plugins', 'FlakyPlugin', cwd=TESTS, env={'PYTHONPATH': TESTS}).start()
+        p = RemotePluginProxy('_r_plugins', 'FlakyPlugin', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH}).start()
         try:
             for _ in range(3): assert asyncio.run(p.aexecute(n=1)) == {'ok': True, 'kwargs': {'n': 1}}
             assert p._aclients == {}  # each closed with its loop
@@ -731,7 +735,7 @@ def test_a_progress_bar_on_stderr_is_kept_as_its_last_state_and_long_lines_are_c
     """Remote review: the proxy kept a stderr "line" until its newline, so a tqdm-style bar (redrawn after '\\r')
     80,000 times made a 6.6 MB line that a crash then pasted into its error message (and a job's traceback)."""
     tests = str(Path(__file__).parent)
-    with RemotePluginProxy('_r_plugins', 'BarThenCrash', cwd=tests, env={'PYTHONPATH': tests}) as p:
+    with RemotePluginProxy('_r_plugins', 'BarThenCrash', cwd=tests, env={'PYTHONPATH': WORKER_PATH}) as p:
         with pytest.raises(RemoteWorkerError) as e:
             p.execute()
     msg, tail = str(e.value), e.value.stderr
@@ -755,7 +759,7 @@ async def test_a_spec_sets_the_universal_workers_limits(track):
 async def test_a_workers_cpu_counts_its_universal_worker(track):
     """Remote review: `get_worker_stats()` gave the CPU % of the worker process alone (a plugin burning a core in its
     Universal Worker showed as 1.6 %), while the RSS was the whole tree's. Both are the tree's now."""
-    spec = RemotePluginSpec('burn', '_r_plugins', 'Burn', cwd=TESTS, env={'PYTHONPATH': TESTS})
+    spec = RemotePluginSpec('burn', '_r_plugins', 'Burn', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH})
     mgr = track(ReferenceJobManager(entry_point=remote_worker_entry([spec])))
     job = await mgr.start_job('burn', seconds=30)
     await wait_until(lambda: mgr.get_job(job.id).status == 'running', 30)
@@ -772,7 +776,7 @@ def test_a_call_that_times_out_while_it_waits_its_turn_never_runs(tmp_path):
     waited half a second (for a worker that might be dying) before it sent the call's cancel, and by then the call had
     had its turn. Also: its error said "it was cancelled" of a call the worker was only asked to cancel."""
     journal = tmp_path / 'journal'
-    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)},
+    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH, 'R_JOURNAL': str(journal)},
                            request_timeout=1.0) as p:
         out = {}
         def call(tag, seconds):
@@ -795,7 +799,7 @@ async def test_a_stream_closed_early_is_cancelled_on_the_worker(tmp_path):
     """Newest-features review: closing a remote stream before its end stopped the reading, but the plugin went on to
     its next item (4 s away), holding up the next call that long: the proxy now cancels the call, as for a timeout."""
     journal = tmp_path / 'journal'
-    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)}) as p:
+    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH, 'R_JOURNAL': str(journal)}) as p:
         s = p.execute_stream(tag='sync', n=5, gap=2)  # closed while the plugin waits 2 s before its next item
         assert next(s) == 0
         s.close()
@@ -844,7 +848,7 @@ def test_an_async_call_that_times_out_is_cancelled_even_if_its_event_loop_ends_a
     """Review of the day's fix: an async call's cancel was sent by a task of its event loop, which never ran when the
     loop ended with the timeout's error (`asyncio.run` returning): the call queued behind a stream ran later, for nobody."""
     journal = tmp_path / 'journal'
-    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)},
+    with RemotePluginProxy('_r_plugins', 'Gate', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH, 'R_JOURNAL': str(journal)},
                            request_timeout=1.0) as p:
         items = p.execute_stream(tag='A', n=14, gap=0.1)  # 1.4 s, an item every 0.1 s
         assert next(items) == 0
@@ -865,15 +869,15 @@ def test_an_async_call_that_times_out_is_cancelled_even_if_its_event_loop_ends_a
 def test_a_restart_after_the_worker_died_mid_call_ends_what_its_plugin_started(tmp_path):
     """Race review (2026-12-07): a worker killed mid-call (an OOM kill) and started again by `start()` left its plugin's
     children running for good, and with them the old output reader and its pipes; now `start()` first kills what
-    remains of the dead worker's process group, then ends its reader and closes its pipes."""
+    remains of the dead worker's process group, then ends its reader and closes its pipes. (Since the worker has a
+    backstop, the backstop usually ends the child first, as the worker dies; `start()` does it where there is none.)"""
     journal = tmp_path / 'journal'
-    p = RemotePluginProxy('_r_plugins', 'SpawnThenDie', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)},
+    p = RemotePluginProxy('_r_plugins', 'SpawnThenDie', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH, 'R_JOURNAL': str(journal)},
                           stop_timeout=1)
     try:
         p.start()
         with pytest.raises(RemoteWorkerError, match='killed by SIGKILL'): p.execute(die=True)
         child = int(journal.read_text().split()[0])
-        assert not gone(child)
         old_reader, old_out = p._reader, p.process.stdout
         p.start()
         assert not wait_gone([child], 5), "the dead worker's child outlived the restart"
@@ -891,7 +895,7 @@ def test_kill_and_stop_do_not_wait_for_a_slow_start(how):
     """Race review (2026-12-07): `kill()` and `stop()` from another thread waited for the lock `start()` holds until
     the worker is ready (a slow import: as long as `start_timeout`); now they end the start in progress at once, and
     `start()` raises `RemoteWorkerError` saying which of them was called."""
-    p = RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': TESTS, 'R_IMPORT_SECONDS': '60'},
+    p = RemotePluginProxy('_r_plugins', 'Unruly', cwd=TESTS, env={'PYTHONPATH': WORKER_PATH, 'R_IMPORT_SECONDS': '60'},
                           start_timeout=120, stop_timeout=1)
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(p.start)
@@ -912,7 +916,7 @@ def test_a_job_cancelled_just_before_its_worker_starts_does_not_wait_for_the_sta
     job's flag once a cancel can find it, and `load_plugin` / a restart check it before they start a worker."""
     from cjm_workers.core.worker import JobContext, set_current_job
     from cjm_workers.remote.adapter import RemotePluginManager
-    env = {'PYTHONPATH': TESTS, 'R_IMPORT_SECONDS': '8'}
+    env = {'PYTHONPATH': WORKER_PATH, 'R_IMPORT_SECONDS': '8'}
     ctx = JobContext('job-1', 'unruly', lambda m: None)
     ctx.cancel()  # what the control thread does first, before it calls the plugin manager's cancel hook
     set_current_job(ctx)
@@ -1037,7 +1041,7 @@ def test_a_restart_is_not_woken_by_the_end_of_the_dead_workers_output(tmp_path):
     reader of an earlier worker only logs."""
     mark = tmp_path / 'slow'
     p = RemotePluginProxy('_r_plugins', 'SessionChildThenDie', cwd=TESTS, stop_timeout=1,
-                          env={'PYTHONPATH': TESTS, 'R_SLOW_MARK': str(mark), 'R_SLOW_SECONDS': '6'})
+                          env={'PYTHONPATH': WORKER_PATH, 'R_SLOW_MARK': str(mark), 'R_SLOW_SECONDS': '6'})
     try:
         p.start()
         with pytest.raises(RemoteWorkerError, match='killed by SIGKILL'): p.execute(child_seconds=4.5)
@@ -1073,7 +1077,7 @@ def test_stop_ends_a_dead_workers_child_that_holds_its_output_and_the_output_rea
     worker's output after it is killed is killed too, and a reader still reading closes the pipes itself."""
     journal = tmp_path / 'journal'
     p = RemotePluginProxy('_r_plugins', 'SessionChildThenDie', cwd=TESTS, stop_timeout=1,
-                          env={'PYTHONPATH': TESTS, 'R_JOURNAL': str(journal)})
+                          env={'PYTHONPATH': WORKER_PATH, 'R_JOURNAL': str(journal)})
     child = None
     try:
         p.start()
