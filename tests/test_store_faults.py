@@ -340,3 +340,35 @@ def test_taking_over_does_not_wait_for_a_dead_writer_to_be_reaped():
         assert w.status() == psutil.STATUS_ZOMBIE  # ended, not reaped: what the wait used to wait for
     finally:
         mid.kill(); mid.wait()
+
+
+def test_a_start_journal_that_cannot_create_its_new_file_never_writes_to_its_closed_descriptor():
+    """A rotation renames the journal, closes it and creates a new file. When that creation failed (a file system out
+    of inodes or space, or no descriptor left), the journal kept the closed descriptor number and wrote its next lines
+    to whatever file the app opened next with that number. Now it opens the new file at its next write."""
+    from cjm_workers.stores.journal import StartJournal
+    if os.geteuid() != 0 or not shutil.which('mount'): pytest.skip('a small file system needs root (mount -t tmpfs)')
+    d = tempfile.mkdtemp(prefix='cjm-inodes-')
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k,nr_inodes=2', 'tmpfs', d], capture_output=True, text=True)
+    if r.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f'cannot mount a tmpfs here: {r.stderr.strip()}')
+    other = Path(tempfile.mkdtemp()) / 'other'
+    try:
+        j = StartJournal(os.path.join(d, 'journal'), rotate_bytes=10)  # the folder and this file: every inode there is
+        j.recover()
+        j.write([('+', 1, 'a' * 32)])
+        j.rotate()  # renamed to .old; the new file cannot be created (no inode left): the next write tries again
+        fd = os.open(other, os.O_WRONLY | os.O_CREAT)  # the app opens a file: it gets the number the journal closed
+        try: j.write([('+', 1, 'b' * 32)])  # (logged: cannot be written)
+        finally: os.close(fd)
+        assert other.read_text() == ''
+        assert os.path.exists(j.old)  # (its lines are still needed)
+        os.remove(j.old)  # an inode free again: the next write creates the new file
+        j.write([('+', 1, 'c' * 32)])
+        j.close(clean=False)
+        assert 'c' * 32 in Path(d, 'journal').read_text()
+    finally:
+        subprocess.run(['umount', '-l', d])
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(other.parent, ignore_errors=True)

@@ -157,13 +157,14 @@ def write(self:StartJournal,
 def rotate(self:StartJournal)->bool:
     "Start a new file if the current one is big and no old one is left (True if it did)."
     if self.size < self.rotate_bytes or os.path.exists(self.old): return False
-    try:
-        os.rename(self.path, self.old)
-        if self.fd is not None: os.close(self.fd)
-        self._open()
+    try: os.rename(self.path, self.old)
     except OSError as e:
         log.warning("start journal %s: could not start a new file (%s)", self.path, e)
         return False
+    if self.fd is not None: os.close(self.fd)
+    self.fd = None  # the next `write` opens the new file if it cannot be opened now (out of descriptors): the closed
+    try: self._open()  # number may be another file's by then
+    except OSError as e: log.warning("start journal %s: could not open the new file (%s); the next write tries again", self.path, e)
     return True
 
 @patch
