@@ -5,7 +5,7 @@ Before, with such an app: the SQLite job store (the default durable store) wrote
 on descriptors that keep the app's numbers, and died at once, again and again: every job state "NOT written"); a Ray
 worker's request bridge stopped at its first wait (jobs never reached the actor); `PipeChannel.get(timeout=...)` and
 `empty()` raised; and taking over the file of a dead manager raised. They all wait with `poll` now."""
-import os, queue, resource, subprocess
+import asyncio, os, queue, resource, subprocess
 import multiprocessing as mp
 import psutil, pytest
 
@@ -74,3 +74,122 @@ def test_waiting_for_a_dead_managers_writer_process_with_a_pidfd_above_1023(high
         assert _ended_within(proc, T)  # ended (a zombie until reaped)
     finally:
         if p.poll() is None: p.kill(); p.wait()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# An app at its descriptor limit (RLIMIT_NOFILE): every new pipe, pidfd or file fails with EMFILE until some close.
+
+class Starved:
+    "Takes every descriptor the soft limit leaves (lowered to what is open + 64, so this is quick); `free()` gives them back."
+    def __init__(self):
+        self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(self.limits[0], len(os.listdir('/proc/self/fd')) + 64), self.limits[1]))
+        self.held = []
+        self.take()
+    def take(self, leave:int=0):
+        "Open descriptors until none are left, then close `leave` of them."
+        try:
+            while True: self.held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError: pass
+        for _ in range(leave): os.close(self.held.pop())
+    def free(self):
+        for fd in self.held: os.close(fd)
+        self.held = []
+    def restore(self):
+        self.free()
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.limits)
+
+
+@pytest.fixture
+def starved():
+    s = Starved()
+    s.free()  # (taken again by the test, when it wants)
+    yield s
+    s.restore()
+
+
+def nfds(): return len(os.listdir('/proc/self/fd'))
+
+
+async def test_a_worker_restart_with_no_descriptors_left_is_retried_and_succeeds_once_there_are(make_manager, starved):
+    """Before, the restart after a crash raised EMFILE creating the worker's pipes, in the management thread, which
+    logged it and went on: the slot stayed `stopped` for ever, no reason given, and every job waited for ever. Now a
+    start that fails with an OSError is tried again later (as a crash is, up to `max_restart_attempts`), the worker's
+    `failure` naming the cause meanwhile; once descriptors are free again the worker starts and runs the jobs."""
+    m = make_manager(config=dict(restart_policy='always'))
+    await m.start(wait=True)
+    crash = await m.start_job('crash', mode='sigkill', after=0.3)
+    await wait_until(lambda: m.get_job(crash.id).status == 'running', T)
+    starved.take()
+    await wait_until(lambda: m.get_job(crash.id).is_terminal, T)
+    waiting = await m.start_job('echo', text='after')
+    await wait_until(lambda: m.get_worker_stats()[0]['failure'] is not None, T)
+    stats = m.get_worker_stats()[0]
+    assert stats['status'] == 'restarting' and 'Too many open files' in stats['failure'], stats
+    assert m.get_job(waiting.id).status == 'pending'
+    starved.free()
+    done = await m.wait_for_job(waiting.id, timeout=T)
+    assert done.status == 'completed' and done.result['text'] == 'after', (done.status, done.error)
+    assert m.get_worker_stats()[0]['failure'] is None
+
+
+async def test_a_worker_start_that_keeps_failing_for_lack_of_descriptors_fails_the_jobs_naming_the_cause(make_manager, starved):
+    m = make_manager(config=dict(max_restart_attempts=1))
+    starved.take(leave=2)  # one pipe (the wake pipe), not the worker's
+    await m.start()
+    job = await m.start_job('echo', text='x')
+    done = await m.wait_for_job(job.id, timeout=T)
+    assert done.status == 'failed' and 'Too many open files' in done.error, (done.status, done.error)
+    starved.free()
+    await m.restart_workers()
+    assert (await m.wait_for_job((await m.start_job('echo', text='y')).id, timeout=T)).status == 'completed'
+
+
+async def test_a_manager_started_with_no_descriptors_left_raises_and_starts_later(make_manager, starved):
+    "Before, `start()` raised EMFILE with the manager marked started and no management thread: it never ran a job."
+    m = make_manager()
+    before = nfds()
+    starved.take()
+    with pytest.raises(OSError, match='Too many open files'): await m.start()
+    starved.free()
+    assert nfds() == before
+    await asyncio.wait_for(m.start(wait=True), T)
+    assert (await m.wait_for_job((await m.start_job('echo', text='y')).id, timeout=T)).status == 'completed'
+
+
+def test_a_writer_process_that_cannot_create_its_second_pipe_leaves_no_descriptor_open(starved, tmp_path):
+    from cjm_workers.stores.sqlite_writer import WriterProcess
+    before = nfds()
+    starved.take(leave=2)  # its first pipe, not the second
+    with pytest.raises(OSError, match='Too many open files'): WriterProcess(str(tmp_path / 'j.db'))
+    starved.free()
+    assert nfds() == before
+
+
+
+async def test_a_store_whose_writer_process_cannot_be_replaced_for_lack_of_descriptors_reports_it_and_gets_a_process_later(
+        starved, tmp_path):
+    """Before, a writer process that could not be started for lack of descriptors (EMFILE: a passing shortage) was
+    taken as "no process can be started here": the store wrote from a thread of the app for the rest of its life (the
+    slow, fallback writer), and said nothing in its health. Now it is a failed write, reported and retried, and a
+    writer process is started once descriptors are free."""
+    import signal
+    from cjm_workers.testing import ReferenceJob
+    store = SQLiteJobStore(tmp_path / 'jobs.db', retry_interval=0.05)
+    store.namespace = 'reference'
+    try:
+        first = ReferenceJob(id='first', plugin_id='echo'); first._seq = 1
+        store.save(first)
+        assert store.flush(T) and store.writer_pid is not None
+        starved.take()
+        os.kill(store.writer_pid, signal.SIGKILL)
+        second = ReferenceJob(id='second', plugin_id='echo', status='completed', result={'text': 'kept'}); second._seq = 2
+        store.save(second)
+        await wait_until(lambda: store.failures >= 2, T)
+        h = store.health()
+        assert not h['ok'] and 'Too many open files' in h['error'] and h['unsaved'] == 1, h
+        starved.free()
+        assert store.flush(T)
+        assert store.writer_pid is not None and store.health()['ok']  # a writer process again, not a thread
+        assert store.get('second').result == {'text': 'kept'}
+    finally: store.close()

@@ -852,13 +852,13 @@ def _learn_pid(self:BaseJobManager, slot:_Slot, pid:Optional[int]):
 @patch
 def _start_worker(self:BaseJobManager, slot:_Slot):
     "Start the worker process of `slot` (under the lock)."
-    cfg = self.worker_config
-    slot.requests = PipeChannel(self._ctx, control=True)  # cancels and stops overtake queued work on `control`
-    slot.results, slot.responses = PipeChannel(self._ctx), PipeChannel(self._ctx)
-    target, args = self.get_worker_entry_point(), (slot.requests, slot.results, slot.responses)
-    env = {LOG_LEVEL_ENV: str(logging.getLogger().getEffectiveLevel()), **cfg.env_for(slot.index)}  # the app's log level
+    cfg, made = self.worker_config, []
     name, backend = f"cjm-worker-{self.worker_type}-{slot.index}", cfg.backend
-    try:
+    try:  # (the pipes too: an app out of descriptors cannot create them)
+        for control in (True, False, False): made.append(PipeChannel(self._ctx, control=control))  # cancels and stops
+        slot.requests, slot.results, slot.responses = made  # overtake queued work on the requests' `control` channel
+        target, args = self.get_worker_entry_point(), (slot.requests, slot.results, slot.responses)
+        env = {LOG_LEVEL_ENV: str(logging.getLogger().getEffectiveLevel()), **cfg.env_for(slot.index)}  # the app's log level
         if backend is None and self._ctx.get_start_method() != 'fork':  # spawn pickles the entry point: say so if it cannot
             try: ForkingPickler.dumps(target)                              # (Python 3.13 says only "Can't get local object")
             except Exception as e: raise pickle.PicklingError(f"the entry point {target!r} cannot be pickled: {e}") from e
@@ -867,9 +867,20 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
         p.start()
         if backend is None: _reap_alone(p)  # reaped by this manager only: its group is killed before (`_handle_worker_error`)
     except Exception as e:  # e.g. an entry point spawn cannot pickle: starting again would fail the same way
-        for ch in (slot.requests, slot.results, slot.responses): ch.close()
+        for ch in made: ch.close()
         slot.process = slot.pid = None
-        return self._fail_slot(slot, f"the worker process could not be started ({type(e).__name__}: {e})")
+        why = f"the worker process could not be started ({type(e).__name__}: {e})"
+        if isinstance(e, OSError) and not self._closed:  # out of descriptors (EMFILE), processes or memory: it may pass,
+            slot.crashes += 1                             # so it is tried again later, as a crash would be
+            if slot.crashes <= cfg.max_restart_attempts:
+                delay = max(cfg.backoff_delay(slot.crashes - 1), 1.0)
+                log.warning("%s worker %d: %s; trying again in %.3g s (attempt %d of at most %d in a row)", self.worker_type,
+                            slot.index, why, delay, slot.crashes, cfg.max_restart_attempts)
+                self._emit('worker_restarting', {'worker': slot.index, 'attempt': slot.crashes, 'delay': delay, 'reason': why})
+                slot.state, slot.failure, slot.restart_at = 'restarting', why, time.monotonic() + delay
+                return
+            why += f"; it failed {slot.crashes} times in a row (max_restart_attempts={cfg.max_restart_attempts})"
+        return self._fail_slot(slot, why)
     slot.requests.close_reader(); slot.results.close_writer(); slot.responses.close_writer()
     slot.results.set_nonblocking(); slot.responses.set_nonblocking()
     slot.requests.write_behind()  # sending never blocks on a busy worker (see `PipeChannel.write_behind`)
@@ -1459,7 +1470,11 @@ def _ensure_started(self:BaseJobManager):
         if self._closed: raise RuntimeError(f"the {self.worker_type} job manager has been shut down")
         if self._started: return
         store = self._store
-        store.acquire(self._owner)  # JobStoreLocked if another live manager owns these jobs: nothing started yet
+        r, w = os.pipe()  # first: an app out of descriptors gets the error with nothing started (and may start again)
+        try: store.acquire(self._owner)  # JobStoreLocked if another live manager owns these jobs: nothing started yet
+        except BaseException:
+            os.close(r); os.close(w)
+            raise
         try:
             if hasattr(store, 'on_commit'): store.on_commit = _commit_callback(self._self_ref)
             store.open()  # a durable store starts writing now, so that the first jobs are in the file at once
@@ -1472,8 +1487,8 @@ def _ensure_started(self:BaseJobManager):
             for undo in (store.release, store.close):
                 try: undo()
                 except Exception: log.exception("%s job manager: undoing a failed start", self.worker_type)
+            os.close(r); os.close(w)
             raise
-        r, w = os.pipe()
         os.set_blocking(w, False)
         self._wake_fds[:] = [r, w]
         for s in self._slots: self._start_worker(s)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/stores/sqlite.ipynb #d82f097c
 from __future__ import annotations
-import base64, fcntl, importlib, itertools, json, logging, math, operator, os, re, socket, sys, threading, time, types, typing, uuid
+import base64, errno, fcntl, importlib, itertools, json, logging, math, operator, os, re, socket, sys, threading, time, types, typing, uuid
 from multiprocessing.connection import wait as _wait_ready
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
@@ -702,7 +702,9 @@ def _new_writer(self:SQLiteJobStore):
     why = can_start_process()
     if why is None:
         try: return WriterProcess(self.path, self.busy_timeout, self.synchronous, self._file_id)
-        except OSError as e: why = f"starting {sys.executable!r} failed: {type(e).__name__}: {e}"
+        except OSError as e:  # out of descriptors, processes or memory for now: a failed write, retried (not a thread for good)
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM): raise
+            why = f"starting {sys.executable!r} failed: {type(e).__name__}: {e}"
     log.warning("job store %s: no writer process (%s); writing from a thread of the app instead (slower)", self.path, why)
     return WriterThread(self.path, self.busy_timeout, self.synchronous, self._file_id)
 

@@ -431,7 +431,10 @@ class WriterProcess:
                 ):
         "Start the process and send it its settings."
         data_r, self._data_w = os.pipe()
-        self._ack_r, ack_w = os.pipe()
+        try: self._ack_r, ack_w = os.pipe()
+        except BaseException:  # (out of descriptors): the first pipe is not left open
+            os.close(data_r); os.close(self._data_w)
+            raise
         root = str(Path(cjm_workers.__file__).resolve().parent.parent)
         try:
             self.proc = subprocess.Popen([sys.executable, '-c', _CMD, root, str(data_r), str(ack_w), str(os.getpid())],
