@@ -193,3 +193,21 @@ async def test_a_store_whose_writer_process_cannot_be_replaced_for_lack_of_descr
         assert store.writer_pid is not None and store.health()['ok']  # a writer process again, not a thread
         assert store.get('second').result == {'text': 'kept'}
     finally: store.close()
+
+
+async def test_a_manager_with_the_sqlite_store_starts_once_descriptors_are_free_whatever_its_start_ran_out_at(
+        make_manager, starved, tmp_path):
+    """Before, a start that ran out of descriptors while SQLite opened the file's -wal left the store's read-write
+    connection broken: every later `start()` failed with "disk I/O error", descriptors free or not. Now a failed
+    lease closes the store's connections, and the next start opens new ones. (Tried with each number of descriptors
+    left that fails somewhere else in the start.)"""
+    from cjm_workers.stores.base import JobStoreError
+    for left in range(0, 9):
+        m = make_manager(config=dict(max_restart_attempts=0), job_store=SQLiteJobStore(tmp_path / f'jobs{left}.db'))
+        starved.take(leave=left)
+        try: await m.start()
+        except (OSError, JobStoreError) as e: assert 'Too many open files' in str(e) or 'open' in str(e), e
+        finally: starved.free()
+        await m.start()
+        assert m.get_health()['store']['ok']
+        await m.ashutdown()

@@ -1005,6 +1005,16 @@ def _locked(path, ns:str, row:dict)->JobStoreLocked:
 @patch
 def acquire(self:SQLiteJobStore, owner:str)->None:
     "Take the namespace's lease for `owner`; `JobStoreLocked` if a live manager holds it."
+    try: self._acquire(owner)
+    except JobStoreLocked: raise
+    except BaseException:  # a connection that failed (e.g. its -wal could not be opened: no descriptor left) may stay
+        self._close_connections()  # broken ("disk I/O error" for ever): the next try opens new ones
+        raise
+    self._owner = owner
+    _LIVE_OWNERS.add(owner)
+
+@patch
+def _acquire(self:SQLiteJobStore, owner:str)->None:
     ns = self.namespace
     with self._rlock, self._failing('taking the lease'):
         db = self._rw()
@@ -1031,8 +1041,6 @@ def acquire(self:SQLiteJobStore, owner:str)->None:
             rollback(db.conn)
             self._unlock_lease_file()
             raise
-    self._owner = owner
-    _LIVE_OWNERS.add(owner)
 
 @patch
 def _lock_lease_file(self:SQLiteJobStore)->bool:
