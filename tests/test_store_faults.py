@@ -2,7 +2,7 @@
 writes that keep failing at shutdown (a database locked by another process; a full disk, on a real small tmpfs when
 this runs as root), reads while the disk is full, bad database files, missing folders, bad parameters, and reading a
 store without its manager. Real SQLite files, real managers, worker and writer processes; nothing is mocked."""
-import asyncio, logging, os, shutil, subprocess, sys, tempfile, threading, time
+import asyncio, contextlib, logging, os, shutil, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 import psutil, pytest
@@ -91,12 +91,12 @@ async def test_shutdown_while_writes_fail_waits_close_timeout_then_reports_the_u
 # --------------------------------------------------------------------------------------------------------------
 # 2. a full disk (a real one: an 8 MB tmpfs, when this runs as root)
 
-@pytest.fixture
-def small_disk():
-    "A tmpfs of 8 MB (needs root and mount); skipped otherwise."
+@contextlib.contextmanager
+def tmpfs(options:str, prefix:str='cjm-full-'):
+    "A tmpfs mounted with `options` (needs root and mount; the test is skipped otherwise), unmounted and removed after."
     if os.geteuid() != 0 or not shutil.which('mount'): pytest.skip('a small file system needs root (mount -t tmpfs)')
-    d = tempfile.mkdtemp(prefix='cjm-full-')
-    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', d], capture_output=True, text=True)
+    d = tempfile.mkdtemp(prefix=prefix)
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', d], capture_output=True, text=True)
     if r.returncode != 0:
         os.rmdir(d)
         pytest.skip(f'cannot mount a tmpfs here: {r.stderr.strip()}')
@@ -104,6 +104,12 @@ def small_disk():
     finally:
         subprocess.run(['umount', '-l', d])
         shutil.rmtree(d, ignore_errors=True)  # (unmounted: what a store still writing recreated here, if anything)
+
+
+@pytest.fixture
+def small_disk():
+    "A tmpfs of 8 MB."
+    with tmpfs('size=8m') as d: yield d
 
 
 def fill(path: Path):
@@ -347,14 +353,8 @@ def test_a_start_journal_that_cannot_create_its_new_file_never_writes_to_its_clo
     of inodes or space, or no descriptor left), the journal kept the closed descriptor number and wrote its next lines
     to whatever file the app opened next with that number. Now it opens the new file at its next write."""
     from cjm_workers.stores.journal import StartJournal
-    if os.geteuid() != 0 or not shutil.which('mount'): pytest.skip('a small file system needs root (mount -t tmpfs)')
-    d = tempfile.mkdtemp(prefix='cjm-inodes-')
-    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k,nr_inodes=2', 'tmpfs', d], capture_output=True, text=True)
-    if r.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f'cannot mount a tmpfs here: {r.stderr.strip()}')
     other = Path(tempfile.mkdtemp()) / 'other'
-    try:
+    with tmpfs('size=256k,nr_inodes=2', 'cjm-inodes-') as d:
         j = StartJournal(os.path.join(d, 'journal'), rotate_bytes=10)  # the folder and this file: every inode there is
         j.recover()
         j.write([('+', 1, 'a' * 32)])
@@ -368,7 +368,4 @@ def test_a_start_journal_that_cannot_create_its_new_file_never_writes_to_its_clo
         j.write([('+', 1, 'c' * 32)])
         j.close(clean=False)
         assert 'c' * 32 in Path(d, 'journal').read_text()
-    finally:
-        subprocess.run(['umount', '-l', d])
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(other.parent, ignore_errors=True)
+    shutil.rmtree(other.parent, ignore_errors=True)
