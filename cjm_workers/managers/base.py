@@ -872,14 +872,9 @@ def _start_worker(self:BaseJobManager, slot:_Slot):
         why = f"the worker process could not be started ({type(e).__name__}: {e})"
         if isinstance(e, OSError) and not self._closed:  # out of descriptors (EMFILE), processes or memory: it may pass,
             slot.crashes += 1                             # so it is tried again later, as a crash would be
-            if slot.crashes <= cfg.max_restart_attempts:
-                delay = max(cfg.backoff_delay(slot.crashes - 1), 1.0)
-                log.warning("%s worker %d: %s; trying again in %.3g s (attempt %d of at most %d in a row)", self.worker_type,
-                            slot.index, why, delay, slot.crashes, cfg.max_restart_attempts)
-                self._emit('worker_restarting', {'worker': slot.index, 'attempt': slot.crashes, 'delay': delay, 'reason': why})
-                slot.state, slot.failure, slot.restart_at = 'restarting', why, time.monotonic() + delay
-                return
-            why += f"; it failed {slot.crashes} times in a row (max_restart_attempts={cfg.max_restart_attempts})"
+            log.warning("%s worker %d: %s", self.worker_type, slot.index, why)
+            slot.failure = why  # (shown while it waits to try again)
+            return self._restart_after(slot, why, max(cfg.backoff_delay(slot.crashes - 1), 1.0))
         return self._fail_slot(slot, why)
     slot.requests.close_reader(); slot.results.close_writer(); slot.responses.close_writer()
     slot.results.set_nonblocking(); slot.responses.set_nonblocking()
@@ -1065,11 +1060,21 @@ def _handle_worker_error(self:BaseJobManager, slot:_Slot):
     if not policy.restarts_after_crash and not (retry and policy is not RestartPolicy.NEVER):
         return self._fail_slot(slot, f"the worker process {how}; restart policy {policy.value} does not restart after a crash")
     if retry and not policy.restarts_after_crash: how += " (restarted to retry the job it was running)"
-    if slot.crashes > cfg.max_restart_attempts:
-        return self._fail_slot(slot, f"the worker process {how}; it failed {slot.crashes} times in a row "
-                                     f"(max_restart_attempts={cfg.max_restart_attempts})")
     delay = cfg.backoff_delay(slot.crashes - 1) if policy is RestartPolicy.BACKOFF else 0.0
-    self._emit('worker_restarting', {'worker': slot.index, 'attempt': slot.crashes, 'delay': delay, 'reason': how})
+    self._restart_after(slot, how, delay, f"the worker process {how}")
+
+# %% ../../nbs/managers/base.ipynb #8ad9d917
+@patch
+def _restart_after(self:BaseJobManager, slot:_Slot,
+                   why:str, # what ended the worker (or kept it from starting): the `worker_restarting` event's reason
+                   delay:float, # seconds until it starts again (0: at once)
+                   reason:Optional[str]=None): # the failed worker's reason, before the count (default: `why`)
+    "The end of crash number `slot.crashes` in a row: the worker fails after `max_restart_attempts` of them, else starts again after `delay` s."
+    cfg = self.worker_config
+    if slot.crashes > cfg.max_restart_attempts:
+        return self._fail_slot(slot, f"{reason or why}; it failed {slot.crashes} times in a row "
+                                     f"(max_restart_attempts={cfg.max_restart_attempts})")
+    self._emit('worker_restarting', {'worker': slot.index, 'attempt': slot.crashes, 'delay': delay, 'reason': why})
     log.warning("%s worker %d: restarting%s (restart %d of at most %d in a row)", self.worker_type, slot.index,
                 f" in {delay:.3g}s" if delay > 0 else '', slot.crashes, cfg.max_restart_attempts)
     if delay <= 0: return self._restart_worker(slot)
