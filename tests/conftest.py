@@ -4,7 +4,7 @@ Worker backends: a test (or module, with `pytestmark`) marked `@pytest.mark.back
 backend; its `make_manager` managers then run their workers as local processes or as Ray actors in one local Ray
 cluster shared by the session (`ray_cluster`). Unmarked tests run on local processes only.
 """
-import importlib.util, os, threading
+import importlib.util, os, shutil, tempfile, threading
 import psutil, pytest
 from cjm_workers.core.config import WorkerConfig
 from cjm_workers.testing import ReferenceJobManager
@@ -25,7 +25,7 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope='session')
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     "One local Ray cluster for the whole session (started on first use)."
     ray = pytest.importorskip('ray', reason='the Ray extra is not installed (pip install -e ".[ray]")')
     os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
@@ -33,16 +33,20 @@ def ray_cluster(tmp_path_factory):
     # The actors find them on the PYTHONPATH that Ray's processes inherit from this one at `ray.init` (set for the
     # call only). Not a job `runtime_env={'env_vars': ...}`: with one, every actor's Ray worker process is set up by
     # the runtime-env agent and none of the prestarted ones can be used, which made each actor start twice as slow.
+    # Ray's socket paths lie below its temp dir and must fit AF_UNIX's 107 bytes: a dir of pytest's own grows with its
+    # run counter (/tmp/pytest-of-root/pytest-1007/popen-gw0/ray0/session_.../sockets/plasma_store did not fit)
+    temp_dir = tempfile.mkdtemp(prefix='cjmray', dir='/tmp')
     saved = os.environ.get('PYTHONPATH')
     os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [tests, saved]))
     try:
         ray.init(num_cpus=2, resources={'cjm_test_slot': 2}, include_dashboard=False,
-                 _temp_dir=str(tmp_path_factory.mktemp('ray')), logging_level='warning', log_to_driver=False)
+                 _temp_dir=temp_dir, logging_level='warning', log_to_driver=False)
     finally:
         if saved is None: os.environ.pop('PYTHONPATH', None)
         else: os.environ['PYTHONPATH'] = saved
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
