@@ -211,3 +211,23 @@ async def test_a_manager_with_the_sqlite_store_starts_once_descriptors_are_free_
         await m.start()
         assert m.get_health()['store']['ok']
         await m.ashutdown()
+
+
+def test_a_store_that_cannot_open_its_file_for_lack_of_descriptors_says_so(starved, tmp_path):
+    """SQLite's `CantOpenError` keeps the system's error to itself, and the store used to guess "a missing folder, or a
+    folder it may not create files in?" for it, with the folder there and writable. Now it asks the system again."""
+    from cjm_workers.stores.base import JobStoreError
+    from cjm_workers.testing import ReferenceJob
+    store = SQLiteJobStore(tmp_path / 'jobs.db')
+    store.namespace = 'reference'
+    try:
+        job = ReferenceJob(id='one', plugin_id='echo'); job._seq = 1
+        store.save(job)
+        assert store.flush(T)
+        store._close_connections()
+        starved.take()
+        with pytest.raises(JobStoreError) as e: store.get('one')
+        starved.free()
+        assert 'Too many open files (EMFILE)' in str(e.value) and 'folder' not in str(e.value), str(e.value)
+        assert store.get('one').id == 'one'
+    finally: store.close()

@@ -316,12 +316,21 @@ _WHY = [(apsw.NotADBError, "the file is not a SQLite database"),
         (apsw.PermissionsError, "permission denied"), (PermissionError, "permission denied"),
         (apsw.IOError, "the file cannot be read or written (an I/O error)")]
 
+def _cant_open_why(path)->str:
+    "Why SQLite could not open `path`: its `CantOpenError` keeps the system's error to itself, so ask the system again."
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder): return f"its folder {folder} does not exist"
+    try: os.close(os.open(path if os.path.exists(path) else folder, os.O_RDONLY))
+    except OSError as e: return f"the file cannot be opened: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)})"
+    if not os.access(folder, os.W_OK | os.X_OK): return f"it may not create files in its folder {folder}"
+    return "the file cannot be opened (a passing shortage of descriptors or memory?)"
+
 @patch
 def _why(self:SQLiteJobStore, e:BaseException)->str:
     "What is wrong with the file, in words, then the original error."
     if os.path.isdir(self.path): why = "the path is a directory"
     elif isinstance(e, apsw.BusyError): why = f"another connection holds the database's lock (waited busy_timeout={self.busy_timeout:g}s)"
-    elif isinstance(e, apsw.CantOpenError): why = "the file cannot be opened (a missing folder, or a folder it may not create files in?)"
+    elif isinstance(e, apsw.CantOpenError): why = _cant_open_why(self.path)
     else: why = next((w for t, w in _WHY if isinstance(e, t)), None)
     return f"{why} ({type(e).__name__}: {e})" if why else f"{type(e).__name__}: {e}"
 
@@ -331,8 +340,8 @@ def _failing(self:SQLiteJobStore, doing:str):
     "Turn an error of SQLite or of the file system into a `JobStoreError` naming the file (the original as its `__cause__`)."
     try: yield
     except (apsw.Error, OSError) as e:
-        err = JobStoreError(f"job store {self.path}: {doing} failed: {self._why(e)}")
-        err.reason = self._why(e)
+        err = JobStoreError(f"job store {self.path}: {doing} failed: {(why := self._why(e))}")
+        err.reason = why
         raise err from e
 
 def _reason(e:BaseException)->str:
