@@ -14,10 +14,10 @@ from .core.worker import base_worker_process, check_cancelled, report_progress, 
 
 # %% auto #0
 __all__ = ['REFERENCE_PLUGINS', 'ReferencePlugin', 'EchoPlugin', 'TranscribePlugin', 'TokenStreamPlugin', 'SlowPlugin',
-           'CrashPlugin', 'NoLoadPlugin', 'ReferencePluginManager', 'reference_plugin_manager', 'reference_worker',
-           'failing_factory_worker', 'echo_channel', 'sleep_with_child', 'fork_daemon', 'leave_daemon', 'hold_memory',
-           'RecordingBroadcaster', 'RecordingResourceManager', 'PluginMeta', 'ReferenceRegistry', 'ReferenceJob',
-           'ReferenceJobManager', 'wait_until', 'serve_in_thread']
+           'CrashPlugin', 'NoLoadPlugin', 'AsyncChatPlugin', 'async_reference_worker', 'ReferencePluginManager',
+           'reference_plugin_manager', 'reference_worker', 'failing_factory_worker', 'echo_channel', 'sleep_with_child',
+           'fork_daemon', 'leave_daemon', 'hold_memory', 'RecordingBroadcaster', 'RecordingResourceManager',
+           'PluginMeta', 'ReferenceRegistry', 'ReferenceJob', 'ReferenceJobManager', 'wait_until', 'serve_in_thread']
 
 # %% ../nbs/testing.ipynb #e0bc1b0c
 class ReferencePlugin:
@@ -107,6 +107,32 @@ class NoLoadPlugin(ReferencePlugin):
 
 REFERENCE_PLUGINS = {c.name: c for c in (EchoPlugin, TranscribePlugin, TokenStreamPlugin, SlowPlugin, CrashPlugin, NoLoadPlugin)}
 
+# %% ../nbs/testing.ipynb #7734cf0e
+class AsyncChatPlugin(ReferencePlugin):
+    """An async LLM-client stand-in: `initialize` opens its "client" (on the loop it runs on), `execute` answers after
+    `delay` seconds, `execute_stream` streams the words of `text`, `cleanup` appends a line to `closed_log` (if set).
+    It never calls `check_cancelled()`: a cancel reaches it as `asyncio.CancelledError` at its `await`."""
+    name, streams, defaults = 'achat', True, {'closed_log': ''}
+    async def initialize(self, config:Optional[dict]=None):
+        await asyncio.sleep(0)
+        self.config, self.client_loop = {**self.defaults, **(config or {})}, id(asyncio.get_running_loop())
+    async def execute(self, text:str='hello', delay:float=0.0, **kwargs):
+        await asyncio.sleep(delay)
+        return {'text': f"you said: {text}", 'metadata': {'pid': os.getpid(), 'client_loop': id(asyncio.get_running_loop()) == self.client_loop}}
+    async def execute_stream(self, text:str='the quick brown fox', delay:float=0.01, **kwargs):
+        words = text.split(' ')
+        for i, w in enumerate(words):
+            await asyncio.sleep(delay)
+            yield w + (' ' if i < len(words) - 1 else '')
+    async def cleanup(self):
+        if self.config.get('closed_log'):
+            with open(self.config['closed_log'], 'a') as f: f.write(f"closed {os.getpid()}\n")
+
+def async_reference_worker(request_queue, result_queue, response_queue):
+    "Worker entry point running the reference plugins and `AsyncChatPlugin` (streaming on)."
+    base_worker_process(request_queue, result_queue, response_queue, supports_streaming=True,
+                        plugin_manager_factory=lambda: ReferencePluginManager({**REFERENCE_PLUGINS, 'achat': AsyncChatPlugin}))
+
 # %% ../nbs/testing.ipynb #2241c003
 class ReferencePluginManager(SimplePluginManager):
     "`SimplePluginManager` over the reference plugins (or `plugins`), counting loads; it refuses to load `noload`."
@@ -115,9 +141,8 @@ class ReferencePluginManager(SimplePluginManager):
         self.loads: Dict[str, int] = {}
     def load_plugin(self, plugin_data:PluginInfo, config:dict):
         if plugin_data.name == 'noload': return False
-        super().load_plugin(plugin_data, config)
         self.loads[plugin_data.name] = self.loads.get(plugin_data.name, 0) + 1
-        return True
+        return super().load_plugin(plugin_data, config)  # (True, or an awaitable of it: an `async def initialize`)
     def reload_plugin(self, plugin_name:str, config:Optional[dict]=None):
         if config is not None and plugin_name == 'noload': return False
         return super().reload_plugin(plugin_name, config)

@@ -690,3 +690,27 @@ def test_what_the_plugin_started_ends_with_a_worker_stopped_by_sigterm(tmp_path)
         assert w.proc.wait(15) == -signal.SIGTERM
         assert_escapees_end(pids)
     finally: w.stop()
+
+
+def test_a_plugin_written_with_async_def_runs_in_a_universal_worker(tmp_path):
+    """`AsyncChatPlugin`: `async def` initialize, execute, execute_stream and cleanup. Before, `/execute` answered 500
+    (a coroutine is no JSON), the stream failed, and `initialize` and `cleanup` never ran. A cancel now reaches the
+    plugin's `await` (its run's task is cancelled): the call ends 409 long before its 60 s."""
+    log = tmp_path / 'closed.log'
+    w = Worker('AsyncChatPlugin').ready()
+    try:
+        with w.client() as c, w.client() as c2, ThreadPoolExecutor(1) as pool:
+            assert c.post('/initialize', json={'closed_log': str(log)}).json() == {'status': 'initialized'}
+            r = c.post('/execute', json={'kwargs': {'text': 'hi'}})
+            assert r.status_code == 200 and r.json() == {'text': 'you said: hi', 'metadata': {'pid': w.proc.pid, 'client_loop': True}}, r.text
+            lines = [json.loads(l) for l in c.post('/execute_stream', json={'kwargs': {'text': 'a b c'}}).text.splitlines()]
+            assert lines == ['a ', 'b ', 'c'], lines
+            fut = pool.submit(c2.post, '/execute', json={'kwargs': {'delay': 60}})
+            assert wait_for(lambda: c.get('/progress').json()['running'], 10)
+            assert c.post('/cancel').json()['running'] is True
+            r = fut.result(20)  # (a hang guard: the plugin's sleep is 60 s)
+            assert r.status_code == 409 and r.json()['cancelled'] is True, r.text
+            assert c.post('/execute', json={'kwargs': {'text': 'after'}}).json()['text'] == 'you said: after'
+            assert c.post('/cleanup').json() == {'status': 'cleaned_up'}
+            assert log.read_text() == f"closed {w.proc.pid}\n"
+    finally: w.stop()

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/core/adapters.ipynb #491c7104
 from __future__ import annotations
-import dataclasses
+import dataclasses, inspect
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 from .protocol import PluginManagerAdapter
 
@@ -31,10 +31,13 @@ class _SimpleAdapter:
     def load_plugin(self, plugin_data, config): return self._pm.load_plugin(plugin_data, config)
     def execute_plugin(self, plugin_name, **params):
         r = self._pm.execute_plugin(plugin_name, **params)
+        if self._adapt and inspect.isawaitable(r): return _then(r, self._adapt)  # (an `async def` plugin's: the worker awaits it)
         return self._adapt(r) if self._adapt else r
     def execute_plugin_stream(self, plugin_name, **params)->Iterator[str]:
         fn = getattr(self._pm, 'execute_plugin_stream', None)
-        if callable(fn): return (yield from fn(plugin_name, **params))
+        return fn(plugin_name, **params) if callable(fn) else self._once(plugin_name, params)  # (an async generator too)
+    def _once(self, plugin_name, params):
+        "The stream of a plugin manager with none: its result as one item (and the generator's return value)."
         r = self.execute_plugin(plugin_name, **params)
         yield default_result_adapter(r).get('text', '') if not isinstance(r, str) else r
         return r
@@ -50,6 +53,10 @@ class _SimpleAdapter:
     def unload_plugin(self, plugin_name):
         fn = getattr(self._pm, 'unload_plugin', None)
         return fn(plugin_name) if callable(fn) else None
+
+async def _then(aw, fn:Callable):
+    "`fn` of what awaitable `aw` gives: an `async def` plugin's result, taken further once it is there."
+    return fn(await aw)
 
 def create_simple_adapter(plugin_manager:Any, # The plugin manager instance to adapt
                           result_adapter:Optional[Callable]=None # Optional function to convert plugin results to dict
@@ -90,8 +97,12 @@ class SimplePluginManager:
     def load_plugin(self, plugin_data:PluginInfo, config:Optional[dict])->bool:
         "Create the plugin and initialize it with `config` (an exception is the load's error, naming the plugin)."
         plugin = plugin_data.cls()
-        plugin.initialize(dict(config or {}))
-        self.plugins[plugin_data.name] = plugin
+        started = plugin.initialize(dict(config or {}))
+        if inspect.isawaitable(started): return _then(started, lambda _: self._keep(plugin_data.name, plugin))  # `async def initialize`
+        return self._keep(plugin_data.name, plugin)
+
+    def _keep(self, name:str, plugin)->bool:
+        self.plugins[name] = plugin
         return True
 
     def get_plugin(self, plugin_name:str)->Any: return self.plugins.get(plugin_name)
@@ -109,16 +120,20 @@ class SimplePluginManager:
         if config is None: return self.unload_plugin(plugin_name)
         plugin = self.plugins.get(plugin_name)
         if plugin is None: return self.load_plugin(PluginInfo(plugin_name, self.available[plugin_name]), config)
-        plugin.initialize(dict(config))
-        return True
+        return _true_once(plugin.initialize(dict(config)))
 
     def unload_plugin(self, plugin_name:str)->bool:
         plugin = self.plugins.pop(plugin_name, None)
         cleanup = getattr(plugin, 'cleanup', None)
-        if callable(cleanup): cleanup()
-        return True
+        return _true_once(cleanup() if callable(cleanup) else None)
 
     def cancel_plugin(self, plugin_name:str)->None:
         "The cooperative cancel of a running job: the plugin's `cancel()`, if it has one."
         cancel = getattr(self.plugins.get(plugin_name), 'cancel', None)
-        if callable(cancel): cancel()
+        asked = cancel() if callable(cancel) else None
+        if inspect.iscoroutine(asked): asked.close()  # an `async def cancel` cannot run here (the worker's control thread,
+                                                      # while the job runs): the job's task is cancelled instead
+
+def _true_once(done)->bool:
+    "True, or, for what an `async def` method returned, an awaitable giving True once it has run (the worker awaits it)."
+    return _then(done, lambda _: True) if inspect.isawaitable(done) else True

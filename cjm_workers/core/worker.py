@@ -5,7 +5,7 @@ reports progress, honours cooperative cancels, and dies with its parent."""
 
 # %% ../../nbs/core/worker.ipynb #ea1d32d2
 from __future__ import annotations
-import fcntl, gc, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
+import asyncio, fcntl, gc, inspect, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
 from collections import deque
 import multiprocessing as mp
 from collections import OrderedDict
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'PROGRESS_INTERVAL', 'START_LOG_LINES', 'BACKSTOP_GRACE', 'LOG_LEVEL_ENV', 'LOG_FORMAT', 'JobCancelledError',
            'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested', 'check_cancelled',
-           'base_worker_process']
+           'PluginLoop', 'base_worker_process']
 
 # %% ../../nbs/core/worker.ipynb #943f8a10
 PROGRESS_INTERVAL = 0.05  # seconds between two progress messages with the same text
@@ -42,6 +42,7 @@ class JobContext:
         self.chunks: list[str] = []  # streamed output so far
         self._last = (0.0, None)
         self._cancelled, self._event = False, None  # the Event is made only if a plugin asks for it (most never do)
+        self._hook = None  # called when the job is asked to stop (an `async def` plugin's task is cancelled: `_settle`)
         self.ended = False  # set (by `end`) when the job ends: reports through this context are dropped from then on
         self._lock = threading.Lock()  # a report from a plugin's thread is either sent before `end` returns, or dropped
 
@@ -60,8 +61,16 @@ class JobContext:
         "Mark this job as asked to stop (the control thread calls it)."
         with _EVENT_LOCK:
             self._cancelled = True
-            ev = self._event
+            ev, hook = self._event, self._hook
         if ev is not None: ev.set()
+        if hook is not None: hook()
+
+    def _on_cancel(self, hook:Optional[Callable[[], None]])->None:
+        "Call `hook` (from the thread that cancels) once the job is asked to stop, at once if it already was; None: no more."
+        with _EVENT_LOCK:
+            self._hook = hook
+            now = hook is not None and self._cancelled
+        if now: hook()
 
     @property
     def cancelled(self)->bool:
@@ -156,6 +165,7 @@ class _Worker:
         self.cancel_hooked: set = set()  # plugins whose cancel hook ran: their `cancelled` flag is cleared before their next job
         self.discovered = None
         self.pm = None
+        self.aloop = PluginLoop()  # the event loop of plugins written with `async def` (`_settle`), made when one is first met
         self.jobs_done = 0
         self.pid = os.getpid()  # a process running this loop with another pid is a copy a plugin forked (`_leave_if_copy`)
         self.start_log: Optional[int] = None  # fd of the start log, when the app asked for one
@@ -352,7 +362,7 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
         params = {k: v for k, v in req.items() if k not in _RESERVED}
         if self._streams(name, req): out['data'] = self._run_stream(name, params, ctx)
         else:
-            ret = self.pm.execute_plugin(name, **params)
+            ret = self._settle(self.pm.execute_plugin(name, **params), ctx)
             self._leave_if_copy()
             out['data'] = self.adapter(ret)
         if ctx.cancelled: out['status'] = 'cancelled'
@@ -403,21 +413,62 @@ def _streams(self:_Worker, name, req)->bool:
 @patch
 def _run_stream(self:_Worker, name, params, ctx)->Any:
     gen, ret = self.pm.execute_plugin_stream(name, **params), None
+    is_async = hasattr(gen, '__anext__')  # an `async def execute_stream` (an async generator)
     try:
         while not ctx.cancelled:
-            try: chunk = next(gen)
+            try: chunk = self._settle(gen.__anext__(), ctx) if is_async else next(gen)
             except StopIteration as s: ret = s.value; break
+            except StopAsyncIteration: break  # (an async generator returns no value)
             finally: self._leave_if_copy()
             text = chunk if isinstance(chunk, str) else str(chunk)
             ctx.chunks.append(text)
             self._send({'type': 'stream_chunk', 'job_id': ctx.job_id, 'chunk': text, 'is_final': False, 'metadata': None})
     finally:
-        close = getattr(gen, 'close', None)
-        if callable(close): close()
+        close = getattr(gen, 'aclose' if is_async else 'close', None)
+        if callable(close): self._settle(close())
     text = ''.join(ctx.chunks)
     data = self.adapter(ret) if ret is not None else {'text': text, 'metadata': {}}
     if isinstance(data, dict) and not data.get('text'): data['text'] = text
     return data
+
+# %% ../../nbs/core/worker.ipynb #b9dfdca4
+class PluginLoop:
+    "The event loop of plugins written with `async def`, in the process hosting them: made when first needed, kept for its life."
+    def __init__(self): self.loop: Optional[asyncio.AbstractEventLoop] = None
+    def run(self, value, ctx:Optional[JobContext]=None):
+        "`value`, or if it is awaitable (an `async def` plugin's), what it gives once run on this loop; a cancel of `ctx`'s job cancels it."
+        if not inspect.isawaitable(value): return value
+        if self.loop is None: self.loop = asyncio.new_event_loop()
+        loop = self.loop
+        task = asyncio.ensure_future(value, loop=loop)
+        if ctx is not None: ctx._on_cancel(lambda: loop.is_closed() or loop.call_soon_threadsafe(task.cancel))
+        try: return _off_running_loop(lambda: loop.run_until_complete(task))
+        finally:
+            if ctx is not None: ctx._on_cancel(None)
+    def close(self):
+        "End the loop, if there is one (the plugins' async generators are closed first)."
+        if self.loop is None: return
+        try: _off_running_loop(lambda: self.loop.run_until_complete(self.loop.shutdown_asyncgens()))
+        except Exception: log.exception("process %d: closing the async plugins' generators raised", os.getpid())
+        finally: self.loop.close(); self.loop = None
+
+def _off_running_loop(fn:Callable):
+    "`fn()`, in a thread of its own if this one runs an event loop already (a worker hosted in a notebook, say)."
+    try: asyncio.get_running_loop()
+    except RuntimeError: return fn()  # (a worker process's main thread: no loop runs there)
+    box = {}
+    def run():
+        try: box['value'] = fn()
+        except BaseException as e: box['error'] = e
+    t = threading.Thread(target=run, name='cjm-worker-async-plugin')
+    t.start(); t.join()
+    if 'error' in box: raise box['error']
+    return box['value']
+
+@patch
+def _settle(self:_Worker, value, ctx:Optional[JobContext]=None):
+    "`value`, or what the awaitable an `async def` plugin (or plugin manager) returned gives, run on the worker's `PluginLoop`."
+    return self.aloop.run(value, ctx)
 
 # %% ../../nbs/core/worker.ipynb #26ce85d1
 @patch
@@ -449,7 +500,7 @@ def _ensure_loaded(self:_Worker, name,
     if not self._already_held(name):
         found = self._find_plugin(name)
         self._make_room(limit)
-        ok = self.pm.load_plugin(found, config)
+        ok = self._settle(self.pm.load_plugin(found, config))
         self._leave_if_copy()  # a plugin that forked while it loaded
         if ok is False:
             raise RuntimeError(f"the plugin manager failed to load plugin {name!r} (load_plugin returned False)")
@@ -463,7 +514,7 @@ def _make_room(self:_Worker, limit:Optional[int]):
     while limit and len(self.loaded) >= limit:
         old = next(iter(self.loaded))
         del self.loaded[old]
-        try: ok = self.pm.unload_plugin(old)
+        try: ok = self._settle(self.pm.unload_plugin(old))
         except Exception: ok = False; log.exception("worker %d: unloading plugin %r to make room raised", os.getpid(), old)
         if ok is False: log.warning("worker %d: plugin %r could not be unloaded to make room (max_loaded_plugins=%d)", os.getpid(), old, limit)
         else: log.info("worker %d: unloaded plugin %r to make room (max_loaded_plugins=%d)", os.getpid(), old, limit)
@@ -479,18 +530,18 @@ def _command(self:_Worker, req:dict):
         if t == 'reload':
             config = req.get('config') or {}
             if name in self.loaded or self._already_held(name):
-                ok = self.pm.reload_plugin(name, config)
+                ok = self._settle(self.pm.reload_plugin(name, config))
             else:
                 found = self._find_plugin(name)
                 self._make_room(req.get('max_loaded_plugins'))
-                ok = self.pm.load_plugin(found, config)
+                ok = self._settle(self.pm.load_plugin(found, config))
             if ok is False: raise RuntimeError(f"the plugin manager failed to reload plugin {name!r}")
             self.loaded.pop(name, None)
             self.loaded[name] = config  # the most recently used
         elif t == 'unload':
             held = name in self.loaded or self._already_held(name)
             if not held: self._find_plugin(name)  # an unknown name is an error; a known, unloaded one is a no-op
-            if held and self.pm.unload_plugin(name) is False:
+            if held and self._settle(self.pm.unload_plugin(name)) is False:
                 raise RuntimeError(f"the plugin manager failed to unload plugin {name!r}")
             self.loaded.pop(name, None)
             reply['data'] = {'was_loaded': held}
@@ -510,7 +561,7 @@ def _command(self:_Worker, req:dict):
 @patch
 def _cleanup(self:_Worker):
     for name in list(self.loaded):
-        try: self.pm.unload_plugin(name)
+        try: self._settle(self.pm.unload_plugin(name))
         except BaseException: log.exception("worker %d: unloading %r at stop failed", os.getpid(), name)  # the others still unload
     self.loaded.clear()
 
@@ -767,3 +818,4 @@ def _serve(request_queue, result_queue, response_queue, plugin_manager_factory, 
         if callable(close):
             try: close()
             except Exception: log.exception("worker %d: the plugin manager's close() raised", os.getpid())
+        w.aloop.close()

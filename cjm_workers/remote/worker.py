@@ -166,6 +166,7 @@ class PluginHost:
         self.run_started = 0.0
         self.cancel_sent: Optional[float] = None  # when the run in progress was first told to cancel (monotonic)
         self.executions = 0
+        self.aloop = _core.PluginLoop()  # runs what an `async def` plugin's methods return (as in a worker process)
         self._progress: Tuple[float, Optional[float], str] = (0.0, None, '')  # (monotonic time, progress, message)
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)  # the first call only starts the measurement
@@ -304,8 +305,10 @@ def _cancel(self:PluginHost, calls:Optional[List[str]])->dict:
     if not hit: return {'status': 'pending' if later else 'not_running', 'running': running}
     fn = getattr(self.plugin, 'cancel', None)  # called without holding the lock: it may report progress
     if not callable(fn): return {'status': 'not_supported', 'running': running}
-    try: fn()
-    except BaseException as e:  # a SystemExit too
+    try:
+        asked = fn()
+        if inspect.iscoroutine(asked): asked.close()  # an `async def cancel` cannot run beside the run it cancels: the
+    except BaseException as e:  # a SystemExit too             # run's task is cancelled (`PluginLoop`) instead
         log.exception("plugin %s: cancel() raised", self.name)
         return {'status': 'error', 'error': _failure_text(e), 'running': running}
     return {'status': 'cancelled', 'running': running}
@@ -343,7 +346,7 @@ def execute(self:PluginHost, args:list, kwargs:dict,
         ctx = self._begin(call, attempt, job)
         try:
             if ctx.cancelled: return _encoded(409, {'error': 'cancelled before it started', 'cancelled': True, 'result': None})
-            try: result = self.plugin.execute(*args, **kwargs)
+            try: result = self.aloop.run(self.plugin.execute(*args, **kwargs), ctx)
             except BaseException as e:  # a plugin's SystemExit / KeyboardInterrupt too: its call fails, the worker serves on
                 if ctx.cancelled or isinstance(e, JobCancelledError):
                     return _encoded(409, {'error': _cancel_text(e, ctx), 'cancelled': True, 'result': None})
@@ -363,6 +366,10 @@ def _misreadable(item:Any)->bool:
     keys = set(item)
     return keys in ({'item'}, {'return'}) or ('error' in keys and keys <= _ERROR_KEYS)
 
+def _items(stream):
+    "A plugin's stream as an iterator: its generator, or an async generator as it is (`__anext__`), or `iter` of anything else."
+    return stream if hasattr(stream, '__anext__') else iter(stream)
+
 @patch
 def stream_lines(self:PluginHost, args:list, kwargs:dict,
                  call:Optional[str]=None, # the call's id (`X-Call-Id`)
@@ -380,11 +387,12 @@ def stream_lines(self:PluginHost, args:list, kwargs:dict,
             fn, n = getattr(self.plugin, 'execute_stream', None), 0
             while not ctx.cancelled:
                 try:  # the plugin's code runs only in here: whatever it raises (a SystemExit too) ends the stream, not the worker
-                    if gen is None: gen = iter(fn(*args, **kwargs)) if callable(fn) else iter([self.plugin.execute(*args, **kwargs)])
-                    try: item = next(gen)
+                    if gen is None: gen = _items(fn(*args, **kwargs)) if callable(fn) else iter([self.aloop.run(self.plugin.execute(*args, **kwargs), ctx)])
+                    try: item = self.aloop.run(gen.__anext__(), ctx) if hasattr(gen, '__anext__') else next(gen)
                     except StopIteration as stop:
                         ret = stop.value
                         break
+                    except StopAsyncIteration: break
                     try: line = dumps_json({'item': item} if returns and _misreadable(item) else item)
                     except Exception as e:
                         raise TypeError(f"item {n} of the stream could not be encoded as JSON ({_error_text(e)})") from e
@@ -402,9 +410,9 @@ def stream_lines(self:PluginHost, args:list, kwargs:dict,
                 else: yield line + b'\n'
             if end is not None: yield _dumps_lenient(end) + b'\n'
         finally:
-            close = getattr(gen, 'close', None)
+            close = getattr(gen, 'aclose', None) or getattr(gen, 'close', None)
             if callable(close):
-                try: close()
+                try: self.aloop.run(close())
                 except BaseException: log.exception("plugin %s: closing its stream raised", self.name)  # a SystemExit too
             self._end(ctx)
 
@@ -425,7 +433,7 @@ def initialize(self:PluginHost, config:Optional[dict],
             _core.set_current_job(ctx)  # `check_cancelled()` in a long load sees a cancel
         try:
             if ctx.cancelled: return _encoded(409, {'error': 'cancelled before it started', 'cancelled': True})
-            try: fn(config)
+            try: self.aloop.run(fn(config), ctx)
             except BaseException as e:  # a SystemExit too: the load fails, the worker serves on
                 if ctx.cancelled or isinstance(e, JobCancelledError):
                     return _encoded(409, {'error': _cancel_text(e, ctx), 'cancelled': True})
@@ -442,7 +450,7 @@ def cleanup(self:PluginHost)->Tuple[int, bytes]:
     fn = getattr(self.plugin, 'cleanup', None)
     if not callable(fn): return _encoded(200, {'status': 'not_supported'})
     with self.lock:
-        try: fn()
+        try: self.aloop.run(fn())
         except BaseException as e: return _encoded(500, _error_body(e))
     return _encoded(200, {'status': 'cleaned_up'})
 
