@@ -360,11 +360,13 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
         if name in self.cancel_hooked: self._fresh(name)
         if ctx.cancelled: raise JobCancelledError(f"job {ctx.job_id} was cancelled before its plugin started")  # while it loaded
         params = {k: v for k, v in req.items() if k not in _RESERVED}
-        if self._streams(name, req): out['data'] = self._run_stream(name, params, ctx)
+        if self._streams(name, req): out['data'] = self._run_stream(self.pm.execute_plugin_stream(name, **params), ctx)
         else:
             ret = self._settle(self.pm.execute_plugin(name, **params), ctx)
             self._leave_if_copy()
-            out['data'] = self.adapter(ret)
+            if inspect.isgenerator(ret) or inspect.isasyncgen(ret):  # an `execute` that yields: its work runs as it is read
+                out['data'] = self._run_stream(ret, ctx, send=self.supports_streaming and req.get('stream', True))
+            else: out['data'] = self.adapter(ret)
         if ctx.cancelled: out['status'] = 'cancelled'
     except BaseException as e:  # a plugin's SystemExit or KeyboardInterrupt too: the worker serves on
         self._leave_if_copy()
@@ -411,8 +413,11 @@ def _streams(self:_Worker, name, req)->bool:
     return bool(check(name)) if callable(check) else False
 
 @patch
-def _run_stream(self:_Worker, name, params, ctx)->Any:
-    gen, ret = self.pm.execute_plugin_stream(name, **params), None
+def _run_stream(self:_Worker, gen, ctx,
+                send:bool=True # send each item as a `stream_chunk` (False: only collect them)
+               )->Any:
+    "Read a plugin's stream (a generator, or an async one) to its end or a cancel: the job's result."
+    ret = None
     is_async = hasattr(gen, '__anext__')  # an `async def execute_stream` (an async generator)
     try:
         while not ctx.cancelled:
@@ -422,7 +427,7 @@ def _run_stream(self:_Worker, name, params, ctx)->Any:
             finally: self._leave_if_copy()
             text = chunk if isinstance(chunk, str) else str(chunk)
             ctx.chunks.append(text)
-            self._send({'type': 'stream_chunk', 'job_id': ctx.job_id, 'chunk': text, 'is_final': False, 'metadata': None})
+            if send: self._send({'type': 'stream_chunk', 'job_id': ctx.job_id, 'chunk': text, 'is_final': False, 'metadata': None})
     finally:
         close = getattr(gen, 'aclose' if is_async else 'close', None)
         if callable(close): self._settle(close())
