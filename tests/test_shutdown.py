@@ -138,6 +138,46 @@ async def test_a_worker_that_dies_during_the_drain_fails_its_job_and_is_not_rest
     assert_clean(baseline, "after a worker died during the drain")
 
 
+async def test_end_drain_before_the_shutdown_leaves_its_drain_alone(track):
+    """Found here (2026-12-07): `end_drain()` called while no drain ran (an app's early call, a signal handler of its
+    own) was remembered, and the later shutdown skipped its drain: the running job was cancelled at once, "its drain
+    was cut short before the job finished", though no drain had begun. Now `end_drain` ends only a drain in progress:
+    the shutdown after it drains, and the job finishes."""
+    mgr = track(ReferenceJobManager(WorkerConfig(drain_timeout_seconds=60)))
+    await mgr.start(wait=True)
+    job = await mgr.start_job('slow', seconds=1.0)
+    await wait_until(lambda: job.status == 'running', 60)
+    mgr.end_drain()  # no drain is in progress: nothing to end
+    await mgr.ashutdown()
+    assert (job.status, job.reason) == ('completed', None), (job.status, job.reason)
+
+
+async def test_a_second_signal_during_a_lifespans_shutdown_cuts_the_drains_still_to_come(track):
+    """The lifespan's second Ctrl-C (or SIGTERM) means "stop now" for the whole shutdown: while the last manager of
+    `managers_lifespan(a, b)` (shut down first) drains, it cuts that drain and the drain `a` has not begun yet (which
+    `end_drain()`, ending only a drain in progress, would leave to run its full minute)."""
+    import signal, threading
+    from cjm_workers.managers.base import managers_lifespan
+    if threading.current_thread() is not threading.main_thread(): pytest.skip("signal handlers need the main thread")
+    a, b = [track(ReferenceJobManager(WorkerConfig(drain_timeout_seconds=60), worker_type=t)) for t in 'ab']
+    lifespan = managers_lifespan(a, b)()
+    await lifespan.__aenter__()
+    ja, jb = await a.start_job('slow', seconds=120), await b.start_job('slow', seconds=120)
+    await wait_until(lambda: ja.status == 'running' and jb.status == 'running', 60)
+    noted = []
+    server = signal.signal(signal.SIGTERM, lambda *_: noted.append('SIGTERM'))  # the server's own (uvicorn's notes it)
+    def second_signal():  # once b drains (a's shutdown comes after b's)
+        end = time.monotonic() + 60
+        while b._drain_fds is None and time.monotonic() < end: time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=second_signal, daemon=True).start()
+    try: await asyncio.wait_for(lifespan.__aexit__(None, None, None), 30)  # (the drains: 60 s each)
+    finally: signal.signal(signal.SIGTERM, server)
+    cut = 'the manager shut down: its drain was cut short before the job finished'
+    assert [(j.status, j.reason) for j in (jb, ja)] == [('cancelled', cut)] * 2, [(j.status, j.reason) for j in (jb, ja)]
+    assert noted == ['SIGTERM'] and signal.getsignal(signal.SIGTERM) is server
+
+
 async def test_a_running_job_that_opted_into_retries_is_run_again_after_a_restart_not_cancelled(make_manager, tmp_path):
     """Shutdown stops two running jobs. With a durable store, the one that opted into retries stays `pending` (its
     cut-short run recorded as `interrupted`) and runs after the next start; the other is cancelled as before."""

@@ -2230,7 +2230,13 @@ async def __aexit__(self:BaseJobManager, *exc): await self.ashutdown()
 # %% ../../nbs/managers/base.ipynb #b25fec62
 @patch
 def end_drain(self:BaseJobManager)->None:
-    "Cut a draining shutdown short: what still runs is cancelled now, as when the drain timeout passes (any thread, or a signal handler)."
+    """End a drain in progress: what still runs is cancelled now, as when the drain timeout passes (any thread, or a
+    signal handler). Called before `shutdown` has begun, it does nothing: that shutdown still drains."""
+    if self._closed: self._cut_drain()  # (set by `shutdown` before it drains: then it sees the flag, or is woken)
+
+@patch
+def _cut_drain(self:BaseJobManager)->None:
+    "Cut this manager's drain: the one under way, or the one of a shutdown already decided (the lifespan's, below)."
     self._drain_cut = True
     if self._drain_guard.acquire(blocking=False):  # not free: the drain is ending (perhaps in the thread this interrupted)
         try:
@@ -2262,14 +2268,15 @@ class _Lifespan:
 @contextlib.contextmanager
 def _signals_end_drains(managers):
     """While a lifespan shuts down managers that drain: a SIGINT or SIGTERM (the second Ctrl-C: the server took the
-    first) cuts their drains short, then goes on to the handler it replaced (the server's), restored afterwards."""
+    first) cuts their drains short (the one under way and those to come), then goes on to the handler it replaced
+    (the server's), restored afterwards."""
     drains = [m for m in managers if getattr(getattr(m, 'worker_config', None), 'drain_timeout_seconds', 0)]
     if not drains or threading.current_thread() is not threading.main_thread():
         yield
         return
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     def cut(sig, frame):
-        for m in drains: m.end_drain()
+        for m in drains: m._cut_drain()  # (not `end_drain`: the managers not yet shut down must not drain either)
         if callable(old[sig]): old[sig](sig, frame)
     mine = [sig for sig, h in old.items() if callable(h)]  # a server's handler (not a default action, which would end
     for sig in mine: signal.signal(sig, cut)               # the process: a server without one keeps that)
