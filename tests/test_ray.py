@@ -667,7 +667,8 @@ def test_after_a_ray_shutdown_in_the_app_a_restart_starts_no_ray_and_the_jobs_fa
         "ray.init = lambda *a, **k: (inits.append(1), init(*a, **k))[1]  # counts the others: Ray's auto-init, a backend's\n"
         "async def main():\n"
         "    out = {}\n"
-        "    async with ReferenceJobManager(worker_config=WorkerConfig(backend=RayBackend(), restart_policy='backoff')) as m:\n"
+        "    cfg = WorkerConfig(backend=RayBackend(reconnect_wait_seconds=0.5), restart_policy='backoff')  # (its wait for an app's ray.init)\n"
+        "    async with ReferenceJobManager(worker_config=cfg) as m:\n"
         "        await m.start(wait=True)\n"
         "        a = await m.start_job('slow', seconds=120)\n"
         "        while m.get_job(a.id).status == 'pending': await asyncio.sleep(0.02)\n"
@@ -740,7 +741,8 @@ def test_a_start_that_saw_no_ray_as_another_start_connected_is_not_refused():
     with open(script, 'w') as f: f.write(
         "import json, sys, threading, ray\n"
         "from cjm_workers.backends.ray import RayBackend\n"
-        "b = RayBackend(init_kwargs=dict(num_cpus=1, _temp_dir=sys.argv[1], logging_level='error', log_to_driver=False))\n"
+        "b = RayBackend(init_kwargs=dict(num_cpus=1, _temp_dir=sys.argv[1], logging_level='error', log_to_driver=False),\n"
+        "               reconnect_wait_seconds=0.5)  # (after the shutdown below: its wait for an app's ray.init)\n"
         "real, connected_by_a, out, first = ray.is_initialized, threading.Event(), {}, {'B': True}\n"
         "def is_initialized():\n"
         "    v = real()\n"
@@ -768,3 +770,52 @@ def test_a_start_that_saw_no_ray_as_another_start_connected_is_not_refused():
     assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info == {'A': 'connected', 'B': 'connected', 'initialized': True, 'after_shutdown': 'RayShutDownError'}, info
+
+
+def test_a_restart_while_the_apps_own_ray_init_is_under_way_waits_for_it(cluster, tmp_path):
+    """Found here (2026-12-07): the app shut Ray down and called its own `ray.init()` again (to reconnect, or restart Ray
+    with other settings); a worker restart that came while that call was still connecting (the worker ended with the
+    app's Ray) found no Ray, took it for a final `ray.shutdown()`, and failed the worker at once: the jobs after it
+    failed ("no worker can run the job") though Ray was back a moment later. Now the restart waits, in its start
+    thread, up to `RayBackend.reconnect_wait_seconds` for the app's connection, then starts on it. The app's call is
+    held "under way" here until the restart has looked for Ray and found none. In a process of its own, connected
+    to the session's cluster (no Ray is started)."""
+    import json
+    script = tmp_path / 'reinit.py'
+    script.write_text(
+        "import asyncio, json, sys, threading, ray\n"
+        "from cjm_workers.backends.ray import RayBackend\n"
+        "from cjm_workers.core.config import WorkerConfig\n"
+        "from cjm_workers.testing import ReferenceJobManager\n"
+        "kw = dict(address=sys.argv[1], logging_level='error', log_to_driver=False)\n"
+        "ray.init(**kw)\n"
+        "real, looked = ray.is_initialized, threading.Event()\n"
+        "def is_initialized():  # notes a worker's start that looked for Ray and found none\n"
+        "    v = real()\n"
+        "    if not v and threading.current_thread().name.startswith('cjm-ray-start-'): looked.set()\n"
+        "    return v\n"
+        "ray.is_initialized = is_initialized\n"
+        "def app_init():  # the app's own `ray.init()`, under way until the restart has looked for Ray\n"
+        "    out['looked'] = looked.wait(60)\n"
+        "    ray.init(**kw)\n"
+        "out = {}\n"
+        "async def main():\n"
+        "    cfg = WorkerConfig(backend=RayBackend(), restart_policy='always', restart_backoff_base_seconds=0.0)\n"
+        "    async with ReferenceJobManager(worker_config=cfg) as m:\n"
+        "        await m.start(wait=True)\n"
+        "        a = await m.start_job('slow', seconds=120)\n"
+        "        while m.get_job(a.id).status == 'pending': await asyncio.sleep(0.02)\n"
+        "        ray.shutdown()  # the worker ends with it, and is restarted\n"
+        "        await asyncio.to_thread(app_init)\n"
+        "        a = await m.wait_for_job(a.id, timeout=60)\n"
+        "        b = await m.wait_for_job((await m.start_job('echo', text='b')).id, timeout=60)\n"
+        "        out.update(a=a.error, b=[b.status, b.error], workers=[s['status'] for s in m.get_worker_stats()])\n"
+        "    print(json.dumps(out), flush=True)\n"
+        "asyncio.run(main())\n"
+        "ray.shutdown()\n")
+    address = cluster.get_runtime_context().gcs_address
+    out = run_script(script, address, env={'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')})
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info['looked'] and 'ended by `ray.shutdown()` in the app' in info['a'], info
+    assert info['b'] == ['completed', None] and info['workers'] == ['idle'], info  # on the app's Ray, connected again

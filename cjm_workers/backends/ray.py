@@ -4,7 +4,7 @@
 
 # %% ../../nbs/backends/ray.ipynb #3d701ffa
 from __future__ import annotations
-import itertools, logging, os, pickle, queue, re, select, signal, threading, types, weakref
+import itertools, logging, os, pickle, queue, re, select, signal, threading, time, types, weakref
 import psutil
 from multiprocessing.connection import Connection, wait as _wait_ready
 from dataclasses import dataclass, field
@@ -297,8 +297,9 @@ RayActorProcess._close_writers = _close_writers
 
 SHUT_DOWN_REASON = "was ended by `ray.shutdown()` in the app (which ends the app's Ray actors)"
 SHUT_DOWN_START_REASON = ("was not started: the app shut Ray down (`ray.shutdown()`) after its workers had connected, "
-                          "and a worker starts no new Ray behind the app's back (once the app has called `ray.init()` "
-                          "again, `restart_workers()` starts the workers on it)")
+                          "and did not connect it again within `RayBackend.reconnect_wait_seconds`; a worker starts no "
+                          "new Ray behind the app's back (once the app has called `ray.init()` again, `restart_workers()` "
+                          "starts the workers on it)")
 NO_EXIT_REASON = ("ended without an exit status: its Ray actor's output stream ended before the worker's exit status "
                   "(the actor is ended)")
 
@@ -455,6 +456,14 @@ def _connect(init:Callable[[], None], # connects (`ray.init(...)`): run in a dae
     where = f"the Ray cluster at {address!r}" if address else "Ray (a local one, or the one RAY_ADDRESS names)"
     raise ConnectionError(f"could not connect to {where} within {timeout:g}s: is it running, and is the address right?")
 
+def _wait_connected(connected:Callable[[], bool], # is Ray connected (`ray.is_initialized`)?
+                    timeout:float # seconds
+                   )->bool:
+    "Wait up to `timeout` seconds for `connected()` (polled: Ray says when a connection is made in no other way)."
+    end = time.monotonic() + timeout
+    while not connected() and time.monotonic() < end: time.sleep(0.05)
+    return connected()
+
 @dataclass
 class RayBackend:
     "Run a manager's workers as Ray actors (`WorkerConfig(backend=RayBackend(...))`)."
@@ -466,6 +475,7 @@ class RayBackend:
     actor_options: Dict[str, Any] = field(default_factory=dict)  # any other `.options(...)` for the actor
     init_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to `ray.init` when this backend starts Ray
     connect_timeout_seconds: float = 60.0  # `prepare` gives up connecting (a ConnectionError) after this long
+    reconnect_wait_seconds: float = 10.0  # after the app's `ray.shutdown()`, how long a start waits for its own `ray.init()`
     _connected: bool = field(default=False, init=False, repr=False, compare=False)  # has `prepare` seen Ray connected?
 
     def __post_init__(self): self._check()  # what cannot work is refused here, not found out by every job failing
@@ -480,6 +490,9 @@ class RayBackend:
                              "which send their worker's output as a Ray streaming generator, and Ray Client has none "
                              "(ray-project/ray#43357). Run the app on a node of the cluster: address='auto', or the "
                              "head's 'host:6379'")
+        w = self.reconnect_wait_seconds
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float('inf'):
+            raise ValueError(f"RayBackend(reconnect_wait_seconds={w!r}): a number of seconds >= 0 (and finite)")
         mc = self.actor_options.get('max_concurrency')
         if mc is not None and (not isinstance(mc, int) or mc < MIN_ACTOR_CONCURRENCY):
             raise ValueError(f"RayBackend(actor_options={{'max_concurrency': {mc!r}}}): a worker actor runs at least "
@@ -488,10 +501,12 @@ class RayBackend:
 
     def prepare(self)->None:
         """Connect to Ray (blocking for up to `connect_timeout_seconds`: each worker's start thread calls it); a no-op once
-        connected. Once the app has shut down the Ray this backend's workers ran on (`ray.shutdown()`), a `RayShutDownError`:
+        connected. Once the app has shut down the Ray this backend's workers ran on (`ray.shutdown()`), it waits up to
+        `reconnect_wait_seconds` for the app's own `ray.init()` (under way, perhaps), then raises `RayShutDownError`:
         a new Ray is started only by the app's own `ray.init()`."""
         import ray
         was = self._connected  # read first: another worker's start, connecting meanwhile, sets it only once Ray is up
+        if was and not ray.is_initialized(): _wait_connected(ray.is_initialized, self.reconnect_wait_seconds)
         if ray.is_initialized():
             from ray.util.client import ray as client
             if client.is_connected():  # the app connected with `ray.init('ray://...')` itself
@@ -499,7 +514,8 @@ class RayBackend:
                                  "(ray-project/ray#43357): run the app on a node of the cluster")
             self._connected = True
             return
-        if was: raise RayShutDownError("Ray was shut down in this process by `ray.shutdown()` in the app")  # (connected
+        if was: raise RayShutDownError(f"Ray was shut down in this process by `ray.shutdown()` in the app, and not "
+                                       f"connected again within {self.reconnect_wait_seconds:g}s")  # (connected
         # before this call, not now: only a shutdown ends that. Read after the check above, a start racing another's
         # first connection would take the flag the other set as it connected for a shutdown, and fail its worker.)
         self._check()  # (RAY_ADDRESS may have changed since)
