@@ -264,11 +264,12 @@ def _missed_none(self:SSEBroadcaster, job_id, wants, last_event_id:int, oldest:i
     L = self._ledger
     first = oldest - len(L)  # the id of its first event: the ledger ends where the history begins, and ids run on by one
     if (job_id is None and wants is None) or not L or first > last_event_id + 1: return False  # (the ledger does not reach back)
-    for i, (typ, jid) in enumerate(itertools.islice(L, last_event_id + 1 - first, None), last_event_id + 1):
+    missed = dict.fromkeys(itertools.islice(L, last_event_id + 1 - first, None))  # each (type, job id) once, in order:
+    for typ, jid in missed:                                                          # `wants` decides from them alone
         if job_id is not None and jid != job_id: continue
         if wants is None: return False
         try:
-            if wants(SSEEvent(i, typ, {'job_id': jid})): return False
+            if wants(SSEEvent(last_event_id + 1, typ, {'job_id': jid})): return False
         except Exception: return False  # (a filter that cannot tell: the subscriber may have missed it)
     return True
 
