@@ -505,7 +505,7 @@ def _ensure_loaded(self:_Worker, name,
     if not self._already_held(name):
         found = self._find_plugin(name)
         self._make_room(limit)
-        ok = self._settle(self.pm.load_plugin(found, config))
+        ok = self._settle(self.pm.load_plugin(found, config), current_job())  # (a job's cancel ends an async load too)
         self._leave_if_copy()  # a plugin that forked while it loaded
         if ok is False:
             raise RuntimeError(f"the plugin manager failed to load plugin {name!r} (load_plugin returned False)")
