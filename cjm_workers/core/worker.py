@@ -451,9 +451,12 @@ class PluginLoop:
         finally:
             if ctx is not None: ctx._on_cancel(None)
     def close(self):
-        "End the loop, if there is one (the plugins' async generators are closed first)."
+        "End the loop, if there is one (the plugins' async generators, then the threads of `asyncio.to_thread`, first)."
         if self.loop is None: return
-        try: _off_running_loop(lambda: self.loop.run_until_complete(self.loop.shutdown_asyncgens()))
+        async def ending():
+            await self.loop.shutdown_asyncgens()
+            await self.loop.shutdown_default_executor()
+        try: _off_running_loop(lambda: self.loop.run_until_complete(ending()))
         except Exception: log.exception("process %d: closing the async plugins' generators raised", os.getpid())
         finally: self.loop.close(); self.loop = None
 
