@@ -1,6 +1,6 @@
 """The README's "Using it" example, run as written: its `# <path>` code blocks become files of a scratch project,
 and a real FastHTML app (its lifespan, a real worker process) answers the route."""
-import re, subprocess, sys, textwrap
+import os, re, subprocess, sys, textwrap
 from pathlib import Path
 
 README = Path(__file__).parent.parent / 'README.md'
@@ -48,3 +48,47 @@ def test_the_plugin_guide_script_runs_on_the_readme_module(tmp_path):
     (tmp_path / 'script.py').write_text(example_files(PLUGINS_GUIDE)['app.py'])
     p = subprocess.run([sys.executable, 'script.py'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.startswith("completed {'text': 'transcript of talk.wav'"), p.stdout + p.stderr[-3000:]
+
+
+PORTING_GUIDE = Path(__file__).parent.parent / 'docs' / 'porting.md'
+
+
+def test_the_porting_guides_after_example_runs_as_written(tmp_path):
+    """docs/porting.md's "after" app (the predecessor's app with the import prefix changed and the new options) runs
+    as written, on stand-ins of `myapp.plugins` (the reference plugins) and `myapp.services` (cjm-fasthtml-plugins' and
+    -resources' shapes from tests/test_extension_adapters.py, and the real `cjm_fasthtml_sse.SSEBroadcastManager`):
+    each of its three routes answers as its comments say, and its lifespan leaves no worker behind."""
+    blocks = re.findall(r"^```python\n(.*?)^```", PORTING_GUIDE.read_text(), re.S | re.M)
+    after = [b for b in blocks if '# ← prefix changed' in b]
+    assert len(after) == 1, len(after)
+    (tmp_path / 'app.py').write_text(after[0])
+    (tmp_path / 'myapp').mkdir()
+    (tmp_path / 'myapp' / '__init__.py').write_text('')
+    (tmp_path / 'myapp' / 'plugins.py').write_text("from cjm_workers.testing import reference_plugin_manager as make_plugin_manager\n")
+    (tmp_path / 'myapp' / 'services.py').write_text(textwrap.dedent("""
+        from cjm_fasthtml_sse.core import SSEBroadcastManager
+        from test_extension_adapters import UpstreamRegistry, UpstreamResourceManager
+        registry, resources, sse = UpstreamRegistry(category='transcription'), UpstreamResourceManager(), SSEBroadcastManager()
+        """))
+    check = textwrap.dedent("""
+        import re, psutil
+        from starlette.testclient import TestClient
+        from app import app, manager
+        if __name__ == '__main__':
+            with TestClient(app) as client:
+                r = client.post('/transcribe', data={'plugin_id': 'transcription_transcribe', 'audio_path': 'a.wav'})
+                assert r.status_code == 200 and re.search(r'<p>job \\S+: (pending|running)</p>', r.text), r.text
+                r = client.post('/transcribe-and-wait', data={'plugin_id': 'transcription_transcribe', 'audio_path': 'b.wav'})
+                assert r.status_code == 200 and 'b.wav: segment1 ' in r.text and 'segment10' in r.text, r.text
+                slow = client.post('/transcribe', data={'plugin_id': 'transcription_transcribe', 'audio_path': 'c.wav'})
+                jid = re.search(r'job (\\S+):', slow.text).group(1)
+                r = client.post('/cancel', data={'job_id': jid})
+                assert r.status_code == 200 and '>cancelled<' in r.text, r.text
+                assert manager.get_job(jid).status == 'cancelled'
+                pid = manager.get_worker_stats()[0]['pid']
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            print('ok')
+        """)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get('PYTHONPATH')]))}
+    p = subprocess.run([sys.executable, '-c', check], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == 'ok', p.stdout + p.stderr[-3000:]
