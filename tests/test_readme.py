@@ -92,3 +92,39 @@ def test_the_porting_guides_after_example_runs_as_written(tmp_path):
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get('PYTHONPATH')]))}
     p = subprocess.run([sys.executable, '-c', check], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0 and p.stdout.strip() == 'ok', p.stdout + p.stderr[-3000:]
+
+
+FASTHTML_GUIDE = Path(__file__).parent.parent / 'docs' / 'fasthtml.md'
+
+
+def test_the_fasthtml_guides_few_lines_run_as_written_on_the_readme_module(tmp_path):
+    """docs/fasthtml.md's "The few lines" (an app with live job pages) runs as written on the README's manager: the
+    table page shows the start button, a start over JSON answers 201 with the job's stream, the job completes, and
+    its page and the JSON table show it; the lifespan leaves no worker."""
+    block = re.search(r"## The few lines\n+```python\n(.*?)^```", FASTHTML_GUIDE.read_text(), re.S | re.M).group(1)
+    (tmp_path / 'app.py').write_text(block)
+    (tmp_path / 'myapp').mkdir()
+    (tmp_path / 'myapp' / '__init__.py').write_text('')
+    (tmp_path / 'myapp' / 'jobs.py').write_text(example_files()['myapp/jobs.py'])
+    check = textwrap.dedent("""
+        import psutil
+        from starlette.testclient import TestClient
+        from app import app, manager
+        J = {'accept': 'application/json'}
+        if __name__ == '__main__':
+            with TestClient(app) as client:
+                page = client.get('/transcriptions')
+                assert page.status_code == 200 and 'Transcribe talk.wav' in page.text, page.text[-2000:]
+                r = client.post('/transcriptions/start', json={'plugin_id': 'whisper', 'params': {'audio_path': 'talk.wav'}}, headers=J)
+                assert r.status_code == 201 and r.json()['stream'].startswith('/transcriptions/'), r.text
+                job = manager.get_job(r.json()['id'])
+                done = client.portal.call(manager.wait_for_job, job.id, 60)
+                assert done.status == 'completed' and done.result['text'] == 'transcript of talk.wav', (done.status, done.result)
+                assert 'transcript of talk.wav' in client.get(f'/transcriptions/{job.id}').text
+                assert [j['status'] for j in client.get('/transcriptions', headers=J).json()] == ['completed']
+                pid = manager.get_worker_stats()[0]['pid']
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            print('ok')
+        """)
+    p = subprocess.run([sys.executable, '-c', check], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == 'ok', p.stdout + p.stderr[-3000:]
