@@ -4,7 +4,7 @@
 
 # %% ../../nbs/core/process.ipynb #bd39e0ed
 from __future__ import annotations
-import logging, mmap, os, signal, subprocess, time, uuid, weakref
+import asyncio, logging, mmap, os, signal, subprocess, time, uuid, weakref
 from multiprocessing.connection import wait as _wait_ready
 from multiprocessing.process import BaseProcess
 import psutil
@@ -221,3 +221,9 @@ def kill_marked(mark:str|None, # a worker's mark (`mark_worker`); None: nothing 
             finally: os.close(pfd)
         if not found: break  # (another pass: one killed may have forked as it died)
     return killed
+
+# %% ../../nbs/core/process.ipynb #a0ea5b7b
+def _running_loop():
+    "The event loop running in this thread, or None."
+    try: return asyncio.get_running_loop()
+    except RuntimeError: return None

@@ -14,12 +14,9 @@ from fastcore.xml import to_xml
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.responses import PlainTextResponse, Response
 
-log = logging.getLogger(__name__)
+from ..core.process import _running_loop
 
-def _running_loop():
-    "The event loop running in this thread, or None."
-    try: return asyncio.get_running_loop()
-    except RuntimeError: return None
+log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'RESET', 'DROPPED', 'CLOSED', 'MAX_MERGES', 'RENDER_SLICE', 'SSEEvent', 'Subscription', 'SSEBroadcaster',

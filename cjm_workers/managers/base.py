@@ -18,7 +18,7 @@ from fastcore.basics import patch
 
 from ..core.channel import PipeChannel, UndecodableMessage, dumps, salvage
 from ..core.config import RestartPolicy, WorkerConfig
-from ..core.process import describe_exit, end_fd, kill_process_group, kill_worker_tree, process_ended, wait_ended
+from ..core.process import _running_loop, describe_exit, end_fd, kill_process_group, kill_worker_tree, process_ended, wait_ended
 import contextlib, signal
 from ..core.worker import BACKSTOP_NAME, LOG_LEVEL_ENV, _RESERVED
 from ..extensions.protocols import EventBroadcasterProtocol, PluginRegistryProtocol, ResourceManagerProtocol
@@ -558,10 +558,6 @@ def _kick_weakly(ref):
     alive (and its workers running) until the loop got to it."""
     m = ref()
     if m is not None: m._kick()
-
-def _running_loop():
-    try: return asyncio.get_running_loop()
-    except RuntimeError: return None
 
 _KEPT = object()  # marks waiters of jobs left pending in a durable store at shutdown
 

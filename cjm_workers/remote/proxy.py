@@ -14,7 +14,7 @@ import httpx, psutil
 from fastcore.basics import patch, store_attr
 
 from contextlib import contextmanager
-from ..core.process import _tree_of, describe_exit, end_fd, is_unreaped_child, kill_process_group, wait_ended
+from ..core.process import _running_loop, _tree_of, describe_exit, end_fd, is_unreaped_child, kill_process_group, wait_ended
 from ..core.worker import JobCancelledError, current_job
 from .worker import ATTEMPT_HEADER, CALL_HEADER, JOB_HEADER, MAX_PROGRESS_WAIT, READY_PREFIX, STREAM_RETURN_HEADER, _ERROR_KEYS, dumps_json
 
@@ -370,10 +370,6 @@ async def _aclose(agen): await agen.aclose()
 _TASKS = set()  # tasks started from sync code, kept until they are done (a loop keeps only weak references to tasks)
 def _keep(t):
     _TASKS.add(t); t.add_done_callback(_TASKS.discard)
-
-def _running_loop():
-    try: return asyncio.get_running_loop()
-    except RuntimeError: return None
 
 @patch
 def _stop_calls(self:RemotePluginProxy, calls:List[str], deadline:float)->bool:
