@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 from ..core.worker import base_worker_process, current_job
-from .proxy import RemoteCancelledError, RemotePluginProxy, RemoteWorkerError, check_worker_options
+from .proxy import RemoteCancelledError, RemotePluginProxy, RemoteWorkerError, _positive, check_worker_options
 from .worker import MAX_PROGRESS_WAIT
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,9 @@ class RemotePluginSpec:
 
     def __post_init__(self):  # a bad limit is named when the spec is made, not at a job's first call
         check_worker_options(self.start_timeout, self.stop_timeout, self.request_timeout, self.max_body_bytes, self.log_level)
-        w = self.progress_wait  # the worker refuses a longer poll: the job's progress would silently never arrive
-        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= MAX_PROGRESS_WAIT):
-            raise ValueError(f"progress_wait must be a number of seconds above 0 and at most {MAX_PROGRESS_WAIT:g} "
-                             f"(the longest /progress long poll a Universal Worker answers), got {w!r}")
+        # the worker refuses a longer poll: the job's progress would silently never arrive
+        _positive('progress_wait', self.progress_wait, most=MAX_PROGRESS_WAIT,
+                  why='the longest /progress long poll a Universal Worker answers')
 
     def proxy(self)->RemotePluginProxy:
         "A (not yet started) proxy for this plugin."

@@ -56,19 +56,26 @@ def _endpoint_host(host:str)->str: return f"[{host}]" if ':' in host else host
 
 LOG_LEVELS = ('debug', 'info', 'warning', 'error', 'critical')  # what a Universal Worker's `log_level` may be
 
+def _positive(name:str, v, none:Optional[str]=None, # what None means (None: not allowed)
+              integer:bool=False, most:float=math.inf, # the largest value allowed
+              why:Optional[str]=None # why that limit (said in the error)
+             )->None:
+    "Raise a `ValueError` naming `name` unless `v` is a finite number of seconds (`integer`: of bytes) above 0 (and at most `most`)."
+    if v is None and none: return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(v, kinds) and not isinstance(v, bool) and 0 < v < math.inf and v <= most: return
+    what = 'a whole number of bytes' if integer else 'a number of seconds'
+    limit = f' and at most {most:g}' if most < math.inf else ''
+    note = why or (f'or None: {none}' if none else None)
+    raise ValueError(f"{name} must be {what} above 0{limit}{f' ({note})' if note else ''}, got {v!r}")
+
 def check_worker_options(start_timeout:float=60.0, # each as `RemotePluginProxy` takes it
                          stop_timeout:float=5.0, request_timeout:Optional[float]=None,
                          max_body_bytes:Optional[int]=None, log_level:str='warning')->None:
     "Raise a `ValueError` naming the first option a Universal Worker cannot run with."
-    def positive(name, v, none:Optional[str]=None, integer=False):  # none: what None means (None: not allowed)
-        if v is None and none: return
-        kinds = (int,) if integer else (int, float)
-        if isinstance(v, kinds) and not isinstance(v, bool) and 0 < v < math.inf: return
-        what = 'a whole number of bytes' if integer else 'a number of seconds'
-        raise ValueError(f"{name} must be {what} above 0{f' (or None: {none})' if none else ''}, got {v!r}")
-    positive('start_timeout', start_timeout); positive('stop_timeout', stop_timeout)
-    positive('request_timeout', request_timeout, none='no limit')
-    positive('max_body_bytes', max_body_bytes, none="the worker's default, 16 MiB", integer=True)
+    _positive('start_timeout', start_timeout); _positive('stop_timeout', stop_timeout)
+    _positive('request_timeout', request_timeout, none='no limit')
+    _positive('max_body_bytes', max_body_bytes, none="the worker's default, 16 MiB", integer=True)
     if not isinstance(log_level, str) or log_level.lower() not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
 
