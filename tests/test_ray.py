@@ -364,6 +364,21 @@ def run_script(script, *args, timeout=240, own_ray=False, env=None):
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=e)
 
 
+def run_own_ray_app(source, auth_off=True):
+    """Write the script `source` to a short temp dir (Ray's socket paths must stay short) and run it with a Ray of its
+    own (`run_script`), which gets a temp dir for Ray as `sys.argv[1]`; `auth_off`: with RAY_AUTH_MODE as the session's
+    cluster has it (else the environment's). Checks that it exited 0; the JSON of its last line of stdout, and the
+    finished process."""
+    import json, tempfile
+    tmp = tempfile.mkdtemp(prefix='rs', dir='/tmp')
+    script = os.path.join(tmp, 'app.py')
+    with open(script, 'w') as f: f.write(source)
+    env = {'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')} if auth_off else None
+    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True, env=env)
+    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1]), out
+
+
 def test_connecting_to_an_address_where_no_ray_listens_gives_up_after_connect_timeout_seconds(tmp_path):
     """UAT finding: a wrong Ray address hung `start()` forever (`ray.init` never gives up), and with it the app's exit.
     Now `prepare` gives up after `connect_timeout_seconds` with a ConnectionError naming the address; a second
@@ -431,10 +446,7 @@ def test_the_short_form_starts_a_local_ray_that_runs_jobs():
     started a local Ray and then no actor ever ran: `ray.init` ran in a thread that ended after connecting, and Ray
     starts its processes with a parent-death signal that Linux sends when the parent *thread* ends. Every job failed
     30 s later (the tests had called `ray.init` on the main thread). In a process of its own, with its own Ray."""
-    import json, subprocess, sys, tempfile
-    tmp = tempfile.mkdtemp(prefix='rs', dir='/tmp')  # (Ray's socket paths must stay short)
-    script = os.path.join(tmp, 'app.py')
-    with open(script, 'w') as f: f.write(
+    info, out = run_own_ray_app(
         "import asyncio, json, time\n"
         "from cjm_workers.backends.ray import RayBackend\n"
         "from cjm_workers.core.config import WorkerConfig\n"
@@ -447,10 +459,7 @@ def test_the_short_form_starts_a_local_ray_that_runs_jobs():
         "        job = await mgr.wait_for_job((await mgr.start_job('echo', text='hi')).id, timeout=90)\n"
         "        print(json.dumps({'status': job.status, 'error': job.error, 'secs': time.monotonic() - t}), flush=True)\n"
         "if __name__ == '__main__':\n"
-        "    import sys; asyncio.run(main(sys.argv[1]))\n")
-    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True)
-    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+        "    import sys; asyncio.run(main(sys.argv[1]))\n", auth_off=False)
     assert info['status'] == 'completed', (info, out.stderr[-3000:])
 
 
@@ -614,10 +623,7 @@ def test_a_ray_shutdown_in_the_app_ends_its_workers_with_the_reason_and_starts_n
     local Ray (Ray's auto-init; its agents outlived the app), and the worker was said to have "exited with code 1" or
     to have died of an unknown object owner. Now the handle ends, killed, with the reason, and no Ray is started.
     In a process of its own, with its own Ray."""
-    import json, sys, tempfile
-    tmp = tempfile.mkdtemp(prefix='rs', dir='/tmp')  # (Ray's socket paths must stay short)
-    script = os.path.join(tmp, 'app.py')
-    with open(script, 'w') as f: f.write(
+    info, _ = run_own_ray_app(
         "import json, select, sys, time, ray\n"
         "from cjm_workers.backends.ray import RayActorProcess\n"
         "from cjm_workers.core.channel import PipeChannel\n"
@@ -638,9 +644,6 @@ def test_a_ray_shutdown_in_the_app_ends_its_workers_with_the_reason_and_starts_n
         "print(json.dumps({'ended': ended, 'exitcode': p.exitcode, 'reason': p.death_reason, 'inits': len(inits),\n"
         "                  'initialized': ray.is_initialized()}), flush=True)\n"
         "ray.shutdown()\n")
-    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True, env={'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')})
-    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
-    info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info['inits'] == 0 and not info['initialized'], info  # no Ray was started after the app's shutdown
     assert info['ended'] and info['exitcode'] == -9, info
     assert info['reason'] == "was ended by `ray.shutdown()` in the app (which ends the app's Ray actors)", info
@@ -653,10 +656,7 @@ def test_after_a_ray_shutdown_in_the_app_a_restart_starts_no_ray_and_the_jobs_fa
     naming `ray.shutdown()` and the worker is failed at once (the jobs fail with the reason, no backoff to sit out);
     once the app has called `ray.init()` again, `restart_workers()` and the policy's restarts use the app's new Ray.
     In a process of its own, with its own Ray."""
-    import json, tempfile
-    tmp = tempfile.mkdtemp(prefix='rs', dir='/tmp')  # (Ray's socket paths must stay short)
-    script = os.path.join(tmp, 'app.py')
-    with open(script, 'w') as f: f.write(
+    info, _ = run_own_ray_app(
         "import asyncio, json, sys, ray\n"
         "from cjm_workers.backends.ray import RayBackend\n"
         "from cjm_workers.core.config import WorkerConfig\n"
@@ -684,9 +684,6 @@ def test_after_a_ray_shutdown_in_the_app_a_restart_starts_no_ray_and_the_jobs_fa
         "    print(json.dumps(out), flush=True)\n"
         "asyncio.run(main())\n"
         "ray.shutdown()\n")
-    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True, env={'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')})
-    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
-    info = json.loads(out.stdout.strip().splitlines()[-1])
     a_error, b_status, b_error, inits, initialized, workers, restarts = info['down']
     assert 'ended by `ray.shutdown()` in the app' in a_error, info
     assert inits == 0 and not initialized, info  # no Ray was started behind the app's back
@@ -735,10 +732,7 @@ def test_a_start_that_saw_no_ray_as_another_start_connected_is_not_refused():
     `RayShutDownError`, and its worker was failed at once ("the app shut Ray down"), though nothing had shut Ray down.
     The window is held open here: start B's first `ray.is_initialized()` returns False only after start A connected.
     In a process of its own, with its own Ray."""
-    import json, tempfile
-    tmp = tempfile.mkdtemp(prefix='rc', dir='/tmp')  # (Ray's socket paths must stay short)
-    script = os.path.join(tmp, 'race.py')
-    with open(script, 'w') as f: f.write(
+    info, _ = run_own_ray_app(
         "import json, sys, threading, ray\n"
         "from cjm_workers.backends.ray import RayBackend\n"
         "b = RayBackend(init_kwargs=dict(num_cpus=1, _temp_dir=sys.argv[1], logging_level='error', log_to_driver=False),\n"
@@ -766,9 +760,6 @@ def test_a_start_that_saw_no_ray_as_another_start_connected_is_not_refused():
         "try: b.prepare()\n"
         "except Exception as e: out['after_shutdown'] = type(e).__name__\n"
         "print(json.dumps(out), flush=True)\n")
-    out = run_script(script, os.path.join(tmp, 'r'), own_ray=True, env={'RAY_AUTH_MODE': os.environ.get('RAY_AUTH_MODE', 'disabled')})
-    assert out.returncode == 0, (out.returncode, out.stdout, out.stderr[-3000:])
-    info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info == {'A': 'connected', 'B': 'connected', 'initialized': True, 'after_shutdown': 'RayShutDownError'}, info
 
 
