@@ -1,7 +1,8 @@
-"""Process helpers shared by the tests that kill, watch and count processes (and by the fault scenarios)."""
-import json, os, signal, subprocess, sys, threading, time
+"""Process helpers shared by the tests that kill, watch and count processes (and by the fault scenarios), and the
+tests' servers: in a thread (`served`) or a subprocess (`UvicornOutput`)."""
+import contextlib, json, os, re, signal, subprocess, sys, threading, time
 import psutil
-from cjm_workers.testing import RecordingBroadcaster, wait_until
+from cjm_workers.testing import RecordingBroadcaster, serve_in_thread, wait_until
 
 
 def is_resource_tracker(p: psutil.Process) -> bool:
@@ -124,3 +125,44 @@ def stranger_with_pid(pid: int, tries: int = 20) -> int:
     out = subprocess.run([sys.executable, '-c', _STRANGER, str(pid), str(tries)], capture_output=True, text=True,
                          check=True)
     return int(out.stdout)
+
+
+@contextlib.contextmanager
+def paused(pid: int):
+    """The process `pid` stopped (SIGSTOP) for the block, as a process stuck on a slow disk or an overloaded machine
+    would be, then continued (unless it has ended meanwhile: e.g. a shutdown killed it)."""
+    os.kill(pid, signal.SIGSTOP)
+    try: yield pid
+    finally:
+        try: os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError: pass
+
+
+@contextlib.contextmanager
+def served(app, broadcaster=None):
+    """`app` under uvicorn in a thread (`serve_in_thread`): its base URL for the block; then the server is stopped,
+    the `broadcaster`'s streams ended (a server in a thread gets no signal that would end them) and its thread joined."""
+    server, t, base = serve_in_thread(app)
+    try: yield base
+    finally:
+        server.should_exit = True
+        if broadcaster is not None: broadcaster.close()
+        t.join(30)
+
+
+class UvicornOutput:
+    """For a test's server in a subprocess, `self.proc` (uvicorn's output on its stdout, as text): `_follow()` reads that
+    output in a thread of its own into `lines`, sets `port` once uvicorn says where it serves, and `_ready` then (or
+    when the output ends: the server exited, `port` None)."""
+    def _follow(self):
+        self.lines, self.port, self._ready = [], None, threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := re.search(r'Uvicorn running on http://127\.0\.0\.1:(\d+)', line):
+                self.port = int(m.group(1))
+                self._ready.set()
+        self.proc.stdout.close()  # end of its output: the server has exited
+        self._ready.set()

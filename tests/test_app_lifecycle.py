@@ -9,6 +9,7 @@ import collections, os, re, signal, sqlite3, subprocess, sys, tempfile, threadin
 from contextlib import closing
 
 import httpx, psutil, pytest
+from _a_helpers import UvicornOutput
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -18,7 +19,7 @@ GUARD = 30  # seconds: a hang guard, never a speed assertion
 TERMINAL = ('completed', 'failed', 'cancelled')
 
 
-class App:
+class App(UvicornOutput):
     "`uvicorn _l_app:app` in a subprocess on a free port of 127.0.0.1 (`url` once it serves, or `port` None if it exited)."
     def __init__(self, db, *args, wait=True, env=None):
         self.db, self.runs = db, db + '.runs'
@@ -27,21 +28,13 @@ class App:
         self.proc = subprocess.Popen([sys.executable, '-m', 'uvicorn', '_l_app:app', '--host', '127.0.0.1', '--port', '0',
                                       '--no-access-log', *args], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
-        self.lines, self.port, self._ready, self.seen = [], None, threading.Event(), {}
-        threading.Thread(target=self._read, daemon=True).start()
+        self.seen = {}
+        self._follow()
         threading.Thread(target=self._watch, daemon=True).start()
         if wait:
             assert self._ready.wait(60), self.log()
             assert self.port is not None, "the app exited:\n" + self.log()
         self.url = f'http://127.0.0.1:{self.port}'
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := re.search(r'Uvicorn running on http://127\.0\.0\.1:(\d+)', line):
-                self.port = int(m.group(1))
-                self._ready.set()
-        self._ready.set()
 
     def _watch(self):
         "Note every process the app's tree ever had (workers, the store's writer, backstops, plugin children)."

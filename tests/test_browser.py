@@ -2,6 +2,7 @@
 playwright. Progress bars advance and streamed text grows without a reload; a slow job is cancelled; a killed worker
 fails its job; a reload mid-job shows the current state and goes on live. Screenshots go to tests/_artifacts/."""
 import os, signal, socket, threading, time
+from contextlib import closing
 from pathlib import Path
 
 import psutil, pytest
@@ -13,6 +14,7 @@ sync_api = pytest.importorskip('playwright.sync_api', reason="playwright is not 
 
 from cjm_workers.demo import DEMO_JOBS, create_demo_app
 from cjm_workers.testing import serve_in_thread
+from _a_helpers import served
 
 pytestmark = pytest.mark.timeout(180)
 ARTIFACTS = Path(__file__).parent / '_artifacts'
@@ -478,9 +480,7 @@ def test_a_page_whose_stream_is_refused_or_whose_jobs_end_cannot_be_shown_says_s
         return real(ev, job, *args, **kwargs)
     monkeypatch.setattr(routes_mod, 'render_event', buggy)
     app, mgr, bc = jobs_app('refused', authorize=lambda req, job: not (state['refuse'] and req.url.path.endswith('/stream')))
-    srv, t, base = serve_in_thread(app)
-    ctx = browser.new_context()
-    try:
+    with served(app, bc) as base, closing(browser.new_context()) as ctx:
         def open_page(path, route=None):
             pg = ctx.new_page()
             pg.set_default_timeout(WAIT_MS)
@@ -517,11 +517,6 @@ def test_a_page_whose_stream_is_refused_or_whose_jobs_end_cannot_be_shown_says_s
         for (pg, asked), what in pages:
             assert len(asked) == 1, asked  # each page asked for its stream once: no more tries
             pg.close()
-    finally:
-        ctx.close()
-        srv.should_exit = True
-        bc.close()
-        t.join(30)
 
 
 def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_reconnecting(browser):
@@ -545,9 +540,7 @@ def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_r
         if mode is None: return await app(scope, receive, send)
         answer = RedirectResponse('/login', 303) if mode == 'login' else PlainTextResponse('no', status_code=mode)
         await answer(scope, receive, send)
-    srv, t, base = serve_in_thread(guarded)
-    ctx = browser.new_context()
-    try:
+    with served(guarded, bc) as base, closing(browser.new_context()) as ctx:
         def open_page(path, mode=None):  # (with a mode: in a context of its own, whose cookie sets it)
             c = ctx
             if mode is not None:
@@ -591,11 +584,6 @@ def test_a_page_whose_stream_the_apps_own_middleware_refuses_says_so_and_stops_r
         wait_status(pg, new, 'completed')
         assert still_same(pg)
         pg.close()
-    finally:
-        ctx.close()
-        srv.should_exit = True
-        bc.close()
-        t.join(30)
 
 
 def test_pages_slow_to_connect_in_a_busy_app_go_live_without_reloading(browser):
@@ -610,9 +598,7 @@ def test_pages_slow_to_connect_in_a_busy_app_go_live_without_reloading(browser):
     async def slow_network(scope, receive, send):  # a page's stream request arrives a second after the page
         if scope['type'] == 'http' and scope['path'].endswith('/stream'): await asyncio.sleep(1.0)
         await app(scope, receive, send)
-    srv, t, base = serve_in_thread(slow_network)
-    ctx = browser.new_context()
-    try:
+    with served(slow_network, bc) as base, closing(browser.new_context()) as ctx:
         text = ' '.join(f'w{i}' for i in range(5000))
         jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0.001}},
                          headers={'accept': 'application/json'}, timeout=30).json()['id']
@@ -629,11 +615,6 @@ def test_pages_slow_to_connect_in_a_busy_app_go_live_without_reloading(browser):
         for pg in pages: wait_status(pg, jid, 'completed')
         assert sorted(loads) == ['/jobs', f'/jobs/{jid}'] and all(still_same(pg) for pg in pages), loads
         assert output(pages[1], jid) == text
-    finally:
-        ctx.close()
-        srv.should_exit = True
-        bc.close()
-        t.join(30)
 
 
 def test_a_page_whose_stream_is_sent_to_another_sites_sign_in_page_says_so_and_stops_reconnecting(browser):
@@ -645,16 +626,13 @@ def test_a_page_whose_stream_is_sent_to_another_sites_sign_in_page_says_so_and_s
     from starlette.responses import HTMLResponse, RedirectResponse
     app, mgr, bc = jobs_app('sso')
     async def provider(scope, receive, send): await HTMLResponse('<html><body>Sign in</body></html>')(scope, receive, send)
-    srv2, t2, sso = serve_in_thread(provider)
-    sso = sso.replace('127.0.0.1', 'localhost')  # another origin than the app's
     guard = {'on': False}
     async def guarded(scope, receive, send):
         if guard['on'] and scope['type'] == 'http' and scope['path'].endswith('/stream'):
             return await RedirectResponse(f'{sso}/login', 302)(scope, receive, send)
         await app(scope, receive, send)
-    srv, t, base = serve_in_thread(guarded)
-    ctx = browser.new_context()
-    try:
+    with served(provider) as provider_url, served(guarded, bc) as base, closing(browser.new_context()) as ctx:
+        sso = provider_url.replace('127.0.0.1', 'localhost')  # another origin than the app's (`guarded` sends pages there)
         jid = httpx.post(f'{base}/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
                          headers={'accept': 'application/json'}, timeout=30).json()['id']
         guard['on'] = True
@@ -678,9 +656,3 @@ def test_a_page_whose_stream_is_sent_to_another_sites_sign_in_page_says_so_and_s
             pg.close()
         guard['on'] = False
         assert httpx.post(f'{base}/jobs/{jid}/cancel', headers={'accept': 'application/json'}, timeout=30).status_code == 200
-    finally:
-        ctx.close()
-        srv.should_exit = srv2.should_exit = True
-        bc.close()
-        t.join(30)
-        t2.join(30)

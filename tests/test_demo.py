@@ -3,11 +3,12 @@ an SSE stream open exits promptly with code 0, leaving no worker process behind.
 import json, os, re, shutil, signal, subprocess, sys, tempfile, threading, time
 
 import httpx, psutil, pytest
+from _a_helpers import UvicornOutput
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Demo:
+class Demo(UvicornOutput):
     "The demo server in a subprocess; `port` once it listens."
     def __init__(self, *args, module=False):
         exe = None if module else shutil.which('cjm-workers')
@@ -15,20 +16,10 @@ class Demo:
         self.db = os.path.join(tempfile.mkdtemp(prefix='cjm-demo-'), 'demo.db')  # each run its own job history
         self.proc = subprocess.Popen([*cmd, '--port', '0', '--db', self.db, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
-        self.lines, self.port, self._ready = [], None, threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._follow()
         if not self._ready.wait(60): raise AssertionError("the demo did not start:\n" + ''.join(self.lines))
         if self.port is None: raise AssertionError("the demo exited:\n" + ''.join(self.lines))
         self.url = f'http://127.0.0.1:{self.port}'
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if m := re.search(r'Uvicorn running on http://127\.0\.0\.1:(\d+)', line):
-                self.port = int(m.group(1))
-                self._ready.set()
-        self.proc.stdout.close()  # end of its output: the demo has exited
-        self._ready.set()
 
     def workers(self):
         return psutil.Process(self.proc.pid).children(recursive=True)

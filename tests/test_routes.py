@@ -15,6 +15,7 @@ from cjm_workers.fasthtml.components import dom_id, ns_id
 from cjm_workers.fasthtml.routes import mount_job_routes
 from cjm_workers.fasthtml.sse import SSEBroadcaster
 from cjm_workers.testing import ReferenceJob, ReferenceJobManager, serve_in_thread, wait_until
+from _a_helpers import paused, served
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -459,8 +460,7 @@ def test_a_too_big_body_is_a_413_before_it_is_read():
         assert cli.post(f'/alpha/{jid}/cancel', content=b'x' * 5000).status_code == 413
         assert cli.request('GET', '/alpha', content=b'x' * 5000).status_code == 413
     app, alpha, beta, ra, rb = build()  # the default: 1 MiB
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, ra.broadcaster) as base:
         body = json.dumps({'plugin_id': 'echo', 'params': {'text': 'x' * 30_000_000}}).encode()
         with httpx.Client(base_url=base, timeout=30) as c:
             r = c.post('/alpha/start', content=body, headers={'content-type': 'application/json', 'accept': 'application/json'})
@@ -472,10 +472,6 @@ def test_a_too_big_body_is_a_413_before_it_is_read():
             r = c.post('/alpha/start', json={'plugin_id': 'echo', 'params': {'text': 'y' * 900_000}}, headers={'accept': 'application/json'})
             assert r.status_code == 201
         assert [j.id for j in alpha.get_all_jobs()] == [r.json()['id']]
-    finally:
-        server.should_exit = True
-        ra.broadcaster.close()
-        t.join(30)
 
 
 def test_tracebacks_are_shown_to_clients_only_when_the_mount_says_so():
@@ -966,9 +962,8 @@ def test_a_job_page_whose_user_lost_the_job_is_told_so_and_nobody_else_learns_wh
     a request that could see the job: such a page is told its user may no longer see it (or, once it is purged, that it
     was deleted), and any other request one message for both, whether the job exists or not (over real HTTP)."""
     app, mgr, r = scoped_app(tmp_path / 'j.db')
-    server, t, base = serve_in_thread(app)
     said = lambda resp: re.findall(r'job-reason">([^<]*)<', resp.text)
-    try:
+    with served(app, r.broadcaster) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             ES = lambda user: {'x-user': user, 'accept': 'text/event-stream'}
             jid = c.post('/jobs/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
@@ -986,10 +981,6 @@ def test_a_job_page_whose_user_lost_the_job_is_told_so_and_nobody_else_learns_wh
             while not mgr.get_job(jid).is_terminal and time.monotonic() < end: time.sleep(0.01)
             assert mgr.purge_jobs() == 1
             assert said(c.get(url, headers=ES('alice'))) == ['This job no longer exists: it was deleted from the server.']
-    finally:
-        server.should_exit = True
-        r.broadcaster.close()
-        t.join(30)
 
 
 def test_a_table_stream_left_open_does_not_remember_every_job_it_was_asked_about(tmp_path, monkeypatch):
@@ -1002,8 +993,7 @@ def test_a_table_stream_left_open_does_not_remember_every_job_it_was_asked_about
     kept, real = [], type(r).keeper
     monkeypatch.setattr(r, 'keeper', lambda request: kept.append(real(r, request)) or kept[-1])
     bc = r.broadcaster
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, bc) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             J = lambda user: {'x-user': user, 'accept': 'application/json'}
             mine = c.post('/jobs/start', json={'plugin_id': 'echo', 'params': {'text': 'a'}}, headers=J('alice')).json()['id']
@@ -1038,10 +1028,6 @@ def test_a_table_stream_left_open_does_not_remember_every_job_it_was_asked_about
             data = '\n'.join(lines)
             assert sum(l.startswith('data:') and mine in l for l in lines) == 2 and theirs not in data, data[-2000:]
             assert not sub.dropped
-    finally:
-        server.should_exit = True
-        bc.close()
-        t.join(30)
 
 
 def test_a_fast_streams_text_reaches_its_page_in_few_swaps_and_adds_up():
@@ -1075,8 +1061,7 @@ def test_a_job_page_whose_stream_connects_after_the_history_moved_on_gets_the_jo
     app, mgr = single_app('busy', history_size=16)
     bc = mgr.event_broadcaster
     text = ' '.join(f'w{i}' for i in range(300))
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, bc) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             jid = c.post('/busy/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0.01}},
                          headers={'accept': 'application/json'}).json()['id']
@@ -1094,10 +1079,6 @@ def test_a_job_page_whose_stream_connects_after_the_history_moved_on_gets_the_jo
             state = html.unescape(pane.group(1))
             assert len(state.split()) >= 40 and state + html.unescape(appended(msgs[1:], jid)) == text
             assert mgr.get_job(jid).status == 'completed'
-    finally:
-        server.should_exit = True
-        bc.close()
-        t.join(30)
 
 
 def test_a_table_page_that_missed_only_text_chunks_is_not_reset():
@@ -1109,8 +1090,7 @@ def test_a_table_page_that_missed_only_text_chunks_is_not_reset():
     app, mgr = single_app('chunky', history_size=16)
     bc = mgr.event_broadcaster
     text = ' '.join(f'w{i}' for i in range(200))
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, bc) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             J = {'accept': 'application/json'}
             jid = c.post('/chunky/start', json={'plugin_id': 'tokens', 'params': {'text': text, 'delay': 0.01}}, headers=J).json()['id']
@@ -1128,10 +1108,6 @@ def test_a_table_page_that_missed_only_text_chunks_is_not_reset():
             while mgr.get_job(other).status != 'completed' and time.monotonic() < end: time.sleep(0.01)
             lines = _sse_until(c, url, {'accept': 'text/event-stream', 'Last-Event-ID': str(last)}, lambda ls: len(ls) > 4, 10)
             assert any(l.startswith('event: reset') for l in lines), lines[:6]  # ... and missed the new row (gone): reset
-    finally:
-        server.should_exit = True
-        bc.close()
-        t.join(30)
 
 
 def test_a_table_page_is_not_reset_by_another_managers_events_on_a_shared_broadcaster():
@@ -1149,8 +1125,7 @@ def test_a_table_page_is_not_reset_by_another_managers_events_on_a_shared_broadc
     app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
     mount_job_routes(app, alpha, bc, prefix='/alpha')
     mount_job_routes(app, beta, bc, prefix='/beta')
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, bc) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             J = {'accept': 'application/json'}
             end = time.monotonic() + 60
@@ -1164,10 +1139,6 @@ def test_a_table_page_is_not_reset_by_another_managers_events_on_a_shared_broadc
             lines = _sse_until(c, url, {'accept': 'text/event-stream'}, lambda ls: any('badge-completed' in l for l in ls), 30)
             assert not any(l.startswith('event: reset') for l in lines), lines[:6]
             assert any('badge-completed' in l and aid in l for l in lines) and bid not in '\n'.join(lines), lines[-6:]
-    finally:
-        server.should_exit = True
-        bc.close()
-        t.join(30)
 
 
 def test_an_open_stream_stops_once_its_user_may_no_longer_see_the_job():
@@ -1178,8 +1149,7 @@ def test_an_open_stream_stops_once_its_user_may_no_longer_see_the_job():
     event that says why (over real HTTP)."""
     state = {'deny': False}
     app, alpha, beta, ra, rb = build(authorize=lambda request, job: not state['deny'], routes={'recheck_seconds': 0.2})
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, ra.broadcaster) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             jid = c.post('/alpha/start', json={'plugin_id': 'transcribe', 'params': {'steps': 400, 'delay': 0.05}},
                          headers={'accept': 'application/json'}).json()['id']
@@ -1208,10 +1178,6 @@ def test_an_open_stream_stops_once_its_user_may_no_longer_see_the_job():
             assert alpha.get_job(jid).status == 'running'
             state['deny'] = False
             c.post(f'/alpha/{jid}/cancel')
-    finally:
-        server.should_exit = True
-        ra.broadcaster.close()
-        t.join(30)
 
 
 def test_no_client_can_make_the_server_forget_other_pages_and_a_made_up_page_shows_nobody_elses_jobs(tmp_path, monkeypatch):
@@ -1223,8 +1189,7 @@ def test_no_client_can_make_the_server_forget_other_pages_and_a_made_up_page_sho
     import cjm_workers.fasthtml.routes as routes_mod
     monkeypatch.setattr(routes_mod, 'MAX_PAGE_IDS', 10, raising=False)
     app, mgr = sqlite_app(tmp_path, 'many')
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, app.state.routes.broadcaster) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             J, first = {'accept': 'application/json'}, app.state.routes.broadcaster.last_id
             ids = [c.post('/many/start', json={'plugin_id': 'echo', 'params': {'text': str(i)}}, headers=J).json()['id']
@@ -1249,10 +1214,6 @@ def test_no_client_can_make_the_server_forget_other_pages_and_a_made_up_page_sho
             assert ids[3] in data and ids[2] in data and not any(i in data for i in ids[:2] + ids[4:] + [new]), data
             bad = c.get('/many/stream?after=0&page=X43HhAgc')  # not a page's URL (a page from another version)
             assert bad.text.startswith('event: reset') and 'reload it' in bad.text, bad.text
-    finally:
-        server.should_exit = True
-        app.state.routes.broadcaster.close()
-        t.join(30)
 
 
 def test_a_made_up_page_token_shows_nobody_elses_jobs(tmp_path):
@@ -1403,8 +1364,7 @@ def test_a_first_pages_stream_resumed_after_a_drop_still_follows_the_rows_it_add
     event), and its stream follows that row. A stream that reconnected (a drop, a network blip: the browser's
     EventSource resumes with `Last-Event-ID`) forgot those rows, which then stayed `pending` or `running` for good."""
     app, alpha, beta, ra, rb = build()
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, ra.broadcaster) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             url = page_stream_url(c.get('/alpha').text)
             got = {}
@@ -1421,10 +1381,6 @@ def test_a_first_pages_stream_resumed_after_a_drop_still_follows_the_rows_it_add
             last = [l[4:] for l in lines if l.startswith('id: ')][-1]
             again = _sse_until(c, url, {'Last-Event-ID': last}, lambda ls: any('badge-completed' in l for l in ls))
             assert any('badge-completed' in l and jid in l for l in again), again
-    finally:
-        server.should_exit = True
-        ra.broadcaster.close()
-        t.join(30)
 
 
 def test_head_requests_on_the_streams_leave_no_subscription_behind():
@@ -1462,8 +1418,7 @@ def test_a_blank_last_event_id_does_not_hide_the_events_since_the_page_was_made(
     """SSE review (2026-12-07): a blank `Last-Event-ID` header (sent by some clients and proxies) counted as one, so
     the stream ignored its URL's `after` and the events since then were lost (here: all of a job that has ended)."""
     app, alpha, beta, ra, rb = build()
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, ra.broadcaster) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             j = c.post('/alpha/start', json={'plugin_id': 'tokens', 'params': {'text': 'alpha beta gamma delta', 'delay': 0.2}},
                        headers={'accept': 'application/json'}).json()
@@ -1474,10 +1429,6 @@ def test_a_blank_last_event_id_does_not_hide_the_events_since_the_page_was_made(
             events = [json.loads(l[6:]) for l in lines if l.startswith('data: ')]
             assert ''.join(e['data']['chunk'] for e in events if e['type'].endswith(':chunk')).split() == \
                    ['alpha', 'beta', 'gamma', 'delta'], events
-    finally:
-        server.should_exit = True
-        ra.broadcaster.close()
-        t.join(30)
 
 
 def test_a_job_deleted_before_its_pages_heard_its_end_says_so_and_its_page_stops_listening():
@@ -1494,8 +1445,7 @@ def test_a_job_deleted_before_its_pages_heard_its_end_says_so_and_its_page_stops
         finally: bc.close(); await mgr.ashutdown()
     app = FastHTML(lifespan=lifespan, default_hdrs=False, secret_key='tests')
     mount_job_routes(app, mgr, bc, prefix='/gone')
-    server, t, base = serve_in_thread(app)
-    try:
+    with served(app, bc) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             jid = c.post('/gone/start', json={'plugin_id': 'slow', 'params': {'seconds': 60}},
                          headers={'accept': 'application/json'}).json()['id']
@@ -1520,10 +1470,6 @@ def test_a_job_deleted_before_its_pages_heard_its_end_says_so_and_its_page_stops
             assert 'event: jobs' in r.text and f'<div hidden id="job-{jid}-live" hx-swap-oob="true"></div>' in r.text, r.text
             assert c.get(detail).status_code == 404  # (an API client's request is still a 404)
             assert c.get(f'{detail}&format=json', headers={'accept': 'text/event-stream'}).status_code == 404
-    finally:
-        server.should_exit = True
-        bc.close()
-        t.join(30)
 
 
 def test_a_page_whose_stream_is_refused_is_told_why_once_instead_of_reconnecting_for_ever():
@@ -1591,7 +1537,7 @@ def test_the_start_route_answers_once_the_job_is_in_the_file(tmp_path, monkeypat
     app's memory (a durable store writes behind), so a crash of the app right after the answer lost a job the client
     had been told exists. It now answers once the job is in the file; and 202 with `saved: false`, not 201, if the
     store cannot write it in time. The writer process is paused (SIGSTOP) to hold that window open."""
-    import os, signal, sqlite3
+    import sqlite3
     from contextlib import closing
     app, mgr = sqlite_app(tmp_path, 'kept')
     def in_file(jid):  # read from the file itself, on a connection of its own
@@ -1604,21 +1550,17 @@ def test_the_start_route_answers_once_the_job_is_in_the_file(tmp_path, monkeypat
             first = cli.post('/kept/start', data={'plugin_id': 'echo', 'params': '{"text": "a"}'}, headers=js)
             assert first.status_code == 201 and in_file(first.json()['id'])  # (the table exists)
             writer = mgr.job_store.writer_pid
-            os.kill(writer, signal.SIGSTOP)
             answers = []
             post = threading.Thread(target=lambda: answers.append(cli.post(
                 '/kept/start', data={'plugin_id': 'echo', 'params': '{"text": "b"}'}, headers=js)))
-            try:
+            with paused(writer):
                 post.start(); post.join(0.5)
                 assert not answers, "answered while the job could not be in the file (its writer is paused)"
-            finally: os.kill(writer, signal.SIGCONT)
             post.join(30)
             r = answers[0]
             assert r.status_code == 201 and in_file(r.json()['id']), (r.status_code, r.text)
             monkeypatch.setattr(routes_mod, 'SAVE_WAIT_SECONDS', 0.3)
-            os.kill(writer, signal.SIGSTOP)
-            try: late = cli.post('/kept/start', data={'plugin_id': 'slow', 'params': '{"seconds": 1}'}, headers=js)
-            finally: os.kill(writer, signal.SIGCONT)
+            with paused(writer): late = cli.post('/kept/start', data={'plugin_id': 'slow', 'params': '{"seconds": 1}'}, headers=js)
             body = late.json()
             assert late.status_code == 202 and body['saved'] is False and 'not saved yet' in body['warning'], late.text
             assert late.headers['location'].endswith(body['id'])
@@ -1641,9 +1583,8 @@ def test_with_scope_a_workers_events_reach_only_who_sees_every_job(tmp_path):
     none of alice's jobs to bob (over real HTTP)."""
     users = lambda request: None if request.headers.get('x-user') == 'admin' else {'owner': request.headers.get('x-user', '')}
     app, mgr, r = scoped_app(tmp_path / 'j.db', scope=users, manager_cls=RestartingOwnedManager)
-    server, t, base = serve_in_thread(app)
     J = lambda user: {'x-user': user, 'accept': 'application/json'}
-    try:
+    with served(app, r.broadcaster) as base:
         with httpx.Client(base_url=base, timeout=30) as c:
             after = r.broadcaster.last_id
             a = c.post('/jobs/start', json={'plugin_id': 'crash', 'params': {'mode': 'sigkill'}}, headers=J('alice')).json()['id']
@@ -1668,10 +1609,6 @@ def test_with_scope_a_workers_events_reach_only_who_sees_every_job(tmp_path):
             assert health.status_code == 200 and health.json() == {'ok': True}, health.text
             health = c.get('/jobs/health', headers=J('admin')).json()  # who sees every job: all of it (no job ids)
             assert health['ok'] and health['workers']['total'] == 1 and a not in json.dumps(health), health
-    finally:
-        server.should_exit = True
-        r.broadcaster.close()
-        t.join(30)
 
 
 def test_a_workers_events_reach_every_table_stream_without_scope_or_authorize_and_none_with_authorize_alone():

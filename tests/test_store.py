@@ -1,7 +1,7 @@
 """Job stores (issue 5): jobs written to SQLite and read back, paging, bounded memory, purging, recovery after the
 app process was SIGKILLed, clean shutdown keeping queued jobs, and two managers on one database file."""
 import asyncio, json, logging, os, signal, subprocess, sys, threading, uuid
-from contextlib import closing
+from contextlib import closing, contextmanager
 from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import date, datetime, time as dt_time, timedelta, timezone
@@ -14,7 +14,7 @@ import pytest
 from cjm_workers.stores.base import JobStoreError, JobStoreLocked, MemoryJobStore
 from cjm_workers.stores.sqlite import SQLiteJobStore
 from cjm_workers.testing import ReferenceJob, RecordingBroadcaster, wait_until
-from _a_helpers import gone, sigkill_after_first_line
+from _a_helpers import gone, paused, sigkill_after_first_line
 from _d_helpers import StoreJobManager, run_job
 
 T = 30
@@ -342,14 +342,11 @@ async def test_wait_saved_returns_only_once_the_job_is_in_the_file(mk, tmp_path)
     db = tmp_path / 'jobs.db'
     mgr = mk(SQLiteJobStore(db))
     await run_job(mgr, 'echo', text='first')  # the table exists
-    writer = mgr.job_store.writer_pid
-    os.kill(writer, signal.SIGSTOP)
-    try:
+    with paused(mgr.job_store.writer_pid):
         job = await mgr.start_job('echo', text='kept')
         saved = asyncio.ensure_future(mgr.wait_saved(job.id))
         with pytest.raises(TimeoutError, match='not written to the job store'): await mgr.wait_saved(job.id, timeout=0.3)
         assert not saved.done() and job.id not in _ids_in_file(db, mgr)  # not in the file: not said to be saved
-    finally: os.kill(writer, signal.SIGCONT)
     assert await asyncio.wait_for(saved, T) is True
     assert job.id in _ids_in_file(db, mgr)
     assert await mgr.wait_saved(job.id) is True  # written already: at once
@@ -363,17 +360,12 @@ async def test_wait_saved_after_the_store_gave_up_writing_the_job_returns_false(
     a commit that could no longer come: for ever without a timeout."""
     mgr = mk(SQLiteJobStore(tmp_path / 'jobs.db', close_timeout=1.0))
     await run_job(mgr, 'echo', text='first')  # the table exists
-    writer = mgr.job_store.writer_pid
-    os.kill(writer, signal.SIGSTOP)
-    try:
+    with paused(mgr.job_store.writer_pid):
         job = await mgr.start_job('echo', text='lost')
         waiting = asyncio.ensure_future(mgr.wait_saved(job.id))
         await asyncio.sleep(0.1)
         assert not waiting.done()
         await mgr.ashutdown()
-    finally:
-        try: os.kill(writer, signal.SIGCONT)
-        except ProcessLookupError: pass
     assert job.id in mgr.job_store.unwritten or mgr.job_store.committed < mgr.job_store.saved
     assert await asyncio.wait_for(waiting, T) is False
     assert await asyncio.wait_for(mgr.wait_saved(job.id), T) is False
@@ -915,8 +907,10 @@ async def test_a_dead_writer_process_is_replaced_at_once_not_after_a_backoff(mk,
         assert mgr.job_store.writer_pid not in (None, old.pid)
 
 
-def kill_two_writers(store):
-    "A thread that SIGKILLs the store's writer process, then its replacement as it appears: (killed pids, stop, thread)."
+@contextmanager
+def killing_two_writers(store):
+    """For the block, a thread that SIGKILLs the store's writer process, then its replacement as it appears: the list
+    of the pids killed (so far). The thread is stopped and joined at the end of the block."""
     import threading, time
     killed, stop = [], threading.Event()
     def killer():
@@ -929,7 +923,8 @@ def kill_two_writers(store):
             time.sleep(0.0005)
     t = threading.Thread(target=killer)
     t.start()
-    return killed, stop, t
+    try: yield killed
+    finally: stop.set(); t.join()
 
 
 async def test_two_writer_deaths_in_a_row_do_not_release_waiters_before_the_commit(mk, tmp_path):
@@ -941,8 +936,7 @@ async def test_two_writer_deaths_in_a_row_do_not_release_waiters_before_the_comm
     store = SQLiteJobStore(tmp_path / 'jobs.db', retry_interval=20)
     mgr = mk(store)
     await run_job(mgr, 'echo', text='first')
-    killed, stop, t = kill_two_writers(store)
-    try:
+    with killing_two_writers(store) as killed:
         await wait_until(lambda: len(killed) == 1, T)
         job = await mgr.start_job('echo', text='during')
         failing_seen = []
@@ -954,8 +948,6 @@ async def test_two_writer_deaths_in_a_row_do_not_release_waiters_before_the_comm
         done = await mgr.wait_for_job(job.id, timeout=T)
         assert store.committed >= done._ticket, (store.committed, done._ticket, store.failures)  # written when reported
         await w
-    finally:
-        stop.set(); t.join()
     assert killed and store.stats['failed'] >= 1, (killed, store.stats)
     if store.stats['failed'] >= 2: assert not any(failing_seen), (killed, store.stats)  # (a loaded machine may let the
     # second writer answer before it is killed: then only the first assertion above is about two deaths in a row)
@@ -982,12 +974,9 @@ async def test_two_writer_deaths_never_show_as_failing_between_the_updates_of_th
     store = _CountsWatched(tmp_path / 'jobs.db', retry_interval=20)
     mgr = mk(store)
     await run_job(mgr, 'echo', text='first')
-    killed, stop, t = kill_two_writers(store)
-    try:
+    with killing_two_writers(store) as killed:
         await wait_until(lambda: len(killed) == 1, T)
         for i in range(3): await run_job(mgr, 'echo', text=str(i))
-    finally:
-        stop.set(); t.join()
     assert store.failures == 0 and store.seen and store.seen[-1] == (0, 0, False), store.seen  # written again
     if store.stats['failed'] >= 2:  # (a loaded machine may let the second writer answer before it is killed)
         assert not any(failing for *_, failing in store.seen), store.seen
@@ -1105,15 +1094,10 @@ async def test_wait_for_job_returns_once_a_shutdown_closed_the_store_without_wri
     await run_job(mgr, 'echo', text='first')  # the table exists
     job = await mgr.start_job('slow', seconds=60)
     await wait_until(lambda: job.status == 'running', timeout=T)
-    writer = mgr.job_store.writer_pid
-    os.kill(writer, signal.SIGSTOP)
-    try:
+    with paused(mgr.job_store.writer_pid):
         waiting = asyncio.ensure_future(mgr.wait_for_job(job.id))
         await asyncio.sleep(0.1)
         await mgr.ashutdown()
-    finally:
-        try: os.kill(writer, signal.SIGCONT)
-        except ProcessLookupError: pass
     assert mgr.job_store.committed < mgr.job_store.saved  # its end is not in the file
     assert (await asyncio.wait_for(waiting, T)).status == 'cancelled'
     assert (await asyncio.wait_for(mgr.wait_for_job(job.id), T)).status == 'cancelled'
