@@ -116,126 +116,156 @@ class PipeChannel:
         "File descriptor of the reading end, for `select`/`poll`."
         return self._reader.fileno()
 
-    # -- writing
-    def put(self,
-            obj:Any, # the message
-            block:bool=True, # accepted for `Queue` compatibility (a pipe write blocks while the pipe is full)
-            timeout:Optional[float]=None # accepted for `Queue` compatibility, ignored
-           ):
-        "Pickle `obj` now (raising if it cannot be pickled) and send it."
-        self.put_pickled(dumps(obj))
-    def put_nowait(self, obj:Any):
-        "Same as `put`."
-        self.put(obj)
-    def put_many(self, objs:list):
-        "Send several messages in one write; the reader gets them one by one, in order."
-        self.put_pickled_many([dumps(o) for o in objs])
-    def put_pickled(self, data:bytes):
-        "Send a message the caller already pickled with `dumps` (so it was checked, and is pickled only once)."
-        self.put_pickled_many([data])
-    def put_pickled_many(self, datas:list):
-        "Send several pre-pickled messages in one write (or behind the backlog, after `write_behind`)."
-        bufs = []
-        for d in datas: bufs += [_header(len(d)), d]
-        with self._wlock:
-            if self._out is None: return _write_all(self._writer.fileno(), bufs)
-            if self._out or len(bufs) > 1024:
-                self._out.extend(b for b in bufs if b)
-                return self._push()
-            try: n = os.writev(self._writer.fileno(), bufs)  # nothing waits: write at once, keep what the pipe left
-            except BlockingIOError: n = 0
-            except OSError: return  # the reader is gone (the worker ended): nobody will read it
-            for b in bufs:
-                if n >= len(b): n -= len(b)
-                else: self._out.append(memoryview(b)[n:] if n else b); n = 0
+# %% ../../nbs/core/channel.ipynb #392fe2af
+@patch
+def put(self:PipeChannel,
+        obj:Any, # the message
+        block:bool=True, # accepted for `Queue` compatibility (a pipe write blocks while the pipe is full)
+        timeout:Optional[float]=None # accepted for `Queue` compatibility, ignored
+       ):
+    "Pickle `obj` now (raising if it cannot be pickled) and send it."
+    self.put_pickled(dumps(obj))
 
-    # -- reading
-    def _fill(self)->bool:
-        "Read once from the pipe into the buffer; parse whole frames. True if the pipe may hold more (the read was full)."
-        n = max(_READ_SIZE, self._wanted())
-        try: chunk = os.read(self.reader_fd, n)
-        except BlockingIOError: return False
-        if not chunk:
-            self._eof = True
-            return False
-        if self._buf:  # the rest of a frame read earlier comes first
-            self._buf += chunk
-            frames, used = _parse(self._buf)
-            if used: del self._buf[:used]
-        else:  # the usual case: whole frames, parsed straight from what was read
-            frames, used = _parse(chunk)
-            if used < len(chunk): self._buf += chunk[used:]
-        self._msgs.extend(frames)
-        return len(chunk) == n  # a short read emptied the pipe: asking again would only return EAGAIN
+@patch
+def put_nowait(self:PipeChannel, obj:Any):
+    "Same as `put`."
+    self.put(obj)
 
-    def _wanted(self)->int:
-        "Bytes still missing of a partly read large frame (so it is read in few calls)."
-        if len(self._buf) < 4: return 0
-        n = _LEN.unpack_from(self._buf)[0]
-        if n == _BIG: n = _LEN64.unpack_from(self._buf, 4)[0] if len(self._buf) >= 12 else 0
-        return min(n + 12 - len(self._buf), 1 << 26)
+@patch
+def put_many(self:PipeChannel, objs:list):
+    "Send several messages in one write; the reader gets them one by one, in order."
+    self.put_pickled_many([dumps(o) for o in objs])
 
-    def get(self, block:bool=True, timeout:Optional[float]=None)->Any:
-        "Receive the next message; raise `queue.Empty` if none comes in `timeout` (or at once if not `block`)."
-        deadline = None if block and timeout is None else time.monotonic() + (timeout if block else 0)
-        with self._rlock:
-            while not self._msgs:
-                if self._eof: raise EOFError("the other end of the channel is closed")
-                if deadline is not None or self._nonblocking:  # wait for data first (a blocking read just waits)
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    if not _ready([self.reader_fd], left): raise queue.Empty
-                self._fill()
-            return _loads(self._msgs.popleft())
-    def get_nowait(self)->Any:
-        "The next message, or `queue.Empty` at once."
-        return self.get(False)
+@patch
+def put_pickled(self:PipeChannel, data:bytes):
+    "Send a message the caller already pickled with `dumps` (so it was checked, and is pickled only once)."
+    self.put_pickled_many([data])
 
-    def drain(self)->list:
-        "Every message the pipe holds now, without blocking (an `UndecodableMessage` in place of a frame that cannot be unpickled)."
-        with self._rlock:
-            while self._fill(): pass
-            frames, self._msgs = self._msgs, deque()
-            out = []
-            for m in frames:  # one bad frame does not cost the others (nor wedge the channel)
-                try: out.append(_loads(m))
-                except UndecodableMessage as e: out.append(e)
-            return out
+@patch
+def put_pickled_many(self:PipeChannel, datas:list):
+    "Send several pre-pickled messages in one write (or behind the backlog, after `write_behind`)."
+    bufs = []
+    for d in datas: bufs += [_header(len(d)), d]
+    with self._wlock:
+        if self._out is None: return _write_all(self._writer.fileno(), bufs)
+        if self._out or len(bufs) > 1024:
+            self._out.extend(b for b in bufs if b)
+            return self._push()
+        try: n = os.writev(self._writer.fileno(), bufs)  # nothing waits: write at once, keep what the pipe left
+        except BlockingIOError: n = 0
+        except OSError: return  # the reader is gone (the worker ended): nobody will read it
+        for b in bufs:
+            if n >= len(b): n -= len(b)
+            else: self._out.append(memoryview(b)[n:] if n else b); n = 0
 
-    def set_nonblocking(self):
-        "Make reads of this process's reading end non-blocking (what `drain` needs)."
-        os.set_blocking(self.reader_fd, False)
-        self._nonblocking = True
-    @property
-    def eof(self)->bool:
-        "The writer is gone and every message has been handed out."
-        return self._eof and not self._msgs
-    def has_buffered(self)->bool:
-        "A whole message is already read and waiting (checked without a system call)."
-        return bool(self._msgs)
-    def empty(self)->bool:
-        "No message is waiting, buffered or in the pipe."
-        with self._rlock: return not self._msgs and not _ready([self.reader_fd], 0)
+# %% ../../nbs/core/channel.ipynb #e9ad63fb
+@patch
+def _fill(self:PipeChannel)->bool:
+    "Read once from the pipe into the buffer; parse whole frames. True if the pipe may hold more (the read was full)."
+    n = max(_READ_SIZE, self._wanted())
+    try: chunk = os.read(self.reader_fd, n)
+    except BlockingIOError: return False
+    if not chunk:
+        self._eof = True
+        return False
+    if self._buf:  # the rest of a frame read earlier comes first
+        self._buf += chunk
+        frames, used = _parse(self._buf)
+        if used: del self._buf[:used]
+    else:  # the usual case: whole frames, parsed straight from what was read
+        frames, used = _parse(chunk)
+        if used < len(chunk): self._buf += chunk[used:]
+    self._msgs.extend(frames)
+    return len(chunk) == n  # a short read emptied the pipe: asking again would only return EAGAIN
 
-    # -- closing
-    def close_reader(self):
-        "Close this process's copy of the reading end (and the control channel's)."
-        self._reader.close()
-        if self.control is not None: self.control.close_reader()
-    def close_writer(self):
-        "Close this process's copy of the writing end (and the control channel's)."
-        self._writer.close()
-        if self.control is not None: self.control.close_writer()
-    def close(self):
-        "Close both ends of this process's copy (and of the control channel); a write-behind backlog is dropped."
-        if self._out is not None: self._out.clear()
-        for c in (self._reader, self._writer):
-            try: c.close()
-            except OSError: pass
-        if self.control is not None: self.control.close()
-    def join_thread(self):
-        "Nothing to join (there is no feeder thread); kept for `Queue` compatibility."
-    def cancel_join_thread(self):
-        "Nothing to cancel; kept for `Queue` compatibility."
+@patch
+def _wanted(self:PipeChannel)->int:
+    "Bytes still missing of a partly read large frame (so it is read in few calls)."
+    if len(self._buf) < 4: return 0
+    n = _LEN.unpack_from(self._buf)[0]
+    if n == _BIG: n = _LEN64.unpack_from(self._buf, 4)[0] if len(self._buf) >= 12 else 0
+    return min(n + 12 - len(self._buf), 1 << 26)
+
+@patch
+def get(self:PipeChannel, block:bool=True, timeout:Optional[float]=None)->Any:
+    "Receive the next message; raise `queue.Empty` if none comes in `timeout` (or at once if not `block`)."
+    deadline = None if block and timeout is None else time.monotonic() + (timeout if block else 0)
+    with self._rlock:
+        while not self._msgs:
+            if self._eof: raise EOFError("the other end of the channel is closed")
+            if deadline is not None or self._nonblocking:  # wait for data first (a blocking read just waits)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not _ready([self.reader_fd], left): raise queue.Empty
+            self._fill()
+        return _loads(self._msgs.popleft())
+
+@patch
+def get_nowait(self:PipeChannel)->Any:
+    "The next message, or `queue.Empty` at once."
+    return self.get(False)
+
+@patch
+def drain(self:PipeChannel)->list:
+    "Every message the pipe holds now, without blocking (an `UndecodableMessage` in place of a frame that cannot be unpickled)."
+    with self._rlock:
+        while self._fill(): pass
+        frames, self._msgs = self._msgs, deque()
+        out = []
+        for m in frames:  # one bad frame does not cost the others (nor wedge the channel)
+            try: out.append(_loads(m))
+            except UndecodableMessage as e: out.append(e)
+        return out
+
+@patch
+def set_nonblocking(self:PipeChannel):
+    "Make reads of this process's reading end non-blocking (what `drain` needs)."
+    os.set_blocking(self.reader_fd, False)
+    self._nonblocking = True
+
+@patch(as_prop=True)
+def eof(self:PipeChannel)->bool:
+    "The writer is gone and every message has been handed out."
+    return self._eof and not self._msgs
+
+@patch
+def has_buffered(self:PipeChannel)->bool:
+    "A whole message is already read and waiting (checked without a system call)."
+    return bool(self._msgs)
+
+@patch
+def empty(self:PipeChannel)->bool:
+    "No message is waiting, buffered or in the pipe."
+    with self._rlock: return not self._msgs and not _ready([self.reader_fd], 0)
+
+# %% ../../nbs/core/channel.ipynb #dc165169
+@patch
+def close_reader(self:PipeChannel):
+    "Close this process's copy of the reading end (and the control channel's)."
+    self._reader.close()
+    if self.control is not None: self.control.close_reader()
+
+@patch
+def close_writer(self:PipeChannel):
+    "Close this process's copy of the writing end (and the control channel's)."
+    self._writer.close()
+    if self.control is not None: self.control.close_writer()
+
+@patch
+def close(self:PipeChannel):
+    "Close both ends of this process's copy (and of the control channel); a write-behind backlog is dropped."
+    if self._out is not None: self._out.clear()
+    for c in (self._reader, self._writer):
+        try: c.close()
+        except OSError: pass
+    if self.control is not None: self.control.close()
+
+@patch
+def join_thread(self:PipeChannel):
+    "Nothing to join (there is no feeder thread); kept for `Queue` compatibility."
+
+@patch
+def cancel_join_thread(self:PipeChannel):
+    "Nothing to cancel; kept for `Queue` compatibility."
 
 # %% ../../nbs/core/channel.ipynb #9144b03e
 @patch
