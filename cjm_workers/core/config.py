@@ -6,6 +6,7 @@
 from __future__ import annotations
 import multiprocessing as mp
 from dataclasses import dataclass, fields
+from fastcore.basics import patch, patch_to
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -111,26 +112,30 @@ class WorkerConfig:
                 raise ValueError(f"WorkerConfig.worker_env has {len(env)} entries for max_workers={self.max_workers}")
             for i in range(self.max_workers): self.env_for(i)  # checks each entry
 
-    def env_for(self,
-                index:int # the worker's slot index, 0 .. max_workers-1
-               )->Dict[str, str]: # environment variables to set in that worker
-        "The extra environment of worker `index` (from `worker_env`)."
-        env = self.worker_env
-        if env is None: return {}
-        e = env(index) if callable(env) else env[index]
-        if e is None: return {}
-        if not isinstance(e, dict) or not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in e.items()):
-            raise TypeError(f"WorkerConfig.worker_env for worker {index} must be a dict of str → str, got {e!r}")
-        return {k: str(v) for k, v in e.items()}
+# %% ../../nbs/core/config.ipynb #085edc68
+@patch
+def backoff_delay(self:WorkerConfig,
+                  attempt:int # 0 for the first restart after a crash, 1 for the second, ...
+                 )->float: # seconds to wait before that restart
+    "Delay before the `attempt`-th consecutive crash restart under `RestartPolicy.BACKOFF`."
+    return min(self.restart_backoff_base_seconds * 2 ** attempt, self.restart_backoff_max_seconds)
 
-    @staticmethod
-    def gpu_env(gpu_ids:list # one GPU id (or a comma-separated list of ids) per worker
-               )->List[Dict[str, str]]: # a `worker_env` list
-        "A `worker_env` that gives worker i `CUDA_VISIBLE_DEVICES=gpu_ids[i]`."
-        return [{'CUDA_VISIBLE_DEVICES': str(g)} for g in gpu_ids]
+# %% ../../nbs/core/config.ipynb #ad8af6aa
+@patch
+def env_for(self:WorkerConfig,
+            index:int # the worker's slot index, 0 .. max_workers-1
+           )->Dict[str, str]: # environment variables to set in that worker
+    "The extra environment of worker `index` (from `worker_env`)."
+    env = self.worker_env
+    if env is None: return {}
+    e = env(index) if callable(env) else env[index]
+    if e is None: return {}
+    if not isinstance(e, dict) or not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in e.items()):
+        raise TypeError(f"WorkerConfig.worker_env for worker {index} must be a dict of str → str, got {e!r}")
+    return {k: str(v) for k, v in e.items()}
 
-    def backoff_delay(self,
-                      attempt:int # 0 for the first restart after a crash, 1 for the second, ...
-                     )->float: # seconds to wait before that restart
-        "Delay before the `attempt`-th consecutive crash restart under `RestartPolicy.BACKOFF`."
-        return min(self.restart_backoff_base_seconds * 2 ** attempt, self.restart_backoff_max_seconds)
+@patch_to(WorkerConfig, static_method=True)
+def gpu_env(gpu_ids:list # one GPU id (or a comma-separated list of ids) per worker
+           )->List[Dict[str, str]]: # a `worker_env` list
+    "A `worker_env` that gives worker i `CUDA_VISIBLE_DEVICES=gpu_ids[i]`."
+    return [{'CUDA_VISIBLE_DEVICES': str(g)} for g in gpu_ids]
