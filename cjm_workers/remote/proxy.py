@@ -258,6 +258,7 @@ def start(self:RemotePluginProxy)->RemotePluginProxy:
                                     limits=_LIMITS, trust_env=False)
         return self
 
+# %% ../../nbs/remote/proxy.ipynb #5bdd6f9d
 @patch
 def _reap(self:RemotePluginProxy, proc:subprocess.Popen)->None:
     """Before a new worker starts: kill what remains of the old one's process group (what its plugin started: a worker
@@ -310,6 +311,7 @@ def _close_output(self:RemotePluginProxy, proc:subprocess.Popen)->None:
     for f in (proc.stdout, proc.stderr):
         if f is not None: f.close()
 
+# %% ../../nbs/remote/proxy.ipynb #d6acf726
 _LIMITS = httpx.Limits(keepalive_expiry=30.0)  # idle connections dropped well before the worker drops them (60 s)
 
 @patch(as_prop=True)
@@ -358,6 +360,7 @@ def _kill_tree(self:RemotePluginProxy, proc:subprocess.Popen, graceful:float=0.0
         try: c.kill()  # (psutil checks that it is still the process listed)
         except psutil.Error: pass
 
+# %% ../../nbs/remote/proxy.ipynb #d3f3623a
 @patch
 def _close_clients(self:RemotePluginProxy)->None:
     "Close the sync client, and each event loop's async client on its own loop (waiting up to 1 s for another thread's)."
@@ -378,6 +381,7 @@ _TASKS = set()  # tasks started from sync code, kept until they are done (a loop
 def _keep(t):
     _TASKS.add(t); t.add_done_callback(_TASKS.discard)
 
+# %% ../../nbs/remote/proxy.ipynb #4a626f44
 @patch
 def _stop_calls(self:RemotePluginProxy, calls:List[str], deadline:float)->bool:
     "Cancel `calls` and wait (long polls) until the plugin runs nothing or `deadline` passes; True if it stopped."
@@ -427,6 +431,7 @@ def kill(self:RemotePluginProxy)->None:
     with self._lock:
         if self.process is not None: self._kill_tree(self.process)
 
+# %% ../../nbs/remote/proxy.ipynb #e7ea8e58
 @patch
 def __enter__(self:RemotePluginProxy): return self.start()
 @patch
