@@ -14,6 +14,7 @@ from typing import Any, Optional
 from uuid import UUID
 
 import cjm_workers
+from fastcore.basics import patch
 from ..core.channel import _header, _parse, _write_all
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,7 @@ def rollback(conn)->None:
         try: conn.execute('ROLLBACK')
         except Exception: pass  # the error that led here is the one to report
 
+# %% ../../nbs/stores/sqlite_writer.ipynb #11d3d2ef
 class FileReplacedError(OSError):
     "The database file was deleted (or moved away) or replaced by another file while a store was using it."
     def __init__(self, path:str, deleted:bool):
@@ -271,6 +273,7 @@ def _file_id(path:str)->Optional[tuple]:
     except FileNotFoundError: return None
     return st.st_dev, st.st_ino
 
+# %% ../../nbs/stores/sqlite_writer.ipynb #d1393ca1
 _SIDE_FILES = ('-wal', '-shm')  # SQLite's files beside the database in WAL mode
 
 class WalFileLostError(OSError):
@@ -287,6 +290,7 @@ class WalFileLostError(OSError):
         super().__init__(f"the database's {' and '.join(lost)} {'files were' if len(lost) > 1 else 'file was'} {how} while in "
                          f"use; {saved}; the store reconnects")
 
+# %% ../../nbs/stores/sqlite_writer.ipynb #de2b0036
 class _Db:
     """The writer process's connection and the statements it was given.
 
@@ -306,75 +310,85 @@ class _Db:
         self.last: dict = {}  # job id → the row last committed (unfinished jobs only)
         self.side: dict = {}  # '-wal' / '-shm' → (st_dev, st_ino), noted once they exist after a commit
 
-    def _plan(self, sc:_Schema, rows:list):
-        "Split rows into full upserts and UPDATE groups (changed columns, request mode) → rows."
-        full, upd, last, ne, st = [], {}, self.last, operator.ne, sc.status
-        for r in rows:
-            old = last.get(r[0])
-            if old is None or len(old) != len(r): full.append(r); continue
-            changed = tuple(itertools.compress(range(2, len(r) - 1), map(ne, old[2:-1], r[2:-1])))
-            request = 'null' if st is not None and r[st] in _TERMINAL else 'set' if r[-1] is not None else 'keep'
-            if changed or request != 'keep': upd.setdefault((changed, request), []).append(r)
-        return full, upd
+# %% ../../nbs/stores/sqlite_writer.ipynb #b63eaf17
+@patch
+def _plan(self:_Db, sc:_Schema, rows:list):
+    "Split rows into full upserts and UPDATE groups (changed columns, request mode) → rows."
+    full, upd, last, ne, st = [], {}, self.last, operator.ne, sc.status
+    for r in rows:
+        old = last.get(r[0])
+        if old is None or len(old) != len(r): full.append(r); continue
+        changed = tuple(itertools.compress(range(2, len(r) - 1), map(ne, old[2:-1], r[2:-1])))
+        request = 'null' if st is not None and r[st] in _TERMINAL else 'set' if r[-1] is not None else 'keep'
+        if changed or request != 'keep': upd.setdefault((changed, request), []).append(r)
+    return full, upd
 
-    def _write(self, sc:_Schema, rows:list):
-        conn = self.conn
-        full, upd = self._plan(sc, rows)
-        for (changed, request), rs in upd.items():
-            (sql, params), before = sc.update(changed, request), conn.total_changes()
-            try: conn.executemany(sql, list(map(params, rs)))
-            except _REFUSED: conn.executemany(sql, [sc.update_params(r, changed, request, True) for r in rs])
-            if conn.total_changes() - before != len(rs): full += rs  # a row is missing (deleted meanwhile): upsert them all
-        if full:
-            try: conn.executemany(sc.upsert, encode(full, sc.n_plain))
-            except _REFUSED: conn.executemany(sc.upsert, encode(full, sc.n_plain, safe=True))
+@patch
+def _write(self:_Db, sc:_Schema, rows:list):
+    conn = self.conn
+    full, upd = self._plan(sc, rows)
+    for (changed, request), rs in upd.items():
+        (sql, params), before = sc.update(changed, request), conn.total_changes()
+        try: conn.executemany(sql, list(map(params, rs)))
+        except _REFUSED: conn.executemany(sql, [sc.update_params(r, changed, request, True) for r in rs])
+        if conn.total_changes() - before != len(rs): full += rs  # a row is missing (deleted meanwhile): upsert them all
+    if full:
+        try: conn.executemany(sc.upsert, encode(full, sc.n_plain))
+        except _REFUSED: conn.executemany(sc.upsert, encode(full, sc.n_plain, safe=True))
 
-    def check_file(self)->None: check_file(self.path, self.file_id)
+# %% ../../nbs/stores/sqlite_writer.ipynb #e09eb117
+@patch
+def check_file(self:_Db)->None: check_file(self.path, self.file_id)
 
-    def check_side(self)->None:
-        "Raise `WalFileLostError` if the -wal or -shm file noted is gone or another one, after checkpointing what was committed."
-        lost = {}
-        for s, fid in self.side.items():
-            now = _file_id(self.path + s)
-            if now != fid: lost[s] = 'deleted' if now is None else 'replaced by another file'
-        if lost: raise WalFileLostError(self.path, lost, self._checkpoint())
+@patch
+def check_side(self:_Db)->None:
+    "Raise `WalFileLostError` if the -wal or -shm file noted is gone or another one, after checkpointing what was committed."
+    lost = {}
+    for s, fid in self.side.items():
+        now = _file_id(self.path + s)
+        if now != fid: lost[s] = 'deleted' if now is None else 'replaced by another file'
+    if lost: raise WalFileLostError(self.path, lost, self._checkpoint())
 
-    def _checkpoint(self)->Optional[str]:
-        "Copy every committed page of the WAL (open here even if unlinked) into the database file; None, or why it did not."
-        try: busy, frames, done = self.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
-        except Exception as e: return f"{type(e).__name__}: {e}"
-        if busy and not (frames >= 0 and done == frames):  # all copied, only the truncation waits for a reader: saved
-            return f"{max(done, 0)} of {frames} pages copied: another connection kept it from completing"
-        return None
+@patch
+def _checkpoint(self:_Db)->Optional[str]:
+    "Copy every committed page of the WAL (open here even if unlinked) into the database file; None, or why it did not."
+    try: busy, frames, done = self.conn.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+    except Exception as e: return f"{type(e).__name__}: {e}"
+    if busy and not (frames >= 0 and done == frames):  # all copied, only the truncation waits for a reader: saved
+        return f"{max(done, 0)} of {frames} pages copied: another connection kept it from completing"
+    return None
 
-    def _note_side(self)->None:
-        for s in _SIDE_FILES:
-            if s not in self.side and (fid := _file_id(self.path + s)) is not None: self.side[s] = fid
+@patch
+def _note_side(self:_Db)->None:
+    for s in _SIDE_FILES:
+        if s not in self.side and (fid := _file_id(self.path + s)) is not None: self.side[s] = fid
 
-    def write(self, schemas:dict, groups:dict)->Optional[str]:
-        "Write one batch in one transaction; None, or the error after a rollback."
-        for k, v in schemas.items(): self.schemas[k] = _Schema(*v)
-        conn = self.conn
+# %% ../../nbs/stores/sqlite_writer.ipynb #af923115
+@patch
+def write(self:_Db, schemas:dict, groups:dict)->Optional[str]:
+    "Write one batch in one transaction; None, or the error after a rollback."
+    for k, v in schemas.items(): self.schemas[k] = _Schema(*v)
+    conn = self.conn
+    try:
+        self.check_file()  # one stat per batch: writes into a deleted file would vanish without a word
+        self.check_side()  # two more: commits into a deleted WAL would vanish with this process
+        conn.execute('BEGIN IMMEDIATE')
         try:
-            self.check_file()  # one stat per batch: writes into a deleted file would vanish without a word
-            self.check_side()  # two more: commits into a deleted WAL would vanish with this process
-            conn.execute('BEGIN IMMEDIATE')
-            try:
-                for key, rows in groups.items(): self._write(self.schemas[key], rows)
-                conn.execute('COMMIT')
-            except BaseException:
-                rollback(conn)
-                raise
-        except Exception as e:
-            return f"{type(e).__name__}: {e}"
-        if len(self.side) < len(_SIDE_FILES): self._note_side()  # after the first commits only
-        last = self.last  # committed: remember the unfinished jobs' rows, forget the finished ones
-        for key, rows in groups.items():
-            st = self.schemas[key].status
-            for r in rows:
-                if st is not None and r[st] in _TERMINAL: last.pop(r[0], None)
-                else: last[r[0]] = r
-        return None
+            for key, rows in groups.items(): self._write(self.schemas[key], rows)
+            conn.execute('COMMIT')
+        except BaseException:
+            rollback(conn)
+            raise
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    if len(self.side) < len(_SIDE_FILES): self._note_side()  # after the first commits only
+    last = self.last  # committed: remember the unfinished jobs' rows, forget the finished ones
+    for key, rows in groups.items():
+        st = self.schemas[key].status
+        for r in rows:
+            if st is not None and r[st] in _TERMINAL: last.pop(r[0], None)
+            else: last[r[0]] = r
+    return None
 
 # %% ../../nbs/stores/sqlite_writer.ipynb #40ed67e6
 def serve(data_fd:int, # the pipe the batches arrive on
