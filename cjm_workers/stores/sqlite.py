@@ -210,6 +210,7 @@ def _seconds(name:str, v, lo:float=0.0, strict:bool=False, hi:Optional[float]=No
         raise ValueError(f"{name} must be a finite number of seconds {rng}{f' and <= {hi:g}' if hi is not None else ''}, got {v!r}")
     return v
 
+# %% ../../nbs/stores/sqlite.ipynb #cf3d155c
 class SQLiteJobStore(JobStore):
     "A durable job store in a SQLite file (see above)."
     durable = True
@@ -297,16 +298,18 @@ class SQLiteJobStore(JobStore):
         "Delete finished jobs (those that finished more than `older_than` seconds ago); returns their ids."
         with self._failing('purging jobs'): return self._purge(older_than, status)
 
-    def _table(self)->str:
-        if self._tname is not None: return self._tname
-        if self.table: name = self.table
-        elif self.namespace is None:
-            raise RuntimeError("the job store is not attached to a manager yet: to read it without one, name the manager's "
-                               "worker type, SQLiteJobStore(path, worker_type='...') (or its table, table='jobs_<worker_type>')"
-                               + self._tables_hint())
-        else: name = 'jobs_' + re.sub(r'\W', '_', self.namespace)
-        self._tname = self._existing_table(name)  # SQLite's names ignore case: 'jobs_Img' made earlier is 'jobs_img' too
-        return self._tname
+# %% ../../nbs/stores/sqlite.ipynb #5e4460b5
+@patch
+def _table(self:SQLiteJobStore)->str:
+    if self._tname is not None: return self._tname
+    if self.table: name = self.table
+    elif self.namespace is None:
+        raise RuntimeError("the job store is not attached to a manager yet: to read it without one, name the manager's "
+                           "worker type, SQLiteJobStore(path, worker_type='...') (or its table, table='jobs_<worker_type>')"
+                           + self._tables_hint())
+    else: name = 'jobs_' + re.sub(r'\W', '_', self.namespace)
+    self._tname = self._existing_table(name)  # SQLite's names ignore case: 'jobs_Img' made earlier is 'jobs_img' too
+    return self._tname
 
 # %% ../../nbs/stores/sqlite.ipynb #ec46871f
 _WHY = [(apsw.NotADBError, "the file is not a SQLite database"),
@@ -348,6 +351,7 @@ def _reason(e:BaseException)->str:
     "An error in words, for the log (a `JobStoreError` without the file name)."
     return getattr(e, 'reason', None) or f"{type(e).__name__}: {e}"
 
+# %% ../../nbs/stores/sqlite.ipynb #c41366db
 @patch
 def _connect(self:SQLiteJobStore, readonly:bool):
     "A fastlite database on a new connection: read-only, or read-write (creating the file and its folders, WAL on)."
@@ -393,6 +397,7 @@ def _close_connections(self:SQLiteJobStore)->None:
                 except Exception: pass
         self._rdb = self._wdb = None
 
+# %% ../../nbs/stores/sqlite.ipynb #df2a5b61
 @patch
 def _existing_table(self:SQLiteJobStore, name:str)->str:
     "The name of the table the file already has for `name`, whatever its case (or `name` itself)."
@@ -649,6 +654,7 @@ def _write_loop(self:SQLiteJobStore):
         self._cv.notify_all()
     if left: self._report_unwritten(left)
 
+# %% ../../nbs/stores/sqlite.ipynb #84e2bc12
 @patch
 def _report_unwritten(self:SQLiteJobStore, left:dict)->None:
     "Log, once, the jobs whose last state the store gave up writing."
