@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .adapters import default_result_adapter
 from .channel import PipeChannel, UndecodableMessage, dumps, salvage
-from .process import BACKSTOP_NAME, become_group_leader, is_unreaped_child, kill_marked, kill_own_children, mark_worker
+from .process import BACKSTOP_NAME, _running_loop, become_group_leader, is_unreaped_child, kill_marked, kill_own_children, mark_worker
 from .protocol import PluginManagerAdapter, WorkerRequestType
 
 log = logging.getLogger(__name__)
@@ -462,8 +462,7 @@ class PluginLoop:
 
 def _off_running_loop(fn:Callable):
     "`fn()`, in a thread of its own if this one runs an event loop already (a worker hosted in a notebook, say)."
-    try: asyncio.get_running_loop()
-    except RuntimeError: return fn()  # (a worker process's main thread: no loop runs there)
+    if _running_loop() is None: return fn()  # (a worker process's main thread: no loop runs there)
     box = {}
     def run():
         try: box['value'] = fn()
