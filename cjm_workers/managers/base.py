@@ -219,7 +219,14 @@ class _PendingQueue:
         "1 + the number of queued jobs ahead of `jid`, or None if it is not queued."
         p = self._where.get(jid)
         if p is None: return None
-        return sum(len(self._q[-q]) for q in self._prios if -q > p) + self._q[p].index(jid) + 1
+        return sum(len(self._q[-q]) for q in self._prios if -q > p) + self._index(self._q[p], jid) + 1
+
+    def _index(self, d:deque, jid:str)->int:
+        """Where `jid` is in `d`: found by its sequence number (`push` keeps `d` in that order), in log(len) steps; else,
+        should the order not hold, by a scan. (The start route asks every new job's place: with thousands queued, a
+        scan per start made a burst of starts quadratic.)"""
+        i = bisect.bisect_left(d, self._seq_of(jid), key=self._seq_of)
+        return i if i < len(d) and d[i] == jid else d.index(jid)
 
     def count_from(self, priority:int)->int:
         "How many queued jobs have at least this priority."
@@ -322,7 +329,7 @@ def _init_state(self:BaseJobManager):
     self._waiters: Dict[str, list] = {}  # job id → futures of wait_for_job
     self._done: list = []  # terminal job ids whose waiters are to be resolved
     self._state_waiters: list = []  # futures woken when a worker's state changes
-    self._save_waiters: list = []  # (ticket, future) of `wait_saved`: woken once the store has written that far
+    self._save_waiters: list = []  # a heap of (ticket, id, future) of `wait_saved`: woken once the store has written that far
     self._later_hooks: list = []  # (job id, awaitable) an `async def _on_job_completed` returned, for the loop to run
     self._hook_tasks: set = set()  # those running on the loop
     self._store_open = True  # until shutdown closes the store
@@ -471,11 +478,13 @@ def _kick(self:BaseJobManager):
             else: done, self._done = [d for d in done if d[2] <= c], [d for d in done if d[2] > c]
         futs = [(f, job) for jid, job, _ in done for f in self._waiters.pop(jid, ())]
         states, self._state_waiters = self._state_waiters, []
-        saved = []
-        if self._save_waiters:  # `wait_saved`: True once written that far, False while the store's writes fail
+        saved, w = [], self._save_waiters
+        if w:  # `wait_saved`: True once written that far, False while the store's writes fail
             c, failing = self._store.committed, self._store.failing or self._store_closed  # (closed: never written)
-            saved = [(f, t <= c) for t, f in self._save_waiters if t <= c or failing]
-            if saved: self._save_waiters = [(t, f) for t, f in self._save_waiters if not (t <= c or failing)]
+            if failing: saved, self._save_waiters = [(f, t <= c) for t, _, f in sorted(w)], []
+            else:  # a heap by ticket: those written come off its top, the others are not looked at (a burst of
+                while w and w[0][0] <= c: saved.append((heapq.heappop(w)[2], True))  # starts, each one waiting,
+                # made a scan of every waiter at each kick quadratic)
         hooks, self._later_hooks = self._later_hooks, []
     for jid, aw in hooks: self._run_hook(jid, aw)
     for f, job in futs:
@@ -1779,11 +1788,14 @@ async def wait_saved(self:BaseJobManager,
         if t <= self._store.committed: return True
         if self._store.failing or self._store_closed: return False  # (closed: it will not be written)
         fut = self._loop.create_future()
-        self._save_waiters.append((t, fut))
+        heapq.heappush(self._save_waiters, (t, id(fut), fut))  # (`id`: no two tickets' futures are compared)
     self._flush()  # (a commit may have come between the check and the append)
-    try: return await (fut if timeout is None else asyncio.wait_for(fut, timeout))
-    except asyncio.TimeoutError:
-        with self._lock: self._save_waiters = [(t, f) for t, f in self._save_waiters if f is not fut]
+    try:  # (`asyncio.timeout`: Python 3.11's `wait_for` makes a future and a callback more, for every start)
+        async with asyncio.timeout(timeout): return await fut
+    except TimeoutError:
+        with self._lock:
+            self._save_waiters = [w for w in self._save_waiters if w[2] is not fut]
+            heapq.heapify(self._save_waiters)
         raise TimeoutError(f"job {job_id} was not written to the job store within {timeout}s") from None
 
 
