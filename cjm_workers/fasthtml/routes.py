@@ -4,7 +4,7 @@
 
 # %% ../../nbs/fasthtml/routes.ipynb #da370af8
 from __future__ import annotations
-import asyncio, base64, bisect, hashlib, hmac, inspect, json, logging, math, re, secrets, time, types, typing
+import asyncio, base64, bisect, functools, hashlib, hmac, inspect, json, logging, math, re, secrets, time, types, typing
 from urllib.parse import urlencode, urlsplit
 from dataclasses import asdict, fields as dataclass_fields, is_dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -151,7 +151,10 @@ def _accept_q(accept:str, media:str)->float:
 def _wants_json(request)->bool:
     "Whether the client prefers JSON to HTML (a browser's default Accept prefers HTML)."
     accept = request.headers.get('accept', '')
-    return 'json' in accept and _accept_q(accept, 'application/json') > _accept_q(accept, 'text/html')
+    return 'json' in accept and (_prefers_json(accept) if len(accept) <= 256 else _prefers_json.__wrapped__(accept))
+
+@functools.lru_cache(maxsize=64)  # (a client sends the same Accept with every request, and a start asks twice)
+def _prefers_json(accept:str)->bool: return _accept_q(accept, 'application/json') > _accept_q(accept, 'text/html')
 
 def _error(request, text:str, status:int, headers:Optional[dict]=None):
     "An error answer: JSON `{\"error\": text}` for a client that prefers JSON, else plain text."
@@ -198,10 +201,13 @@ def _json_default(o):
     "What the JSON answers write for what JSON cannot hold: a dataclass as its fields, anything else as its text."
     return asdict(o) if is_dataclass(o) and not isinstance(o, type) else str(o)
 
+@functools.lru_cache(maxsize=64)
+def _field_names(cls:type)->tuple: return tuple(f.name for f in dataclass_fields(cls))
+
 def _job_fields(job, traceback:bool=False)->dict:
     """The job's fields as they are now, without the worker's `traceback` unless asked. Read on the event loop; dicts
     and lists are copied one level deep, so that encoding them on another thread sees this moment."""
-    d = {f.name: getattr(job, f.name) for f in dataclass_fields(job)} if is_dataclass(job) else dict(vars(job))
+    d = {n: getattr(job, n) for n in _field_names(type(job))} if is_dataclass(job) else dict(vars(job))
     if not traceback: d.pop('traceback', None)
     return {k: v.copy() if type(v) in (dict, list) else v for k, v in d.items()}
 
@@ -219,13 +225,38 @@ def _json_items(items:list, i:int)->tuple:
         size, i = size + len(b), i + 1
     return b','.join(part), i
 
+_INLINE_JSON = 16384  # an answer surely smaller than about this (`_small`) is encoded on the loop
+
+def _small(data, budget:int=_INLINE_JSON)->bool:
+    """Whether `data` is surely small JSON: dicts, lists and tuples of text (whose lengths, with 32 for every value,
+    add up to less than `budget`) and plain values; False at anything else (a dataclass, a value of the app's own type:
+    `_json_default` makes them), or once the budget is spent (the walk stops there)."""
+    todo = [data]
+    while todo:
+        v = todo.pop()
+        budget -= 32
+        if budget < 0: return False
+        t = type(v)
+        if t is str: budget -= len(v)
+        elif t is dict:
+            for k, x in v.items():
+                if type(k) is not str: return False
+                budget -= len(k)
+                todo.append(x)
+        elif t is list or t is tuple: todo.extend(v)
+        elif not (v is None or t is bool or t is int or t is float): return False
+    return budget >= 0
+
 async def _json_answer(data, status_code:int=200, headers:Optional[dict]=None)->Response:
     """A JSON answer, encoded on a thread. A page of jobs with long outputs can be a hundred megabytes of JSON: encoded
     on the loop, or in one `json.dumps` call (which holds the GIL until it is done), it would hold up the event loop,
     and every live page with it, for most of a second. So a list is encoded item by item, and a long one is sent in
-    parts as they are encoded (chunked, without a Content-Length)."""
+    parts as they are encoded (chunked, without a Content-Length). One job that is surely small (`_small`: a job as
+    it starts, say) is encoded on the loop: it takes microseconds, where the round trip to a thread cost more CPU than
+    the rest of a start route's own work."""
     if type(data) is not list:
-        return Response(await asyncio.to_thread(_json_bytes, data), status_code=status_code, headers=headers, media_type='application/json')
+        body = _json_bytes(data) if _small(data) else await asyncio.to_thread(_json_bytes, data)
+        return Response(body, status_code=status_code, headers=headers, media_type='application/json')
     first, i = await asyncio.to_thread(_json_items, data, 0)
     if i == len(data): return Response(b'[' + first + b']', status_code=status_code, headers=headers, media_type='application/json')
     async def parts(first=first, i=i):
