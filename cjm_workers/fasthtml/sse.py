@@ -206,7 +206,7 @@ def publish(self:SSEBroadcaster, event_type:str, # event type, e.g. 'transcripti
             data:Dict[str, Any] # payload (a dict; job events carry 'job_id')
            )->int: # subscribers the event was queued for
     "Number, record and queue one event for every matching subscriber, without waiting (any thread)."
-    if not isinstance(event_type, str) or not event_type or re.search(r'[\r\n]', event_type):
+    if not isinstance(event_type, str) or not event_type or '\n' in event_type or '\r' in event_type:
         raise ValueError(f"event_type must be a non-empty one-line string, got {event_type!r}")
     if not isinstance(data, dict): raise TypeError(f"event data must be a dict, got {type(data).__name__}")
     here, reached, full = _running_loop(), 0, []
