@@ -2,6 +2,7 @@
 
     python bench/http_burst.py [--sizes 1000,2000,4000] [--client raw|httpx] [--max-waiting N]
                                [--limit-concurrency N] [--nofile N] [--loop auto|asyncio] [--inproc-httpx N]
+                               [--compare DIR [--rounds 3]]
 
 Three processes: the server (`--serve`: the demo app, `create_demo_app`, with an `echo` button, 2 workers and a SQLite
 job store, under uvicorn), the clients (`--clients`: N connections opened at once, each sending one JSON start and
@@ -14,7 +15,9 @@ Options that make a burst larger than the server takes end quickly: `--max-waiti
 the start route answers 503 + Retry-After beyond it), `--limit-concurrency` (uvicorn's: 503 beyond that many open
 connections), `--nofile` (the server's descriptor limit: the connections it cannot accept). `--inproc-httpx N` runs
 the client in the server's own process and event loop instead (how the burst was first tried; see
-docs/performance.md, "Bursts of HTTP job starts").
+docs/performance.md, "Bursts of HTTP job starts"). `--compare DIR` starts a second app process that imports
+cjm_workers from DIR (`git worktree add /tmp/base main`, say) and alternates the bursts between the two, so that the
+app CPU per start of two builds is measured under the same load.
 """
 import argparse, asyncio, collections, json, os, resource, signal, socket, sqlite3, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -149,58 +152,90 @@ def _cpu(proc)->tuple:
         except psutil.NoSuchProcess: pass
     return sum(proc.cpu_times()[:2]), kids
 
-def main(a):
+def _start_server(a, d:str, name:str, pythonpath:str=None):
+    "An app process (`--serve`) on its own SQLite file in `d`: (Popen, port, psutil.Process, db, stderr path)."
     import psutil
+    db, err_path = os.path.join(d, f'{name}.db'), os.path.join(d, f'{name}.err')  # (a file: a pipe nobody reads would block the server once full)
+    cmd = [sys.executable, str(HERE), '--serve', '--db', db, '--backlog', str(a.backlog), '--loop', a.loop,
+           '--max-waiting', str(a.max_waiting), '--limit-concurrency', str(a.limit_concurrency), '--nofile', str(a.nofile)]
+    env = os.environ if pythonpath is None else {**os.environ, 'PYTHONPATH': pythonpath}
+    srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(err_path, 'w'), text=True, env=env)
+    port = int(srv.stdout.readline().split()[1])
+    for _ in range(200):
+        try: _get(port, '/jobs/health'); break
+        except OSError: time.sleep(0.05)
+    return srv, port, psutil.Process(srv.pid), db, err_path
+
+def _stop_server(srv, err_path, errs):
+    if srv.poll() is None: srv.send_signal(signal.SIGTERM)
+    try: srv.wait(timeout=60)
+    except subprocess.TimeoutExpired: srv.kill(); srv.wait()
+    for line in Path(err_path).read_text().splitlines():
+        if line and not line.startswith((' ', 'Traceback')): errs[line[:100]] += 1
+
+def _burst(a, port, proc, n)->tuple:
+    "One burst of `n` starts from a client process, then the wait until the app is idle: (client summary, settle s, [app CPU, its children's])."
+    cpu0 = _cpu(proc)
+    out = subprocess.run([sys.executable, str(HERE), '--clients', '--port', str(port), '--n', str(n),
+                          '--client', a.client, '--timeout', str(a.timeout)], capture_output=True, text=True)
+    if out.returncode: raise RuntimeError(f"the client process failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    settle = _settle(port)
+    return r, settle, [b - a for a, b in zip(cpu0, _cpu(proc))]
+
+def _check_file(db, accepted):
+    with sqlite3.connect(db) as con:
+        table = next((t for (t,) in con.execute("select name from sqlite_master where type='table' and name like 'jobs%'")), None)
+        rows = dict(con.execute(f"select id, status from {table}")) if table else {}  # (no table: no job was ever saved)
+    statuses = collections.Counter(rows.values())
+    missing = [i for i in accepted if i not in rows]
+    not_ended = [i for i in accepted if i in rows and rows[i] not in TERMINAL]
+    return (f"in the file: {dict(statuses)}; accepted starts {len(accepted)}, of which missing {len(missing)}, "
+            f"not ended {len(not_ended)}; jobs in the file that no client was told of: {len(set(rows) - set(accepted))}")
+
+def main(a):
     sizes = [int(s) for s in a.sizes.split(',')]
     somaxconn = int(Path('/proc/sys/net/core/somaxconn').read_text()) if Path('/proc/sys/net/core/somaxconn').exists() else None
+    builds = [('this', None)] + ([('compare', a.compare)] if a.compare else [])
     with tempfile.TemporaryDirectory() as d:
-        db = os.path.join(d, 'jobs.db')
-        cmd = [sys.executable, str(HERE), '--serve', '--db', db, '--backlog', str(a.backlog), '--loop', a.loop,
-               '--max-waiting', str(a.max_waiting), '--limit-concurrency', str(a.limit_concurrency), '--nofile', str(a.nofile)]
-        err_path = os.path.join(d, 'server.err')  # a file: a pipe nobody reads would block the server once full
-        srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(err_path, 'w'), text=True)
-        errs = collections.Counter()
+        servers, errs = {}, collections.Counter()
         try:
-            port = int(srv.stdout.readline().split()[1])
-            for _ in range(200):
-                try: _get(port, '/jobs/health'); break
-                except OSError: time.sleep(0.05)
-            proc = psutil.Process(srv.pid)
+            for name, path in builds: servers[name] = _start_server(a, d, name, path)
+            srv, port, proc, _, _ = servers['this']
             print(f"server: pid {srv.pid}, loop {a.loop}, listen backlog {a.backlog} (somaxconn {somaxconn}: the kernel "
                   f"keeps min of both), max_waiting_jobs {a.max_waiting or 'none'}, limit_concurrency "
                   f"{a.limit_concurrency or 'none'}, descriptor limit {a.nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; "
                   f"client: {a.client} in its own process")
-            print(f"{'burst':>6} {'answers':<44} {'connected':>9} {'first':>7} {'p50':>7} {'last':>7} {'jobs done':>9} "
-                  f"{'app CPU':>10} {'its children':>12} {'client CPU':>10}")
-            accepted = []
+            if a.compare: print(f"'compare': a second app process, the same but with PYTHONPATH={a.compare}; bursts alternate "
+                                f"between the two (order swapped every round), {a.rounds} round(s) per size")
+            print(f"{'build':>7} {'burst':>6} {'answers':<44} {'connected':>9} {'first':>7} {'p50':>7} {'last':>7} {'jobs done':>9} "
+                  f"{'app CPU':>10} {'per start':>9} {'its children':>12} {'client CPU':>10}")
+            accepted, per_start = collections.defaultdict(list), collections.defaultdict(list)
+            for name, _ in builds[:len(builds) if a.compare else 0]:  # (the first burst of a process costs more: imports, caches)
+                srv, port, proc, _, _ = servers[name]
+                accepted[name] += _burst(a, port, proc, 300)[0]['ids']
             for n in sizes:
-                cpu0 = _cpu(proc)
-                out = subprocess.run([sys.executable, str(HERE), '--clients', '--port', str(port), '--n', str(n),
-                                      '--client', a.client, '--timeout', str(a.timeout)], capture_output=True, text=True)
-                if out.returncode: raise RuntimeError(f"the client process failed:\n{out.stderr[-3000:]}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                settle = _settle(port)
-                cpu = [b - a for a, b in zip(cpu0, _cpu(proc))]
-                accepted += r['ids']
-                fmt = lambda v: '-' if v is None else f"{v:.2f}s"
-                print(f"{n:>6} {json.dumps(r['codes']):<44} {fmt(r['connected_s']):>9} {fmt(r['first_s']):>7} "
-                      f"{fmt(r['p50_s']):>7} {fmt(r['last_s']):>7} {fmt(r['last_s'] + settle):>9} {cpu[0]:>9.2f}s {cpu[1]:>11.2f}s "
-                      f"{r['cpu_s']:>9.2f}s", flush=True)
+                for rnd in range(a.rounds if a.compare else 1):
+                    for name, _ in (builds if rnd % 2 == 0 else builds[::-1]):
+                        srv, port, proc, _, _ = servers[name]
+                        r, settle, cpu = _burst(a, port, proc, n)
+                        accepted[name] += r['ids']
+                        per_start[name, n].append(cpu[0] / n * 1e3)
+                        fmt = lambda v: '-' if v is None else f"{v:.2f}s"
+                        print(f"{name:>7} {n:>6} {json.dumps(r['codes']):<44} {fmt(r['connected_s']):>9} {fmt(r['first_s']):>7} "
+                              f"{fmt(r['p50_s']):>7} {fmt(r['last_s']):>7} {fmt(r['last_s'] + settle):>9} {cpu[0]:>9.2f}s "
+                              f"{cpu[0] / n * 1e3:>7.3f}ms {cpu[1]:>11.2f}s {r['cpu_s']:>9.2f}s", flush=True)
+                if a.compare:
+                    this, other = per_start['this', n], per_start['compare', n]
+                    ratios = sorted(t / o for t, o in zip(this, other))  # (each round's two bursts ran back to back)
+                    print(f"        {n:>6} app CPU per start, median: this {sorted(this)[len(this) // 2]:.3f} ms, compare "
+                          f"{sorted(other)[len(other) // 2]:.3f} ms; this/compare: median {ratios[len(ratios) // 2]:.2f} "
+                          f"(the rounds', sorted: {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
         finally:
-            if srv.poll() is None: srv.send_signal(signal.SIGTERM)
-            try: srv.wait(timeout=60)
-            except subprocess.TimeoutExpired: srv.kill(); srv.wait()
-            for line in Path(err_path).read_text().splitlines():
-                if line and not line.startswith((' ', 'Traceback')): errs[line[:100]] += 1
-        with sqlite3.connect(db) as con:
-            table = next((t for (t,) in con.execute("select name from sqlite_master where type='table' and name like 'jobs%'")), None)
-            rows = dict(con.execute(f"select id, status from {table}")) if table else {}  # (no table: no job was ever saved)
-        statuses = collections.Counter(rows.values())
-        missing = [i for i in accepted if i not in rows]
-        not_ended = [i for i in accepted if i in rows and rows[i] not in TERMINAL]
-        print(f"in the file: {dict(statuses)}; accepted starts {len(accepted)}, of which missing {len(missing)}, "
-              f"not ended {len(not_ended)}; jobs in the file that no client was told of: {len(set(rows) - set(accepted))}")
-        if errs: print("server's stderr (lines, without tracebacks):", dict(errs.most_common(5)))
+            for name, (srv, _, _, _, err_path) in servers.items(): _stop_server(srv, err_path, errs)
+        for name, (_, _, _, db, _) in servers.items():
+            print(f"{name + ': ' if a.compare else ''}{_check_file(db, accepted[name])}")
+        if errs: print("servers' stderr (lines, without tracebacks):", dict(errs.most_common(5)))
 
 
 if __name__ == '__main__':
@@ -214,6 +249,9 @@ if __name__ == '__main__':
     ap.add_argument('--backlog', type=int, default=2048, help="uvicorn's listen backlog (its default: 2048)")
     ap.add_argument('--loop', choices=('auto', 'asyncio', 'uvloop'), default='auto')
     ap.add_argument('--inproc-httpx', type=int, default=0, metavar='N')
+    ap.add_argument('--compare', metavar='DIR', help="also run an app process with PYTHONPATH=DIR (e.g. a worktree of "
+                    "another commit) and alternate bursts between the two: app CPU per start of both, and their ratio")
+    ap.add_argument('--rounds', type=int, default=3, help="with --compare: bursts of each size per build")
     ap.add_argument('--serve', action='store_true', help=argparse.SUPPRESS)
     ap.add_argument('--clients', action='store_true', help=argparse.SUPPRESS)
     ap.add_argument('--db', help=argparse.SUPPRESS)
