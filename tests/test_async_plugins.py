@@ -50,3 +50,46 @@ async def test_async_initialize_and_cleanup_run_in_the_worker(make_manager, tmp_
     assert await m.unload_plugin('achat')
     pid = done.result['metadata']['pid']
     assert log.read_text() == f"closed {pid}\n"
+
+
+# Edges of `PluginLoop` (tests/_async_plugins.py): local workers only (a Ray actor's worker runs the same code).
+
+@pytest.mark.backends('local')
+async def test_a_cancelled_async_job_ends_once_the_thread_it_awaits_has_ended(make_manager, tmp_path):
+    "Before, the job was `cancelled` at once while its `asyncio.to_thread` work ran on beside the next jobs (its `check_cancelled()` never fired)."
+    from _async_plugins import async_edge_worker
+    log, events = tmp_path / 'thread.log', RecordingBroadcaster()
+    m = make_manager(entry_point=async_edge_worker, event_broadcaster=events, config=dict(cancel_grace_seconds=60))
+    await m.start(wait=True)
+    job = await m.start_job('athread', seconds=120, log=str(log), stream=False)
+    await wait_until(lambda: any(t.endswith(':progress') and d['job_id'] == job.id for t, d in events.events), T)  # the thread runs
+    assert await asyncio.wait_for(m.cancel_job(job.id), T)
+    cancelled = m.get_job(job.id)
+    assert cancelled.status == 'cancelled', (cancelled.status, cancelled.error)
+    assert log.read_text() == f"thread ended {job.id}\n"  # its thread saw the cancel and ended before the job did
+    after = await m.wait_for_job((await m.start_job('athread', seconds=0, stream=False)).id, timeout=T)
+    assert after.status == 'completed' and after.worker_pid == cancelled.worker_pid, (after.status, after.error)
+
+
+@pytest.mark.backends('local')
+async def test_a_task_an_async_plugin_leaves_running_is_cancelled_and_awaited_at_stop(make_manager, tmp_path):
+    "Before, the worker's stop logged 'Task was destroyed but it is pending!' and the task's `finally` could not await."
+    from _async_plugins import async_edge_worker
+    log = tmp_path / 'task.log'
+    m = make_manager(entry_point=async_edge_worker)
+    await m.start(wait=True)
+    done = await m.wait_for_job((await m.start_job('aleave', log=str(log), stream=False)).id, timeout=T)
+    assert done.status == 'completed', done.error
+    await m.ashutdown()
+    assert log.read_text() == "task ended\n"
+
+
+@pytest.mark.backends('local')
+async def test_an_asyncio_timeout_around_the_yields_of_an_async_stream_fires(make_manager):
+    "Before, each item was read in a task of its own: the timeout, entered in the first, never fired (all 40 items came)."
+    from _async_plugins import async_edge_worker
+    m = make_manager(entry_point=async_edge_worker)
+    await m.start(wait=True)
+    done = await m.wait_for_job((await m.start_job('atimeout', n=400, delay=0.01, limit=0.2)).id, timeout=T)
+    assert done.status == 'completed', done.error
+    assert done.result['text'].endswith('timed out') and len(done.result['text'].split()) < 400, done.result

@@ -5,7 +5,7 @@ reports progress, honours cooperative cancels, and dies with its parent."""
 
 # %% ../../nbs/core/worker.ipynb #ea1d32d2
 from __future__ import annotations
-import asyncio, fcntl, gc, inspect, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
+import asyncio, concurrent.futures, fcntl, gc, inspect, logging, os, pickle, select, signal, sys, threading, time, traceback, warnings
 from collections import deque
 import multiprocessing as mp
 from collections import OrderedDict
@@ -418,47 +418,100 @@ def _run_stream(self:_Worker, gen, ctx,
                )->Any:
     "Read a plugin's stream (a generator, or an async one) to its end or a cancel: the job's result."
     ret = None
-    is_async = hasattr(gen, '__anext__')  # an `async def execute_stream` (an async generator)
-    try:
-        while not ctx.cancelled:
-            try: chunk = self._settle(gen.__anext__(), ctx) if is_async else next(gen)
-            except StopIteration as s: ret = s.value; break
-            except StopAsyncIteration: break  # (an async generator returns no value)
-            finally: self._leave_if_copy()
-            text = chunk if isinstance(chunk, str) else str(chunk)
-            ctx.chunks.append(text)
-            if send: self._send({'type': 'stream_chunk', 'job_id': ctx.job_id, 'chunk': text, 'is_final': False, 'metadata': None})
-    finally:
-        close = getattr(gen, 'aclose' if is_async else 'close', None)
-        if callable(close): self._settle(close())
+    if hasattr(gen, '__anext__'): self._settle(self._read_async(gen, ctx, send), ctx)  # (an async generator returns no value)
+    else:
+        try:
+            while not ctx.cancelled:
+                try: chunk = next(gen)
+                except StopIteration as s: ret = s.value; break
+                finally: self._leave_if_copy()
+                self._chunk(ctx, chunk, send)
+        finally:
+            close = getattr(gen, 'close', None)
+            if callable(close): close()
     text = ''.join(ctx.chunks)
     data = self.adapter(ret) if ret is not None else {'text': text, 'metadata': {}}
     if isinstance(data, dict) and not data.get('text'): data['text'] = text
     return data
 
+@patch
+async def _read_async(self:_Worker, gen, ctx, send:bool):
+    """Read an async stream in one task, as `async for` would: an `asyncio.timeout`, an anyio cancel scope or a context
+    variable the plugin opens around its `yield`s holds across items (a task per item broke them)."""
+    try:
+        while not ctx.cancelled:
+            try: chunk = await gen.__anext__()
+            except StopAsyncIteration: break
+            finally: self._leave_if_copy()
+            self._chunk(ctx, chunk, send)
+    finally:
+        close = getattr(gen, 'aclose', None)
+        if callable(close): await close()
+
+@patch
+def _chunk(self:_Worker, ctx, chunk, send:bool):
+    "Keep an item of a stream (the partial result of a cancel), and send it as a `stream_chunk` if `send`."
+    text = chunk if isinstance(chunk, str) else str(chunk)
+    ctx.chunks.append(text)
+    if send: self._send({'type': 'stream_chunk', 'job_id': ctx.job_id, 'chunk': text, 'is_final': False, 'metadata': None})
+
 # %% ../../nbs/core/worker.ipynb #b9dfdca4
 class PluginLoop:
     "The event loop of plugins written with `async def`, in the process hosting them: made when first needed, kept for its life."
-    def __init__(self): self.loop: Optional[asyncio.AbstractEventLoop] = None
+    def __init__(self):
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.threads: Optional[_PluginThreads] = None  # the loop's default executor (`asyncio.to_thread`)
     def run(self, value, ctx:Optional[JobContext]=None):
-        "`value`, or if it is awaitable (an `async def` plugin's), what it gives once run on this loop; a cancel of `ctx`'s job cancels it."
+        """`value`, or if it is awaitable (an `async def` plugin's), what it gives once run on this loop; a cancel of
+        `ctx`'s job cancels it, and then returns only once the calls of `asyncio.to_thread` still running have ended."""
         if not inspect.isawaitable(value): return value
-        if self.loop is None: self.loop = asyncio.new_event_loop()
+        if self.loop is None:
+            self.loop, self.threads = asyncio.new_event_loop(), _PluginThreads()
+            self.loop.set_default_executor(self.threads)
         loop = self.loop
         task = asyncio.ensure_future(value, loop=loop)
         if ctx is not None: ctx._on_cancel(lambda: loop.is_closed() or loop.call_soon_threadsafe(task.cancel))
         try: return _off_running_loop(lambda: loop.run_until_complete(task))
         finally:
-            if ctx is not None: ctx._on_cancel(None)
+            if ctx is not None:
+                ctx._on_cancel(None)
+                if ctx.cancelled: self.threads.wait_idle()  # a cancelled task's thread works on: the job is not over
     def close(self):
-        "End the loop, if there is one (the plugins' async generators, then the threads of `asyncio.to_thread`, first)."
+        """End the loop, if there is one: the tasks plugins left running are cancelled and awaited (their `finally`
+        runs), then the plugins' async generators and the threads of `asyncio.to_thread` are ended."""
         if self.loop is None: return
         async def ending():
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in left: t.cancel()
+            for t, r in zip(left, await asyncio.gather(*left, return_exceptions=True)):
+                if isinstance(r, Exception): log.warning("process %d: a task an async plugin left running raised as it "
+                                                         "was cancelled at stop: %s", os.getpid(), _error_text(r))
             await self.loop.shutdown_asyncgens()
             await self.loop.shutdown_default_executor()
         try: _off_running_loop(lambda: self.loop.run_until_complete(ending()))
         except Exception: log.exception("process %d: closing the async plugins' generators raised", os.getpid())
         finally: self.loop.close(); self.loop = None
+
+class _PluginThreads(concurrent.futures.ThreadPoolExecutor):
+    "The default executor of a `PluginLoop` (`asyncio.to_thread`, `run_in_executor(None, ...)`), counting the calls not ended."
+    def __init__(self):
+        super().__init__(thread_name_prefix='cjm-plugin-thread')
+        self.busy, self.changed = 0, threading.Condition()
+    def submit(self, fn, /, *args, **kwargs):
+        with self.changed: self.busy += 1
+        try: f = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._ended(None)
+            raise
+        f.add_done_callback(self._ended)
+        return f
+    def _ended(self, _):
+        with self.changed:
+            self.busy -= 1
+            self.changed.notify_all()
+    def wait_idle(self):
+        "Wait until no call runs (a cancelled job's thread sees the cancel through `check_cancelled()`, say)."
+        with self.changed: self.changed.wait_for(lambda: not self.busy)
 
 def _off_running_loop(fn:Callable):
     "`fn()`, in a thread of its own if this one runs an event loop already (a worker hosted in a notebook, say)."
