@@ -10,10 +10,13 @@
 - `atimeout`: streams `n` items, one each `delay` seconds, under one `asyncio.timeout(limit)` around its `yield`s;
   when the limit is reached it yields 'timed out' and ends.
 
-`async_edge_worker` runs them beside the reference plugins and `achat`.
+`async_edge_worker` runs them beside the reference plugins and `achat`. `async_adapted_worker` runs `achat` through
+`create_simple_adapter(pm, result_adapter=...)` over a plugin manager whose `execute_plugin` is `async def` and which
+has no `execute_plugin_stream` (its streaming jobs get the result as one item).
 """
 import asyncio, os, time
 
+from cjm_workers.core.adapters import create_simple_adapter
 from cjm_workers.core.worker import base_worker_process, check_cancelled, current_job, report_progress
 from cjm_workers.testing import REFERENCE_PLUGINS, AsyncChatPlugin, ReferencePlugin, ReferencePluginManager
 
@@ -107,3 +110,21 @@ def async_edge_worker(request_queue, result_queue, response_queue):
     base_worker_process(request_queue, result_queue, response_queue, supports_streaming=True,
                         plugin_manager_factory=lambda: ReferencePluginManager(
                             {**REFERENCE_PLUGINS, 'achat': AsyncChatPlugin, **ASYNC_EDGE_PLUGINS}))
+
+
+class _AsyncOnlyManager:
+    "A plugin manager with an `async def execute_plugin` and no `execute_plugin_stream`, which says its plugin streams."
+    def __init__(self): self.plugin = None
+    def discover_plugins(self): return [{'name': 'achat'}]
+    async def load_plugin(self, info, config):
+        self.plugin = AsyncChatPlugin()
+        await self.plugin.initialize(config)
+        return True
+    def check_streaming_support(self, name): return True
+    async def execute_plugin(self, name, **params): return await self.plugin.execute(**params)
+
+
+def async_adapted_worker(request_queue, result_queue, response_queue):
+    base_worker_process(request_queue, result_queue, response_queue, supports_streaming=True,
+                        plugin_manager_factory=lambda: create_simple_adapter(
+                            _AsyncOnlyManager(), result_adapter=lambda r: {**r, 'adapted': True}))

@@ -93,3 +93,16 @@ async def test_an_asyncio_timeout_around_the_yields_of_an_async_stream_fires(mak
     done = await m.wait_for_job((await m.start_job('atimeout', n=400, delay=0.01, limit=0.2)).id, timeout=T)
     assert done.status == 'completed', done.error
     assert done.result['text'].endswith('timed out') and len(done.result['text'].split()) < 400, done.result
+
+
+@pytest.mark.backends('local')
+async def test_a_streamed_job_of_an_async_execute_through_create_simple_adapter_gets_its_result(make_manager):
+    "A plugin manager with no execute_plugin_stream: before, the job 'completed' with the text '<coroutine object _then ...>'."
+    from _async_plugins import async_adapted_worker
+    events = RecordingBroadcaster()
+    m = make_manager(entry_point=async_adapted_worker, event_broadcaster=events)
+    await m.start(wait=True)
+    done = await m.wait_for_job((await m.start_job('achat', text='hi')).id, timeout=T)
+    assert done.status == 'completed', done.error
+    assert (done.result['text'], done.result.get('adapted')) == ('you said: hi', True), done.result
+    assert [d['chunk'] for t, d in events.events if t.endswith(':chunk')] == ['you said: hi']

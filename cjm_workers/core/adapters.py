@@ -32,15 +32,15 @@ class _SimpleAdapter:
     def execute_plugin(self, plugin_name, **params):
         r = self._pm.execute_plugin(plugin_name, **params)
         if self._adapt and inspect.isawaitable(r): return _then(r, self._adapt)  # (an `async def` plugin's: the worker awaits it)
-        return self._adapt(r) if self._adapt else r
+        return self._adapt(r) if self._adapt and not _yields(r) else r  # (an `execute` that yields: the worker reads it)
     def execute_plugin_stream(self, plugin_name, **params)->Iterator[str]:
         fn = getattr(self._pm, 'execute_plugin_stream', None)
         return fn(plugin_name, **params) if callable(fn) else self._once(plugin_name, params)  # (an async generator too)
     def _once(self, plugin_name, params):
-        "The stream of a plugin manager with none: its result as one item (and the generator's return value)."
+        """The stream of a plugin manager with none: its result as one item (and the generator's return value). For an
+        `async def` plugin's result, an awaitable giving that stream (the worker awaits it, then reads the stream)."""
         r = self.execute_plugin(plugin_name, **params)
-        yield default_result_adapter(r).get('text', '') if not isinstance(r, str) else r
-        return r
+        return _then(r, _one_item) if inspect.isawaitable(r) else _one_item(r)
     def check_streaming_support(self, plugin_name)->bool:
         fn = getattr(self._pm, 'check_streaming_support', None)
         return bool(fn(plugin_name)) if callable(fn) else False
@@ -53,6 +53,16 @@ class _SimpleAdapter:
     def unload_plugin(self, plugin_name):
         fn = getattr(self._pm, 'unload_plugin', None)
         return fn(plugin_name) if callable(fn) else None
+
+def _yields(r)->bool: return inspect.isgenerator(r) or inspect.isasyncgen(r)
+
+def _one_item(r):
+    "The stream of a plugin manager with none, once its result `r` is there: `r` if it is a stream already, else `r` as one item."
+    return r if _yields(r) else _item_of(r)
+
+def _item_of(r):
+    yield default_result_adapter(r).get('text', '') if not isinstance(r, str) else r
+    return r
 
 async def _then(aw, fn:Callable):
     "`fn` of what awaitable `aw` gives: an `async def` plugin's result, taken further once it is there."

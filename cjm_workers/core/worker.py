@@ -245,12 +245,17 @@ def _cancel_hook(self:_Worker, plugin_name):
     "Ask the plugin manager (`cancel_plugin`) or the plugin (`cancel`) to stop cooperatively."
     try:
         fn = getattr(self.pm, 'cancel_plugin', None)
-        if callable(fn): return fn(plugin_name)
+        if callable(fn): return _unrun(fn(plugin_name))
         get = getattr(self.pm, 'get_plugin', None)
         plugin = get(plugin_name) if callable(get) else None
-        if plugin is not None and callable(getattr(plugin, 'cancel', None)): plugin.cancel()
+        if plugin is not None and callable(getattr(plugin, 'cancel', None)): return _unrun(plugin.cancel())
     except BaseException:  # even a SystemExit from the plugin's cancel(): it must not end the control thread
         log.exception("worker %d: cancel hook of plugin %r raised", os.getpid(), plugin_name)
+
+def _unrun(asked):
+    """Close the coroutine an `async def cancel` (or `cancel_plugin`) returned, unrun: it cannot run in the control thread
+    while the job's task runs (the task is cancelled instead); left open, it warned "coroutine ... was never awaited"."""
+    if inspect.iscoroutine(asked): asked.close()
 
 @patch
 def _send(self:_Worker, msg):
@@ -360,7 +365,10 @@ def _execute(self:_Worker, req:dict, ctx:JobContext)->tuple:
         if name in self.cancel_hooked: self._fresh(name)
         if ctx.cancelled: raise JobCancelledError(f"job {ctx.job_id} was cancelled before its plugin started")  # while it loaded
         params = {k: v for k, v in req.items() if k not in _RESERVED}
-        if self._streams(name, req): out['data'] = self._run_stream(self.pm.execute_plugin_stream(name, **params), ctx)
+        if self._streams(name, req):  # (an awaitable giving the stream too: `create_simple_adapter` over an async `execute`)
+            stream = self._settle(self.pm.execute_plugin_stream(name, **params), ctx)
+            self._leave_if_copy()
+            out['data'] = self._run_stream(stream, ctx)
         else:
             ret = self._settle(self.pm.execute_plugin(name, **params), ctx)
             self._leave_if_copy()
