@@ -106,3 +106,24 @@ async def test_a_streamed_job_of_an_async_execute_through_create_simple_adapter_
     assert done.status == 'completed', done.error
     assert (done.result['text'], done.result.get('adapted')) == ('you said: hi', True), done.result
     assert [d['chunk'] for t, d in events.events if t.endswith(':chunk')] == ['you said: hi']
+
+
+def test_an_async_stream_in_a_universal_worker_is_read_in_one_task_and_a_cancel_ends_it():
+    """Before, each item was read in a task of its own (and a thread of its own): the plugin's `asyncio.timeout` never
+    fired and all 400 items came. A cancel mid-stream still ends it with a `cancelled` line, and the next stream runs."""
+    import json
+    from test_remote_worker import Worker
+    w = Worker('TimeoutStreamPlugin', module='_async_plugins').ready()
+    try:
+        with w.client() as c:
+            lines = [json.loads(l) for l in c.post('/execute_stream', json={'kwargs': {'n': 400, 'delay': 0.01, 'limit': 0.2}}).text.splitlines()]
+            assert lines[-1] == 'timed out' and len(lines) < 400, lines[-3:]
+            got = []
+            with c.stream('POST', '/execute_stream', json={'kwargs': {'n': 400, 'delay': 0.05, 'limit': 60}}) as r:
+                for line in r.iter_lines():
+                    got.append(json.loads(line))
+                    if len(got) == 2: assert c.post('/cancel').json()['running'] is True
+            assert got[:2] == ['0 ', '1 '] and got[-1]['cancelled'] is True and len(got) < 400, got[-3:]
+            again = [json.loads(l) for l in c.post('/execute_stream', json={'kwargs': {'n': 3, 'delay': 0}}).text.splitlines()]
+            assert again == ['0 ', '1 ', '2 '], again
+    finally: w.stop()

@@ -10,7 +10,7 @@ from collections import deque
 import multiprocessing as mp
 from collections import OrderedDict
 from multiprocessing.connection import wait as _wait
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from .adapters import default_result_adapter
 from .channel import PipeChannel, UndecodableMessage, dumps, salvage
@@ -469,21 +469,30 @@ class PluginLoop:
     def __init__(self):
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.threads: Optional[_PluginThreads] = None  # the loop's default executor (`asyncio.to_thread`)
-    def run(self, value, ctx:Optional[JobContext]=None):
+    def run(self, value, ctx:Optional[JobContext]=None,
+            cancels:Optional[asyncio.Future]=None): # the task a cancel of `ctx`'s job cancels (None: `value`'s)
         """`value`, or if it is awaitable (an `async def` plugin's), what it gives once run on this loop; a cancel of
         `ctx`'s job cancels it, and then returns only once the calls of `asyncio.to_thread` still running have ended."""
         if not inspect.isawaitable(value): return value
-        if self.loop is None:
-            self.loop, self.threads = asyncio.new_event_loop(), _PluginThreads()
-            self.loop.set_default_executor(self.threads)
-        loop = self.loop
+        loop = self._loop()
         task = asyncio.ensure_future(value, loop=loop)
-        if ctx is not None: ctx._on_cancel(lambda: loop.is_closed() or loop.call_soon_threadsafe(task.cancel))
+        target = cancels or task
+        if ctx is not None: ctx._on_cancel(lambda: loop.is_closed() or loop.call_soon_threadsafe(target.cancel))
         try: return _off_running_loop(lambda: loop.run_until_complete(task))
         finally:
             if ctx is not None:
                 ctx._on_cancel(None)
                 if ctx.cancelled: self.threads.wait_idle()  # a cancelled task's thread works on: the job is not over
+    def _loop(self)->asyncio.AbstractEventLoop:
+        if self.loop is None:
+            self.loop, self.threads = asyncio.new_event_loop(), _PluginThreads()
+            self.loop.set_default_executor(self.threads)
+        return self.loop
+    def iterate(self, agen, ctx:Optional[JobContext]=None)->Iterator:
+        """A plain iterator over async iterator `agen` (an async `execute_stream`'s), for hosts that read items one call
+        at a time (maybe each from another thread): every item is read in one task, as `async for` reads them, so an
+        `asyncio.timeout` around the plugin's `yield`s holds; a cancel of `ctx`'s job cancels that task. `close()` it."""
+        return _OneTaskStream(self, agen, ctx)
     def close(self):
         """End the loop, if there is one: the tasks plugins left running are cancelled and awaited (their `finally`
         runs), then the plugins' async generators and the threads of `asyncio.to_thread` are ended."""
@@ -499,6 +508,46 @@ class PluginLoop:
         try: _off_running_loop(lambda: self.loop.run_until_complete(ending()))
         except Exception: log.exception("process %d: closing the async plugins' generators raised", os.getpid())
         finally: self.loop.close(); self.loop = None
+
+_END = object()  # what the reader of an async stream gives at its end
+
+class _OneTaskStream:
+    "See `PluginLoop.iterate`."
+    def __init__(self, ploop:PluginLoop, agen, ctx:Optional[JobContext]):
+        self.ploop, self.agen, self.ctx, self.asks, self.reader = ploop, agen, ctx, None, None
+    def __iter__(self): return self
+    async def _read(self):
+        "The one task that reads `agen`: one item for each future asked for (None: stop), then it closes `agen`."
+        try:
+            while (got := await self.asks.get()) is not None:
+                try: item = await self.agen.__anext__()
+                except StopAsyncIteration: got.set_result(_END); break
+                except asyncio.CancelledError: got.cancel(); raise
+                except BaseException as e: got.set_exception(e); break
+                got.set_result(item)
+        finally:
+            close = getattr(self.agen, 'aclose', None)
+            if callable(close): await close()
+    def __next__(self):
+        loop = self.ploop._loop()
+        if self.reader is None: self.asks, self.reader = asyncio.Queue(), loop.create_task(self._read())
+        got = loop.create_future()
+        self.asks.put_nowait(got)
+        async def answer():
+            await asyncio.wait({got, self.reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not got.done(): got.cancel()  # the reader ended before it took the question (cancelled)
+            return got.result()
+        item = self.ploop.run(answer(), self.ctx, cancels=self.reader)
+        if item is _END: raise StopIteration
+        return item
+    def close(self):
+        "End the reader (it closes the async generator), then close the generator (if the reader never ran, say)."
+        if self.reader is not None:
+            if not self.reader.done(): self.asks.put_nowait(None)
+            try: self.ploop.run(self.reader)
+            except asyncio.CancelledError: pass  # (a cancel ended it)
+        close = getattr(self.agen, 'aclose', None)
+        if callable(close): self.ploop.run(close())
 
 class _PluginThreads(concurrent.futures.ThreadPoolExecutor):
     "The default executor of a `PluginLoop` (`asyncio.to_thread`, `run_in_executor(None, ...)`), counting the calls not ended."

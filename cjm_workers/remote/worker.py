@@ -366,9 +366,10 @@ def _misreadable(item:Any)->bool:
     keys = set(item)
     return keys in ({'item'}, {'return'}) or ('error' in keys and keys <= _ERROR_KEYS)
 
-def _items(stream):
-    "A plugin's stream as an iterator: its generator, or an async generator as it is (`__anext__`), or `iter` of anything else."
-    return stream if hasattr(stream, '__anext__') else iter(stream)
+def _items(stream, aloop:_core.PluginLoop, ctx:JobContext):
+    """A plugin's stream as an iterator: its generator, an async one read in one task of `aloop` (`PluginLoop.iterate`:
+    as `async for` reads it, though each item is asked for from another thread), or `iter` of anything else."""
+    return aloop.iterate(stream, ctx) if hasattr(stream, '__anext__') else iter(stream)
 
 @patch
 def stream_lines(self:PluginHost, args:list, kwargs:dict,
@@ -387,12 +388,11 @@ def stream_lines(self:PluginHost, args:list, kwargs:dict,
             fn, n = getattr(self.plugin, 'execute_stream', None), 0
             while not ctx.cancelled:
                 try:  # the plugin's code runs only in here: whatever it raises (a SystemExit too) ends the stream, not the worker
-                    if gen is None: gen = _items(fn(*args, **kwargs)) if callable(fn) else iter([self.aloop.run(self.plugin.execute(*args, **kwargs), ctx)])
-                    try: item = self.aloop.run(gen.__anext__(), ctx) if hasattr(gen, '__anext__') else next(gen)
+                    if gen is None: gen = _items(fn(*args, **kwargs), self.aloop, ctx) if callable(fn) else iter([self.aloop.run(self.plugin.execute(*args, **kwargs), ctx)])
+                    try: item = next(gen)
                     except StopIteration as stop:
                         ret = stop.value
                         break
-                    except StopAsyncIteration: break
                     try: line = dumps_json({'item': item} if returns and _misreadable(item) else item)
                     except Exception as e:
                         raise TypeError(f"item {n} of the stream could not be encoded as JSON ({_error_text(e)})") from e
@@ -410,9 +410,9 @@ def stream_lines(self:PluginHost, args:list, kwargs:dict,
                 else: yield line + b'\n'
             if end is not None: yield _dumps_lenient(end) + b'\n'
         finally:
-            close = getattr(gen, 'aclose', None) or getattr(gen, 'close', None)
+            close = getattr(gen, 'close', None)
             if callable(close):
-                try: self.aloop.run(close())
+                try: close()
                 except BaseException: log.exception("plugin %s: closing its stream raised", self.name)  # a SystemExit too
             self._end(ctx)
 
