@@ -127,3 +127,19 @@ def test_an_async_stream_in_a_universal_worker_is_read_in_one_task_and_a_cancel_
             again = [json.loads(l) for l in c.post('/execute_stream', json={'kwargs': {'n': 3, 'delay': 0}}).text.splitlines()]
             assert again == ['0 ', '1 ', '2 '], again
     finally: w.stop()
+
+
+def test_a_task_an_async_plugin_leaves_running_in_a_universal_worker_ends_at_its_shutdown(tmp_path):
+    "Before, its loop was never closed: 'Task was destroyed but it is pending!' on stderr, and the task's `finally` could not await."
+    from test_remote_worker import Worker
+    log = tmp_path / 'task.log'
+    w = Worker('LeavePlugin', module='_async_plugins').ready()
+    try:
+        with w.client() as c:
+            assert c.post('/execute', json={'kwargs': {'log': str(log)}}).json()['text'] == 'left a task'
+            assert c.post('/shutdown').status_code == 200
+        assert w.proc.wait(T) == 0
+        assert log.read_text() == "task ended\n"
+        w.stderr.seek(0)
+        assert 'Task was destroyed' not in w.stderr.read()
+    finally: w.stop()

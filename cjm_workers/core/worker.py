@@ -20,9 +20,9 @@ from .protocol import PluginManagerAdapter, WorkerRequestType
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROGRESS_INTERVAL', 'START_LOG_LINES', 'BACKSTOP_GRACE', 'LOG_LEVEL_ENV', 'LOG_FORMAT', 'JobCancelledError',
-           'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested', 'check_cancelled',
-           'PluginLoop', 'base_worker_process']
+__all__ = ['log', 'PROGRESS_INTERVAL', 'CLOSE_TASKS_SECONDS', 'START_LOG_LINES', 'BACKSTOP_GRACE', 'LOG_LEVEL_ENV', 'LOG_FORMAT',
+           'JobCancelledError', 'JobContext', 'current_job', 'set_current_job', 'report_progress', 'cancel_requested',
+           'check_cancelled', 'PluginLoop', 'base_worker_process']
 
 # %% ../../nbs/core/worker.ipynb #943f8a10
 PROGRESS_INTERVAL = 0.05  # seconds between two progress messages with the same text
@@ -464,6 +464,8 @@ def _chunk(self:_Worker, ctx, chunk, send:bool):
     if send: self._send({'type': 'stream_chunk', 'job_id': ctx.job_id, 'chunk': text, 'is_final': False, 'metadata': None})
 
 # %% ../../nbs/core/worker.ipynb #b9dfdca4
+CLOSE_TASKS_SECONDS = 5.0  # at stop, how long `PluginLoop.close` waits for the tasks plugins left running to end once cancelled
+
 class PluginLoop:
     "The event loop of plugins written with `async def`, in the process hosting them: made when first needed, kept for its life."
     def __init__(self):
@@ -500,9 +502,12 @@ class PluginLoop:
         async def ending():
             left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in left: t.cancel()
-            for t, r in zip(left, await asyncio.gather(*left, return_exceptions=True)):
-                if isinstance(r, Exception): log.warning("process %d: a task an async plugin left running raised as it "
-                                                         "was cancelled at stop: %s", os.getpid(), _error_text(r))
+            if left: await asyncio.wait(left, timeout=CLOSE_TASKS_SECONDS)
+            for t in left:
+                if not t.done(): log.warning("process %d: a task an async plugin left running ignored its cancel at stop: %r", os.getpid(), t)
+                elif not t.cancelled() and isinstance(t.exception(), Exception):
+                    log.warning("process %d: a task an async plugin left running raised as it was cancelled at stop: %s",
+                                os.getpid(), _error_text(t.exception()))
             await self.loop.shutdown_asyncgens()
             await self.loop.shutdown_default_executor()
         try: _off_running_loop(lambda: self.loop.run_until_complete(ending()))

@@ -844,6 +844,7 @@ def run_worker(argv:Optional[List[str]]=None # command-line arguments (default: 
     except KeyboardInterrupt: sys.exit(130)
     finally:
         sock.close()
+        if not app.state.host.busy: app.state.host.aloop.close()  # tasks an async plugin left running end (their `finally` runs)
         _core._end_worker()  # its backstop reaped; its descendants and what carries its mark killed (see above)
         if app.state.host.busy:  # a plugin call (a long `initialize` too) still runs in a thread: do not wait for it at exit
             log.warning("worker %d: stopping with a call of the plugin still running", os.getpid())
