@@ -11,10 +11,12 @@
   when the limit is reached it yields 'timed out' and ends.
 
 `async_edge_worker` runs them beside the reference plugins and `achat`. `async_adapted_worker` runs `achat` through
-`create_simple_adapter(pm, result_adapter=...)` over a plugin manager whose `execute_plugin` is `async def` and which
-has no `execute_plugin_stream` (its streaming jobs get the result as one item).
+`create_simple_adapter(pm, result_adapter=...)` over a plugin manager whose `execute_plugin` and `unload_plugin` are
+`async def` and which has neither `execute_plugin_stream` (its streaming jobs get the result as one item) nor
+`reload_plugin` (the adapter unloads, then loads).
 """
 import asyncio, os, time
+from types import SimpleNamespace
 
 from cjm_workers.core.adapters import create_simple_adapter
 from cjm_workers.core.worker import base_worker_process, check_cancelled, current_job, report_progress
@@ -113,15 +115,20 @@ def async_edge_worker(request_queue, result_queue, response_queue):
 
 
 class _AsyncOnlyManager:
-    "A plugin manager with an `async def execute_plugin` and no `execute_plugin_stream`, which says its plugin streams."
+    """A plugin manager with an `async def execute_plugin` and no `execute_plugin_stream`, which says its plugin streams;
+    its `unload_plugin` is `async def` too, and it has no `reload_plugin`."""
     def __init__(self): self.plugin = None
-    def discover_plugins(self): return [{'name': 'achat'}]
+    def discover_plugins(self): return [SimpleNamespace(name='achat')]
     async def load_plugin(self, info, config):
         self.plugin = AsyncChatPlugin()
         await self.plugin.initialize(config)
         return True
     def check_streaming_support(self, name): return True
     async def execute_plugin(self, name, **params): return await self.plugin.execute(**params)
+    async def unload_plugin(self, name):
+        plugin, self.plugin = self.plugin, None
+        if plugin is not None: await plugin.cleanup()
+        return True
 
 
 def async_adapted_worker(request_queue, result_queue, response_queue):

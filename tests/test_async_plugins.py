@@ -108,6 +108,19 @@ async def test_a_streamed_job_of_an_async_execute_through_create_simple_adapter_
     assert [d['chunk'] for t, d in events.events if t.endswith(':chunk')] == ['you said: hi']
 
 
+@pytest.mark.backends('local')
+async def test_a_reload_through_create_simple_adapter_awaits_an_async_unload(make_manager, tmp_path):
+    "A plugin manager with no reload_plugin: before, its `async def unload_plugin` was dropped unrun, the old plugin never cleaned up."
+    from _async_plugins import async_adapted_worker
+    log = tmp_path / 'closed.log'
+    m = make_manager(entry_point=async_adapted_worker)
+    await m.start(wait=True)
+    assert await m.reload_plugin('achat', {'closed_log': str(log)})  # (not loaded yet: a load)
+    done = await m.wait_for_job((await m.start_job('achat', text='x', stream=False)).id, timeout=T)
+    assert await m.reload_plugin('achat', {'closed_log': str(log)})  # unload (the old one's cleanup), then load
+    assert log.read_text() == f"closed {done.result['metadata']['pid']}\n"
+
+
 def test_an_async_stream_in_a_universal_worker_is_read_in_one_task_and_a_cancel_ends_it():
     """Before, each item was read in a task of its own (and a thread of its own): the plugin's `asyncio.timeout` never
     fired and all 400 items came. A cancel mid-stream still ends it with a `cancelled` line, and the next stream runs."""

@@ -47,9 +47,13 @@ class _SimpleAdapter:
     def reload_plugin(self, plugin_name, config=None):
         fn = getattr(self._pm, 'reload_plugin', None)
         if callable(fn): return fn(plugin_name, config)
-        self.unload_plugin(plugin_name)
+        unloaded = self.unload_plugin(plugin_name)  # (an `async def unload_plugin`'s: awaited before the load, not dropped)
+        if inspect.isawaitable(unloaded): return _then(unloaded, lambda _: self._load_again(plugin_name, config))
+        return self._load_again(plugin_name, config)
+    def _load_again(self, plugin_name, config):
         if config is None: return None  # the protocol's "reload with None" means unload
-        return self._pm.load_plugin(next(d for d in self.discover_plugins() if getattr(d, 'name', None) == plugin_name), config or {})
+        found = next(d for d in self.discover_plugins() if (d.get('name') if isinstance(d, dict) else getattr(d, 'name', None)) == plugin_name)
+        return self._pm.load_plugin(found, config or {})
     def unload_plugin(self, plugin_name):
         fn = getattr(self._pm, 'unload_plugin', None)
         return fn(plugin_name) if callable(fn) else None
@@ -65,8 +69,9 @@ def _item_of(r):
     return r
 
 async def _then(aw, fn:Callable):
-    "`fn` of what awaitable `aw` gives: an `async def` plugin's result, taken further once it is there."
-    return fn(await aw)
+    "`fn` of what awaitable `aw` gives (awaited too, if it is awaitable): an `async def` plugin's result, taken further once it is there."
+    r = fn(await aw)
+    return (await r) if inspect.isawaitable(r) else r
 
 def create_simple_adapter(plugin_manager:Any, # The plugin manager instance to adapt
                           result_adapter:Optional[Callable]=None # Optional function to convert plugin results to dict
