@@ -7,6 +7,8 @@
 - `aleave`: starts a task it does not await (it sleeps, and writes 'task ended' to `log` in its `finally`), returns.
 - `acancel`: runs until cancelled; its `cancel()` is an `async def`.
 - `arun`: a plain `def execute` that calls `asyncio.run()` itself.
+- `akeeper`: its `initialize` starts a thread for the plugin's life (`asyncio.to_thread` in a task it keeps), ended
+  by its `cleanup`; its `execute` sleeps `delay` seconds.
 - `atimeout`: streams `n` items, one each `delay` seconds, under one `asyncio.timeout(limit)` around its `yield`s;
   when the limit is reached it yields 'timed out' and ends.
 
@@ -15,7 +17,7 @@
 `async def` and which has neither `execute_plugin_stream` (its streaming jobs get the result as one item) nor
 `reload_plugin` (the adapter unloads, then loads).
 """
-import asyncio, os, time
+import asyncio, os, threading, time
 from types import SimpleNamespace
 
 from cjm_workers.core.adapters import create_simple_adapter
@@ -75,6 +77,21 @@ class LeavePlugin(ReferencePlugin):
         return {'text': 'left a task', 'metadata': {}}
 
 
+class KeeperPlugin(ReferencePlugin):
+    name = 'akeeper'
+    async def initialize(self, config=None):
+        super().initialize(config)
+        self.stop = threading.Event()
+        self.keeper = asyncio.create_task(asyncio.to_thread(self.stop.wait))  # (a model server's loop, say)
+        await asyncio.sleep(0)
+    async def execute(self, delay:float=60, **kwargs):
+        await asyncio.sleep(delay)
+        return {'text': 'slept', 'metadata': {}}
+    async def cleanup(self):
+        self.stop.set()
+        await self.keeper
+
+
 class AsyncCancelPlugin(ReferencePlugin):
     name = 'acancel'
     async def execute(self, **kwargs):
@@ -104,7 +121,7 @@ class TimeoutStreamPlugin(ReferencePlugin):
 
 
 ASYNC_EDGE_PLUGINS = {c.name: c for c in (PartialPlugin, SwallowPlugin, ThreadPlugin, LeavePlugin, AsyncCancelPlugin, RunPlugin,
-                                          TimeoutStreamPlugin)}
+                                          TimeoutStreamPlugin, KeeperPlugin)}
 
 
 def async_edge_worker(request_queue, result_queue, response_queue):

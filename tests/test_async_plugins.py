@@ -72,6 +72,21 @@ async def test_a_cancelled_async_job_ends_once_the_thread_it_awaits_has_ended(ma
 
 
 @pytest.mark.backends('local')
+async def test_a_cancel_does_not_wait_for_a_thread_the_plugin_keeps_for_its_life(make_manager):
+    "A thread started at the plugin's load is not the job's: the cancelled job ends at once, the worker serves on."
+    from _async_plugins import async_edge_worker
+    m = make_manager(entry_point=async_edge_worker, config=dict(cancel_grace_seconds=60))
+    await m.start(wait=True)
+    assert await m.reload_plugin('akeeper', {})
+    job = await m.start_job('akeeper', delay=120, stream=False)
+    await wait_until(lambda: m.get_job(job.id).status == 'running', T)
+    assert await asyncio.wait_for(m.cancel_job(job.id), T)  # (well before the 60 s grace period)
+    assert m.get_job(job.id).status == 'cancelled'
+    after = await m.wait_for_job((await m.start_job('akeeper', delay=0, stream=False)).id, timeout=T)
+    assert after.status == 'completed' and after.worker_pid == m.get_job(job.id).worker_pid, (after.status, after.error)
+
+
+@pytest.mark.backends('local')
 async def test_a_task_an_async_plugin_leaves_running_is_cancelled_and_awaited_at_stop(make_manager, tmp_path):
     "Before, the worker's stop logged 'Task was destroyed but it is pending!' and the task's `finally` could not await."
     from _async_plugins import async_edge_worker

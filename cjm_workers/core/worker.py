@@ -480,11 +480,13 @@ class PluginLoop:
         task = asyncio.ensure_future(value, loop=loop)
         target = cancels or task
         if ctx is not None: ctx._on_cancel(lambda: loop.is_closed() or loop.call_soon_threadsafe(target.cancel))
+        self.threads.job = ctx  # the calls of `asyncio.to_thread` made now are this job's
         try: return _off_running_loop(lambda: loop.run_until_complete(task))
         finally:
+            self.threads.job = None
             if ctx is not None:
                 ctx._on_cancel(None)
-                if ctx.cancelled: self.threads.wait_idle()  # a cancelled task's thread works on: the job is not over
+                if ctx.cancelled: self.threads.wait_for(ctx)  # a cancelled task's thread works on: the job is not over
     def _loop(self)->asyncio.AbstractEventLoop:
         if self.loop is None:
             self.loop, self.threads = asyncio.new_event_loop(), _PluginThreads()
@@ -555,25 +557,25 @@ class _OneTaskStream:
         if callable(close): self.ploop.run(close())
 
 class _PluginThreads(concurrent.futures.ThreadPoolExecutor):
-    "The default executor of a `PluginLoop` (`asyncio.to_thread`, `run_in_executor(None, ...)`), counting the calls not ended."
+    """The default executor of a `PluginLoop` (`asyncio.to_thread`, `run_in_executor(None, ...)`): it knows which job's
+    run submitted each call not ended yet (`job`, set by `PluginLoop.run`)."""
     def __init__(self):
         super().__init__(thread_name_prefix='cjm-plugin-thread')
-        self.busy, self.changed = 0, threading.Condition()
+        self.job, self.running, self.changed = None, {}, threading.Condition()
     def submit(self, fn, /, *args, **kwargs):
-        with self.changed: self.busy += 1
-        try: f = super().submit(fn, *args, **kwargs)
-        except BaseException:
-            self._ended(None)
-            raise
+        with self.changed:
+            f = super().submit(fn, *args, **kwargs)
+            self.running[f] = self.job
         f.add_done_callback(self._ended)
         return f
-    def _ended(self, _):
+    def _ended(self, f):
         with self.changed:
-            self.busy -= 1
+            self.running.pop(f, None)
             self.changed.notify_all()
-    def wait_idle(self):
-        "Wait until no call runs (a cancelled job's thread sees the cancel through `check_cancelled()`, say)."
-        with self.changed: self.changed.wait_for(lambda: not self.busy)
+    def wait_for(self, job:JobContext):
+        """Wait until no call `job`'s run submitted runs (a cancelled job's thread sees the cancel through
+        `check_cancelled()`, say); a thread a plugin keeps for its life (submitted at its load) is not waited for."""
+        with self.changed: self.changed.wait_for(lambda: all(j is not job for j in self.running.values()))
 
 def _off_running_loop(fn:Callable):
     "`fn()`, in a thread of its own if this one runs an event loop already (a worker hosted in a notebook, say)."
