@@ -12,6 +12,10 @@
 - `atimeout`: streams `n` items, one each `delay` seconds, under one `asyncio.timeout(limit)` around its `yield`s;
   when the limit is reached it yields 'timed out' and ends.
 
+`AsyncAnswer` (for a Universal Worker): a `PluginInterface` whose `execute` is `async def`, with no `execute_stream`
+of its own (the base class's yields `execute()`'s result once); `async_edge_worker` runs it as `aanswer`, with
+`streams = True`.
+
 `async_edge_worker` runs them beside the reference plugins and `achat`. `async_adapted_worker` runs `achat` through
 `create_simple_adapter(pm, result_adapter=...)` over a plugin manager whose `execute_plugin` and `unload_plugin` are
 `async def` and which has neither `execute_plugin_stream` (its streaming jobs get the result as one item) nor
@@ -124,11 +128,6 @@ ASYNC_EDGE_PLUGINS = {c.name: c for c in (PartialPlugin, SwallowPlugin, ThreadPl
                                           TimeoutStreamPlugin, KeeperPlugin)}
 
 
-def async_edge_worker(request_queue, result_queue, response_queue):
-    "Worker entry point running the plugins above, `achat` and the reference plugins (streaming on)."
-    base_worker_process(request_queue, result_queue, response_queue, supports_streaming=True,
-                        plugin_manager_factory=lambda: ReferencePluginManager(
-                            {**REFERENCE_PLUGINS, 'achat': AsyncChatPlugin, **ASYNC_EDGE_PLUGINS}))
 
 
 class _AsyncOnlyManager:
@@ -152,3 +151,26 @@ def async_adapted_worker(request_queue, result_queue, response_queue):
     base_worker_process(request_queue, result_queue, response_queue, supports_streaming=True,
                         plugin_manager_factory=lambda: create_simple_adapter(
                             _AsyncOnlyManager(), result_adapter=lambda r: {**r, 'adapted': True}))
+
+
+from cjm_workers.remote.plugin import PluginInterface
+
+class AsyncAnswer(PluginInterface):
+    name, version = 'aanswer', '1.0'
+    def initialize(self, config=None): self.config = config or {}
+    async def execute(self, text:str='hi', **kwargs):
+        await asyncio.sleep(0)
+        return f"answered {text}"
+    def get_config_schema(self): return {}
+    def get_current_config(self): return self.config
+    def cleanup(self): pass
+
+
+class StreamingAsyncAnswer(AsyncAnswer): streams = True
+
+
+def async_edge_worker(request_queue, result_queue, response_queue):
+    "Worker entry point running the plugins above, `achat` and the reference plugins (streaming on)."
+    base_worker_process(request_queue, result_queue, response_queue, supports_streaming=True,
+                        plugin_manager_factory=lambda: ReferencePluginManager(
+                            {**REFERENCE_PLUGINS, 'achat': AsyncChatPlugin, 'aanswer': StreamingAsyncAnswer, **ASYNC_EDGE_PLUGINS}))

@@ -171,3 +171,22 @@ def test_a_task_an_async_plugin_leaves_running_in_a_universal_worker_ends_at_its
         w.stderr.seek(0)
         assert 'Task was destroyed' not in w.stderr.read()
     finally: w.stop()
+
+
+@pytest.mark.backends('local')
+async def test_the_base_class_stream_of_an_async_execute_gives_its_result(make_manager):
+    """`PluginInterface.execute_stream` (its `execute()`'s result, once) over an `async def execute`: before, the item was
+    the coroutine (the text '<coroutine object ...>' here, a JSON error in a Universal Worker)."""
+    import json
+    from test_remote_worker import Worker
+    from _async_plugins import async_edge_worker
+    m = make_manager(entry_point=async_edge_worker)
+    await m.start(wait=True)
+    done = await m.wait_for_job((await m.start_job('aanswer', text='x')).id, timeout=T)
+    assert done.status == 'completed' and done.result['text'] == 'answered x', (done.error, done.result)
+    w = Worker('AsyncAnswer', module='_async_plugins').ready()
+    try:
+        with w.client() as c:
+            lines = c.post('/execute_stream', json={'kwargs': {'text': 'y'}}).text.splitlines()
+            assert [json.loads(l) for l in lines] == ['answered y'], lines
+    finally: w.stop()

@@ -430,7 +430,7 @@ def _run_stream(self:_Worker, gen, ctx,
     else:
         try:
             while not ctx.cancelled:
-                try: chunk = next(gen)
+                try: chunk = self._settle(next(gen), ctx)  # (an item that is awaitable: `PluginInterface`'s stream of an async `execute`)
                 except StopIteration as s: ret = s.value; break
                 finally: self._leave_if_copy()
                 self._chunk(ctx, chunk, send)
