@@ -14,7 +14,8 @@
 
 `AsyncAnswer` (for a Universal Worker): a `PluginInterface` whose `execute` is `async def`, with no `execute_stream`
 of its own (the base class's yields `execute()`'s result once); `async_edge_worker` runs it as `aanswer`, with
-`streams = True`.
+`streams = True`. `AsyncStreamMaker`: its `execute_stream` is a plain `async def` that returns an async iterator (as
+an SDK's `await client.create(stream=True)` does).
 
 `async_edge_worker` runs them beside the reference plugins and `achat`. `async_adapted_worker` runs `achat` through
 `create_simple_adapter(pm, result_adapter=...)` over a plugin manager whose `execute_plugin` and `unload_plugin` are
@@ -169,8 +170,17 @@ class AsyncAnswer(PluginInterface):
 class StreamingAsyncAnswer(AsyncAnswer): streams = True
 
 
+class AsyncStreamMaker(AsyncAnswer):
+    name = 'amaker'
+    async def execute_stream(self, text:str='a b', **kwargs):
+        async def words():
+            for w in text.split(' '): yield w
+        await asyncio.sleep(0)
+        return words()
+
+
 def async_edge_worker(request_queue, result_queue, response_queue):
     "Worker entry point running the plugins above, `achat` and the reference plugins (streaming on)."
     base_worker_process(request_queue, result_queue, response_queue, supports_streaming=True,
                         plugin_manager_factory=lambda: ReferencePluginManager(
-                            {**REFERENCE_PLUGINS, 'achat': AsyncChatPlugin, 'aanswer': StreamingAsyncAnswer, **ASYNC_EDGE_PLUGINS}))
+                            {**REFERENCE_PLUGINS, 'achat': AsyncChatPlugin, 'aanswer': StreamingAsyncAnswer, 'amaker': AsyncStreamMaker, **ASYNC_EDGE_PLUGINS}))

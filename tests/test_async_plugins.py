@@ -190,3 +190,21 @@ async def test_the_base_class_stream_of_an_async_execute_gives_its_result(make_m
             lines = c.post('/execute_stream', json={'kwargs': {'text': 'y'}}).text.splitlines()
             assert [json.loads(l) for l in lines] == ['answered y'], lines
     finally: w.stop()
+
+
+@pytest.mark.backends('local')
+async def test_an_execute_stream_that_returns_an_async_iterator_streams(make_manager):
+    "A plain `async def execute_stream` returning an async iterator: before, 'coroutine' object is not an iterator (not iterable, in a Universal Worker)."
+    import json
+    from test_remote_worker import Worker
+    from _async_plugins import async_edge_worker
+    m = make_manager(entry_point=async_edge_worker)
+    await m.start(wait=True)
+    done = await m.wait_for_job((await m.start_job('amaker', text='one two')).id, timeout=T)
+    assert done.status == 'completed' and done.result['text'] == 'onetwo', (done.error, done.result)
+    w = Worker('AsyncStreamMaker', module='_async_plugins').ready()
+    try:
+        with w.client() as c:
+            lines = c.post('/execute_stream', json={'kwargs': {'text': 'x y'}}).text.splitlines()
+            assert [json.loads(l) for l in lines] == ['x', 'y'], lines
+    finally: w.stop()

@@ -388,7 +388,7 @@ def stream_lines(self:PluginHost, args:list, kwargs:dict,
             fn, n = getattr(self.plugin, 'execute_stream', None), 0
             while not ctx.cancelled:
                 try:  # the plugin's code runs only in here: whatever it raises (a SystemExit too) ends the stream, not the worker
-                    if gen is None: gen = _items(fn(*args, **kwargs), self.aloop, ctx) if callable(fn) else iter([self.aloop.run(self.plugin.execute(*args, **kwargs), ctx)])
+                    if gen is None: gen = _items(self.aloop.run(fn(*args, **kwargs), ctx), self.aloop, ctx) if callable(fn) else iter([self.aloop.run(self.plugin.execute(*args, **kwargs), ctx)])
                     try: item = self.aloop.run(next(gen), ctx)  # (an awaitable item: `PluginInterface`'s stream of an async `execute`)
                     except StopIteration as stop:
                         ret = stop.value
