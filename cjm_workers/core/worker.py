@@ -442,6 +442,7 @@ def _run_stream(self:_Worker, gen, ctx,
     if isinstance(data, dict) and not data.get('text'): data['text'] = text
     return data
 
+# %% ../../nbs/core/worker.ipynb #73605c0d
 @patch
 async def _read_async(self:_Worker, gen, ctx, send:bool):
     """Read an async stream in one task, as `async for` would: an `asyncio.timeout`, an anyio cancel scope or a context
@@ -516,6 +517,7 @@ class PluginLoop:
         except Exception: log.exception("process %d: closing the async plugins' generators raised", os.getpid())
         finally: self.loop.close(); self.loop = None
 
+# %% ../../nbs/core/worker.ipynb #78c38419
 _END = object()  # what the reader of an async stream gives at its end
 
 class _OneTaskStream:
