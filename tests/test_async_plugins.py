@@ -72,6 +72,19 @@ async def test_a_cancelled_async_job_ends_once_the_thread_it_awaits_has_ended(ma
 
 
 @pytest.mark.backends('local')
+async def test_a_plugin_that_catches_its_cancel_ends_cancelled_with_its_partial_result(make_manager):
+    "As docs/plugins.md says (not a defect found: the promise kept)."
+    from _async_plugins import async_edge_worker
+    m = make_manager(entry_point=async_edge_worker, config=dict(cancel_grace_seconds=60))
+    await m.start(wait=True)
+    job = await m.start_job('apartial', delay=120, stream=False)
+    await wait_until(lambda: m.get_job(job.id).status == 'running', T)
+    assert await asyncio.wait_for(m.cancel_job(job.id), T)
+    cancelled = m.get_job(job.id)
+    assert (cancelled.status, cancelled.result) == ('cancelled', {'text': 'partial', 'metadata': {'cut': True}}), cancelled.result
+
+
+@pytest.mark.backends('local')
 async def test_a_cancel_does_not_wait_for_a_thread_the_plugin_keeps_for_its_life(make_manager):
     "A thread started at the plugin's load is not the job's: the cancelled job ends at once, the worker serves on."
     from _async_plugins import async_edge_worker
