@@ -186,38 +186,32 @@ def test_a_task_an_async_plugin_leaves_running_in_a_universal_worker_ends_at_its
     finally: w.stop()
 
 
-@pytest.mark.backends('local')
-async def test_the_base_class_stream_of_an_async_execute_gives_its_result(make_manager):
-    """`PluginInterface.execute_stream` (its `execute()`'s result, once) over an `async def execute`: before, the item was
-    the coroutine (the text '<coroutine object ...>' here, a JSON error in a Universal Worker)."""
+async def in_both_hosts(make_manager, plugin:str, cls:str, job_text:str, stream_text:str)->tuple:
+    "(the job of `plugin` run in a worker process, the items of `cls`'s stream in a Universal Worker) for one edge plugin."
     import json
     from test_remote_worker import Worker
     from _async_plugins import async_edge_worker
     m = make_manager(entry_point=async_edge_worker)
     await m.start(wait=True)
-    done = await m.wait_for_job((await m.start_job('aanswer', text='x')).id, timeout=T)
-    assert done.status == 'completed' and done.result['text'] == 'answered x', (done.error, done.result)
-    w = Worker('AsyncAnswer', module='_async_plugins').ready()
+    done = await m.wait_for_job((await m.start_job(plugin, text=job_text)).id, timeout=T)
+    w = Worker(cls, module='_async_plugins').ready()
     try:
-        with w.client() as c:
-            lines = c.post('/execute_stream', json={'kwargs': {'text': 'y'}}).text.splitlines()
-            assert [json.loads(l) for l in lines] == ['answered y'], lines
+        with w.client() as c: return done, [json.loads(l) for l in c.post('/execute_stream', json={'kwargs': {'text': stream_text}}).text.splitlines()]
     finally: w.stop()
+
+
+@pytest.mark.backends('local')
+async def test_the_base_class_stream_of_an_async_execute_gives_its_result(make_manager):
+    """`PluginInterface.execute_stream` (its `execute()`'s result, once) over an `async def execute`: before, the item was
+    the coroutine (the text '<coroutine object ...>' here, a JSON error in a Universal Worker)."""
+    done, items = await in_both_hosts(make_manager, 'aanswer', 'AsyncAnswer', 'x', 'y')
+    assert done.status == 'completed' and done.result['text'] == 'answered x', (done.error, done.result)
+    assert items == ['answered y'], items
 
 
 @pytest.mark.backends('local')
 async def test_an_execute_stream_that_returns_an_async_iterator_streams(make_manager):
     "A plain `async def execute_stream` returning an async iterator: before, 'coroutine' object is not an iterator (not iterable, in a Universal Worker)."
-    import json
-    from test_remote_worker import Worker
-    from _async_plugins import async_edge_worker
-    m = make_manager(entry_point=async_edge_worker)
-    await m.start(wait=True)
-    done = await m.wait_for_job((await m.start_job('amaker', text='one two')).id, timeout=T)
+    done, items = await in_both_hosts(make_manager, 'amaker', 'AsyncStreamMaker', 'one two', 'x y')
     assert done.status == 'completed' and done.result['text'] == 'onetwo', (done.error, done.result)
-    w = Worker('AsyncStreamMaker', module='_async_plugins').ready()
-    try:
-        with w.client() as c:
-            lines = c.post('/execute_stream', json={'kwargs': {'text': 'x y'}}).text.splitlines()
-            assert [json.loads(l) for l in lines] == ['x', 'y'], lines
-    finally: w.stop()
+    assert items == ['x', 'y'], items
