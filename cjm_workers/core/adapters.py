@@ -52,11 +52,15 @@ class _SimpleAdapter:
         return self._load_again(plugin_name, config)
     def _load_again(self, plugin_name, config):
         if config is None: return None  # the protocol's "reload with None" means unload
-        found = next(d for d in self.discover_plugins() if (d.get('name') if isinstance(d, dict) else getattr(d, 'name', None)) == plugin_name)
+        found = next(d for d in self.discover_plugins() if _plugin_name_of(d) == plugin_name)
         return self._pm.load_plugin(found, config or {})
     def unload_plugin(self, plugin_name):
         fn = getattr(self._pm, 'unload_plugin', None)
         return fn(plugin_name) if callable(fn) else None
+
+def _plugin_name_of(data)->Optional[str]:
+    "The name a plugin manager's `discover_plugins` gives a plugin (a dict's `name`, or the attribute)."
+    return data.get('name') if isinstance(data, dict) else getattr(data, 'name', None)
 
 def _yields(r)->bool: return inspect.isgenerator(r) or inspect.isasyncgen(r)
 

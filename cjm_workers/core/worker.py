@@ -12,7 +12,7 @@ from collections import OrderedDict
 from multiprocessing.connection import wait as _wait
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from .adapters import default_result_adapter
+from .adapters import _plugin_name_of, default_result_adapter
 from .channel import PipeChannel, UndecodableMessage, dumps, salvage
 from .process import BACKSTOP_NAME, _running_loop, become_group_leader, is_unreaped_child, kill_marked, kill_own_children, mark_worker
 from .protocol import PluginManagerAdapter, WorkerRequestType
@@ -130,9 +130,6 @@ _RESERVED = {'type', 'job_id', 'plugin_name', 'plugin_config', 'stream', 'reques
              '_unreadable'}  # the protocol's keys of an execute request: not passed to plugins
 _START_LOG = 'start_log'  # a request (internal): keep a start log in this file (see "The start log" below)
 _KNOWN = {t.value for t in WorkerRequestType} | {_START_LOG}
-
-def _plugin_name_of(data)->Optional[str]:
-    return data.get('name') if isinstance(data, dict) else getattr(data, 'name', None)
 
 def _error_text(e:BaseException)->str:
     "'Type: message'. An exception whose `str()` raises is named by its type, with a note naming what `str()` raised."
