@@ -555,6 +555,7 @@ class _OneTaskStream:
         close = getattr(self.agen, 'aclose', None)
         if callable(close): self.ploop.run(close())
 
+# %% ../../nbs/core/worker.ipynb #15581f22
 class _PluginThreads(concurrent.futures.ThreadPoolExecutor):
     """The default executor of a `PluginLoop` (`asyncio.to_thread`, `run_in_executor(None, ...)`): it knows which job's
     run submitted each call not ended yet (`job`, set by `PluginLoop.run`)."""
@@ -576,6 +577,7 @@ class _PluginThreads(concurrent.futures.ThreadPoolExecutor):
         `check_cancelled()`, say); a thread a plugin keeps for its life (submitted at its load) is not waited for."""
         with self.changed: self.changed.wait_for(lambda: all(j is not job for j in self.running.values()))
 
+# %% ../../nbs/core/worker.ipynb #c11c45ad
 def _off_running_loop(fn:Callable):
     "`fn()`, in a thread of its own if this one runs an event loop already (a worker hosted in a notebook, say)."
     if _running_loop() is None: return fn()  # (a worker process's main thread: no loop runs there)
