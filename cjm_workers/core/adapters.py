@@ -149,9 +149,12 @@ class SimplePluginManager:
     def cancel_plugin(self, plugin_name:str)->None:
         "The cooperative cancel of a running job: the plugin's `cancel()`, if it has one."
         cancel = getattr(self.plugins.get(plugin_name), 'cancel', None)
-        asked = cancel() if callable(cancel) else None
-        if inspect.iscoroutine(asked): asked.close()  # an `async def cancel` cannot run here (the worker's control thread,
-                                                      # while the job runs): the job's task is cancelled instead
+        if callable(cancel): _unrun(cancel())
+
+def _unrun(asked):
+    """Close the coroutine an `async def cancel` (or `cancel_plugin`) returned, unrun: it cannot run in the worker's
+    control thread while the job's task runs (the task is cancelled instead); left open, it warns "never awaited"."""
+    if inspect.iscoroutine(asked): asked.close()
 
 def _true_once(done)->bool:
     "True, or, for what an `async def` method returned, an awaitable giving True once it has run (the worker awaits it)."

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from multiprocessing.connection import wait as _wait
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from .adapters import _plugin_name_of, default_result_adapter
+from .adapters import _plugin_name_of, _unrun, default_result_adapter
 from .channel import PipeChannel, UndecodableMessage, dumps, salvage
 from .process import BACKSTOP_NAME, _running_loop, become_group_leader, is_unreaped_child, kill_marked, kill_own_children, mark_worker
 from .protocol import PluginManagerAdapter, WorkerRequestType
@@ -249,10 +249,6 @@ def _cancel_hook(self:_Worker, plugin_name):
     except BaseException:  # even a SystemExit from the plugin's cancel(): it must not end the control thread
         log.exception("worker %d: cancel hook of plugin %r raised", os.getpid(), plugin_name)
 
-def _unrun(asked):
-    """Close the coroutine an `async def cancel` (or `cancel_plugin`) returned, unrun: it cannot run in the control thread
-    while the job's task runs (the task is cancelled instead); left open, it warned "coroutine ... was never awaited"."""
-    if inspect.iscoroutine(asked): asked.close()
 
 @patch
 def _send(self:_Worker, msg):

@@ -305,10 +305,8 @@ def _cancel(self:PluginHost, calls:Optional[List[str]])->dict:
     if not hit: return {'status': 'pending' if later else 'not_running', 'running': running}
     fn = getattr(self.plugin, 'cancel', None)  # called without holding the lock: it may report progress
     if not callable(fn): return {'status': 'not_supported', 'running': running}
-    try:
-        asked = fn()
-        if inspect.iscoroutine(asked): asked.close()  # an `async def cancel` cannot run beside the run it cancels: the
-    except BaseException as e:  # a SystemExit too             # run's task is cancelled (`PluginLoop`) instead
+    try: _core._unrun(fn())  # (an `async def cancel` cannot run beside the run it cancels: its task is cancelled instead)
+    except BaseException as e:  # a SystemExit too
         log.exception("plugin %s: cancel() raised", self.name)
         return {'status': 'error', 'error': _failure_text(e), 'running': running}
     return {'status': 'cancelled', 'running': running}
